@@ -1,0 +1,11 @@
+"""Round-to-nearest: min/max scales per group, each weight rounded to its nearest code independently."""
+
+import torch
+
+from ..formats import IntSpec, QuantizedTensor, choose_qparams, quantize_codes
+
+
+def quantize_rtn(weight: torch.Tensor, spec: IntSpec) -> QuantizedTensor:
+    scales, zeros = choose_qparams(weight, spec)
+    codes = quantize_codes(weight, scales, zeros, spec)
+    return QuantizedTensor.from_codes(codes, scales, zeros, spec)

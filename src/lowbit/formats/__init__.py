@@ -1,0 +1,17 @@
+"""How a quantized tensor is stored: specs, packing, and the quantized tensor container."""
+
+from .intq import (IntSpec, QuantizedTensor, choose_qparams, dequantize_codes, quantize_codes, storage_layout,
+                   storage_nbytes)
+from .packing import pack_uint4, unpack_uint4
+
+__all__ = [
+    "IntSpec",
+    "QuantizedTensor",
+    "choose_qparams",
+    "quantize_codes",
+    "dequantize_codes",
+    "pack_uint4",
+    "unpack_uint4",
+    "storage_layout",
+    "storage_nbytes",
+]

@@ -1,0 +1,222 @@
+"""Integer weight formats: w ≈ (q − z) · s, with one scale s (and zero point z) per output row and input group.
+
+A weight matrix W has the torch.nn.Linear layout [N, K] = [out_features, in_features]. Its K columns are cut
+into G = K / group_size contiguous groups (group_size = -1 means one group of all K columns: per output
+channel). Each (row, group) has a float16 scale and, for asymmetric formats, an integer zero point.
+
+Code ranges
+    bits = 8: signed codes q in [-128, 127]; symmetric: z = 0 and s = absmax / 127 (codes in [-127, 127]).
+    bits = 4: unsigned codes q in [0, 15]; symmetric: z = 8 (implicit) and s = absmax / 7 (codes in [1, 15]).
+    asymmetric (either): s = (max − min) / (qmax − qmin), z = qmin − round(min / s), with the range widened
+    to include 0 so that z is a representable code (as the GPTQ reference does).
+
+Stored tensors of a QuantizedTensor (the checkpoint holds exactly these):
+    qweight  bits = 8: int8  [N, K]       one code per byte, row-major.
+             bits = 4: uint8 [N, K // 2]  two codes per byte, see formats.packing (low nibble = even column).
+    scales   float16 [N, G]
+    zeros    asymmetric only: int8 [N, G] (bits = 8) or uint8 [N, G] (bits = 4), one zero point per byte.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+
+from ..errors import LowbitError
+from .packing import pack_uint4, unpack_uint4
+
+SUPPORTED_BITS = (4, 8)
+SCALE_DTYPE = torch.float16
+_FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class IntSpec:
+    """An integer weight format: bit width, group size (-1 = per output channel) and symmetry."""
+
+    bits: int = 4
+    group_size: int = 64
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise LowbitError(f"unsupported bit width {self.bits}; supported: {', '.join(map(str, SUPPORTED_BITS))}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise LowbitError(f"group size must be positive or -1 (per channel), got {self.group_size}")
+
+    # code range -------------------------------------------------------------------------------------------
+    @property
+    def qmin(self) -> int:
+        return -128 if self.bits == 8 else 0
+
+    @property
+    def qmax(self) -> int:
+        return 127 if self.bits == 8 else (1 << self.bits) - 1
+
+    @property
+    def implicit_zero(self) -> int:
+        """Zero point of the symmetric format."""
+        return 0 if self.bits == 8 else 1 << (self.bits - 1)
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        return torch.int8 if self.bits == 8 else torch.uint8
+
+    # geometry ---------------------------------------------------------------------------------------------
+    def group_size_for(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def num_groups(self, in_features: int) -> int:
+        return in_features // self.group_size_for(in_features)
+
+    def check_shape(self, shape: tuple[int, int], name: str = "weight") -> None:
+        n, k = shape
+        if self.group_size != -1 and k % self.group_size:
+            ok = [g for g in (32, 64, 128, 256) if k % g == 0] + [-1]
+            raise LowbitError(
+                f"group size {self.group_size} does not divide in_features={k} of {name}; "
+                f"group sizes that work: {', '.join(map(str, ok))} (-1 = per channel)"
+            )
+        if self.bits == 4 and k % 2:
+            raise LowbitError(f"4-bit packing needs an even in_features, {name} has {k}")
+
+    @property
+    def name(self) -> str:
+        g = "pc" if self.group_size == -1 else f"g{self.group_size}"
+        return f"int{self.bits}_{g}_{'sym' if self.symmetric else 'asym'}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IntSpec":
+        return cls(bits=int(d["bits"]), group_size=int(d["group_size"]), symmetric=bool(d["symmetric"]))
+
+
+def storage_layout(spec: IntSpec, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of each stored tensor of an [N, K] weight in this format."""
+    n, k = shape
+    g = spec.num_groups(k)
+    out = {
+        "qweight": ((n, k // 2), torch.uint8) if spec.bits == 4 else ((n, k), torch.int8),
+        "scales": ((n, g), SCALE_DTYPE),
+    }
+    if not spec.symmetric:
+        out["zeros"] = ((n, g), spec.code_dtype)
+    return out
+
+
+def storage_nbytes(spec: IntSpec, shape: tuple[int, int]) -> int:
+    return sum(math.prod(s) * torch.empty(0, dtype=d).element_size() for s, d in storage_layout(spec, shape).values())
+
+
+def _grouped(w: torch.Tensor, spec: IntSpec) -> torch.Tensor:
+    n, k = w.shape
+    return w.reshape(n, spec.num_groups(k), spec.group_size_for(k))
+
+
+def choose_qparams(w: torch.Tensor, spec: IntSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min/max scales (float16 [N, G]) and zero points ([N, G] in the code dtype, or None if symmetric)."""
+    wg = _grouped(w.float(), spec)
+    if spec.symmetric:
+        absmax = wg.abs().amax(dim=-1)
+        scale = absmax / (spec.qmax - spec.implicit_zero)
+        zero = None
+    else:
+        lo = wg.amin(dim=-1).clamp(max=0)
+        hi = wg.amax(dim=-1).clamp(min=0)
+        scale = (hi - lo) / (spec.qmax - spec.qmin)
+    if torch.any(scale > _FP16_MAX):
+        raise LowbitError("weights too large for float16 scales (|w| > 4e5)")
+    # an all-zero group gets scale 1: its codes are all z and it dequantizes to exact zeros
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(min=2**-24).to(SCALE_DTYPE)
+    if not spec.symmetric:
+        zero = torch.round(spec.qmin - lo / scale.float()).clamp(spec.qmin, spec.qmax).to(spec.code_dtype)
+    return scale, zero
+
+
+def _zero_float(zeros: torch.Tensor | None, spec: IntSpec, like: torch.Tensor) -> torch.Tensor:
+    if zeros is None:
+        return torch.full_like(like, float(spec.implicit_zero))
+    return zeros.float()
+
+
+def quantize_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: IntSpec) -> torch.Tensor:
+    """Round-to-nearest codes for w under given scales/zeros: int32 [N, K] in [qmin, qmax]."""
+    n, k = w.shape
+    s = scales.float().unsqueeze(-1)
+    z = _zero_float(zeros, spec, scales.float()).unsqueeze(-1)
+    q = torch.round(_grouped(w.float(), spec) / s + z).clamp(spec.qmin, spec.qmax)
+    return q.reshape(n, k).to(torch.int32)
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: IntSpec,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(q − z) · s computed in float32, returned as `dtype` [N, K]."""
+    n, k = codes.shape
+    s = scales.float().unsqueeze(-1)
+    z = _zero_float(zeros, spec, scales.float()).unsqueeze(-1)
+    w = (_grouped(codes.float(), spec) - z) * s
+    return w.reshape(n, k).to(dtype)
+
+
+@dataclass
+class QuantizedTensor:
+    """A weight matrix in an IntSpec format; see the module docstring for the stored tensors' layout."""
+
+    spec: IntSpec
+    shape: tuple[int, int]
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                   spec: IntSpec) -> "QuantizedTensor":
+        """Pack int codes [N, K] (already in [qmin, qmax]) into the storage layout."""
+        if spec.bits == 4:
+            qweight = pack_uint4(codes.to(torch.uint8))
+        else:
+            qweight = codes.to(torch.int8)
+        return cls(spec, tuple(codes.shape), qweight.contiguous(), scales.contiguous(),
+                   None if zeros is None else zeros.contiguous())
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes, int32 [N, K]."""
+        q = unpack_uint4(self.qweight) if self.spec.bits == 4 else self.qweight
+        return q.to(torch.int32)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_codes(self.codes(), self.scales, self.zeros, self.spec, dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.zeros is not None:
+            out["zeros"] = self.zeros
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def expected_layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return storage_layout(self.spec, self.shape)
+
+    def validate(self, name: str = "weight") -> "QuantizedTensor":
+        """Check stored tensors against the spec (used when reading a checkpoint)."""
+        self.spec.check_shape(self.shape, name)
+        have = self.tensors()
+        for key, (shape, dtype) in self.expected_layout().items():
+            t = have.get(key)
+            if t is None:
+                raise LowbitError(f"{name}: missing tensor '{key}'")
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise LowbitError(f"{name}.{key}: found {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
+        extra = set(have) - set(self.expected_layout())
+        if extra:
+            raise LowbitError(f"{name}: unexpected tensors {sorted(extra)} for {self.spec.name}")
+        if not torch.isfinite(self.scales).all():
+            raise LowbitError(f"{name}.scales contains NaN or Inf")
+        return self

@@ -1,0 +1,127 @@
+"""PyTorch's packed low-bit matmuls for CPU (ATen ops), which are fast with bfloat16 activations only:
+activations are cast to bfloat16 on the way in and back to their dtype on the way out.
+
+cpu-int8 — `aten._weight_int8pack_mm`, symmetric 8-bit per output channel.
+    resident: qweight int8 [N, K] (the storage tensor itself, shared), scales float16 [N, 1] (storage),
+              kscales bfloat16 [N] (the kernel's copy of the scales).
+
+cpu-int4 — `aten._weight_int4pack_mm_for_cpu`, 4-bit with groups of 32/64/128/256 (per-channel runs as
+    groups of the largest of those that divides K, every group carrying the row's scale). Needs N % 16 == 0.
+    resident: wpack uint8 [N, K // 2] — the codes in ATen's blocked nibble order (from
+              `_convert_weight_to_int4pack_for_cpu`, which interleaves rows and columns within tiles),
+              scale_zeros bfloat16 [K // gk, N, 2] — per kernel group: scale s and offset (8 − z) · s, so that
+              ATen's (q − 8) · s + offset equals lowbit's (q − z) · s,
+              scales / zeros — the storage tensors (small), kept so that `restore` is exact.
+    `restore` inverts ATen's nibble order with a permutation found by probing the conversion itself
+    (see `_int4pack_order`), so no second copy of the codes is kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ..formats import QuantizedTensor, pack_uint4, unpack_uint4
+from .base import Kernel
+
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+
+
+def _matmul_2d(x, fn, n_out, bias):
+    y = fn(x.reshape(-1, x.shape[-1]).to(torch.bfloat16)).to(x.dtype)
+    y = y.reshape(*x.shape[:-1], n_out)
+    return y if bias is None else y + bias
+
+
+class CpuInt8Kernel(Kernel):
+    name = "cpu-int8"
+
+    def unsupported(self, spec, shape, device):
+        if device.type != "cpu":
+            return "runs on CPU only"
+        if spec.bits != 8 or not spec.symmetric or spec.num_groups(shape[1]) != 1:
+            return "needs symmetric 8-bit per-channel weights"
+        return None
+
+    def prepare(self, qt):
+        return {"qweight": qt.qweight, "scales": qt.scales, "kscales": qt.scales[:, 0].to(torch.bfloat16)}
+
+    def restore(self, packed, spec, shape):
+        return QuantizedTensor(spec, shape, packed["qweight"], packed["scales"], None)
+
+    def linear(self, x, packed, spec, shape, bias):
+        fn = lambda x2: torch.ops.aten._weight_int8pack_mm(x2, packed["qweight"], packed["kscales"])
+        return _matmul_2d(x, fn, shape[0], bias)
+
+
+def _kernel_group(spec, k: int) -> int | None:
+    g = spec.group_size_for(k)
+    fits = [gk for gk in INT4_KERNEL_GROUPS if g % gk == 0 and k % gk == 0]
+    return max(fits) if fits else None
+
+
+@functools.lru_cache(maxsize=64)
+def _int4pack_order(n: int, k: int) -> torch.Tensor:
+    """For ATen's CPU int4 packing of an [n, k] code matrix: index i of the packed nibble stream
+    (byte-major, low nibble first) holds code number order[i] of the row-major input.
+
+    Found by converting the input positions themselves, four bits of the index per conversion.
+    """
+    total = n * k
+    idx = torch.arange(total, dtype=torch.int64)
+    order = torch.zeros(total, dtype=torch.int64)
+    for shift in range(0, max(4, math.ceil(math.log2(total))), 4):
+        digit = ((idx >> shift) & 15).to(torch.int32).reshape(n, k)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digit, 1)
+        order |= _nibbles(packed).to(torch.int64) << shift
+    if not torch.equal(torch.sort(order).values, idx):
+        raise RuntimeError("ATen's int4 packing is not a permutation of nibbles in this PyTorch build")
+    return order
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)
+
+
+class CpuInt4Kernel(Kernel):
+    name = "cpu-int4"
+
+    def unsupported(self, spec, shape, device):
+        n, k = shape
+        if device.type != "cpu":
+            return "runs on CPU only"
+        if spec.bits != 4:
+            return "needs 4-bit weights"
+        if n % 16:
+            return f"needs out_features divisible by 16 (got {n})"
+        if _kernel_group(spec, k) is None:
+            return f"needs groups of {'/'.join(map(str, INT4_KERNEL_GROUPS))} dividing in_features={k}"
+        return None
+
+    def prepare(self, qt):
+        n, k = qt.shape
+        gk = _kernel_group(qt.spec, k)
+        codes = unpack_uint4(qt.qweight).to(torch.int32)
+        wpack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        s = qt.scales.float()
+        z = qt.zeros.float() if qt.zeros is not None else torch.full_like(s, float(qt.spec.implicit_zero))
+        rep = qt.spec.group_size_for(k) // gk
+        s, offset = s.repeat_interleave(rep, dim=1), ((8.0 - z) * s).repeat_interleave(rep, dim=1)
+        scale_zeros = torch.stack([s.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous()
+        out = {"wpack": wpack, "scale_zeros": scale_zeros, "scales": qt.scales}
+        if qt.zeros is not None:
+            out["zeros"] = qt.zeros
+        return out
+
+    def restore(self, packed, spec, shape):
+        n, k = shape
+        codes = torch.empty(n * k, dtype=torch.uint8)
+        codes[_int4pack_order(n, k)] = _nibbles(packed["wpack"])
+        return QuantizedTensor(spec, shape, pack_uint4(codes.reshape(n, k)), packed["scales"], packed.get("zeros"))
+
+    def linear(self, x, packed, spec, shape, bias):
+        gk = packed["wpack"].shape[1] * 2 // packed["scale_zeros"].shape[0]
+        fn = lambda x2: torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed["wpack"], gk, packed["scale_zeros"])
+        return _matmul_2d(x, fn, shape[0], bias)

