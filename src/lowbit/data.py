@@ -1,0 +1,98 @@
+"""Text for calibration and evaluation, and cutting it into token windows.
+
+The default text is CPython's `pydoc_data.topics` (about 465 KB of English documentation prose), joined in
+sorted topic order. Its first half (cut at a paragraph boundary) is the calibration set, its second half the
+held-out evaluation set, so the two never share a topic. A text file or a Hugging Face dataset
+("hf:NAME[:CONFIG]:SPLIT[:COLUMN]", online only) is used whole for whatever it is given to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import LowbitError
+
+DEFAULT_TEXT = "pydoc"
+
+
+def pydoc_text() -> str:
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+def pydoc_split() -> tuple[str, str]:
+    text = pydoc_text()
+    cut = text.find("\n\n", len(text) // 2)
+    return text[:cut], text[cut + 2:]
+
+
+def load_text(source: str | None = None, purpose: str = "evaluation") -> str:
+    """purpose: "calibration" or "evaluation" (selects the half of the default text)."""
+    if purpose not in ("calibration", "evaluation"):
+        raise ValueError(purpose)
+    if source in (None, DEFAULT_TEXT):
+        calib, held_out = pydoc_split()
+        return calib if purpose == "calibration" else held_out
+    if str(source).startswith("hf:"):
+        return _hf_dataset_text(str(source)[3:])
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise LowbitError(f"text file not found: {source}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LowbitError(f"text file is not UTF-8: {source}") from None
+    if not text.strip():
+        raise LowbitError(f"text file is empty: {source}")
+    return text
+
+
+def _hf_dataset_text(spec: str) -> str:
+    parts = spec.split(":")
+    if len(parts) < 2:
+        raise LowbitError("dataset text must be hf:NAME[:CONFIG]:SPLIT[:COLUMN]")
+    try:
+        import datasets
+    except ImportError:
+        raise LowbitError("hf: text sources need the `datasets` package (pip install datasets)") from None
+    name, rest = parts[0], parts[1:]
+    config = rest.pop(0) if len(rest) >= 2 else None
+    split = rest.pop(0)
+    column = rest.pop(0) if rest else "text"
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:
+        raise LowbitError(f"cannot load dataset {name}: {str(e).splitlines()[0]}") from None
+    if column not in ds.column_names:
+        raise LowbitError(f"dataset {name} has no column '{column}' (columns: {', '.join(ds.column_names)})")
+    return "\n\n".join(t for t in ds[column] if t)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_windows(tokenizer, text: str, ctx: int = 512, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of ctx tokens: LongTensor [n, ctx] (the tail shorter than ctx is dropped)."""
+    if ctx < 2:
+        raise LowbitError(f"context length must be at least 2, got {ctx}")
+    ids = tokenize(tokenizer, text)
+    n = ids.numel() // ctx
+    if n == 0:
+        raise LowbitError(f"text too short: {ids.numel()} tokens, need at least one window of {ctx}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * ctx].reshape(n, ctx)
+
+
+def calibration_samples(tokenizer, text: str, n: int = 64, seqlen: int = 512, seed: int = 0) -> torch.Tensor:
+    """n windows of seqlen tokens at seeded random offsets: LongTensor [n, seqlen]."""
+    ids = tokenize(tokenizer, text)
+    if ids.numel() <= seqlen:
+        raise LowbitError(f"calibration text too short: {ids.numel()} tokens, need more than {seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=g)
+    return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])

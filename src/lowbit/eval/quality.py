@@ -1,0 +1,47 @@
+"""Perplexity, KL divergence and top-1 agreement of next-token distributions.
+
+Windows are non-overlapping; every position but the last of each window predicts the next token. KL divergence
+is KL(P_base ‖ P_model) per predicted position, averaged, in nats (the direction llama.cpp reports).
+Several models are evaluated in lockstep, so the base model runs once per window however many are compared.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(ids, use_cache=False).logits[:, :-1].float()
+    return F.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def evaluate_quality(models: dict[str, torch.nn.Module], windows: torch.Tensor, base: torch.nn.Module | None = None,
+                     progress: bool = True) -> dict[str, dict]:
+    """For each named model: ppl, and (when a base is given) kld and top1 against it."""
+    sums = {name: {"nll": 0.0, "kld": 0.0, "top1": 0} for name in models}
+    count = 0
+    for ids in tqdm(windows, desc="evaluate", unit="window", disable=not progress):
+        ids = ids.unsqueeze(0)
+        target = ids[:, 1:]
+        base_lp = _log_probs(base, ids) if base is not None else None
+        for name, model in models.items():
+            lp = base_lp if model is base else _log_probs(model, ids)
+            s = sums[name]
+            s["nll"] -= lp.gather(-1, target.unsqueeze(-1)).sum().item()
+            if base_lp is not None:
+                s["kld"] += (base_lp.exp() * (base_lp - lp)).sum().item()
+                s["top1"] += (base_lp.argmax(-1) == lp.argmax(-1)).sum().item()
+        count += target.numel()
+    out = {}
+    for name, s in sums.items():
+        out[name] = {"ppl": math.exp(s["nll"] / count), "tokens": count}
+        if base is not None:
+            out[name]["kld"] = s["kld"] / count
+            out[name]["top1"] = s["top1"] / count
+    return out

@@ -1,0 +1,1 @@
+"""Writers and readers: lowbit's own checkpoint (more formats for serving engines come here)."""

@@ -1,0 +1,90 @@
+"""The quantization flow: plan from a recipe, then quantize block by block and swap in QuantLinear modules.
+
+Methods that need calibration data get it through `models.calibration.iterate_blocks`, so each block is
+calibrated on the outputs of the already-quantized blocks before it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .algorithms import METHODS
+from .errors import LowbitError
+from .models.arch import arch_for
+from .models.calibration import iterate_blocks
+from .nn import QuantLinear, set_submodule
+from .recipes import Recipe, Scheme
+
+
+def quantize(model: nn.Module, recipe: Recipe | None = None, *, calibration: torch.Tensor | None = None,
+             dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> nn.Module:
+    """Quantize `model` in place following `recipe` (default: every block Linear to RTN INT4 g64 symmetric).
+
+    calibration: LongTensor [n, T] of token ids, needed only by methods that calibrate.
+    dtype: the 16-bit dtype for what stays unquantized (embedding, norms, kept Linears) and for activations.
+    Records what was done in `model.lowbit` (saved with the checkpoint).
+    """
+    arch = arch_for(model.config)
+    recipe = recipe or Recipe.default(Scheme(), arch.blocks)
+    plan = recipe.plan(model)
+    for name in plan:
+        w = model.get_submodule(name).weight
+        if not torch.isfinite(w).all():
+            raise LowbitError(f"weight {name}.weight contains NaN or Inf")
+    needs_data = any(METHODS[s.method][0] for s in plan.values())
+    if needs_data and calibration is None:
+        raise LowbitError("this recipe uses a calibrating method but no calibration samples were given")
+    if calibration is not None and not needs_data:
+        calibration = None
+
+    start = time.perf_counter()
+    _untie_if_split(model, arch, plan)
+    blocks = model.get_submodule(arch.blocks)
+    bar = tqdm(total=len(plan), desc="quantize", unit="layer", disable=not progress)
+    if calibration is None:
+        groups = [(f"{arch.blocks}.{i}.", None) for i in range(len(blocks))]
+    else:
+        groups = ((f"{arch.blocks}.{i}.", inputs) for i, _, inputs in iterate_blocks(model, calibration))
+    for prefix, _inputs in groups:
+        for name in [n for n in plan if n.startswith(prefix)]:
+            _swap(model, name, plan[name])
+            bar.update()
+    for name in [n for n in plan if not n.startswith(arch.blocks + ".")]:
+        _swap(model, name, plan[name])
+        bar.update()
+    bar.close()
+
+    for mod in model.modules():  # parameters only: float buffers such as rotary frequencies stay float32
+        if not isinstance(mod, QuantLinear):
+            for p in mod.parameters(recurse=False):
+                if p.is_floating_point():
+                    p.data = p.data.to(dtype)
+    model.lowbit = {
+        "lowbit_version": __version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "modules": {name: scheme.to_dict() for name, scheme in plan.items()},
+        "recipe": recipe.to_list(),
+        "quantize_seconds": round(time.perf_counter() - start, 3),
+        "calibration_samples": None if calibration is None else list(calibration.shape),
+    }
+    return model
+
+
+def _swap(model: nn.Module, name: str, scheme: Scheme) -> None:
+    linear = model.get_submodule(name)
+    _, fn = METHODS[scheme.method]
+    qt = fn(linear.weight.detach(), scheme.spec)
+    set_submodule(model, name, QuantLinear(qt, linear.bias, kernel=scheme.kernel))
+
+
+def _untie_if_split(model: nn.Module, arch, plan: dict) -> None:
+    """A tied lm_head that gets quantized no longer shares the embedding's weight."""
+    head, embed = model.get_submodule(arch.lm_head), model.get_submodule(arch.embed)
+    if head.weight is embed.weight and arch.lm_head in plan:
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
