@@ -24,6 +24,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
         raise LowbitError(f"cannot write to {out.parent}: {e.strerror}") from None
     try:
         yield tmp
+        _publishable(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
@@ -38,6 +39,20 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publishable(tmp: Path) -> None:
+    """mkdtemp makes a private directory and some writers make private files: give them normal modes."""
+    mask = _umask()
+    os.chmod(tmp, 0o777 & ~mask)
+    for p in tmp.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     try:
@@ -45,6 +60,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as e:
         raise LowbitError(f"cannot write {path}: {e.strerror}") from None

@@ -2,7 +2,7 @@
 activations are cast to bfloat16 on the way in and back to their dtype on the way out.
 
 cpu-int8 — `aten._weight_int8pack_mm`, symmetric 8-bit per output channel.
-    resident: qweight int8 [N, K] (the storage tensor itself, shared), scales float16 [N, 1] (storage),
+    resident: qweight int8 [N, K] (the storage tensor itself, shared unless misaligned), scales float16 [N, 1] (storage),
               kscales bfloat16 [N] (the kernel's copy of the scales).
 
 cpu-int4 — `aten._weight_int4pack_mm_for_cpu`, 4-bit with groups of 32/64/128/256 (per-channel runs as
@@ -29,6 +29,12 @@ from .base import Kernel
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """ATen's packed kernels read with aligned vector loads and crash on tensors that start mid-line, such as
+    tensors read from a safetensors file at an arbitrary offset: copy those into a fresh (64-byte aligned) one."""
+    return t if t.data_ptr() % 64 == 0 and t.is_contiguous() else t.contiguous().clone()
+
+
 def _matmul_2d(x, fn, n_out, bias):
     y = fn(x.reshape(-1, x.shape[-1]).to(torch.bfloat16)).to(x.dtype)
     y = y.reshape(*x.shape[:-1], n_out)
@@ -46,7 +52,7 @@ class CpuInt8Kernel(Kernel):
         return None
 
     def prepare(self, qt):
-        return {"qweight": qt.qweight, "scales": qt.scales, "kscales": qt.scales[:, 0].to(torch.bfloat16)}
+        return {"qweight": _aligned(qt.qweight), "scales": qt.scales, "kscales": qt.scales[:, 0].to(torch.bfloat16)}
 
     def restore(self, packed, spec, shape):
         return QuantizedTensor(spec, shape, packed["qweight"], packed["scales"], None)
@@ -103,7 +109,7 @@ class CpuInt4Kernel(Kernel):
     def prepare(self, qt):
         n, k = qt.shape
         gk = _kernel_group(qt.spec, k)
-        codes = unpack_uint4(qt.qweight).to(torch.int32)
+        codes = _aligned(unpack_uint4(qt.qweight).to(torch.int32))
         wpack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         s = qt.scales.float()
         z = qt.zeros.float() if qt.zeros is not None else torch.full_like(s, float(qt.spec.implicit_zero))
