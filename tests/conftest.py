@@ -1,0 +1,72 @@
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.models.sources import _gguf_cache_dir, default_model_path
+
+torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def default_loaded():
+    """The default model (SmolLM2-135M-Instruct, dequantized from its GGUF) in float32, loaded once."""
+    return lowbit.load_model("default")
+
+
+@pytest.fixture(scope="session")
+def base(default_loaded):
+    return default_loaded.model
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_loaded):
+    return default_loaded.tokenizer
+
+
+@pytest.fixture
+def fresh(base):
+    """A private copy of the base model to quantize in place."""
+    return copy.deepcopy(base)
+
+
+@pytest.fixture(scope="session")
+def eval_ids(tokenizer):
+    from lowbit.data import load_text, token_windows
+    return token_windows(tokenizer, load_text(None, "evaluation"), ctx=256, max_windows=2)
+
+
+def quantized(model, bits=4, group_size=64, symmetric=True, kernel="auto", recipe_rules=None):
+    scheme = lowbit.Scheme("rtn", lowbit.IntSpec(bits, group_size, symmetric), kernel)
+    recipe = lowbit.Recipe.from_rules(recipe_rules, scheme) if recipe_rules else lowbit.Recipe.default(scheme)
+    return lowbit.quantize(model, recipe, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, default_loaded):
+    """A tiny random llama-architecture Hugging Face directory with the default model's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(1)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(default_loaded.tokenizer), tie_word_embeddings=True,
+                      max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).eval()
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model.save_pretrained(str(out))
+    default_loaded.tokenizer.save_pretrained(str(out))
+    return out
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config(path: Path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))

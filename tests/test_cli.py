@@ -1,0 +1,153 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowbit.cli import main
+from lowbit.models.sources import default_model_path
+
+from conftest import copy_dir, edit_config
+
+
+def run(capsys, *argv):
+    code = main(["--quiet", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line_error(code, err, pattern):
+    import re
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("lowbit: error:"), err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_quantize_eval_generate_end_to_end(capsys, tmp_path):
+    out = tmp_path / "w4"
+    code, stdout, _ = run(capsys, "quantize", "default", "--bits", "4", "--group-size", "64", "--asym", "--out", out)
+    assert code == 0 and "210 Linear" in stdout
+    record = json.loads((out / "lowbit.json").read_text())
+    assert record["modules"]["model.layers.0.mlp.up_proj"]["bits"] == 4
+    assert record["base"] == "default" and record["torch_version"]
+    code, stdout, _ = run(capsys, "eval", out, "--max-windows", "2", "--ctx", "128", "--json", tmp_path / "r.json")
+    assert code == 0 and "perplexity" in stdout
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert {"ppl", "kld", "top1", "bytes", "bits_per_weight", "seconds"} <= set(r)
+    assert 0 < r["kld"] < 1 and 0.5 < r["top1"] < 1 and r["ppl"] > 1
+    code, stdout, err = run(capsys, "generate", out, "--prompt", "Python is", "--max-new-tokens", "5")
+    assert code == 0 and stdout.strip() and "tok/s" in err
+
+
+def test_console_script_entry_point(tmp_path):
+    exe = shutil.which("lowbit", path=str(__import__("pathlib").Path(sys.executable).parent))
+    r = subprocess.run([exe, "quantize", "default", "--group-size", "100", "--out", tmp_path / "x"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "group size 100 does not divide" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_recipe_option(capsys, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[rule]]\nmatch = "*.self_attn.*"\nbits = 8\ngroup_size = -1\n')
+    code, stdout, _ = run(capsys, "quantize", "default", "--recipe", recipe, "--out", tmp_path / "m")
+    assert code == 0 and "int8_pc_sym x120" in stdout and "int4_g64_sym x90" in stdout
+
+
+# --- bad input: one clear line, exit 2, nothing written ---------------------------------------------------
+
+def test_missing_model(capsys, tmp_path):
+    code, _, err = run(capsys, "quantize", tmp_path / "nope", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "model not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_config(capsys, tmp_path, tiny_dir):
+    d = copy_dir(tiny_dir, tmp_path / "m")
+    (d / "config.json").write_text("{ not json")
+    code, _, err = run(capsys, "quantize", d, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "corrupt config.json")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_architecture(capsys, tmp_path, tiny_dir):
+    d = copy_dir(tiny_dir, tmp_path / "m")
+    edit_config(d, model_type="gpt2")
+    code, _, err = run(capsys, "quantize", d, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "unsupported architecture 'gpt2'")
+
+
+def test_truncated_safetensors(capsys, tmp_path, tiny_dir):
+    d = copy_dir(tiny_dir, tmp_path / "m")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    code, _, err = run(capsys, "quantize", d, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "corrupt or truncated safetensors")
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_gguf(capsys, tmp_path):
+    g = tmp_path / "cut.gguf"
+    with open(default_model_path(), "rb") as f:
+        g.write_bytes(f.read(20_000_000))
+    code, _, err = run(capsys, "quantize", g, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "corrupt or truncated GGUF")
+    assert not (tmp_path / "o").exists()
+
+
+def test_not_a_model_file(capsys, tmp_path):
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"hello")
+    code, _, err = run(capsys, "eval", f)
+    assert_one_line_error(code, err, "not a model")
+
+
+def test_nan_in_weights(capsys, tmp_path, tiny_dir):
+    d = copy_dir(tiny_dir, tmp_path / "m")
+    sd = load_file(str(d / "model.safetensors"))
+    key = next(k for k in sd if k.endswith("mlp.up_proj.weight"))
+    sd[key][0, 0] = float("nan")
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = run(capsys, "quantize", d, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, f"weight {key} contains NaN or Inf")
+    assert not (tmp_path / "o").exists()
+
+
+def test_group_size_that_does_not_divide(capsys, tmp_path):
+    code, _, err = run(capsys, "quantize", "default", "--group-size", "128", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, r"group size 128 does not divide in_features=576 .*32, 64, -1")
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_text_file(capsys, tmp_path):
+    t = tmp_path / "empty.txt"
+    t.write_text("  \n")
+    code, _, err = run(capsys, "eval", "default", "--text", t, "--json", tmp_path / "r.json", "--no-speed")
+    assert_one_line_error(code, err, "text file is empty")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_corrupt_checkpoint(capsys, tmp_path, fresh, tokenizer):
+    import lowbit
+    from conftest import quantized
+    ck = tmp_path / "ck"
+    lowbit.save_checkpoint(quantized(fresh, 8, -1, True), tokenizer, ck)
+    f = ck / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    code, _, err = run(capsys, "eval", ck, "--no-speed")
+    assert_one_line_error(code, err, "corrupt or truncated safetensors")
+    (ck / "lowbit.json").write_text("{")
+    code, _, err = run(capsys, "generate", ck, "--prompt", "x")
+    assert_one_line_error(code, err, "corrupt lowbit.json")
+
+
+def test_tiny_hf_directory_works(capsys, tmp_path, tiny_dir):
+    code, _, _ = run(capsys, "quantize", tiny_dir, "--bits", "4", "--group-size", "32", "--out", tmp_path / "t")
+    assert code == 0
+    code, stdout, _ = run(capsys, "eval", tmp_path / "t", "--ctx", "32", "--max-windows", "2", "--no-speed")
+    assert code == 0 and "KLD vs base" in stdout

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from lowbit import IntSpec, LowbitError, QuantizedTensor
+from lowbit.algorithms import quantize_rtn
+from lowbit.formats import pack_uint4, storage_nbytes, unpack_uint4
+
+SPECS = [IntSpec(b, g, s) for b in (4, 8) for g in (32, 64, -1) for s in (True, False)]
+
+
+def test_uint4_pack_round_trip_all_pairs():
+    codes = torch.arange(256, dtype=torch.int32)
+    pairs = torch.stack([codes % 16, codes // 16], dim=-1).to(torch.uint8).reshape(1, 512)
+    packed = pack_uint4(pairs)
+    assert packed.shape == (1, 256)
+    assert torch.equal(packed[0], torch.arange(256, dtype=torch.uint8))  # low nibble = even column
+    assert torch.equal(unpack_uint4(packed), pairs)
+
+
+def test_uint4_pack_random_round_trip():
+    codes = torch.randint(0, 16, (37, 96), dtype=torch.uint8)
+    assert torch.equal(unpack_uint4(pack_uint4(codes)), codes)
+
+
+def test_pack_rejects_odd_and_out_of_range():
+    with pytest.raises(LowbitError):
+        pack_uint4(torch.zeros(2, 3, dtype=torch.uint8))
+    with pytest.raises(LowbitError):
+        pack_uint4(torch.full((2, 2), 16, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_rtn_error_bound_and_code_range(spec):
+    torch.manual_seed(0)
+    w = torch.randn(48, 192) * torch.logspace(-2, 0, 48).unsqueeze(1)
+    qt = quantize_rtn(w, spec)
+    codes = qt.codes()
+    assert codes.min() >= spec.qmin and codes.max() <= spec.qmax
+    g = spec.group_size_for(192)
+    step = qt.scales.float().repeat_interleave(g, dim=1)
+    err = (qt.dequantize() - w).abs()
+    # round to nearest: at most half a step; the scale's float16 rounding (relative 2^-11) can move the
+    # clamped end of the range by up to (qmax - qmin) of those
+    assert torch.all(err <= step * (0.5 + (spec.qmax - spec.qmin) * 2**-11) + 1e-7)
+    assert (err / step).mean() < 0.3
+    if spec.symmetric:
+        assert qt.zeros is None
+        assert codes.min() >= (spec.implicit_zero - (spec.qmax - spec.implicit_zero))
+    assert qt.nbytes == storage_nbytes(spec, tuple(w.shape))
+
+
+def test_bits_per_weight_of_stored_layout():
+    shape = (576, 576)
+    assert storage_nbytes(IntSpec(4, 64, True), shape) * 8 / (576 * 576) == pytest.approx(4 + 16 / 64)
+    assert storage_nbytes(IntSpec(4, 64, False), shape) * 8 / (576 * 576) == pytest.approx(4 + 24 / 64)
+    assert storage_nbytes(IntSpec(8, -1, True), shape) * 8 / (576 * 576) == pytest.approx(8 + 16 / 576)
+
+
+def test_zero_group_dequantizes_to_zero():
+    w = torch.zeros(16, 64)
+    w[0, :32] = torch.linspace(-1, 1, 32)
+    for spec in (IntSpec(4, 32, True), IntSpec(4, 32, False), IntSpec(8, 32, True)):
+        deq = quantize_rtn(w, spec).dequantize()
+        assert torch.equal(deq[1:], torch.zeros(15, 64))
+        assert torch.equal(deq[0, 32:], torch.zeros(32))
+
+
+def test_asym_beats_sym_on_shifted_weights():
+    w = torch.rand(32, 128) + 0.5  # all positive: symmetric wastes half its codes
+    e_sym = (quantize_rtn(w, IntSpec(4, 64, True)).dequantize() - w).norm()
+    e_asym = (quantize_rtn(w, IntSpec(4, 64, False)).dequantize() - w).norm()
+    assert e_asym < 0.6 * e_sym
+
+
+def test_group_size_must_divide_and_error_lists_working_sizes():
+    with pytest.raises(LowbitError, match=r"group size 128 does not divide in_features=576.*32, 64, -1"):
+        IntSpec(4, 128, True).check_shape((576, 576), "q_proj")
+
+
+def test_bad_specs():
+    with pytest.raises(LowbitError, match="unsupported bit width"):
+        IntSpec(5, 64, True)
+    with pytest.raises(LowbitError, match="group size"):
+        IntSpec(4, 0, True)
+
+
+def test_validate_catches_wrong_layout():
+    qt = quantize_rtn(torch.randn(16, 64), IntSpec(4, 32, False))
+    bad = QuantizedTensor(qt.spec, qt.shape, qt.qweight[:, :-1], qt.scales, qt.zeros)
+    with pytest.raises(LowbitError, match="qweight"):
+        bad.validate("layer")
+    with pytest.raises(LowbitError, match="missing tensor 'zeros'"):
+        QuantizedTensor(qt.spec, qt.shape, qt.qweight, qt.scales, None).validate("layer")
+    nan_scales = qt.scales.clone()
+    nan_scales[0, 0] = float("nan")
+    with pytest.raises(LowbitError, match="NaN"):
+        QuantizedTensor(qt.spec, qt.shape, qt.qweight, nan_scales, qt.zeros).validate("layer")
