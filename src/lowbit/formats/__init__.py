@@ -2,7 +2,7 @@
 
 from .intq import (IntSpec, QuantizedTensor, choose_qparams, dequantize_codes, quantize_codes, storage_layout,
                    storage_nbytes)
-from .packing import pack_uint4, unpack_uint4
+from .packing import pack_bits, pack_uint4, unpack_bits, unpack_uint4
 
 __all__ = [
     "IntSpec",
@@ -10,6 +10,8 @@ __all__ = [
     "choose_qparams",
     "quantize_codes",
     "dequantize_codes",
+    "pack_bits",
+    "unpack_bits",
     "pack_uint4",
     "unpack_uint4",
     "storage_layout",

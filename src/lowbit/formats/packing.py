@@ -1,10 +1,12 @@
-"""Bit packing of integer codes.
+"""Bit packing of unsigned integer codes along the last axis.
 
-uint4 layout (lowbit's storage format, on disk and in memory for the reference kernel):
-    codes  : uint8 [..., K], each value in [0, 15]
-    packed : uint8 [..., K // 2]; byte j holds code 2j in its low nibble and code 2j+1 in its high nibble.
-K must be even. The packed axis is the last one (a Linear's in_features), so a row of a weight matrix
-stays contiguous.
+Layout (lowbit's storage format, on disk and in memory for the reference kernel): the codes of a row form one
+little-endian bit stream — code j occupies bits [j·b, (j+1)·b) counted from the least significant bit of byte 0.
+    b = 4: uint8 [..., K // 2];     byte j = code 2j (low nibble) | code 2j+1 << 4
+    b = 2: uint8 [..., K // 4];     byte j = codes 4j..4j+3, lowest bits first
+    b = 3: uint8 [..., 3 K // 8];   every 3 bytes hold 8 codes
+K · b must be a multiple of 8. The packed axis is the last one (a Linear's in_features), so a row of a
+weight matrix stays contiguous.
 """
 
 import torch
@@ -12,20 +14,49 @@ import torch
 from ..errors import LowbitError
 
 
-def pack_uint4(codes: torch.Tensor) -> torch.Tensor:
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.dtype != torch.uint8:
-        raise LowbitError(f"pack_uint4 expects uint8 codes, got {codes.dtype}")
-    if codes.shape[-1] % 2:
-        raise LowbitError(f"pack_uint4 needs an even last dimension, got {tuple(codes.shape)}")
-    if codes.numel() and int(codes.max()) > 15:
-        raise LowbitError("pack_uint4: a code exceeds 15")
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+        raise LowbitError(f"pack_bits expects uint8 codes, got {codes.dtype}")
+    k = codes.shape[-1]
+    if (k * bits) % 8:
+        raise LowbitError(f"{bits}-bit packing needs {8 // _gcd8(bits)} | last dimension, got {tuple(codes.shape)}")
+    if codes.numel() and int(codes.max()) >= 1 << bits:
+        raise LowbitError(f"pack_bits: a code exceeds {(1 << bits) - 1}")
+    if bits == 8:
+        return codes.clone()
+    if bits == 4:  # fast path, same layout as the general one
+        return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
+    stream = ((codes.unsqueeze(-1) >> shifts) & 1).reshape(*codes.shape[:-1], k * bits // 8, 8)
+    weights = (1 << torch.arange(8, device=codes.device)).to(torch.uint8)
+    return (stream * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    if packed.dtype != torch.uint8:
+        raise LowbitError(f"unpack_bits expects uint8, got {packed.dtype}")
+    if bits == 8:
+        return packed.clone()
+    if bits == 4:
+        out = torch.empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=torch.uint8, device=packed.device)
+        out[..., 0::2] = packed & 0x0F
+        out[..., 1::2] = packed >> 4
+        return out
+    n = packed.shape[-1] * 8 // bits
+    stream = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    stream = stream.reshape(*packed.shape[:-1], n, bits)
+    weights = (1 << torch.arange(bits, device=packed.device)).to(torch.uint8)
+    return (stream * weights).sum(-1, dtype=torch.uint8)
+
+
+def pack_uint4(codes: torch.Tensor) -> torch.Tensor:
+    return pack_bits(codes, 4)
 
 
 def unpack_uint4(packed: torch.Tensor) -> torch.Tensor:
-    if packed.dtype != torch.uint8:
-        raise LowbitError(f"unpack_uint4 expects uint8, got {packed.dtype}")
-    out = torch.empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=torch.uint8, device=packed.device)
-    out[..., 0::2] = packed & 0x0F
-    out[..., 1::2] = packed >> 4
-    return out
+    return unpack_bits(packed, 4)
+
+
+def _gcd8(bits: int) -> int:
+    import math
+    return math.gcd(8, bits)
