@@ -151,3 +151,14 @@ def test_tiny_hf_directory_works(capsys, tmp_path, tiny_dir):
     assert code == 0
     code, stdout, _ = run(capsys, "eval", tmp_path / "t", "--ctx", "32", "--max-windows", "2", "--no-speed")
     assert code == 0 and "KLD vs base" in stdout
+
+
+def test_eval_on_a_text_file(capsys, tmp_path):
+    from lowbit.data import pydoc_text
+    t = tmp_path / "prose.txt"
+    t.write_text(pydoc_text()[:20000])
+    code, stdout, _ = run(capsys, "eval", "default", "--text", t, "--ctx", "128", "--max-windows", "2", "--no-speed",
+                          "--json", tmp_path / "r.json")
+    assert code == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["windows"] == 2 and r["text"] == str(t) and r["ppl"] > 1

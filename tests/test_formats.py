@@ -3,30 +3,42 @@ import torch
 
 from lowbit import IntSpec, LowbitError, QuantizedTensor
 from lowbit.algorithms import quantize_rtn
-from lowbit.formats import pack_uint4, storage_nbytes, unpack_uint4
+from lowbit.formats import pack_bits, storage_nbytes, unpack_bits
 
-SPECS = [IntSpec(b, g, s) for b in (4, 8) for g in (32, 64, -1) for s in (True, False)]
+SPECS = [IntSpec(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, -1) for s in (True, False)]
 
 
 def test_uint4_pack_round_trip_all_pairs():
     codes = torch.arange(256, dtype=torch.int32)
     pairs = torch.stack([codes % 16, codes // 16], dim=-1).to(torch.uint8).reshape(1, 512)
-    packed = pack_uint4(pairs)
+    packed = pack_bits(pairs, 4)
     assert packed.shape == (1, 256)
     assert torch.equal(packed[0], torch.arange(256, dtype=torch.uint8))  # low nibble = even column
-    assert torch.equal(unpack_uint4(packed), pairs)
+    assert torch.equal(unpack_bits(packed, 4), pairs)
 
 
-def test_uint4_pack_random_round_trip():
-    codes = torch.randint(0, 16, (37, 96), dtype=torch.uint8)
-    assert torch.equal(unpack_uint4(pack_uint4(codes)), codes)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_random_round_trip(bits):
+    codes = torch.randint(0, 1 << bits, (37, 96), dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.shape == (37, 96 * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits), codes)
 
 
-def test_pack_rejects_odd_and_out_of_range():
+def test_bit_stream_layout_of_3_and_2_bits():
+    # codes 1..8 as a little-endian 3-bit stream: 0b000_111_110_101_100_011_010_001 -> bytes 0xD1, 0x58, 0x1F
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]], dtype=torch.uint8)
+    assert pack_bits(codes, 3).tolist() == [[0xD1, 0x58, 0x1F]]
+    assert pack_bits(torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8), 2).tolist() == [[0b00111001]]
+
+
+def test_pack_rejects_bad_lengths_and_out_of_range():
     with pytest.raises(LowbitError):
-        pack_uint4(torch.zeros(2, 3, dtype=torch.uint8))
+        pack_bits(torch.zeros(2, 3, dtype=torch.uint8), 4)
     with pytest.raises(LowbitError):
-        pack_uint4(torch.full((2, 2), 16, dtype=torch.uint8))
+        pack_bits(torch.zeros(2, 4, dtype=torch.uint8), 3)
+    with pytest.raises(LowbitError):
+        pack_bits(torch.full((2, 2), 16, dtype=torch.uint8), 4)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
@@ -80,6 +92,8 @@ def test_group_size_must_divide_and_error_lists_working_sizes():
 def test_bad_specs():
     with pytest.raises(LowbitError, match="unsupported bit width"):
         IntSpec(5, 64, True)
+    with pytest.raises(LowbitError, match="3-bit packing"):
+        IntSpec(3, -1, True).check_shape((8, 12))
     with pytest.raises(LowbitError, match="group size"):
         IntSpec(4, 0, True)
 

@@ -21,6 +21,8 @@ def _rel(a, b):
     (IntSpec(4, 128, False), "cpu-int4"),
     (IntSpec(4, -1, True), "cpu-int4"),
     (IntSpec(4, -1, False), "cpu-int4"),
+    (IntSpec(3, 64, False), "cpu-int4"),
+    (IntSpec(2, 32, True), "cpu-int4"),
 ], ids=lambda x: getattr(x, "name", x))
 def test_fast_kernel_matches_reference_and_restores_exactly(spec, kernel):
     torch.manual_seed(0)

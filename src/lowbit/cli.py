@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and write a lowbit checkpoint")
     q.add_argument("model", help='"default" (SmolLM2-135M-Instruct), a Hugging Face directory or a GGUF file')
     q.add_argument("--method", default="rtn", help="quantization method (default: rtn)")
-    q.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    q.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
     q.add_argument("--group-size", type=int, default=None,
                    help="columns per scale: 32, 64, 128, or -1 per channel (default: 64 for 4-bit, -1 for 8-bit)")
     q.add_argument("--asym", action="store_true", help="asymmetric (with zero points); default symmetric")

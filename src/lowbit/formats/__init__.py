@@ -2,7 +2,7 @@
 
 from .intq import (IntSpec, QuantizedTensor, choose_qparams, dequantize_codes, quantize_codes, storage_layout,
                    storage_nbytes)
-from .packing import pack_bits, pack_uint4, unpack_bits, unpack_uint4
+from .packing import pack_bits, unpack_bits
 
 __all__ = [
     "IntSpec",
@@ -12,8 +12,6 @@ __all__ = [
     "dequantize_codes",
     "pack_bits",
     "unpack_bits",
-    "pack_uint4",
-    "unpack_uint4",
     "storage_layout",
     "storage_nbytes",
 ]

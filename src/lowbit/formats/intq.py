@@ -6,15 +6,17 @@ channel). Each (row, group) has a float16 scale and, for asymmetric formats, an 
 
 Code ranges
     bits = 8: signed codes q in [-128, 127]; symmetric: z = 0 and s = absmax / 127 (codes in [-127, 127]).
-    bits = 4: unsigned codes q in [0, 15]; symmetric: z = 8 (implicit) and s = absmax / 7 (codes in [1, 15]).
+    bits = b < 8 (2, 3, 4): unsigned codes q in [0, 2^b − 1]; symmetric: z = 2^(b−1) (implicit) and
+    s = absmax / (2^(b−1) − 1), e.g. 4-bit codes in [1, 15] around z = 8.
     asymmetric (either): s = (max − min) / (qmax − qmin), z = qmin − round(min / s), with the range widened
     to include 0 so that z is a representable code (as the GPTQ reference does).
 
 Stored tensors of a QuantizedTensor (the checkpoint holds exactly these):
-    qweight  bits = 8: int8  [N, K]       one code per byte, row-major.
-             bits = 4: uint8 [N, K // 2]  two codes per byte, see formats.packing (low nibble = even column).
+    qweight  bits = 8: int8  [N, K]           one code per byte, row-major.
+             bits = b < 8: uint8 [N, K·b / 8]  each row a little-endian bit stream of its codes (formats.packing;
+                                               4-bit: column 2j in the low nibble of byte j, 2j+1 in the high one).
     scales   float16 [N, G]
-    zeros    asymmetric only: int8 [N, G] (bits = 8) or uint8 [N, G] (bits = 4), one zero point per byte.
+    zeros    asymmetric only: int8 [N, G] (bits = 8) or uint8 [N, G] (bits < 8), one zero point per byte.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from dataclasses import dataclass, asdict
 import torch
 
 from ..errors import LowbitError
-from .packing import pack_uint4, unpack_uint4
+from .packing import pack_bits, unpack_bits
 
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPE = torch.float16
 _FP16_MAX = 65504.0
 
@@ -79,8 +81,8 @@ class IntSpec:
                 f"group size {self.group_size} does not divide in_features={k} of {name}; "
                 f"group sizes that work: {', '.join(map(str, ok))} (-1 = per channel)"
             )
-        if self.bits == 4 and k % 2:
-            raise LowbitError(f"4-bit packing needs an even in_features, {name} has {k}")
+        if (k * self.bits) % 8:
+            raise LowbitError(f"{self.bits}-bit packing needs in_features·{self.bits} divisible by 8, {name} has {k}")
 
     @property
     def name(self) -> str:
@@ -100,7 +102,7 @@ def storage_layout(spec: IntSpec, shape: tuple[int, int]) -> dict[str, tuple[tup
     n, k = shape
     g = spec.num_groups(k)
     out = {
-        "qweight": ((n, k // 2), torch.uint8) if spec.bits == 4 else ((n, k), torch.int8),
+        "qweight": ((n, k), torch.int8) if spec.bits == 8 else ((n, k * spec.bits // 8), torch.uint8),
         "scales": ((n, g), SCALE_DTYPE),
     }
     if not spec.symmetric:
@@ -176,16 +178,13 @@ class QuantizedTensor:
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                    spec: IntSpec) -> "QuantizedTensor":
         """Pack int codes [N, K] (already in [qmin, qmax]) into the storage layout."""
-        if spec.bits == 4:
-            qweight = pack_uint4(codes.to(torch.uint8))
-        else:
-            qweight = codes.to(torch.int8)
+        qweight = codes.to(torch.int8) if spec.bits == 8 else pack_bits(codes.to(torch.uint8), spec.bits)
         return cls(spec, tuple(codes.shape), qweight.contiguous(), scales.contiguous(),
                    None if zeros is None else zeros.contiguous())
 
     def codes(self) -> torch.Tensor:
         """Unpacked codes, int32 [N, K]."""
-        q = unpack_uint4(self.qweight) if self.spec.bits == 4 else self.qweight
+        q = self.qweight if self.spec.bits == 8 else unpack_bits(self.qweight, self.spec.bits)
         return q.to(torch.int32)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -49,14 +49,6 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return (stream * weights).sum(-1, dtype=torch.uint8)
 
 
-def pack_uint4(codes: torch.Tensor) -> torch.Tensor:
-    return pack_bits(codes, 4)
-
-
-def unpack_uint4(packed: torch.Tensor) -> torch.Tensor:
-    return unpack_bits(packed, 4)
-
-
 def _gcd8(bits: int) -> int:
     import math
     return math.gcd(8, bits)

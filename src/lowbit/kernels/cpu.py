@@ -5,13 +5,15 @@ cpu-int8 — `aten._weight_int8pack_mm`, symmetric 8-bit per output channel.
     resident: qweight int8 [N, K] (the storage tensor itself, shared unless misaligned), scales float16 [N, 1] (storage),
               kscales bfloat16 [N] (the kernel's copy of the scales).
 
-cpu-int4 — `aten._weight_int4pack_mm_for_cpu`, 4-bit with groups of 32/64/128/256 (per-channel runs as
+cpu-int4 — `aten._weight_int4pack_mm_for_cpu`, 2-, 3- and 4-bit codes (all fit a nibble) with groups of 32/64/128/256 (per-channel runs as
     groups of the largest of those that divides K, every group carrying the row's scale). Needs N % 16 == 0.
     resident: wpack uint8 [N, K // 2] — the codes in ATen's blocked nibble order (from
               `_convert_weight_to_int4pack_for_cpu`, which interleaves rows and columns within tiles),
               scale_zeros bfloat16 [K // gk, N, 2] — per kernel group: scale s and offset (8 − z) · s, so that
               ATen's (q − 8) · s + offset equals lowbit's (q − z) · s,
               scales / zeros — the storage tensors (small), kept so that `restore` is exact.
+    For 2- and 3-bit codes the nibbles hold q − z + 8 (always in [0, 15]) and the offset is 0: a bfloat16
+    offset (8 − z) · s nearly cancelling (q − 8) · s would cost precision that such coarse grids cannot spare.
     `restore` inverts ATen's nibble order with a permutation found by probing the conversion itself
     (see `_int4pack_order`), so no second copy of the codes is kept.
 """
@@ -23,7 +25,7 @@ import math
 
 import torch
 
-from ..formats import QuantizedTensor, pack_uint4, unpack_uint4
+from ..formats import QuantizedTensor
 from .base import Kernel
 
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
@@ -98,8 +100,8 @@ class CpuInt4Kernel(Kernel):
         n, k = shape
         if device.type != "cpu":
             return "runs on CPU only"
-        if spec.bits != 4:
-            return "needs 4-bit weights"
+        if spec.bits > 4:
+            return "needs weights of at most 4 bits"
         if n % 16:
             return f"needs out_features divisible by 16 (got {n})"
         if _kernel_group(spec, k) is None:
@@ -109,10 +111,13 @@ class CpuInt4Kernel(Kernel):
     def prepare(self, qt):
         n, k = qt.shape
         gk = _kernel_group(qt.spec, k)
-        codes = _aligned(unpack_uint4(qt.qweight).to(torch.int32))
-        wpack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        codes = qt.codes()
         s = qt.scales.float()
         z = qt.zeros.float() if qt.zeros is not None else torch.full_like(s, float(qt.spec.implicit_zero))
+        if qt.spec.bits < 4:
+            codes = codes + self._shift(qt.spec, qt.zeros, k)
+            z = torch.full_like(s, 8.0)
+        wpack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_aligned(codes), 1)
         rep = qt.spec.group_size_for(k) // gk
         s, offset = s.repeat_interleave(rep, dim=1), ((8.0 - z) * s).repeat_interleave(rep, dim=1)
         scale_zeros = torch.stack([s.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous()
@@ -121,11 +126,21 @@ class CpuInt4Kernel(Kernel):
             out["zeros"] = qt.zeros
         return out
 
+    @staticmethod
+    def _shift(spec, zeros, k: int) -> torch.Tensor:
+        """8 − z per element ([N, K] or broadcastable), for moving sub-4-bit codes onto ATen's zero point 8."""
+        if zeros is None:
+            return torch.tensor(8 - spec.implicit_zero, dtype=torch.int32)
+        return (8 - zeros.to(torch.int32)).repeat_interleave(spec.group_size_for(k), dim=1)
+
     def restore(self, packed, spec, shape):
         n, k = shape
         codes = torch.empty(n * k, dtype=torch.uint8)
         codes[_int4pack_order(n, k)] = _nibbles(packed["wpack"])
-        return QuantizedTensor(spec, shape, pack_uint4(codes.reshape(n, k)), packed["scales"], packed.get("zeros"))
+        codes = codes.reshape(n, k)
+        if spec.bits < 4:
+            codes = codes.to(torch.int32) - self._shift(spec, packed.get("zeros"), k)
+        return QuantizedTensor.from_codes(codes, packed["scales"], packed.get("zeros"), spec)
 
     def linear(self, x, packed, spec, shape, bias):
         gk = packed["wpack"].shape[1] * 2 // packed["scale_zeros"].shape[0]
