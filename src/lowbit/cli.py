@@ -29,15 +29,14 @@ def cmd_quantize(args) -> int:
     from .data import calibration_samples, load_text
     from .models import arch_for
 
-    group = args.group_size if args.group_size is not None else (-1 if args.bits == 8 else 64)
-    scheme = Scheme(args.method, IntSpec(args.bits, group, not args.asym), args.kernel)
+    scheme = _scheme_from_args(args, args.method)
     loaded = load_model(args.model)
     blocks = arch_for(loaded.model.config).blocks
     recipe = Recipe.from_file(args.recipe, scheme, blocks) if args.recipe else Recipe.default(scheme, blocks)
     plan = recipe.plan(loaded.model)  # fail on shapes before any work
     calib = None
     from .algorithms import METHODS
-    if any(METHODS[s.method][0] for s in plan.values()):
+    if any(METHODS[s.method] for s in plan.values()):
         calib = calibration_samples(loaded.tokenizer, load_text(args.calib_text, "calibration"),
                                     args.calib_samples, args.calib_seqlen, args.seed)
     model = quantize(loaded.model, recipe, calibration=calib, dtype=_DTYPES[args.dtype], progress=not args.quiet)
@@ -52,6 +51,21 @@ def cmd_quantize(args) -> int:
     print(f"wrote {out}: {s['bytes'] / 1e6:.1f} MB, {s['bits_per_weight']:.2f} bits/weight overall, "
           f"{s['quantized_bits_per_weight']:.2f} in quantized layers; {model.lowbit['quantize_seconds']:.1f} s")
     return 0
+
+
+def _scheme_from_args(args, method: str):
+    from . import IntSpec, Scheme
+    group = args.group_size if args.group_size is not None else (-1 if args.bits == 8 else 64)
+    return Scheme(method, IntSpec(args.bits, group, not args.asym), args.kernel, _method_options(args, method))
+
+
+def _method_options(args, method: str) -> dict:
+    if method == "gptq":
+        return {"act_order": args.act_order, "damp": args.damp, "block_size": args.block_size,
+                "true_sequential": not args.no_true_sequential}
+    if method == "awq":
+        return {"n_grid": args.awq_grid, "search_samples": args.awq_search_samples, "clip": not args.no_clip}
+    return {}
 
 
 def _fmt(x, spec):
@@ -92,6 +106,34 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LowbitError(f"{what} must be comma-separated integers, got '{text}'") from None
+
+
+def cmd_compare(args) -> int:
+    from .algorithms import METHODS
+    from .compare import compare, scheme_grid
+    from .eval.report import markdown_table
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise LowbitError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; available: {', '.join(METHODS)}")
+    options = {m: _method_options(args, m) for m in methods}
+    schemes = scheme_grid(methods, _int_list(args.bits, "--bits"), _int_list(args.group_size, "--group-size"),
+                          not args.asym, options, args.kernel)
+    result = compare(args.model, schemes, args.out, calib_text=args.calib_text, calib_samples=args.calib_samples,
+                     calib_seqlen=args.calib_seqlen, seed=args.seed, text=args.text, ctx=args.ctx,
+                     max_windows=args.max_windows, speed=not args.no_speed, progress=not args.quiet,
+                     overwrite=args.overwrite)
+    print(markdown_table(result["rows"]))
+    print(f"wrote {args.out}/report.md, report.json, tradeoff.png and one checkpoint per method")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from . import generate, load_model
     loaded = load_model(args.model, kernel=args.kernel)
@@ -109,25 +151,51 @@ def _positive(x: str) -> int:
     return v
 
 
+def _add_format_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=None,
+                   help="columns per scale: 32, 64, 128, or -1 per channel (default: 64, or -1 for 8-bit)")
+    p.add_argument("--asym", action="store_true", help="asymmetric (with zero points); default symmetric")
+    p.add_argument("--kernel", default="auto", help="auto, reference, cpu-int8, cpu-int4")
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("calibration (gptq, awq)")
+    c.add_argument("--calib-text", default=None, help="calibration text: pydoc (default: its first half), a file, or hf:...")
+    c.add_argument("--calib-samples", type=_positive, default=64, help="number of calibration windows (default 64)")
+    c.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per calibration window (default 512)")
+    c.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows")
+    g = p.add_argument_group("gptq")
+    g.add_argument("--act-order", action="store_true", help="columns by decreasing Hessian diagonal (static groups)")
+    g.add_argument("--damp", type=_fraction, default=0.01, help="diagonal dampening, fraction of its mean (0.01)")
+    g.add_argument("--block-size", type=_positive, default=128, help="columns per lazy update block (128)")
+    g.add_argument("--no-true-sequential", action="store_true", help="all Hessians from the unquantized block")
+    a = p.add_argument_group("awq")
+    a.add_argument("--awq-grid", type=_positive, default=20, help="grid points for the scale and clip searches (20)")
+    a.add_argument("--awq-search-samples", type=_positive, default=4, help="calibration windows used in the scale search (4)")
+    a.add_argument("--no-clip", action="store_true", help="skip the clipping search")
+
+
+def _fraction(x: str) -> float:
+    v = float(x)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .algorithms import METHODS
     p = argparse.ArgumentParser(prog="lowbit", description="Quantize causal LMs, measure them, run them.")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and write a lowbit checkpoint")
     q.add_argument("model", help='"default" (SmolLM2-135M-Instruct), a Hugging Face directory or a GGUF file')
-    q.add_argument("--method", default="rtn", help="quantization method (default: rtn)")
-    q.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    q.add_argument("--group-size", type=int, default=None,
-                   help="columns per scale: 32, 64, 128, or -1 per channel (default: 64 for 4-bit, -1 for 8-bit)")
-    q.add_argument("--asym", action="store_true", help="asymmetric (with zero points); default symmetric")
+    q.add_argument("--method", default="rtn", choices=list(METHODS), help="quantization method (default: rtn)")
+    _add_format_args(q)
+    _add_method_args(q)
     q.add_argument("--recipe", help="TOML/JSON rules mapping module names to schemes (see lowbit.recipes)")
-    q.add_argument("--kernel", default="auto", help="auto, reference, cpu-int8, cpu-int4")
     q.add_argument("--dtype", default="bfloat16", choices=list(_DTYPES), help="dtype of unquantized parts")
-    q.add_argument("--calib-text", default=None, help="calibration text: pydoc (default), a file, or hf:...")
-    q.add_argument("--calib-samples", type=_positive, default=64)
-    q.add_argument("--calib-seqlen", type=_positive, default=512)
-    q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True, help="output checkpoint directory")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_quantize)
@@ -142,6 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     e.add_argument("--json", help="also write the results to this JSON file")
     e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compare", help="several methods on the same data: report.md, report.json, tradeoff.png")
+    c.add_argument("model")
+    c.add_argument("--methods", default="rtn,gptq,awq", help="comma-separated methods (default rtn,gptq,awq)")
+    c.add_argument("--bits", default="4", help="comma-separated bit widths, each run with every method (default 4)")
+    c.add_argument("--group-size", default="64", help="comma-separated group sizes, -1 = per channel (default 64)")
+    c.add_argument("--asym", action="store_true", help="asymmetric (with zero points)")
+    c.add_argument("--kernel", default="auto")
+    _add_method_args(c)
+    c.add_argument("--text", default=None, help="evaluation text (default: pydoc held-out half)")
+    c.add_argument("--ctx", type=_positive, default=512)
+    c.add_argument("--max-windows", type=_positive, default=None)
+    c.add_argument("--no-speed", action="store_true")
+    c.add_argument("--out", required=True, help="directory for the report and one checkpoint per method")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=cmd_compare)
 
     g = sub.add_parser("generate", help="greedy generation with tokens/second")
     g.add_argument("model")

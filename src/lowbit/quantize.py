@@ -13,7 +13,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .algorithms import METHODS
+from .algorithms import METHODS, quantize_rtn
+from .blockwise import quantize_block
 from .errors import LowbitError
 from .models.arch import arch_for
 from .models.calibration import iterate_blocks
@@ -36,28 +37,33 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calibration: tor
         w = model.get_submodule(name).weight
         if not torch.isfinite(w).all():
             raise LowbitError(f"weight {name}.weight contains NaN or Inf")
-    needs_data = any(METHODS[s.method][0] for s in plan.values())
+    needs_data = any(METHODS[s.method] for s in plan.values())
     if needs_data and calibration is None:
         raise LowbitError("this recipe uses a calibrating method but no calibration samples were given")
     if calibration is not None and not needs_data:
         calibration = None
 
+    if calibration is not None and not torch.is_tensor(calibration):
+        raise LowbitError("calibration samples must be a LongTensor [n, T] of token ids")
+
     start = time.perf_counter()
     _untie_if_split(model, arch, plan)
     blocks = model.get_submodule(arch.blocks)
-    bar = tqdm(total=len(plan), desc="quantize", unit="layer", disable=not progress)
+    bar = tqdm(total=len(blocks), desc="quantize", unit="block", disable=not progress)
     if calibration is None:
-        groups = [(f"{arch.blocks}.{i}.", None) for i in range(len(blocks))]
+        steps = ((i, block, None) for i, block in enumerate(blocks))
     else:
-        groups = ((f"{arch.blocks}.{i}.", inputs) for i, _, inputs in iterate_blocks(model, calibration))
-    for prefix, _inputs in groups:
-        for name in [n for n in plan if n.startswith(prefix)]:
-            _swap(model, name, plan[name])
-            bar.update()
-    for name in [n for n in plan if not n.startswith(arch.blocks + ".")]:
-        _swap(model, name, plan[name])
+        steps = iterate_blocks(model, calibration)
+    for i, block, inputs in steps:  # the next block's inputs are computed after this block is swapped
+        prefix = f"{arch.blocks}.{i}."
+        block_plan = {n[len(prefix):]: s for n, s in plan.items() if n.startswith(prefix)}
+        for rel, qt in quantize_block(block, inputs, block_plan, arch).items():
+            _swap(model, prefix + rel, qt, block_plan[rel].kernel)
         bar.update()
     bar.close()
+    outside = {n: s for n, s in plan.items() if not n.startswith(arch.blocks + ".")}
+    for name, scheme in outside.items():  # e.g. the lm_head: no calibrating driver reaches it
+        _swap(model, name, quantize_rtn(model.get_submodule(name).weight.detach(), scheme.spec), scheme.kernel)
 
     for mod in model.modules():  # parameters only: float buffers such as rotary frequencies stay float32
         if not isinstance(mod, QuantLinear):
@@ -75,11 +81,9 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calibration: tor
     return model
 
 
-def _swap(model: nn.Module, name: str, scheme: Scheme) -> None:
+def _swap(model: nn.Module, name: str, qt, kernel: str) -> None:
     linear = model.get_submodule(name)
-    _, fn = METHODS[scheme.method]
-    qt = fn(linear.weight.detach(), scheme.spec)
-    set_submodule(model, name, QuantLinear(qt, linear.bias, kernel=scheme.kernel))
+    set_submodule(model, name, QuantLinear(qt, linear.bias, kernel=kernel))
 
 
 def _untie_if_split(model: nn.Module, arch, plan: dict) -> None:

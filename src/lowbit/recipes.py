@@ -44,17 +44,19 @@ class Scheme:
     method: str = "rtn"
     spec: IntSpec = field(default_factory=IntSpec)
     kernel: str = "auto"
+    options: dict = field(default_factory=dict)  # method settings, e.g. {"act_order": True, "damp": 0.01}
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise LowbitError(f"unknown method '{self.method}'; available: {', '.join(METHODS)}")
 
     def to_dict(self) -> dict:
-        return {"method": self.method, **self.spec.to_dict(), "kernel": self.kernel}
+        return {"method": self.method, **self.spec.to_dict(), "kernel": self.kernel, "options": dict(self.options)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Scheme":
-        return cls(method=d.get("method", "rtn"), spec=IntSpec.from_dict(d), kernel=d.get("kernel", "auto"))
+        return cls(method=d.get("method", "rtn"), spec=IntSpec.from_dict(d), kernel=d.get("kernel", "auto"),
+                   options=dict(d.get("options", {})))
 
     @property
     def name(self) -> str:
@@ -75,7 +77,7 @@ class Rule:
         return {"match": self.pattern, **({"keep": True} if self.scheme is None else self.scheme.to_dict())}
 
 
-_RULE_KEYS = {"match", "keep", "method", "bits", "group_size", "symmetric", "kernel"}
+_RULE_KEYS = {"match", "keep", "method", "bits", "group_size", "symmetric", "kernel", "options"}
 
 
 @dataclass
@@ -105,7 +107,9 @@ class Recipe:
             spec = IntSpec(bits=int(r.get("bits", base.spec.bits)),
                            group_size=int(r.get("group_size", base.spec.group_size)),
                            symmetric=bool(r.get("symmetric", base.spec.symmetric)))
-            out.append(Rule(r["match"], Scheme(r.get("method", base.method), spec, r.get("kernel", base.kernel))))
+            method = r.get("method", base.method)
+            options = {**(base.options if method == base.method else {}), **r.get("options", {})}
+            out.append(Rule(r["match"], Scheme(method, spec, r.get("kernel", base.kernel), options)))
         return cls(out + cls.default(base, blocks).rules)
 
     @classmethod

@@ -1,11 +1,13 @@
-"""How quantized values are chosen. Each method maps a float weight (plus calibration statistics, for the
-methods that need them) to a QuantizedTensor; none of them touches files or knows a model family."""
+"""How quantized values are chosen. Functions here map float weights (and, for the methods that calibrate,
+statistics of their inputs) to quantized values; none of them touches files or knows a model family.
+`lowbit.blockwise` runs them over a model's decoder blocks."""
 
-from .rtn import quantize_rtn
+from .awq import apply_clip, search_clip, search_scale
+from .gptq import Hessian, gptq_quantize
+from .rtn import fake_quantize, quantize_rtn
 
-# method name -> (needs calibration data, function(weight, spec) -> QuantizedTensor)
-METHODS = {
-    "rtn": (False, quantize_rtn),
-}
+# method name -> whether it needs calibration data
+METHODS = {"rtn": False, "gptq": True, "awq": True}
 
-__all__ = ["METHODS", "quantize_rtn"]
+__all__ = ["METHODS", "quantize_rtn", "fake_quantize", "Hessian", "gptq_quantize", "search_scale", "search_clip",
+           "apply_clip"]

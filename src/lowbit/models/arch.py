@@ -1,8 +1,13 @@
 """The one table of model-family specifics. Algorithms look things up here; they never branch on a family.
 
-Names are relative to a decoder block unless said otherwise. `feeds` lists, in forward order, each operation
-that produces the input of a group of Linears (used by calibration-based methods to fold scales and to
-quantize in true-sequential order).
+Names are relative to a decoder block unless said otherwise. `feeds` lists, in forward order, the groups of
+Linears that read the same input, each as (producer, linears, inspect):
+    producer  the operation that makes that input: a norm (its weight scales channels) or a Linear (its output
+              rows do); calibration methods fold per-channel scales into it (AWQ, SmoothQuant)
+    linears   the Linears reading that input; quantized together in true-sequential order (GPTQ)
+    inspect   the smallest module whose output shows the group's error (AWQ's loss); its first argument is the
+              group's input
+`no_clip` names Linears whose weights AWQ does not clip (query/key errors are amplified by the softmax).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ class Arch:
     embed: str                       # token embedding, from the model root
     final_norm: str                  # from the model root
     lm_head: str                     # from the model root
-    feeds: tuple[tuple[str, tuple[str, ...]], ...]  # (producer, linears it feeds), inside a block
+    feeds: tuple[tuple[str, tuple[str, ...], str], ...]  # (producer, linears it feeds, inspect), inside a block
+    no_clip: tuple[str, ...] = ()
 
 
 _LLAMA = Arch(
@@ -27,11 +33,12 @@ _LLAMA = Arch(
     final_norm="model.norm",
     lm_head="lm_head",
     feeds=(
-        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("self_attn.v_proj", ("self_attn.o_proj",)),
-        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        ("mlp.up_proj", ("mlp.down_proj",)),
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        ("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        ("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
     ),
+    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
 )
 
 # model_type (from config.json) -> layout. Mistral and Qwen2/3 blocks are named like Llama's.

@@ -70,3 +70,47 @@ def iterate_blocks(model: nn.Module, samples: torch.Tensor) -> Iterator[tuple[in
     for i, block in enumerate(blocks):
         yield i, block, inputs
         inputs = run_block(block, inputs)
+
+
+@torch.no_grad()
+def capture_calls(block: nn.Module, inputs: BlockInputs, names: list[str]) -> dict[str, list[tuple[tuple, dict]]]:
+    """Run the block on every sample and record, for each named submodule, the (args, kwargs) it was called
+    with. Once every named module has been reached, the rest of the block is skipped."""
+    calls: dict[str, list] = {n: [] for n in names}
+    seen: set[str] = set()
+    handles = []
+
+    def make_hook(name):
+        def hook(module, args, kwargs):
+            calls[name].append((args, dict(kwargs)))
+            seen.add(name)
+            if len(seen) == len(names):
+                raise _Stop
+        return hook
+
+    for n in names:
+        handles.append(block.get_submodule(n).register_forward_pre_hook(make_hook(n), with_kwargs=True))
+    try:
+        for h, kw in zip(inputs.hidden, inputs.kwargs):
+            seen.clear()
+            try:
+                block(h, **kw)
+            except _Stop:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def first_input(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The module's first forward argument, however it was passed (positionally or by name)."""
+    if args:
+        return args[0]
+    import inspect
+    first = next(iter(inspect.signature(module.forward).parameters))
+    return kwargs[first]
+
+
+def first_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out

@@ -1,0 +1,76 @@
+"""AWQ (Lin et al., MLSys 2024): protect the weights that meet large activations by scaling input channels
+before quantization, then clip each group's range.
+
+Scale search: for a group of Linears sharing an input X, s = mean|X|^α per input channel (normalised so that
+max(s)·min(s) = 1); the candidate weights are Q(W·diag(s))·diag(s)⁻¹, and α is chosen on a grid of `n_grid`
+points in [0, 1) to minimise the squared error of the output of a module that contains the group. The chosen
+1/s is then folded into whatever produced X, so the unquantized model computes the same function.
+
+Clip search: per output row and group, the largest |w| allowed is shrunk by factors 1 − i/n_grid
+(i < max_shrink·n_grid), keeping the factor that minimises the Linear's output error on sampled tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..formats import IntSpec
+from .rtn import fake_quantize
+
+
+def channel_scales(x_absmean: torch.Tensor, alpha: float) -> torch.Tensor:
+    s = x_absmean.float().pow(alpha).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+@torch.no_grad()
+def search_scale(x_absmean: torch.Tensor, weights: list[torch.Tensor], spec: IntSpec,
+                 output_error: Callable[[list[torch.Tensor]], float], n_grid: int = 20) -> tuple[float, torch.Tensor, list[float]]:
+    """Best α, its scales s ([K]) and the error of every α tried. `output_error` gets the candidate
+    (fake-quantized, unscaled) weights and returns the inspected module's output error."""
+    errors = []
+    best = (float("inf"), 0.0, torch.ones_like(x_absmean))
+    for i in range(n_grid):
+        alpha = i / n_grid
+        s = channel_scales(x_absmean, alpha)
+        candidates = [fake_quantize(w.float() * s, spec) / s for w in weights]
+        err = output_error(candidates)
+        errors.append(err)
+        if err < best[0]:
+            best = (err, alpha, s)
+    return best[1], best[2], errors
+
+
+@torch.no_grad()
+def search_clip(W: torch.Tensor, X: torch.Tensor, spec: IntSpec, n_grid: int = 20, max_shrink: float = 0.5,
+                n_tokens: int = 512, rows_per_batch: int = 256) -> torch.Tensor:
+    """Per (row, group) clipping bound, float32 [N, G], for W ([N, K]) given inputs X ([tokens, K])."""
+    N, K = W.shape
+    g = spec.group_size_for(K)
+    G = K // g
+    X = X.reshape(-1, K).float()
+    X = X[:: max(1, X.shape[0] // n_tokens)][:n_tokens].reshape(-1, G, g)  # [T, G, g]
+    bounds = []
+    for r0 in range(0, N, rows_per_batch):
+        w = W[r0: r0 + rows_per_batch].float().reshape(-1, G, g)          # [n, G, g]
+        ref = torch.einsum("tgk,ngk->ntg", X, w)
+        org_max = w.abs().amax(dim=-1)                                     # [n, G]
+        best_max, best_err = org_max.clone(), torch.full_like(org_max, float("inf"))
+        for i in range(int(max_shrink * n_grid)):
+            max_val = org_max * (1 - i / n_grid)
+            clipped = torch.maximum(torch.minimum(w, max_val.unsqueeze(-1)), -max_val.unsqueeze(-1))
+            q = fake_quantize(clipped.reshape(-1, K), spec).reshape(-1, G, g)
+            err = (torch.einsum("tgk,ngk->ntg", X, q) - ref).pow(2).mean(dim=1)  # [n, G]
+            better = err < best_err
+            best_err[better], best_max[better] = err[better], max_val[better]
+        bounds.append(best_max)
+    return torch.cat(bounds)
+
+
+def apply_clip(W: torch.Tensor, bounds: torch.Tensor, spec: IntSpec) -> torch.Tensor:
+    N, K = W.shape
+    g = spec.group_size_for(K)
+    b = bounds.repeat_interleave(g, dim=1).to(W.dtype)
+    return torch.maximum(torch.minimum(W, b), -b)

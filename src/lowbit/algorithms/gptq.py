@@ -1,0 +1,100 @@
+"""GPTQ (Frantar et al., 2022): quantize a Linear's columns one at a time, pushing each column's rounding error
+onto the columns not yet quantized, weighted by the inverse Hessian of the layer's squared output error.
+
+For a layer with calibration inputs X ([tokens, K]) the objective ‖WX − ŴX‖² has Hessian H = 2 XᵀX / n.
+Following the paper: dampen H's diagonal by `damp` times its mean, take the upper Cholesky factor of H⁻¹, and
+quantize in blocks of `block_size` columns, applying the block's accumulated error to the later columns lazily
+(once per block). Dead inputs (zero diagonal: a channel that is always 0) get H_ii = 1 and zero weights, as in
+the reference. With `act_order`, columns go in order of decreasing H_ii; groups are then "static" — each
+group's scale and zero point come from the original weights of its contiguous columns — so the stored layout
+is the same as without act-order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LowbitError
+from ..formats import IntSpec, QuantizedTensor, choose_qparams
+
+
+class Hessian:
+    """Running H = 2/n Σ xᵀx over the calibration inputs of one Linear."""
+
+    def __init__(self, in_features: int):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        if not torch.isfinite(x).all():
+            raise LowbitError("calibration activations contain NaN or Inf")
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.H += x.T @ x
+
+
+def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: IntSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.round(w / scale + zero).clamp(spec.qmin, spec.qmax)
+    return q, (q - zero) * scale
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, *, block_size: int = 128, damp: float = 0.01,
+                  act_order: bool = False) -> QuantizedTensor:
+    """Quantize W ([N, K]) given the Hessian H ([K, K]) of its inputs."""
+    N, K = W.shape
+    W = W.detach().to(torch.float64).clone()
+    H = H.to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    g = spec.group_size_for(K)
+    G = K // g
+    scales = torch.empty(N, G, dtype=torch.float16)
+    zeros = torch.empty(N, G, dtype=torch.int32)
+    if act_order:  # static groups: parameters from the original weights, group-contiguous
+        for j in range(G):
+            s, z = choose_qparams(W[:, j * g:(j + 1) * g], IntSpec(spec.bits, -1, spec.symmetric))
+            scales[:, j] = s[:, 0]
+            zeros[:, j] = spec.implicit_zero if z is None else z[:, 0].to(torch.int32)
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(K)
+    W, H = W[:, perm], H[perm][:, perm]
+    invperm = torch.argsort(perm)
+
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(K, dtype=H.dtype)
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise LowbitError(f"Hessian not positive definite even with damping {damp}; raise --damp") from None
+
+    Q = torch.zeros(N, K, dtype=torch.int32)
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = perm[i1 + i].item()  # column index in the original order
+            j = col // g
+            if not act_order and col % g == 0:  # a new group: parameters from the error-updated weights
+                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
+                s, z = choose_qparams(upcoming, IntSpec(spec.bits, -1, spec.symmetric))
+                scales[:, j] = s[:, 0]
+                zeros[:, j] = spec.implicit_zero if z is None else z[:, 0].to(torch.int32)
+            scale, zero = scales[:, j].to(torch.float64), zeros[:, j].to(torch.float64)
+            w = W1[:, i]
+            q, dq = _quantize_column(w, scale, zero, spec)
+            Q[:, i1 + i] = q.to(torch.int32)
+            err = (w - dq) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    codes = Q[:, invperm]
+    zero_t = None if spec.symmetric else zeros.to(spec.code_dtype)
+    return QuantizedTensor.from_codes(codes, scales, zero_t, spec)

@@ -1,0 +1,137 @@
+import copy
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import IntSpec, LowbitError
+from lowbit.algorithms import Hessian, gptq_quantize, quantize_rtn
+from lowbit.data import calibration_samples, load_text
+from lowbit.formats import choose_qparams
+from lowbit.models.calibration import capture_block_inputs, capture_calls, first_input
+
+
+def test_two_columns_match_the_closed_form_update():
+    """Zero damping, per-channel: column 0 is rounded; column 1 absorbs the error optimally,
+    w1' = w1 + e0 · H01 / H11, then is rounded."""
+    torch.manual_seed(0)
+    W = torch.randn(64, 2, dtype=torch.float64)
+    A = torch.randn(2, 2, dtype=torch.float64)
+    H = A @ A.T + 0.5 * torch.eye(2, dtype=torch.float64)
+    spec = IntSpec(4, -1, False)
+    qt = gptq_quantize(W, H, spec, damp=0.0)
+    s, z = choose_qparams(W, spec)
+    s, z = s[:, 0].double(), z[:, 0].double()
+    q0 = torch.round(W[:, 0] / s + z).clamp(0, 15)
+    e0 = W[:, 0] - (q0 - z) * s
+    w1 = W[:, 1] + e0 * H[0, 1] / H[1, 1]
+    q1 = torch.round(w1 / s + z).clamp(0, 15)
+    assert torch.equal(qt.codes(), torch.stack([q0, q1], 1).to(torch.int32))
+
+
+def test_gptq_minimises_the_layer_objective_on_synthetic_data():
+    torch.manual_seed(1)
+    X = torch.randn(2048, 128) @ torch.randn(128, 128) * 0.3  # correlated inputs
+    W = torch.randn(64, 128)
+    H = Hessian(128)
+    H.add(X)
+    for spec in (IntSpec(4, 32, True), IntSpec(3, -1, False), IntSpec(2, 64, False), IntSpec(8, -1, True)):
+        e_gptq = (X @ (gptq_quantize(W, H.H, spec).dequantize() - W).T).norm()
+        e_rtn = (X @ (quantize_rtn(W, spec).dequantize() - W).T).norm()
+        assert e_gptq < e_rtn, spec
+
+
+def test_dead_inputs_and_nan_activations():
+    H = Hessian(64)
+    X = torch.randn(256, 64)
+    X[:, 5] = 0
+    H.add(X)
+    W = torch.randn(16, 64)
+    qt = gptq_quantize(W, H.H, IntSpec(4, 32, False))
+    deq = qt.dequantize()
+    assert torch.isfinite(deq).all() and torch.all(deq[:, 5] == 0)
+    X[0, 0] = float("nan")
+    with pytest.raises(LowbitError, match="NaN"):
+        Hessian(64).add(X)
+
+
+def test_act_order_keeps_groups_contiguous_with_static_params():
+    torch.manual_seed(2)
+    X = torch.randn(1024, 128) * torch.linspace(0.1, 3, 128)
+    W = torch.randn(32, 128)
+    H = Hessian(128)
+    H.add(X)
+    spec = IntSpec(4, 32, False)
+    qt = gptq_quantize(W, H.H, spec, act_order=True)
+    s, z = choose_qparams(W, spec)  # static groups: the original weights' group parameters
+    assert torch.equal(qt.scales, s) and torch.equal(qt.zeros, z)
+    e_ao = (X @ (qt.dequantize() - W).T).norm()
+    e_rtn = (X @ (quantize_rtn(W, spec).dequantize() - W).T).norm()
+    assert e_ao < e_rtn
+
+
+@pytest.fixture(scope="module")
+def block_inputs(base, tokenizer):
+    samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=8, seqlen=128, seed=0)
+    first = capture_block_inputs(base, samples)
+    from lowbit.models.calibration import run_block
+    inputs = first
+    for block in base.model.layers[:-1]:
+        inputs = run_block(block, inputs)
+    return {0: first, 29: inputs}
+
+
+@pytest.mark.parametrize("index", [0, 29])
+def test_gptq_beats_rtn_on_every_linear_of_first_and_last_block(base, block_inputs, index):
+    block = base.model.layers[index]
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    calls = capture_calls(block, block_inputs[index], names)
+    spec = IntSpec(4, 64, False)
+    for n in names:
+        mod = block.get_submodule(n)
+        X = torch.cat([first_input(mod, a, kw).reshape(-1, mod.in_features) for a, kw in calls[n]]).double()
+        H = Hessian(mod.in_features)
+        H.add(X)
+        W = mod.weight.detach()
+        err = lambda qt: (X @ (qt.dequantize(torch.float64) - W.double()).T).norm().item()
+        assert err(gptq_quantize(W, H.H, spec)) < err(quantize_rtn(W, spec)), n
+
+
+def _two_block_copy(base):
+    m = copy.deepcopy(base)
+    m.model.layers = m.model.layers[:2]
+    m.config.num_hidden_layers = 2
+    return m
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_deterministic(base, tokenizer, method):
+    samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=4, seqlen=64, seed=3)
+    scheme = lowbit.Scheme(method, IntSpec(4, 64, False), options={"act_order": True} if method == "gptq" else {})
+    runs = []
+    for _ in range(2):
+        m = lowbit.quantize(_two_block_copy(base), lowbit.Recipe.default(scheme), calibration=samples, progress=False)
+        runs.append({n: b.clone() for n, b in m.named_buffers() if n.endswith(("wpack", "scales", "zeros"))})
+    assert runs[0].keys() == runs[1].keys() and len(runs[0]) > 0
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_act_order_checkpoint_round_trip(base, tokenizer, tmp_path):
+    samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=4, seqlen=64, seed=0)
+    scheme = lowbit.Scheme("gptq", IntSpec(4, 64, False), options={"act_order": True})
+    m = lowbit.quantize(_two_block_copy(base), lowbit.Recipe.default(scheme), calibration=samples, progress=False)
+    ids = torch.randint(0, 49152, (1, 24))
+    with torch.no_grad():
+        before = m(ids).logits
+    lowbit.save_checkpoint(m, tokenizer, tmp_path / "ao")
+    loaded = lowbit.load_checkpoint(tmp_path / "ao").model
+    with torch.no_grad():
+        assert torch.equal(before, loaded(ids).logits)
+    q = loaded.model.layers[1].mlp.down_proj.quantized_tensor()
+    assert q.scales.shape == (576, 1536 // 64)  # one scale per contiguous group of 64 columns
+
+
+def test_calibrating_method_needs_samples(fresh):
+    with pytest.raises(LowbitError, match="calibration"):
+        lowbit.quantize(fresh, lowbit.Recipe.default(lowbit.Scheme("gptq", IntSpec(4, 64, True))), progress=False)
