@@ -1,9 +1,10 @@
 """Each quantization method run over one decoder block, driven by the architecture table.
 
 A driver receives the block, the block's calibration inputs and its plan (Linear name inside the block ->
-scheme); it returns the QuantizedTensor of each planned Linear and leaves that Linear's weight set to the
-dequantized values, so that what runs next (other groups of this block, the next block) sees the quantized
-function. Methods that calibrate capture the inputs of each group of Linears through the group's `inspect`
+scheme); it returns a `Quantized` (weight, and for W8A8 schemes how activations are quantized) for each planned
+Linear and leaves that Linear's weight set to the dequantized values, so that what runs next (other groups of
+this block) sees the quantized weights; the block is swapped to QuantLinear modules before it produces the
+next block's inputs. Methods that calibrate capture the inputs of each group of Linears through the group's `inspect`
 module (see models.arch).
 """
 
@@ -12,12 +13,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .algorithms import Hessian, apply_clip, gptq_quantize, quantize_rtn, search_clip, search_scale
-from .formats import QuantizedTensor
+from dataclasses import dataclass, field
+
+from .algorithms import (Hessian, apply_clip, fake_quantize, gptq_quantize, quantize_rtn, search_alpha, search_clip,
+                         search_scale, smoothing_factors, top_fraction_dims)
+from .formats import IntSpec, QuantizedTensor, quantize_fp8
+from .formats.act import ActSpec, fake_quantize_act
 from .models.arch import Arch
 from .models.calibration import BlockInputs, capture_calls, first_input, first_output
 
 Plan = dict  # name inside the block -> Scheme
+
+
+@dataclass
+class Quantized:
+    qt: QuantizedTensor
+    act: ActSpec | None = None
+    act_state: dict = field(default_factory=dict)
 
 
 def _groups(arch: Arch, plan: Plan):
@@ -34,10 +46,11 @@ def _groups(arch: Arch, plan: Plan):
             yield None, (n,), [n], n
 
 
-def _set(block: nn.Module, name: str, qt: QuantizedTensor) -> QuantizedTensor:
+def _set(block: nn.Module, name: str, qt: QuantizedTensor, act: ActSpec | None = None,
+         act_state: dict | None = None) -> Quantized:
     lin = block.get_submodule(name)
     lin.weight.data = qt.dequantize(lin.weight.dtype)
-    return qt
+    return Quantized(qt, act, act_state or {})
 
 
 def _inputs(block: nn.Module, inspect: str, calls) -> list[torch.Tensor]:
@@ -45,11 +58,11 @@ def _inputs(block: nn.Module, inspect: str, calls) -> list[torch.Tensor]:
     return [first_input(mod, args, kw) for args, kw in calls]
 
 
-def rtn_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, QuantizedTensor]:
+def rtn_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
     return {n: _set(block, n, quantize_rtn(block.get_submodule(n).weight.detach(), s.spec)) for n, s in plan.items()}
 
 
-def gptq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, QuantizedTensor]:
+def gptq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
     """True-sequential by default: each group's Hessian comes from inputs produced by the groups of this
     block already quantized (attention projections before the MLP)."""
     groups = list(_groups(arch, plan))
@@ -125,7 +138,7 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
     return group_inputs
 
 
-def awq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, QuantizedTensor]:
+def awq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
     """Scales for every group first (while every weight is still float), then clip search and
     round-to-nearest Linear by Linear, as the reference does. Inputs are captured once, before any change."""
     group_inputs = awq_scale_block(block, inputs, plan, arch)
@@ -140,11 +153,124 @@ def awq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> 
     return out
 
 
-DRIVERS = {"awq": awq_block, "gptq": gptq_block, "rtn": rtn_block}
+def _group_inputs(block, calls, inspect, K) -> torch.Tensor:
+    return torch.cat([x.reshape(-1, K) for x in _inputs(block, inspect, calls[inspect])]).float()
 
 
-def quantize_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, QuantizedTensor]:
-    """All planned Linears of one block; AWQ first (it rescales weights before anything is quantized)."""
+W8 = IntSpec(8, -1, True)
+
+
+def smooth_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> list[tuple[list, torch.Tensor, ActSpec]]:
+    """SmoothQuant's first phase for "w8a8-smooth" groups: factors per group (α searched on the group's output
+    error under W8A8 rounding unless given), folded into the producer and the weights — the block's function
+    is unchanged. Returns, per group, its planned names, its inputs ([tokens, K], divided by the factors
+    where smoothed) and its activation spec."""
+    groups = list(_groups(arch, plan))
+    calls = capture_calls(block, inputs, [g[3] for g in groups])
+    result = []
+    for producer, linears, names, inspect in groups:
+        sch = plan[names[0]]
+        lins = [block.get_submodule(n) for n in names]
+        K = lins[0].in_features
+        X = _group_inputs(block, calls, inspect, K)
+        act = ActSpec("int8", "tensor" if sch.method == "w8a8-naive" else sch.options.get("act_granularity", "token"))
+        smooth = all(plan[n].method == "w8a8-smooth" for n in names)
+        if smooth and list(names) == list(linears) and _producer_width(block, producer) == K:
+            x_absmax = X.abs().amax(dim=0)
+            w_absmax = torch.stack([lin.weight.detach().float().abs().amax(dim=0) for lin in lins]).amax(dim=0)
+            alpha = sch.options.get("alpha")
+            if alpha is None:
+                s = _search_smoothing(block, lins, calls[inspect], inspect, X, x_absmax, w_absmax, act,
+                                      int(sch.options.get("search_samples", 4)))
+            else:
+                s = smoothing_factors(x_absmax, w_absmax, float(alpha))
+            for lin in lins:
+                lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
+            _fold_into_producer(block, producer, s)
+            X = X / s
+        result.append((names, X, act))
+    return result
+
+
+def w8a8_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
+    """W8A8 with int8 activations. "w8a8-naive": a static per-tensor activation scale from calibration, no
+    smoothing. "w8a8-smooth": SmoothQuant (see smooth_block), then per-token dynamic (default) or per-tensor
+    static activation scales, the static scale from the smoothed calibration inputs."""
+    out = {}
+    for names, X, act in smooth_block(block, inputs, plan, arch):
+        state = {"act_scale": (X.abs().max() / 127.0).reshape(1).float()} if act.static else {}
+        for n in names:
+            out[n] = _set(block, n, quantize_rtn(block.get_submodule(n).weight.detach(), W8), act,
+                          {k: v.clone() for k, v in state.items()})
+    return out
+
+
+def _search_smoothing(block, lins, calls, inspect, X, x_absmax, w_absmax, act, n_samples) -> torch.Tensor:
+    """SmoothQuant's α on the grid, by the inspected module's output error with W8A8 rounding emulated."""
+    mod = block.get_submodule(inspect)
+    sample = calls[:n_samples]
+    with torch.no_grad():
+        ref = [first_output(mod(*a, **kw)).float() for a, kw in sample]
+    originals = [lin.weight.data.clone() for lin in lins]
+
+    def output_error(s: torch.Tensor) -> float:
+        static = (X / s).abs().max().reshape(1) / 127.0 if act.static else None
+        hook = lambda m, args: (fake_quantize_act(args[0] / s, act, static).to(args[0].dtype),) + tuple(args[1:])
+        handles = [lin.register_forward_pre_hook(hook) for lin in lins]
+        for lin, w in zip(lins, originals):
+            lin.weight.data = fake_quantize(w.float() * s, W8).to(w.dtype)
+        try:
+            with torch.no_grad():
+                err = sum((first_output(mod(*a, **kw)).float() - r).pow(2).sum().item()
+                          for (a, kw), r in zip(sample, ref))
+        finally:
+            for h in handles:
+                h.remove()
+            for lin, w in zip(lins, originals):
+                lin.weight.data = w
+        return err / sum(r.numel() for r in ref)
+
+    _alpha, s, _errors = search_alpha(x_absmax, w_absmax, output_error)
+    return s
+
+
+def llm_int8_block(block: nn.Module, inputs: BlockInputs | None, plan: Plan, arch: Arch) -> dict[str, Quantized]:
+    """int8 weights per channel; outlier dimensions decided at run time by the threshold, or fixed from
+    calibration as the top `outlier_fraction` of input dimensions by max |x|."""
+    out = {}
+    fractions = {n: s.options.get("outlier_fraction") for n, s in plan.items()}
+    calls = None
+    if any(f is not None for f in fractions.values()):
+        calls = capture_calls(block, inputs, [g[3] for g in _groups(arch, plan)])
+    for _producer, _linears, names, inspect in _groups(arch, plan):
+        K = block.get_submodule(names[0]).in_features
+        x_absmax = _group_inputs(block, calls, inspect, K).abs().amax(dim=0) if calls is not None else None
+        for n in names:
+            opts = plan[n].options
+            act = ActSpec("int8-mixed", "token", float(opts.get("threshold", 6.0)))
+            state = {}
+            if fractions[n] is not None:
+                state["outlier_idx"] = top_fraction_dims(x_absmax, float(fractions[n]))
+            out[n] = _set(block, n, quantize_rtn(block.get_submodule(n).weight.detach(), W8), act, state)
+    return out
+
+
+def fp8_block(block: nn.Module, inputs: BlockInputs | None, plan: Plan, arch: Arch) -> dict[str, Quantized]:
+    """FP8 weights per channel; with option act = "fp8", FP8 activations with per-token dynamic scales."""
+    out = {}
+    for n, s in plan.items():
+        act = ActSpec(f"fp8-{s.spec.fmt}", "token") if s.options.get("act") == "fp8" else None
+        out[n] = _set(block, n, quantize_fp8(block.get_submodule(n).weight.detach(), s.spec), act)
+    return out
+
+
+# run in this order inside a block: methods that fold scales into producers come first
+DRIVERS = {"awq": awq_block, "w8a8-smooth": w8a8_block, "w8a8-naive": w8a8_block, "gptq": gptq_block,
+           "llm-int8": llm_int8_block, "fp8": fp8_block, "fp8-e5m2": fp8_block, "rtn": rtn_block}
+
+
+def quantize_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
+    """All planned Linears of one block, method by method in DRIVERS order."""
     out = {}
     for method, driver in DRIVERS.items():
         sub = {n: s for n, s in plan.items() if s.method == method}

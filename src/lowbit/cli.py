@@ -35,8 +35,8 @@ def cmd_quantize(args) -> int:
     recipe = Recipe.from_file(args.recipe, scheme, blocks) if args.recipe else Recipe.default(scheme, blocks)
     plan = recipe.plan(loaded.model)  # fail on shapes before any work
     calib = None
-    from .algorithms import METHODS
-    if any(METHODS[s.method] for s in plan.values()):
+    from .algorithms import needs_calibration
+    if any(needs_calibration(s) for s in plan.values()):
         calib = calibration_samples(loaded.tokenizer, load_text(args.calib_text, "calibration"),
                                     args.calib_samples, args.calib_seqlen, args.seed)
     model = quantize(loaded.model, recipe, calibration=calib, dtype=_DTYPES[args.dtype], progress=not args.quiet)
@@ -65,6 +65,12 @@ def _method_options(args, method: str) -> dict:
                 "true_sequential": not args.no_true_sequential}
     if method == "awq":
         return {"n_grid": args.awq_grid, "search_samples": args.awq_search_samples, "clip": not args.no_clip}
+    if method == "w8a8-smooth":
+        return {"alpha": args.alpha, "act_granularity": args.act_granularity}
+    if method == "llm-int8":
+        return {"threshold": args.threshold, "outlier_fraction": args.outlier_fraction}
+    if method in ("fp8", "fp8-e5m2"):
+        return {"act": "fp8"} if args.fp8_act else {}
     return {}
 
 
@@ -118,11 +124,12 @@ def cmd_compare(args) -> int:
     from .compare import compare, scheme_grid
     from .eval.report import markdown_table
 
+    from .compare import parse_method
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if parse_method(m)[0] not in METHODS]
     if unknown or not methods:
         raise LowbitError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; available: {', '.join(METHODS)}")
-    options = {m: _method_options(args, m) for m in methods}
+    options = {parse_method(m)[0]: _method_options(args, parse_method(m)[0]) for m in methods}
     schemes = scheme_grid(methods, _int_list(args.bits, "--bits"), _int_list(args.group_size, "--group-size"),
                           not args.asym, options, args.kernel)
     result = compare(args.model, schemes, args.out, calib_text=args.calib_text, calib_samples=args.calib_samples,
@@ -131,6 +138,34 @@ def cmd_compare(args) -> int:
                      overwrite=args.overwrite)
     print(markdown_table(result["rows"]))
     print(f"wrote {args.out}/report.md, report.json, tradeoff.png and one checkpoint per method")
+    return 0
+
+
+def cmd_outliers(args) -> int:
+    from pathlib import Path
+
+    from . import load_model
+    from .data import calibration_samples, load_text
+    from .eval.outliers import analyze_outliers, write_outliers
+
+    if not args.threshold > 0:
+        raise LowbitError(f"threshold must be positive, got {args.threshold}")
+    loaded = load_model(args.model)
+    samples = calibration_samples(loaded.tokenizer, load_text(args.text, "calibration"), args.samples, args.seqlen, 0)
+    r = analyze_outliers(loaded.model, samples, args.threshold)
+    write_outliers(r, Path(args.out))
+    print(f"largest |x| {r['max_abs']:.2f}; {r['groups_with_outliers']} of {r['groups']} Linear inputs have values "
+          f"above {args.threshold} ({r['tokens']} tokens)")
+    print("| input (block.group) | max abs | dims > thr | tokens with one | int8 error of normal values: with outliers / without |")
+    print("|---|---|---|---|---|")
+    worst = sorted(r["layers"].items(), key=lambda kv: -kv[1]["max_abs"])[: args.show]
+    for key, v in worst:
+        print(f"| {key} | {v['max_abs']:.2f} | {v['dims_over_threshold']}/{v['dims_total']} | "
+              f"{100 * v['tokens_with_outlier']:.2f}% | {v['int8_rel_error_normal_values']:.4f} / "
+              f"{v['int8_rel_error_normal_values_without_outliers']:.4f} |")
+    for kind, dims in r["recurring_top_dims"].items():
+        print(f"recurring top dims in {kind}: " + ", ".join(f"{d['dim']} ({d['layers']}/{d['of']})" for d in dims[:6]))
+    print(f"wrote {args.out}/outliers.json and outliers.png")
     return 0
 
 
@@ -174,6 +209,14 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--awq-grid", type=_positive, default=20, help="grid points for the scale and clip searches (20)")
     a.add_argument("--awq-search-samples", type=_positive, default=4, help="calibration windows used in the scale search (4)")
     a.add_argument("--no-clip", action="store_true", help="skip the clipping search")
+    e = p.add_argument_group("8-bit family (w8a8-naive, w8a8-smooth, llm-int8, fp8, fp8-e5m2)")
+    e.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength (default: searched)")
+    e.add_argument("--act-granularity", default="token", choices=["token", "tensor"],
+                   help="w8a8-smooth activation scales: per-token dynamic or per-tensor static (default token)")
+    e.add_argument("--threshold", type=float, default=6.0, help="llm-int8 outlier threshold (6.0)")
+    e.add_argument("--outlier-fraction", type=float, default=None,
+                   help="llm-int8: fix the outlier set from calibration as this top fraction of dimensions")
+    e.add_argument("--fp8-act", action="store_true", help="fp8: also FP8 activations (per-token dynamic)")
 
 
 def _fraction(x: str) -> float:
@@ -213,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="several methods on the same data: report.md, report.json, tradeoff.png")
     c.add_argument("model")
-    c.add_argument("--methods", default="rtn,gptq,awq", help="comma-separated methods (default rtn,gptq,awq)")
+    c.add_argument("--methods", default="rtn,gptq,awq",
+                   help="comma-separated methods, each optionally NAME:key=value+key=value "
+                        "(e.g. fp8:act=fp8, llm-int8:outlier_fraction=0.01); default rtn,gptq,awq")
     c.add_argument("--bits", default="4", help="comma-separated bit widths, each run with every method (default 4)")
     c.add_argument("--group-size", default="64", help="comma-separated group sizes, -1 = per channel (default 64)")
     c.add_argument("--asym", action="store_true", help="asymmetric (with zero points)")
@@ -226,6 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="directory for the report and one checkpoint per method")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=cmd_compare)
+
+    o = sub.add_parser("outliers", help="activation outliers per Linear input: JSON and heatmap")
+    o.add_argument("model")
+    o.add_argument("--text", default=None, help="text (default: pydoc calibration half)")
+    o.add_argument("--samples", type=_positive, default=16)
+    o.add_argument("--seqlen", type=_positive, default=512)
+    o.add_argument("--threshold", type=float, default=6.0)
+    o.add_argument("--show", type=_positive, default=12, help="rows printed (largest max |x| first)")
+    o.add_argument("--out", required=True)
+    o.set_defaults(func=cmd_outliers)
 
     g = sub.add_parser("generate", help="greedy generation with tokens/second")
     g.add_argument("model")

@@ -15,22 +15,29 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .algorithms import METHODS
+from .algorithms import FIXED_SPECS, needs_calibration
 from .data import calibration_samples, load_text, token_windows
 from .errors import LowbitError
-from .eval import decode_speed, environment, evaluate_quality, weight_stats
+from .eval import decode_speed, environment, evaluate_quality, prefill_speed, weight_stats
 from .eval.memory import PeakRSS
 from .eval.report import write_report
 from .export.checkpoint import save_checkpoint
 from .models import arch_for, load_model
 from .models.sources import DEFAULT_MODEL
+from .nn import QuantLinear
 from .quantize import quantize
 from .recipes import Recipe, Scheme
 
 
-def label_of(scheme: Scheme) -> str:
-    g = "pc" if scheme.spec.group_size == -1 else f"g{scheme.spec.group_size}"
-    return f"{scheme.method}-w{scheme.spec.bits}{g}{'' if scheme.spec.symmetric else '-asym'}"
+def label_of(scheme: Scheme, extra: dict | None = None) -> str:
+    """rtn-w4g64-asym, gptq-w3pc, llm-int8, fp8-act=fp8, ...: the method, its format unless the method fixes
+    it, and any options given explicitly in the method list."""
+    if scheme.method in FIXED_SPECS:
+        label = scheme.method
+    else:
+        g = "pc" if scheme.spec.group_size == -1 else f"g{scheme.spec.group_size}"
+        label = f"{scheme.method}-w{scheme.spec.bits}{g}{'' if scheme.spec.symmetric else '-asym'}"
+    return label + "".join(f"-{k}={v}" for k, v in (extra or {}).items())
 
 
 def compare(source: str, schemes: list[Scheme], out: str | Path, *, calib_text: str | None = None,
@@ -40,7 +47,7 @@ def compare(source: str, schemes: list[Scheme], out: str | Path, *, calib_text: 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LowbitError(f"output {out} already exists (pass --overwrite to replace it)")
-    labels = [label_of(s) for s in schemes]
+    labels = [getattr(s, "label", None) or label_of(s) for s in schemes]
     if len(set(labels)) != len(labels):
         raise LowbitError("the same method and format are listed twice")
     t_start = time.perf_counter()
@@ -52,7 +59,7 @@ def compare(source: str, schemes: list[Scheme], out: str | Path, *, calib_text: 
         r.plan(base)  # shapes checked before any work
     windows = token_windows(tok, load_text(text, "evaluation"), ctx, max_windows)
     calib = None
-    if any(METHODS[s.method] for s in schemes):
+    if any(needs_calibration(s) for s in schemes):
         calib = calibration_samples(tok, load_text(calib_text, "calibration"), calib_samples, calib_seqlen, seed)
 
     models, rows = {}, {}
@@ -61,7 +68,7 @@ def compare(source: str, schemes: list[Scheme], out: str | Path, *, calib_text: 
         model = copy.deepcopy(base)
         with PeakRSS() as mem:
             t0 = time.perf_counter()
-            quantize(model, recipes[lab], calibration=calib if METHODS[scheme.method] else None, progress=progress)
+            quantize(model, recipes[lab], calibration=calib if needs_calibration(scheme) else None, progress=progress)
             seconds = time.perf_counter() - t0
         save_checkpoint(model, tok, out / lab, base=base_name, overwrite=True,
                         extra={"settings": {"compare": True, "calib_samples": calib_samples,
@@ -78,6 +85,12 @@ def compare(source: str, schemes: list[Scheme], out: str | Path, *, calib_text: 
         row.update({k: size[k] for k in ("bytes", "bits_per_weight", "quantized_bits_per_weight")})
         row["checkpoint"] = None if lab == "base" else str(out / lab)
         row["decode_tokens_per_s"] = decode_speed(model, tok) if speed else None
+        row["prefill_tokens_per_s"] = prefill_speed(model, windows[0]) if speed else None
+        hp = [m.high_precision_fraction() for m in model.modules() if isinstance(m, QuantLinear)]
+        hp = [h for h in hp if h is not None]
+        if hp:  # LLM.int8(): share of input dimensions, and of multiply-adds, that ran in high precision
+            row["high_precision_fraction"] = sum(h["dims_high"] for h in hp) / sum(h["dims"] for h in hp)
+            row["high_precision_mac_fraction"] = sum(h["macs_high"] for h in hp) / sum(h["macs"] for h in hp)
         table.append(row)
     meta = {
         "model": str(source), "text": text or "pydoc (held-out half)", "ctx": ctx, "windows": int(windows.shape[0]),
@@ -94,8 +107,40 @@ def _base_label(source: str) -> str:
     return DEFAULT_MODEL if str(source) == DEFAULT_MODEL else str(Path(source).resolve())
 
 
+def parse_method(entry: str) -> tuple[str, dict]:
+    """"NAME" or "NAME:key=value,key=value" (values parsed as numbers or booleans where they are)."""
+    name, _, rest = entry.partition(":")
+    options = {}
+    for item in filter(None, rest.split(";") if ";" in rest else rest.split("+")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise LowbitError(f"method option '{item}' in '{entry}' needs key=value")
+        options[key.strip()] = _parse_value(value.strip())
+    return name.strip(), options
+
+
+def _parse_value(v: str):
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
 def scheme_grid(methods: list[str], bits: list[int], group_sizes: list[int], symmetric: bool,
                 options: dict[str, dict], kernel: str = "auto") -> list[Scheme]:
+    """One scheme per method entry and format; methods that fix their format appear once."""
     from .formats import IntSpec
-    return [Scheme(m, IntSpec(b, g, symmetric), kernel, options.get(m, {}))
-            for b, g, m in itertools.product(bits, group_sizes, methods)]
+    out, seen = [], set()
+    for b, g, entry in itertools.product(bits, group_sizes, methods):
+        name, extra = parse_method(entry)
+        scheme = Scheme(name, IntSpec(b, g, symmetric), kernel, {**options.get(name, {}), **extra})
+        label = label_of(scheme, extra)
+        if label not in seen:
+            seen.add(label)
+            object.__setattr__(scheme, "label", label)
+            out.append(scheme)
+    return out

@@ -13,8 +13,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .algorithms import METHODS, quantize_rtn
-from .blockwise import quantize_block
+from .algorithms import needs_calibration, quantize_rtn
+from .blockwise import Quantized, quantize_block
+from .formats import quantize_fp8
 from .errors import LowbitError
 from .models.arch import arch_for
 from .models.calibration import iterate_blocks
@@ -37,7 +38,7 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calibration: tor
         w = model.get_submodule(name).weight
         if not torch.isfinite(w).all():
             raise LowbitError(f"weight {name}.weight contains NaN or Inf")
-    needs_data = any(METHODS[s.method] for s in plan.values())
+    needs_data = any(needs_calibration(s) for s in plan.values())
     if needs_data and calibration is None:
         raise LowbitError("this recipe uses a calibrating method but no calibration samples were given")
     if calibration is not None and not needs_data:
@@ -57,13 +58,15 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calibration: tor
     for i, block, inputs in steps:  # the next block's inputs are computed after this block is swapped
         prefix = f"{arch.blocks}.{i}."
         block_plan = {n[len(prefix):]: s for n, s in plan.items() if n.startswith(prefix)}
-        for rel, qt in quantize_block(block, inputs, block_plan, arch).items():
-            _swap(model, prefix + rel, qt, block_plan[rel].kernel)
+        for rel, q in quantize_block(block, inputs, block_plan, arch).items():
+            _swap(model, prefix + rel, q, block_plan[rel].kernel)
         bar.update()
     bar.close()
     outside = {n: s for n, s in plan.items() if not n.startswith(arch.blocks + ".")}
-    for name, scheme in outside.items():  # e.g. the lm_head: no calibrating driver reaches it
-        _swap(model, name, quantize_rtn(model.get_submodule(name).weight.detach(), scheme.spec), scheme.kernel)
+    for name, scheme in outside.items():  # e.g. the lm_head: round-to-nearest, no calibrating driver reaches it
+        weight = model.get_submodule(name).weight.detach()
+        qt = quantize_fp8(weight, scheme.spec) if scheme.spec.kind == "float" else quantize_rtn(weight, scheme.spec)
+        _swap(model, name, Quantized(qt), scheme.kernel)
 
     for mod in model.modules():  # parameters only: float buffers such as rotary frequencies stay float32
         if not isinstance(mod, QuantLinear):
@@ -81,9 +84,9 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calibration: tor
     return model
 
 
-def _swap(model: nn.Module, name: str, qt, kernel: str) -> None:
+def _swap(model: nn.Module, name: str, q: Quantized, kernel: str) -> None:
     linear = model.get_submodule(name)
-    set_submodule(model, name, QuantLinear(qt, linear.bias, kernel=kernel))
+    set_submodule(model, name, QuantLinear(q.qt, linear.bias, kernel=kernel, act=q.act, act_state=q.act_state))
 
 
 def _untie_if_split(model: nn.Module, arch, plan: dict) -> None:

@@ -32,9 +32,9 @@ from pathlib import Path
 
 from torch import nn
 
-from .algorithms import METHODS
+from .algorithms import FIXED_SPECS, METHODS, check_options
 from .errors import LowbitError
-from .formats import IntSpec
+from .formats import IntSpec, spec_from_dict
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,16 @@ class Scheme:
     def __post_init__(self):
         if self.method not in METHODS:
             raise LowbitError(f"unknown method '{self.method}'; available: {', '.join(METHODS)}")
+        if self.method in FIXED_SPECS:  # these methods define their own weight format
+            object.__setattr__(self, "spec", FIXED_SPECS[self.method])
+        check_options(self.method, self.options)
 
     def to_dict(self) -> dict:
         return {"method": self.method, **self.spec.to_dict(), "kernel": self.kernel, "options": dict(self.options)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Scheme":
-        return cls(method=d.get("method", "rtn"), spec=IntSpec.from_dict(d), kernel=d.get("kernel", "auto"),
+        return cls(method=d.get("method", "rtn"), spec=spec_from_dict(d), kernel=d.get("kernel", "auto"),
                    options=dict(d.get("options", {})))
 
     @property

@@ -17,7 +17,10 @@ COLUMNS = [  # (header, key, format)
     ("top-1 agree", "top1", "{:.2%}"),
     ("calibration s", "calibration_seconds", "{:.1f}"),
     ("peak calib. MiB", "calibration_peak_mib", "{:.0f}"),
+    ("prefill tok/s", "prefill_tokens_per_s", "{:.0f}"),
     ("decode tok/s", "decode_tokens_per_s", "{:.1f}"),
+    ("high-precision dims", "high_precision_fraction", "{:.2%}"),
+    ("high-precision MACs", "high_precision_mac_fraction", "{:.2%}"),
 ]
 
 

@@ -19,10 +19,12 @@ import torch
 
 from .. import __version__
 from ..errors import LowbitError
-from ..formats import IntSpec, QuantizedTensor
+from ..formats import QuantizedTensor, spec_from_dict
 from ..models.arch import arch_for
 from ..models.sources import Loaded, _no_init, check_safetensors, hf_config_dict, read_config, unique_state_dict
+from ..formats.act import ActSpec
 from ..nn import QuantLinear, set_submodule
+from ..nn.qlinear import ACT_STATE_KEYS
 from .atomic import atomic_dir
 
 FORMAT = "lowbit"
@@ -38,7 +40,7 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, out: str | Path, *, base:
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     tensors, tied = unique_state_dict(model)
     for name, mod in quantized.items():
-        for key, t in mod.quantized_tensor().tensors().items():
+        for key, t in {**mod.quantized_tensor().tensors(), **mod.act_state()}.items():
             tensors[f"{name}.{key}"] = t.contiguous()
     record = dict(getattr(model, "lowbit", {}))
     record.update({
@@ -50,7 +52,8 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, out: str | Path, *, base:
         "machine": platform.machine(),
         "base": base or record.get("base"),
         "tied": tied,
-        "modules": {n: {**record.get("modules", {}).get(n, {}), **m.spec.to_dict()} for n, m in quantized.items()},
+        "modules": {n: {**record.get("modules", {}).get(n, {}), **m.spec.to_dict(),
+                        "act": None if m.act is None else m.act.to_dict()} for n, m in quantized.items()},
         **(extra or {}),
     })
     with atomic_dir(out, overwrite) as tmp:
@@ -93,7 +96,7 @@ def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
     with safe_open(str(weights), framework="pt") as f:
         names = set(f.keys())
         for name, info in record.get("modules", {}).items():
-            spec = IntSpec.from_dict(info)
+            spec = spec_from_dict(info)
             linear = model.get_submodule(name)
             stored = {k: f.get_tensor(f"{name}.{k}") for k in ("qweight", "scales", "zeros") if f"{name}.{k}" in names}
             if "qweight" not in stored:
@@ -101,8 +104,13 @@ def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
             qt = QuantizedTensor(spec, (linear.out_features, linear.in_features), stored["qweight"],
                                  stored.get("scales"), stored.get("zeros")).validate(name)
             bias = f.get_tensor(f"{name}.bias") if f"{name}.bias" in names else None
-            names -= {f"{name}.{k}" for k in (*stored, "bias")}
-            set_submodule(model, name, QuantLinear(qt, bias, kernel=info.get("kernel", "auto") if kernel == "auto" else kernel))
+            act_state = {k: f.get_tensor(f"{name}.{k}") for k in ACT_STATE_KEYS if f"{name}.{k}" in names}
+            names -= {f"{name}.{k}" for k in (*stored, *act_state, "bias")}
+            act = ActSpec.from_dict(info.get("act"))
+            if act is not None and act.static and "act_scale" not in act_state:
+                raise LowbitError(f"{weights} lacks the static activation scale of {name}")
+            set_submodule(model, name, QuantLinear(qt, bias, kernel=info.get("kernel", "auto") if kernel == "auto"
+                                                   else kernel, act=act, act_state=act_state))
         rest = {k: f.get_tensor(k) for k in names}
     tied = record.get("tied", {})
     missing, unexpected = model.load_state_dict(rest, strict=False)

@@ -42,6 +42,8 @@ class IntSpec:
     group_size: int = 64
     symmetric: bool = True
 
+    kind = "int"
+
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
             raise LowbitError(f"unsupported bit width {self.bits}; supported: {', '.join(map(str, SUPPORTED_BITS))}")
@@ -90,15 +92,28 @@ class IntSpec:
         return f"int{self.bits}_{g}_{'sym' if self.symmetric else 'asym'}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"kind": "int", **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "IntSpec":
         return cls(bits=int(d["bits"]), group_size=int(d["group_size"]), symmetric=bool(d["symmetric"]))
 
+    def layout(self, shape: tuple[int, int]) -> dict:
+        return storage_layout(self, shape)
 
-def storage_layout(spec: IntSpec, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+
+def spec_from_dict(d: dict):
+    """IntSpec or FloatSpec from its to_dict() form (records without "kind" are integer formats)."""
+    if d.get("kind", "int") == "float":
+        from .fp8 import FloatSpec
+        return FloatSpec(d["fmt"])
+    return IntSpec.from_dict(d)
+
+
+def storage_layout(spec, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of each stored tensor of an [N, K] weight in this format."""
+    if spec.kind != "int":
+        return spec.layout(shape)
     n, k = shape
     g = spec.num_groups(k)
     out = {
@@ -188,6 +203,8 @@ class QuantizedTensor:
         return q.to(torch.int32)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.spec.kind == "float":
+            return (self.qweight.float() * self.scales).to(dtype)
         return dequantize_codes(self.codes(), self.scales, self.zeros, self.spec, dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -216,6 +233,6 @@ class QuantizedTensor:
         extra = set(have) - set(self.expected_layout())
         if extra:
             raise LowbitError(f"{name}: unexpected tensors {sorted(extra)} for {self.spec.name}")
-        if not torch.isfinite(self.scales).all():
+        if not torch.isfinite(self.scales.float()).all():
             raise LowbitError(f"{name}.scales contains NaN or Inf")
         return self

@@ -10,23 +10,25 @@ from ..formats import IntSpec
 from .base import Kernel
 from .cpu import CpuInt4Kernel, CpuInt8Kernel
 from .reference import ReferenceKernel
+from .w8a8 import Fp8Kernel, Int8ActKernel, LlmInt8Kernel
 
-KERNELS: dict[str, Kernel] = {k.name: k for k in (ReferenceKernel(), CpuInt8Kernel(), CpuInt4Kernel())}
-# tried in this order by "auto"
-_AUTO_ORDER = ("cpu-int8", "cpu-int4")
+KERNELS: dict[str, Kernel] = {k.name: k for k in (ReferenceKernel(), CpuInt8Kernel(), CpuInt4Kernel(),
+                                                  Int8ActKernel(), LlmInt8Kernel(), Fp8Kernel())}
+# tried in this order by "auto"; the reference kernel is the last resort
+_AUTO_ORDER = ("cpu-int8", "cpu-int4", "w8a8-int8", "llm-int8", "fp8", "reference")
 
 
 def select_kernel(spec: IntSpec, shape: tuple[int, int], device: torch.device | str = "cpu",
-                  prefer: str = "auto") -> Kernel:
+                  prefer: str = "auto", act=None) -> Kernel:
     device = torch.device(device)
     if prefer == "auto":
         for name in _AUTO_ORDER:
-            if KERNELS[name].unsupported(spec, shape, device) is None:
+            if KERNELS[name].unsupported(spec, shape, device, act) is None:
                 return KERNELS[name]
-        return KERNELS["reference"]
+        raise LowbitError(f"no kernel runs {spec.name} with activations {act}")
     if prefer not in KERNELS:
         raise LowbitError(f"unknown kernel '{prefer}'; choose from auto, {', '.join(KERNELS)}")
-    reason = KERNELS[prefer].unsupported(spec, shape, device)
+    reason = KERNELS[prefer].unsupported(spec, shape, device, act)
     if reason:
         raise LowbitError(f"kernel '{prefer}' cannot run {spec.name} {shape[0]}x{shape[1]}: {reason}")
     return KERNELS[prefer]

@@ -15,8 +15,9 @@ from ..formats import IntSpec, QuantizedTensor
 class Kernel:
     name = "base"
 
-    def unsupported(self, spec: IntSpec, shape: tuple[int, int], device: torch.device) -> str | None:
-        """None if this kernel can run the format on the device, else the reason it cannot."""
+    def unsupported(self, spec: IntSpec, shape: tuple[int, int], device: torch.device, act=None) -> str | None:
+        """None if this kernel can run the format (with activations quantized as `act`, an ActSpec or None)
+        on the device, else the reason it cannot."""
         raise NotImplementedError
 
     def prepare(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
@@ -26,5 +27,5 @@ class Kernel:
         raise NotImplementedError
 
     def linear(self, x: torch.Tensor, packed: dict[str, torch.Tensor], spec: IntSpec, shape: tuple[int, int],
-               bias: torch.Tensor | None) -> torch.Tensor:
+               bias: torch.Tensor | None, act=None) -> torch.Tensor:
         raise NotImplementedError

@@ -46,10 +46,10 @@ def _matmul_2d(x, fn, n_out, bias):
 class CpuInt8Kernel(Kernel):
     name = "cpu-int8"
 
-    def unsupported(self, spec, shape, device):
-        if device.type != "cpu":
-            return "runs on CPU only"
-        if spec.bits != 8 or not spec.symmetric or spec.num_groups(shape[1]) != 1:
+    def unsupported(self, spec, shape, device, act=None):
+        if device.type != "cpu" or act is not None:
+            return "runs weight-only on CPU only"
+        if spec.kind != "int" or spec.bits != 8 or not spec.symmetric or spec.num_groups(shape[1]) != 1:
             return "needs symmetric 8-bit per-channel weights"
         return None
 
@@ -59,7 +59,7 @@ class CpuInt8Kernel(Kernel):
     def restore(self, packed, spec, shape):
         return QuantizedTensor(spec, shape, packed["qweight"], packed["scales"], None)
 
-    def linear(self, x, packed, spec, shape, bias):
+    def linear(self, x, packed, spec, shape, bias, act=None):
         fn = lambda x2: torch.ops.aten._weight_int8pack_mm(x2, packed["qweight"], packed["kscales"])
         return _matmul_2d(x, fn, shape[0], bias)
 
@@ -96,11 +96,11 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
 class CpuInt4Kernel(Kernel):
     name = "cpu-int4"
 
-    def unsupported(self, spec, shape, device):
+    def unsupported(self, spec, shape, device, act=None):
         n, k = shape
-        if device.type != "cpu":
-            return "runs on CPU only"
-        if spec.bits > 4:
+        if device.type != "cpu" or act is not None:
+            return "runs weight-only on CPU only"
+        if spec.kind != "int" or spec.bits > 4:
             return "needs weights of at most 4 bits"
         if n % 16:
             return f"needs out_features divisible by 16 (got {n})"
@@ -142,7 +142,7 @@ class CpuInt4Kernel(Kernel):
             codes = codes.to(torch.int32) - self._shift(spec, packed.get("zeros"), k)
         return QuantizedTensor.from_codes(codes, packed["scales"], packed.get("zeros"), spec)
 
-    def linear(self, x, packed, spec, shape, bias):
+    def linear(self, x, packed, spec, shape, bias, act=None):
         gk = packed["wpack"].shape[1] * 2 // packed["scale_zeros"].shape[0]
         fn = lambda x2: torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed["wpack"], gk, packed["scale_zeros"])
         return _matmul_2d(x, fn, shape[0], bias)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats import IntSpec, QuantizedTensor
+from ..formats import QuantizedTensor
+from ..formats.act import ActSpec
 from ..kernels import select_kernel
+
+ACT_STATE_KEYS = ("act_scale", "outlier_idx")
 
 
 class QuantLinear(nn.Module):
@@ -17,12 +20,18 @@ class QuantLinear(nn.Module):
     never touches these buffers: scales and codes keep their dtypes (only `bias` follows the model).
     """
 
-    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None, kernel: str = "auto"):
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None, kernel: str = "auto",
+                 act: ActSpec | None = None, act_state: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.out_features, self.in_features = qt.shape
         self.spec = qt.spec
-        self.kernel = select_kernel(qt.spec, qt.shape, qt.qweight.device, kernel)
-        for key, t in self.kernel.prepare(qt).items():
+        self.act = act
+        self.kernel = select_kernel(qt.spec, qt.shape, qt.qweight.device, kernel, act)
+        state = {k: v for k, v in (act_state or {}).items() if v is not None}
+        unknown = set(state) - set(ACT_STATE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown activation state {sorted(unknown)}")
+        for key, t in {**self.kernel.prepare(qt), **state}.items():
             self.register_buffer(key, t, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
@@ -31,10 +40,24 @@ class QuantLinear(nn.Module):
         return dict(self._buffers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel.linear(x, self._packed, self.spec, (self.out_features, self.in_features), self.bias)
+        return self.kernel.linear(x, self._packed, self.spec, (self.out_features, self.in_features), self.bias,
+                                  self.act)
 
     def quantized_tensor(self) -> QuantizedTensor:
         return self.kernel.restore(self._packed, self.spec, (self.out_features, self.in_features))
+
+    def act_state(self) -> dict[str, torch.Tensor]:
+        """The activation tensors a checkpoint stores besides the weight (see formats.act)."""
+        return {k: self._buffers[k] for k in ACT_STATE_KEYS if self._buffers.get(k) is not None}
+
+    def high_precision_fraction(self) -> dict | None:
+        """LLM.int8(): of the input dimensions this layer saw so far (summed over rows), how many ran in high
+        precision; each costs out_features multiply-adds, as every other dimension does."""
+        c = self._buffers.get("hp_counts")
+        if c is None or int(c[2]) == 0:
+            return None
+        return {"rows": int(c[0]), "fraction": float(c[1]) / float(c[2]), "dims_high": int(c[1]),
+                "dims": int(c[2]), "macs_high": int(c[1]) * self.out_features, "macs": int(c[2]) * self.out_features}
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.quantized_tensor().dequantize(dtype)
@@ -54,8 +77,9 @@ class QuantLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
+        act = "" if self.act is None else f", act={self.act.dtype}/{self.act.granularity}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"format={self.spec.name}, kernel={self.kernel.name}")
+                f"format={self.spec.name}{act}, kernel={self.kernel.name}")
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

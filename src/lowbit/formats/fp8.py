@@ -1,0 +1,75 @@
+"""FP8 weight formats: w ≈ f · s, with f an 8-bit float and one float32 scale per output row.
+
+    e4m3 (torch.float8_e4m3fn): 4 exponent bits, 3 mantissa bits, largest value 448, no infinities.
+    e5m2 (torch.float8_e5m2):   5 exponent bits, 2 mantissa bits, largest value 57344.
+The scale maps each row's largest |w| to the format's largest value: s = absmax / fmax.
+
+Stored tensors of a QuantizedTensor in these formats:
+    qweight  float8_e4m3fn or float8_e5m2 [N, K], row-major
+    scales   float32 [N, 1]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LowbitError
+
+FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+@dataclass(frozen=True)
+class FloatSpec:
+    fmt: str = "e4m3"
+
+    def __post_init__(self):
+        if self.fmt not in FP8_DTYPES:
+            raise LowbitError(f"unknown FP8 format '{self.fmt}'; choose from {', '.join(FP8_DTYPES)}")
+
+    kind = "float"
+    bits = 8
+    group_size = -1
+    symmetric = True
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return FP8_DTYPES[self.fmt]
+
+    @property
+    def fmax(self) -> float:
+        return float(torch.finfo(self.dtype).max)
+
+    @property
+    def name(self) -> str:
+        return f"fp8_{self.fmt}"
+
+    def num_groups(self, in_features: int) -> int:
+        return 1
+
+    def group_size_for(self, in_features: int) -> int:
+        return in_features
+
+    def check_shape(self, shape, name: str = "weight") -> None:
+        return None
+
+    def layout(self, shape: tuple[int, int]) -> dict:
+        n, k = shape
+        return {"qweight": ((n, k), self.dtype), "scales": ((n, 1), torch.float32)}
+
+    def to_dict(self) -> dict:
+        return {"kind": "float", "fmt": self.fmt, "bits": 8, "group_size": -1, "symmetric": True}
+
+
+def quantize_fp8(w: torch.Tensor, spec: FloatSpec):
+    from .intq import QuantizedTensor
+    w = w.float()
+    scales = (w.abs().amax(dim=1, keepdim=True) / spec.fmax).clamp(min=1e-12)
+    q = (w / scales).clamp(-spec.fmax, spec.fmax).to(spec.dtype)
+    return QuantizedTensor(spec, tuple(w.shape), q.contiguous(), scales.contiguous(), None)
+
+
+def cast_fp8(x: torch.Tensor, spec: FloatSpec, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale rounded to the FP8 grid (saturating), as an FP8 tensor."""
+    return (x.float() / scale).clamp(-spec.fmax, spec.fmax).to(spec.dtype)
