@@ -37,7 +37,7 @@ def main() -> None:
     samples = calibration_samples(tok, load_text(None, "calibration"), args.calib_samples, 512, 0)
     inputs = capture_block_inputs(base, samples)
     blocks = base.model.layers
-    lines = [f"| layer | RTN | GPTQ | AWQ | GPTQ < RTN | AWQ < RTN |", "|---|---|---|---|---|---|"]
+    lines = ["| layer | RTN | GPTQ | AWQ | GPTQ < RTN | AWQ < RTN |", "|---|---|---|---|---|---|"]
     for i, block in enumerate(blocks):
         if i in (0, len(blocks) - 1):
             names = [n for _, lin, _ in arch.feeds for n in lin]

@@ -81,9 +81,7 @@ def main() -> None:
         speeds = []
         for _ in range(3):
             llm.reset()
-            t0 = time.perf_counter()
             llm.eval(prompt)
-            pre = time.perf_counter() - t0
             t0 = time.perf_counter()
             for _ in range(64):  # greedy decode, one token at a time
                 nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))

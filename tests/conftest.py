@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.models.sources import _gguf_cache_dir, default_model_path
 
 torch.manual_seed(0)
 
@@ -38,6 +37,26 @@ def fresh(base):
 def eval_ids(tokenizer):
     from lowbit.data import load_text, token_windows
     return token_windows(tokenizer, load_text(None, "evaluation"), ctx=256, max_windows=2)
+
+
+@pytest.fixture(scope="session")
+def first_last_inputs(base, tokenizer):
+    """Calibration inputs (8 windows of 128 tokens) of the first and the last block of the unquantized model."""
+    from lowbit.data import calibration_samples, load_text
+    from lowbit.models.calibration import capture_block_inputs, run_block
+    samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=8, seqlen=128, seed=0)
+    first = last = capture_block_inputs(base, samples)
+    for block in base.model.layers[:-1]:
+        last = run_block(block, last)
+    return {0: first, len(base.model.layers) - 1: last}
+
+
+def truncated(model, n_blocks: int):
+    """A copy of the model with only its first n blocks (fast end-to-end runs)."""
+    m = copy.deepcopy(model)
+    m.model.layers = m.model.layers[:n_blocks]
+    m.config.num_hidden_layers = n_blocks
+    return m
 
 
 def quantized(model, bits=4, group_size=64, symmetric=True, kernel="auto", recipe_rules=None):

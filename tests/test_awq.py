@@ -3,25 +3,14 @@ import copy
 import pytest
 import torch
 
-from lowbit import IntSpec, Recipe, Scheme
+from lowbit import IntSpec, Scheme
 from lowbit.algorithms import apply_clip, quantize_rtn, search_clip
 from lowbit.blockwise import awq_block, awq_scale_block, rtn_block
-from lowbit.data import calibration_samples, load_text
 from lowbit.models import arch_for
-from lowbit.models.calibration import capture_block_inputs, run_block
+from lowbit.models.calibration import run_block
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-
-
-@pytest.fixture(scope="module")
-def inputs(base, tokenizer):
-    samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=6, seqlen=128, seed=0)
-    first = capture_block_inputs(base, samples)
-    last = first
-    for block in base.model.layers[:-1]:
-        last = run_block(block, last)
-    return {0: first, 29: last}
 
 
 def _plan(spec=IntSpec(4, 64, False)):
@@ -29,32 +18,32 @@ def _plan(spec=IntSpec(4, 64, False)):
 
 
 @pytest.mark.parametrize("index", [0, 29])
-def test_scaling_leaves_the_unquantized_block_unchanged(base, inputs, index):
+def test_scaling_leaves_the_unquantized_block_unchanged(base, first_last_inputs, index):
     block = copy.deepcopy(base.model.layers[index])
-    before = torch.cat(run_block(block, inputs[index]).hidden)
+    before = torch.cat(run_block(block, first_last_inputs[index]).hidden)
     norm_before = block.input_layernorm.weight.detach().clone()
-    awq_scale_block(block, inputs[index], _plan(), arch_for(base.config))
-    after = torch.cat(run_block(block, inputs[index]).hidden)
+    awq_scale_block(block, first_last_inputs[index], _plan(), arch_for(base.config))
+    after = torch.cat(run_block(block, first_last_inputs[index]).hidden)
     assert not torch.equal(norm_before, block.input_layernorm.weight)  # scales were folded in
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("index", [0, 29])
-def test_awq_block_output_error_below_rtn(base, inputs, index):
+def test_awq_block_output_error_below_rtn(base, first_last_inputs, index):
     arch = arch_for(base.config)
-    ref = torch.cat(run_block(base.model.layers[index], inputs[index]).hidden)
+    ref = torch.cat(run_block(base.model.layers[index], first_last_inputs[index]).hidden)
     errors = {}
     for name, driver in (("awq", awq_block), ("rtn", rtn_block)):
         block = copy.deepcopy(base.model.layers[index])
-        driver(block, inputs[index], _plan(), arch)
-        errors[name] = (torch.cat(run_block(block, inputs[index]).hidden) - ref).pow(2).mean().item()
+        driver(block, first_last_inputs[index], _plan(), arch)
+        errors[name] = (torch.cat(run_block(block, first_last_inputs[index]).hidden) - ref).pow(2).mean().item()
     assert errors["awq"] < errors["rtn"]
 
 
-def test_clip_search_never_worse_than_no_clip(base, inputs):
+def test_clip_search_never_worse_than_no_clip(base, first_last_inputs):
     from lowbit.models.calibration import capture_calls, first_input
     block = base.model.layers[0]
-    calls = capture_calls(block, inputs[0], ["mlp.down_proj"])["mlp.down_proj"]
+    calls = capture_calls(block, first_last_inputs[0], ["mlp.down_proj"])["mlp.down_proj"]
     X = torch.cat([first_input(block.mlp.down_proj, a, kw).reshape(-1, 1536) for a, kw in calls])
     W = block.mlp.down_proj.weight.detach()
     spec = IntSpec(4, 64, False)

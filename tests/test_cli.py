@@ -3,8 +3,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from lowbit.cli import main

@@ -1,5 +1,3 @@
-import copy
-
 import pytest
 import torch
 
@@ -8,7 +6,9 @@ from lowbit import IntSpec, LowbitError
 from lowbit.algorithms import Hessian, gptq_quantize, quantize_rtn
 from lowbit.data import calibration_samples, load_text
 from lowbit.formats import choose_qparams
-from lowbit.models.calibration import capture_block_inputs, capture_calls, first_input
+from lowbit.models.calibration import capture_calls, first_input
+
+from conftest import truncated
 
 
 def test_two_columns_match_the_closed_form_update():
@@ -70,23 +70,12 @@ def test_act_order_keeps_groups_contiguous_with_static_params():
     assert e_ao < e_rtn
 
 
-@pytest.fixture(scope="module")
-def block_inputs(base, tokenizer):
-    samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=8, seqlen=128, seed=0)
-    first = capture_block_inputs(base, samples)
-    from lowbit.models.calibration import run_block
-    inputs = first
-    for block in base.model.layers[:-1]:
-        inputs = run_block(block, inputs)
-    return {0: first, 29: inputs}
-
-
 @pytest.mark.parametrize("index", [0, 29])
-def test_gptq_beats_rtn_on_every_linear_of_first_and_last_block(base, block_inputs, index):
+def test_gptq_beats_rtn_on_every_linear_of_first_and_last_block(base, first_last_inputs, index):
     block = base.model.layers[index]
     names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-    calls = capture_calls(block, block_inputs[index], names)
+    calls = capture_calls(block, first_last_inputs[index], names)
     spec = IntSpec(4, 64, False)
     for n in names:
         mod = block.get_submodule(n)
@@ -98,20 +87,13 @@ def test_gptq_beats_rtn_on_every_linear_of_first_and_last_block(base, block_inpu
         assert err(gptq_quantize(W, H.H, spec)) < err(quantize_rtn(W, spec)), n
 
 
-def _two_block_copy(base):
-    m = copy.deepcopy(base)
-    m.model.layers = m.model.layers[:2]
-    m.config.num_hidden_layers = 2
-    return m
-
-
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_deterministic(base, tokenizer, method):
     samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=4, seqlen=64, seed=3)
     scheme = lowbit.Scheme(method, IntSpec(4, 64, False), options={"act_order": True} if method == "gptq" else {})
     runs = []
     for _ in range(2):
-        m = lowbit.quantize(_two_block_copy(base), lowbit.Recipe.default(scheme), calibration=samples, progress=False)
+        m = lowbit.quantize(truncated(base, 2), lowbit.Recipe.default(scheme), calibration=samples, progress=False)
         runs.append({n: b.clone() for n, b in m.named_buffers() if n.endswith(("wpack", "scales", "zeros"))})
     assert runs[0].keys() == runs[1].keys() and len(runs[0]) > 0
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
@@ -120,7 +102,7 @@ def test_deterministic(base, tokenizer, method):
 def test_act_order_checkpoint_round_trip(base, tokenizer, tmp_path):
     samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=4, seqlen=64, seed=0)
     scheme = lowbit.Scheme("gptq", IntSpec(4, 64, False), options={"act_order": True})
-    m = lowbit.quantize(_two_block_copy(base), lowbit.Recipe.default(scheme), calibration=samples, progress=False)
+    m = lowbit.quantize(truncated(base, 2), lowbit.Recipe.default(scheme), calibration=samples, progress=False)
     ids = torch.randint(0, 49152, (1, 24))
     with torch.no_grad():
         before = m(ids).logits

@@ -25,7 +25,7 @@ def _base_name(source: str) -> str:
 
 
 def cmd_quantize(args) -> int:
-    from . import IntSpec, Recipe, Scheme, load_model, quantize, save_checkpoint
+    from . import Recipe, load_model, quantize, save_checkpoint
     from .data import calibration_samples, load_text
     from .models import arch_for
 

@@ -12,7 +12,6 @@ import itertools
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from .algorithms import FIXED_SPECS, needs_calibration

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from ..data import load_text, token_windows
 from .quality import evaluate_quality
 from .size import weight_stats

@@ -34,6 +34,12 @@ def _int8_weight(spec, shape) -> bool:
     return spec.kind == "int" and spec.bits == 8 and spec.symmetric and spec.num_groups(shape[1]) == 1
 
 
+def _int8_matmul(x: torch.Tensor, scale: torch.Tensor, packed: dict, bias) -> torch.Tensor:
+    """x ([M, K] float) rounded to int8 with `scale`, times the int8 weight in int32, rescaled; float32 [M, N]."""
+    y = torch._int_mm(quantize_int8(x, scale), packed["qweight"].t()).float() * scale * packed["wscale"]
+    return y if bias is None else y + bias.float()
+
+
 class Int8ActKernel(Kernel):
     name = "w8a8-int8"
 
@@ -52,10 +58,7 @@ class Int8ActKernel(Kernel):
 
     def linear(self, x, packed, spec, shape, bias, act=None):
         x2 = x.reshape(-1, shape[1]).float()
-        s = int8_scale(x2, act, packed.get("act_scale"))
-        y = torch._int_mm(quantize_int8(x2, s), packed["qweight"].t()).float() * s * packed["wscale"]
-        if bias is not None:
-            y = y + bias.float()
+        y = _int8_matmul(x2, int8_scale(x2, act, packed.get("act_scale")), packed, bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], shape[0])
 
 
@@ -81,13 +84,11 @@ class LlmInt8Kernel(Int8ActKernel):
             regular = x2.clone()
             regular[:, cols] = 0
         s = regular.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
-        y = torch._int_mm(quantize_int8(regular, s), packed["qweight"].t()).float() * s * packed["wscale"]
+        y = _int8_matmul(regular, s, packed, bias)
         if cols.numel():
             w_cols = packed["qweight"][:, cols].float() * packed["wscale"].t()
             y = y + x2[:, cols] @ w_cols.t()
         packed["hp_counts"] += torch.tensor([x2.shape[0], cols.numel() * x2.shape[0], shape[1] * x2.shape[0]])
-        if bias is not None:
-            y = y + bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], shape[0])
 
 
