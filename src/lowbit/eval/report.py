@@ -34,9 +34,11 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    """One row per model; columns no row has a value for (e.g. LLM.int8()'s shares) are left out."""
+    cols = [c for c in COLUMNS if c[1] == "label" or any(r.get(c[1]) is not None for r in rows)]
+    lines = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(r, k, f) for _, k, f in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(r, k, f) for _, k, f in cols) + " |")
     return "\n".join(lines)
 
 
@@ -68,10 +70,12 @@ def plot_tradeoff(path: Path, rows: list[dict]) -> None:
     if base is not None:
         ax_ppl.axhline(base["ppl"], color="black", linestyle="--", linewidth=1)
         ax_ppl.scatter(base["bits_per_weight"], base["ppl"], marker="*", s=200, color="black", zorder=3)
-        ax_ppl.annotate(f"base ({base['label']})", (base["bits_per_weight"], base["ppl"]),
+        ax_ppl.annotate(base["label"], (base["bits_per_weight"], base["ppl"]),
                         textcoords="offset points", xytext=(-60, 8), fontsize=8)
-    ax_ppl.set_xlabel("bits per weight (all weights, scales and zero points included)")
-    ax_ppl.set_ylabel("perplexity on held-out text (lower is better)")
+    ax_ppl.set_xscale("log", base=2)
+    ax_ppl.set_yscale("log")
+    ax_ppl.set_xlabel("bits per weight (all weights, scales and zero points included; log scale)")
+    ax_ppl.set_ylabel("perplexity on held-out text (lower is better; log scale)")
     ax_ppl.set_title("Quality vs size: perplexity" + (" (dashed: base)" if base else ""))
     ax_kld.set_xlabel("bits per weight")
     ax_kld.set_ylabel("mean KL divergence from the base (nats, log scale)")
