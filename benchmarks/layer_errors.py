@@ -1,5 +1,7 @@
 """Per-layer check on real layers: relative output error ‖WX − ŴX‖ / ‖WX‖ of RTN, GPTQ and AWQ for every
 Linear of the first and the last block of the default model, on the calibration inputs of each layer.
+(AWQ's is measured against its scaled float layer: same inputs up to its scales, and for a Linear whose
+output rows also absorbed the next group's scales, such as up_proj, the same output up to those.)
 
     python benchmarks/layer_errors.py [--bits 4] [--group-size 64] [--calib-samples 64]
 
@@ -56,10 +58,13 @@ def main() -> None:
                 H.add(X)
                 e_rtn = rel(quantize_rtn(W, spec).dequantize(torch.float64))
                 e_gptq = rel(gptq_quantize(W, H.H, spec).dequantize(torch.float64))
+                # AWQ in its own coordinates: inputs X·diag(s)⁻¹ and the scaled float weight (whose rows may also
+                # carry the next group's 1/s, as up_proj's do) give the reference output
                 Ws = scaled.get_submodule(n).weight.detach().float()
-                if n not in arch.no_clip:
-                    Ws = apply_clip(Ws, search_clip(Ws, awq_x[n], spec), spec)
-                e_awq = rel(quantize_rtn(Ws, spec).dequantize(torch.float64), awq_x[n].double())
+                Xs = awq_x[n].double()
+                Ys = Xs @ Ws.double().T
+                Wq = apply_clip(Ws, search_clip(Ws, awq_x[n], spec), spec) if n not in arch.no_clip else Ws
+                e_awq = ((Xs @ quantize_rtn(Wq, spec).dequantize(torch.float64).T - Ys).norm() / Ys.norm()).item()
                 lines.append(f"| {i}.{n} | {e_rtn:.4f} | {e_gptq:.4f} | {e_awq:.4f} | "
                              f"{'yes' if e_gptq < e_rtn else 'NO'} | {'yes' if e_awq < e_rtn else 'NO'} |")
                 print(lines[-1], flush=True)
