@@ -220,6 +220,17 @@ class QuantizedTensor:
     def expected_layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return storage_layout(self.spec, self.shape)
 
+    @classmethod
+    def concat_rows(cls, parts: list["QuantizedTensor"]) -> "QuantizedTensor":
+        """Stack matrices that read the same input along the output axis (e.g. q, k and v into one). Every
+        stored tensor is row-major by output row, so this is a concatenation of each along dim 0."""
+        first = parts[0]
+        if any(p.spec != first.spec or p.shape[1] != first.shape[1] for p in parts):
+            raise LowbitError("only matrices of one format and one input width can be stacked")
+        zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
+        return cls(first.spec, (sum(p.shape[0] for p in parts), first.shape[1]),
+                   torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), zeros)
+
     def validate(self, name: str = "weight") -> "QuantizedTensor":
         """Check stored tensors against the spec (used when reading a checkpoint)."""
         self.spec.check_shape(self.shape, name)

@@ -1,5 +1,6 @@
 """How a quantized matmul runs. `select_kernel` picks the fastest kernel that supports a format on a device,
-falling back to the reference kernel (which supports everything)."""
+falling back to the reference kernel (which supports everything). A kernel with an `auto_devices` attribute is
+picked automatically only on those device types (it can still be asked for by name elsewhere)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from ..formats import IntSpec
 from .base import Kernel
 from .cpu import CpuInt4Kernel, CpuInt8Kernel
 from .reference import ReferenceKernel
+from .triton_w4a16 import TritonW4A16Kernel
 from .w8a8 import Fp8Kernel, Int8ActKernel, LlmInt8Kernel
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (ReferenceKernel(), CpuInt8Kernel(), CpuInt4Kernel(),
-                                                  Int8ActKernel(), LlmInt8Kernel(), Fp8Kernel())}
+                                                  Int8ActKernel(), LlmInt8Kernel(), Fp8Kernel(),
+                                                  TritonW4A16Kernel())}
 # tried in this order by "auto"; the reference kernel is the last resort
-_AUTO_ORDER = ("cpu-int8", "cpu-int4", "w8a8-int8", "llm-int8", "fp8", "reference")
+_AUTO_ORDER = ("triton-w4a16", "cpu-int8", "cpu-int4", "w8a8-int8", "llm-int8", "fp8", "reference")
 
 
 def select_kernel(spec: IntSpec, shape: tuple[int, int], device: torch.device | str = "cpu",
@@ -23,6 +26,9 @@ def select_kernel(spec: IntSpec, shape: tuple[int, int], device: torch.device | 
     device = torch.device(device)
     if prefer == "auto":
         for name in _AUTO_ORDER:
+            only_on = getattr(KERNELS[name], "auto_devices", None)
+            if only_on is not None and device.type not in only_on:
+                continue
             if KERNELS[name].unsupported(spec, shape, device, act) is None:
                 return KERNELS[name]
         raise LowbitError(f"no kernel runs {spec.name} with activations {act}")

@@ -8,13 +8,32 @@ Linears that read the same input, each as (producer, linears, inspect):
     inspect   the smallest module whose output shows the group's error (AWQ's loss); its first argument is the
               group's input
 `no_clip` names Linears whose weights AWQ does not clip (query/key errors are amplified by the softmax).
+`decoder` names the parts of a pre-norm decoder block that the fast generation engine (lowbit.engine) calls
+directly; `qk_norm` is set where queries and keys are RMS-normalized per head before the rotary embedding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import LowbitError
+
+
+@dataclass(frozen=True)
+class DecoderNames:
+    """Where the engine finds each part of a block: h += o(attn(rope(q, k), v)); h += down(act(gate) * up)."""
+
+    input_norm: str = "input_layernorm"
+    q: str = "self_attn.q_proj"
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    post_norm: str = "post_attention_layernorm"
+    gate: str = "mlp.gate_proj"
+    up: str = "mlp.up_proj"
+    down: str = "mlp.down_proj"
+    q_norm: str | None = None
+    k_norm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -25,6 +44,8 @@ class Arch:
     lm_head: str                     # from the model root
     feeds: tuple[tuple[str, tuple[str, ...], str], ...]  # (producer, linears it feeds, inspect), inside a block
     no_clip: tuple[str, ...] = ()
+    decoder: DecoderNames = DecoderNames()
+    rotary: str = "model.rotary_emb"  # the module that returns (cos, sin) for given positions, from the root
 
 
 _LLAMA = Arch(
@@ -46,7 +67,7 @@ ARCHES: dict[str, Arch] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
+    "qwen3": replace(_LLAMA, decoder=DecoderNames(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")),
 }
 
 

@@ -1,0 +1,154 @@
+"""A lean forward pass of a pre-norm decoder (the llama family) over a preallocated KV cache.
+
+It reuses the loaded model's own parts (embedding, norms, activation, rotary tables, Linears or QuantLinears)
+and only changes how they are called: q/k/v and gate/up run as one fused matmul each, the rotary cos/sin
+come from a table computed once, and the KV cache is a fixed-size tensor written in place, so one decode step
+has static shapes and can be compiled into a single graph. Which modules make up a block comes from the
+architecture table (`models.arch`), never from `if` branches on the model family.
+
+Shapes: batch 1; hidden states [1, T, hidden]; queries [1, heads, T, head_dim]; the cache of a layer
+[1, kv_heads, max_len, head_dim] (see engine.cache).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from ..errors import LowbitError
+from ..models.arch import arch_for
+from ..nn.fuse import fuse_linears
+from .cache import StaticKVCache
+
+
+class RMSNorm(nn.Module):
+    """The llama-family RMSNorm (weight · normalize(x in float32) cast back), sharing the model's weight."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight = norm.weight
+        self.eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class _Concat(nn.Module):
+    """The unfused fallback: the Linears one after another, outputs concatenated."""
+
+    def __init__(self, mods):
+        super().__init__()
+        self.parts = nn.ModuleList(mods)
+
+    def forward(self, x):
+        return torch.cat([m(x) for m in self.parts], dim=-1)
+
+
+def _fused(mods) -> tuple[nn.Module, list[int]]:
+    sizes = [m.out_features for m in mods]
+    return fuse_linears(mods) or _Concat(mods), sizes
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class DecoderBlock(nn.Module):
+    """h += o(attention(rope(q), rope(k), v));  h += down(act(gate(x)) · up(x)), each after its norm."""
+
+    def __init__(self, block: nn.Module, names, config):
+        super().__init__()
+        get = block.get_submodule
+        self.input_norm = RMSNorm(get(names.input_norm))
+        self.post_norm = RMSNorm(get(names.post_norm))
+        self.qkv, self.qkv_sizes = _fused([get(names.q), get(names.k), get(names.v)])
+        self.o = get(names.o)
+        self.gate_up, self.gate_up_sizes = _fused([get(names.gate), get(names.up)])
+        self.down = get(names.down)
+        self.q_norm = RMSNorm(get(names.q_norm)) if names.q_norm else None
+        self.k_norm = RMSNorm(get(names.k_norm)) if names.k_norm else None
+        self.act = ACT2FN[config.hidden_act]
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scale = self.head_dim ** -0.5
+
+    def _heads(self, t, n):
+        return t.view(t.shape[0], t.shape[1], n, self.head_dim)
+
+    def forward(self, h, cos, sin, cache: StaticKVCache, layer: int, pos, visible: int | None):
+        """h: [1, T, hidden]; cos/sin: [1, T, head_dim]; pos: LongTensor [T] of cache positions;
+        visible: None for a prefill from position 0 (causal over the new keys), else the number of cache
+        positions a single new query attends to (its own included)."""
+        x = self.input_norm(h)
+        q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1)
+        q, k, v = self._heads(q, self.heads), self._heads(k, self.kv_heads), self._heads(v, self.kv_heads)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * c + _rotate_half(q) * s
+        k = k * c + _rotate_half(k) * s
+        keys, values = cache.update(layer, pos, k, v)
+        if visible is None:   # prefill: attend to the new keys only, causally (as the reference does)
+            a = F.scaled_dot_product_attention(q, k, v, scale=self.scale, is_causal=q.shape[2] > 1,
+                                               enable_gqa=self.heads != self.kv_heads)
+        else:   # the same call as the reference's, over exactly the keys seen so far (no mask: bit-equal)
+            a = F.scaled_dot_product_attention(q, keys[:, :, :visible], values[:, :, :visible], scale=self.scale,
+                                               enable_gqa=self.heads != self.kv_heads)
+        a = a.transpose(1, 2).reshape(h.shape[0], h.shape[1], self.heads * self.head_dim)
+        h = h + self.o(a)
+        x = self.post_norm(h)
+        g, u = self.gate_up(x).split(self.gate_up_sizes, dim=-1)
+        return h + self.down(self.act(g) * u)
+
+
+class Decoder(nn.Module):
+    """The whole model as blocks over a static cache; `forward` returns the logits of the last position."""
+
+    def __init__(self, model: nn.Module, max_len: int):
+        super().__init__()
+        config = model.config
+        arch = arch_for(config)
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) \
+                and max_len > config.sliding_window:
+            raise LowbitError(f"the engine does not implement sliding-window attention; max length {max_len} "
+                              f"exceeds the window {config.sliding_window}")
+        get = model.get_submodule
+        self.embed = get(arch.embed)
+        self.norm = RMSNorm(get(arch.final_norm))
+        self.lm_head = get(arch.lm_head)
+        self.blocks = nn.ModuleList(DecoderBlock(b, arch.decoder, config) for b in get(arch.blocks))
+        self.rotary = get(arch.rotary)
+        self.resize(max_len)
+
+    def resize(self, max_len: int) -> None:
+        """(Re)allocate the cache and the rotary tables for max_len positions."""
+        dtype, device = self.embed.weight.dtype, self.embed.weight.device
+        positions = torch.arange(max_len, device=device)
+        # the model's own rotary module gives the exact cos/sin the reference uses (any rope scaling included)
+        cos, sin = self.rotary(torch.empty(0, dtype=dtype, device=device), positions.unsqueeze(0))
+        self.register_buffer("cos", cos[0], persistent=False)        # [max_len, head_dim]
+        self.register_buffer("sin", sin[0], persistent=False)
+        self.register_buffer("positions", positions, persistent=False)
+        blk = self.blocks[0]
+        self.cache = StaticKVCache(len(self.blocks), blk.kv_heads, max_len, blk.head_dim, dtype, device)
+        self.max_len = max_len
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """ids: [1, T] token ids placed at cache positions pos ([T], consecutive). Returns logits [1, vocab]
+        of the last position. visible=None: a prefill from position 0 (attention over the new keys, causal).
+        Otherwise one new token (T = 1) that attends to the first visible.shape[0] cache positions; the count
+        travels as a tensor's length so that a compiled step treats it as a symbolic size, not a constant."""
+        h = self.embed(ids)
+        cos, sin = self.cos[pos].unsqueeze(0), self.sin[pos].unsqueeze(0)
+        n = None if visible is None else visible.shape[0]
+        for i, block in enumerate(self.blocks):
+            h = block(h, cos, sin, self.cache, i, pos, n)
+        return self.lm_head(self.norm(h[:, -1:]))[:, -1]

@@ -1,0 +1,138 @@
+"""Greedy generation through the lean decoder: a prefill pass, then one compiled graph per decoded token.
+
+Per token the Python work is one call of the compiled step and one argmax; everything per layer (fused
+q/k/v and gate/up matmuls through the packed kernels, rotary, in-place cache writes, attention, norms)
+runs inside the compiled graph. The KV cache is sized to the request, rounded up to a bucket (a power of
+two, at least 256 positions), so that a new graph is compiled only when a longer request needs a larger
+bucket and attention never reads much more cache than it needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch import nn
+
+from ..errors import LowbitError
+from .cache import StaticKVCache
+from .decoder import Decoder
+
+MIN_BUCKET = 256
+
+
+@contextlib.contextmanager
+def _aten_reductions():
+    """While inductor compiles, lower mean() to ATen's own kernel instead of a generated reduction.
+
+    The generated reduction sums in another order than ATen's, so an RMSNorm's last bit can differ from the
+    reference's, and now and then that flips a greedy token. Only this lowering changes, only inside the
+    engine's calls (it is swapped back at once), so other compiled code in the process is unaffected.
+    """
+    from torch._inductor import lowering
+    op = torch.ops.aten.mean.dim
+    saved = lowering.lowerings.get(op)
+    lowering.lowerings[op] = lowering.fallback_handler(op, add_to_fallback_set=False)
+    try:
+        yield
+    finally:
+        lowering.lowerings[op] = saved
+
+
+def _inductor_options() -> dict:
+    # cpp_wrapper: the graph's calling code is C++ too, so a decode step pays no Python per kernel call.
+    # emulate_precision_casts: fused 16-bit arithmetic rounds where eager rounds (bit-equal to the reference)
+    return {"cpp_wrapper": True, "emulate_precision_casts": True}
+
+
+def _bucket(n: int) -> int:
+    b = MIN_BUCKET
+    while b < n:
+        b *= 2
+    return b
+
+
+class Engine:
+    """Fast greedy generation for a loaded (quantized or not) llama-family model, batch 1.
+
+    compile=True compiles the decode step with torch.compile (inductor); the first request of each cache
+    bucket pays the compilation (seconds to a minute on a small CPU). compile=False runs the same code
+    eagerly — the ground truth the compiled graph is tested against.
+    """
+
+    def __init__(self, model: nn.Module, compile: bool = True, max_positions: int | None = None):
+        self.model = model
+        self.limit = max_positions or getattr(model.config, "max_position_embeddings", None) or 2048
+        self.decoder = Decoder(model, MIN_BUCKET).eval()
+        self.compile = compile
+        self._step = self._decode_step
+        if compile:
+            self._step = torch.compile(self._decode_step, dynamic=False, options=_inductor_options())
+
+    def _decode_step(self, token, pos, visible):
+        logits = self.decoder(token, pos, visible)
+        return logits, logits.argmax(-1, keepdim=True)
+
+    def _reserve(self, needed: int) -> None:
+        if needed > self.limit:
+            raise LowbitError(f"prompt plus new tokens ({needed}) exceed the model's {self.limit} positions")
+        size = min(_bucket(needed), max(self.limit, MIN_BUCKET))
+        if size != self.decoder.max_len:
+            self.decoder.resize(size)
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt ids ([1, T]) from position 0; fills the cache, returns the last logits [1, vocab]."""
+        t = ids.shape[1]
+        return self.decoder(ids, self.decoder.positions[:t])
+
+    @torch.no_grad()
+    def decode(self, token: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token ([1, 1]) at position pos; returns its logits [1, vocab] and the greedy next token [1, 1]."""
+        visible = self.decoder.positions[:pos + 1]
+        if not self.compile:
+            return self._step(token, self.decoder.positions[pos:pos + 1], visible)
+        torch._dynamo.maybe_mark_dynamic(visible, 0)
+        with _aten_reductions():
+            return self._step(token, self.decoder.positions[pos:pos + 1], visible)
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None) -> dict:
+        """Greedy continuation of ids ([1, T] or [T]). Stops early at an eos token (if given).
+
+        Returns tokens (LongTensor [n]), prefill_seconds, decode_seconds and decode_tokens_per_s (tokens
+        after the first, which comes from the prefill logits, over decode time).
+        """
+        ids = ids.view(1, -1)
+        if ids.shape[1] == 0:
+            raise LowbitError("empty prompt")
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        t = ids.shape[1]
+        self._reserve(t + max_new_tokens)
+        t0 = time.perf_counter()
+        tok = self.prefill(ids).argmax(-1, keepdim=True)
+        prefill_s = time.perf_counter() - t0
+        out = [tok]
+        t0 = time.perf_counter()
+        for i in range(max_new_tokens - 1):
+            if eos and int(tok) in eos:
+                break
+            tok = self.decode(tok, t + i)[1]
+            out.append(tok)
+        decode_s = time.perf_counter() - t0
+        tokens = torch.cat(out, dim=1)[0]   # an eos token that ended generation is kept, as generate() does
+        n_dec = len(out) - 1
+        return {"tokens": tokens, "prefill_seconds": prefill_s, "decode_seconds": decode_s,
+                "decode_tokens_per_s": n_dec / decode_s if n_dec else None,
+                "prefill_tokens_per_s": t / prefill_s}
+
+    def warmup(self, prompt_len: int = 8, new_tokens: int = 4) -> float:
+        """Compile (or load from inductor's cache) the step for the smallest bucket; returns seconds taken."""
+        t0 = time.perf_counter()
+        self.generate(torch.zeros(1, prompt_len, dtype=torch.long), new_tokens)
+        return time.perf_counter() - t0
+
+    @property
+    def cache(self) -> StaticKVCache:
+        return self.decoder.cache

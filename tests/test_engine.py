@@ -1,0 +1,158 @@
+"""The generation engine: same tokens and logits as transformers' own generate, eager and compiled."""
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from lowbit import LowbitError, load_model
+from lowbit.engine import Engine
+from lowbit.nn import QuantLinear
+from lowbit.nn.fuse import fuse_linears
+
+from conftest import quantized
+
+PROMPT = "The history of the Python language"
+
+
+def reference_tokens(model, ids, n):
+    """transformers' generate, greedy, never stopping early: the reference path."""
+    gc = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        return model.generate(ids, generation_config=gc)[0, ids.shape[1]:]
+
+
+def reference_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits[:, -1]
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer):
+    return tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+
+
+# --- the default model: 64 greedy tokens identical to the reference, fp32, INT8 and INT4 -------------------
+
+@pytest.mark.parametrize("scheme", ["fp32", "int8", "int4"])
+def test_default_model_tokens_match_reference(fresh, prompt_ids, scheme):
+    model = fresh if scheme == "fp32" else quantized(fresh, bits=8 if scheme == "int8" else 4,
+                                                      group_size=-1 if scheme == "int8" else 64)
+    want = reference_tokens(model, prompt_ids, 64)
+    got = Engine(model, compile=False).generate(prompt_ids, 64)["tokens"]
+    assert torch.equal(got, want)
+
+
+def test_default_model_compiled_int4_matches_reference(fresh, prompt_ids):
+    model = quantized(fresh, bits=4, group_size=64, symmetric=False)
+    want = reference_tokens(model, prompt_ids, 64)
+    engine = Engine(model, compile=True)
+    got = engine.generate(prompt_ids, 64)["tokens"]
+    assert torch.equal(got, want)
+
+
+# --- tiny models: logits, compiled vs eager, other families of the table ----------------------------------
+
+def _tiny_model(kind: str, **cfg):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+    torch.manual_seed(3)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, **cfg)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[kind](**common)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for p in model.parameters():   # random init leaves some biases at zero: make every path count
+        p.data.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_tiny_families_prefill_and_decode_logits(kind):
+    model = _tiny_model(kind)
+    ids = torch.randint(0, 256, (1, 9))
+    engine = Engine(model, compile=False)
+    engine._reserve(16)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.prefill(ids[:, :8]), reference_logits(model, ids[:, :8]),
+                                   rtol=1e-5, atol=1e-5)
+        logits, token = engine.decode(ids[:, 8:9], 8)
+        torch.testing.assert_close(logits, reference_logits(model, ids), rtol=1e-5, atol=1e-5)
+        assert token.item() == logits.argmax().item()
+    assert torch.equal(engine.generate(ids, 20)["tokens"], reference_tokens(model, ids, 20))
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_compiled_step_equals_eager(bits):
+    model = _tiny_model("llama")
+    if bits:
+        model = quantized(model, bits=bits, group_size=-1 if bits == 8 else 32)
+    ids = torch.randint(0, 256, (1, 5))
+    eager, compiled = Engine(model, compile=False), Engine(model, compile=True)
+    a, b = eager.generate(ids, 24), compiled.generate(ids, 24)
+    assert torch.equal(a["tokens"], b["tokens"])
+    for e in (eager, compiled):
+        e._reserve(40)
+        e.prefill(ids)
+    for i in range(3):
+        la, ta = eager.decode(ids[:, i:i + 1], 5 + i)
+        lb, tb = compiled.decode(ids[:, i:i + 1], 5 + i)
+        assert torch.equal(la, lb) and torch.equal(ta, tb)
+
+
+def test_cache_buckets_grow_and_limit(fresh):
+    model = _tiny_model("llama")
+    engine = Engine(model, compile=False)
+    ids = torch.randint(0, 256, (1, 300))
+    out = engine.generate(ids, 10)
+    assert engine.decoder.max_len == 512 and engine.cache.k0.shape[2] == 512
+    assert torch.equal(out["tokens"], reference_tokens(model, ids, 10))
+    with pytest.raises(LowbitError, match="exceed"):
+        engine.generate(ids, 400)
+    with pytest.raises(LowbitError, match="empty"):
+        engine.generate(torch.zeros(1, 0, dtype=torch.long), 4)
+
+
+def test_eos_stops_generation():
+    model = _tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 6))
+    engine = Engine(model, compile=False)
+    full = engine.generate(ids, 12)["tokens"]
+    stop = int(full[3])
+    first = next(i for i, t in enumerate(full.tolist()) if t == stop)
+    out = engine.generate(ids, 12, eos_token_id=stop)["tokens"]
+    assert torch.equal(out, full[:first + 1])
+
+
+# --- fusing q/k/v and gate/up ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 64, True), (4, 32, False), (8, -1, True), (3, 64, False)])
+def test_fused_linears_equal_separate_calls(base, bits, group_size, symmetric):
+    from lowbit.algorithms.rtn import quantize_rtn
+    from lowbit.formats import IntSpec
+    attn = base.model.layers[5].self_attn
+    spec = IntSpec(bits, group_size, symmetric)
+    mods = [QuantLinear(quantize_rtn(m.weight.detach(), spec)) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    fused = fuse_linears(mods)
+    assert fused is not None and fused.kernel.name == mods[0].kernel.name
+    for m in range(1, 4):
+        x = torch.randn(1, m, 576, dtype=torch.bfloat16)
+        want = torch.cat([q(x) for q in mods], dim=-1)
+        assert torch.equal(fused(x), want)
+
+
+def test_fuse_refuses_mixed_formats(base):
+    from lowbit.algorithms.rtn import quantize_rtn
+    from lowbit.formats import IntSpec
+    attn = base.model.layers[0].self_attn
+    a = QuantLinear(quantize_rtn(attn.k_proj.weight.detach(), IntSpec(4, 64)))
+    b = QuantLinear(quantize_rtn(attn.v_proj.weight.detach(), IntSpec(8, -1)))
+    assert fuse_linears([a, b]) is None
+    assert fuse_linears([a, attn.v_proj]) is None
+
+
+def test_engine_from_checkpoint(tmp_path, fresh, tokenizer, prompt_ids):
+    from lowbit import save_checkpoint
+    model = quantized(fresh, bits=4, group_size=64)
+    save_checkpoint(model, tokenizer, tmp_path / "ck")
+    loaded = load_model(tmp_path / "ck")
+    a = Engine(model, compile=False).generate(prompt_ids, 16)["tokens"]
+    b = Engine(loaded.model, compile=False).generate(prompt_ids, 16)["tokens"]
+    assert torch.equal(a, b)

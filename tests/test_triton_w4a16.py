@@ -1,0 +1,183 @@
+"""The triton-w4a16 kernel, run on CPU by Triton's interpreter (TRITON_INTERPRET=1).
+
+The kernel module decorates its Triton functions on first use and keys them on the interpreter setting, so
+setting the variable per test (monkeypatch) is enough even when lowbit was imported earlier in the session.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lowbit import IntSpec, LowbitError  # noqa: E402
+from lowbit.algorithms import quantize_rtn  # noqa: E402
+from lowbit.kernels import KERNELS, select_kernel  # noqa: E402
+from lowbit.kernels import triton_w4a16 as tw  # noqa: E402
+from lowbit.nn import QuantLinear  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL = KERNELS["triton-w4a16"]
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _qt(spec, n=96, k=256, seed=0):
+    torch.manual_seed(seed)
+    return quantize_rtn(torch.randn(n, k), spec)
+
+
+def _reference(qt, x, bias=None):
+    """Dequantize in float64, multiply, round to x's dtype (the reference kernel's semantics, in float64)."""
+    y = x.double() @ qt.dequantize(torch.float64).t()
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [16, 32, 64, 128, 256, -1])
+def test_repack_is_an_exact_round_trip(symmetric, group):
+    qt = _qt(IntSpec(4, group, symmetric), n=40, k=512)
+    packed = tw.repack(qt)
+    g = qt.spec.num_groups(512)
+    assert packed["qweight"].dtype == torch.int32 and tuple(packed["qweight"].shape) == (512 // 8, 40)
+    assert packed["scales"].dtype == torch.float16 and tuple(packed["scales"].shape) == (g, 40)
+    assert ("zeros" in packed) == (not symmetric)
+    if not symmetric:
+        assert packed["zeros"].dtype == torch.float16 and tuple(packed["zeros"].shape) == (g, 40)
+    back = tw.unpack(packed, qt.spec, qt.shape)
+    assert torch.equal(back.qweight, qt.qweight) and torch.equal(back.scales, qt.scales)
+    assert (back.zeros is None) == (qt.zeros is None)
+    if qt.zeros is not None:
+        assert torch.equal(back.zeros, qt.zeros)
+    back.validate()
+
+
+def test_layout_is_as_documented():
+    qt = _qt(IntSpec(4, 64, False), n=24, k=256)
+    codes = qt.codes()
+    words = tw.repack(qt)["qweight"].to(torch.int64) & 0xFFFFFFFF
+    for c, r, i, n in [(0, 0, 0, 0), (0, 15, 7, 23), (1, 3, 5, 7), (1, 9, 2, 11)]:
+        nibble = (words[16 * c + r, n] >> (4 * i)) & 15
+        assert nibble == codes[n, 128 * c + 16 * i + r]
+
+
+CASES = [
+    # (spec, dtype, m, config); n = 96 is not a multiple of the 64-wide blocks, m = 3 / 17 not of 16
+    (IntSpec(4, 64, True), torch.float16, 1, None),
+    (IntSpec(4, 64, True), torch.bfloat16, 1, None),
+    (IntSpec(4, 32, False), torch.float16, 3, None),
+    (IntSpec(4, 128, False), torch.bfloat16, 17, None),
+    (IntSpec(4, -1, True), torch.float16, 1, dict(BLOCK_M=1, BLOCK_N=64, SPLIT_K=2, PREFETCH=True)),
+    (IntSpec(4, 16, False), torch.bfloat16, 1, dict(BLOCK_M=1, BLOCK_N=32, SPLIT_K=1)),
+    (IntSpec(4, 32, True), torch.float16, 3, dict(BLOCK_M=16, BLOCK_N=64, MODE=1, SPLIT_K=2)),
+    (IntSpec(4, -1, False), torch.bfloat16, 17, dict(BLOCK_M=16, BLOCK_N=64, MODE=1, SPLIT_K=2, ATOMIC=True)),
+    (IntSpec(4, 64, False), torch.float16, 17, dict(BLOCK_M=16, BLOCK_N=32, MODE=2, SPLIT_K=1)),
+    (IntSpec(4, 16, True), torch.bfloat16, 3, dict(BLOCK_M=16, BLOCK_N=64, MODE=2, SPLIT_K=2, ATOMIC=True)),
+    (IntSpec(4, 128, True), torch.float16, 16, dict(BLOCK_M=16, BLOCK_N=64, MODE=3, SPLIT_K=2)),
+    (IntSpec(4, 32, False), torch.bfloat16, 17, dict(BLOCK_M=16, BLOCK_N=64, MODE=3, SPLIT_K=1)),
+    (IntSpec(4, 64, False), torch.float32, 3, dict(BLOCK_M=16, BLOCK_N=64, MODE=1, SPLIT_K=1)),
+]
+
+
+@pytest.mark.parametrize("spec,dtype,m,config", CASES,
+                         ids=[f"{s.name}-{str(d).split('.')[1]}-m{m}-{'default' if c is None else c.get('MODE', 0)}"
+                              f"-sk{1 if c is None else c.get('SPLIT_K', 1)}" for s, d, m, c in CASES])
+def test_matches_the_reference(spec, dtype, m, config):
+    qt = _qt(spec)
+    packed = tw.repack(qt)
+    torch.manual_seed(1)
+    x = torch.randn(m, 256).to(dtype)
+    bias = torch.randn(96).to(dtype)
+    for b in (None, bias):
+        y = tw.w4a16_matmul(x, packed, spec.group_size, b, config)
+        assert y.dtype == dtype and tuple(y.shape) == (m, 96)
+        assert _rel(y, _reference(qt, x, b)) < 1e-2
+
+
+@pytest.mark.parametrize("config", [None, dict(BLOCK_M=1, BLOCK_N=64, SPLIT_K=2),
+                                    dict(BLOCK_M=16, BLOCK_N=64, MODE=2, SPLIT_K=2, ATOMIC=True),
+                                    dict(BLOCK_M=16, BLOCK_N=32, MODE=3, SPLIT_K=1)])
+def test_a_poisoned_output_is_fully_overwritten(config):
+    qt = _qt(IntSpec(4, 64, False))
+    packed = tw.repack(qt)
+    m = 1 if config is None or config["BLOCK_M"] == 1 else 5
+    x = torch.randn(m, 256).half()
+    out = torch.full((m, 96), float("nan"), dtype=torch.float16)
+    y = tw.w4a16_matmul(x, packed, 64, None, config, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert torch.isfinite(out).all()
+    assert _rel(out, _reference(qt, x)) < 1e-2
+
+
+def test_batched_input_and_quantlinear_end_to_end():
+    qt = _qt(IntSpec(4, 32, False))
+    bias = torch.randn(96).half()
+    layer = QuantLinear(qt, bias, kernel="triton-w4a16")
+    assert layer.kernel.name == "triton-w4a16"
+    x = torch.randn(2, 3, 256).half()
+    y = layer(x)
+    assert tuple(y.shape) == (2, 3, 96) and y.dtype == torch.float16
+    ref = _reference(qt, x.reshape(6, 256), bias).reshape(2, 3, 96)
+    assert _rel(y, ref) < 1e-2
+    back = layer.quantized_tensor()  # what saving stores
+    assert torch.equal(back.qweight, qt.qweight) and torch.equal(back.scales, qt.scales)
+    assert torch.equal(back.zeros, qt.zeros)
+
+
+def test_unsupported_reasons(monkeypatch):
+    cpu = torch.device("cpu")
+    assert KERNEL.unsupported(IntSpec(4, 64, True), (96, 256), cpu) is None
+    assert "4-bit" in KERNEL.unsupported(IntSpec(8, -1, True), (96, 256), cpu)
+    assert "4-bit" in KERNEL.unsupported(IntSpec(3, 64, True), (96, 256), cpu)
+    assert "does not divide" in KERNEL.unsupported(IntSpec(4, 256, True), (96, 384), cpu)
+    assert "divisible by 128" in KERNEL.unsupported(IntSpec(4, 32, True), (96, 96), cpu)
+    assert "group size" in KERNEL.unsupported(IntSpec(4, 48, True), (96, 384), cpu)
+    monkeypatch.setattr(tw, "triton", None)
+    assert KERNEL.unsupported(IntSpec(4, 64, True), (96, 256), cpu) == "triton is not installed"
+    monkeypatch.undo()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "CUDA" in KERNEL.unsupported(IntSpec(4, 64, True), (96, 256), cpu)
+
+
+def test_automatic_selection_on_cpu_is_unchanged(monkeypatch):
+    spec = IntSpec(4, 64, True)
+    assert select_kernel(spec, (96, 256)).name == "cpu-int4"  # interpreter on: never picked automatically
+    assert select_kernel(spec, (96, 256), prefer="triton-w4a16").name == "triton-w4a16"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert select_kernel(spec, (96, 256)).name == "cpu-int4"
+    with pytest.raises(LowbitError, match="cannot run"):
+        select_kernel(spec, (96, 256), prefer="triton-w4a16")
+
+
+def test_imports_without_triton():
+    code = ("import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+            "import torch\nfrom lowbit import IntSpec\nfrom lowbit.kernels import KERNELS, select_kernel\n"
+            "k = KERNELS['triton-w4a16']\n"
+            "assert k.unsupported(IntSpec(4, 64, True), (64, 256), torch.device('cpu')) == 'triton is not installed'\n"
+            "assert select_kernel(IntSpec(4, 64, True), (64, 256)).name == 'cpu-int4'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_gpu_benchmark_quick_mode_runs(tmp_path):
+    out = tmp_path / "bench"
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_w4a16.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["rows"] and all(row["rel_err"] < 1e-2 for row in data["rows"]) and not data["failures"]
+    assert "| shape" in out.with_suffix(".md").read_text()
