@@ -69,7 +69,7 @@ def test_tiny_families_prefill_and_decode_logits(kind):
     model = _tiny_model(kind)
     ids = torch.randint(0, 256, (1, 9))
     engine = Engine(model, compile=False)
-    engine._reserve(16)
+    engine.reserve(16)
     with torch.no_grad():
         torch.testing.assert_close(engine.prefill(ids[:, :8]), reference_logits(model, ids[:, :8]),
                                    rtol=1e-5, atol=1e-5)
@@ -89,7 +89,7 @@ def test_compiled_step_equals_eager(bits):
     a, b = eager.generate(ids, 24), compiled.generate(ids, 24)
     assert torch.equal(a["tokens"], b["tokens"])
     for e in (eager, compiled):
-        e._reserve(40)
+        e.reserve(40)
         e.prefill(ids)
     for i in range(3):
         la, ta = eager.decode(ids[:, i:i + 1], 5 + i)

@@ -35,7 +35,7 @@ def test_int8_close_to_base_and_int4_in_between(base, eval_ids):
 
 def test_evaluate_reports_the_documented_keys(fresh, tokenizer, base):
     q = quantized(fresh, 4, 64, True)
-    r = lowbit.evaluate(q, tokenizer, base, ctx=64, max_windows=2, speed=True, progress=False)
+    r = lowbit.evaluate(q, tokenizer, base, ctx=64, max_windows=2, speed=True, progress=False, engine="eager")
     for key in ("ppl", "kld", "top1", "bytes", "bits_per_weight", "seconds"):
         assert r[key] is not None
     assert 6 < r["bits_per_weight"] < 7  # 4.25-bit blocks plus the 16-bit embedding/lm_head
@@ -44,5 +44,7 @@ def test_evaluate_reports_the_documented_keys(fresh, tokenizer, base):
 
 def test_generate_returns_text(fresh, tokenizer):
     q = quantized(fresh, 8, -1, True)
-    r = lowbit.generate(q, tokenizer, "The capital of France is", max_new_tokens=8)
+    r = lowbit.generate(q, tokenizer, "The capital of France is", max_new_tokens=8, engine="eager")
     assert r["new_tokens"] >= 1 and isinstance(r["text"], str)
+    ref = lowbit.generate(q, tokenizer, "The capital of France is", max_new_tokens=8, engine="hf")
+    assert ref["engine"] == "hf" and ref["tokens"] == r["tokens"] and ref["text"] == r["text"]

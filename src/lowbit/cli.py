@@ -92,7 +92,7 @@ def cmd_eval(args) -> int:
             raise LowbitError(f"the base model must be a float model, {base_src} is a quantized checkpoint")
         base = load_model(base_src).model
     r = evaluate(loaded.model, loaded.tokenizer, base, text=args.text, ctx=args.ctx, max_windows=args.max_windows,
-                 speed=not args.no_speed, progress=not args.quiet)
+                 speed=not args.no_speed, progress=not args.quiet, engine=args.engine)
     r["model"] = str(args.model)
     r["base"] = base_src
     print(f"model        {args.model}")
@@ -104,7 +104,8 @@ def cmd_eval(args) -> int:
     print(f"weights      {r['bytes'] / 1e6:.1f} MB stored, {r['bits_per_weight']:.3f} bits/weight"
           + (f" (quantized layers {qb:.3f} bits/weight; resident {100 * r['quantized_fp32_ratio']:.1f}% of fp32)" if qb else ""))
     if not args.no_speed:
-        print(f"speed        decode {r['decode_tokens_per_s']:.1f} tok/s, prefill {r['prefill_tokens_per_s']:.0f} tok/s")
+        print(f"speed        decode {r['decode_tokens_per_s']:.1f} tok/s, prefill {r['prefill_tokens_per_s']:.0f} tok/s"
+              f" ({args.engine} engine)")
     print(f"memory       RSS {r['rss_bytes'] / 2**20:.0f} MiB, peak {r['peak_rss_bytes'] / 2**20:.0f} MiB")
     print(f"seconds      {r['seconds']:.1f}")
     if args.json:
@@ -135,7 +136,7 @@ def cmd_compare(args) -> int:
     result = compare(args.model, schemes, args.out, calib_text=args.calib_text, calib_samples=args.calib_samples,
                      calib_seqlen=args.calib_seqlen, seed=args.seed, text=args.text, ctx=args.ctx,
                      max_windows=args.max_windows, speed=not args.no_speed, progress=not args.quiet,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, engine=args.engine)
     print(markdown_table(result["rows"]))
     print(f"wrote {args.out}/report.md, report.json, tradeoff.png and one checkpoint per method")
     return 0
@@ -172,10 +173,13 @@ def cmd_outliers(args) -> int:
 def cmd_generate(args) -> int:
     from . import generate, load_model
     loaded = load_model(args.model, kernel=args.kernel)
-    r = generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, chat=args.chat)
+    r = generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
+                 engine=args.engine)
     print(r["text"])
     speed = r["decode_tokens_per_s"]
-    print(f"[{r['new_tokens']} tokens, {r['seconds']:.2f} s, decode {_fmt(speed, '.1f')} tok/s]", file=sys.stderr)
+    compiled = f", compiled in {r['compile_seconds']:.1f} s" if r.get("compile_seconds") else ""
+    print(f"[{r['new_tokens']} tokens, {r['seconds']:.2f} s, decode {_fmt(speed, '.1f')} tok/s, "
+          f"{r['engine']} engine{compiled}]", file=sys.stderr)
     return 0
 
 
@@ -184,6 +188,11 @@ def _positive(x: str) -> int:
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {v}")
     return v
+
+
+def _add_engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default="compiled", choices=["compiled", "eager", "hf"],
+                   help="generation path: lowbit's engine compiled (default) or eager, or transformers' generate")
 
 
 def _add_format_args(p: argparse.ArgumentParser) -> None:
@@ -251,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base", default=None, help="base model for KLD/top-1 (default: the checkpoint's; none to skip)")
     e.add_argument("--kernel", default="auto")
     e.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    _add_engine_arg(e)
     e.add_argument("--json", help="also write the results to this JSON file")
     e.set_defaults(func=cmd_eval)
 
@@ -268,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ctx", type=_positive, default=512)
     c.add_argument("--max-windows", type=_positive, default=None)
     c.add_argument("--no-speed", action="store_true")
+    _add_engine_arg(c)
     c.add_argument("--out", required=True, help="directory for the report and one checkpoint per method")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=cmd_compare)
@@ -288,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_positive, default=64)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--kernel", default="auto")
+    _add_engine_arg(g)
     g.set_defaults(func=cmd_generate)
     return p
 

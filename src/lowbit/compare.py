@@ -42,7 +42,7 @@ def label_of(scheme: Scheme, extra: dict | None = None) -> str:
 def compare(source: str, schemes: list[Scheme], out: str | Path, *, calib_text: str | None = None,
             calib_samples: int = 64, calib_seqlen: int = 512, seed: int = 0, text: str | None = None,
             ctx: int = 512, max_windows: int | None = None, speed: bool = True, progress: bool = True,
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, engine: str = "compiled") -> dict:
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LowbitError(f"output {out} already exists (pass --overwrite to replace it)")
@@ -83,8 +83,8 @@ def compare(source: str, schemes: list[Scheme], out: str | Path, *, calib_text: 
         row.update({k: quality[lab][k] for k in ("ppl", "kld", "top1")})
         row.update({k: size[k] for k in ("bytes", "bits_per_weight", "quantized_bits_per_weight")})
         row["checkpoint"] = None if lab == "base" else str(out / lab)
-        row["decode_tokens_per_s"] = decode_speed(model, tok) if speed else None
-        row["prefill_tokens_per_s"] = prefill_speed(model, windows[0]) if speed else None
+        row["decode_tokens_per_s"] = decode_speed(model, tok, engine=engine) if speed else None
+        row["prefill_tokens_per_s"] = prefill_speed(model, windows[0], engine=engine) if speed else None
         hp = [m.high_precision_fraction() for m in model.modules() if isinstance(m, QuantLinear)]
         hp = [h for h in hp if h is not None]
         if hp:  # LLM.int8(): share of input dimensions, and of multiply-adds, that ran in high precision
@@ -96,6 +96,7 @@ def compare(source: str, schemes: list[Scheme], out: str | Path, *, calib_text: 
         "eval_tokens": quality["base"]["tokens"],
         "calibration": None if calib is None else f"{calib_samples} x {calib_seqlen} tokens, seed {seed}, "
                                                   f"{calib_text or 'pydoc (first half)'}",
+        "speed_engine": engine if speed else None,
         "seconds": round(time.perf_counter() - t_start, 1), **environment(),
     }
     write_report(out, table, meta)

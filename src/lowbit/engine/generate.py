@@ -10,7 +10,9 @@ bucket and attention never reads much more cache than it needs.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -34,10 +36,14 @@ def _aten_reductions():
     op = torch.ops.aten.mean.dim
     saved = lowering.lowerings.get(op)
     lowering.lowerings[op] = lowering.fallback_handler(op, add_to_fallback_set=False)
+    ir_log = logging.getLogger("torch._inductor.ir")   # says, once per graph, that this op has no C shim
+    level = ir_log.level
+    ir_log.setLevel(logging.ERROR)
     try:
         yield
     finally:
         lowering.lowerings[op] = saved
+        ir_log.setLevel(level)
 
 
 def _inductor_options() -> dict:
@@ -66,6 +72,7 @@ class Engine:
         self.limit = max_positions or getattr(model.config, "max_position_embeddings", None) or 2048
         self.decoder = Decoder(model, MIN_BUCKET).eval()
         self.compile = compile
+        self._compiled_once = False
         self._step = self._decode_step
         if compile:
             self._step = torch.compile(self._decode_step, dynamic=False, options=_inductor_options())
@@ -74,7 +81,8 @@ class Engine:
         logits = self.decoder(token, pos, visible)
         return logits, logits.argmax(-1, keepdim=True)
 
-    def _reserve(self, needed: int) -> None:
+    def reserve(self, needed: int) -> None:
+        """Make the cache hold `needed` positions (rounded up to a bucket)."""
         if needed > self.limit:
             raise LowbitError(f"prompt plus new tokens ({needed}) exceed the model's {self.limit} positions")
         size = min(_bucket(needed), max(self.limit, MIN_BUCKET))
@@ -94,8 +102,17 @@ class Engine:
         if not self.compile:
             return self._step(token, self.decoder.positions[pos:pos + 1], visible)
         torch._dynamo.maybe_mark_dynamic(visible, 0)
-        with _aten_reductions():
-            return self._step(token, self.decoder.positions[pos:pos + 1], visible)
+        try:
+            with _aten_reductions():
+                out = self._step(token, self.decoder.positions[pos:pos + 1], visible)
+        except Exception as e:  # noqa: BLE001 - a model the compiler cannot handle still runs, eagerly
+            if self._compiled_once:
+                raise
+            warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {str(e)[:200]}); running eagerly")
+            self.compile, self._step = False, self._decode_step
+            return self.decode(token, pos)
+        self._compiled_once = True
+        return out
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None) -> dict:
@@ -109,7 +126,7 @@ class Engine:
             raise LowbitError("empty prompt")
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         t = ids.shape[1]
-        self._reserve(t + max_new_tokens)
+        self.reserve(t + max_new_tokens)
         t0 = time.perf_counter()
         tok = self.prefill(ids).argmax(-1, keepdim=True)
         prefill_s = time.perf_counter() - t0

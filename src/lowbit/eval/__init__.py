@@ -12,7 +12,7 @@ from .system import environment, peak_rss_bytes, rss_bytes
 
 
 def evaluate(model, tokenizer, base=None, *, text: str | None = None, ctx: int = 512, max_windows: int | None = None,
-             speed: bool = True, progress: bool = True) -> dict:
+             speed: bool = True, progress: bool = True, engine: str = "compiled") -> dict:
     """Evaluate one model on held-out text. Keys: ppl, kld, top1 (None without a base), bytes,
     bits_per_weight, seconds, and more detail (sizes, speeds, memory, environment)."""
     start = time.perf_counter()
@@ -29,8 +29,9 @@ def evaluate(model, tokenizer, base=None, *, text: str | None = None, ctx: int =
         "text": text or "pydoc",
     }
     if speed:
-        result["decode_tokens_per_s"] = decode_speed(model, tokenizer)
-        result["prefill_tokens_per_s"] = prefill_speed(model, windows[0])
+        result["decode_tokens_per_s"] = decode_speed(model, tokenizer, engine=engine)
+        result["prefill_tokens_per_s"] = prefill_speed(model, windows[0], engine=engine)
+        result["speed_engine"] = engine
     result["rss_bytes"] = rss_bytes()
     result["peak_rss_bytes"] = peak_rss_bytes()
     result["environment"] = environment()

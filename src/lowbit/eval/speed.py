@@ -1,23 +1,71 @@
-"""Generation and its speed: prefill and decode tokens per second, greedy, through transformers' generate."""
+"""Generation and its speed: prefill and decode tokens per second, greedy.
+
+Three paths (`engine=`): "compiled" (default: lowbit's engine with a compiled decode step), "eager" (the
+same engine, not compiled) and "hf" (transformers' generate: the reference path).
+"""
 
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 
+from ..errors import LowbitError
+
+ENGINES = ("compiled", "eager", "hf")
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {kind: Engine}
+
+
+def engine_for(model, engine: str = "compiled"):
+    """The model's lowbit engine of that kind, built once per model and kept on it (compiling is costly)."""
+    from ..engine import Engine
+    if engine not in ("compiled", "eager"):
+        raise LowbitError(f"unknown engine '{engine}'; choose from {', '.join(ENGINES)}")
+    # kept beside the model, not on it, so that a deepcopy of the model never inherits another model's engine
+    cache = _ENGINES.setdefault(model, {})
+    if engine not in cache:
+        cache[engine] = Engine(model, compile=engine == "compiled")
+    return cache[engine]
+
+
+def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    if chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = False) -> dict:
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = False,
+             engine: str = "compiled") -> dict:
     """Greedy continuation of `prompt`; returns text, token counts, and timings.
 
-    decode_tokens_per_s excludes the prompt's forward pass, which is timed on its own (prefill).
+    decode_tokens_per_s excludes the prompt's forward pass, which is timed on its own (prefill). With a lowbit
+    engine, compile_seconds is the one-time cost of compiling (or loading) the decode step, not counted in
+    the speeds.
     """
-    if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = _prompt_ids(tokenizer, prompt, chat)
+    if engine != "hf":
+        e = engine_for(model, engine)
+        compile_s = e.warmup() if engine == "compiled" else 0.0
+        t0 = time.perf_counter()
+        r = e.generate(ids, max_new_tokens, eos_token_id=_eos_ids(model, tokenizer))
+        total_s = time.perf_counter() - t0
+        new = r["tokens"]
+        return {
+            "text": tokenizer.decode(new, skip_special_tokens=True), "tokens": new.tolist(),
+            "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()),
+            "prefill_seconds": r["prefill_seconds"], "seconds": total_s,
+            "decode_tokens_per_s": r["decode_tokens_per_s"], "tokens_per_s": new.numel() / total_s,
+            "engine": engine, "compile_seconds": compile_s,
+        }
     t0 = time.perf_counter()
     model(ids, use_cache=False)
     prefill_s = time.perf_counter() - t0
@@ -27,13 +75,14 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
     new = out[0, ids.shape[1]:]
     decode_s = max(total_s - prefill_s, 1e-9)
     return {
-        "text": tokenizer.decode(new, skip_special_tokens=True),
+        "text": tokenizer.decode(new, skip_special_tokens=True), "tokens": new.tolist(),
         "prompt_tokens": int(ids.shape[1]),
         "new_tokens": int(new.numel()),
         "prefill_seconds": prefill_s,
         "seconds": total_s,
         "decode_tokens_per_s": (new.numel() - 1) / decode_s if new.numel() > 1 else None,
         "tokens_per_s": new.numel() / total_s,
+        "engine": "hf",
     }
 
 
@@ -43,10 +92,14 @@ def _median(xs):
 
 @torch.no_grad()
 def decode_speed(model, tokenizer, prompt: str = "The history of the Python language", new_tokens: int = 64,
-                 repeats: int = 3) -> float:
+                 repeats: int = 3, engine: str = "compiled") -> float:
     """Median decode tokens/s over `repeats` greedy runs that always generate exactly new_tokens
-    (the prompt's own forward pass, timed separately, is subtracted)."""
+    (the prompt's own forward pass, timed separately, is subtracted; compiling happens before timing)."""
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if engine != "hf":
+        e = engine_for(model, engine)
+        e.warmup()
+        return _median([e.generate(ids, new_tokens)["decode_tokens_per_s"] for _ in range(repeats)])
     speeds = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -60,9 +113,21 @@ def decode_speed(model, tokenizer, prompt: str = "The history of the Python lang
 
 
 @torch.no_grad()
-def prefill_speed(model, window: torch.Tensor, repeats: int = 3) -> float:
-    """Median tokens/s of one forward pass over a window (LongTensor [T])."""
+def prefill_speed(model, window: torch.Tensor, repeats: int = 3, engine: str = "compiled") -> float:
+    """Median tokens/s of one forward pass over a window (LongTensor [T]). The lowbit engines run the
+    prompt pass of generation (filling the KV cache, logits of the last position only); "hf" runs the
+    model's forward over the window without a cache."""
     ids = window.unsqueeze(0)
+    if engine != "hf":
+        e = engine_for(model, engine)
+        e.reserve(ids.shape[1] + 1)
+        e.prefill(ids)   # first call allocates; not timed
+        speeds = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            e.prefill(ids)
+            speeds.append(ids.shape[1] / (time.perf_counter() - t0))
+        return _median(speeds)
     speeds = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -1,0 +1,244 @@
+"""Decode and prefill speed of lowbit's engine against transformers and llama.cpp, with the bandwidth bound.
+
+Same machine, same run, same model and prompt for every row:
+  - transformers eager `generate`, float32 and bfloat16 (the reference path);
+  - lowbit's engine (compiled decode step) on float32, bfloat16, INT8 and INT4 models, with the lm_head kept in
+    bfloat16 (lowbit's default recipe) and with the lm_head quantized too (as llama.cpp does);
+  - llama.cpp (llama-cpp-python) with the shipped GGUF requantized to Q8_0 and Q4_0.
+Each lowbit row also checks that its 64 greedy tokens equal transformers' generate on the same model.
+
+The bound: a decode step must read every weight it multiplies once (the whole tied embedding too, as the
+lm_head). Bytes read per token over the measured memory bandwidth is the fastest any engine can decode.
+
+    python benchmarks/decode_engine.py                  # full run (about 10 minutes on 2 cores)
+    python benchmarks/decode_engine.py --quick --out DIR  # tiny random model, seconds: keeps the script alive
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+import lowbit
+from lowbit.engine import Engine
+from lowbit.eval import decode_speed, environment, prefill_speed
+from lowbit.eval.speed import engine_for
+
+PROMPT = "The history of the Python language"
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def memory_bandwidth(mib: int = 512, repeats: int = 7) -> dict:
+    """Median GB/s of a large tensor copy (bytes read + bytes written) and of a sum (bytes read)."""
+    n = mib * 2**20 // 4
+    src, dst = torch.rand(n), torch.empty(n)
+    dst.copy_(src)
+    copy_t, read_t = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        copy_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        src.sum()
+        read_t.append(time.perf_counter() - t0)
+    nbytes = n * 4
+    return {"copy_gb_s": 2 * nbytes / statistics.median(copy_t) / 1e9,
+            "read_gb_s": nbytes / statistics.median(read_t) / 1e9, "buffer_mib": mib}
+
+
+def bytes_per_token(model) -> int:
+    """Weight bytes one decode step reads: every parameter and buffer of the model once, except the embedding
+    table, of which one row is read (unless it is tied to the lm_head, which reads all of it)."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is emb
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or (t is emb and not tied):
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    if not tied:
+        total += emb.shape[1] * emb.element_size()
+    return total
+
+
+def reference_tokens(model, ids, n: int) -> torch.Tensor:
+    gc = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        return model.generate(ids, generation_config=gc)[0, ids.shape[1]:]
+
+
+def lowbit_row(name: str, model, tok, window, args, bw) -> dict:
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    engine = engine_for(model, args.engine)
+    t0 = time.perf_counter()
+    if args.engine == "compiled":
+        engine.warmup()
+    compile_s = time.perf_counter() - t0
+    got = engine.generate(ids, 64)["tokens"]
+    same = bool(torch.equal(got, reference_tokens(model, ids, 64)))
+    dec = decode_speed(model, tok, PROMPT, args.tokens, args.repeats, engine=args.engine)
+    pre = prefill_speed(model, window, args.repeats, engine=args.engine)
+    nbytes = bytes_per_token(model)
+    return {"name": name, "engine": f"lowbit ({args.engine})", "decode_tokens_per_s": dec,
+            "prefill_tokens_per_s": pre, "bytes_per_token": nbytes, "bound_tokens_per_s": bw / nbytes,
+            "tokens_equal_reference_64": same, "compile_seconds": compile_s}
+
+
+def hf_row(name: str, model, tok, window, args, bw) -> dict:
+    dec = decode_speed(model, tok, PROMPT, args.tokens, args.repeats, engine="hf")
+    pre = prefill_speed(model, window, args.repeats, engine="hf")
+    nbytes = bytes_per_token(model)
+    return {"name": name, "engine": "transformers eager generate", "decode_tokens_per_s": dec,
+            "prefill_tokens_per_s": pre, "bytes_per_token": nbytes, "bound_tokens_per_s": bw / nbytes}
+
+
+def llamacpp_rows(tok, window, args, bw) -> list[dict]:
+    import llama_cpp
+    from gguf import GGUFReader
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llamacpp_peer import requantize
+    from lowbit.models.sources import default_model_path
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="lowbit-llamacpp-"))
+    prompt = tok(PROMPT)["input_ids"]
+    for t in ("Q8_0", "Q4_0"):
+        path = tmp / f"model-{t}.gguf"
+        requantize(llama_cpp, default_model_path(), path, t)
+        nbytes = sum(int(x.n_bytes) for x in GGUFReader(str(path)).tensors)  # tied token_embd read as output
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=2, n_threads_batch=2, n_batch=512,
+                              verbose=False)
+        dec, pre = [], []
+        for _ in range(args.repeats):
+            llm.reset()
+            llm.eval(prompt)
+            t0 = time.perf_counter()
+            for _ in range(args.tokens - 1):   # greedy, one token at a time, as the other rows
+                llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+            dec.append((args.tokens - 1) / (time.perf_counter() - t0))
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(window.tolist())
+            pre.append(len(window) / (time.perf_counter() - t0))
+        rows.append({"name": f"llama.cpp {t}", "engine": f"llama-cpp-python {llama_cpp.__version__}",
+                     "decode_tokens_per_s": statistics.median(dec), "prefill_tokens_per_s": statistics.median(pre),
+                     "bytes_per_token": nbytes, "bound_tokens_per_s": bw / nbytes})
+        del llm
+        path.unlink()
+    return rows
+
+
+def tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=1024)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def quantized(model, bits: int, group_size: int, head: bool):
+    import copy
+    scheme = lowbit.Scheme("rtn", lowbit.IntSpec(bits, group_size, True))
+    rules = [{"match": "lm_head", "bits": 8, "group_size": -1}] if head else []
+    recipe = lowbit.Recipe.from_rules(rules, scheme) if rules else lowbit.Recipe.default(scheme)
+    return lowbit.quantize(copy.deepcopy(model), recipe, progress=False)
+
+
+def table(rows: list[dict], bw: float) -> str:
+    lines = ["| model | engine | decode tok/s | prefill tok/s (512) | weight MB read / token | bound tok/s "
+             f"(at {bw:.1f} GB/s) | decode / bound | 64 tokens = reference |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        same = r.get("tokens_equal_reference_64")
+        lines.append(f"| {r['name']} | {r['engine']} | {r['decode_tokens_per_s']:.1f} | "
+                     f"{r['prefill_tokens_per_s']:.0f} | {r['bytes_per_token'] / 1e6:.1f} | "
+                     f"{r['bound_tokens_per_s']:.0f} | {100 * r['decode_tokens_per_s'] / r['bound_tokens_per_s']:.0f}% | "
+                     f"{'—' if same is None else ('yes' if same else 'NO')} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny random model, eager and compiled, no llama.cpp")
+    ap.add_argument("--tokens", type=int, default=128, help="new tokens per decode measurement")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--engine", default="compiled", choices=["compiled", "eager"])
+    ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/decode_engine", help="writes OUT.md and OUT.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    before = loadavg()
+    bw = memory_bandwidth(64 if args.quick else 512)
+    copy_bw = bw["copy_gb_s"] * 1e9
+
+    if args.quick:
+        args.tokens, args.repeats = 8, 1
+        from lowbit.models.sources import load_model
+        tok = load_model("default").tokenizer
+        base = tiny_model()
+        window = torch.randint(0, 49152, (64,))
+        rows = [hf_row("tiny fp32", base, tok, window, args, copy_bw),
+                lowbit_row("tiny fp32", base, tok, window, args, copy_bw),
+                lowbit_row("tiny INT4 g32", quantized(base, 4, 32, False), tok, window, args, copy_bw)]
+        eager = Engine(base, compile=False).generate(tok(PROMPT, return_tensors="pt")["input_ids"], 8)["tokens"]
+        assert torch.equal(eager, reference_tokens(base, tok(PROMPT, return_tensors="pt")["input_ids"], 8))
+    else:
+        from lowbit.data import load_text, token_windows
+        loaded = lowbit.load_model("default")
+        base, tok = loaded.model, loaded.tokenizer
+        window = token_windows(tok, load_text(None, "evaluation"), 512, 1)[0]
+        bf16 = __import__("copy").deepcopy(base).to(torch.bfloat16)
+        rows = [hf_row("fp32", base, tok, window, args, copy_bw),
+                hf_row("bf16", bf16, tok, window, args, copy_bw)]
+        rows.append(lowbit_row("fp32", base, tok, window, args, copy_bw))
+        rows.append(lowbit_row("bf16", bf16, tok, window, args, copy_bw))
+        for name, bits, gs, head in (("INT8 per channel (lm_head bf16)", 8, -1, False),
+                                     ("INT8 per channel + INT8 lm_head", 8, -1, True),
+                                     ("INT4 g64 (lm_head bf16)", 4, 64, False),
+                                     ("INT4 g64 + INT8 lm_head", 4, 64, True)):
+            print(f"measuring {name}", file=sys.stderr, flush=True)
+            rows.append(lowbit_row(name, quantized(base, bits, gs, head), tok, window, args, copy_bw))
+        if not args.no_llamacpp:
+            try:
+                rows += llamacpp_rows(tok, window, args, copy_bw)
+            except ImportError as e:
+                print(f"llama.cpp rows skipped: {e}", file=sys.stderr)
+    md = table(rows, bw["copy_gb_s"])
+    env = environment()
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "prompt": PROMPT, "new_tokens": args.tokens,
+            "repeats": args.repeats, "loadavg_before": before, "loadavg_after": loadavg(), "bandwidth": bw,
+            "threads": torch.get_num_threads(), **env}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"Machine: {env.get('cpu', 'n/a')}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+              f"memory copy {bw['copy_gb_s']:.1f} GB/s (read+write), read {bw['read_gb_s']:.1f} GB/s; "
+              f"load average before {before}, after {meta['loadavg_after']}; {args.tokens} new tokens, "
+              f"median of {args.repeats}.\n\n")
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text(header + md + "\n")
+    os.replace(tmp, out.with_suffix(".md"))
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+    os.replace(tmp, out.with_suffix(".json"))
+    print(header + md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

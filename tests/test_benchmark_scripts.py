@@ -1,0 +1,21 @@
+"""The benchmark scripts run in a quick mode here, so they cannot rot between full runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_decode_engine_benchmark_quick(tmp_path):
+    out = tmp_path / "decode"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_engine.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["meta"]["bandwidth"]["copy_gb_s"] > 0
+    lowbit_rows = [row for row in data["rows"] if row["engine"].startswith("lowbit")]
+    assert len(lowbit_rows) == 2 and all(row["tokens_equal_reference_64"] for row in lowbit_rows)
+    assert all(row["decode_tokens_per_s"] > 0 and row["bytes_per_token"] > 0 for row in data["rows"])
+    assert "| model | engine |" in out.with_suffix(".md").read_text()
