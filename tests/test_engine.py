@@ -156,3 +156,13 @@ def test_engine_from_checkpoint(tmp_path, fresh, tokenizer, prompt_ids):
     a = Engine(model, compile=False).generate(prompt_ids, 16)["tokens"]
     b = Engine(loaded.model, compile=False).generate(prompt_ids, 16)["tokens"]
     assert torch.equal(a, b)
+
+
+def test_compiled_engine_follows_a_resized_cache():
+    model = _tiny_model("llama")
+    engine = Engine(model, compile=True)
+    short, long = torch.randint(0, 256, (1, 5)), torch.randint(0, 256, (1, 300))
+    assert torch.equal(engine.generate(short, 12)["tokens"], reference_tokens(model, short, 12))
+    assert torch.equal(engine.generate(long, 12)["tokens"], reference_tokens(model, long, 12))
+    assert engine.decoder.max_len == 512
+    assert torch.equal(engine.generate(short, 12)["tokens"], reference_tokens(model, short, 12))
