@@ -96,9 +96,11 @@ def lowbit_row(name: str, model, tok, window, args, bw) -> dict:
     dec = decode_speed(model, tok, PROMPT, args.tokens, args.repeats, engine=args.engine)
     pre = prefill_speed(model, window, args.repeats, engine=args.engine)
     nbytes = bytes_per_token(model)
-    return {"name": name, "engine": f"lowbit ({args.engine})", "decode_tokens_per_s": dec,
+    kind = args.engine if engine.compile or args.engine == "eager" else "eager: compiling failed"
+    return {"name": name, "engine": f"lowbit ({kind})", "decode_tokens_per_s": dec,
             "prefill_tokens_per_s": pre, "bytes_per_token": nbytes, "bound_tokens_per_s": bw / nbytes,
-            "tokens_equal_reference_64": same, "compile_seconds": compile_s}
+            "tokens_equal_reference_64": same, "compile_seconds": compile_s,
+            "compiled": engine.compile}   # False if compiling failed and the engine fell back to eager
 
 
 def hf_row(name: str, model, tok, window, args, bw) -> dict:

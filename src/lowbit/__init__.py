@@ -9,8 +9,9 @@ from .models import load_model  # noqa: E402
 from .quantize import quantize  # noqa: E402
 from .export.checkpoint import save_checkpoint, load_checkpoint  # noqa: E402
 from .eval import evaluate, generate  # noqa: E402
+from . import engine  # noqa: E402
 
 __all__ = [
     "LowbitError", "IntSpec", "QuantizedTensor", "Recipe", "Rule", "Scheme", "load_model", "quantize",
-    "save_checkpoint", "load_checkpoint", "evaluate", "generate", "__version__",
+    "save_checkpoint", "load_checkpoint", "evaluate", "generate", "engine", "__version__",
 ]

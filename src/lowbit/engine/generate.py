@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -119,7 +120,10 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - a model the compiler cannot handle still runs, eagerly
             if self._compiled_once:
                 raise
-            warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {str(e)[:200]}); running eagerly")
+            import traceback
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {str(e)[:200]} at "
+                          f"{Path(where.filename).name}:{where.lineno}); running eagerly")
             self.compile, self._step = False, self._decode_step
             return self.decode(token, pos)
         self._compiled_once = True
