@@ -95,12 +95,13 @@ class DecoderBlock(nn.Module):
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * c + _rotate_half(q) * s
         k = k * c + _rotate_half(k) * s
-        keys, values = cache.update(layer, pos, k, v)
-        if visible is None:   # prefill: attend to the new keys only, causally (as the reference does)
-            a = F.scaled_dot_product_attention(q, k, v, scale=self.scale, is_causal=q.shape[2] > 1,
-                                               enable_gqa=self.heads != self.kv_heads)
+        cache.update(layer, pos, k, v)
+        if visible is None:   # prefill: attend to the new keys only (as the cache gives them back), causally
+            a = F.scaled_dot_product_attention(q, cache.roundtrip(k), cache.roundtrip(v), scale=self.scale,
+                                               is_causal=q.shape[2] > 1, enable_gqa=self.heads != self.kv_heads)
         else:   # the same call as the reference's, over exactly the keys seen so far (no mask: bit-equal)
-            a = F.scaled_dot_product_attention(q, keys[:, :, :visible], values[:, :, :visible], scale=self.scale,
+            keys, values = cache.read(layer, visible)
+            a = F.scaled_dot_product_attention(q, keys, values, scale=self.scale,
                                                enable_gqa=self.heads != self.kv_heads)
         a = a.transpose(1, 2).reshape(h.shape[0], h.shape[1], self.heads * self.head_dim)
         h = h + self.o(a)
@@ -112,8 +113,9 @@ class DecoderBlock(nn.Module):
 class Decoder(nn.Module):
     """The whole model as blocks over a static cache; `forward` returns the logits of the last position."""
 
-    def __init__(self, model: nn.Module, max_len: int):
+    def __init__(self, model: nn.Module, max_len: int, kv_bits: int | None = None, kv_group_size: int | None = None):
         super().__init__()
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         config = model.config
         arch = arch_for(config)
         if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) \
@@ -138,17 +140,22 @@ class Decoder(nn.Module):
         self.register_buffer("sin", sin[0], persistent=False)
         self.register_buffer("positions", positions, persistent=False)
         blk = self.blocks[0]
-        self.cache = StaticKVCache(len(self.blocks), blk.kv_heads, max_len, blk.head_dim, dtype, device)
+        self.cache = StaticKVCache(len(self.blocks), blk.kv_heads, max_len, blk.head_dim, dtype, device,
+                                   self.kv_bits, self.kv_group_size)
         self.max_len = max_len
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, visible: torch.Tensor | None = None,
+                all_logits: bool = False) -> torch.Tensor:
         """ids: [1, T] token ids placed at cache positions pos ([T], consecutive). Returns logits [1, vocab]
         of the last position. visible=None: a prefill from position 0 (attention over the new keys, causal).
         Otherwise one new token (T = 1) that attends to the first visible.shape[0] cache positions; the count
-        travels as a tensor's length so that a compiled step treats it as a symbolic size, not a constant."""
+        travels as a tensor's length so that a compiled step treats it as a symbolic size, not a constant.
+        all_logits: return [1, T, vocab] instead."""
         h = self.embed(ids)
         cos, sin = self.cos[pos].unsqueeze(0), self.sin[pos].unsqueeze(0)
         n = None if visible is None else visible.shape[0]
         for i, block in enumerate(self.blocks):
             h = block(h, cos, sin, self.cache, i, pos, n)
+        if all_logits:   # [1, T, vocab], for perplexity
+            return self.lm_head(self.norm(h))
         return self.lm_head(self.norm(h[:, -1:]))[:, -1]

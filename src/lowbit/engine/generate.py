@@ -77,12 +77,15 @@ class Engine:
     compile=True compiles the decode step with torch.compile (inductor); the first request of each cache
     bucket pays the compilation (seconds to a minute on a small CPU). compile=False runs the same code
     eagerly — the ground truth the compiled graph is tested against.
+    kv_bits=8 or 4 keeps the KV cache quantized (symmetric, per head, position and group of kv_group_size
+    channels, default the head dimension); see engine.cache.
     """
 
-    def __init__(self, model: nn.Module, compile: bool = True, max_positions: int | None = None):
+    def __init__(self, model: nn.Module, compile: bool = True, max_positions: int | None = None,
+                 kv_bits: int | None = None, kv_group_size: int | None = None):
         self.model = model
         self.limit = max_positions or getattr(model.config, "max_position_embeddings", None) or 2048
-        self.decoder = Decoder(model, MIN_BUCKET).eval()
+        self.decoder = Decoder(model, MIN_BUCKET, kv_bits, kv_group_size).eval()
         self.compile = compile
         self._compiled_once = False
         self._step = self._decode_step
