@@ -15,7 +15,7 @@ For each weight shape N×K and batch M the script
 and once checks lowbit's own fp8 kernel (Fp8Kernel with FP8 activations, torch._scaled_mm on CUDA) against
 its CPU emulation. The table goes to OUT.md and OUT.json (device name, versions, date, best config per case).
 
-    python benchmarks/gpu_w4a16.py                 # on a CUDA machine; about two minutes on an H100
+    python benchmarks/gpu_w4a16.py                 # on a CUDA machine; about 90 s on an H100
     python benchmarks/gpu_w4a16.py --quick         # CPU, Triton interpreter, tiny shapes, no real timing
 
 Runs from a source checkout without installing lowbit (its src/ goes on sys.path).
@@ -46,7 +46,7 @@ import triton.testing  # noqa: E402
 
 from lowbit.formats import FloatSpec, IntSpec, QuantizedTensor, quantize_fp8  # noqa: E402
 from lowbit.formats.act import ActSpec  # noqa: E402
-from lowbit.kernels.triton_w4a16 import default_config, repack, w4a16_matmul  # noqa: E402
+from lowbit.kernels.triton_w4a16 import _split_for, default_config, repack, w4a16_matmul  # noqa: E402
 from lowbit.kernels.w8a8 import Fp8Kernel  # noqa: E402
 
 FULL_SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # (N, K) = (out, in) features
@@ -59,23 +59,32 @@ L2_BYTES = 50 * 2**20
 
 
 def candidates(m: int, n: int, k: int, sms: int, quick: bool) -> list[dict]:
-    """A few block configurations per case (the heuristic's default first); SPLIT_K from programs per SM.
-    MODE (see the kernel): 0 GEMV, 1 one dot per nibble, 2 one dot per 128-column chunk, 3 as 2 but yᵀ = W xᵀ."""
-    G = lambda bn, pf=True, st=1: dict(BLOCK_M=1, BLOCK_N=bn, num_warps=4, num_stages=st, PREFETCH=pf)
-    D = lambda mode, bm, bn, w=4, st=4, at=False: dict(BLOCK_M=bm, BLOCK_N=bn, MODE=mode, num_warps=w, num_stages=st,
-                                                       **({"ATOMIC": True} if at else {}))
+    """Block configurations per case (the heuristic's default first), around the best of earlier H100 runs;
+    SPLIT_K from programs per SM (as the kernel's heuristic: at least a few chunks per split). MODE (see the kernel): 0 float32 GEMV, 4 float16-pair GEMV, 1 one dot per
+    nibble (dq: float16-pair dequantization), 2 one dot per 128-column chunk, 3 as 2 but yᵀ = W xᵀ; split-K
+    partial sums reduced by a second kernel, atomically (at) or by the last program of each tile (last)."""
+    G0 = lambda bn, pf=True: dict(BLOCK_M=1, BLOCK_N=bn, num_warps=4, num_stages=1, PREFETCH=pf)
+    G4 = lambda bn, w, last=True: dict(BLOCK_M=1, BLOCK_N=bn, MODE=4, num_warps=w, num_stages=1,
+                                       **({"LAST": True} if last else {}))
+    D = lambda mode, bm, bn, w=4, st=4, at=False, last=False, dq=False: dict(
+        BLOCK_M=bm, BLOCK_N=bn, MODE=mode, num_warps=w, num_stages=st, **({"ATOMIC": True} if at else {}),
+        **({"LAST": True} if last else {}), **({"DQ16": True} if dq else {}))
     if quick:
-        raw = [(G(64), 4), (D(1, 16, 64, st=2), 4), (D(3, 16, 64, st=2), 4)]
+        raw = [(G0(64), 4), (G4(64, 4), 4), (D(1, 16, 64, st=2), 4), (D(1, 16, 64, st=2, last=True, dq=True), 4),
+               (D(3, 16, 64, st=2), 4)]
     elif m == 1:
-        raw = [(G(64), 4), (G(64), 8), (G(32), 8), (G(128), 8), (G(64, False), 16), (D(1, 16, 64), 8)]
+        raw = [(G4(64, 4), 4), (G4(64, 4), 16), (G4(32, 2), 8), (G4(128, 8), 4), (G4(64, 4, last=False), 8),
+               (G0(64), 16), (G0(32), 8)]
     elif m <= 16:
-        raw = [(D(1, 16, 64), 8), (D(1, 16, 64, at=True), 8), (D(1, 16, 128), 4), (D(3, 16, 128), 4)]
+        raw = [(D(1, 16, 64, at=True), 8), (D(1, 16, 64, st=3), 4), (D(1, 16, 64, last=True), 4),
+               (D(1, 16, 64, dq=True), 4), (D(1, 16, 128, last=True, dq=True), 4)]
     elif m <= 64:
-        raw = [(D(2, 64, 128, 4, 3), 4), (D(2, 64, 64, 4, 3, True), 4), (D(2, 64, 128, 4, 4, True), 8),
-               (D(3, 64, 128, 4, 3, True), 8)]
+        raw = [(D(2, 64, 128, 4, 3), 4), (D(2, 64, 64, 4, 3, True), 4), (D(1, 32, 64, 4, 3, True), 4),
+               (D(1, 16, 64, 4, 4, True), 4), (D(1, 64, 128, 4, 3, last=True, dq=True), 4),
+               (D(1, 32, 64, 4, 3, last=True, dq=True), 4)]
     else:
-        raw = [(D(3, 128, 256, 8, 3, True), 2), (D(2, 64, 128, 4, 3, True), 2), (D(3, 128, 128, 8, 3, True), 2),
-               (D(3, 128, 64, 4, 4, True), 4)]
+        raw = [(D(3, 128, 256, 8, 3, True), 2), (D(3, 128, 128, 8, 3, True), 2), (D(3, 128, 64, 4, 3), 2),
+               (D(1, 64, 128, 4, 3, last=True, dq=True), 2)]
     out = [default_config(m, n, k, sms)]
     for c, per_sm in raw:
         if c["BLOCK_M"] == 1 and m > 2:
@@ -87,17 +96,15 @@ def candidates(m: int, n: int, k: int, sms: int, quick: bool) -> list[dict]:
 
 
 def _with_split(cfg: dict, m: int, n: int, k: int, sms: int, per_sm: int) -> dict:
-    chunks = k // 128
-    tiles = math.ceil(m / cfg["BLOCK_M"]) * math.ceil(n / cfg["BLOCK_N"])
-    split = max(1, min(chunks, math.ceil(per_sm * sms / tiles)))
-    return {**cfg, "SPLIT_K": math.ceil(chunks / math.ceil(chunks / split))}
+    return {**cfg, "SPLIT_K": _split_for(cfg, m, n, k, sms, per_sm)}
 
 
 def cfg_str(c: dict) -> str:
-    mode = 0 if c["BLOCK_M"] == 1 else c.get("MODE", 2)
+    mode = c.get("MODE", 0) if c["BLOCK_M"] == 1 else c.get("MODE", 2)
     s = (f"m{mode} {c['BLOCK_M']}x{c['BLOCK_N']} sk{c.get('SPLIT_K', 1)} w{c.get('num_warps', 4)} "
          f"s{c.get('num_stages', 3)}")
-    return s + (" pf" if c.get("PREFETCH") else "") + (" at" if c.get("ATOMIC") else "")
+    return (s + (" pf" if c.get("PREFETCH") else "") + (" at" if c.get("ATOMIC") else "")
+            + (" last" if c.get("LAST") and not c.get("ATOMIC") else "") + (" dq" if c.get("DQ16") else ""))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -223,31 +230,46 @@ def correctness_extras(device, quick: bool) -> list[dict]:
     out = []
     n, k = (96, 256) if quick else (1000, 4096)
     ms = (1, 3) if quick else (1, 7, 40, 100)
-    for sym, group, dt in ((False, 32, torch.bfloat16), (True, 64, torch.float16), (False, -1, torch.float16)):
+    for sym, group, dt in ((False, 32, torch.bfloat16), (True, 64, torch.float16), (False, -1, torch.float16),
+                           (False, 128, torch.float16)):
         qt = random_weight(n, k, device, sym, group, seed=1)
         packed = repack(qt)
         w = qt.dequantize(torch.float32)
         bias = torch.randn(n, device=device).to(dt)
         for m in ms:
             x = torch.randn(m, k, device=device).to(dt)
-            y = w4a16_matmul(x, packed, group, bias)
             ref = x.float() @ w.t() + bias.float()
-            err = rel_err(y, ref)
             tol = TOL if dt == torch.float16 else 2 * TOL
-            out.append({"format": qt.spec.name, "dtype": str(dt).split(".")[1], "n": n, "k": k, "m": m,
-                        "config": "default", "rel_err": err, "ok": err < tol})
-        # every kernel variant, split-K with both reductions, on this format
+            row = {"format": qt.spec.name, "dtype": str(dt).split(".")[1], "n": n, "k": k, "m": m,
+                   "config": "default"}
+            try:
+                err = rel_err(w4a16_matmul(x, packed, group, bias), ref)
+                out.append({**row, "rel_err": err, "ok": err < tol})
+            except Exception as e:  # the default path must run: a failure
+                out.append({**row, "rel_err": float("nan"), "ok": False, "error": f"{type(e).__name__}: {e}"[:300]})
+        # every kernel variant, split-K with each reduction, on this format (the float16-pair variants fall
+        # back to the float32 ones for bfloat16 x and groups of 32)
         for m, cfg in ((1, dict(BLOCK_M=1, BLOCK_N=64, SPLIT_K=4, PREFETCH=True)),
-                       (1, dict(BLOCK_M=1, BLOCK_N=128, SPLIT_K=1)),
+                       (1, dict(BLOCK_M=1, BLOCK_N=64, MODE=4, SPLIT_K=4, LAST=True)),
+                       (1, dict(BLOCK_M=1, BLOCK_N=128, MODE=4, SPLIT_K=1, num_warps=8)),
                        (ms[1], dict(BLOCK_M=16, BLOCK_N=64, MODE=1, SPLIT_K=2, ATOMIC=True)),
+                       (ms[1], dict(BLOCK_M=16, BLOCK_N=64, MODE=1, SPLIT_K=2, LAST=True, DQ16=True)),
                        (ms[1], dict(BLOCK_M=16, BLOCK_N=64, MODE=2, SPLIT_K=2)),
                        (ms[-1], dict(BLOCK_M=64, BLOCK_N=64, MODE=3, SPLIT_K=2, ATOMIC=True)),
-                       (ms[-1], dict(BLOCK_M=64, BLOCK_N=128, MODE=2, SPLIT_K=1))):
+                       (ms[-1], dict(BLOCK_M=64, BLOCK_N=128, MODE=2, SPLIT_K=2, LAST=True)),
+                       (ms[-1], dict(BLOCK_M=64, BLOCK_N=64, MODE=1, SPLIT_K=2, LAST=True, DQ16=True, num_stages=3))):
             x = torch.randn(m, k, device=device).to(dt)
-            err = rel_err(w4a16_matmul(x, packed, group, bias, cfg), x.float() @ w.t() + bias.float())
+            ref = x.float() @ w.t() + bias.float()
             tol = TOL if dt == torch.float16 else 2 * TOL
-            out.append({"format": qt.spec.name, "dtype": str(dt).split(".")[1], "n": n, "k": k, "m": m,
-                        "config": cfg_str(cfg), "rel_err": err, "ok": err < tol})
+            row = {"format": qt.spec.name, "dtype": str(dt).split(".")[1], "n": n, "k": k, "m": m,
+                   "config": cfg_str(cfg)}
+            try:
+                y = w4a16_matmul(x, packed, group, bias, cfg)
+                y2 = w4a16_matmul(x, packed, group, bias, cfg)  # a second call (split-K counters reused)
+                err = max(rel_err(y, ref), rel_err(y2, ref))
+                out.append({**row, "rel_err": err, "ok": err < tol})
+            except Exception as e:  # a variant that does not compile here: reported, not a wrong result
+                out.append({**row, "rel_err": float("nan"), "ok": True, "error": f"{type(e).__name__}: {e}"[:300]})
     return out
 
 
@@ -282,15 +304,18 @@ def main() -> int:
                        "eager = triton.testing.do_bench median with L2 flushed, launch overhead included")
             if not quick else "time.perf_counter (interpreter; not a measurement)"}
     print(f"# {card}  torch {torch.__version__}  triton {triton.__version__}  sms {sms}", flush=True)
-    failures = []
+    failures, errors = [], []
     t_start = time.time()
 
     extras = correctness_extras(device, quick)
     for e in extras:
-        print(f"check {e['format']:>16} {e['dtype']:>9} {e['n']}x{e['k']} m={e['m']:<4} {e['config']:<22} "
-              f"rel err {e['rel_err']:.2e} {'ok' if e['ok'] else 'FAIL'}", flush=True)
+        print(f"check {e['format']:>16} {e['dtype']:>9} {e['n']}x{e['k']} m={e['m']:<4} {e['config']:<26} "
+              f"rel err {e['rel_err']:.2e} {'ok' if e['ok'] else 'FAIL'}" + (f"  ERROR {e['error']}" if "error" in e
+                                                                           else ""), flush=True)
         if not e["ok"]:
             failures.append(f"extra check {e}")
+        if "error" in e:
+            errors.append(f"extra check {e['format']} {e['dtype']} m={e['m']} {e['config']}: {e['error']}")
     fp8_check = check_lowbit_fp8(device)
     print(f"lowbit Fp8Kernel on {fp8_check['device']} (scaled_mm={fp8_check['scaled_mm']}) vs CPU emulation: "
           f"rel err {fp8_check['rel_err_vs_cpu']:.2e} {'ok' if fp8_check['ok'] else 'FAIL'}", flush=True)
@@ -298,6 +323,19 @@ def main() -> int:
         failures.append(f"lowbit fp8 check {fp8_check}")
 
     rows = []
+
+    def write(complete: bool) -> str:
+        meta["seconds"] = round(time.time() - t_start, 1)
+        meta["complete"] = complete
+        result = {**meta, "rows": rows, "extra_checks": extras, "lowbit_fp8_check": fp8_check,
+                  "best_configs": {f"{r['shape']}/m{r['m']}": r["config"] for r in rows}, "failures": failures,
+                  "errors": errors}
+        table = markdown(meta, rows, extras, fp8_check, has_fp8, errors)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        out.with_suffix(".md").write_text(table)
+        return table
+
     for n, k in shapes:
         torch.manual_seed(0)
         qt = random_weight(n, k, device)
@@ -319,9 +357,20 @@ def main() -> int:
                          for x, w, _ in zip(itertools.cycle(xs), itertools.cycle(denses), range(n_rot))]
             row["fp16_us"] = timer.graph(dense_fns)
             tried = []
-            for c in candidates(m, n, k, sms, quick):
-                y = w4a16_matmul(xs[0], packed0, GROUP, None, c)
-                err = rel_err(y, ref)
+            for ci, c in enumerate(candidates(m, n, k, sms, quick)):
+                try:
+                    y = w4a16_matmul(xs[0], packed0, GROUP, None, c)
+                    y2 = w4a16_matmul(xs[1 % len(xs)], packed0, GROUP, None, c)  # counters reused, other input
+                    err = max(rel_err(y, ref), rel_err(y2, xs[1 % len(xs)].float() @ w32.t()))
+                except Exception as e:  # does not compile with this Triton: reported, never chosen
+                    msg = f"{type(e).__name__}: {e}"[:300]
+                    tried.append({"config": c, "us": float("nan"), "rel_err": float("nan"), "ok": False,
+                                  "error": msg})
+                    errors.append(f"{n}x{k} m={m} {cfg_str(c)}: {msg}")
+                    print(f"ERROR {n}x{k} m={m} {cfg_str(c)}: {msg}", flush=True)
+                    if ci == 0:
+                        failures.append(f"{n}x{k} m={m} default {cfg_str(c)}: {msg}")
+                    continue
                 ok = err < TOL
                 us = timer.graph([lambda x=x, p=p, c=c: w4a16_matmul(x, p, GROUP, None, c)
                                   for x, p, _ in zip(itertools.cycle(xs), itertools.cycle(packs), range(n_rot))]
@@ -335,9 +384,9 @@ def main() -> int:
             row["w4a16_default_us"] = tried[0]["us"]
             row["w4a16_us"] = best["us"] if best else float("nan")
             row["config"] = best["config"] if best else None
-            row["rel_err"] = max(t["rel_err"] for t in tried)
-            row["candidates"] = [{"config": cfg_str(t["config"]), "us": t["us"], "rel_err": t["rel_err"]}
-                                 for t in tried]
+            row["rel_err"] = max((t["rel_err"] for t in tried if "error" not in t), default=float("nan"))
+            row["candidates"] = [{"config": cfg_str(t["config"]), "us": t["us"], "rel_err": t["rel_err"],
+                                  **({"error": t["error"]} if "error" in t else {})} for t in tried]
             row["speedup"] = row["fp16_us"] / row["w4a16_us"] if best else float("nan")
             row["fp16_eager_us"] = timer.eager(dense_fns)
             row["w4a16_eager_us"] = timer.eager([lambda x=x, c=best["config"]: w4a16_matmul(x, packed0, GROUP, None, c)
@@ -369,23 +418,20 @@ def main() -> int:
         del packs, denses, fp8, w32, w16
         if cuda:
             torch.cuda.empty_cache()
+        write(False)  # after every shape, so that an interrupted run still leaves its rows
 
-    meta["seconds"] = round(time.time() - t_start, 1)
-    result = {**meta, "rows": rows, "extra_checks": extras, "lowbit_fp8_check": fp8_check,
-              "best_configs": {f"{r['shape']}/m{r['m']}": r["config"] for r in rows}, "failures": failures}
-    table = markdown(meta, rows, extras, fp8_check, has_fp8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    out.with_suffix(".md").write_text(table)
+    table = write(True)
     print(f"\nwrote {out.with_suffix('.md')} and {out.with_suffix('.json')}\n")
     print(table)
+    if errors:
+        print(f"{len(errors)} candidate configs did not run:\n  " + "\n  ".join(errors), file=sys.stderr)
     if failures:
         print(f"{len(failures)} FAILURES:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0
 
 
-def markdown(meta, rows, extras, fp8_check, has_fp8) -> str:
+def markdown(meta, rows, extras, fp8_check, has_fp8, errors=()) -> str:
     lines = [f"# triton-w4a16 vs float16 ({meta['device']})", "",
              f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; weights {meta['format']}; "
              f"timing: {meta['timing']}. GB/s counts packed weights + scales + activations + output.", ""]
@@ -405,11 +451,15 @@ def markdown(meta, rows, extras, fp8_check, has_fp8) -> str:
                      f"{r['fp8_rel_err_vs_fp16']:.1e} |" if "fp8_us" in r
                      else f" {r.get('fp8_error', '-')} | | |")
         lines.append(line)
-    worst = max((e["rel_err"] for e in extras), default=float("nan"))
-    lines += ["", f"Extra correctness checks (asymmetric g32 bf16, symmetric g64, asymmetric per channel; bias; "
-              f"M/N edges; every kernel variant): {sum(e['ok'] for e in extras)}/{len(extras)} ok, worst relative error {worst:.1e}.",
+    ran = [e for e in extras if "error" not in e]
+    worst = max((e["rel_err"] for e in ran), default=float("nan"))
+    lines += ["", f"Extra correctness checks (asymmetric g32 bf16, symmetric g64, asymmetric per channel, asymmetric "
+              f"g128; bias; M/N edges; every kernel variant and split-K reduction, each run twice): "
+              f"{sum(e['ok'] for e in ran)}/{len(ran)} ok, worst relative error {worst:.1e}.",
               f"lowbit Fp8Kernel (FP8 activations) on {fp8_check['device']} vs its CPU emulation: relative error "
               f"{fp8_check['rel_err_vs_cpu']:.1e} (torch._scaled_mm used: {fp8_check['scaled_mm']}).", ""]
+    if errors:
+        lines += [f"Candidate configurations that did not run ({len(errors)}):", ""] + [f"- {e}" for e in errors] + [""]
     return "\n".join(lines)
 
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from lowbit.offload import offload_activations
 
@@ -18,9 +17,9 @@ def _tiny():
 def _grads(model, ids, offload=None, ckpt=False):
     model.zero_grad(set_to_none=True)
     if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     if offload is not None:
         with offload:
             loss = model(ids, labels=ids).loss
@@ -62,3 +61,95 @@ def test_small_tensors_and_parameters_stay():
     assert off.stats.tensors == 0 and off.stats.kept >= 2
     with pytest.raises(ValueError):
         offload_activations(max_in_flight=0)
+
+
+# --- streaming blocks under a budget ---------------------------------------------------------------------
+
+import copy  # noqa: E402
+
+from lowbit import LowbitError  # noqa: E402
+from lowbit.offload import offload_blocks, parse_size, plan_offload  # noqa: E402
+from lowbit.offload.store import block_tensors  # noqa: E402
+
+from conftest import quantized, truncated  # noqa: E402
+
+
+def test_parse_size():
+    assert parse_size("2GB") == 2_000_000_000 and parse_size("1.5GiB") == int(1.5 * 2**30)
+    assert parse_size("800 MB") == 800_000_000 and parse_size("1234") == 1234
+    with pytest.raises(LowbitError, match="cannot read the size"):
+        parse_size("lots")
+
+
+def test_planner_decisions():
+    blocks = [10, 10, 10, 10, 10]
+    assert plan_offload(5, blocks, 100).streamed == []                       # all fits
+    p = plan_offload(5, blocks, 45)                                          # 5 fixed + 2 resident + 2 streaming
+    assert p.resident == [0, 1] and p.streamed == [2, 3, 4] and p.peak_weight_bytes == 45
+    assert p.bytes_moved_per_pass == 30 and "streamed blocks: 2-4" in p.describe()
+    assert plan_offload(5, blocks, 25).resident == []
+    with pytest.raises(LowbitError, match="too small"):
+        plan_offload(5, blocks, 24)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("store", ["ram", "disk"])
+@pytest.mark.parametrize("scheme", ["fp32", "int4"])
+def test_streamed_logits_identical_to_resident(base, tmp_path, store, scheme):
+    model = truncated(base, 6)
+    if scheme == "int4":
+        model = quantized(model, 4, 64, False)
+    ids = torch.randint(0, 49152, (1, 24))
+    want = _logits(model, ids)
+    per_block = sum(t.numel() * t.element_size() for t in block_tensors(model.model.layers[0]).values())
+    fixed = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if ".layers." not in n)
+    sm = offload_blocks(model, fixed + 3.5 * per_block, tmp_path / "off" if store == "disk" else None)
+    try:
+        assert sm.plan.resident == [0] and sm.plan.streamed == [1, 2, 3, 4, 5]
+        assert torch.equal(_logits(model, ids), want)
+        assert torch.equal(_logits(model, ids), want)      # and again: blocks released and re-read
+        # the reader runs ahead: each streamed block but the very first was read before it was needed
+        ev = sm.events
+        t = {(w, i): ts for w, i, ts in ev}                   # last occurrence of each
+        for prev, nxt in zip(sm.plan.streamed, sm.plan.streamed[1:]):
+            starts = [ts for w, i, ts in ev if w == "read_start" and i == nxt]
+            assert any(s < t[("compute_end", prev)] for s in starts)
+        assert all(model.model.layers[i].mlp.down_proj._buffers.get("wpack", torch.empty(1)).numel() == 0
+                   if scheme == "int4" else model.model.layers[i].mlp.down_proj.weight.numel() == 0
+                   for i in sm.plan.streamed)                  # released after use
+    finally:
+        sm.close()
+
+
+def test_corrupted_shard_and_bad_directories(base, tmp_path):
+    model = truncated(base, 4)
+    ids = torch.randint(0, 49152, (1, 8))
+    fixed = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if ".layers." not in n)
+    per_block = sum(t.numel() * t.element_size() for t in model.model.layers[0].parameters())
+    with pytest.raises(LowbitError, match="too small"):
+        offload_blocks(model, fixed + per_block, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "something").write_text("x")
+    with pytest.raises(LowbitError, match="not empty"):
+        offload_blocks(copy.deepcopy(model), fixed + 2.5 * per_block, tmp_path / "full")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(LowbitError, match="cannot write"):
+        offload_blocks(copy.deepcopy(model), fixed + 2.5 * per_block, blocker / "sub")
+    m = copy.deepcopy(model)
+    sm = offload_blocks(m, fixed + 2.5 * per_block, tmp_path / "ok")
+    sm.close()
+    shard = tmp_path / "ok" / sm.store.shards[sm.plan.streamed[-1]]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    from lowbit.offload import DiskStore
+    store = DiskStore(tmp_path / "ok")
+    with pytest.raises(LowbitError, match="corrupted"):
+        store.load(sm.plan.streamed[-1])
+    assert not list(tmp_path.glob(".*partial*"))

@@ -89,6 +89,24 @@ CASES = [
     (IntSpec(4, 128, True), torch.float16, 16, dict(BLOCK_M=16, BLOCK_N=64, MODE=3, SPLIT_K=2)),
     (IntSpec(4, 32, False), torch.bfloat16, 17, dict(BLOCK_M=16, BLOCK_N=64, MODE=3, SPLIT_K=1)),
     (IntSpec(4, 64, False), torch.float32, 3, dict(BLOCK_M=16, BLOCK_N=64, MODE=1, SPLIT_K=1)),
+    # float16-pair GEMV (MODE 4): groups of 128, 64, 256 (one division per chunk) and per channel; several rows;
+    # last-program split-K reduction, second-kernel reduction, masked and unmasked (BLOCK_N dividing N) tiles
+    (IntSpec(4, 128, True), torch.float16, 1, dict(BLOCK_M=1, BLOCK_N=64, MODE=4, SPLIT_K=2, LAST=True)),
+    (IntSpec(4, 64, False), torch.float16, 1, dict(BLOCK_M=1, BLOCK_N=32, MODE=4, SPLIT_K=1)),
+    (IntSpec(4, 256, False), torch.float16, 3, dict(BLOCK_M=1, BLOCK_N=32, MODE=4, SPLIT_K=1)),
+    (IntSpec(4, -1, False), torch.float16, 3, dict(BLOCK_M=1, BLOCK_N=64, MODE=4, SPLIT_K=2)),
+    (IntSpec(4, 64, True), torch.float16, 1, dict(BLOCK_M=1, BLOCK_N=64, MODE=4, SPLIT_K=2, LAST=True)),
+    # MODE 4 asked for where it cannot run (bfloat16 x, groups of 32): the float32 GEMV instead
+    (IntSpec(4, 128, True), torch.bfloat16, 1, dict(BLOCK_M=1, BLOCK_N=64, MODE=4, SPLIT_K=2, LAST=True)),
+    (IntSpec(4, 32, False), torch.float16, 1, dict(BLOCK_M=1, BLOCK_N=64, MODE=4, SPLIT_K=1)),
+    # tensor-core dot per nibble on float16 pairs (DQ16), and the last-program reduction for every dot mode
+    (IntSpec(4, 128, True), torch.float16, 17, dict(BLOCK_M=16, BLOCK_N=64, MODE=1, SPLIT_K=2, LAST=True, DQ16=True)),
+    (IntSpec(4, 64, False), torch.float16, 3, dict(BLOCK_M=16, BLOCK_N=32, MODE=1, SPLIT_K=1, DQ16=True)),
+    (IntSpec(4, 256, True), torch.float16, 17, dict(BLOCK_M=16, BLOCK_N=64, MODE=1, SPLIT_K=2, DQ16=True)),
+    (IntSpec(4, -1, False), torch.float16, 3, dict(BLOCK_M=16, BLOCK_N=64, MODE=1, SPLIT_K=2, LAST=True, DQ16=True)),
+    (IntSpec(4, 32, True), torch.bfloat16, 3, dict(BLOCK_M=16, BLOCK_N=64, MODE=1, SPLIT_K=2, LAST=True, DQ16=True)),
+    (IntSpec(4, 64, True), torch.float16, 17, dict(BLOCK_M=16, BLOCK_N=64, MODE=2, SPLIT_K=2, LAST=True)),
+    (IntSpec(4, 128, False), torch.bfloat16, 17, dict(BLOCK_M=16, BLOCK_N=32, MODE=3, SPLIT_K=2, LAST=True)),
 ]
 
 
@@ -108,7 +126,9 @@ def test_matches_the_reference(spec, dtype, m, config):
 
 
 @pytest.mark.parametrize("config", [None, dict(BLOCK_M=1, BLOCK_N=64, SPLIT_K=2),
+                                    dict(BLOCK_M=1, BLOCK_N=64, MODE=4, SPLIT_K=2, LAST=True),
                                     dict(BLOCK_M=16, BLOCK_N=64, MODE=2, SPLIT_K=2, ATOMIC=True),
+                                    dict(BLOCK_M=16, BLOCK_N=64, MODE=1, SPLIT_K=2, LAST=True, DQ16=True),
                                     dict(BLOCK_M=16, BLOCK_N=32, MODE=3, SPLIT_K=1)])
 def test_a_poisoned_output_is_fully_overwritten(config):
     qt = _qt(IntSpec(4, 64, False))
@@ -120,6 +140,70 @@ def test_a_poisoned_output_is_fully_overwritten(config):
     assert y.data_ptr() == out.data_ptr()
     assert torch.isfinite(out).all()
     assert _rel(out, _reference(qt, x)) < 1e-2
+
+
+def test_last_program_reduction_leaves_its_counters_at_zero():
+    qt = _qt(IntSpec(4, 128, True))
+    packed = tw.repack(qt)
+    x = torch.randn(1, 256).half()
+    ref = _reference(qt, x)
+    cfg = dict(BLOCK_M=1, BLOCK_N=32, MODE=4, SPLIT_K=2, LAST=True)  # 3 tiles, 2 splits each
+    first = tw.w4a16_matmul(x, packed, 128, None, cfg)
+    counters = tw._counters(torch.device("cpu"), 3)
+    assert int(counters.abs().sum()) == 0
+    again = tw.w4a16_matmul(x, packed, 128, None, cfg)  # the counters are reused
+    assert torch.equal(first, again) and _rel(first, ref) < 1e-2
+
+
+def test_default_config_and_the_float16_pair_variants():
+    assert tw.default_config(1, 8192, 8192)["MODE"] == 4
+    assert tw.default_config(1, 8192, 8192, f16x2=False).get("MODE", 0) == 0
+    # one wave of MODE 4 programs: at most 9 per SM of 132, at least a few chunks per split
+    assert tw.default_config(1, 28672, 8192)["SPLIT_K"] == 2 and tw.default_config(1, 8192, 28672)["SPLIT_K"] == 9
+    assert tw.default_config(1, 8192, 8192)["SPLIT_K"] == 8 and tw.default_config(1, 4096, 4096)["SPLIT_K"] == 8
+    for m in (1, 16, 64, 128):
+        cfg = tw.default_config(m, 4096, 4096)
+        assert 1 <= cfg["SPLIT_K"] <= 32 and cfg["BLOCK_M"] in (1, 16, 32, 64, 128)
+    # the float16-pair emulation (interpreter) matches the float32 path to float16 rounding of the products
+    qt = _qt(IntSpec(4, 64, False), n=64, k=512)
+    packed = tw.repack(qt)
+    x = (torch.randn(1, 512) * 50).half()
+    ref = _reference(qt, x)
+    y4 = tw.w4a16_matmul(x, packed, 64, None, dict(BLOCK_M=1, BLOCK_N=32, MODE=4, SPLIT_K=1))
+    y0 = tw.w4a16_matmul(x, packed, 64, None, dict(BLOCK_M=1, BLOCK_N=32, SPLIT_K=1))
+    assert _rel(y4, ref) < 2e-3 and _rel(y0, ref) < 2e-3
+    yd = tw.w4a16_matmul(x, packed, 64, None, dict(BLOCK_M=16, BLOCK_N=32, MODE=1, SPLIT_K=1, DQ16=True))
+    assert _rel(yd, ref) < 2e-3
+
+
+def test_inline_ptx_assembles_for_sm90(monkeypatch):
+    """The float16-pair variants carry inline PTX that the interpreter never runs: compile them for an H100
+    (Triton's bundled ptxas, no GPU needed) so that a typo in the assembly fails here."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        import triton
+    except ImportError:
+        pytest.skip("no Triton compiler API")
+    names = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "p_ptr", "cnt_ptr", "M", "N", "K", "group_size",
+             "stride_xm", "stride_ym", "chunks_per_split"]
+    types = ["*fp16", "*i32", "*fp16", "*fp16", "*fp16", "*fp16", "*fp32", "*i32"] + ["i32"] * 7
+    base = dict(GROUP_NIBS=8, SYMMETRIC=False, HAS_BIAS=True, SPLIT_OUT=True, PREFETCH=False, ATOMIC=False,
+                DOT_F32=False, LAST=True, EVEN_N=True, G128=True, USE_ASM=True)
+    fn = triton.jit(tw._w4a16_body)
+    for extra in (dict(BLOCK_M=1, BLOCK_N=64, MODE=4, DQ16=False), dict(BLOCK_M=16, BLOCK_N=64, MODE=1, DQ16=True)):
+        consts = {**base, **extra}
+        sig = {**dict(zip(names, types)), **{k: "constexpr" for k in consts}}
+        try:
+            k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=4, num_stages=2))
+        except (RuntimeError, FileNotFoundError) as e:  # no ptxas / backend on this machine
+            if "ptxas" in str(e).lower() and "error" not in str(e).lower():
+                pytest.skip(str(e)[:200])
+            raise
+        assert "fma.rn.f16x2" in k.asm["ptx"] and len(k.asm["cubin"]) > 0
 
 
 def test_batched_input_and_quantlinear_end_to_end():

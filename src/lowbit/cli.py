@@ -173,8 +173,20 @@ def cmd_outliers(args) -> int:
 def cmd_generate(args) -> int:
     from . import generate, load_model
     loaded = load_model(args.model, kernel=args.kernel)
+    engine = args.engine
+    if args.max_memory is not None:
+        from .offload import offload_blocks
+        streamed = offload_blocks(loaded.model, args.max_memory, args.offload_dir)
+        print(streamed.plan.describe(), file=sys.stderr)
+        if streamed.plan.streamed and engine != "hf":
+            # the engine fuses q/k/v and gate/up into copies of the weights; streamed blocks run unfused
+            print("streaming blocks: generating with transformers' generate over the streamed model",
+                  file=sys.stderr)
+            engine = "hf"
+    elif args.offload_dir is not None:
+        raise LowbitError("--offload-dir needs --max-memory")
     r = generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
-                 engine=args.engine)
+                 engine=engine)
     print(r["text"])
     speed = r["decode_tokens_per_s"]
     compiled = f", compiled in {r['compile_seconds']:.1f} s" if r.get("compile_seconds") else ""
@@ -299,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_positive, default=64)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--kernel", default="auto")
+    g.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="weight budget (e.g. 300MB, 2GB): decoder blocks that do not fit are streamed, the next "
+                        "one read while the current one computes")
+    g.add_argument("--offload-dir", default=None, help="stream blocks from shards written here (default: RAM)")
     _add_engine_arg(g)
     g.set_defaults(func=cmd_generate)
     return p

@@ -1,6 +1,9 @@
-"""Running what does not fit: activation offloading for training (and, to come, weight streaming and KV-cache
-placement)."""
+"""Running what does not fit: decoder blocks streamed from RAM or disk under a memory budget with the next
+block prefetched, and activation offloading for training."""
 
 from .activations import OffloadStats, offload_activations
+from .store import DiskStore, RamStore
+from .stream import OffloadPlan, StreamedModel, offload_blocks, parse_size, plan_offload
 
-__all__ = ["offload_activations", "OffloadStats"]
+__all__ = ["offload_activations", "OffloadStats", "offload_blocks", "plan_offload", "parse_size", "OffloadPlan",
+           "StreamedModel", "DiskStore", "RamStore"]

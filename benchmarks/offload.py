@@ -1,0 +1,110 @@
+"""Decoding the default model under a weight budget smaller than its weights, blocks streamed from disk.
+
+For each configuration a fresh process loads the model, offloads the blocks that do not fit (`lowbit.offload`),
+and decodes greedily with transformers' generate over the streamed model. It records the plan, tokens/s, the
+RSS sampled during decoding, the process's RSS before any weights were loaded (the interpreter, torch and the
+tokenizer: the stated overhead), the bytes read per token, and the read bandwidth of the shards (from the
+page cache: the files were just written), which bounds tokens/s at bandwidth / bytes per token. A resident run
+of the same model is measured beside it.
+
+    python benchmarks/offload.py [--out benchmarks/results/offload]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = [("fp32", None, None), ("fp32", "300MB", "disk"), ("int4", None, None), ("int4", "150MB", "disk")]
+
+_CHILD = r"""
+import json, sys, time, copy, torch, gc
+from lowbit.eval.system import rss_bytes
+from lowbit.eval.memory import PeakRSS
+import lowbit
+scheme, budget, where, tmp = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+tok = lowbit.load_model("default").tokenizer   # warms the cache; the model itself is dropped
+gc.collect()
+overhead = rss_bytes()
+model = lowbit.load_model("default").model
+if scheme == "int4":
+    lowbit.quantize(model, lowbit.Recipe.default(lowbit.Scheme("rtn", lowbit.IntSpec(4, 64, True))), progress=False)
+plan = None
+if budget != "none":
+    from lowbit.offload import offload_blocks
+    sm = offload_blocks(model, budget, tmp + "/offload")
+    plan = sm.plan
+    gc.collect()
+    t0 = time.perf_counter(); n = 0
+    for i in plan.streamed:
+        n += sum(t.numel() * t.element_size() for t in sm.store.load(i).values())
+    read_gb_s = n / (time.perf_counter() - t0) / 1e9
+ids = tok("The history of the Python language", return_tensors="pt")["input_ids"]
+from transformers import GenerationConfig
+gc_ = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+with torch.no_grad():
+    model.generate(ids, generation_config=GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0))
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        out = model.generate(ids, generation_config=gc_)
+        dt = time.perf_counter() - t0
+weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+print(json.dumps({"scheme": scheme, "budget": budget, "tokens_per_s": 32 / dt, "peak_rss": mem.peak_bytes,
+                  "overhead_rss": overhead, "tokens": out[0, ids.shape[1]:].tolist(),
+                  "plan": None if plan is None else plan.describe(),
+                  "bytes_per_token": None if plan is None else plan.bytes_moved_per_pass,
+                  "planned_peak_weights": None if plan is None else plan.peak_weight_bytes,
+                  "budget_bytes": None if plan is None else plan.budget,
+                  "read_gb_s": None if plan is None else read_gb_s,
+                  "resident_weight_bytes": weights}))
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/offload")
+    args = ap.parse_args()
+    rows = []
+    for scheme, budget, where in CONFIGS:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = subprocess.run([sys.executable, "-c", _CHILD, scheme, budget or "none", where or "none", tmp],
+                               capture_output=True, text=True)
+            if r.returncode:
+                print(r.stderr[-3000:], file=sys.stderr)
+                return 1
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            print(rows[-1]["plan"] or f"{scheme}: resident", file=sys.stderr)
+    by = {(r["scheme"], r["budget"]): r for r in rows}
+    lines = ["| model | weight budget | blocks streamed | MB read / token | decode tok/s | bound tok/s (shard read "
+             "GB/s) | peak RSS while decoding, MiB | of which interpreter + torch + tokenizer | same tokens as "
+             "resident |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        resident = by[(r["scheme"], "none")]
+        streamed = r["plan"].split(", ")[2].split(" ")[0] if r["plan"] else "0"
+        mb = f"{r['bytes_per_token'] / 1e6:.1f}" if r["bytes_per_token"] else "0"
+        bound = (f"{r['read_gb_s'] * 1e9 / r['bytes_per_token']:.0f} ({r['read_gb_s']:.1f})"
+                 if r["bytes_per_token"] else "—")
+        lines.append(f"| {r['scheme']} ({r['resident_weight_bytes'] / 1e6:.0f} MB of weights) | "
+                     f"{r['budget'] or 'none (resident)'} | {streamed} | {mb} | {r['tokens_per_s']:.1f} | {bound} | "
+                     f"{r['peak_rss'] / 2**20:.0f} | {r['overhead_rss'] / 2**20:.0f} | "
+                     f"{'yes' if r['tokens'] == resident['tokens'] else 'NO'} |")
+    md = "\n".join(lines) + "\n\n" + "\n\n".join(f"```\n{r['plan']}\n```" for r in rows if r["plan"]) + "\n"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".md", md), (".json", json.dumps({"rows": rows, "date": time.strftime("%Y-%m-%d %H:%M")},
+                                                             indent=2))):
+        tmp = out.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out.with_suffix(suffix))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""Weight stores: where the tensors of a decoder block live while they are not resident.
+
+`DiskStore` writes each block as one safetensors shard in an offload directory, with a manifest
+(`offload.json`: per shard its file name, byte size and SHA-256) written last, so a directory without a manifest
+is never taken for a complete store. Shards are read through memory maps; each shard's checksum is verified the
+first time it is read in a process (a corrupted or truncated shard is an error, not wrong logits).
+`RamStore` keeps the tensors in host memory (pinned when the compute device is a GPU).
+
+A block's tensors are its parameters and buffers by name (`module.state_dict(keep_vars=True)` names, including
+non-persistent buffers such as a QuantLinear's packed weight), stored exactly as they are: dtype, shape, bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LowbitError
+
+MANIFEST = "offload.json"
+
+
+def block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of a block, persistent or not, by qualified name."""
+    out = {}
+    for mod_name, mod in block.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for name, p in mod._parameters.items():
+            if p is not None:
+                out[prefix + name] = p
+        for name, b in mod._buffers.items():
+            if b is not None:
+                out[prefix + name] = b
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class RamStore:
+    """Block tensors kept in host memory; `load` hands them back without copying."""
+
+    kind = "ram"
+
+    def __init__(self, pin_memory: bool = False):
+        self.pin_memory = pin_memory
+        self.blocks: dict[int, dict[str, torch.Tensor]] = {}
+
+    def put(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.blocks[index] = {k: (v.detach().cpu().pin_memory() if self.pin_memory else v.detach().cpu())
+                              for k, v in tensors.items()}
+
+    def load(self, index: int) -> dict[str, torch.Tensor]:
+        return self.blocks[index]
+
+    def nbytes(self, index: int) -> int:
+        return sum(t.numel() * t.element_size() for t in self.blocks[index].values())
+
+
+class DiskStore:
+    """Block tensors in safetensors shards under `root`, read through memory maps and copied into RAM."""
+
+    kind = "disk"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.shards: dict[int, dict] = {}
+        self._verified: set[int] = set()
+        manifest = self.root / MANIFEST
+        if manifest.is_file():
+            try:
+                self.shards = {int(k): v for k, v in json.loads(manifest.read_text())["shards"].items()}
+            except (ValueError, KeyError, TypeError) as e:
+                raise LowbitError(f"corrupt offload manifest {manifest}: {e}") from None
+
+    @classmethod
+    def create(cls, root: str | os.PathLike, blocks: dict[int, dict[str, torch.Tensor]]) -> "DiskStore":
+        """Write all shards into a temporary directory beside root, then rename it to root (atomic)."""
+        from safetensors.torch import save_file
+        root = Path(root)
+        if root.exists() and any(root.iterdir()):
+            raise LowbitError(f"offload directory {root} is not empty")
+        try:
+            root.parent.mkdir(parents=True, exist_ok=True)
+            tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            raise LowbitError(f"cannot write the offload directory {root}: {e.strerror or e}") from None
+        try:
+            shards = {}
+            for i, tensors in blocks.items():
+                name = f"block-{i:05d}.safetensors"
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+                shards[i] = {"file": name, "bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            (tmp / MANIFEST).write_text(json.dumps({"shards": {str(k): v for k, v in shards.items()}}, indent=1))
+            if root.exists():
+                root.rmdir()
+            tmp.rename(root)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise LowbitError(f"cannot write the offload directory {root}: {e.strerror or e}") from None
+        store = cls(root)
+        store._verified = set(shards)   # just written and hashed
+        return store
+
+    def _path(self, index: int) -> Path:
+        if index not in self.shards:
+            raise LowbitError(f"offload store {self.root} has no shard for block {index}")
+        return self.root / self.shards[index]["file"]
+
+    def verify(self, index: int) -> None:
+        path, meta = self._path(index), self.shards[index]
+        if not path.is_file() or path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+            raise LowbitError(f"offloaded shard {path.name} is corrupted or truncated (checksum mismatch)")
+        self._verified.add(index)
+
+    def load(self, index: int) -> dict[str, torch.Tensor]:
+        """The block's tensors, read from disk into fresh RAM tensors."""
+        from safetensors import safe_open
+        if index not in self._verified:
+            self.verify(index)
+        with safe_open(str(self._path(index)), framework="pt") as f:
+            # packed CPU kernels need aligned storage: copy any tensor the reader left unaligned
+            return {k: (t if t.data_ptr() % 64 == 0 else t.clone()) for k in f.keys() for t in [f.get_tensor(k)]}
+
+    def nbytes(self, index: int) -> int:
+        return self.shards[index]["bytes"]

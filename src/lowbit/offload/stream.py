@@ -1,0 +1,207 @@
+"""Streaming decoder blocks from a weight store under a memory budget, with the next block prefetched.
+
+`plan_offload` decides, for a budget in bytes, which blocks stay resident and which stream: everything that
+is not a block (embedding, final norm, lm_head) stays; blocks stay resident in order while they fit, leaving
+room for two streamed blocks (the one computing and the one being read ahead). `offload_blocks` then moves
+the streamed blocks' tensors into a store (RAM or disk) and installs hooks on them:
+    before block i runs   its tensors are taken from the prefetch (waiting if the read is not done) and
+                          the read of the next streamed block starts on a background thread;
+    after block i ran     its tensors are released again.
+The values are the stored bytes, so outputs are identical to the fully resident model's. The reader thread
+is instrumented (`StreamedModel.events`) so tests can check that reads run ahead of compute.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import LowbitError
+from ..models.arch import arch_for
+from .store import DiskStore, RamStore, block_tensors
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '1.5 GiB', '800MB', '123456' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise LowbitError(f"cannot read the size '{text}' (examples: 800MB, 2GB, 1.5GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class OffloadPlan:
+    budget: int
+    fixed_bytes: int                  # embedding, final norm, lm_head and anything else outside the blocks
+    block_bytes: list[int]
+    resident: list[int]               # block indices kept in memory
+    streamed: list[int]               # block indices read from the store for every forward pass
+
+    @property
+    def bytes_moved_per_pass(self) -> int:
+        return sum(self.block_bytes[i] for i in self.streamed)
+
+    @property
+    def peak_weight_bytes(self) -> int:
+        """Weights in memory at the worst moment: fixed + resident + two streamed blocks."""
+        two = sorted((self.block_bytes[i] for i in self.streamed), reverse=True)[:2]
+        return self.fixed_bytes + sum(self.block_bytes[i] for i in self.resident) + sum(two)
+
+    def describe(self) -> str:
+        mb = 1e6
+        lines = [f"offload plan: budget {self.budget / mb:.1f} MB; always resident (embedding, norm, lm_head) "
+                 f"{self.fixed_bytes / mb:.1f} MB; {len(self.resident)} blocks resident "
+                 f"({sum(self.block_bytes[i] for i in self.resident) / mb:.1f} MB), {len(self.streamed)} streamed "
+                 f"({self.bytes_moved_per_pass / mb:.1f} MB read per forward pass, i.e. per decoded token); "
+                 f"peak weights in memory {self.peak_weight_bytes / mb:.1f} MB"]
+        if self.resident:
+            lines.append(f"  resident blocks: {_ranges(self.resident)}")
+        if self.streamed:
+            lines.append(f"  streamed blocks: {_ranges(self.streamed)}")
+        return "\n".join(lines)
+
+
+def _ranges(xs: list[int]) -> str:
+    out, start = [], None
+    for i, x in enumerate(xs):
+        if start is None:
+            start = x
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ", ".join(out)
+
+
+def plan_offload(fixed_bytes: int, block_bytes: list[int], budget: int) -> OffloadPlan:
+    """Keep blocks resident from the first on while the rest still leaves room for two streamed blocks."""
+    if not block_bytes:
+        raise LowbitError("the model has no decoder blocks to offload")
+    largest = max(block_bytes)
+    if budget < fixed_bytes + 2 * largest:
+        raise LowbitError(f"memory budget {budget / 1e6:.1f} MB is too small: the parts that always stay resident "
+                          f"({fixed_bytes / 1e6:.1f} MB) plus two of the largest block ({largest / 1e6:.1f} MB "
+                          f"each) need {(fixed_bytes + 2 * largest) / 1e6:.1f} MB")
+    if fixed_bytes + sum(block_bytes) <= budget:
+        return OffloadPlan(budget, fixed_bytes, block_bytes, list(range(len(block_bytes))), [])
+    resident, used = [], fixed_bytes
+    for i, b in enumerate(block_bytes):
+        rest = block_bytes[i + 1:]
+        window = sum(sorted(rest, reverse=True)[:2])
+        if used + b + window > budget or not rest:
+            break
+        resident.append(i)
+        used += b
+    streamed = [i for i in range(len(block_bytes)) if i not in resident]
+    return OffloadPlan(budget, fixed_bytes, block_bytes, resident, streamed)
+
+
+@dataclass
+class StreamedModel:
+    """What `offload_blocks` did: the plan, the store, and a log of (event, block, time) for instrumentation."""
+
+    model: nn.Module
+    plan: OffloadPlan
+    store: object
+    events: list = field(default_factory=list)
+    _executor: ThreadPoolExecutor | None = None
+    _pending: dict = field(default_factory=dict)
+    _handles: list = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _log(self, what: str, index: int) -> None:
+        with self._lock:
+            self.events.append((what, index, time.perf_counter()))
+
+    def _read(self, index: int) -> dict[str, torch.Tensor]:
+        self._log("read_start", index)
+        tensors = self.store.load(index)
+        self._log("read_end", index)
+        return tensors
+
+    def _prefetch(self, index: int) -> Future:
+        if index not in self._pending:
+            self._pending[index] = self._executor.submit(self._read, index)
+        return self._pending[index]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+
+def _set_tensors(block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        mod_name, _, leaf = name.rpartition(".")
+        mod = block.get_submodule(mod_name) if mod_name else block
+        if leaf in mod._parameters:
+            mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        else:
+            mod._buffers[leaf] = t
+
+
+def _placeholders(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(0, dtype=v.dtype, device=v.device) for k, v in tensors.items()}
+
+
+def offload_blocks(model: nn.Module, budget: int | str, offload_dir: str | None = None,
+                   pin_memory: bool = False) -> StreamedModel:
+    """Stream the model's decoder blocks that do not fit in `budget` (bytes or '2GB') from a store: disk shards in
+    offload_dir if given, else host RAM. Prints nothing; `result.plan.describe()` says what was decided."""
+    budget = parse_size(budget) if isinstance(budget, str) else int(budget)
+    arch = arch_for(model.config)
+    blocks = model.get_submodule(arch.blocks)
+    per_block = [block_tensors(b) for b in blocks]
+    block_ids = {id(t) for ts in per_block for t in ts.values()}
+    seen, fixed = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in block_ids and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            fixed += t.numel() * t.element_size()
+    plan = plan_offload(fixed, [_nbytes(ts.values()) for ts in per_block], budget)
+    streamed = {i: per_block[i] for i in plan.streamed}
+    if offload_dir is not None:
+        store = DiskStore.create(offload_dir, streamed)
+    else:
+        store = RamStore(pin_memory)
+        for i, ts in streamed.items():
+            store.put(i, ts)
+    sm = StreamedModel(model, plan, store)
+    if not plan.streamed:
+        return sm
+    sm._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowbit-prefetch")
+    order = plan.streamed
+    for pos, i in enumerate(order):
+        block = blocks[i]
+        empty = _placeholders(per_block[i])
+        _set_tensors(block, empty)
+        nxt = order[(pos + 1) % len(order)]
+
+        def pre_hook(module, args, kwargs=None, i=i, nxt=nxt):
+            tensors = sm._prefetch(i).result()
+            sm._pending.pop(i, None)
+            _set_tensors(module, tensors)
+            sm._log("compute_start", i)
+            sm._prefetch(nxt)          # the next streamed block is read while this one computes
+
+        def post_hook(module, args, output, i=i, empty=empty):
+            sm._log("compute_end", i)
+            _set_tensors(module, empty)
+
+        sm._handles.append(block.register_forward_pre_hook(pre_hook))
+        sm._handles.append(block.register_forward_hook(post_hook))
+    sm._prefetch(order[0])
+    return sm
