@@ -1,5 +1,6 @@
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 import lowbit
 
 torch.manual_seed(0)
+os.environ.setdefault("LOWBIT_STRICT_COMPILE", "1")   # a compiled engine that fails must fail the test, not go eager
 
 
 @pytest.fixture(scope="session")

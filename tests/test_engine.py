@@ -210,3 +210,13 @@ def test_kv_cache_bad_options():
         Engine(model, compile=False, kv_bits=3)
     with pytest.raises(LowbitError, match="group size"):
         Engine(model, compile=False, kv_bits=4, kv_group_size=24)
+
+
+def test_compiled_engines_of_different_models_do_not_share_graphs():
+    """Engines keep separate compiled graphs: a 16-bit model and a quantized one with the same cache dtype
+    and shapes must each run their own."""
+    plain = _tiny_model("llama").to(torch.bfloat16)
+    q = quantized(_tiny_model("llama"), bits=8, group_size=-1)
+    ids = torch.randint(0, 256, (1, 6))
+    for model in (plain, q, plain):
+        assert torch.equal(Engine(model, compile=True).generate(ids, 10)["tokens"], reference_tokens(model, ids, 10))

@@ -10,8 +10,11 @@ bucket and attention never reads much more cache than it needs.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 import logging
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -71,6 +74,18 @@ def _bucket(n: int) -> int:
     return b
 
 
+_ENGINE_COUNT = itertools.count()
+
+
+def _own_code(method):
+    """The bound method with a private copy of its code object. torch.compile keeps its compiled graphs and
+    their guards per code object; since the guards on weights and modules are skipped, two engines sharing one
+    code object could pick up each other's graphs. A copy per engine keeps their caches apart."""
+    code = method.__func__.__code__.replace(co_name=f"{method.__name__}_{next(_ENGINE_COUNT)}")
+    fn = types.FunctionType(code, method.__func__.__globals__, code.co_name)
+    return types.MethodType(fn, method.__self__)
+
+
 class Engine:
     """Fast greedy generation for a loaded (quantized or not) llama-family model, batch 1.
 
@@ -90,7 +105,7 @@ class Engine:
         self._compiled_once = False
         self._step = self._decode_step
         if compile:
-            self._step = torch.compile(self._decode_step, dynamic=False, options=_inductor_options())
+            self._step = torch.compile(_own_code(self._decode_step), dynamic=False, options=_inductor_options())
 
     def _decode_step(self, token, pos, visible):
         logits = self.decoder(token, pos, visible)
@@ -121,7 +136,7 @@ class Engine:
             with _aten_reductions():
                 out = self._step(token, self.decoder.positions[pos:pos + 1], visible)
         except Exception as e:  # noqa: BLE001 - a model the compiler cannot handle still runs, eagerly
-            if self._compiled_once:
+            if self._compiled_once or os.environ.get("LOWBIT_STRICT_COMPILE"):
                 raise
             import traceback
             where = traceback.extract_tb(e.__traceback__)[-1]
