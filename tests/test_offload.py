@@ -153,3 +153,34 @@ def test_corrupted_shard_and_bad_directories(base, tmp_path):
     with pytest.raises(LowbitError, match="corrupted"):
         store.load(sm.plan.streamed[-1])
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_open_streamed_reads_blocks_from_the_model_files(tiny_dir, tmp_path):
+    from lowbit.offload import open_streamed
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(2)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False, max_position_embeddings=128)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(tmp_path / "m")
+    tiny_dir = tmp_path / "m"
+    full = lowbit_load(tiny_dir).model
+    ids = torch.randint(0, 1000, (1, 16))
+    want = _logits(full, ids)
+    per_block = sum(p.numel() * p.element_size() for p in full.model.layers[0].parameters())
+    fixed = sum(p.numel() * p.element_size() for n, p in full.named_parameters() if ".layers." not in n)
+    loaded, sm = open_streamed(tiny_dir, fixed + 3.5 * per_block, dtype=torch.float32)
+    try:
+        assert sm.plan.resident == [0] and sm.plan.streamed == [1, 2, 3, 4]
+        assert all(p.numel() == 0 for p in loaded.model.model.layers[3].parameters())   # never loaded whole
+        assert torch.equal(_logits(loaded.model, ids), want)
+        assert torch.equal(_logits(loaded.model, ids), want)
+    finally:
+        sm.close()
+    with pytest.raises(LowbitError, match="too small"):
+        open_streamed(tiny_dir, fixed, dtype=torch.float32)
+
+
+def lowbit_load(path):
+    import lowbit
+    return lowbit.load_model(path)

@@ -172,21 +172,29 @@ def cmd_outliers(args) -> int:
 
 def cmd_generate(args) -> int:
     from . import generate, load_model
-    loaded = load_model(args.model, kernel=args.kernel)
+    from .models.sources import is_lowbit_checkpoint, resolve_source
     engine = args.engine
-    if args.max_memory is not None:
-        from .offload import offload_blocks
-        streamed = offload_blocks(loaded.model, args.max_memory, args.offload_dir)
+    if args.offload_dir is not None and args.max_memory is None:
+        raise LowbitError("--offload-dir needs --max-memory")
+    path = resolve_source(args.model)
+    if args.max_memory is not None and path.is_dir() and not is_lowbit_checkpoint(path) and args.offload_dir is None:
+        from .offload import open_streamed     # a HF directory: blocks beyond the budget are never loaded whole
+        loaded, streamed = open_streamed(path, args.max_memory)
+    else:
+        loaded = load_model(args.model, kernel=args.kernel)
+        streamed = None
+        if args.max_memory is not None:
+            from .offload import offload_blocks
+            streamed = offload_blocks(loaded.model, args.max_memory, args.offload_dir)
+    if streamed is not None:
         print(streamed.plan.describe(), file=sys.stderr)
         if streamed.plan.streamed and engine != "hf":
             # the engine fuses q/k/v and gate/up into copies of the weights; streamed blocks run unfused
             print("streaming blocks: generating with transformers' generate over the streamed model",
                   file=sys.stderr)
             engine = "hf"
-    elif args.offload_dir is not None:
-        raise LowbitError("--offload-dir needs --max-memory")
     r = generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
-                 engine=engine)
+                 engine=engine, kv_bits=args.kv_bits)
     print(r["text"])
     speed = r["decode_tokens_per_s"]
     compiled = f", compiled in {r['compile_seconds']:.1f} s" if r.get("compile_seconds") else ""
@@ -315,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight budget (e.g. 300MB, 2GB): decoder blocks that do not fit are streamed, the next "
                         "one read while the current one computes")
     g.add_argument("--offload-dir", default=None, help="stream blocks from shards written here (default: RAM)")
+    g.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
+                   help="keep the KV cache in INT8 or INT4 (per head, position and 64-channel group)")
     _add_engine_arg(g)
     g.set_defaults(func=cmd_generate)
     return p

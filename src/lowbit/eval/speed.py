@@ -17,16 +17,16 @@ ENGINES = ("compiled", "eager", "hf")
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {kind: Engine}
 
 
-def engine_for(model, engine: str = "compiled"):
-    """The model's lowbit engine of that kind, built once per model and kept on it (compiling is costly)."""
+def engine_for(model, engine: str = "compiled", kv_bits: int | None = None):
+    """The model's lowbit engine of that kind, built once per model and kept beside it (compiling is costly)."""
     from ..engine import Engine
     if engine not in ("compiled", "eager"):
         raise LowbitError(f"unknown engine '{engine}'; choose from {', '.join(ENGINES)}")
     # kept beside the model, not on it, so that a deepcopy of the model never inherits another model's engine
     cache = _ENGINES.setdefault(model, {})
-    if engine not in cache:
-        cache[engine] = Engine(model, compile=engine == "compiled")
-    return cache[engine]
+    if (engine, kv_bits) not in cache:
+        cache[(engine, kv_bits)] = Engine(model, compile=engine == "compiled", kv_bits=kv_bits)
+    return cache[(engine, kv_bits)]
 
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
@@ -44,7 +44,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = False,
-             engine: str = "compiled") -> dict:
+             engine: str = "compiled", kv_bits: int | None = None) -> dict:
     """Greedy continuation of `prompt`; returns text, token counts, and timings.
 
     decode_tokens_per_s excludes the prompt's forward pass, which is timed on its own (prefill). With a lowbit
@@ -52,8 +52,10 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
     the speeds.
     """
     ids = _prompt_ids(tokenizer, prompt, chat)
+    if kv_bits is not None and engine == "hf":
+        raise LowbitError("a quantized KV cache needs a lowbit engine (--engine compiled or eager)")
     if engine != "hf":
-        e = engine_for(model, engine)
+        e = engine_for(model, engine, kv_bits)
         compile_s = e.warmup() if engine == "compiled" else 0.0
         t0 = time.perf_counter()
         r = e.generate(ids, max_new_tokens, eos_token_id=_eos_ids(model, tokenizer))

@@ -3,7 +3,8 @@ block prefetched, and activation offloading for training."""
 
 from .activations import OffloadStats, offload_activations
 from .store import DiskStore, RamStore
-from .stream import OffloadPlan, StreamedModel, offload_blocks, parse_size, plan_offload
+from .stream import OffloadPlan, StreamedModel, install_streaming, offload_blocks, parse_size, plan_offload
+from .lazy import SafetensorsStore, open_streamed
 
 __all__ = ["offload_activations", "OffloadStats", "offload_blocks", "plan_offload", "parse_size", "OffloadPlan",
-           "StreamedModel", "DiskStore", "RamStore"]
+           "StreamedModel", "DiskStore", "RamStore", "SafetensorsStore", "open_streamed", "install_streaming"]

@@ -179,6 +179,14 @@ def offload_blocks(model: nn.Module, budget: int | str, offload_dir: str | None 
         store = RamStore(pin_memory)
         for i, ts in streamed.items():
             store.put(i, ts)
+    for i in plan.streamed:
+        _set_tensors(blocks[i], _placeholders(per_block[i]))
+    return install_streaming(model, plan, store, blocks)
+
+
+def install_streaming(model: nn.Module, plan: OffloadPlan, store, blocks: nn.ModuleList) -> StreamedModel:
+    """Hooks that bring each streamed block's tensors from `store` before it runs (prefetching the next one)
+    and release them after; the streamed blocks must already hold empty placeholders."""
     sm = StreamedModel(model, plan, store)
     if not plan.streamed:
         return sm
@@ -186,11 +194,10 @@ def offload_blocks(model: nn.Module, budget: int | str, offload_dir: str | None 
     order = plan.streamed
     for pos, i in enumerate(order):
         block = blocks[i]
-        empty = _placeholders(per_block[i])
-        _set_tensors(block, empty)
+        empty = _placeholders(block_tensors(block))
         nxt = order[(pos + 1) % len(order)]
 
-        def pre_hook(module, args, kwargs=None, i=i, nxt=nxt):
+        def pre_hook(module, args, i=i, nxt=nxt):
             tensors = sm._prefetch(i).result()
             sm._pending.pop(i, None)
             _set_tensors(module, tensors)

@@ -1,0 +1,176 @@
+"""Opening a Hugging Face safetensors model that does not fit in memory: blocks are read from its own files.
+
+The model is built on the meta device (no memory), then only what the plan keeps resident is read from the
+safetensors files: the parts outside the decoder blocks and the blocks that fit the budget. Streamed blocks are
+never loaded whole: `SafetensorsStore` reads one block's tensors from the model's files when the block is about
+to run (through the same prefetching hooks as `offload_blocks`). Peak memory is therefore the budget plus the
+runtime's own overhead, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LowbitError
+from ..models.arch import arch_for
+from ..models.sources import Loaded, check_safetensors, read_config
+from .stream import StreamedModel, install_streaming, parse_size, plan_offload
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "F64": 8, "BOOL": 1}
+
+
+def _index(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    idx = path / "model.safetensors.index.json"
+    if idx.is_file():
+        return {k: path / v for k, v in json.loads(idx.read_text())["weight_map"].items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LowbitError(f"{path} has no safetensors weights (streaming needs safetensors)")
+    from safetensors import safe_open
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: f for k in h.keys()})
+    return out
+
+
+_FLOAT = {"F32", "F16", "BF16", "F64"}
+
+
+def _held_bytes(files: set[Path], dtype: torch.dtype) -> dict[str, int]:
+    """Tensor name -> bytes once loaded (floating tensors in `dtype`), from the safetensors headers only."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    out = {}
+    for f in files:
+        with open(f, "rb") as h:
+            n = int.from_bytes(h.read(8), "little")
+            header = json.loads(h.read(n))
+        for k, v in header.items():
+            if k != "__metadata__":
+                numel = 1
+                for d in v["shape"]:
+                    numel *= d
+                out[k] = numel * (size if v["dtype"] in _FLOAT else _DTYPE_BYTES.get(v["dtype"], 4))
+    return out
+
+
+class SafetensorsStore:
+    """Block i's tensors, read from the model's own safetensors files (names relative to the block)."""
+
+    kind = "safetensors"
+
+    def __init__(self, files_by_block: dict[int, dict[str, tuple[Path, str]]], dtype: torch.dtype):
+        self.files_by_block = files_by_block
+        self.dtype = dtype
+
+    def load(self, index: int) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for local, (f, full) in self.files_by_block[index].items():
+            by_file.setdefault(f, []).append((local, full))
+        out = {}
+        for f, names in by_file.items():
+            with safe_open(str(f), framework="pt") as h:
+                for local, full in names:
+                    t = h.get_tensor(full)
+                    out[local] = t.to(self.dtype) if t.is_floating_point() and t.dtype != self.dtype else t
+        return out
+
+
+def open_streamed(path: str | Path, budget: int | str, dtype: torch.dtype = torch.bfloat16) -> tuple[Loaded, StreamedModel]:
+    """Open the HF directory `path` with at most `budget` bytes of weights in memory; returns the loaded model
+    (blocks beyond the budget streamed from the model's files) and the streaming state (plan, events)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    path = Path(path)
+    budget = parse_size(budget) if isinstance(budget, str) else int(budget)
+    arch = arch_for(read_config(path))
+    index = _index(path)
+    for f in set(index.values()):
+        check_safetensors(f)
+    sizes = _held_bytes(set(index.values()), dtype)
+    config = AutoConfig.from_pretrained(str(path))
+    prefix = arch.blocks + "."
+    n_blocks = config.num_hidden_layers
+    block_of = {}
+    for name in index:
+        m = re.match(re.escape(prefix) + r"(\d+)\.(.+)", name)
+        if m:
+            block_of[name] = (int(m.group(1)), m.group(2))
+
+    block_bytes = [0] * n_blocks
+    fixed = 0
+    for name in index:
+        b = sizes[name]
+        if name in block_of:
+            block_bytes[block_of[name][0]] += b
+        else:
+            fixed += b
+    plan = plan_offload(fixed, block_bytes, budget)
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    resident = set(plan.resident)
+    from safetensors import safe_open
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(set(index.values())):
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():
+                blk = block_of.get(name)
+                if blk is None or blk[0] in resident:
+                    t = h.get_tensor(name)
+                    state[name] = t.to(dtype) if t.is_floating_point() else t
+    missing = [k for k in model.state_dict() if k not in state and not _tied(model, k)]
+    blocks = model.get_submodule(arch.blocks)
+    streamed_names = {f"{prefix}{i}." for i in plan.streamed}
+    missing = [k for k in missing if not any(k.startswith(p) for p in streamed_names)]
+    if missing:
+        raise LowbitError(f"{path}: weights missing from the safetensors files: {', '.join(missing[:5])}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _rebuild_meta_buffers(model, config)
+    stored = {i: {} for i in plan.streamed}
+    for name, (i, local) in block_of.items():
+        if i in stored:
+            stored[i][local] = (index[name], name)
+    store = SafetensorsStore(stored, dtype)
+    # placeholders of the right dtype for the streamed blocks (their parameters stay empty between uses)
+    for i in plan.streamed:
+        for mod in blocks[i].modules():
+            for k, p in list(mod._parameters.items()):
+                if p is not None:
+                    mod._parameters[k] = nn.Parameter(torch.empty(0, dtype=p.dtype), requires_grad=False)
+            for k, b in list(mod._buffers.items()):
+                if b is not None and b.is_meta:
+                    mod._buffers[k] = torch.empty(0, dtype=b.dtype)
+    model.eval()
+    sm = install_streaming(model, plan, store, blocks)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"cannot load the tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    return Loaded(model, tokenizer, str(path)), sm
+
+
+def _tied(model, key: str) -> bool:
+    return key.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
+
+
+def _rebuild_meta_buffers(model: nn.Module, config) -> None:
+    """Modules whose buffers were computed at construction (rotary tables) are rebuilt on the CPU."""
+    for name, mod in list(model.named_modules()):
+        if any(b is not None and b.is_meta for b in mod._buffers.values()) and not any(
+                p is not None for p in mod._parameters.values()):
+            try:
+                fresh = type(mod)(config=config)
+            except TypeError:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, fresh)
