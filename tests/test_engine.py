@@ -9,7 +9,7 @@ from lowbit.engine import Engine
 from lowbit.nn import QuantLinear
 from lowbit.nn.fuse import fuse_linears
 
-from conftest import quantized
+from conftest import quantized, truncated
 
 PROMPT = "The history of the Python language"
 
@@ -220,3 +220,31 @@ def test_compiled_engines_of_different_models_do_not_share_graphs():
     ids = torch.randint(0, 256, (1, 6))
     for model in (plain, q, plain):
         assert torch.equal(Engine(model, compile=True).generate(ids, 10)["tokens"], reference_tokens(model, ids, 10))
+
+
+# --- every scheme: the engine computes what the model's own forward computes ------------------------------
+
+@pytest.mark.parametrize("method,options", [
+    ("gptq", {}), ("awq", {}), ("w8a8-naive", {}), ("w8a8-smooth", {"act_granularity": "token"}),
+    ("llm-int8", {}), ("llm-int8", {"outlier_fraction": 0.01}), ("fp8", {}), ("fp8", {"act": "fp8"}),
+    ("rtn-3bit", {}),
+])
+def test_engine_equals_model_forward_for_every_scheme(base, tokenizer, method, options):
+    import lowbit
+    from lowbit.algorithms import FIXED_SPECS
+    from lowbit.data import calibration_samples, load_text
+    model = truncated(base, 3)
+    spec = lowbit.IntSpec(3, 64, False) if method == "rtn-3bit" else FIXED_SPECS.get(method, lowbit.IntSpec(4, 64, False))
+    scheme = lowbit.Scheme("rtn" if method == "rtn-3bit" else method, spec, options=options)
+    calib = calibration_samples(tokenizer, load_text(None, "calibration"), n=2, seqlen=64, seed=0)
+    lowbit.quantize(model, lowbit.Recipe.default(scheme), calibration=calib, progress=False)
+    ids = torch.randint(0, 49152, (1, 10))
+    engine = Engine(model, compile=False)
+    engine.reserve(16)
+    with torch.no_grad():
+        assert torch.equal(engine.prefill(ids[:, :9]), reference_logits(model, ids[:, :9]))
+        logits, _ = engine.decode(ids[:, 9:], 9)
+        out = model(ids[:, :9], use_cache=True)            # the reference's own decode step, one row
+        want = model(ids[:, 9:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+    assert torch.equal(logits, want)
+    assert torch.equal(engine.generate(ids[:, :9], 8)["tokens"], reference_tokens(model, ids[:, :9], 8))
