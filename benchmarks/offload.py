@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-CONFIGS = [("fp32", None, None), ("fp32", "300MB", "disk"), ("int4", None, None), ("int4", "150MB", "disk")]
+# fp32: the default model saved as a Hugging Face directory and opened lazily (streamed blocks never loaded);
+# int4: a quantized model loaded whole, then its streamed blocks written to disk shards
+CONFIGS = [("fp32", None, None), ("fp32", "300MB", "lazy"), ("int4", None, None), ("int4", "90MB", "disk")]
 LARGE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
              num_key_value_heads=4, vocab_size=49152, tie_word_embeddings=False, max_position_embeddings=2048)
 
@@ -48,11 +50,12 @@ t0 = time.perf_counter(); n = 0
 for i in sm.plan.streamed:
     n += sum(t.numel() * t.element_size() for t in sm.store.load(i).values())
 read = n / (time.perf_counter() - t0) / 1e9
-print(json.dumps({"scheme": "generated llama 1.2B bf16", "budget": budget, "tokens_per_s": 8 / dt,
+print(json.dumps({"scheme": "generated llama 1.2B bf16", "budget": budget, "rss_curve": mem.samples, "tokens_per_s": 8 / dt,
                   "peak_rss": max(mem.peak_bytes, load_mem.peak_bytes), "overhead_rss": overhead,
                   "plan": sm.plan.describe(), "bytes_per_token": sm.plan.bytes_moved_per_pass,
                   "planned_peak_weights": sm.plan.peak_weight_bytes, "budget_bytes": sm.plan.budget,
                   "read_gb_s": read, "resident_weight_bytes": sm.plan.fixed_bytes + sum(sm.plan.block_bytes),
+                  "streamed_blocks": len(sm.plan.streamed), "store": "lazy",
                   "tokens": None}))
 """
 
@@ -82,14 +85,22 @@ scheme, budget, where, tmp = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 tok = lowbit.load_model("default").tokenizer   # warms the cache; the model itself is dropped
 gc.collect()
 overhead = rss_bytes()
-model = lowbit.load_model("default").model
-if scheme == "int4":
-    lowbit.quantize(model, lowbit.Recipe.default(lowbit.Scheme("rtn", lowbit.IntSpec(4, 64, True))), progress=False)
 plan = None
-if budget != "none":
+if where == "lazy":
+    from lowbit.offload import open_streamed
+    loaded, sm = open_streamed(tmp + "/hf", budget, dtype=torch.float32)
+    model, plan = loaded.model, sm.plan
+    weights = plan.fixed_bytes + sum(plan.block_bytes)
+else:
+    model = lowbit.load_model("default").model
+    if scheme == "int4":
+        lowbit.quantize(model, lowbit.Recipe.default(lowbit.Scheme("rtn", lowbit.IntSpec(4, 64, True))), progress=False)
+    weights = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}.values())
+if where == "disk":
     from lowbit.offload import offload_blocks
     sm = offload_blocks(model, budget, tmp + "/offload")
     plan = sm.plan
+if plan is not None:
     gc.collect()
     t0 = time.perf_counter(); n = 0
     for i in plan.streamed:
@@ -104,8 +115,8 @@ with torch.no_grad():
         t0 = time.perf_counter()
         out = model.generate(ids, generation_config=gc_)
         dt = time.perf_counter() - t0
-weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-print(json.dumps({"scheme": scheme, "budget": budget, "tokens_per_s": 32 / dt, "peak_rss": mem.peak_bytes,
+print(json.dumps({"scheme": scheme, "budget": budget, "store": where, "rss_curve": mem.samples,
+                  "streamed_blocks": 0 if plan is None else len(plan.streamed), "tokens_per_s": 32 / dt, "peak_rss": mem.peak_bytes,
                   "overhead_rss": overhead, "tokens": out[0, ids.shape[1]:].tolist(),
                   "plan": None if plan is None else plan.describe(),
                   "bytes_per_token": None if plan is None else plan.bytes_moved_per_pass,
@@ -114,6 +125,34 @@ print(json.dumps({"scheme": scheme, "budget": budget, "tokens_per_s": 32 / dt, "
                   "read_gb_s": None if plan is None else read_gb_s,
                   "resident_weight_bytes": weights}))
 """
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """RSS while decoding, resident vs streamed, one panel per model (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(dict.fromkeys(r["scheme"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        for r in rows:
+            if r["scheme"] != m:
+                continue
+            t, b = zip(*r["rss_curve"])
+            label = f"budget {r['budget']}" if r["budget"] else "resident"
+            ax.plot(t, [x / 2**20 for x in b], label=label)
+            if r.get("budget_bytes"):
+                ax.axhline((r["budget_bytes"] + r["overhead_rss"]) / 2**20, ls="--", lw=0.8, color="grey")
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("seconds into decoding")
+        ax.set_ylabel("RSS (MiB)")
+        ax.legend(fontsize=8)
+    fig.suptitle("RSS while decoding (dashed: budget + interpreter overhead)", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def main() -> int:
@@ -134,6 +173,12 @@ def main() -> int:
             print(rows[-1]["plan"], file=sys.stderr)
     for scheme, budget, where in CONFIGS:
         with tempfile.TemporaryDirectory() as tmp:
+            if where == "lazy":
+                import lowbit
+                loaded = lowbit.load_model("default")
+                loaded.model.save_pretrained(Path(tmp) / "hf")
+                loaded.tokenizer.save_pretrained(Path(tmp) / "hf")
+                del loaded
             r = subprocess.run([sys.executable, "-c", _CHILD, scheme, budget or "none", where or "none", tmp],
                                capture_output=True, text=True)
             if r.returncode:
@@ -147,7 +192,7 @@ def main() -> int:
              "resident |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         resident = by.get((r["scheme"], "none"), r)
-        streamed = r["plan"].split(", ")[2].split(" ")[0] if r["plan"] else "0"
+        streamed = f"{r['streamed_blocks']} ({r.get('store') or 'disk'})" if r["plan"] else "0"
         mb = f"{r['bytes_per_token'] / 1e6:.1f}" if r["bytes_per_token"] else "0"
         bound = (f"{r['read_gb_s'] * 1e9 / r['bytes_per_token']:.0f} ({r['read_gb_s']:.1f})"
                  if r["bytes_per_token"] else "—")
@@ -158,6 +203,7 @@ def main() -> int:
     md = "\n".join(lines) + "\n\n" + "\n\n".join(f"```\n{r['plan']}\n```" for r in rows if r["plan"]) + "\n"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    plot_curves(rows, out.with_suffix(".png"))
     for suffix, text in ((".md", md), (".json", json.dumps({"rows": rows, "date": time.strftime("%Y-%m-%d %H:%M")},
                                                              indent=2))):
         tmp = out.with_suffix(suffix + ".tmp")

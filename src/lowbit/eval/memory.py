@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from .system import rss_bytes
 
 
 class PeakRSS:
-    """with PeakRSS() as p: work()  ->  p.peak_bytes (highest RSS seen), p.added_bytes (peak − RSS at entry)."""
+    """with PeakRSS() as p: work()  ->  p.peak_bytes (highest RSS seen), p.added_bytes (peak − RSS at entry),
+    p.samples ([(seconds since entry, RSS bytes)], for memory curves)."""
 
     def __init__(self, interval_s: float = 0.02):
         self.interval_s = interval_s
@@ -17,10 +19,14 @@ class PeakRSS:
 
     def _run(self):
         while not self._stop.wait(self.interval_s):
-            self.peak_bytes = max(self.peak_bytes, rss_bytes())
+            now = rss_bytes()
+            self.samples.append((time.perf_counter() - self._t0, now))
+            self.peak_bytes = max(self.peak_bytes, now)
 
     def __enter__(self):
         self.start_bytes = self.peak_bytes = rss_bytes()
+        self._t0 = time.perf_counter()
+        self.samples = [(0.0, self.start_bytes)]
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self

@@ -78,8 +78,8 @@ class SafetensorsStore:
         for f, names in by_file.items():
             with safe_open(str(f), framework="pt") as h:
                 for local, full in names:
-                    t = h.get_tensor(full)
-                    out[local] = t.to(self.dtype) if t.is_floating_point() and t.dtype != self.dtype else t
+                    t = h.get_tensor(full)   # copied below on this (reader) thread, not page-faulted later
+                    out[local] = t.to(self.dtype) if t.is_floating_point() and t.dtype != self.dtype else t.clone()
         return out
 
 
@@ -124,7 +124,7 @@ def open_streamed(path: str | Path, budget: int | str, dtype: torch.dtype = torc
                 blk = block_of.get(name)
                 if blk is None or blk[0] in resident:
                     t = h.get_tensor(name)
-                    state[name] = t.to(dtype) if t.is_floating_point() else t
+                    state[name] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t.clone()
     missing = [k for k in model.state_dict() if k not in state and not _tied(model, k)]
     blocks = model.get_submodule(arch.blocks)
     streamed_names = {f"{prefix}{i}." for i in plan.streamed}

@@ -132,8 +132,9 @@ class DiskStore:
         if index not in self._verified:
             self.verify(index)
         with safe_open(str(self._path(index)), framework="pt") as f:
-            # packed CPU kernels need aligned storage: copy any tensor the reader left unaligned
-            return {k: (t if t.data_ptr() % 64 == 0 else t.clone()) for k in f.keys() for t in [f.get_tensor(k)]}
+            # copied here, on the reader thread: a memory-mapped tensor would be read (page-faulted) only
+            # later, by the computing thread, and packed CPU kernels need aligned storage anyway
+            return {k: f.get_tensor(k).clone() for k in f.keys()}
 
     def nbytes(self, index: int) -> int:
         return self.shards[index]["bytes"]
