@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import torch
 from transformers import GenerationConfig
 
 import lowbit
+from lowbit.export.atomic import atomic_write_text
 from lowbit.engine import Engine
 from lowbit.eval import decode_speed, environment, prefill_speed
 from lowbit.eval.speed import engine_for
@@ -232,12 +232,8 @@ def main() -> int:
               f"memory copy {bw['copy_gb_s']:.1f} GB/s (read+write), read {bw['read_gb_s']:.1f} GB/s; "
               f"load average before {before}, after {meta['loadavg_after']}; {args.tokens} new tokens, "
               f"median of {args.repeats}.\n\n")
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(header + md + "\n")
-    os.replace(tmp, out.with_suffix(".md"))
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
-    os.replace(tmp, out.with_suffix(".json"))
+    atomic_write_text(out.with_suffix(".md"), header + md + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     print(header + md)
     return 0
 

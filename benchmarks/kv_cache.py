@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import lowbit
+from lowbit.export.atomic import atomic_write_text
 from lowbit.data import load_text, token_windows
 from lowbit.engine import Engine
 from lowbit.eval import environment
@@ -74,11 +74,9 @@ def main() -> int:
           f"predicted), model {args.model} ({model.dtype}).\n\n" + "\n".join(lines) + "\n")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".md", md), (".json", json.dumps({"rows": rows, "ctx": args.ctx,
-                                                             "windows": len(windows), **environment()}, indent=2))):
-        tmp = out.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out.with_suffix(suffix))
+    atomic_write_text(out.with_suffix(".md"), md)
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"rows": rows, "ctx": args.ctx, "windows": len(windows),
+                                                            **environment()}, indent=2))
     print(md)
     return 0
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from lowbit.export.atomic import atomic_write_text
+
 # fp32: the default model saved as a Hugging Face directory and opened lazily (streamed blocks never loaded);
 # int4: a quantized model loaded whole, then its streamed blocks written to disk shards
 CONFIGS = [("fp32", None, None), ("fp32", "300MB", "lazy"), ("int4", None, None), ("int4", "90MB", "disk")]
@@ -139,7 +141,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             if r["scheme"] != m:
                 continue
             t, b = zip(*r["rss_curve"])
-            label = f"budget {r['budget']}" if r["budget"] else "resident"
+            label = "resident" if r["budget"] in (None, "none") else f"budget {r['budget']}"
             ax.plot(t, [x / 2**20 for x in b], label=label)
             if r.get("budget_bytes"):
                 ax.axhline((r["budget_bytes"] + r["overhead_rss"]) / 2**20, ls="--", lw=0.8, color="grey")
@@ -204,11 +206,9 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_curves(rows, out.with_suffix(".png"))
-    for suffix, text in ((".md", md), (".json", json.dumps({"rows": rows, "date": time.strftime("%Y-%m-%d %H:%M")},
-                                                             indent=2))):
-        tmp = out.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out.with_suffix(suffix))
+    atomic_write_text(out.with_suffix(".md"), md)
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"rows": rows, "date": time.strftime("%Y-%m-%d %H:%M")},
+                                                           indent=2))
     print(md)
     return 0
 

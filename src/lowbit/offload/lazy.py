@@ -123,8 +123,10 @@ def open_streamed(path: str | Path, budget: int | str, dtype: torch.dtype = torc
             for name in h.keys():
                 blk = block_of.get(name)
                 if blk is None or blk[0] in resident:
+                    # kept as read (memory-mapped when the dtype already matches): copying here would hold
+                    # every resident tensor twice for a moment, and the budget is about that peak
                     t = h.get_tensor(name)
-                    state[name] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t.clone()
+                    state[name] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
     missing = [k for k in model.state_dict() if k not in state and not _tied(model, k)]
     blocks = model.get_submodule(arch.blocks)
     streamed_names = {f"{prefix}{i}." for i in plan.streamed}
