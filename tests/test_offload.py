@@ -184,3 +184,55 @@ def test_open_streamed_reads_blocks_from_the_model_files(tiny_dir, tmp_path):
 def lowbit_load(path):
     import lowbit
     return lowbit.load_model(path)
+
+
+# --- quantizing block by block from disk ------------------------------------------------------------------
+
+def _tiny_hf_dir(tiny_dir, root, layers=5):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(2)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True, max_position_embeddings=128)
+    LlamaForCausalLM(cfg).save_pretrained(root)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(root)
+    return root
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantize_streamed_equals_in_memory(tiny_dir, tmp_path, method):
+    import lowbit
+    from lowbit.offload import quantize_streamed
+    src = _tiny_hf_dir(tiny_dir, tmp_path / "src")
+    recipe = lowbit.Recipe.default(lowbit.Scheme(method, lowbit.IntSpec(4, 32, False)))
+    calib = torch.randint(0, 1000, (4, 32)) if method == "gptq" else None
+    mem = lowbit.quantize(lowbit.load_model(src).model, recipe, calibration=calib, progress=False)
+    out = quantize_streamed(src, tmp_path / "q", recipe, calibration=calib, progress=False)
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-block-*"))) == 5
+    loaded = lowbit.load_model(out)
+    ids = torch.randint(0, 1000, (1, 20))
+    assert torch.equal(_logits(loaded.model, ids), _logits(mem, ids))
+    assert loaded.model.lowbit["settings"]["streamed"] is True
+
+
+def test_quantize_streamed_leaves_nothing_on_error(tiny_dir, tmp_path):
+    import lowbit
+    from lowbit.offload import quantize_streamed
+    from safetensors.torch import load_file, save_file
+    src = _tiny_hf_dir(tiny_dir, tmp_path / "src")
+    f = src / "model.safetensors"
+    t = load_file(str(f))
+    t["model.layers.3.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(t, str(f), metadata={"format": "pt"})
+    with pytest.raises(LowbitError, match="model.layers.3.mlp.up_proj.weight contains NaN"):
+        quantize_streamed(src, tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q*"))
+
+
+def test_cli_quantize_stream(tiny_dir, tmp_path, capsys):
+    from lowbit.cli import main
+    src = _tiny_hf_dir(tiny_dir, tmp_path / "src", layers=3)
+    assert main(["quantize", str(src), "--stream", "--bits", "4", "--group-size", "32", "--out",
+                 str(tmp_path / "q")]) == 0
+    assert "3 block shards" in capsys.readouterr().out
+    assert main(["quantize", "default", "--stream", "--out", str(tmp_path / "x")]) == 2
+    assert "--stream reads a Hugging Face" in capsys.readouterr().err

@@ -30,6 +30,8 @@ def cmd_quantize(args) -> int:
     from .models import arch_for
 
     scheme = _scheme_from_args(args, args.method)
+    if args.stream:
+        return _quantize_streamed(args, scheme)
     loaded = load_model(args.model)
     blocks = arch_for(loaded.model.config).blocks
     recipe = Recipe.from_file(args.recipe, scheme, blocks) if args.recipe else Recipe.default(scheme, blocks)
@@ -50,6 +52,30 @@ def cmd_quantize(args) -> int:
     print(f"quantized {len(plan)} Linear modules: " + ", ".join(f"{n} x{c}" for n, c in counts.items()))
     print(f"wrote {out}: {s['bytes'] / 1e6:.1f} MB, {s['bits_per_weight']:.2f} bits/weight overall, "
           f"{s['quantized_bits_per_weight']:.2f} in quantized layers; {model.lowbit['quantize_seconds']:.1f} s")
+    return 0
+
+
+def _quantize_streamed(args, scheme) -> int:
+    from . import Recipe
+    from .algorithms import needs_calibration
+    from .data import calibration_samples, load_text
+    from .models import arch_for
+    from .models.sources import is_lowbit_checkpoint, read_config, resolve_source
+    from .offload import quantize_streamed
+    path = resolve_source(args.model)
+    if not path.is_dir() or is_lowbit_checkpoint(path):
+        raise LowbitError("--stream reads a Hugging Face safetensors directory (a GGUF file or a lowbit "
+                          "checkpoint is loaded whole)")
+    blocks = arch_for(read_config(path)).blocks
+    recipe = Recipe.from_file(args.recipe, scheme, blocks) if args.recipe else Recipe.default(scheme, blocks)
+    calib = None
+    if any(r.scheme is not None and needs_calibration(r.scheme) for r in recipe.rules):
+        from transformers import AutoTokenizer
+        calib = calibration_samples(AutoTokenizer.from_pretrained(str(path)), load_text(args.calib_text, "calibration"),
+                                    args.calib_samples, args.calib_seqlen, args.seed)
+    out = quantize_streamed(path, args.out, recipe, calibration=calib, dtype=_DTYPES[args.dtype],
+                            base=_base_name(args.model), overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {out} block by block ({len(list(out.glob('model-block-*.safetensors')))} block shards)")
     return 0
 
 
@@ -270,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="bfloat16", choices=list(_DTYPES), help="dtype of unquantized parts")
     q.add_argument("--out", required=True, help="output checkpoint directory")
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--stream", action="store_true",
+                   help="read one block at a time from a Hugging Face safetensors directory and write the "
+                        "checkpoint block by block (for models larger than memory)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity, KLD and top-1 vs base, size, speed")

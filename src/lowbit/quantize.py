@@ -7,6 +7,7 @@ calibrated on the outputs of the already-quantized blocks before it.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -24,20 +25,23 @@ from .recipes import Recipe, Scheme
 
 
 def quantize(model: nn.Module, recipe: Recipe | None = None, *, calibration: torch.Tensor | None = None,
-             dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> nn.Module:
+             dtype: torch.dtype = torch.bfloat16, progress: bool = True,
+             materialize: Callable[[int, nn.Module], None] | None = None,
+             release: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
     """Quantize `model` in place following `recipe` (default: every block Linear to RTN INT4 g64 symmetric).
 
     calibration: LongTensor [n, T] of token ids, needed only by methods that calibrate.
     dtype: the 16-bit dtype for what stays unquantized (embedding, norms, kept Linears) and for activations.
+    materialize / release: called with (index, block) before a block is quantized and once nothing needs it
+    any more (after it produced the next block's calibration inputs); used to quantize models whose blocks
+    live on disk (lowbit.offload.quantize_streamed).
     Records what was done in `model.lowbit` (saved with the checkpoint).
     """
     arch = arch_for(model.config)
     recipe = recipe or Recipe.default(Scheme(), arch.blocks)
     plan = recipe.plan(model)
     for name in plan:
-        w = model.get_submodule(name).weight
-        if not torch.isfinite(w).all():
-            raise LowbitError(f"weight {name}.weight contains NaN or Inf")
+        _check_finite(model, name)
     needs_data = any(needs_calibration(s) for s in plan.values())
     if needs_data and calibration is None:
         raise LowbitError("this recipe uses a calibrating method but no calibration samples were given")
@@ -55,12 +59,22 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calibration: tor
         steps = ((i, block, None) for i, block in enumerate(blocks))
     else:
         steps = iterate_blocks(model, calibration)
+    done = None
     for i, block, inputs in steps:  # the next block's inputs are computed after this block is swapped
+        if done is not None and release is not None:
+            release(*done)
         prefix = f"{arch.blocks}.{i}."
         block_plan = {n[len(prefix):]: s for n, s in plan.items() if n.startswith(prefix)}
+        if materialize is not None:
+            materialize(i, block)
+            for rel in block_plan:
+                _check_finite(model, prefix + rel)
         for rel, q in quantize_block(block, inputs, block_plan, arch).items():
             _swap(model, prefix + rel, q, block_plan[rel].kernel)
+        done = (i, block)
         bar.update()
+    if done is not None and release is not None:
+        release(*done)
     bar.close()
     outside = {n: s for n, s in plan.items() if not n.startswith(arch.blocks + ".")}
     for name, scheme in outside.items():  # e.g. the lm_head: round-to-nearest, no calibrating driver reaches it
@@ -68,11 +82,7 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calibration: tor
         qt = quantize_fp8(weight, scheme.spec) if scheme.spec.kind == "float" else quantize_rtn(weight, scheme.spec)
         _swap(model, name, Quantized(qt), scheme.kernel)
 
-    for mod in model.modules():  # parameters only: float buffers such as rotary frequencies stay float32
-        if not isinstance(mod, QuantLinear):
-            for p in mod.parameters(recurse=False):
-                if p.is_floating_point():
-                    p.data = p.data.to(dtype)
+    cast_unquantized(model, dtype)
     model.lowbit = {
         "lowbit_version": __version__,
         "dtype": str(dtype).removeprefix("torch."),
@@ -82,6 +92,21 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calibration: tor
         "calibration_samples": None if calibration is None else list(calibration.shape),
     }
     return model
+
+
+def _check_finite(model: nn.Module, name: str) -> None:
+    w = model.get_submodule(name).weight
+    if not w.is_meta and not torch.isfinite(w).all():   # blocks still on disk are checked when read
+        raise LowbitError(f"weight {name}.weight contains NaN or Inf")
+
+
+def cast_unquantized(module: nn.Module, dtype: torch.dtype) -> None:
+    """Parameters outside QuantLinear modules to `dtype` (float buffers such as rotary frequencies stay)."""
+    for mod in module.modules():
+        if not isinstance(mod, QuantLinear):
+            for p in mod.parameters(recurse=False):
+                if p.is_floating_point():
+                    p.data = p.data.to(dtype)
 
 
 def _swap(model: nn.Module, name: str, q: Quantized, kernel: str) -> None:

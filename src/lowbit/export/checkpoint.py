@@ -5,12 +5,15 @@
     model.safetensors  for each quantized Linear NAME: NAME.qweight, NAME.scales, [NAME.zeros], [NAME.bias]
                        (layouts in lowbit.formats.intq); every other tensor under its usual name, once
                        (tied weights are stored once and listed under "tied")
+                       -- or, when written block by block (lowbit.offload.quantize_streamed), several
+                       shards and model.safetensors.index.json mapping each tensor name to its shard
     lowbit.json        format version, versions, base model, dtype, the scheme of every quantized module,
                        the recipe and the settings used
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 from pathlib import Path
@@ -31,17 +34,23 @@ FORMAT = "lowbit"
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(model: torch.nn.Module, tokenizer, out: str | Path, *, base: str | None = None,
-                    overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Write a quantized (or float) model as a lowbit checkpoint; the directory appears only when complete."""
-    from safetensors.torch import save_file
-    import transformers
+INDEX = "model.safetensors.index.json"
 
+
+def checkpoint_tensors(module: torch.nn.Module, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors a checkpoint stores for `module` (names prefixed), and the tied aliases among them."""
+    tensors, tied = unique_state_dict(module)
+    for name, mod in module.named_modules():
+        if isinstance(mod, QuantLinear):
+            for key, t in {**mod.quantized_tensor().tensors(), **mod.act_state()}.items():
+                tensors[f"{name}.{key}"] = t.contiguous()
+    return ({prefix + k: v for k, v in tensors.items()},
+            {prefix + k: prefix + v for k, v in tied.items()})
+
+
+def checkpoint_record(model: torch.nn.Module, base: str | None, tied: dict, extra: dict | None = None) -> dict:
+    import transformers
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    tensors, tied = unique_state_dict(model)
-    for name, mod in quantized.items():
-        for key, t in {**mod.quantized_tensor().tensors(), **mod.act_state()}.items():
-            tensors[f"{name}.{key}"] = t.contiguous()
     record = dict(getattr(model, "lowbit", {}))
     record.update({
         "format": FORMAT,
@@ -56,13 +65,92 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, out: str | Path, *, base:
                         "act": None if m.act is None else m.act.to_dict()} for n, m in quantized.items()},
         **(extra or {}),
     })
+    return record
+
+
+def _finish_dir(tmp: Path, model, tokenizer, record: dict) -> None:
+    (tmp / "config.json").write_text(json.dumps(hf_config_dict(model), indent=2, default=str))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    (tmp / "lowbit.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+def save_checkpoint(model: torch.nn.Module, tokenizer, out: str | Path, *, base: str | None = None,
+                    overwrite: bool = False, extra: dict | None = None) -> Path:
+    """Write a quantized (or float) model as a lowbit checkpoint; the directory appears only when complete."""
+    from safetensors.torch import save_file
+    tensors, tied = checkpoint_tensors(model)
+    record = checkpoint_record(model, base, tied, extra)
     with atomic_dir(out, overwrite) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "lowbit"})
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(model), indent=2, default=str))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        (tmp / "lowbit.json").write_text(json.dumps(record, indent=2, default=str))
+        _finish_dir(tmp, model, tokenizer, record)
     return Path(out)
+
+
+class ShardedCheckpointWriter:
+    """A checkpoint written piece by piece (one shard per decoder block, then the rest), for models that are
+    never in memory whole. Nothing appears at `out` unless `finish` completes; `abort` removes the pieces."""
+
+    def __init__(self, out: str | Path, overwrite: bool = False):
+        self._ctx = atomic_dir(out, overwrite)
+        self.tmp = self._ctx.__enter__()
+        self.weight_map: dict[str, str] = {}
+        self.tied: dict[str, str] = {}
+        self.out = Path(out)
+
+    def add(self, shard: str, tensors: dict[str, torch.Tensor], tied: dict[str, str] | None = None) -> None:
+        from safetensors.torch import save_file
+        save_file(tensors, str(self.tmp / shard), metadata={"format": "pt", "producer": "lowbit"})
+        self.weight_map.update({k: shard for k in tensors})
+        self.tied.update(tied or {})
+
+    def finish(self, model, tokenizer, rest: dict[str, torch.Tensor], base: str | None = None,
+               extra: dict | None = None) -> Path:
+        self.add("model-rest.safetensors", rest)
+        record = checkpoint_record(model, base, self.tied, extra)
+        (self.tmp / INDEX).write_text(json.dumps({"weight_map": self.weight_map}, indent=1))
+        _finish_dir(self.tmp, model, tokenizer, record)
+        self._ctx.__exit__(None, None, None)
+        return self.out
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        with contextlib.suppress(BaseException):
+            self._ctx.__exit__(type(exc) if exc else RuntimeError, exc or RuntimeError("aborted"), None)
+
+
+class _Tensors:
+    """The stored tensors of a checkpoint, in one file or in shards listed by an index."""
+
+    def __init__(self, path: Path, stack: contextlib.ExitStack):
+        from safetensors import safe_open
+        index = path / INDEX
+        if index.is_file():
+            try:
+                where = {k: path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+            except (ValueError, KeyError, TypeError) as e:
+                raise LowbitError(f"corrupt {index}: {e}") from None
+        else:
+            weights = path / "model.safetensors"
+            if not weights.is_file():
+                raise LowbitError(f"{path} has no model.safetensors")
+            where = None
+        files = sorted(set(where.values())) if where else [path / "model.safetensors"]
+        self.handles = {}
+        for f in files:
+            if not f.is_file():
+                raise LowbitError(f"{path} lacks the shard {f.name}")
+            check_safetensors(f)
+            self.handles[f] = stack.enter_context(safe_open(str(f), framework="pt"))
+        if where is None:
+            where = {k: files[0] for k in self.handles[files[0]].keys()}
+        self.where = where
+        self.name = str(path / (INDEX if index.is_file() else "model.safetensors"))
+
+    def keys(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.handles[self.where[key]].get_tensor(key)
 
 
 def read_record(path: Path) -> dict:
@@ -79,39 +167,36 @@ def read_record(path: Path) -> dict:
 
 def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
     """Rebuild the model a lowbit checkpoint describes; its logits equal the saved model's exactly."""
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     record = read_record(path)
     arch_for(read_config(path))
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise LowbitError(f"{path} has no model.safetensors")
-    check_safetensors(weights)
     dtype = getattr(torch, record.get("dtype", "float32"))
     config = AutoConfig.from_pretrained(str(path))
     with _no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    with safe_open(str(weights), framework="pt") as f:
-        names = set(f.keys())
+    with contextlib.ExitStack() as stack:
+        f = _Tensors(path, stack)
+        weights = f.name
+        names = f.keys()
         for name, info in record.get("modules", {}).items():
             spec = spec_from_dict(info)
             linear = model.get_submodule(name)
-            stored = {k: f.get_tensor(f"{name}.{k}") for k in ("qweight", "scales", "zeros") if f"{name}.{k}" in names}
+            stored = {k: f.get(f"{name}.{k}") for k in ("qweight", "scales", "zeros") if f"{name}.{k}" in names}
             if "qweight" not in stored:
                 raise LowbitError(f"{weights} lacks the tensors of quantized module {name}")
             qt = QuantizedTensor(spec, (linear.out_features, linear.in_features), stored["qweight"],
                                  stored.get("scales"), stored.get("zeros")).validate(name)
-            bias = f.get_tensor(f"{name}.bias") if f"{name}.bias" in names else None
-            act_state = {k: f.get_tensor(f"{name}.{k}") for k in ACT_STATE_KEYS if f"{name}.{k}" in names}
+            bias = f.get(f"{name}.bias") if f"{name}.bias" in names else None
+            act_state = {k: f.get(f"{name}.{k}") for k in ACT_STATE_KEYS if f"{name}.{k}" in names}
             names -= {f"{name}.{k}" for k in (*stored, *act_state, "bias")}
             act = ActSpec.from_dict(info.get("act"))
             if act is not None and act.static and "act_scale" not in act_state:
                 raise LowbitError(f"{weights} lacks the static activation scale of {name}")
             set_submodule(model, name, QuantLinear(qt, bias, kernel=info.get("kernel", "auto") if kernel == "auto"
                                                    else kernel, act=act, act_state=act_state))
-        rest = {k: f.get_tensor(k) for k in names}
+        rest = {k: f.get(k) for k in names}
     tied = record.get("tied", {})
     missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [k for k in missing if k not in tied]

@@ -5,6 +5,8 @@ from .activations import OffloadStats, offload_activations
 from .store import DiskStore, RamStore
 from .stream import OffloadPlan, StreamedModel, install_streaming, offload_blocks, parse_size, plan_offload
 from .lazy import SafetensorsStore, open_streamed
+from .quantize_streamed import quantize_streamed
 
 __all__ = ["offload_activations", "OffloadStats", "offload_blocks", "plan_offload", "parse_size", "OffloadPlan",
-           "StreamedModel", "DiskStore", "RamStore", "SafetensorsStore", "open_streamed", "install_streaming"]
+           "StreamedModel", "DiskStore", "RamStore", "SafetensorsStore", "open_streamed", "install_streaming",
+           "quantize_streamed"]

@@ -83,40 +83,48 @@ class SafetensorsStore:
         return out
 
 
-def open_streamed(path: str | Path, budget: int | str, dtype: torch.dtype = torch.bfloat16) -> tuple[Loaded, StreamedModel]:
-    """Open the HF directory `path` with at most `budget` bytes of weights in memory; returns the loaded model
-    (blocks beyond the budget streamed from the model's files) and the streaming state (plan, events)."""
+def _block_names(index: dict[str, Path], blocks_path: str) -> dict[str, tuple[int, str]]:
+    """Tensor name -> (block index, name inside the block), for the tensors of decoder blocks."""
+    out = {}
+    for name in index:
+        m = re.match(re.escape(blocks_path + ".") + r"(\d+)\.(.+)", name)
+        if m:
+            out[name] = (int(m.group(1)), m.group(2))
+    return out
+
+
+def block_sizes(path: Path, dtype: torch.dtype) -> tuple[int, list[int]]:
+    """(bytes outside the blocks, bytes of each block) once loaded in `dtype`, from the file headers only."""
+    arch = arch_for(read_config(path))
+    index = _index(path)
+    sizes = _held_bytes(set(index.values()), dtype)
+    block_of = _block_names(index, arch.blocks)
+    n_blocks = 1 + max((i for i, _ in block_of.values()), default=-1)
+    per_block = [0] * n_blocks
+    fixed = 0
+    for name, b in sizes.items():
+        if name in block_of:
+            per_block[block_of[name][0]] += b
+        else:
+            fixed += b
+    return fixed, per_block
+
+
+def meta_model(path: Path, dtype: torch.dtype, resident_blocks) -> tuple[nn.Module, object, dict]:
+    """The model with everything outside the decoder blocks, and the blocks in `resident_blocks`, read from
+    `path`; every other block stays on the meta device. Returns (model, tokenizer, {block: {name in block:
+    (file, full name)}}) for the blocks left on disk."""
+    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    path = Path(path)
-    budget = parse_size(budget) if isinstance(budget, str) else int(budget)
     arch = arch_for(read_config(path))
     index = _index(path)
     for f in set(index.values()):
         check_safetensors(f)
-    sizes = _held_bytes(set(index.values()), dtype)
+    block_of = _block_names(index, arch.blocks)
     config = AutoConfig.from_pretrained(str(path))
-    prefix = arch.blocks + "."
-    n_blocks = config.num_hidden_layers
-    block_of = {}
-    for name in index:
-        m = re.match(re.escape(prefix) + r"(\d+)\.(.+)", name)
-        if m:
-            block_of[name] = (int(m.group(1)), m.group(2))
-
-    block_bytes = [0] * n_blocks
-    fixed = 0
-    for name in index:
-        b = sizes[name]
-        if name in block_of:
-            block_bytes[block_of[name][0]] += b
-        else:
-            fixed += b
-    plan = plan_offload(fixed, block_bytes, budget)
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    resident = set(plan.resident)
-    from safetensors import safe_open
+    resident = set(resident_blocks)
     state: dict[str, torch.Tensor] = {}
     for f in sorted(set(index.values())):
         with safe_open(str(f), framework="pt") as h:
@@ -127,22 +135,38 @@ def open_streamed(path: str | Path, budget: int | str, dtype: torch.dtype = torc
                     # every resident tensor twice for a moment, and the budget is about that peak
                     t = h.get_tensor(name)
                     state[name] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
-    missing = [k for k in model.state_dict() if k not in state and not _tied(model, k)]
-    blocks = model.get_submodule(arch.blocks)
-    streamed_names = {f"{prefix}{i}." for i in plan.streamed}
-    missing = [k for k in missing if not any(k.startswith(p) for p in streamed_names)]
+    on_disk = {i for i, _ in block_of.values()} - resident
+    expected = [k for k in model.state_dict() if not _tied(model, k)
+                and not any(k.startswith(f"{arch.blocks}.{i}.") for i in on_disk)]
+    missing = [k for k in expected if k not in state]
     if missing:
         raise LowbitError(f"{path}: weights missing from the safetensors files: {', '.join(missing[:5])}")
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     _rebuild_meta_buffers(model, config)
-    stored = {i: {} for i in plan.streamed}
+    files = {i: {} for i in on_disk}
     for name, (i, local) in block_of.items():
-        if i in stored:
-            stored[i][local] = (index[name], name)
-    store = SafetensorsStore(stored, dtype)
-    # placeholders of the right dtype for the streamed blocks (their parameters stay empty between uses)
+        if i in files:
+            files[i][local] = (index[name], name)
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"cannot load the tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    return model, tokenizer, files
+
+
+def open_streamed(path: str | Path, budget: int | str, dtype: torch.dtype = torch.bfloat16) -> tuple[Loaded, StreamedModel]:
+    """Open the HF directory `path` with at most `budget` bytes of weights in memory; returns the loaded model
+    (blocks beyond the budget streamed from the model's files) and the streaming state (plan, events)."""
+    path = Path(path)
+    budget = parse_size(budget) if isinstance(budget, str) else int(budget)
+    fixed, per_block = block_sizes(path, dtype)
+    plan = plan_offload(fixed, per_block, budget)
+    model, tokenizer, files = meta_model(path, dtype, plan.resident)
+    blocks = model.get_submodule(arch_for(model.config).blocks)
+    # empty placeholders of the right dtype for the streamed blocks (filled only while each one runs)
     for i in plan.streamed:
         for mod in blocks[i].modules():
             for k, p in list(mod._parameters.items()):
@@ -151,12 +175,7 @@ def open_streamed(path: str | Path, budget: int | str, dtype: torch.dtype = torc
             for k, b in list(mod._buffers.items()):
                 if b is not None and b.is_meta:
                     mod._buffers[k] = torch.empty(0, dtype=b.dtype)
-    model.eval()
-    sm = install_streaming(model, plan, store, blocks)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise LowbitError(f"cannot load the tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    sm = install_streaming(model, plan, SafetensorsStore(files, dtype), blocks)
     return Loaded(model, tokenizer, str(path)), sm
 
 
