@@ -248,3 +248,25 @@ def test_engine_equals_model_forward_for_every_scheme(base, tokenizer, method, o
         want = model(ids[:, 9:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
     assert torch.equal(logits, want)
     assert torch.equal(engine.generate(ids[:, :9], 8)["tokens"], reference_tokens(model, ids[:, :9], 8))
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_host_kv_cache_gives_the_same_tokens_and_logits(bits):
+    model = _tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 7))
+    plain = Engine(model, compile=False, kv_bits=bits)
+    host = Engine(model, compile=False, kv_bits=bits, kv_offload=True)
+    assert type(host.cache).__name__ == "HostKVCache" and not host.compile
+    assert torch.equal(host.generate(ids, 20)["tokens"], plain.generate(ids, 20)["tokens"])
+    for e in (plain, host):
+        e.reserve(16)
+        e.prefill(ids)
+    before = host.cache.copied_bytes
+    for i in range(3):
+        a, _ = plain.decode(ids[:, i:i + 1], 7 + i)
+        b, _ = host.decode(ids[:, i:i + 1], 7 + i)
+        assert torch.equal(a, b)
+    # per layer and step: the prefetched prefix once plus one new position, not the whole prefix twice
+    per_position = sum(host.cache._buffers[n][:, :, :1].numel() * host.cache._buffers[n].element_size()
+                       for n in host.cache._buffers)
+    assert host.cache.copied_bytes - before <= per_position * (3 * 10 + 3 * host.cache.layers)

@@ -94,6 +94,10 @@ class StaticKVCache(nn.Module):
             out.append(buf)
         return out[0], out[1]
 
+    def _layer_buffers(self, layer: int) -> list[str]:
+        names = [f"k{layer}", f"v{layer}"]
+        return names + ([f"k{layer}_scale", f"v{layer}_scale"] if self.kv_bits is not None else [])
+
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         """x as the cache will give it back (identity for a 16/32-bit cache)."""
         if self.kv_bits is None:
@@ -104,3 +108,66 @@ class StaticKVCache(nn.Module):
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class HostKVCache(StaticKVCache):
+    """The same cache kept in host memory (pinned when computing on a GPU), each layer's visible part brought
+    to the compute device when attention reads it, and the next layer's copy started meanwhile.
+
+    At decode step n, reading layer L uses the copy of positions [0, n−1) prefetched while layer L−1 ran, plus
+    the one position layer L has just written; the copy of layer L+1 then starts (on a side CUDA stream, from
+    pinned memory). On a CPU the host and the compute device are the same memory: the code path is the same
+    and the copies are plain copies, which the tests use to check it.
+    """
+
+    def __init__(self, *args, compute_device: torch.device | str = "cpu", **kwargs):
+        kwargs["device"] = "cpu"
+        super().__init__(*args, **kwargs)
+        self.compute_device = torch.device(compute_device)
+        self._cuda = self.compute_device.type == "cuda"
+        if self._cuda:
+            for name, b in list(self._buffers.items()):
+                self._buffers[name] = b.pin_memory()
+            self._stream = torch.cuda.Stream(self.compute_device)
+        self._prefetched: dict[int, tuple[int, dict, object]] = {}
+        self.copied_bytes = 0
+
+    def _copy(self, layer: int, start: int, stop: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self._layer_buffers(layer):
+            part = self._buffers[name][:, :, start:stop]
+            self.copied_bytes += part.numel() * part.element_size()
+            out[name] = part.to(self.compute_device, non_blocking=self._cuda, copy=True)
+        return out
+
+    def _prefetch(self, layer: int, upto: int) -> None:
+        if self._cuda:
+            with torch.cuda.stream(self._stream):
+                parts = self._copy(layer, 0, upto)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+        else:
+            parts, event = self._copy(layer, 0, upto), None
+        self._prefetched[layer] = (upto, parts, event)
+
+    def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        super().update(layer, pos.cpu(), k.cpu(), v.cpu())
+
+    def read(self, layer: int, n) -> tuple[torch.Tensor, torch.Tensor]:
+        n = int(n)
+        upto, parts, event = self._prefetched.pop(layer, (0, None, None))
+        if parts is None or upto > n:
+            upto, parts = 0, None
+        if event is not None:
+            torch.cuda.current_stream(self.compute_device).wait_event(event)
+        tail = self._copy(layer, upto, n)
+        full = tail if parts is None else {k: torch.cat((parts[k], tail[k]), dim=2) for k in tail}
+        nxt = (layer + 1) % self.layers
+        # the next layer has written positions [0, n−1) so far at this step (all n when it is the next step's 0)
+        self._prefetch(nxt, n if nxt == 0 else n - 1)
+        names = self._layer_buffers(layer)
+        keys, values = full[names[0]], full[names[1]]
+        if self.kv_bits is not None:
+            keys = dequantize_kv(keys, full[names[2]], self.kv_bits, self.group_size, self.dtype)
+            values = dequantize_kv(values, full[names[3]], self.kv_bits, self.group_size, self.dtype)
+        return keys, values

@@ -20,7 +20,7 @@ from transformers.activations import ACT2FN
 from ..errors import LowbitError
 from ..models.arch import arch_for
 from ..nn.fuse import fuse_linears
-from .cache import StaticKVCache
+from .cache import HostKVCache, StaticKVCache
 
 
 class RMSNorm(nn.Module):
@@ -113,9 +113,10 @@ class DecoderBlock(nn.Module):
 class Decoder(nn.Module):
     """The whole model as blocks over a static cache; `forward` returns the logits of the last position."""
 
-    def __init__(self, model: nn.Module, max_len: int, kv_bits: int | None = None, kv_group_size: int | None = None):
+    def __init__(self, model: nn.Module, max_len: int, kv_bits: int | None = None, kv_group_size: int | None = None,
+                 kv_offload: bool = False):
         super().__init__()
-        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self.kv_bits, self.kv_group_size, self.kv_offload = kv_bits, kv_group_size, kv_offload
         config = model.config
         arch = arch_for(config)
         if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) \
@@ -140,8 +141,12 @@ class Decoder(nn.Module):
         self.register_buffer("sin", sin[0], persistent=False)
         self.register_buffer("positions", positions, persistent=False)
         blk = self.blocks[0]
-        self.cache = StaticKVCache(len(self.blocks), blk.kv_heads, max_len, blk.head_dim, dtype, device,
-                                   self.kv_bits, self.kv_group_size)
+        if self.kv_offload:
+            self.cache = HostKVCache(len(self.blocks), blk.kv_heads, max_len, blk.head_dim, dtype,
+                                     kv_bits=self.kv_bits, group_size=self.kv_group_size, compute_device=device)
+        else:
+            self.cache = StaticKVCache(len(self.blocks), blk.kv_heads, max_len, blk.head_dim, dtype, device,
+                                       self.kv_bits, self.kv_group_size)
         self.max_len = max_len
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, visible: torch.Tensor | None = None,

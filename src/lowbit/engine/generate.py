@@ -93,14 +93,16 @@ class Engine:
     bucket pays the compilation (seconds to a minute on a small CPU). compile=False runs the same code
     eagerly — the ground truth the compiled graph is tested against.
     kv_bits=8 or 4 keeps the KV cache quantized (symmetric, per head, position and group of kv_group_size
-    channels, default the head dimension); see engine.cache.
+    channels, default the head dimension); kv_offload=True keeps it in host memory, each layer brought to the
+    compute device when read, the next one prefetched (runs eagerly); see engine.cache.
     """
 
     def __init__(self, model: nn.Module, compile: bool = True, max_positions: int | None = None,
-                 kv_bits: int | None = None, kv_group_size: int | None = None):
+                 kv_bits: int | None = None, kv_group_size: int | None = None, kv_offload: bool = False):
         self.model = model
         self.limit = max_positions or getattr(model.config, "max_position_embeddings", None) or 2048
-        self.decoder = Decoder(model, MIN_BUCKET, kv_bits, kv_group_size).eval()
+        self.decoder = Decoder(model, MIN_BUCKET, kv_bits, kv_group_size, kv_offload).eval()
+        compile = compile and not kv_offload   # host-side copies per layer are not part of a compiled graph
         self.compile = compile
         self._compiled_once = False
         self._step = self._decode_step
