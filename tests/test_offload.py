@@ -198,12 +198,14 @@ def _tiny_hf_dir(tiny_dir, root, layers=5):
     return root
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "rtn+head"])
 def test_quantize_streamed_equals_in_memory(tiny_dir, tmp_path, method):
     import lowbit
     from lowbit.offload import quantize_streamed
     src = _tiny_hf_dir(tiny_dir, tmp_path / "src")
-    recipe = lowbit.Recipe.default(lowbit.Scheme(method, lowbit.IntSpec(4, 32, False)))
+    scheme = lowbit.Scheme(method.split("+")[0], lowbit.IntSpec(4, 32, False))
+    recipe = (lowbit.Recipe.from_rules([{"match": "lm_head", "bits": 8, "group_size": -1}], scheme)
+              if method.endswith("head") else lowbit.Recipe.default(scheme))
     calib = torch.randint(0, 1000, (4, 32)) if method == "gptq" else None
     mem = lowbit.quantize(lowbit.load_model(src).model, recipe, calibration=calib, progress=False)
     out = quantize_streamed(src, tmp_path / "q", recipe, calibration=calib, progress=False)

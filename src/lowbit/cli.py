@@ -220,7 +220,7 @@ def cmd_generate(args) -> int:
                   file=sys.stderr)
             engine = "hf"
     r = generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
-                 engine=engine, kv_bits=args.kv_bits)
+                 engine=engine, kv_bits=args.kv_bits, kv_offload=args.kv_offload)
     print(r["text"])
     speed = r["decode_tokens_per_s"]
     compiled = f", compiled in {r['compile_seconds']:.1f} s" if r.get("compile_seconds") else ""
@@ -354,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--offload-dir", default=None, help="stream blocks from shards written here (default: RAM)")
     g.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
                    help="keep the KV cache in INT8 or INT4 (per head, position and 64-channel group)")
+    g.add_argument("--kv-offload", action="store_true",
+                   help="keep the KV cache in host memory, one layer brought back at a time (runs eagerly)")
     _add_engine_arg(g)
     g.set_defaults(func=cmd_generate)
     return p

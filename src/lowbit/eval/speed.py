@@ -17,16 +17,17 @@ ENGINES = ("compiled", "eager", "hf")
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {kind: Engine}
 
 
-def engine_for(model, engine: str = "compiled", kv_bits: int | None = None):
+def engine_for(model, engine: str = "compiled", kv_bits: int | None = None, kv_offload: bool = False):
     """The model's lowbit engine of that kind, built once per model and kept beside it (compiling is costly)."""
     from ..engine import Engine
     if engine not in ("compiled", "eager"):
         raise LowbitError(f"unknown engine '{engine}'; choose from {', '.join(ENGINES)}")
     # kept beside the model, not on it, so that a deepcopy of the model never inherits another model's engine
     cache = _ENGINES.setdefault(model, {})
-    if (engine, kv_bits) not in cache:
-        cache[(engine, kv_bits)] = Engine(model, compile=engine == "compiled", kv_bits=kv_bits)
-    return cache[(engine, kv_bits)]
+    key = (engine, kv_bits, kv_offload)
+    if key not in cache:
+        cache[key] = Engine(model, compile=engine == "compiled", kv_bits=kv_bits, kv_offload=kv_offload)
+    return cache[key]
 
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
@@ -44,7 +45,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = False,
-             engine: str = "compiled", kv_bits: int | None = None) -> dict:
+             engine: str = "compiled", kv_bits: int | None = None, kv_offload: bool = False) -> dict:
     """Greedy continuation of `prompt`; returns text, token counts, and timings.
 
     decode_tokens_per_s excludes the prompt's forward pass, which is timed on its own (prefill). With a lowbit
@@ -52,11 +53,11 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
     the speeds.
     """
     ids = _prompt_ids(tokenizer, prompt, chat)
-    if kv_bits is not None and engine == "hf":
-        raise LowbitError("a quantized KV cache needs a lowbit engine (--engine compiled or eager)")
+    if (kv_bits is not None or kv_offload) and engine == "hf":
+        raise LowbitError("a quantized or host-memory KV cache needs a lowbit engine (--engine compiled or eager)")
     if engine != "hf":
-        e = engine_for(model, engine, kv_bits)
-        compile_s = e.warmup() if engine == "compiled" else 0.0
+        e = engine_for(model, engine, kv_bits, kv_offload)
+        compile_s = e.warmup() if e.compile else 0.0
         t0 = time.perf_counter()
         r = e.generate(ids, max_new_tokens, eos_token_id=_eos_ids(model, tokenizer))
         total_s = time.perf_counter() - t0
@@ -66,7 +67,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
             "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()),
             "prefill_seconds": r["prefill_seconds"], "seconds": total_s,
             "decode_tokens_per_s": r["decode_tokens_per_s"], "tokens_per_s": new.numel() / total_s,
-            "engine": engine, "compile_seconds": compile_s,
+            "engine": engine if e.compile or engine == "eager" else "eager", "compile_seconds": compile_s,
         }
     t0 = time.perf_counter()
     model(ids, use_cache=False)

@@ -28,8 +28,15 @@ def quantize_streamed(path: str | Path, out: str | Path, recipe: Recipe | None =
                       base: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Quantize the Hugging Face safetensors model at `path` into a lowbit checkpoint at `out`, block by block."""
     path = Path(path)
-    model, tokenizer, block_files = meta_model(path, torch.float32, resident_blocks=())
+    # outside the blocks: float32 when calibration runs through the embedding (as in memory), else the
+    # final dtype at once (half the memory; the same values once cast)
+    model, tokenizer, block_files = meta_model(path, torch.float32 if calibration is not None else dtype,
+                                               resident_blocks=())
     arch = arch_for(model.config)
+    recipe = recipe or Recipe.default(blocks=arch.blocks)
+    outside = [n for n in recipe.plan(model) if not n.startswith(arch.blocks + ".")]
+    if outside and next(model.parameters()).dtype != torch.float32:   # e.g. an lm_head to quantize
+        model, tokenizer, block_files = meta_model(path, torch.float32, resident_blocks=())
     blocks = model.get_submodule(arch.blocks)
     store = SafetensorsStore(block_files, torch.float32)
     writer = ShardedCheckpointWriter(out, overwrite)
