@@ -19,3 +19,13 @@ def test_decode_engine_benchmark_quick(tmp_path):
     assert len(lowbit_rows) == 2 and all(row["tokens_equal_reference_64"] for row in lowbit_rows)
     assert all(row["decode_tokens_per_s"] > 0 and row["bytes_per_token"] > 0 for row in data["rows"])
     assert "| model | engine |" in out.with_suffix(".md").read_text()
+
+
+def test_gpu_offload_benchmark_quick(tmp_path):
+    out = tmp_path / "off"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_offload.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["same_tokens"] and data["activations"]["gradients_identical"]
+    assert data["bytes_streamed_per_token"] > 0 and data["activations"]["offloaded"]["offloaded_bytes"] > 0

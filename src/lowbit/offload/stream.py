@@ -115,21 +115,34 @@ class StreamedModel:
     model: nn.Module
     plan: OffloadPlan
     store: object
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     events: list = field(default_factory=list)
     _executor: ThreadPoolExecutor | None = None
     _pending: dict = field(default_factory=dict)
     _handles: list = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stream: object = None
 
     def _log(self, what: str, index: int) -> None:
         with self._lock:
             self.events.append((what, index, time.perf_counter()))
 
-    def _read(self, index: int) -> dict[str, torch.Tensor]:
+    def _read(self, index: int):
+        """On the reader thread: the block's tensors from the store, and on a GPU their copy to the device on a
+        side stream (from pinned memory), with the event that marks the copy done."""
         self._log("read_start", index)
         tensors = self.store.load(index)
+        event = None
+        if self.device.type == "cuda":
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(self._stream):
+                tensors = {k: (v if v.is_pinned() else v.pin_memory()).to(self.device, non_blocking=True)
+                           for k, v in tensors.items()}
+                event = torch.cuda.Event()
+                event.record(self._stream)
         self._log("read_end", index)
-        return tensors
+        return tensors, event
 
     def _prefetch(self, index: int) -> Future:
         if index not in self._pending:
@@ -158,9 +171,14 @@ def _placeholders(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def offload_blocks(model: nn.Module, budget: int | str, offload_dir: str | None = None,
-                   pin_memory: bool = False) -> StreamedModel:
+                   pin_memory: bool | None = None) -> StreamedModel:
     """Stream the model's decoder blocks that do not fit in `budget` (bytes or '2GB') from a store: disk shards in
-    offload_dir if given, else host RAM. Prints nothing; `result.plan.describe()` says what was decided."""
+    offload_dir if given, else host RAM (pinned when the model is on a GPU). The model may sit on a GPU: streamed
+    blocks then move to it on a side stream, overlapping the previous block's compute. Prints nothing;
+    `result.plan.describe()` says what was decided."""
+    device = next(model.parameters()).device
+    if pin_memory is None:
+        pin_memory = device.type == "cuda"
     budget = parse_size(budget) if isinstance(budget, str) else int(budget)
     arch = arch_for(model.config)
     blocks = model.get_submodule(arch.blocks)
@@ -181,13 +199,17 @@ def offload_blocks(model: nn.Module, budget: int | str, offload_dir: str | None 
             store.put(i, ts)
     for i in plan.streamed:
         _set_tensors(blocks[i], _placeholders(per_block[i]))
-    return install_streaming(model, plan, store, blocks)
+    return install_streaming(model, plan, store, blocks, device)
 
 
-def install_streaming(model: nn.Module, plan: OffloadPlan, store, blocks: nn.ModuleList) -> StreamedModel:
+def install_streaming(model: nn.Module, plan: OffloadPlan, store, blocks: nn.ModuleList,
+                      device: torch.device | str | None = None) -> StreamedModel:
     """Hooks that bring each streamed block's tensors from `store` before it runs (prefetching the next one)
-    and release them after; the streamed blocks must already hold empty placeholders."""
-    sm = StreamedModel(model, plan, store)
+    and release them after; the streamed blocks must already hold empty placeholders. `device`: where the
+    model computes (default: where its first parameter is)."""
+    if device is None:
+        device = next(model.parameters()).device
+    sm = StreamedModel(model, plan, store, torch.device(device))
     if not plan.streamed:
         return sm
     sm._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowbit-prefetch")
@@ -198,8 +220,10 @@ def install_streaming(model: nn.Module, plan: OffloadPlan, store, blocks: nn.Mod
         nxt = order[(pos + 1) % len(order)]
 
         def pre_hook(module, args, i=i, nxt=nxt):
-            tensors = sm._prefetch(i).result()
+            tensors, event = sm._prefetch(i).result()
             sm._pending.pop(i, None)
+            if event is not None:       # the compute stream waits for the copy, the host does not
+                torch.cuda.current_stream(sm.device).wait_event(event)
             _set_tensors(module, tensors)
             sm._log("compute_start", i)
             sm._prefetch(nxt)          # the next streamed block is read while this one computes
