@@ -273,3 +273,12 @@ def test_host_kv_cache_gives_the_same_tokens_and_logits(bits):
     per_position = sum(host.cache._buffers[n][:, :, :1].numel() * host.cache._buffers[n].element_size()
                        for n in host.cache._buffers)
     assert host.cache.copied_bytes - before <= per_position * (3 * 10 + 3 * host.cache.layers)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compiled_engine_with_quantized_cache_equals_eager(bits):
+    model = _tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 6))
+    a = Engine(model, compile=False, kv_bits=bits).generate(ids, 16)["tokens"]
+    b = Engine(model, compile=True, kv_bits=bits).generate(ids, 16)["tokens"]
+    assert torch.equal(a, b)
