@@ -26,7 +26,7 @@ import torch
 from lowbit.export.atomic import atomic_write_text
 
 # fp32: the default model saved as a Hugging Face directory and opened lazily (streamed blocks never loaded);
-# int4: a quantized model loaded whole, then its streamed blocks written to disk shards
+# int4: a lowbit checkpoint loaded (packed weights only), then its streamed blocks written to disk shards
 CONFIGS = [("fp32", None, None), ("fp32", "300MB", "lazy"), ("int4", None, None), ("int4", "90MB", "disk")]
 LARGE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
              num_key_value_heads=4, vocab_size=49152, tie_word_embeddings=False, max_position_embeddings=2048)
@@ -114,9 +114,8 @@ if where == "lazy":
     model, plan = loaded.model, sm.plan
     weights = plan.fixed_bytes + sum(plan.block_bytes)
 else:
-    model = lowbit.load_model("default").model
-    if scheme == "int4":
-        lowbit.quantize(model, lowbit.Recipe.default(lowbit.Scheme("rtn", lowbit.IntSpec(4, 64, True))), progress=False)
+    # int4: a checkpoint written by the parent process (loading it never allocates the float weights)
+    model = lowbit.load_model(tmp + "/int4" if scheme == "int4" else "default").model
     weights = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}.values())
 if where == "disk":
     from lowbit.offload import offload_blocks
@@ -212,11 +211,17 @@ def main() -> int:
             print(rows[-1]["plan"], file=sys.stderr)
     for scheme, budget, where in CONFIGS:
         with tempfile.TemporaryDirectory() as tmp:
+            import lowbit
             if where == "lazy":
-                import lowbit
                 loaded = lowbit.load_model("default")
                 loaded.model.save_pretrained(Path(tmp) / "hf")
                 loaded.tokenizer.save_pretrained(Path(tmp) / "hf")
+                del loaded
+            if scheme == "int4":
+                loaded = lowbit.load_model("default")
+                scheme_ = lowbit.Scheme("rtn", lowbit.IntSpec(4, 64, True))
+                lowbit.save_checkpoint(lowbit.quantize(loaded.model, lowbit.Recipe.default(scheme_), progress=False),
+                                       loaded.tokenizer, Path(tmp) / "int4")
                 del loaded
             r = subprocess.run([sys.executable, "-c", _CHILD, scheme, budget or "none", where or "none", tmp],
                                capture_output=True, text=True)

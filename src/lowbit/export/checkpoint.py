@@ -24,7 +24,7 @@ from .. import __version__
 from ..errors import LowbitError
 from ..formats import QuantizedTensor, spec_from_dict
 from ..models.arch import arch_for
-from ..models.sources import Loaded, _no_init, check_safetensors, hf_config_dict, read_config, unique_state_dict
+from ..models.sources import Loaded, check_safetensors, hf_config_dict, read_config, unique_state_dict
 from ..formats.act import ActSpec
 from ..nn import QuantLinear, set_submodule
 from ..nn.qlinear import ACT_STATE_KEYS
@@ -165,6 +165,19 @@ def read_record(path: Path) -> dict:
     return record
 
 
+def _rebuild_meta_buffers(model: torch.nn.Module, config) -> None:
+    """Modules whose buffers are computed at construction, not stored (rotary tables), rebuilt on the CPU."""
+    for name, mod in list(model.named_modules()):
+        if any(b is not None and b.is_meta for b in mod._buffers.values()) and not any(
+                p is not None for p in mod._parameters.values()):
+            try:
+                fresh = type(mod)(config=config)
+            except TypeError:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
+
+
 def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
     """Rebuild the model a lowbit checkpoint describes; its logits equal the saved model's exactly."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -174,7 +187,8 @@ def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
     arch_for(read_config(path))
     dtype = getattr(torch, record.get("dtype", "float32"))
     config = AutoConfig.from_pretrained(str(path))
-    with _no_init():
+    # built on the meta device: no float weights are ever allocated for modules that are stored quantized
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with contextlib.ExitStack() as stack:
         f = _Tensors(path, stack)
@@ -198,7 +212,7 @@ def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
                                                    else kernel, act=act, act_state=act_state))
         rest = {k: f.get(k) for k in names}
     tied = record.get("tied", {})
-    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise LowbitError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -206,6 +220,10 @@ def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
         parent, _, leaf = alias.rpartition(".")
         tparent, _, tleaf = target.rpartition(".")
         setattr(model.get_submodule(parent), leaf, getattr(model.get_submodule(tparent), tleaf))
+    _rebuild_meta_buffers(model, config)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise LowbitError(f"{path} does not store {', '.join(left[:3])}")
     model.eval()
     model.lowbit = record
     try:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..models.arch import arch_for
+from ..export.checkpoint import _rebuild_meta_buffers
 from ..models.sources import Loaded, check_safetensors, read_config
 from .stream import StreamedModel, install_streaming, parse_size, plan_offload
 
@@ -181,17 +182,3 @@ def open_streamed(path: str | Path, budget: int | str, dtype: torch.dtype = torc
 
 def _tied(model, key: str) -> bool:
     return key.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
-
-
-def _rebuild_meta_buffers(model: nn.Module, config) -> None:
-    """Modules whose buffers were computed at construction (rotary tables) are rebuilt on the CPU."""
-    for name, mod in list(model.named_modules()):
-        if any(b is not None and b.is_meta for b in mod._buffers.values()) and not any(
-                p is not None for p in mod._parameters.values()):
-            try:
-                fresh = type(mod)(config=config)
-            except TypeError:
-                continue
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, fresh)
