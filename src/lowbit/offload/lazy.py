@@ -20,6 +20,7 @@ from ..errors import LowbitError
 from ..models.arch import arch_for
 from ..export.checkpoint import _rebuild_meta_buffers
 from ..models.sources import Loaded, check_safetensors, read_config
+from .reader import BufferPool, read_header, read_tensors
 from .stream import StreamedModel, install_streaming, parse_size, plan_offload
 
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "F64": 8, "BOOL": 1}
@@ -66,21 +67,27 @@ class SafetensorsStore:
 
     kind = "safetensors"
 
-    def __init__(self, files_by_block: dict[int, dict[str, tuple[Path, str]]], dtype: torch.dtype):
+    def __init__(self, files_by_block: dict[int, dict[str, tuple[Path, str]]], dtype: torch.dtype,
+                 pin_memory: bool = False):
         self.files_by_block = files_by_block
         self.dtype = dtype
+        self.pin_memory = pin_memory
+        self._headers: dict[Path, dict] = {}
+        self._pool = BufferPool(pin_memory)
 
     def load(self, index: int) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
         by_file: dict[Path, list[tuple[str, str]]] = {}
         for local, (f, full) in self.files_by_block[index].items():
             by_file.setdefault(f, []).append((local, full))
         out = {}
         for f, names in by_file.items():
-            with safe_open(str(f), framework="pt") as h:
-                for local, full in names:
-                    t = h.get_tensor(full)   # copied below on this (reader) thread, not page-faulted later
-                    out[local] = t.to(self.dtype) if t.is_floating_point() and t.dtype != self.dtype else t.clone()
+            if f not in self._headers:
+                self._headers[f] = read_header(f)
+            # read on this (reader) thread into reused buffers, not memory-mapped and page-faulted later
+            read = read_tensors(f, self._headers[f], [full for _, full in names], pool=self._pool)
+            for local, full in names:
+                t = read[full]
+                out[local] = t.to(self.dtype) if t.is_floating_point() and t.dtype != self.dtype else t
         return out
 
 

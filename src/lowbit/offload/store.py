@@ -2,8 +2,9 @@
 
 `DiskStore` writes each block as one safetensors shard in an offload directory, with a manifest
 (`offload.json`: per shard its file name, byte size and SHA-256) written last, so a directory without a manifest
-is never taken for a complete store. Shards are read through memory maps; each shard's checksum is verified the
-first time it is read in a process (a corrupted or truncated shard is an error, not wrong logits).
+is never taken for a complete store. Shards are read straight into reused buffers (`offload.reader`:
+pinned when the compute device is a GPU); each shard's checksum is verified the first time
+it is read in a process (a corrupted or truncated shard is an error, not wrong logits).
 `RamStore` keeps the tensors in host memory (pinned when the compute device is a GPU).
 
 A block's tensors are its parameters and buffers by name (`module.state_dict(keep_vars=True)` names, including
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
+from .reader import BufferPool, read_header, read_tensors
 
 MANIFEST = "offload.json"
 
@@ -69,13 +71,17 @@ class RamStore:
 
 
 class DiskStore:
-    """Block tensors in safetensors shards under `root`, read through memory maps and copied into RAM."""
+    """Block tensors in safetensors shards under `root`, read into RAM buffers (pinned if `pin_memory`) that are
+    reused once the tensors of an earlier read are released (`offload.reader.BufferPool`)."""
 
     kind = "disk"
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, pin_memory: bool = False):
         self.root = Path(root)
+        self.pin_memory = pin_memory
         self.shards: dict[int, dict] = {}
+        self._headers: dict[int, dict] = {}
+        self._pool = BufferPool(pin_memory)
         self._verified: set[int] = set()
         manifest = self.root / MANIFEST
         if manifest.is_file():
@@ -85,7 +91,8 @@ class DiskStore:
                 raise LowbitError(f"corrupt offload manifest {manifest}: {e}") from None
 
     @classmethod
-    def create(cls, root: str | os.PathLike, blocks: dict[int, dict[str, torch.Tensor]]) -> "DiskStore":
+    def create(cls, root: str | os.PathLike, blocks: dict[int, dict[str, torch.Tensor]],
+               pin_memory: bool = False) -> "DiskStore":
         """Write all shards into a temporary directory beside root, then rename it to root (atomic)."""
         from safetensors.torch import save_file
         root = Path(root)
@@ -111,7 +118,7 @@ class DiskStore:
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise LowbitError(f"cannot write the offload directory {root}: {e.strerror or e}") from None
-        store = cls(root)
+        store = cls(root, pin_memory)
         store._verified = set(shards)   # just written and hashed
         return store
 
@@ -127,14 +134,13 @@ class DiskStore:
         self._verified.add(index)
 
     def load(self, index: int) -> dict[str, torch.Tensor]:
-        """The block's tensors, read from disk into fresh RAM tensors."""
-        from safetensors import safe_open
+        """The block's tensors, read from disk into RAM (on the caller's thread: the reader's)."""
         if index not in self._verified:
             self.verify(index)
-        with safe_open(str(self._path(index)), framework="pt") as f:
-            # copied here, on the reader thread: a memory-mapped tensor would be read (page-faulted) only
-            # later, by the computing thread, and packed CPU kernels need aligned storage anyway
-            return {k: f.get_tensor(k).clone() for k in f.keys()}
+        path = self._path(index)
+        if index not in self._headers:
+            self._headers[index] = read_header(path)
+        return read_tensors(path, self._headers[index], pool=self._pool)
 
     def nbytes(self, index: int) -> int:
         return self.shards[index]["bytes"]

@@ -1,0 +1,169 @@
+"""Reading tensors out of a safetensors file fast: one positioned read per tensor, straight into its own buffer.
+
+Streaming pays for every byte it reads on each decoded token, so the read path matters. Going through
+`safe_open(...).get_tensor(name).clone()` maps the file, page-faults it in, and copies it again (about 4 GB/s
+on small quantized blocks here). Instead a block's tensors go into one buffer (each 64-byte aligned, as ATen's
+packed kernels need; pinned on request, so a GPU copy can start from it at once; reused from read to read,
+see `BufferPool`), filled by `os.preadv` (scatter reads from the page cache that release the GIL, so a reader
+thread does not hold up the computing one): 11-20 GB/s here.
+
+The safetensors layout: 8 bytes (little-endian u64) header length N, N bytes of JSON
+{name: {"dtype": "F32"|"BF16"|..., "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}},
+then the data; offsets count from the end of the header.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LowbitError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int         # absolute position in the file
+    nbytes: int
+
+
+def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
+    """The file's tensors (name -> dtype, shape, absolute byte range), checked against the file's size."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length past the end of the file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise LowbitError(f"corrupt or truncated safetensors file {path}: {e}") from None
+    out = {}
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[v["dtype"]]
+            begin, end = v["data_offsets"]
+            shape = tuple(int(d) for d in v["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise LowbitError(f"corrupt safetensors file {path}: bad entry for tensor '{name}'") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        if end - begin != nbytes or 8 + n + end > size:
+            raise LowbitError(f"corrupt or truncated safetensors file {path}: tensor '{name}' does not fit")
+        out[name] = TensorEntry(dtype, shape, 8 + n + begin, nbytes)
+    return out
+
+
+ALIGN = 64   # bytes; ATen's packed CPU kernels read with aligned vector loads
+
+
+def _in_use(buf: torch.Tensor) -> bool:
+    """Whether anything but `buf` itself still references its memory (views handed out earlier)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:       # cannot tell: never reuse
+        return True
+    # one reference from buf, one from the temporary storage object made to ask
+    return use_count(buf.untyped_storage()._cdata) > 2
+
+
+class BufferPool:
+    """Host buffers reused from one read to the next.
+
+    Streaming reads every streamed block on every token. Fresh memory for each read costs a page fault per
+    4 KiB page, and buffers above the C allocator's mmap threshold (32 MiB at most) are always fresh: reading
+    into new memory ran at 2.4 GB/s here against 7.4 GB/s into a reused buffer. A buffer is handed out again
+    only once no tensor read into it is alive any more (the block it held was released), so in steady state a
+    stream needs as many buffers as blocks it holds at once (the one computing and the one read ahead).
+    """
+
+    def __init__(self, pin_memory: bool = False, keep: int = 3):
+        self.pin_memory, self.keep = pin_memory, keep
+        self.buffers: list[torch.Tensor] = []
+        self.allocated = 0      # buffers ever allocated (tests check reuse)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        free = [b for b in self.buffers if not _in_use(b)]
+        fit = [b for b in free if b.numel() >= nbytes]
+        if fit:
+            return min(fit, key=torch.Tensor.numel)
+        while free and len(self.buffers) >= self.keep:   # too small and idle: make room
+            b = free.pop()
+            self.buffers = [x for x in self.buffers if x is not b]
+        buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin_memory)
+        self.buffers.append(buf)
+        self.allocated += 1
+        return buf
+
+
+def read_tensors(path: str | os.PathLike, entries: dict[str, TensorEntry], names=None,
+                 pin_memory: bool = False, pool: BufferPool | None = None) -> dict[str, torch.Tensor]:
+    """The named tensors (all by default) read from `path` into CPU memory, by name.
+
+    They share one buffer (from `pool` if given, else fresh; pinned if asked), each starting at a multiple of
+    ALIGN bytes, and are filled by scatter reads: tensors that sit back to back in the file (as safetensors
+    writes them) take one `preadv`.
+    """
+    names = sorted(entries if names is None else names, key=lambda k: entries[k].offset)
+    starts, total = [], 0
+    for name in names:
+        total = -(-total // ALIGN) * ALIGN
+        starts.append(total)
+        total += entries[name].nbytes
+    buf = pool.take(total) if pool is not None else \
+        torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin_memory)
+    whole = memoryview(buf.numpy())
+    runs: list[tuple[int, list[memoryview]]] = []   # (file offset, buffers filled from there on)
+    for name, at in zip(names, starts):
+        e = entries[name]
+        if not e.nbytes:
+            continue
+        view = whole[at:at + e.nbytes]
+        if runs and runs[-1][0] + sum(v.nbytes for v in runs[-1][1]) == e.offset and len(runs[-1][1]) < 512:
+            runs[-1][1].append(view)
+        else:
+            runs.append((e.offset, [view]))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset, views in runs:
+            _read_fully(fd, views, offset, path)
+    finally:
+        os.close(fd)
+    out = {}
+    for name, at in zip(names, starts):
+        e = entries[name]
+        if e.nbytes:
+            out[name] = buf[at:at + e.nbytes].view(e.dtype).view(e.shape)
+        else:
+            out[name] = torch.empty(e.shape, dtype=e.dtype)
+    return out
+
+
+def _read_fully(fd: int, views: list[memoryview], offset: int, path) -> None:
+    """Fill `views` from the file at `offset` (consecutive bytes), however the reads come back short."""
+    while views:
+        got = os.preadv(fd, views, offset)
+        if got <= 0:
+            raise LowbitError(f"truncated safetensors file {path}: it ends before its tensors do")
+        offset += got
+        while views and got >= views[0].nbytes:
+            got -= views[0].nbytes
+            views = views[1:]
+        if views and got:
+            views = [views[0][got:]] + views[1:]
