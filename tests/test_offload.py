@@ -125,6 +125,63 @@ def test_streamed_logits_identical_to_resident(base, tmp_path, store, scheme):
         sm.close()
 
 
+@pytest.mark.parametrize("scheme", ["fp32", "int4"])
+def test_engine_over_streamed_blocks_equals_resident(base, tmp_path, scheme):
+    from lowbit.engine import Engine
+    model = truncated(base, 6)
+    if scheme == "int4":
+        model = quantized(model, 4, 64, False)
+    ids = torch.randint(0, 49152, (1, 10))
+    resident = Engine(model, compile=False)
+    want_tokens = resident.generate(ids, 12)["tokens"]
+    resident.reserve(16)
+    with torch.no_grad():
+        want_prefill = resident.prefill(ids[:, :9])
+        want_decode, _ = resident.decode(ids[:, 9:], 9)
+    del resident
+    per_block = sum(t.numel() * t.element_size() for t in block_tensors(model.model.layers[0]).values())
+    fixed = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if ".layers." not in n)
+    sm = offload_blocks(model, fixed + 3.5 * per_block, tmp_path / "off")
+    try:
+        engine = Engine(model)                      # asks for compiling; streamed blocks make it run eagerly
+        assert not engine.compile and engine.decoder.streamed == {1, 2, 3, 4, 5}
+        assert torch.equal(engine.generate(ids, 12)["tokens"], want_tokens)
+        engine.reserve(16)
+        with torch.no_grad():
+            assert torch.equal(engine.prefill(ids[:, :9]), want_prefill)
+            assert torch.equal(engine.decode(ids[:, 9:], 9)[0], want_decode)
+        computed = [i for w, i, _ in sm.events if w == "compute_start"]
+        assert computed[:5] == [1, 2, 3, 4, 5] and len(computed) == 5 * (12 + 2)   # every block, every pass
+        assert all(model.model.layers[i].self_attn.o_proj._buffers.get("wpack", torch.empty(1)).numel() == 0
+                   if scheme == "int4" else model.model.layers[i].self_attn.o_proj.weight.numel() == 0
+                   for i in sm.plan.streamed)                  # released after use
+    finally:
+        sm.close()
+
+
+def test_cli_generate_under_a_budget(tiny_dir, tmp_path, capsys):
+    from lowbit.cli import main
+    from lowbit.offload.lazy import block_sizes
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    torch.manual_seed(3)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True,
+                      max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    fixed, per_block = block_sizes(tmp_path / "m", torch.bfloat16)
+    budget = str(int(fixed + 3.5 * per_block[0]))
+    args = ["generate", str(tmp_path / "m"), "--prompt", "Python is", "--max-new-tokens", "12",
+            "--max-memory", budget]
+    assert main(args + ["--engine", "hf"]) == 0               # transformers' generate over the streamed model
+    want = capsys.readouterr().out
+    assert main(args) == 0                                    # lowbit's engine, streamed blocks unfused
+    out, err = capsys.readouterr()
+    assert "streamed blocks: 1-5" in err and "eager engine" in err
+    assert out == want and out.strip()
+
+
 def test_corrupted_shard_and_bad_directories(base, tmp_path):
     model = truncated(base, 4)
     ids = torch.randint(0, 49152, (1, 8))

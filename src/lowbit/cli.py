@@ -214,11 +214,9 @@ def cmd_generate(args) -> int:
             streamed = offload_blocks(loaded.model, args.max_memory, args.offload_dir)
     if streamed is not None:
         print(streamed.plan.describe(), file=sys.stderr)
-        if streamed.plan.streamed and engine != "hf":
-            # the engine fuses q/k/v and gate/up into copies of the weights; streamed blocks run unfused
-            print("streaming blocks: generating with transformers' generate over the streamed model",
+        if streamed.plan.streamed and engine == "compiled":
+            print("streaming blocks: the engine runs eagerly (weights are swapped in around each block)",
                   file=sys.stderr)
-            engine = "hf"
     r = generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
                  engine=engine, kv_bits=args.kv_bits, kv_offload=args.kv_offload)
     print(r["text"])

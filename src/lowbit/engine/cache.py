@@ -168,10 +168,13 @@ class HostKVCache(StaticKVCache):
     def read(self, layer: int, n) -> tuple[torch.Tensor, torch.Tensor]:
         n = int(n)
         upto, parts, event = self._prefetched.pop(layer, (0, None, None))
-        if parts is None or upto > n:
-            upto, parts = 0, None
+        if parts is None or upto > n:   # nothing prefetched, or for a longer sequence than this one
+            upto, parts, event = 0, None, None
         if event is not None:
-            torch.cuda.current_stream(self.compute_device).wait_event(event)
+            compute = torch.cuda.current_stream(self.compute_device)
+            compute.wait_event(event)
+            for t in parts.values():
+                t.record_stream(compute)   # copied on the side stream, read on this one (see offload.stream)
         tail = self._copy(layer, upto, n)
         full = tail if parts is None else {k: torch.cat((parts[k], tail[k]), dim=2) for k in tail}
         nxt = (layer + 1) % self.layers

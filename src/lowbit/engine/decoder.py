@@ -20,22 +20,24 @@ from transformers.activations import ACT2FN
 from ..errors import LowbitError
 from ..models.arch import arch_for
 from ..nn.fuse import fuse_linears
+from ..offload.stream import streaming_of
 from .cache import HostKVCache, StaticKVCache
 
 
 class RMSNorm(nn.Module):
-    """The llama-family RMSNorm (weight · normalize(x in float32) cast back), sharing the model's weight."""
+    """The llama-family RMSNorm (weight · normalize(x in float32) cast back) over the model's own norm module,
+    whose weight is looked up at each call (a streamed block's weight is swapped in only while it runs)."""
 
     def __init__(self, norm: nn.Module):
         super().__init__()
-        self.weight = norm.weight
+        self.source = norm
         self.eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
 
     def forward(self, x):
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.source.weight * x.to(dtype)
 
 
 class _Concat(nn.Module):
@@ -49,9 +51,9 @@ class _Concat(nn.Module):
         return torch.cat([m(x) for m in self.parts], dim=-1)
 
 
-def _fused(mods) -> tuple[nn.Module, list[int]]:
+def _fused(mods, fuse: bool = True) -> tuple[nn.Module, list[int]]:
     sizes = [m.out_features for m in mods]
-    return fuse_linears(mods) or _Concat(mods), sizes
+    return (fuse and fuse_linears(mods)) or _Concat(mods), sizes
 
 
 def _rotate_half(x):
@@ -62,14 +64,16 @@ def _rotate_half(x):
 class DecoderBlock(nn.Module):
     """h += o(attention(rope(q), rope(k), v));  h += down(act(gate(x)) · up(x)), each after its norm."""
 
-    def __init__(self, block: nn.Module, names, config):
+    def __init__(self, block: nn.Module, names, config, fuse: bool = True):
+        """fuse=False calls the block's own Linears one by one (for a streamed block, whose weights are
+        swapped in only while it runs, so a fused copy made now would be empty)."""
         super().__init__()
         get = block.get_submodule
         self.input_norm = RMSNorm(get(names.input_norm))
         self.post_norm = RMSNorm(get(names.post_norm))
-        self.qkv, self.qkv_sizes = _fused([get(names.q), get(names.k), get(names.v)])
+        self.qkv, self.qkv_sizes = _fused([get(names.q), get(names.k), get(names.v)], fuse)
         self.o = get(names.o)
-        self.gate_up, self.gate_up_sizes = _fused([get(names.gate), get(names.up)])
+        self.gate_up, self.gate_up_sizes = _fused([get(names.gate), get(names.up)], fuse)
         self.down = get(names.down)
         self.q_norm = RMSNorm(get(names.q_norm)) if names.q_norm else None
         self.k_norm = RMSNorm(get(names.k_norm)) if names.k_norm else None
@@ -127,7 +131,14 @@ class Decoder(nn.Module):
         self.embed = get(arch.embed)
         self.norm = RMSNorm(get(arch.final_norm))
         self.lm_head = get(arch.lm_head)
-        self.blocks = nn.ModuleList(DecoderBlock(b, arch.decoder, config) for b in get(arch.blocks))
+        # under a memory budget (lowbit.offload) nothing is fused: streamed blocks have their tensors swapped in
+        # around each call, and a fused copy of a resident quantized block would hold its weights twice
+        streaming = streaming_of(model)
+        self.streamed = set(streaming.plan.streamed) if streaming is not None else set()
+        self.blocks = nn.ModuleList(DecoderBlock(b, arch.decoder, config, fuse=streaming is None)
+                                    for b in get(arch.blocks))
+        for i in self.streamed:
+            streaming.hook(self.blocks[i], i, block=get(arch.blocks)[i])
         self.rotary = get(arch.rotary)
         self.resize(max_len)
 

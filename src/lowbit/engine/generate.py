@@ -95,6 +95,8 @@ class Engine:
     kv_bits=8 or 4 keeps the KV cache quantized (symmetric, per head, position and group of kv_group_size
     channels, default the head dimension); kv_offload=True keeps it in host memory, each layer brought to the
     compute device when read, the next one prefetched (runs eagerly); see engine.cache.
+    A model whose blocks stream from a store (`lowbit.offload.offload_blocks` or `open_streamed`) runs
+    eagerly too, its streamed blocks unfused, each block's weights brought in just before it runs.
     """
 
     def __init__(self, model: nn.Module, compile: bool = True, max_positions: int | None = None,
@@ -102,7 +104,8 @@ class Engine:
         self.model = model
         self.limit = max_positions or getattr(model.config, "max_position_embeddings", None) or 2048
         self.decoder = Decoder(model, MIN_BUCKET, kv_bits, kv_group_size, kv_offload).eval()
-        compile = compile and not kv_offload   # host-side copies per layer are not part of a compiled graph
+        # host-side copies per layer, and blocks whose weights are swapped in per call, stay out of a graph
+        compile = compile and not kv_offload and not self.decoder.streamed
         self.compile = compile
         self._compiled_once = False
         self._step = self._decode_step

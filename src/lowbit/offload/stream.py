@@ -14,8 +14,10 @@ is instrumented (`StreamedModel.events`) so tests can check that reads run ahead
 from __future__ import annotations
 
 import re
+from collections import deque
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -116,12 +118,14 @@ class StreamedModel:
     plan: OffloadPlan
     store: object
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    events: list = field(default_factory=list)
+    events: deque = field(default_factory=lambda: deque(maxlen=100_000))
     _executor: ThreadPoolExecutor | None = None
     _pending: dict = field(default_factory=dict)
     _handles: list = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stream: object = None
+    _next: dict = field(default_factory=dict)     # streamed block -> the streamed block that runs after it
+    _slot_cache: dict = field(default_factory=dict)
 
     def _log(self, what: str, index: int) -> None:
         with self._lock:
@@ -141,6 +145,9 @@ class StreamedModel:
                            for k, v in tensors.items()}
                 event = torch.cuda.Event()
                 event.record(self._stream)
+            # the host buffers go back to the store's pool once these copies are done, so wait for them here,
+            # on the reader thread, while the previous block computes
+            event.synchronize()
         self._log("read_end", index)
         return tensors, event
 
@@ -149,11 +156,58 @@ class StreamedModel:
             self._pending[index] = self._executor.submit(self._read, index)
         return self._pending[index]
 
+    def before(self, index: int, block: nn.Module) -> None:
+        """Block `index` is about to run: install its tensors (waiting for the read if it is not done), then
+        start reading the next streamed block so that it loads while this one computes."""
+        tensors, event = self._prefetch(index).result()
+        self._pending.pop(index, None)
+        if event is not None:       # the compute stream waits for the copy, the host does not
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            for t in tensors.values():
+                # allocated on the side stream: without this, once released after the block ran, their
+                # memory could take the next prefetch while the compute stream still reads them
+                t.record_stream(compute)
+        self._slots(index, block).fill(tensors)
+        self._log("compute_start", index)
+        self._prefetch(self._next[index])
+
+    def after(self, index: int, block: nn.Module) -> None:
+        """Block `index` has run: release its tensors (back to empty placeholders)."""
+        self._log("compute_end", index)
+        slots = self._slots(index, block)
+        slots.fill(slots.empty)
+
+    def _slots(self, index: int, block: nn.Module) -> "_Slots":
+        key = (index, id(block))
+        if key not in self._slot_cache:
+            self._slot_cache[key] = _Slots(block)
+        return self._slot_cache[key]
+
+    def hook(self, module: nn.Module, index: int, block: nn.Module | None = None) -> None:
+        """Stream block `index` around every call of `module`: its tensors are installed into `block` (default:
+        module itself) before the call and released after. A runtime that calls the block's parts its own way
+        (lowbit's engine) hooks its own wrapper module, with the model's block as `block`."""
+        block = module if block is None else block
+        self._handles.append(module.register_forward_pre_hook(lambda m, args: self.before(index, block)))
+        self._handles.append(module.register_forward_hook(lambda m, args, out: self.after(index, block)))
+
     def close(self) -> None:
         for h in self._handles:
             h.remove()
+        self._handles.clear()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if _STREAMING.get(self.model) is self:
+            del _STREAMING[self.model]
+
+
+_STREAMING: "weakref.WeakKeyDictionary[nn.Module, StreamedModel]" = weakref.WeakKeyDictionary()
+
+
+def streaming_of(model: nn.Module) -> StreamedModel | None:
+    """The streaming state installed on `model` (None if its blocks are all resident)."""
+    return _STREAMING.get(model)
 
 
 def _set_tensors(block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -164,6 +218,33 @@ def _set_tensors(block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
         else:
             mod._buffers[leaf] = t
+
+
+class _Slots:
+    """Where each of a block's tensors is held (its Parameter object, or its module's buffer dict), looked up
+    once: a streamed block's tensors are swapped in and out twice per block per token, and resolving names
+    and wrapping new Parameters each time cost more than a small block's compute. Parameters keep their
+    identity; only their `.data` changes."""
+
+    def __init__(self, block: nn.Module):
+        self.params, self.buffers = {}, {}
+        for name, t in block_tensors(block).items():
+            mod_name, _, leaf = name.rpartition(".")
+            mod = block.get_submodule(mod_name) if mod_name else block
+            if leaf in mod._parameters:
+                self.params[name] = mod._parameters[leaf]
+            else:
+                self.buffers[name] = (mod._buffers, leaf)
+        self.empty = _placeholders(block_tensors(block))
+
+    def fill(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            p = self.params.get(name)
+            if p is not None:
+                p.data = t
+            else:
+                holder, leaf = self.buffers[name]
+                holder[leaf] = t
 
 
 def _placeholders(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -192,7 +273,7 @@ def offload_blocks(model: nn.Module, budget: int | str, offload_dir: str | None 
     plan = plan_offload(fixed, [_nbytes(ts.values()) for ts in per_block], budget)
     streamed = {i: per_block[i] for i in plan.streamed}
     if offload_dir is not None:
-        store = DiskStore.create(offload_dir, streamed)
+        store = DiskStore.create(offload_dir, streamed, pin_memory)
     else:
         store = RamStore(pin_memory)
         for i, ts in streamed.items():
@@ -229,24 +310,8 @@ def install_streaming(model: nn.Module, plan: OffloadPlan, store, blocks: nn.Mod
     sm._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowbit-prefetch")
     order = plan.streamed
     for pos, i in enumerate(order):
-        block = blocks[i]
-        empty = _placeholders(block_tensors(block))
-        nxt = order[(pos + 1) % len(order)]
-
-        def pre_hook(module, args, i=i, nxt=nxt):
-            tensors, event = sm._prefetch(i).result()
-            sm._pending.pop(i, None)
-            if event is not None:       # the compute stream waits for the copy, the host does not
-                torch.cuda.current_stream(sm.device).wait_event(event)
-            _set_tensors(module, tensors)
-            sm._log("compute_start", i)
-            sm._prefetch(nxt)          # the next streamed block is read while this one computes
-
-        def post_hook(module, args, output, i=i, empty=empty):
-            sm._log("compute_end", i)
-            _set_tensors(module, empty)
-
-        sm._handles.append(block.register_forward_pre_hook(pre_hook))
-        sm._handles.append(block.register_forward_hook(post_hook))
+        sm._next[i] = order[(pos + 1) % len(order)]
+        sm.hook(blocks[i], i)
+    _STREAMING[model] = sm
     sm._prefetch(order[0])
     return sm
