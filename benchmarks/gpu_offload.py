@@ -61,19 +61,43 @@ def make_model(cfg: dict, device, dtype, attn: str = "sdpa"):
     return model.eval()
 
 
-def decode(model, ids, n: int, device) -> tuple[float, list[int]]:
+def decode(model, ids, n: int, device, engine: str = "hf") -> tuple[float, list[int]]:
+    """Greedy decode of n tokens: transformers' generate ("hf") or lowbit's engine, eager ("lowbit")."""
+    if engine == "lowbit":
+        from lowbit.engine import Engine
+        e = Engine(model, compile=False)
+        e.generate(ids, 3)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        r = e.generate(ids, n + 1)          # the first token comes from the prefill
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return n / r["decode_seconds"], r["tokens"].tolist()[:n]
     from transformers import GenerationConfig
     gc = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    mask = torch.ones_like(ids)   # given, not inferred from the pad id (a random prompt may contain it)
     with torch.no_grad():
-        model.generate(ids, generation_config=GenerationConfig(max_new_tokens=2, do_sample=False,
-                                                               eos_token_id=None, pad_token_id=0))
+        model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(
+            max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0))
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = model.generate(ids, generation_config=gc)
+        out = model.generate(ids, attention_mask=mask, generation_config=gc)
         if device.type == "cuda":
             torch.cuda.synchronize()
     return n / (time.perf_counter() - t0), out[0, ids.shape[1]:].tolist()
+
+
+def decode_both(model, ids, n: int, device) -> dict:
+    """tok/s and tokens through transformers' generate and through lowbit's engine; an engine failure is
+    recorded, not fatal (this script runs rarely, on borrowed GPUs: one run should say as much as it can)."""
+    out = {}
+    for engine in ("hf", "lowbit"):
+        try:
+            out[engine] = decode(model, ids, n, device, engine)
+        except Exception as e:  # noqa: BLE001
+            out[engine] = (None, f"{type(e).__name__}: {str(e)[:300]}")
+    return out
 
 
 def activation_offload(cfg: dict, device, batch: int, seq: int, min_bytes: int = 1 << 20) -> dict:
@@ -115,6 +139,10 @@ def activation_offload(cfg: dict, device, batch: int, seq: int, min_bytes: int =
     return out
 
 
+def _tps(r) -> str:
+    return f"{r[0]:.1f}" if r[0] is not None else f"failed ({r[1]})"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -137,14 +165,16 @@ def main() -> int:
     bw = h2d_bandwidth(device, mib)
     model = make_model(cfg, device, dtype)
     ids = torch.randint(0, cfg["vocab_size"], (1, 16), device=device)
-    resident_tps, resident_tokens = decode(model, ids, n_tokens, device)
+    resident = decode_both(model, ids, n_tokens, device)
+    resident_tps, resident_tokens = resident["hf"]
     blocks = model.model.layers
     per_block = sum(t.numel() * t.element_size() for t in block_tensors(blocks[0]).values())
     fixed = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if ".layers." not in n)
     budget = fixed + (len(blocks) // 2) * per_block
     sm = offload_blocks(model, budget)
     try:
-        streamed_tps, streamed_tokens = decode(model, ids, n_tokens, device)
+        streamed = decode_both(model, ids, n_tokens, device)
+        streamed_tps, streamed_tokens = streamed["hf"]
     finally:
         sm.close()
     moved = sm.plan.bytes_moved_per_pass
@@ -158,6 +188,9 @@ def main() -> int:
               "resident_tokens_per_s": resident_tps, "streamed_tokens_per_s": streamed_tps,
               "bound_tokens_per_s": bw * 1e9 / moved if moved else None,
               "same_tokens": resident_tokens == streamed_tokens, "activations": act,
+              "engine": {"resident": resident["lowbit"], "streamed": streamed["lowbit"],
+                         "same_tokens_as_hf": [resident["lowbit"][1] == resident_tokens,
+                                               streamed["lowbit"][1] == resident_tokens]},
               "activation_model": act_cfg, "batch": batch, "seq": seq}
     peak = act["resident"]["peak_bytes_above_weights"]
     peak_off = act["offloaded"]["peak_bytes_above_weights"]
@@ -167,6 +200,8 @@ def main() -> int:
           f"| decode tok/s ({len(blocks)} blocks, {len(sm.plan.streamed)} streamed, "
           f"{moved / 1e6:.0f} MB per token) | {resident_tps:.1f} | {streamed_tps:.1f} | "
           f"{(bw * 1e9 / moved if moved else 0):.1f} |\n"
+          f"| decode tok/s, lowbit engine (eager) | {_tps(resident['lowbit'])} | {_tps(streamed['lowbit'])} | "
+          f"{(bw * 1e9 / moved if moved else 0):.1f} |\n"
           f"| training step peak memory above weights, MB (batch {batch} x {seq}) | "
           f"{'—' if peak is None else f'{peak / 1e6:.0f}'} | {'—' if peak_off is None else f'{peak_off / 1e6:.0f}'} "
           f"| — |\n"
@@ -174,7 +209,9 @@ def main() -> int:
           f"{act['offloaded']['seconds']:.2f} | — |\n\n"
           f"Same greedy tokens streamed as resident: {result['same_tokens']}; gradients identical with activation "
           f"offloading: {act['gradients_identical']} ({act['offloaded']['offloaded_bytes'] / 1e6:.0f} MB moved "
-          f"to the host; two resident runs identical: {act['resident_reproducible']}).\n")
+          f"to the host; two resident runs identical: {act['resident_reproducible']}). lowbit's engine gives "
+          f"transformers' tokens: resident {result['engine']['same_tokens_as_hf'][0]}, streamed "
+          f"{result['engine']['same_tokens_as_hf'][1]}.\n")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".md"), md)

@@ -15,10 +15,11 @@ PROMPT = "The history of the Python language"
 
 
 def reference_tokens(model, ids, n):
-    """transformers' generate, greedy, never stopping early: the reference path."""
+    """transformers' generate, greedy, never stopping early: the reference path. The attention mask is given:
+    inferred, it would hide every prompt token equal to the pad id (random prompts contain them)."""
     gc = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
-        return model.generate(ids, generation_config=gc)[0, ids.shape[1]:]
+        return model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)[0, ids.shape[1]:]
 
 
 def reference_logits(model, ids):

@@ -184,7 +184,6 @@ def test_cli_generate_under_a_budget(tiny_dir, tmp_path, capsys):
 
 def test_corrupted_shard_and_bad_directories(base, tmp_path):
     model = truncated(base, 4)
-    ids = torch.randint(0, 49152, (1, 8))
     fixed = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if ".layers." not in n)
     per_block = sum(t.numel() * t.element_size() for t in model.model.layers[0].parameters())
     with pytest.raises(LowbitError, match="too small"):
@@ -274,7 +273,6 @@ def test_quantize_streamed_equals_in_memory(tiny_dir, tmp_path, method):
 
 
 def test_quantize_streamed_leaves_nothing_on_error(tiny_dir, tmp_path):
-    import lowbit
     from lowbit.offload import quantize_streamed
     from safetensors.torch import load_file, save_file
     src = _tiny_hf_dir(tiny_dir, tmp_path / "src")

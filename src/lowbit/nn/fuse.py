@@ -23,8 +23,7 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
 
     Every output column is still the dot product of x with the same row of the same stored weight, so the
     result equals the separate calls as long as the kernel treats output columns independently; tests check
-    this for every kernel the engine uses. Plain Linears' weights become views of the fused weight (the
-    memory is not doubled); quantized ones keep their own packed copies.
+    this for every kernel the engine uses.
     """
     if all(type(m) is nn.Linear for m in mods):
         if len({(m.in_features, m.weight.dtype, m.weight.device) for m in mods}) != 1:
@@ -32,11 +31,6 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
         out = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=False,
                         device=mods[0].weight.device, dtype=mods[0].weight.dtype)
         out.weight = nn.Parameter(torch.cat([m.weight.detach() for m in mods]), requires_grad=False)
-        # the Linears keep working on views of the fused weight, so the weights are not held twice
-        start = 0
-        for m in mods:
-            m.weight.data = out.weight.data[start:start + m.out_features]
-            start += m.out_features
         b = _bias_cat(mods)
         if b is not None:
             out.bias = nn.Parameter(b, requires_grad=False)
