@@ -25,7 +25,9 @@ from lowbit.data import load_text, token_windows
 from lowbit.engine import Engine
 from lowbit.eval import environment
 
-CONFIGS = ((None, None), (8, None), (4, None), (4, 32))
+# (bits, group of channels per scale, keys per channel over groups of this many positions or None: per token)
+CONFIGS = ((None, None, None), (8, None, None), (4, None, None), (4, 32, None), (4, None, 64), (4, 32, 64),
+           (4, None, 32))
 
 
 def main() -> int:
@@ -40,8 +42,8 @@ def main() -> int:
     windows = token_windows(tok, load_text(None, "evaluation"), args.ctx, args.max_windows)
     base_lp = []
     rows = []
-    for bits, group in CONFIGS:
-        engine = Engine(model, compile=False, kv_bits=bits, kv_group_size=group)
+    for bits, group, key_group in CONFIGS:
+        engine = Engine(model, compile=False, kv_bits=bits, kv_group_size=group, kv_key_group=key_group)
         engine.reserve(args.ctx)
         nll = kld = agree = count = 0.0
         t0 = time.perf_counter()
@@ -58,16 +60,18 @@ def main() -> int:
             count += len(ids) - 1
         head_dim = engine.decoder.blocks[0].head_dim
         rows.append({"kv_bits": bits or str(model.dtype).removeprefix("torch."),
-                     "group_size": (group or head_dim) if bits else None,
+                     "group_size": (group or head_dim) if bits else None, "key_group": key_group,
                      "ppl": math.exp(nll / count), "kld": kld / count, "top1": agree / count,
                      "cache_bytes_per_token": engine.cache.nbytes / engine.decoder.max_len,
                      "seconds": time.perf_counter() - t0})
         print(rows[-1], file=sys.stderr, flush=True)
     base = rows[0]
-    lines = [f"| KV cache | group | PPL (ctx {args.ctx}) | ΔPPL | KLD vs unquantized cache | top-1 agree | "
-             "cache bytes / token |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| KV cache | group (channels) | keys | PPL (ctx {args.ctx}) | ΔPPL | KLD vs unquantized cache | "
+             "top-1 agree | cache bytes / token |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['kv_bits']} | {r['group_size'] or '—'} | {r['ppl']:.3f} | "
+        keys = (f"per channel, groups of {r['key_group']} positions" if r["key_group"]
+                else "per token" if r["group_size"] else "—")
+        lines.append(f"| {r['kv_bits']} | {r['group_size'] or '—'} | {keys} | {r['ppl']:.3f} | "
                      f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}% | {r['kld']:.5f} | {100 * r['top1']:.2f}% | "
                      f"{r['cache_bytes_per_token']:.0f} |")
     md = (f"{len(windows)} held-out windows of {args.ctx} tokens ({int(sum(len(w) - 1 for w in windows))} "

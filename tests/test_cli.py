@@ -160,3 +160,14 @@ def test_eval_on_a_text_file(capsys, tmp_path):
     assert code == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["windows"] == 2 and r["text"] == str(t) and r["ppl"] > 1
+
+
+def test_generate_kv_cache_options(capsys, tiny_dir):
+    code, out, err = run(capsys, "generate", tiny_dir, "--prompt", "Python is", "--max-new-tokens", "4",
+                         "--kv-bits", "4", "--engine", "eager")
+    assert code == 0 and "tok/s" in err
+    code, _, err = run(capsys, "generate", tiny_dir, "--prompt", "x", "--kv-keys", "channel")
+    assert_one_line_error(code, err, "per-channel keys need a quantized KV cache")
+    code, _, err = run(capsys, "generate", tiny_dir, "--prompt", "x", "--kv-bits", "4", "--kv-keys", "channel",
+                       "--kv-offload")
+    assert_one_line_error(code, err, "not available with a host-memory KV cache")

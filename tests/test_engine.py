@@ -186,26 +186,67 @@ def test_kv_quantization_round_trip_and_error_bound(bits, group_size):
         assert torch.allclose(shifted[1], scales, rtol=1e-3)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_cache_decode_matches_its_prefill(bits):
+@pytest.mark.parametrize("bits,key_group", [(8, None), (4, None), (4, 16), (8, 16), (4, 1)])
+def test_quantized_cache_decode_matches_its_prefill(bits, key_group):
     """Decoding token by token over a quantized cache gives the logits that a prefill over the same
-    (round-tripped) keys and values gives: the cache stores exactly what attention reads."""
+    (round-tripped) keys and values gives: the cache stores exactly what attention reads. With per-channel
+    keys (key_group), the decode crosses group boundaries: completed groups are re-read from their codes."""
     model = _tiny_model("llama")
-    ids = torch.randint(0, 256, (1, 12))
-    engine = Engine(model, compile=False, kv_bits=bits)
-    engine.reserve(16)
+    ids = torch.randint(0, 256, (1, 40))
+    engine = Engine(model, compile=False, kv_bits=bits, kv_key_group=key_group)
+    engine.reserve(48)
     with torch.no_grad():
-        want = engine.prefill(ids)
+        want = engine.decoder(ids, engine.decoder.positions[:40], all_logits=True)[0]
         engine.prefill(ids[:, :4])
-        for i in range(4, 12):
-            logits, _ = engine.decode(ids[:, i:i + 1], i)
-    torch.testing.assert_close(logits, want, rtol=2e-5, atol=2e-5)
+        got = [engine.decode(ids[:, i:i + 1], i)[0][0] for i in range(4, 40)]
+    torch.testing.assert_close(torch.stack(got), want[4:], rtol=2e-5, atol=2e-5)
     full = Engine(model, compile=False)
-    full.reserve(16)
-    err = (full.prefill(ids) - want).abs().max()
+    full.reserve(48)
+    err = (full.prefill(ids) - want[-1:]).abs().max()
     assert 0 < err < (0.05 if bits == 8 else 0.5)
-    # fp32 model, head_dim 16: codes 1 or 0.5 byte + a 4-byte scale (and min, 4-bit) per 16 channels, vs 4 bytes
-    assert engine.cache.nbytes == full.cache.nbytes * (1 + 0.25 if bits == 8 else 0.5 + 0.5) // 4
+    if key_group is None:
+        # fp32 model, head_dim 16: codes 1 or 0.5 byte + a 4-byte scale (and min, 4-bit) per 16 channels,
+        # vs 4 bytes
+        assert engine.cache.nbytes == full.cache.nbytes * (1 + 0.25 if bits == 8 else 0.5 + 0.5) // 4
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_channel_keys_error_bound_and_exact_recent_group(bits):
+    from lowbit.engine.cache import ChannelKeyKVCache
+    torch.manual_seed(0)
+    cache = ChannelKeyKVCache(1, 2, 256, 32, torch.float32, kv_bits=bits, key_group=16)
+    k = torch.randn(1, 2, 70, 32) * torch.logspace(-2, 1, 32) + torch.linspace(-5, 5, 32)  # offsets, ranges
+    v = torch.randn(1, 2, 70, 32)
+    cache.update(0, torch.arange(50), k[:, :, :50], v[:, :, :50])            # a prefill: 3 groups + 2 rows
+    for p in range(50, 70):                                                  # then one position at a time
+        cache.update(0, torch.tensor([p]), k[:, :, p:p + 1], v[:, :, p:p + 1])
+    keys, _ = cache.read(0, 70)
+    assert torch.equal(keys[:, :, 64:], k[:, :, 64:])                       # the filling group: exact
+    scale = cache.k0_scale[:, :, :4].repeat_interleave(16, dim=2)            # one scale per channel and group
+    assert ((keys[:, :, :64] - k[:, :, :64]).abs() <= scale / 2 + 1e-5).all()
+    per_channel_range = k[:, :, :16].amax(2) - k[:, :, :16].amin(2)
+    if bits == 4:   # asymmetric per channel: a channel's step follows its own range, offset or not
+        torch.testing.assert_close(cache.k0_scale[:, :, 0], per_channel_range / 15)
+    with pytest.raises(LowbitError, match="divide"):
+        ChannelKeyKVCache(1, 2, 250, 32, torch.float32, kv_bits=4, key_group=16)
+
+
+def test_channel_keys_beat_token_keys_on_the_default_model(fresh, tokenizer):
+    """On the default model's real keys (offset rotary channels), 4-bit keys per channel lose far less than
+    4-bit keys per token, at the same bytes per element."""
+    import torch.nn.functional as F
+    from lowbit.data import load_text, token_windows
+    ids = token_windows(tokenizer, load_text(None, "evaluation"), 512, 1)[0][None]
+    logp = {}
+    for name, kw in [("exact", {}), ("token", {"kv_bits": 4, "kv_key_group": None}),
+                     ("channel", {"kv_bits": 4})]:
+        engine = Engine(fresh, compile=False, **kw)
+        engine.reserve(512)
+        with torch.no_grad():
+            logits = engine.decoder(ids, engine.decoder.positions[:512], all_logits=True)[0]
+        logp[name] = F.log_softmax(logits.float(), -1)
+    kld = {n: (logp["exact"].exp() * (logp["exact"] - logp[n])).sum(-1).mean().item() for n in ("token", "channel")}
+    assert kld["channel"] < kld["token"] / 3, kld
 
 
 def test_kv_cache_bad_options():
@@ -276,10 +317,10 @@ def test_host_kv_cache_gives_the_same_tokens_and_logits(bits):
     assert host.cache.copied_bytes - before <= per_position * (3 * 10 + 3 * host.cache.layers)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_compiled_engine_with_quantized_cache_equals_eager(bits):
+@pytest.mark.parametrize("bits,key_group", [(8, None), (4, None), (4, "auto"), (4, 16)])
+def test_compiled_engine_with_quantized_cache_equals_eager(bits, key_group):
     model = _tiny_model("llama")
     ids = torch.randint(0, 256, (1, 6))
-    a = Engine(model, compile=False, kv_bits=bits).generate(ids, 16)["tokens"]
-    b = Engine(model, compile=True, kv_bits=bits).generate(ids, 16)["tokens"]
+    a = Engine(model, compile=False, kv_bits=bits, kv_key_group=key_group).generate(ids, 40)["tokens"]
+    b = Engine(model, compile=True, kv_bits=bits, kv_key_group=key_group).generate(ids, 40)["tokens"]
     assert torch.equal(a, b)

@@ -218,7 +218,7 @@ def cmd_generate(args) -> int:
             print("streaming blocks: the engine runs eagerly (weights are swapped in around each block)",
                   file=sys.stderr)
     r = generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
-                 engine=engine, kv_bits=args.kv_bits, kv_offload=args.kv_offload)
+                 engine=engine, kv_bits=args.kv_bits, kv_offload=args.kv_offload, kv_keys=args.kv_keys)
     print(r["text"])
     speed = r["decode_tokens_per_s"]
     compiled = f", compiled in {r['compile_seconds']:.1f} s" if r.get("compile_seconds") else ""
@@ -351,7 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "one read while the current one computes")
     g.add_argument("--offload-dir", default=None, help="stream blocks from shards written here (default: RAM)")
     g.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
-                   help="keep the KV cache in INT8 or INT4 (per head, position and 64-channel group)")
+                   help="keep the KV cache in INT8 or INT4 (values per head, position and 64-channel group; keys "
+                        "the same for INT8, per channel over 64 positions for INT4: see --kv-keys)")
+    g.add_argument("--kv-keys", choices=["auto", "channel", "token"], default="auto",
+                   help="key scales per channel over groups of 64 positions (KIVI) or per token like values; "
+                        "auto: per channel for INT4 (not with --kv-offload)")
     g.add_argument("--kv-offload", action="store_true",
                    help="keep the KV cache in host memory, one layer brought back at a time (runs eagerly)")
     _add_engine_arg(g)

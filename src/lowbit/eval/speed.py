@@ -17,7 +17,8 @@ ENGINES = ("compiled", "eager", "hf")
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {kind: Engine}
 
 
-def engine_for(model, engine: str = "compiled", kv_bits: int | None = None, kv_offload: bool = False):
+def engine_for(model, engine: str = "compiled", kv_bits: int | None = None, kv_offload: bool = False,
+               kv_keys: str = "auto"):
     """The model's lowbit engine of that kind, built once per model and kept beside it (compiling is costly)."""
     from ..engine import Engine
     if engine not in ("compiled", "eager"):
@@ -26,10 +27,23 @@ def engine_for(model, engine: str = "compiled", kv_bits: int | None = None, kv_o
     from ..offload import streaming_of
     cache = _ENGINES.setdefault(model, {})
     # an engine built before the model's blocks were offloaded holds fused copies of them: not reused then
-    key = (engine, kv_bits, kv_offload, id(streaming_of(model)))
+    key = (engine, kv_bits, kv_offload, kv_keys, id(streaming_of(model)))
     if key not in cache:
-        cache[key] = Engine(model, compile=engine == "compiled", kv_bits=kv_bits, kv_offload=kv_offload)
+        cache[key] = Engine(model, compile=engine == "compiled", kv_bits=kv_bits, kv_offload=kv_offload,
+                            kv_key_group=_key_group(kv_keys, kv_bits, kv_offload))
     return cache[key]
+
+
+def _key_group(kv_keys: str, kv_bits: int | None, kv_offload: bool):
+    """'auto' (per channel for 4 bits), 'channel' or 'token' -> the engine's kv_key_group."""
+    from ..engine.generate import KEY_GROUP
+    if kv_keys not in ("auto", "channel", "token"):
+        raise LowbitError(f"unknown KV key layout '{kv_keys}'; choose from auto, channel, token")
+    if kv_keys == "channel":
+        if kv_bits is None:
+            raise LowbitError("per-channel keys need a quantized KV cache (--kv-bits 8 or 4)")
+        return KEY_GROUP
+    return "auto" if kv_keys == "auto" else None
 
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
@@ -47,7 +61,8 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = False,
-             engine: str = "compiled", kv_bits: int | None = None, kv_offload: bool = False) -> dict:
+             engine: str = "compiled", kv_bits: int | None = None, kv_offload: bool = False,
+             kv_keys: str = "auto") -> dict:
     """Greedy continuation of `prompt`; returns text, token counts, and timings.
 
     decode_tokens_per_s excludes the prompt's forward pass, which is timed on its own (prefill). With a lowbit
@@ -58,7 +73,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
     if (kv_bits is not None or kv_offload) and engine == "hf":
         raise LowbitError("a quantized or host-memory KV cache needs a lowbit engine (--engine compiled or eager)")
     if engine != "hf":
-        e = engine_for(model, engine, kv_bits, kv_offload)
+        e = engine_for(model, engine, kv_bits, kv_offload, kv_keys)
         compile_s = e.warmup() if e.compile else 0.0
         t0 = time.perf_counter()
         r = e.generate(ids, max_new_tokens, eos_token_id=_eos_ids(model, tokenizer))
