@@ -295,12 +295,12 @@ def test_engine_equals_model_forward_for_every_scheme(base, tokenizer, method, o
     assert torch.equal(engine.generate(ids[:, :9], 8)["tokens"], reference_tokens(model, ids[:, :9], 8))
 
 
-@pytest.mark.parametrize("bits", [None, 8])
-def test_host_kv_cache_gives_the_same_tokens_and_logits(bits):
+@pytest.mark.parametrize("bits,key_group", [(None, None), (8, None), (4, "auto"), (4, 4)])
+def test_host_kv_cache_gives_the_same_tokens_and_logits(bits, key_group):
     model = _tiny_model("llama")
     ids = torch.randint(0, 256, (1, 7))
-    plain = Engine(model, compile=False, kv_bits=bits)
-    host = Engine(model, compile=False, kv_bits=bits, kv_offload=True)
+    plain = Engine(model, compile=False, kv_bits=bits, kv_key_group=key_group)
+    host = Engine(model, compile=False, kv_bits=bits, kv_offload=True, kv_key_group=key_group)
     assert type(host.cache).__name__ == "HostKVCache" and not host.compile
     assert torch.equal(host.generate(ids, 20)["tokens"], plain.generate(ids, 20)["tokens"])
     for e in (plain, host):
@@ -312,9 +312,14 @@ def test_host_kv_cache_gives_the_same_tokens_and_logits(bits):
         b, _ = host.decode(ids[:, i:i + 1], 7 + i)
         assert torch.equal(a, b)
     # per layer and step: the prefetched prefix once plus one new position, not the whole prefix twice
-    per_position = sum(host.cache._buffers[n][:, :, :1].numel() * host.cache._buffers[n].element_size()
-                       for n in host.cache._buffers)
-    assert host.cache.copied_bytes - before <= per_position * (3 * 10 + 3 * host.cache.layers)
+    layout = host.cache.layout
+    per_layer = [layout.layer_buffers(i) for i in range(layout.layers)]
+    per_position = sum(layout._buffers[n][:, :, :1].numel() * layout._buffers[n].element_size()
+                       for bufs in per_layer for n, unit in bufs.items() if unit == 1)
+    small = sum(layout._buffers[n].numel() * layout._buffers[n].element_size()   # group scales, newest group
+                for bufs in per_layer for n, unit in bufs.items() if unit != 1)
+    assert host.cache.copied_bytes - before <= per_position * (3 * 10 + 3 * layout.layers) + 3 * small
+    assert type(layout).__name__ == ("ChannelKeyKVCache" if key_group else "StaticKVCache")
 
 
 @pytest.mark.parametrize("bits,key_group", [(8, None), (4, None), (4, "auto"), (4, 16)])

@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the same for INT8, per channel over 64 positions for INT4: see --kv-keys)")
     g.add_argument("--kv-keys", choices=["auto", "channel", "token"], default="auto",
                    help="key scales per channel over groups of 64 positions (KIVI) or per token like values; "
-                        "auto: per channel for INT4 (not with --kv-offload)")
+                        "auto: per channel for INT4")
     g.add_argument("--kv-offload", action="store_true",
                    help="keep the KV cache in host memory, one layer brought back at a time (runs eagerly)")
     _add_engine_arg(g)

@@ -102,12 +102,14 @@ class StaticKVCache(nn.Module):
         """Keys and values of the first n positions, [1, kv_heads, n, head_dim] in the model's dtype."""
         return self._read("k", layer, n), self._read("v", layer, n)
 
-    def _read(self, kind: str, layer: int, n) -> torch.Tensor:
-        buf = getattr(self, f"{kind}{layer}")[:, :, :n]
+    def _read(self, kind: str, layer: int, n, bufs: dict | None = None) -> torch.Tensor:
+        """bufs: the layer's buffers by name, when they are read from copies (HostKVCache), else this cache's."""
+        get = (lambda name: bufs[name]) if bufs is not None else (lambda name: getattr(self, name))
+        buf = get(f"{kind}{layer}")[:, :, :n]
         if self.kv_bits is None:
             return buf
-        mins = getattr(self, f"{kind}{layer}_min")[:, :, :n] if self.kv_bits == 4 else None
-        return dequantize_kv(buf, getattr(self, f"{kind}{layer}_scale")[:, :, :n], self.kv_bits, self.group_size,
+        mins = get(f"{kind}{layer}_min")[:, :, :n] if self.kv_bits == 4 else None
+        return dequantize_kv(buf, get(f"{kind}{layer}_scale")[:, :, :n], self.kv_bits, self.group_size,
                              self.dtype, mins)
 
     def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -116,11 +118,12 @@ class StaticKVCache(nn.Module):
         return F.scaled_dot_product_attention(q, self.roundtrip(k), self.roundtrip(v), scale=scale,
                                               is_causal=q.shape[2] > 1, enable_gqa=q.shape[1] != k.shape[1])
 
-    def _layer_buffers(self, layer: int) -> list[str]:
-        """Names of the layer's buffers: keys, values, then their scales (and mins, 4-bit)."""
+    def layer_buffers(self, layer: int) -> dict[str, int]:
+        """The layer's buffers by name, each with how many positions one index of its dim 2 covers: 1 for
+        per-position buffers, G for one entry per group of G positions, 0 for a buffer read whole."""
         names = [f"k{layer}", f"v{layer}"]
         extras = {None: (), 8: ("scale",), 4: ("scale", "min")}[self.kv_bits]
-        return names + [f"{kind}{layer}_{e}" for e in extras for kind in "kv"]
+        return dict.fromkeys(names + [f"{kind}{layer}_{e}" for e in extras for kind in "kv"], 1)
 
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         """x as the cache will give it back (identity for a 16/32-bit cache)."""
@@ -188,8 +191,16 @@ class ChannelKeyKVCache(StaticKVCache):
                                                              device=device), persistent=False)
         self.register_buffer("_rows", torch.arange(key_group, device=device), persistent=False)
 
-    def _key_params(self, layer: int) -> list[torch.Tensor]:
-        return [getattr(self, f"k{layer}_{e}") for e in (("scale", "min") if self.kv_bits == 4 else ("scale",))]
+    def _key_params(self, layer: int, get=None) -> list[torch.Tensor]:
+        get = get or (lambda name: getattr(self, name))
+        return [get(f"k{layer}_{e}") for e in (("scale", "min") if self.kv_bits == 4 else ("scale",))]
+
+    def layer_buffers(self, layer: int) -> dict[str, int]:
+        out = super().layer_buffers(layer)
+        for e in ("scale", "min") if self.kv_bits == 4 else ("scale",):
+            out[f"k{layer}_{e}"] = self.key_group
+        out[f"k{layer}_recent"] = 0
+        return out
 
     def _write(self, kind: str, layer: int, pos: torch.Tensor, x: torch.Tensor) -> None:
         if kind == "v":
@@ -218,16 +229,17 @@ class ChannelKeyKVCache(StaticKVCache):
             buf[:, :, start // G:start // G + groups] = p
         recent.copy_(padded[:, :, (groups - 1) * G:])
 
-    def _read(self, kind: str, layer: int, n) -> torch.Tensor:
+    def _read(self, kind: str, layer: int, n, bufs: dict | None = None) -> torch.Tensor:
         if kind == "v":
-            return super()._read(kind, layer, n)
+            return super()._read(kind, layer, n, bufs)
+        get = (lambda name: bufs[name]) if bufs is not None else (lambda name: getattr(self, name))
         G = self.key_group
         done = (n - 1) // G * G          # positions in completed groups; the rest are in the recent group
-        codes = getattr(self, f"k{layer}")[:, :, :done].unflatten(2, (-1, G))
-        params = [b[:, :, :done // G] for b in self._key_params(layer)]
+        codes = get(f"k{layer}")[:, :, :done].unflatten(2, (-1, G))
+        params = [b[:, :, :done // G] for b in self._key_params(layer, get)]
         old = _dequantize_channels(codes, params[0], params[1] if self.kv_bits == 4 else None, self.kv_bits,
                                    self.dtype).flatten(2, 3)
-        return torch.cat((old, getattr(self, f"k{layer}_recent")[:, :, :n - done]), dim=2)
+        return torch.cat((old, get(f"k{layer}_recent")[:, :, :n - done]), dim=2)
 
     def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """What decoding the same positions one by one computes: query t attends to the keys of completed
@@ -253,35 +265,47 @@ class ChannelKeyKVCache(StaticKVCache):
         return torch.cat(out, dim=2)
 
 
-class HostKVCache(StaticKVCache):
-    """The same cache kept in host memory (pinned when computing on a GPU), each layer's visible part brought
-    to the compute device when attention reads it, and the next layer's copy started meanwhile.
+class HostKVCache(nn.Module):
+    """A KV cache (any layout above, `layout`) kept in host memory, pinned when computing on a GPU; each layer's
+    visible part is brought to the compute device when attention reads it, and the next layer's copy is started
+    meanwhile.
 
-    At decode step n, reading layer L uses the copy of positions [0, n−1) prefetched while layer L−1 ran, plus
-    the one position layer L has just written; the copy of layer L+1 then starts (on a side CUDA stream, from
-    pinned memory). On a CPU the host and the compute device are the same memory: the code path is the same
-    and the copies are plain copies, which the tests use to check it.
+    At decode step n, reading layer L uses the copy of positions [0, n−1) of its per-position buffers prefetched
+    while layer L−1 ran, plus the one position layer L has just written; buffers with one entry per group of
+    positions and the exact newest key group (ChannelKeyKVCache) are small and copied whole when read. The copy
+    of layer L+1 then starts (on a side CUDA stream, from pinned memory, one head at a time so that every piece
+    is contiguous). On a CPU the host and the compute device are the same memory: the code path is the same and
+    the copies are plain copies, which the tests use to check it.
     """
 
-    def __init__(self, *args, compute_device: torch.device | str = "cpu", **kwargs):
-        kwargs["device"] = "cpu"
-        super().__init__(*args, **kwargs)
+    def __init__(self, layout: StaticKVCache, compute_device: torch.device | str = "cpu"):
+        super().__init__()
+        self.layout = layout.cpu()
         self.compute_device = torch.device(compute_device)
         self._cuda = self.compute_device.type == "cuda"
         if self._cuda:
-            for name, b in list(self._buffers.items()):
-                self._buffers[name] = b.pin_memory()
+            for name, b in list(self.layout._buffers.items()):
+                self.layout._buffers[name] = b.pin_memory()
             self._stream = torch.cuda.Stream(self.compute_device)
+        self.layers, self.max_len, self.dtype = layout.layers, layout.max_len, layout.dtype
         self._prefetched: dict[int, tuple[int, dict, object]] = {}
         self.copied_bytes = 0
 
-    def _copy(self, layer: int, start: int, stop: int) -> dict[str, torch.Tensor]:
-        out = {}
-        for name in self._layer_buffers(layer):
-            part = self._buffers[name][:, :, start:stop]
-            self.copied_bytes += part.numel() * part.element_size()
-            out[name] = part.to(self.compute_device, non_blocking=self._cuda, copy=True)
+    def _to_device(self, part: torch.Tensor) -> torch.Tensor:
+        self.copied_bytes += part.numel() * part.element_size()
+        if not self._cuda:
+            return part.clone()
+        # a non-contiguous pinned slice would be staged through pageable memory (a synchronous copy): copy the
+        # heads one by one instead, each a contiguous run of positions
+        out = torch.empty(part.shape, dtype=part.dtype, device=self.compute_device)
+        for h in range(part.shape[1]):
+            out[:, h].copy_(part[:, h], non_blocking=True)
         return out
+
+    def _copy(self, layer: int, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Positions [start, stop) of the layer's per-position buffers."""
+        return {name: self._to_device(self.layout._buffers[name][:, :, start:stop])
+                for name, unit in self.layout.layer_buffers(layer).items() if unit == 1}
 
     def _prefetch(self, layer: int, upto: int) -> None:
         if self._cuda:
@@ -294,7 +318,17 @@ class HostKVCache(StaticKVCache):
         self._prefetched[layer] = (upto, parts, event)
 
     def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        super().update(layer, pos.cpu(), k.cpu(), v.cpu())
+        self.layout.update(layer, pos.cpu(), k.cpu(), v.cpu())
+
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layout.roundtrip(x)
+
+    def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.layout.prefill_attention(q, k, v, scale)
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.nbytes
 
     def read(self, layer: int, n) -> tuple[torch.Tensor, torch.Tensor]:
         n = int(n)
@@ -308,14 +342,11 @@ class HostKVCache(StaticKVCache):
                 t.record_stream(compute)   # copied on the side stream, read on this one (see offload.stream)
         tail = self._copy(layer, upto, n)
         full = tail if parts is None else {k: torch.cat((parts[k], tail[k]), dim=2) for k in tail}
+        for name, unit in self.layout.layer_buffers(layer).items():
+            if unit != 1:   # per group of positions, or read whole: small, copied as they are now
+                buf = self.layout._buffers[name]
+                full[name] = self._to_device(buf[:, :, :-(-n // unit)] if unit else buf)
         nxt = (layer + 1) % self.layers
         # the next layer has written positions [0, n−1) so far at this step (all n when it is the next step's 0)
         self._prefetch(nxt, n if nxt == 0 else n - 1)
-        keys, values = full[f"k{layer}"], full[f"v{layer}"]
-        if self.kv_bits is not None:
-            def deq(kind, codes):
-                mins = full[f"{kind}{layer}_min"] if self.kv_bits == 4 else None
-                return dequantize_kv(codes, full[f"{kind}{layer}_scale"], self.kv_bits, self.group_size,
-                                     self.dtype, mins)
-            keys, values = deq("k", keys), deq("v", values)
-        return keys, values
+        return self.layout._read("k", layer, n, full), self.layout._read("v", layer, n, full)

@@ -126,9 +126,6 @@ class Decoder(nn.Module):
         super().__init__()
         self.kv_bits, self.kv_group_size, self.kv_offload = kv_bits, kv_group_size, kv_offload
         self.kv_key_group = kv_key_group
-        if kv_key_group is not None and kv_offload:
-            raise LowbitError("per-channel key quantization (kv_key_group) is not available with a host-memory "
-                              "KV cache")
         config = model.config
         arch = arch_for(config)
         if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) \
@@ -160,15 +157,14 @@ class Decoder(nn.Module):
         self.register_buffer("sin", sin[0], persistent=False)
         self.register_buffer("positions", positions, persistent=False)
         blk = self.blocks[0]
-        if self.kv_offload:
-            self.cache = HostKVCache(len(self.blocks), blk.kv_heads, max_len, blk.head_dim, dtype,
-                                     kv_bits=self.kv_bits, group_size=self.kv_group_size, compute_device=device)
-        elif self.kv_key_group is not None:
-            self.cache = ChannelKeyKVCache(len(self.blocks), blk.kv_heads, max_len, blk.head_dim, dtype, device,
-                                           self.kv_bits, self.kv_group_size, self.kv_key_group)
+        where = "cpu" if self.kv_offload else device
+        if self.kv_key_group is not None:
+            cache = ChannelKeyKVCache(len(self.blocks), blk.kv_heads, max_len, blk.head_dim, dtype, where,
+                                      self.kv_bits, self.kv_group_size, self.kv_key_group)
         else:
-            self.cache = StaticKVCache(len(self.blocks), blk.kv_heads, max_len, blk.head_dim, dtype, device,
-                                       self.kv_bits, self.kv_group_size)
+            cache = StaticKVCache(len(self.blocks), blk.kv_heads, max_len, blk.head_dim, dtype, where,
+                                  self.kv_bits, self.kv_group_size)
+        self.cache = HostKVCache(cache, compute_device=device) if self.kv_offload else cache
         self.max_len = max_len
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, visible: torch.Tensor | None = None,
