@@ -182,6 +182,37 @@ def test_cli_generate_under_a_budget(tiny_dir, tmp_path, capsys):
     assert out == want and out.strip()
 
 
+@pytest.mark.parametrize("method,options", [
+    ("gptq", {}), ("awq", {}), ("w8a8-naive", {}), ("w8a8-smooth", {"act_granularity": "token"}),
+    ("llm-int8", {}), ("fp8", {}), ("fp8", {"act": "fp8"}), ("rtn-3bit", {}),
+])
+def test_every_scheme_streams_to_identical_logits(base, tokenizer, tmp_path, method, options):
+    """Whatever state a scheme keeps (packed codes, scales, smoothing factors, outlier columns, FP8 activation
+    scales) lives in the block's parameters and buffers, so a streamed block computes what the resident one
+    does: through the model's forward and through lowbit's engine."""
+    import lowbit
+    from lowbit.algorithms import FIXED_SPECS
+    from lowbit.data import calibration_samples, load_text
+    from lowbit.engine import Engine
+    model = truncated(base, 4)
+    spec = lowbit.IntSpec(3, 64, False) if method == "rtn-3bit" else FIXED_SPECS.get(method, lowbit.IntSpec(4, 64, False))
+    scheme = lowbit.Scheme("rtn" if method == "rtn-3bit" else method, spec, options=options)
+    calib = calibration_samples(tokenizer, load_text(None, "calibration"), n=2, seqlen=64, seed=0)
+    lowbit.quantize(model, lowbit.Recipe.default(scheme), calibration=calib, progress=False)
+    ids = torch.randint(1, 49152, (1, 12))
+    want = _logits(model, ids)
+    want_tokens = Engine(model, compile=False).generate(ids, 6)["tokens"]
+    per_block = sum(t.numel() * t.element_size() for t in block_tensors(model.model.layers[0]).values())
+    fixed = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if ".layers." not in n)
+    sm = offload_blocks(model, fixed + 3.5 * per_block, tmp_path / "off")
+    try:
+        assert sm.plan.streamed == [1, 2, 3]
+        assert torch.equal(_logits(model, ids), want)
+        assert torch.equal(Engine(model, compile=False).generate(ids, 6)["tokens"], want_tokens)
+    finally:
+        sm.close()
+
+
 def test_corrupted_shard_and_bad_directories(base, tmp_path):
     model = truncated(base, 4)
     fixed = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if ".layers." not in n)
@@ -209,6 +240,40 @@ def test_corrupted_shard_and_bad_directories(base, tmp_path):
     with pytest.raises(LowbitError, match="corrupted"):
         store.load(sm.plan.streamed[-1])
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_full_disk_and_a_shard_cut_while_streaming(base, tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+    import safetensors.torch
+    model = truncated(base, 4)
+    ids = torch.randint(1, 49152, (1, 8))
+    want = _logits(model, ids)
+    fixed = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if ".layers." not in n)
+    per_block = sum(t.numel() * t.element_size() for t in model.model.layers[0].parameters())
+    real_save, calls = safetensors.torch.save_file, []
+
+    def save_until_full(tensors, path, *a, **k):     # the second shard finds the disk full, half-written
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_until_full)
+    with pytest.raises(LowbitError, match="No space left on device"):
+        offload_blocks(copy.deepcopy(model), fixed + 2.5 * per_block, tmp_path / "off")
+    assert not (tmp_path / "off").exists() and not list(tmp_path.iterdir())   # nothing half-written left
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    sm = offload_blocks(model, fixed + 2.5 * per_block, tmp_path / "off")
+    try:
+        assert torch.equal(_logits(model, ids), want)     # every shard read (and verified) once
+        shard = tmp_path / "off" / sm.store.shards[sm.plan.streamed[-1]]["file"]
+        shard.write_bytes(shard.read_bytes()[:-1000])      # cut after it was verified
+        with pytest.raises(LowbitError, match="truncated"):
+            _logits(model, ids)                            # the reader's error reaches the caller: no hang
+    finally:
+        sm.close()
 
 
 def test_open_streamed_reads_blocks_from_the_model_files(tiny_dir, tmp_path):
