@@ -172,6 +172,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         ax.set_title(m, fontsize=9)
         ax.set_xlabel("seconds into decoding")
         ax.set_ylabel("RSS (MiB)")
+        ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
     fig.suptitle("RSS while decoding (dashed: budget + interpreter overhead)", fontsize=10)
     fig.tight_layout()
