@@ -319,7 +319,7 @@ def _tiny_hf_dir(tiny_dir, root, layers=5):
     return root
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "rtn+head"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "rtn+head"])
 def test_quantize_streamed_equals_in_memory(tiny_dir, tmp_path, method):
     import lowbit
     from lowbit.offload import quantize_streamed
@@ -327,7 +327,7 @@ def test_quantize_streamed_equals_in_memory(tiny_dir, tmp_path, method):
     scheme = lowbit.Scheme(method.split("+")[0], lowbit.IntSpec(4, 32, False))
     recipe = (lowbit.Recipe.from_rules([{"match": "lm_head", "bits": 8, "group_size": -1}], scheme)
               if method.endswith("head") else lowbit.Recipe.default(scheme))
-    calib = torch.randint(0, 1000, (4, 32)) if method == "gptq" else None
+    calib = torch.randint(0, 1000, (4, 32)) if method in ("gptq", "awq") else None
     mem = lowbit.quantize(lowbit.load_model(src).model, recipe, calibration=calib, progress=False)
     out = quantize_streamed(src, tmp_path / "q", recipe, calibration=calib, progress=False)
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-block-*"))) == 5
