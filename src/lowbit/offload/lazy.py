@@ -20,7 +20,7 @@ from ..errors import LowbitError
 from ..models.arch import arch_for
 from ..export.checkpoint import _rebuild_meta_buffers
 from ..models.sources import Loaded, check_safetensors, read_config
-from .reader import BufferPool, read_header, read_tensors
+from .reader import BufferPool, ReadPlan, read_header
 from .stream import StreamedModel, install_streaming, parse_size, plan_offload
 
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "F64": 8, "BOOL": 1}
@@ -73,6 +73,7 @@ class SafetensorsStore:
         self.dtype = dtype
         self.pin_memory = pin_memory
         self._headers: dict[Path, dict] = {}
+        self._plans: dict[tuple[int, Path], ReadPlan] = {}
         self._pool = BufferPool(pin_memory)
 
     def load(self, index: int) -> dict[str, torch.Tensor]:
@@ -81,10 +82,12 @@ class SafetensorsStore:
             by_file.setdefault(f, []).append((local, full))
         out = {}
         for f, names in by_file.items():
-            if f not in self._headers:
-                self._headers[f] = read_header(f)
+            if (index, f) not in self._plans:
+                if f not in self._headers:
+                    self._headers[f] = read_header(f)
+                self._plans[index, f] = ReadPlan.make(self._headers[f], [full for _, full in names])
             # read on this (reader) thread into reused buffers, not memory-mapped and page-faulted later
-            read = read_tensors(f, self._headers[f], [full for _, full in names], pool=self._pool)
+            read = self._plans[index, f].read(f, self._pool)
             for local, full in names:
                 t = read[full]
                 out[local] = t.to(self.dtype) if t.is_floating_point() and t.dtype != self.dtype else t

@@ -112,47 +112,53 @@ class BufferPool:
         return buf
 
 
+@dataclass(frozen=True)
+class ReadPlan:
+    """Where each of a set of tensors goes in one buffer (each at a multiple of ALIGN bytes) and which file
+    ranges fill it: tensors that sit back to back in the file (as safetensors writes them) make one run, read
+    by one `preadv`. Made once per block; reading a streamed block again only follows it."""
+
+    total: int                                               # buffer bytes
+    runs: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]  # (file offset, ((buffer start, bytes), ...))
+    tensors: tuple[tuple[str, int, TensorEntry], ...]        # (name, buffer start, entry)
+
+    @classmethod
+    def make(cls, entries: dict[str, TensorEntry], names=None) -> "ReadPlan":
+        names = sorted(entries if names is None else names, key=lambda k: entries[k].offset)
+        tensors, runs, total, run_end = [], [], 0, None
+        for name in names:
+            e = entries[name]
+            total = -(-total // ALIGN) * ALIGN
+            tensors.append((name, total, e))
+            if e.nbytes:
+                if run_end == e.offset and len(runs[-1][1]) < 512:   # 512: well under the kernel's IOV_MAX
+                    runs[-1][1].append((total, e.nbytes))
+                else:
+                    runs.append((e.offset, [(total, e.nbytes)]))
+                run_end = e.offset + e.nbytes
+            total += e.nbytes
+        return cls(total, tuple((o, tuple(v)) for o, v in runs), tuple(tensors))
+
+    def read(self, path: str | os.PathLike, pool: BufferPool | None = None,
+             pin_memory: bool = False) -> dict[str, torch.Tensor]:
+        buf = pool.take(self.total) if pool is not None else \
+            torch.empty(max(self.total, 1), dtype=torch.uint8, pin_memory=pin_memory)
+        whole = memoryview(buf.numpy())
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for offset, pieces in self.runs:
+                _read_fully(fd, [whole[at:at + n] for at, n in pieces], offset, path)
+        finally:
+            os.close(fd)
+        return {name: buf[at:at + e.nbytes].view(e.dtype).view(e.shape) if e.nbytes
+                else torch.empty(e.shape, dtype=e.dtype) for name, at, e in self.tensors}
+
+
 def read_tensors(path: str | os.PathLike, entries: dict[str, TensorEntry], names=None,
                  pin_memory: bool = False, pool: BufferPool | None = None) -> dict[str, torch.Tensor]:
-    """The named tensors (all by default) read from `path` into CPU memory, by name.
-
-    They share one buffer (from `pool` if given, else fresh; pinned if asked), each starting at a multiple of
-    ALIGN bytes, and are filled by scatter reads: tensors that sit back to back in the file (as safetensors
-    writes them) take one `preadv`.
-    """
-    names = sorted(entries if names is None else names, key=lambda k: entries[k].offset)
-    starts, total = [], 0
-    for name in names:
-        total = -(-total // ALIGN) * ALIGN
-        starts.append(total)
-        total += entries[name].nbytes
-    buf = pool.take(total) if pool is not None else \
-        torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin_memory)
-    whole = memoryview(buf.numpy())
-    runs: list[tuple[int, list[memoryview]]] = []   # (file offset, buffers filled from there on)
-    for name, at in zip(names, starts):
-        e = entries[name]
-        if not e.nbytes:
-            continue
-        view = whole[at:at + e.nbytes]
-        if runs and runs[-1][0] + sum(v.nbytes for v in runs[-1][1]) == e.offset and len(runs[-1][1]) < 512:
-            runs[-1][1].append(view)
-        else:
-            runs.append((e.offset, [view]))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for offset, views in runs:
-            _read_fully(fd, views, offset, path)
-    finally:
-        os.close(fd)
-    out = {}
-    for name, at in zip(names, starts):
-        e = entries[name]
-        if e.nbytes:
-            out[name] = buf[at:at + e.nbytes].view(e.dtype).view(e.shape)
-        else:
-            out[name] = torch.empty(e.shape, dtype=e.dtype)
-    return out
+    """The named tensors (all by default) read from `path` into CPU memory, by name: one buffer (from `pool` if
+    given, else fresh; pinned if asked) laid out and filled as `ReadPlan` says."""
+    return ReadPlan.make(entries, names).read(path, pool, pin_memory)
 
 
 def _read_fully(fd: int, views: list[memoryview], offset: int, path) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
-from .reader import BufferPool, read_header, read_tensors
+from .reader import BufferPool, ReadPlan, read_header
 
 MANIFEST = "offload.json"
 
@@ -80,7 +80,7 @@ class DiskStore:
         self.root = Path(root)
         self.pin_memory = pin_memory
         self.shards: dict[int, dict] = {}
-        self._headers: dict[int, dict] = {}
+        self._plans: dict[int, ReadPlan] = {}
         self._pool = BufferPool(pin_memory)
         self._verified: set[int] = set()
         manifest = self.root / MANIFEST
@@ -138,9 +138,9 @@ class DiskStore:
         if index not in self._verified:
             self.verify(index)
         path = self._path(index)
-        if index not in self._headers:
-            self._headers[index] = read_header(path)
-        return read_tensors(path, self._headers[index], pool=self._pool)
+        if index not in self._plans:
+            self._plans[index] = ReadPlan.make(read_header(path))
+        return self._plans[index].read(path, self._pool)
 
     def nbytes(self, index: int) -> int:
         return self.shards[index]["bytes"]
