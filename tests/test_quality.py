@@ -1,12 +1,44 @@
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lowbit
 from lowbit.eval import evaluate_quality
 
 from conftest import quantized
+
+
+def reference_quality(base_logits, logits, targets) -> dict:
+    """ppl, KL(P_base ‖ P) and top-1 agreement straight from logits (one row per predicted position), with
+    torch's own kl_div rather than lowbit's sum."""
+    lp = F.log_softmax(logits, -1)
+    kld = F.kl_div(lp, F.log_softmax(base_logits, -1), log_target=True, reduction="batchmean")
+    return {"ppl": math.exp(-lp.gather(-1, targets.unsqueeze(-1)).mean().item()), "kld": kld.item(),
+            "top1": (base_logits.argmax(-1) == logits.argmax(-1)).double().mean().item()}
+
+
+def with_lm_head(model, weight):
+    """A copy of the model whose lm_head is `weight`; a new Parameter unties it from the embedding, which stays."""
+    m = copy.deepcopy(model)
+    m.lm_head.weight = torch.nn.Parameter(weight)
+    assert torch.equal(m.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    return m
+
+
+@pytest.fixture(scope="module")
+def window(eval_ids):
+    return eval_ids[:1]
+
+
+@pytest.fixture(scope="module")
+def base_pass(base, window):
+    """The base's final hidden states and logits at the window's predicting positions, in float64."""
+    with torch.no_grad():
+        hidden = base.model(window, use_cache=False).last_hidden_state[0, :-1]
+        return {"hidden": hidden.double(), "logits": base.lm_head(hidden).double(), "targets": window[0, 1:]}
 
 
 def test_perplexity_matches_transformers_loss(base, eval_ids):
@@ -17,13 +49,39 @@ def test_perplexity_matches_transformers_loss(base, eval_ids):
     assert r["tokens"] == eval_ids.numel() - eval_ids.shape[0]
 
 
-def test_base_against_itself_has_zero_kld(base, eval_ids):
-    r = evaluate_quality({"m": base}, eval_ids[:1], base=base, progress=False)["m"]
+def test_copy_of_base_has_zero_kld(base, window):
+    # a distinct object, so nothing can be taken from the base's own pass: its row is computed, and equal
+    r = evaluate_quality({"copy": copy.deepcopy(base)}, window, base=base, progress=False)["copy"]
     assert r["kld"] == 0 and r["top1"] == 1
 
 
+def test_logits_divided_by_t_match_the_tempered_base(base, window, base_pass):
+    t = 2.0  # a power of two: dividing the weight is exact, so the model's logits are exactly the base's over t
+    tempered = with_lm_head(base, base.lm_head.weight.detach() / t)
+    r = evaluate_quality({"tempered": tempered}, window, base=base, progress=False)["tempered"]
+    ref = reference_quality(base_pass["logits"], base_pass["logits"] / t, base_pass["targets"])
+    assert ref["kld"] > 0.01 and base.lm_head.weight is base.model.embed_tokens.weight
+    for key in ("ppl", "kld", "top1"):
+        assert r[key] == pytest.approx(ref[key], rel=1e-4), key
+
+
+def test_one_changed_weight_gives_positive_kld(base, window, base_pass):
+    # one weight of the lm_head: token t's logit moves by delta * h_j, h the final hidden state, j its largest
+    # dimension, so the changed logits are known without running the changed model
+    t, j = 13, int(base_pass["hidden"].abs().mean(0).argmax())
+    weight = base.lm_head.weight.detach().clone()
+    weight[t, j] += 1.0
+    changed = with_lm_head(base, weight)
+    r = evaluate_quality({"changed": changed}, window, base=base, progress=False)["changed"]
+    logits = base_pass["logits"].clone()
+    logits[:, t] += (weight[t, j].double() - base.lm_head.weight[t, j].double()) * base_pass["hidden"][:, j]
+    ref = reference_quality(base_pass["logits"], logits, base_pass["targets"])
+    assert r["kld"] > 0 and r["top1"] < 1
+    for key in ("ppl", "kld", "top1"):
+        assert r[key] == pytest.approx(ref[key], rel=1e-4), key
+
+
 def test_int8_close_to_base_and_int4_in_between(base, eval_ids):
-    import copy
     q8 = quantized(copy.deepcopy(base), 8, -1, True)
     q4 = quantized(copy.deepcopy(base), 4, 64, False)
     r = evaluate_quality({"fp32": base, "int8": q8, "int4": q4}, eval_ids, base=base, progress=False)

@@ -2,7 +2,8 @@
 
 Windows are non-overlapping; every position but the last of each window predicts the next token. KL divergence
 is KL(P_base ‖ P_model) per predicted position, averaged, in nats (the direction llama.cpp reports).
-Several models are evaluated in lockstep, so the base model runs once per window however many are compared.
+Several models are evaluated in lockstep: the base runs once per window however many models are compared, and each
+compared model runs too, the base itself included when it is one of them, so that its row is measured, not assumed.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def evaluate_quality(models: dict[str, torch.nn.Module], windows: torch.Tensor, 
         target = ids[:, 1:]
         base_lp = _log_probs(base, ids) if base is not None else None
         for name, model in models.items():
-            lp = base_lp if model is base else _log_probs(model, ids)
+            lp = _log_probs(model, ids)
             s = sums[name]
             s["nll"] -= lp.gather(-1, target.unsqueeze(-1)).sum().item()
             if base_lp is not None:
