@@ -46,7 +46,7 @@ import triton.testing  # noqa: E402
 
 from lowbit.formats import FloatSpec, IntSpec, QuantizedTensor, quantize_fp8  # noqa: E402
 from lowbit.formats.act import ActSpec  # noqa: E402
-from lowbit.kernels.triton_w4a16 import _split_for, default_config, repack, w4a16_matmul  # noqa: E402
+from lowbit.kernels.triton_w4a16 import default_config, repack, split_for, w4a16_matmul  # noqa: E402
 from lowbit.kernels.w8a8 import Fp8Kernel  # noqa: E402
 
 FULL_SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # (N, K) = (out, in) features
@@ -96,7 +96,7 @@ def candidates(m: int, n: int, k: int, sms: int, quick: bool) -> list[dict]:
 
 
 def _with_split(cfg: dict, m: int, n: int, k: int, sms: int, per_sm: int) -> dict:
-    return {**cfg, "SPLIT_K": _split_for(cfg, m, n, k, sms, per_sm)}
+    return {**cfg, "SPLIT_K": split_for(cfg, m, n, k, sms, per_sm)}
 
 
 def cfg_str(c: dict) -> str:
@@ -219,9 +219,9 @@ def check_lowbit_fp8(device) -> dict:
     ref = kern.linear(x, kern.prepare(qt), qt.spec, qt.shape, bias, act)
     packed = {key: t.to(device) for key, t in kern.prepare(qt).items()}
     out = kern.linear(x.to(device), packed, qt.spec, qt.shape, bias.to(device), act).cpu()
-    from lowbit.kernels.w8a8 import _scaled_mm_ok
+    from lowbit.kernels.w8a8 import scaled_mm_ok
     err = rel_err(out, ref)
-    return {"device": str(device), "scaled_mm": bool(_scaled_mm_ok(device)), "shape": [n, k], "m": m,
+    return {"device": str(device), "scaled_mm": bool(scaled_mm_ok(device)), "shape": [n, k], "m": m,
             "rel_err_vs_cpu": err, "ok": err < 2e-2}
 
 

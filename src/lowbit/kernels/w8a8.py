@@ -42,10 +42,11 @@ def _int8_matmul(x: torch.Tensor, scale: torch.Tensor, packed: dict, bias) -> to
 
 class Int8ActKernel(Kernel):
     name = "w8a8-int8"
+    act_dtype, act_needed = "int8", "int8 activations"  # the activation format this kernel takes
 
     def unsupported(self, spec, shape, device, act=None):
-        if act is None or act.dtype != "int8":
-            return "needs int8 activations"
+        if act is None or act.dtype != self.act_dtype:
+            return f"needs {self.act_needed}"
         if not _int8_weight(spec, shape):
             return "needs symmetric 8-bit per-channel weights"
         return None
@@ -64,13 +65,7 @@ class Int8ActKernel(Kernel):
 
 class LlmInt8Kernel(Int8ActKernel):
     name = "llm-int8"
-
-    def unsupported(self, spec, shape, device, act=None):
-        if act is None or act.dtype != "int8-mixed":
-            return "needs LLM.int8() mixed activations"
-        if not _int8_weight(spec, shape):
-            return "needs symmetric 8-bit per-channel weights"
-        return None
+    act_dtype, act_needed = "int8-mixed", "LLM.int8() mixed activations"
 
     def prepare(self, qt):
         return {**super().prepare(qt), "hp_counts": torch.zeros(3, dtype=torch.int64)}
@@ -92,7 +87,8 @@ class LlmInt8Kernel(Int8ActKernel):
         return y.to(x.dtype).reshape(*x.shape[:-1], shape[0])
 
 
-def _scaled_mm_ok(device: torch.device) -> bool:
+def scaled_mm_ok(device: torch.device) -> bool:
+    """Whether torch._scaled_mm (FP8 x FP8 on tensor cores) runs on this device: CUDA, compute capability 8.9+."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) and hasattr(torch, "_scaled_mm")
 
 
@@ -121,7 +117,7 @@ class Fp8Kernel(Kernel):
         x2 = x.reshape(-1, shape[1]).float()
         xs = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / aspec.fmax
         x8 = cast_fp8(x2, aspec, xs)
-        if _scaled_mm_ok(x.device) and aspec.fmt == "e4m3" and spec.fmt == "e4m3":
+        if scaled_mm_ok(x.device) and aspec.fmt == "e4m3" and spec.fmt == "e4m3":
             y = torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=ws.t().contiguous(), out_dtype=torch.bfloat16).float()
         else:
             y = (x8.float() @ w8.float().t()) * xs * ws.t()
