@@ -90,8 +90,8 @@ def main() -> None:
     quality = evaluate_quality(models, windows, base=base)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        from lowbit.models.sources import _gguf_cache_dir, default_model_path
-        base_dir = str(_gguf_cache_dir(default_model_path()))  # the float model as safetensors
+        from lowbit.models.sources import default_model_path, gguf_cache_dir
+        base_dir = str(gguf_cache_dir(default_model_path()))  # the float model as safetensors
         for name, model in models.items():
             if name.startswith("lowbit"):
                 path = os.path.join(tmp, "ckpt")

@@ -180,9 +180,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/gpu_offload", help="writes OUT.md and OUT.json")
     args = ap.parse_args()
-    from lowbit.export.atomic import atomic_write_text
+    from lowbit.io.atomic import atomic_write_text
     from lowbit.offload import offload_blocks
-    from lowbit.offload.store import block_tensors
+    from lowbit.nn.surgery import module_tensors
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     if args.quick:
         cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
@@ -202,7 +202,7 @@ def main() -> int:
     long_ids = torch.randint(1, cfg["vocab_size"], (1, 32 if args.quick else 1024), device=device)
     kv = kv_offload(model, long_ids, n_tokens, device)
     blocks = model.model.layers
-    per_block = sum(t.numel() * t.element_size() for t in block_tensors(blocks[0]).values())
+    per_block = sum(t.numel() * t.element_size() for t in module_tensors(blocks[0]).values())
     fixed = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if ".layers." not in n)
     budget = fixed + (len(blocks) // 2) * per_block
     sm = offload_blocks(model, budget)

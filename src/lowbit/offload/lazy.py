@@ -9,7 +9,6 @@ runtime's own overhead, whatever the model's size.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -17,48 +16,34 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
+from ..io.safetensors import check_safetensors, read_header, read_index, tensor_names
 from ..models.arch import arch_for
-from ..export.checkpoint import _rebuild_meta_buffers
-from ..models.sources import Loaded, check_safetensors, read_config
-from .reader import BufferPool, ReadPlan, read_header
-from .stream import StreamedModel, install_streaming, parse_size, plan_offload
+from ..models.hf import Loaded, read_config
+from ..nn.surgery import module_tensors, placeholder_like, rebuild_meta_buffers, set_tensors
+from .planner import budget_bytes, plan_offload
+from .reader import BufferPool, ReadPlan
+from .runtime import StreamedModel, install_streaming
 
-_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "F64": 8, "BOOL": 1}
 
-
-def _index(path: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it."""
-    idx = path / "model.safetensors.index.json"
-    if idx.is_file():
-        return {k: path / v for k, v in json.loads(idx.read_text())["weight_map"].items()}
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it: from the index if there is one, else from the headers
+    of every safetensors file in the directory."""
+    where = read_index(path)
+    if where is not None:
+        return where
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise LowbitError(f"{path} has no safetensors weights (streaming needs safetensors)")
-    from safetensors import safe_open
-    out = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: f for k in h.keys()})
-    return out
-
-
-_FLOAT = {"F32", "F16", "BF16", "F64"}
+    return {name: f for f in files for name in tensor_names(f)}
 
 
 def _held_bytes(files: set[Path], dtype: torch.dtype) -> dict[str, int]:
-    """Tensor name -> bytes once loaded (floating tensors in `dtype`), from the safetensors headers only."""
-    size = torch.empty(0, dtype=dtype).element_size()
+    """Tensor name -> bytes once loaded (floating tensors cast to `dtype`, as `meta_model` does), from the
+    safetensors headers only."""
     out = {}
     for f in files:
-        with open(f, "rb") as h:
-            n = int.from_bytes(h.read(8), "little")
-            header = json.loads(h.read(n))
-        for k, v in header.items():
-            if k != "__metadata__":
-                numel = 1
-                for d in v["shape"]:
-                    numel *= d
-                out[k] = numel * (size if v["dtype"] in _FLOAT else _DTYPE_BYTES.get(v["dtype"], 4))
+        for name, e in read_header(f).items():
+            out[name] = e.nbytes // e.dtype.itemsize * dtype.itemsize if e.dtype.is_floating_point else e.nbytes
     return out
 
 
@@ -107,7 +92,7 @@ def _block_names(index: dict[str, Path], blocks_path: str) -> dict[str, tuple[in
 def block_sizes(path: Path, dtype: torch.dtype) -> tuple[int, list[int]]:
     """(bytes outside the blocks, bytes of each block) once loaded in `dtype`, from the file headers only."""
     arch = arch_for(read_config(path))
-    index = _index(path)
+    index = _tensor_files(path)
     sizes = _held_bytes(set(index.values()), dtype)
     block_of = _block_names(index, arch.blocks)
     n_blocks = 1 + max((i for i, _ in block_of.values()), default=-1)
@@ -128,7 +113,7 @@ def meta_model(path: Path, dtype: torch.dtype, resident_blocks) -> tuple[nn.Modu
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     arch = arch_for(read_config(path))
-    index = _index(path)
+    index = _tensor_files(path)
     for f in set(index.values()):
         check_safetensors(f)
     block_of = _block_names(index, arch.blocks)
@@ -155,7 +140,7 @@ def meta_model(path: Path, dtype: torch.dtype, resident_blocks) -> tuple[nn.Modu
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    _rebuild_meta_buffers(model, config)
+    rebuild_meta_buffers(model, config)
     files = {i: {} for i in on_disk}
     for name, (i, local) in block_of.items():
         if i in files:
@@ -172,20 +157,15 @@ def open_streamed(path: str | Path, budget: int | str, dtype: torch.dtype = torc
     """Open the HF directory `path` with at most `budget` bytes of weights in memory; returns the loaded model
     (blocks beyond the budget streamed from the model's files) and the streaming state (plan, events)."""
     path = Path(path)
-    budget = parse_size(budget) if isinstance(budget, str) else int(budget)
+    budget = budget_bytes(budget)
     fixed, per_block = block_sizes(path, dtype)
     plan = plan_offload(fixed, per_block, budget)
     model, tokenizer, files = meta_model(path, dtype, plan.resident)
     blocks = model.get_submodule(arch_for(model.config).blocks)
     # empty placeholders of the right dtype for the streamed blocks (filled only while each one runs)
     for i in plan.streamed:
-        for mod in blocks[i].modules():
-            for k, p in list(mod._parameters.items()):
-                if p is not None:
-                    mod._parameters[k] = nn.Parameter(torch.empty(0, dtype=p.dtype), requires_grad=False)
-            for k, b in list(mod._buffers.items()):
-                if b is not None and b.is_meta:
-                    mod._buffers[k] = torch.empty(0, dtype=b.dtype)
+        set_tensors(blocks[i], {k: placeholder_like(t, "cpu") for k, t in module_tensors(blocks[i]).items()
+                                if t.is_meta})
     sm = install_streaming(model, plan, SafetensorsStore(files, dtype), blocks)
     return Loaded(model, tokenizer, str(path)), sm
 

@@ -17,10 +17,10 @@ import torch
 
 from ..export.checkpoint import ShardedCheckpointWriter, checkpoint_tensors
 from ..models.arch import arch_for
+from ..nn.surgery import set_submodule, set_tensors
 from ..quantize import cast_unquantized, quantize
 from ..recipes import Recipe
 from .lazy import SafetensorsStore, meta_model
-from .stream import _set_tensors
 
 
 def quantize_streamed(path: str | Path, out: str | Path, recipe: Recipe | None = None, *,
@@ -43,7 +43,7 @@ def quantize_streamed(path: str | Path, out: str | Path, recipe: Recipe | None =
 
     def materialize(i, block):
         block.to_empty(device="cpu")
-        _set_tensors(block, store.load(i))
+        set_tensors(block, store.load(i))
 
     def release(i, block):
         cast_unquantized(block, dtype)
@@ -54,13 +54,11 @@ def quantize_streamed(path: str | Path, out: str | Path, recipe: Recipe | None =
     try:
         quantize(model, recipe, calibration=calibration, dtype=dtype, progress=progress,
                  materialize=materialize, release=release)
-        parent_name, _, attr = arch.blocks.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, attr, torch.nn.ModuleList())       # the rest of the model, without its blocks
+        set_submodule(model, arch.blocks, torch.nn.ModuleList())       # the rest of the model, without its blocks
         try:
             rest, tied = checkpoint_tensors(model)
         finally:
-            setattr(parent, attr, blocks)
+            set_submodule(model, arch.blocks, blocks)
         writer.tied.update(tied)
         return writer.finish(model, tokenizer, rest, base=base or str(path),
                              extra={"settings": {"streamed": True}})

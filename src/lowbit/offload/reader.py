@@ -7,69 +7,18 @@ packed kernels need; pinned on request, so a GPU copy can start from it at once;
 see `BufferPool`), filled by `os.preadv` (scatter reads from the page cache that release the GIL, so a reader
 thread does not hold up the computing one): 11-20 GB/s here.
 
-The safetensors layout: 8 bytes (little-endian u64) header length N, N bytes of JSON
-{name: {"dtype": "F32"|"BF16"|..., "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}},
-then the data; offsets count from the end of the header.
+Where each tensor lies in the file comes from its header (`io.safetensors.read_header`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..errors import LowbitError
-
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int         # absolute position in the file
-    nbytes: int
-
-
-def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
-    """The file's tensors (name -> dtype, shape, absolute byte range), checked against the file's size."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or 8 + n > size:
-                raise ValueError("header length past the end of the file")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise LowbitError(f"corrupt or truncated safetensors file {path}: {e}") from None
-    out = {}
-    for name, v in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = DTYPES[v["dtype"]]
-            begin, end = v["data_offsets"]
-            shape = tuple(int(d) for d in v["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise LowbitError(f"corrupt safetensors file {path}: bad entry for tensor '{name}'") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-        if end - begin != nbytes or 8 + n + end > size:
-            raise LowbitError(f"corrupt or truncated safetensors file {path}: tensor '{name}' does not fit")
-        out[name] = TensorEntry(dtype, shape, 8 + n + begin, nbytes)
-    return out
-
+from ..io.safetensors import TensorEntry
 
 ALIGN = 64   # bytes; ATen's packed CPU kernels read with aligned vector loads
 

@@ -7,8 +7,8 @@ pinned when the compute device is a GPU); each shard's checksum is verified the 
 it is read in a process (a corrupted or truncated shard is an error, not wrong logits).
 `RamStore` keeps the tensors in host memory (pinned when the compute device is a GPU).
 
-A block's tensors are its parameters and buffers by name (`module.state_dict(keep_vars=True)` names, including
-non-persistent buffers such as a QuantLinear's packed weight), stored exactly as they are: dtype, shape, bytes.
+A block's tensors are its parameters and buffers by name (`nn.surgery.module_tensors`: non-persistent buffers
+such as a QuantLinear's packed weight included), stored exactly as they are: dtype, shape, bytes.
 """
 
 from __future__ import annotations
@@ -16,30 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..errors import LowbitError
-from .reader import BufferPool, ReadPlan, read_header
+from ..io.atomic import atomic_dir
+from ..io.safetensors import read_header
+from .reader import BufferPool, ReadPlan
 
 MANIFEST = "offload.json"
-
-
-def block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of a block, persistent or not, by qualified name."""
-    out = {}
-    for mod_name, mod in block.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        for name, p in mod._parameters.items():
-            if p is not None:
-                out[prefix + name] = p
-        for name, b in mod._buffers.items():
-            if b is not None:
-                out[prefix + name] = b
-    return out
 
 
 def _sha256(path: Path) -> str:
@@ -93,31 +79,19 @@ class DiskStore:
     @classmethod
     def create(cls, root: str | os.PathLike, blocks: dict[int, dict[str, torch.Tensor]],
                pin_memory: bool = False) -> "DiskStore":
-        """Write all shards into a temporary directory beside root, then rename it to root (atomic)."""
+        """Write all shards, then the manifest, and publish the directory at once (`io.atomic`): a failure
+        leaves nothing. `root` must not exist or be empty."""
         from safetensors.torch import save_file
         root = Path(root)
         if root.exists() and any(root.iterdir()):
             raise LowbitError(f"offload directory {root} is not empty")
-        try:
-            root.parent.mkdir(parents=True, exist_ok=True)
-            tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        except OSError as e:
-            raise LowbitError(f"cannot write the offload directory {root}: {e.strerror or e}") from None
-        try:
-            shards = {}
+        shards = {}
+        with atomic_dir(root, overwrite=True, what="the offload directory") as tmp:
             for i, tensors in blocks.items():
                 name = f"block-{i:05d}.safetensors"
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
                 shards[i] = {"file": name, "bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
             (tmp / MANIFEST).write_text(json.dumps({"shards": {str(k): v for k, v in shards.items()}}, indent=1))
-            if root.exists():
-                root.rmdir()
-            tmp.rename(root)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise LowbitError(f"cannot write the offload directory {root}: {e.strerror or e}") from None
         store = cls(root, pin_memory)
         store._verified = set(shards)   # just written and hashed
         return store

@@ -1,113 +1,36 @@
-"""Streaming decoder blocks from a weight store under a memory budget, with the next block prefetched.
+"""Streaming decoder blocks from a weight store with the next block prefetched: the hooks, the reader thread,
+and moving a loaded model's blocks into a store.
 
-`plan_offload` decides, for a budget in bytes, which blocks stay resident and which stream: everything that
-is not a block (embedding, final norm, lm_head) stays; blocks stay resident in order while they fit, leaving
-room for two streamed blocks (the one computing and the one being read ahead). `offload_blocks` then moves
-the streamed blocks' tensors into a store (RAM or disk) and installs hooks on them:
+`offload_blocks` plans (`offload.planner`) which blocks stream under a budget, moves their tensors into a
+store (RAM or disk) and leaves empty placeholders; `install_streaming` then hooks every streamed block:
     before block i runs   its tensors are taken from the prefetch (waiting if the read is not done) and
                           the read of the next streamed block starts on a background thread;
     after block i ran     its tensors are released again.
 The values are the stored bytes, so outputs are identical to the fully resident model's. The reader thread
 is instrumented (`StreamedModel.events`) so tests can check that reads run ahead of compute.
+
+The streaming state of a model is its attribute `lowbit_streaming` (a `StreamedModel`, set by
+`install_streaming`, removed by `StreamedModel.close`); `streaming_of(model)` reads it. Runtimes that call
+the blocks their own way (lowbit's engine) look there to hook their own wrappers.
 """
 
 from __future__ import annotations
 
-import re
-from collections import deque
 import threading
 import time
-import weakref
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import LowbitError
 from ..models.arch import arch_for
-from .store import DiskStore, RamStore, block_tensors
+from ..nn.surgery import TensorSlots, module_tensors, placeholders, set_tensors
+from .planner import OffloadPlan, budget_bytes, plan_offload
+from .store import DiskStore, RamStore
 
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """'2GB', '1.5 GiB', '800MB', '123456' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise LowbitError(f"cannot read the size '{text}' (examples: 800MB, 2GB, 1.5GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-@dataclass
-class OffloadPlan:
-    budget: int
-    fixed_bytes: int                  # embedding, final norm, lm_head and anything else outside the blocks
-    block_bytes: list[int]
-    resident: list[int]               # block indices kept in memory
-    streamed: list[int]               # block indices read from the store for every forward pass
-
-    @property
-    def bytes_moved_per_pass(self) -> int:
-        return sum(self.block_bytes[i] for i in self.streamed)
-
-    @property
-    def peak_weight_bytes(self) -> int:
-        """Weights in memory at the worst moment: fixed + resident + two streamed blocks."""
-        two = sorted((self.block_bytes[i] for i in self.streamed), reverse=True)[:2]
-        return self.fixed_bytes + sum(self.block_bytes[i] for i in self.resident) + sum(two)
-
-    def describe(self) -> str:
-        mb = 1e6
-        lines = [f"offload plan: budget {self.budget / mb:.1f} MB; always resident (embedding, norm, lm_head) "
-                 f"{self.fixed_bytes / mb:.1f} MB; {len(self.resident)} blocks resident "
-                 f"({sum(self.block_bytes[i] for i in self.resident) / mb:.1f} MB), {len(self.streamed)} streamed "
-                 f"({self.bytes_moved_per_pass / mb:.1f} MB read per forward pass, i.e. per decoded token); "
-                 f"peak weights in memory {self.peak_weight_bytes / mb:.1f} MB"]
-        if self.resident:
-            lines.append(f"  resident blocks: {_ranges(self.resident)}")
-        if self.streamed:
-            lines.append(f"  streamed blocks: {_ranges(self.streamed)}")
-        return "\n".join(lines)
-
-
-def _ranges(xs: list[int]) -> str:
-    out, start = [], None
-    for i, x in enumerate(xs):
-        if start is None:
-            start = x
-        if i + 1 == len(xs) or xs[i + 1] != x + 1:
-            out.append(str(start) if start == x else f"{start}-{x}")
-            start = None
-    return ", ".join(out)
-
-
-def plan_offload(fixed_bytes: int, block_bytes: list[int], budget: int) -> OffloadPlan:
-    """Keep blocks resident from the first on while the rest still leaves room for two streamed blocks."""
-    if not block_bytes:
-        raise LowbitError("the model has no decoder blocks to offload")
-    largest = max(block_bytes)
-    if budget < fixed_bytes + 2 * largest:
-        raise LowbitError(f"memory budget {budget / 1e6:.1f} MB is too small: the parts that always stay resident "
-                          f"({fixed_bytes / 1e6:.1f} MB) plus two of the largest block ({largest / 1e6:.1f} MB "
-                          f"each) need {(fixed_bytes + 2 * largest) / 1e6:.1f} MB")
-    if fixed_bytes + sum(block_bytes) <= budget:
-        return OffloadPlan(budget, fixed_bytes, block_bytes, list(range(len(block_bytes))), [])
-    resident, used = [], fixed_bytes
-    for i, b in enumerate(block_bytes):
-        rest = block_bytes[i + 1:]
-        window = sum(sorted(rest, reverse=True)[:2])
-        if used + b + window > budget or not rest:
-            break
-        resident.append(i)
-        used += b
-    streamed = [i for i in range(len(block_bytes)) if i not in resident]
-    return OffloadPlan(budget, fixed_bytes, block_bytes, resident, streamed)
+STREAMING_ATTR = "lowbit_streaming"
 
 
 @dataclass
@@ -126,6 +49,11 @@ class StreamedModel:
     _stream: object = None
     _next: dict = field(default_factory=dict)     # streamed block -> the streamed block that runs after it
     _slot_cache: dict = field(default_factory=dict)
+
+    def __deepcopy__(self, memo):
+        # the state travels with the model as an attribute; a deep copy of the model keeps pointing at the one
+        # stream (its copied hooks call this object too) rather than failing on the lock and thread pool
+        return self
 
     def _log(self, what: str, index: int) -> None:
         with self._lock:
@@ -178,10 +106,10 @@ class StreamedModel:
         slots = self._slots(index, block)
         slots.fill(slots.empty)
 
-    def _slots(self, index: int, block: nn.Module) -> "_Slots":
+    def _slots(self, index: int, block: nn.Module) -> TensorSlots:
         key = (index, id(block))
         if key not in self._slot_cache:
-            self._slot_cache[key] = _Slots(block)
+            self._slot_cache[key] = TensorSlots(block)
         return self._slot_cache[key]
 
     def hook(self, module: nn.Module, index: int, block: nn.Module | None = None) -> None:
@@ -193,62 +121,19 @@ class StreamedModel:
         self._handles.append(module.register_forward_hook(lambda m, args, out: self.after(index, block)))
 
     def close(self) -> None:
+        """Remove the hooks, stop the reader thread and detach from the model."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
-        if _STREAMING.get(self.model) is self:
-            del _STREAMING[self.model]
-
-
-_STREAMING: "weakref.WeakKeyDictionary[nn.Module, StreamedModel]" = weakref.WeakKeyDictionary()
+        if self.model.__dict__.get(STREAMING_ATTR) is self:
+            delattr(self.model, STREAMING_ATTR)
 
 
 def streaming_of(model: nn.Module) -> StreamedModel | None:
-    """The streaming state installed on `model` (None if its blocks are all resident)."""
-    return _STREAMING.get(model)
-
-
-def _set_tensors(block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    for name, t in tensors.items():
-        mod_name, _, leaf = name.rpartition(".")
-        mod = block.get_submodule(mod_name) if mod_name else block
-        if leaf in mod._parameters:
-            mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
-        else:
-            mod._buffers[leaf] = t
-
-
-class _Slots:
-    """Where each of a block's tensors is held (its Parameter object, or its module's buffer dict), looked up
-    once: a streamed block's tensors are swapped in and out twice per block per token, and resolving names
-    and wrapping new Parameters each time cost more than a small block's compute. Parameters keep their
-    identity; only their `.data` changes."""
-
-    def __init__(self, block: nn.Module):
-        self.params, self.buffers = {}, {}
-        for name, t in block_tensors(block).items():
-            mod_name, _, leaf = name.rpartition(".")
-            mod = block.get_submodule(mod_name) if mod_name else block
-            if leaf in mod._parameters:
-                self.params[name] = mod._parameters[leaf]
-            else:
-                self.buffers[name] = (mod._buffers, leaf)
-        self.empty = _placeholders(block_tensors(block))
-
-    def fill(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, t in tensors.items():
-            p = self.params.get(name)
-            if p is not None:
-                p.data = t
-            else:
-                holder, leaf = self.buffers[name]
-                holder[leaf] = t
-
-
-def _placeholders(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(0, dtype=v.dtype, device=v.device) for k, v in tensors.items()}
+    """The streaming state `install_streaming` set on `model` (None if its blocks are all resident)."""
+    return getattr(model, STREAMING_ATTR, None)
 
 
 def offload_blocks(model: nn.Module, budget: int | str, offload_dir: str | None = None,
@@ -260,17 +145,17 @@ def offload_blocks(model: nn.Module, budget: int | str, offload_dir: str | None 
     device = next(model.parameters()).device
     if pin_memory is None:
         pin_memory = device.type == "cuda"
-    budget = parse_size(budget) if isinstance(budget, str) else int(budget)
+    budget = budget_bytes(budget)
     arch = arch_for(model.config)
     blocks = model.get_submodule(arch.blocks)
-    per_block = [block_tensors(b) for b in blocks]
+    per_block = [module_tensors(b) for b in blocks]
     block_ids = {id(t) for ts in per_block for t in ts.values()}
     seen, fixed = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in block_ids and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             fixed += t.numel() * t.element_size()
-    plan = plan_offload(fixed, [_nbytes(ts.values()) for ts in per_block], budget)
+    plan = plan_offload(fixed, [sum(t.numel() * t.element_size() for t in ts.values()) for ts in per_block], budget)
     streamed = {i: per_block[i] for i in plan.streamed}
     if offload_dir is not None:
         store = DiskStore.create(offload_dir, streamed, pin_memory)
@@ -279,7 +164,7 @@ def offload_blocks(model: nn.Module, budget: int | str, offload_dir: str | None 
         for i, ts in streamed.items():
             store.put(i, ts)
     for i in plan.streamed:
-        _set_tensors(blocks[i], _placeholders(per_block[i]))
+        set_tensors(blocks[i], placeholders(per_block[i]))
     del per_block, streamed
     release_freed_memory()
     return install_streaming(model, plan, store, blocks, device)
@@ -301,7 +186,8 @@ def install_streaming(model: nn.Module, plan: OffloadPlan, store, blocks: nn.Mod
                       device: torch.device | str | None = None) -> StreamedModel:
     """Hooks that bring each streamed block's tensors from `store` before it runs (prefetching the next one)
     and release them after; the streamed blocks must already hold empty placeholders. `device`: where the
-    model computes (default: where its first parameter is)."""
+    model computes (default: where its first parameter is). When blocks stream, the state is also set as
+    `model.lowbit_streaming` (see the module docstring)."""
     if device is None:
         device = next(model.parameters()).device
     sm = StreamedModel(model, plan, store, torch.device(device))
@@ -312,6 +198,8 @@ def install_streaming(model: nn.Module, plan: OffloadPlan, store, blocks: nn.Mod
     for pos, i in enumerate(order):
         sm._next[i] = order[(pos + 1) % len(order)]
         sm.hook(blocks[i], i)
-    _STREAMING[model] = sm
+    # a plain attribute (not a submodule: nn.Module keeps it in __dict__), so that whatever holds the model
+    # can find its streaming state without a registry
+    setattr(model, STREAMING_ATTR, sm)
     sm._prefetch(order[0])
     return sm

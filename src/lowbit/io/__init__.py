@@ -1,0 +1,2 @@
+"""File plumbing below everything that reads or writes models: the safetensors layout (headers, dtypes, shard
+indexes) and publishing files and directories atomically. Depends on nothing else in lowbit but its errors."""

@@ -1,0 +1,77 @@
+"""Publishing outputs atomically: a failure never leaves a half-written file or directory behind.
+
+Everything is written under a temporary name beside the destination and renamed onto it only once complete
+(a rename within a directory is atomic), so a reader sees the old output, the new one, or nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import LowbitError
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False, what: str | None = None):
+    """Yield a temporary directory beside `out`; rename it to `out` only if the block succeeds, replacing an
+    existing `out` only if `overwrite`. An OSError (in here or in the block) becomes a LowbitError naming
+    the output (as `what` says, e.g. "the offload directory", if given)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LowbitError(f"output {out} already exists (pass --overwrite to replace it)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        where = f"{what} {out}" if what else f"to {out.parent}"
+        raise LowbitError(f"cannot write {where}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        _publishable(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        raise LowbitError(f"cannot write {what + ' ' if what else ''}{out}: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publishable(tmp: Path) -> None:
+    """mkdtemp makes a private directory and some writers make private files: give them normal modes."""
+    mask = _umask()
+    os.chmod(tmp, 0o777 & ~mask)
+    for p in tmp.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file renamed onto it."""
+    path, tmp = Path(path), None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise LowbitError(f"cannot write {path}: {e.strerror or e}") from None

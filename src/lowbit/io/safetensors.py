@@ -1,0 +1,118 @@
+"""The safetensors layout: the dtype table, header parsing, file validation and shard indexes.
+
+A safetensors file is 8 bytes (little-endian u64) header length N, N bytes of JSON
+{name: {"dtype": "F32"|"BF16"|..., "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}},
+then the data; offsets count from the end of the header. A model stored in several files lists each tensor's
+file in `model.safetensors.index.json` ({"weight_map": {name: file}}); the files must lie in the directory
+of the index (a name that climbs out of it, absolute or through a symlink, is refused: a model directory
+must not make lowbit read arbitrary files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LowbitError
+
+INDEX = "model.safetensors.index.json"
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int         # absolute position in the file
+    nbytes: int
+
+
+def _header_json(path: Path) -> tuple[int, dict]:
+    """(N, the header's JSON object), with N checked against the file's size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length past the end of the file")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise LowbitError(f"corrupt or truncated safetensors file {path}: {e}") from None
+    return n, header
+
+
+def tensor_names(path: str | os.PathLike) -> list[str]:
+    """The names of the tensors a file holds (from its header alone, whatever their dtypes)."""
+    return [k for k in _header_json(Path(path))[1] if k != "__metadata__"]
+
+
+def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
+    """The file's tensors (name -> dtype, shape, absolute byte range), checked against the file's size."""
+    path = Path(path)
+    n, header = _header_json(path)
+    size = path.stat().st_size
+    out = {}
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[v["dtype"]]
+            begin, end = v["data_offsets"]
+            shape = tuple(int(d) for d in v["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise LowbitError(f"corrupt safetensors file {path}: bad entry for tensor '{name}'") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * dtype.itemsize
+        if end - begin != nbytes or 8 + n + end > size:
+            raise LowbitError(f"corrupt or truncated safetensors file {path}: tensor '{name}' does not fit")
+        out[name] = TensorEntry(dtype, shape, 8 + n + begin, nbytes)
+    return out
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Open every tensor as the safetensors library does and check the file covers it: catches truncated and
+    corrupt files before anything is loaded from them."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key)
+    except Exception as e:  # safetensors raises its own error types and OSError
+        raise LowbitError(f"corrupt or truncated safetensors file {path}: {e}") from None
+
+
+def read_index(directory: str | os.PathLike) -> dict[str, Path] | None:
+    """Tensor name -> shard file, from the directory's index (None when it has none). Every shard must lie in
+    the directory itself."""
+    directory = Path(directory)
+    index = directory / INDEX
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = {k: v for k, v in weight_map.items() if isinstance(v, str)}
+        if len(names) != len(weight_map):
+            raise ValueError("shard names must be strings")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise LowbitError(f"corrupt {index}: {e}") from None
+    root = directory.resolve()
+    for shard in set(names.values()):
+        # resolve() follows symlinks: a link inside the directory that points out of it is refused too
+        if Path(shard).is_absolute() or not (root / shard).resolve().is_relative_to(root):
+            raise LowbitError(f"{index} names the shard '{shard}', which is outside {directory}")
+    return {k: directory / v for k, v in names.items()}
+

@@ -1,0 +1,64 @@
+"""Low-level file plumbing: shard indexes stay inside their directory; atomic publishing leaves nothing behind."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lowbit.errors import LowbitError
+from lowbit.io.atomic import atomic_dir, atomic_write_text
+from lowbit.io.safetensors import INDEX, read_index
+
+
+def _index(d, weight_map):
+    (d / INDEX).write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_index_shards_inside_the_directory_are_read(tmp_path):
+    (tmp_path / "sub").mkdir()
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "sub" / "s.safetensors"))
+    _index(tmp_path, {"a": "sub/s.safetensors", "b": "./t.safetensors"})
+    assert read_index(tmp_path) == {"a": tmp_path / "sub" / "s.safetensors", "b": tmp_path / "t.safetensors"}
+    assert read_index(tmp_path / "sub") is None                 # no index: the caller decides
+
+
+@pytest.mark.parametrize("shard", ["../x.safetensors", "sub/../../x.safetensors", "/etc/passwd", "link.safetensors"])
+def test_index_shards_outside_the_directory_are_refused(tmp_path, shard):
+    model = tmp_path / "model"
+    model.mkdir()
+    (tmp_path / "x.safetensors").write_bytes(b"")
+    os.symlink(tmp_path / "x.safetensors", model / "link.safetensors")   # a link that leads out of the directory
+    _index(model, {"a.weight": "ok.safetensors", "b.weight": shard})
+    with pytest.raises(LowbitError, match=f"names the shard '{shard}', which is outside"):
+        read_index(model)
+
+
+def test_corrupt_index_is_one_error(tmp_path):
+    (tmp_path / INDEX).write_text('{"weight_map": ["a"]}')
+    with pytest.raises(LowbitError, match="corrupt"):
+        read_index(tmp_path)
+    _index(tmp_path, {"a": 3})
+    with pytest.raises(LowbitError, match="corrupt"):
+        read_index(tmp_path)
+
+
+def test_atomic_dir_publishes_only_on_success(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("x")
+            raise RuntimeError("fails halfway")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+    assert (tmp_path / "out" / "f").read_text() == "x"
+    with pytest.raises(LowbitError, match="already exists"):
+        with atomic_dir(tmp_path / "out"):
+            pass
+    with pytest.raises(LowbitError, match="cannot write the offload directory"):
+        with atomic_dir(tmp_path / "out", overwrite=True, what="the offload directory") as tmp:
+            raise OSError(28, "No space left on device")
+    assert (tmp_path / "out" / "f").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    atomic_write_text(tmp_path / "t.txt", "hello")
+    assert (tmp_path / "t.txt").read_text() == "hello"
