@@ -1,13 +1,20 @@
-"""The benchmark scripts run in a quick mode here, so they cannot rot between full runs."""
+"""The benchmark scripts run in a quick mode here, so they cannot rot between full benchmark runs.
+
+Each is a whole benchmark run in a fresh interpreter, so they are slow tests, left out of the default run:
+`pytest -m slow` runs them.
+"""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_decode_engine_benchmark_quick(tmp_path):
     out = tmp_path / "decode"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_engine.py"), "--quick", "--out", str(out)],
@@ -21,6 +28,7 @@ def test_decode_engine_benchmark_quick(tmp_path):
     assert "| model | engine |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
 def test_gpu_offload_benchmark_quick(tmp_path):
     out = tmp_path / "off"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_offload.py"), "--quick", "--out", str(out)],
