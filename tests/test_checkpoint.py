@@ -3,6 +3,7 @@ import torch
 
 import lowbit
 from lowbit.eval import weight_stats
+from lowbit.models.sources import base_of
 from lowbit.nn import QuantLinear
 
 from conftest import quantized
@@ -20,6 +21,7 @@ def test_save_load_logits_bit_identical(fresh, tokenizer, tmp_path, bits, group,
         after = loaded.model(ids).logits
     assert torch.equal(before, after)
     assert loaded.model.lowbit["base"] == "default"
+    assert base_of(tmp_path / "ckpt") == "default" and base_of("default") is None
     n = sum(isinstance(m, QuantLinear) for m in loaded.model.modules())
     assert n == 210
 

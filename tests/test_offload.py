@@ -358,3 +358,27 @@ def test_cli_quantize_stream(tiny_dir, tmp_path, capsys):
     assert "3 block shards" in capsys.readouterr().out
     assert main(["quantize", "default", "--stream", "--out", str(tmp_path / "x")]) == 2
     assert "--stream reads a Hugging Face" in capsys.readouterr().err
+
+
+def test_load_with_budget_chooses_how(tiny_dir, tmp_path):
+    from lowbit.offload import load_with_budget, streaming_of
+    src = _tiny_hf_dir(tiny_dir, tmp_path / "src", layers=5)
+    with pytest.raises(LowbitError, match="offload_dir needs max_memory"):
+        load_with_budget(src, offload_dir=tmp_path / "off")
+    loaded, sm = load_with_budget(src)                                   # no budget: loaded whole
+    assert sm is None and streaming_of(loaded.model) is None
+    from lowbit.offload.lazy import block_sizes
+    fixed, per_block = block_sizes(src, torch.bfloat16)
+    loaded, sm = load_with_budget(src, int(fixed + 3.5 * per_block[0]))   # a directory: opened lazily
+    try:
+        assert sm.store.kind == "safetensors" and sm.plan.streamed == [1, 2, 3, 4]
+        assert streaming_of(loaded.model) is sm and loaded.model.lowbit_streaming is sm
+    finally:
+        sm.close()
+    assert streaming_of(loaded.model) is None                            # closing detaches the state
+    fixed, per_block = block_sizes(src, torch.float32)
+    loaded, sm = load_with_budget(src, str(int(fixed + 3.5 * per_block[0])), tmp_path / "off")   # loaded, then offloaded
+    try:
+        assert sm.store.kind == "disk" and sm.plan.streamed == [1, 2, 3, 4] and (tmp_path / "off" / "offload.json").is_file()
+    finally:
+        sm.close()
