@@ -10,7 +10,8 @@ of 128 columns or more), SYMMETRIC (no zeros: z = 8), HAS_BIAS, SPLIT_OUT / ATOM
 import triton
 import triton.language as tl
 
-from .dequant import f16x2, f16x2_products, group_params, nibble_f32, pair_groups
+from .dequant import (addend_pairs, f16x2_products, group_scales, group_zeros, load_f16x2, nibble_f32,
+                      pair_groups)
 from .tiles import program_tile, write_tile
 
 
@@ -23,9 +24,8 @@ def gemv_f32_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr,
     """Codes dequantized to float32 (`nibble_f32`), the factor 16^j taken out through x; a group's products are
     summed unscaled and multiplied by its scale once. PREFETCH: load the next chunk's codes while this one is
     used."""
-    pid, pid_k, pid_m, offs_m, m_mask, offs_n, n_mask, c0, c1, w_ptrs = program_tile(
+    pid, pid_k, pid_m, _, _, offs_n, n_mask, offs_r, _, c0, c1, w_ptrs = program_tile(
         w_ptr, M, N, K, chunks_per_split, 1, BLOCK_N)
-    offs_r = tl.arange(0, 16)
     acc = tl.full([16, BLOCK_N], 0.0, tl.float32)
     x_ptrs = x_ptr + pid_m * stride_xm + c0 * 128 + offs_r
     if PREFETCH:
@@ -36,18 +36,22 @@ def gemv_f32_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr,
             p_next = tl.load(w_ptrs + 16 * N, mask=n_mask[None, :] & (offs_r[:, None] < (c1 - c - 1) * 16), other=0)
         else:
             p = tl.load(w_ptrs, mask=n_mask[None, :], other=0).to(tl.uint32, bitcast=True)
+        p_hi = p >> 12  # nibbles 5..7 are read from here (see dequant)
         for i in tl.static_range(8):
             if i % GROUP_NIBS == 0:
-                s, z = group_params(s_ptr, z_ptr, (c * 128 + 16 * i) // group_size, N, offs_n, n_mask, SYMMETRIC)
+                g = (c * 128 + 16 * i) // group_size
+                s = group_scales(s_ptr, g, N, offs_n, n_mask)
+                z = group_zeros(z_ptr, g, N, offs_n, n_mask, SYMMETRIC)
                 part = tl.full([16, BLOCK_N], 0.0, tl.float32)
-            q, inv16j = nibble_f32(p, z, i)
+            q, inv16j = nibble_f32(p, p_hi, z, i)
             xi = tl.load(x_ptrs + 16 * i).to(tl.float32) * inv16j
             part += xi[:, None] * q
             if i % GROUP_NIBS == GROUP_NIBS - 1:
                 acc += part * s[None, :]
         w_ptrs += 16 * N
         x_ptrs += 128
-    write_tile(tl.sum(acc, 0)[None, :], pid, pid_k, offs_m, m_mask, offs_n, n_mask, b_ptr, y_ptr, p_ptr, cnt_ptr,
+    offs_m = pid_m + tl.arange(0, 1)  # the program's one row
+    write_tile(tl.sum(acc, 0)[None, :], pid, pid_k, offs_m, offs_m < M, offs_n, n_mask, b_ptr, y_ptr, p_ptr, cnt_ptr,
                M, N, stride_ym, HAS_BIAS, SPLIT_OUT, ATOMIC, LAST)
 
 
@@ -61,10 +65,10 @@ def gemv_f16x2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr,
     summed in float16x2 (`f16x2_products`), converted to float32 once per word and scaled by s there; the 1/16
     is taken out at the end. The next chunk's codes are always loaded ahead. EVEN_N: BLOCK_N divides N (no
     masks on the codes); G128: groups of exactly one chunk; USE_ASM: inline PTX (else the emulation)."""
-    pid, pid_k, pid_m, offs_m, m_mask, offs_n, n_mask, c0, c1, w_ptrs = program_tile(
+    pid, pid_k, pid_m, _, _, offs_n, n_mask, offs_r, _, c0, c1, w_ptrs = program_tile(
         w_ptr, M, N, K, chunks_per_split, 1, BLOCK_N)
     acc = tl.full([16, BLOCK_N], 0.0, tl.float32)
-    x_ptrs = x_ptr + pid_m * stride_xm + c0 * 128 + tl.arange(0, 16)
+    x_ptrs = x_ptr + pid_m * stride_xm + c0 * 128 + offs_r
     if EVEN_N:
         p_next = tl.load(w_ptrs)
     else:
@@ -79,22 +83,24 @@ def gemv_f16x2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr,
             p_next = tl.load(w_ptrs + step * 16 * N, mask=n_mask[None, :], other=0)
         g_lo, g_hi = pair_groups(c, group_size, GROUP_NIBS, G128)
         # scales and zero points as [1, BLOCK_N] rows of the weight tile's layout
-        s_lo, zz_lo = group_params(s_ptr, z_ptr, g_lo, N, offs_n[None, :], n_mask[None, :], SYMMETRIC)
+        s_lo = group_scales(s_ptr, g_lo, N, offs_n[None, :], n_mask[None, :])
+        zz_lo = group_zeros(z_ptr, g_lo, N, offs_n[None, :], n_mask[None, :], SYMMETRIC)
         if GROUP_NIBS == 8:
             s_hi = s_lo
             zz_hi = zz_lo
         else:
-            s_hi, zz_hi = group_params(s_ptr, z_ptr, g_hi, N, offs_n[None, :], n_mask[None, :], SYMMETRIC)
-        z_a = f16x2(-64.0 - zz_lo * 0.0625, -64.0 - zz_hi * 0.0625)
-        z_b = f16x2(-4.0 - zz_lo * 0.0625, -4.0 - zz_hi * 0.0625)
+            s_hi = group_scales(s_ptr, g_hi, N, offs_n[None, :], n_mask[None, :])
+            zz_hi = group_zeros(z_ptr, g_hi, N, offs_n[None, :], n_mask[None, :], SYMMETRIC)
+        z_a, z_b = addend_pairs(zz_lo, zz_hi, 64.0, 4.0, 0.0625)
         # x pairs (column 16 j + r, column 64 + 16 j + r), j = 0..3
-        x0 = f16x2(tl.load(x_ptrs), tl.load(x_ptrs + 64))[:, None]
-        x1 = f16x2(tl.load(x_ptrs + 16), tl.load(x_ptrs + 80))[:, None]
-        x2 = f16x2(tl.load(x_ptrs + 32), tl.load(x_ptrs + 96))[:, None]
-        x3 = f16x2(tl.load(x_ptrs + 48), tl.load(x_ptrs + 112))[:, None]
+        x0 = load_f16x2(x_ptrs, 64)[:, None]
+        x1 = load_f16x2(x_ptrs + 16, 64)[:, None]
+        x2 = load_f16x2(x_ptrs + 32, 64)[:, None]
+        x3 = load_f16x2(x_ptrs + 48, 64)[:, None]
         h_lo, h_hi = f16x2_products(p, x0, x1, x2, x3, z_a, z_b, USE_ASM)
         acc += h_lo * s_lo  # the products carry a factor 1/16, taken out at the end
         acc += h_hi * s_hi
         x_ptrs += 128
-    write_tile(tl.sum(acc, 0)[None, :] * 16.0, pid, pid_k, offs_m, m_mask, offs_n, n_mask, b_ptr, y_ptr, p_ptr,
+    offs_m = pid_m + tl.arange(0, 1)  # the program's one row
+    write_tile(tl.sum(acc, 0)[None, :] * 16.0, pid, pid_k, offs_m, offs_m < M, offs_n, n_mask, b_ptr, y_ptr, p_ptr,
                cnt_ptr, M, N, stride_ym, HAS_BIAS, SPLIT_OUT, ATOMIC, LAST)

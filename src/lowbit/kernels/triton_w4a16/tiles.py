@@ -7,9 +7,9 @@ import triton.language as tl
 
 @triton.jit
 def program_tile(w_ptr, M, N, K, chunks_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's tile: (pid, pid_k, pid_m, offs_m, m_mask, offs_n, n_mask, c0, c1, w_ptrs), its rows
-    offs_m and output features offs_n (with masks), its K chunks [c0, c1) and the pointers of chunk c0's
-    [16, BLOCK_N] weight words."""
+    """This program's tile: (pid, pid_k, pid_m, offs_m, m_mask, offs_n, n_mask, offs_r, offs_k, c0, c1, w_ptrs):
+    its rows offs_m and output features offs_n (with masks), a chunk's 16 word rows and 128 input columns, its
+    K chunks [c0, c1) and the pointers of chunk c0's [16, BLOCK_N] weight words."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -17,13 +17,15 @@ def program_tile(w_ptr, M, N, K, chunks_per_split, BLOCK_M: tl.constexpr, BLOCK_
     pid_m = pid % num_m
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    offs_r = tl.arange(0, 16)
+    offs_k = tl.arange(0, 128)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     n_chunks = K // 128
     c0 = pid_k * chunks_per_split
     c1 = tl.minimum(c0 + chunks_per_split, n_chunks)
-    w_ptrs = w_ptr + (c0 * 16 + tl.arange(0, 16))[:, None] * N + offs_n[None, :]
-    return pid, pid_k, pid_m, offs_m, m_mask, offs_n, n_mask, c0, c1, w_ptrs
+    w_ptrs = w_ptr + (c0 * 16 + offs_r)[:, None] * N + offs_n[None, :]
+    return pid, pid_k, pid_m, offs_m, m_mask, offs_n, n_mask, offs_r, offs_k, c0, c1, w_ptrs
 
 
 @triton.jit
