@@ -156,7 +156,7 @@ def tiny_model():
 
 def quantized(model, bits: int, group_size: int, head: bool):
     import copy
-    scheme = lowbit.Scheme("rtn", lowbit.IntSpec(bits, group_size, True))
+    scheme = lowbit.config_for("rtn", lowbit.IntSpec(bits, group_size, True))
     rules = [{"match": "lm_head", "bits": 8, "group_size": -1}] if head else []
     recipe = lowbit.Recipe.from_rules(rules, scheme) if rules else lowbit.Recipe.default(scheme)
     return lowbit.quantize(copy.deepcopy(model), recipe, progress=False)

@@ -19,7 +19,7 @@ import torch
 
 import lowbit
 from lowbit.algorithms import Hessian, apply_clip, gptq_quantize, quantize_rtn, search_clip
-from lowbit.blockwise import _groups, awq_scale_block
+from lowbit.blockwise import awq_scale_block, linear_groups
 from lowbit.data import calibration_samples, load_text
 from lowbit.models import arch_for
 from lowbit.models.calibration import capture_block_inputs, capture_calls, first_input, run_block
@@ -44,10 +44,10 @@ def main() -> None:
         if i in (0, len(blocks) - 1):
             names = [n for _, lin, _ in arch.feeds for n in lin]
             calls = capture_calls(block, inputs, [n for n in names])
-            plan = {n: lowbit.Scheme("awq", spec) for n in names}
+            plan = {n: lowbit.config_for("awq", spec) for n in names}
             scaled = copy.deepcopy(block)
             group_inputs = awq_scale_block(scaled, inputs, plan, arch)
-            awq_x = {n: X for (_p, _l, ns, _i), X in zip(_groups(arch, plan), group_inputs) for n in ns}
+            awq_x = {n: X for (_p, _l, ns, _i), X in zip(linear_groups(arch, plan), group_inputs) for n in ns}
             for n in names:
                 mod = block.get_submodule(n)
                 X = torch.cat([first_input(mod, a, kw).reshape(-1, mod.in_features) for a, kw in calls[n]]).double()

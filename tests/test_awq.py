@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from lowbit import IntSpec, Scheme
+from lowbit import IntSpec, config_for
 from lowbit.algorithms import apply_clip, quantize_rtn, search_clip
 from lowbit.blockwise import awq_block, awq_scale_block, rtn_block
 from lowbit.models import arch_for
@@ -14,7 +14,7 @@ LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 
 def _plan(spec=IntSpec(4, 64, False)):
-    return {n: Scheme("awq", spec) for n in LINEARS}
+    return {n: config_for("awq", spec) for n in LINEARS}
 
 
 @pytest.mark.parametrize("index", [0, 29])

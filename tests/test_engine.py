@@ -276,11 +276,10 @@ def test_compiled_engines_of_different_models_do_not_share_graphs():
 ])
 def test_engine_equals_model_forward_for_every_scheme(base, tokenizer, method, options):
     import lowbit
-    from lowbit.algorithms import FIXED_SPECS
     from lowbit.data import calibration_samples, load_text
     model = truncated(base, 3)
-    spec = lowbit.IntSpec(3, 64, False) if method == "rtn-3bit" else FIXED_SPECS.get(method, lowbit.IntSpec(4, 64, False))
-    scheme = lowbit.Scheme("rtn" if method == "rtn-3bit" else method, spec, options=options)
+    spec = lowbit.IntSpec(3, 64, False) if method == "rtn-3bit" else lowbit.IntSpec(4, 64, False)
+    scheme = lowbit.config_for("rtn" if method == "rtn-3bit" else method, spec, options=options)
     calib = calibration_samples(tokenizer, load_text(None, "calibration"), n=2, seqlen=64, seed=0)
     lowbit.quantize(model, lowbit.Recipe.default(scheme), calibration=calib, progress=False)
     ids = torch.randint(0, 49152, (1, 10))

@@ -3,9 +3,9 @@ import torch
 
 from lowbit import IntSpec, LowbitError, QuantizedTensor
 from lowbit.algorithms import quantize_rtn
-from lowbit.formats import pack_bits, storage_nbytes, unpack_bits
+from lowbit.formats import FORMATS, FloatSpec, pack_bits, spec_from_dict, unpack_bits
 
-SPECS = [IntSpec(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, -1) for s in (True, False)]
+SPECS = [IntSpec(b, g, s) for b in (2, 3, 4, 5, 6, 7, 8) for g in (32, 64, -1) for s in (True, False)]
 
 
 def test_uint4_pack_round_trip_all_pairs():
@@ -17,7 +17,7 @@ def test_uint4_pack_round_trip_all_pairs():
     assert torch.equal(unpack_bits(packed, 4), pairs)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 def test_pack_random_round_trip(bits):
     codes = torch.randint(0, 1 << bits, (37, 96), dtype=torch.uint8)
     packed = pack_bits(codes, bits)
@@ -58,14 +58,14 @@ def test_rtn_error_bound_and_code_range(spec):
     if spec.symmetric:
         assert qt.zeros is None
         assert codes.min() >= (spec.implicit_zero - (spec.qmax - spec.implicit_zero))
-    assert qt.nbytes == storage_nbytes(spec, tuple(w.shape))
+    assert qt.nbytes == spec.nbytes(tuple(w.shape))
 
 
 def test_bits_per_weight_of_stored_layout():
     shape = (576, 576)
-    assert storage_nbytes(IntSpec(4, 64, True), shape) * 8 / (576 * 576) == pytest.approx(4 + 16 / 64)
-    assert storage_nbytes(IntSpec(4, 64, False), shape) * 8 / (576 * 576) == pytest.approx(4 + 24 / 64)
-    assert storage_nbytes(IntSpec(8, -1, True), shape) * 8 / (576 * 576) == pytest.approx(8 + 16 / 576)
+    assert IntSpec(4, 64, True).nbytes(shape) * 8 / (576 * 576) == pytest.approx(4 + 16 / 64)
+    assert IntSpec(4, 64, False).nbytes(shape) * 8 / (576 * 576) == pytest.approx(4 + 24 / 64)
+    assert IntSpec(8, -1, True).nbytes(shape) * 8 / (576 * 576) == pytest.approx(8 + 16 / 576)
 
 
 def test_zero_group_dequantizes_to_zero():
@@ -91,7 +91,11 @@ def test_group_size_must_divide_and_error_lists_working_sizes():
 
 def test_bad_specs():
     with pytest.raises(LowbitError, match="unsupported bit width"):
-        IntSpec(5, 64, True)
+        IntSpec(9, 64, True)
+    with pytest.raises(LowbitError, match="bits must be an integer, got '4'"):
+        IntSpec("4", 64, True)
+    with pytest.raises(LowbitError, match="5-bit packing"):
+        IntSpec(5, -1, True).check_shape((8, 12))
     with pytest.raises(LowbitError, match="3-bit packing"):
         IntSpec(3, -1, True).check_shape((8, 12))
     with pytest.raises(LowbitError, match="group size"):
@@ -109,3 +113,20 @@ def test_validate_catches_wrong_layout():
     nan_scales[0, 0] = float("nan")
     with pytest.raises(LowbitError, match="NaN"):
         QuantizedTensor(qt.spec, qt.shape, qt.qweight, nan_scales, qt.zeros).validate("layer")
+
+
+@pytest.mark.parametrize("spec", [IntSpec(4, 64, False), IntSpec(6, -1, True), FloatSpec("e5m2")], ids=lambda s: s.name)
+def test_registry_maps_records_back_to_formats(spec):
+    assert spec_from_dict(spec.to_dict()) == spec
+    assert FORMATS[spec.kind] is type(spec)
+    w = torch.randn(32, 64)
+    qt = spec.quantize(w)
+    assert set(qt.tensors()) == set(spec.layout((32, 64))) and qt.nbytes == spec.nbytes((32, 64))
+    assert torch.equal(QuantizedTensor.from_codes(qt.codes(), qt.scales, qt.zeros, spec).dequantize(), qt.dequantize())
+    assert spec.describe()
+
+
+def test_records_without_a_kind_are_integer_formats_and_unknown_kinds_are_refused():
+    assert spec_from_dict({"bits": 4, "group_size": 64, "symmetric": True}) == IntSpec(4, 64, True)
+    with pytest.raises(LowbitError, match="unknown weight format kind 'q9'"):
+        spec_from_dict({"kind": "q9"})

@@ -90,7 +90,7 @@ def test_gptq_beats_rtn_on_every_linear_of_first_and_last_block(base, first_last
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_deterministic(base, tokenizer, method):
     samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=4, seqlen=64, seed=3)
-    scheme = lowbit.Scheme(method, IntSpec(4, 64, False), options={"act_order": True} if method == "gptq" else {})
+    scheme = lowbit.config_for(method, IntSpec(4, 64, False), options={"act_order": True} if method == "gptq" else {})
     runs = []
     for _ in range(2):
         m = lowbit.quantize(truncated(base, 2), lowbit.Recipe.default(scheme), calibration=samples, progress=False)
@@ -101,7 +101,7 @@ def test_deterministic(base, tokenizer, method):
 
 def test_act_order_checkpoint_round_trip(base, tokenizer, tmp_path):
     samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=4, seqlen=64, seed=0)
-    scheme = lowbit.Scheme("gptq", IntSpec(4, 64, False), options={"act_order": True})
+    scheme = lowbit.config_for("gptq", IntSpec(4, 64, False), options={"act_order": True})
     m = lowbit.quantize(truncated(base, 2), lowbit.Recipe.default(scheme), calibration=samples, progress=False)
     ids = torch.randint(0, 49152, (1, 24))
     with torch.no_grad():
@@ -116,4 +116,4 @@ def test_act_order_checkpoint_round_trip(base, tokenizer, tmp_path):
 
 def test_calibrating_method_needs_samples(fresh):
     with pytest.raises(LowbitError, match="calibration"):
-        lowbit.quantize(fresh, lowbit.Recipe.default(lowbit.Scheme("gptq", IntSpec(4, 64, True))), progress=False)
+        lowbit.quantize(fresh, lowbit.Recipe.default(lowbit.config_for("gptq", IntSpec(4, 64, True))), progress=False)

@@ -24,7 +24,7 @@ def test_index_shards_inside_the_directory_are_read(tmp_path):
     assert read_index(tmp_path / "sub") is None                 # no index: the caller decides
 
 
-@pytest.mark.parametrize("shard", ["../x.safetensors", "sub/../../x.safetensors", "/etc/passwd", "link.safetensors"])
+@pytest.mark.parametrize("shard", ["../x.safetensors", "sub/../../x.safetensors", "/etc/passwd", "..", ""])
 def test_index_shards_outside_the_directory_are_refused(tmp_path, shard):
     model = tmp_path / "model"
     model.mkdir()
@@ -33,6 +33,16 @@ def test_index_shards_outside_the_directory_are_refused(tmp_path, shard):
     _index(model, {"a.weight": "ok.safetensors", "b.weight": shard})
     with pytest.raises(LowbitError, match=f"names the shard '{shard}', which is outside"):
         read_index(model)
+
+
+def test_symlinked_shards_are_followed_as_in_the_hub_cache(tmp_path):
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    save_file({"a": torch.ones(2)}, str(blobs / "1234"))
+    os.symlink(blobs / "1234", snapshot / "model-00001.safetensors")
+    _index(snapshot, {"a": "model-00001.safetensors"})
+    assert read_index(snapshot) == {"a": snapshot / "model-00001.safetensors"}
 
 
 def test_corrupt_index_is_one_error(tmp_path):

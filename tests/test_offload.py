@@ -191,12 +191,11 @@ def test_every_scheme_streams_to_identical_logits(base, tokenizer, tmp_path, met
     scales) lives in the block's parameters and buffers, so a streamed block computes what the resident one
     does: through the model's forward and through lowbit's engine."""
     import lowbit
-    from lowbit.algorithms import FIXED_SPECS
     from lowbit.data import calibration_samples, load_text
     from lowbit.engine import Engine
     model = truncated(base, 4)
-    spec = lowbit.IntSpec(3, 64, False) if method == "rtn-3bit" else FIXED_SPECS.get(method, lowbit.IntSpec(4, 64, False))
-    scheme = lowbit.Scheme("rtn" if method == "rtn-3bit" else method, spec, options=options)
+    spec = lowbit.IntSpec(3, 64, False) if method == "rtn-3bit" else lowbit.IntSpec(4, 64, False)
+    scheme = lowbit.config_for("rtn" if method == "rtn-3bit" else method, spec, options=options)
     calib = calibration_samples(tokenizer, load_text(None, "calibration"), n=2, seqlen=64, seed=0)
     lowbit.quantize(model, lowbit.Recipe.default(scheme), calibration=calib, progress=False)
     ids = torch.randint(1, 49152, (1, 12))
@@ -357,7 +356,7 @@ def test_cli_quantize_stream(tiny_dir, tmp_path, capsys):
                  str(tmp_path / "q")]) == 0
     assert "3 block shards" in capsys.readouterr().out
     assert main(["quantize", "default", "--stream", "--out", str(tmp_path / "x")]) == 2
-    assert "--stream reads a Hugging Face" in capsys.readouterr().err
+    assert "streamed quantization reads a Hugging Face" in capsys.readouterr().err
 
 
 def test_load_with_budget_chooses_how(tiny_dir, tmp_path):

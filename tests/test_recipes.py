@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from lowbit import IntSpec, LowbitError, Recipe, Rule, Scheme
+from lowbit import GPTQ, RTN, IntSpec, LowbitError, Recipe, Rule, config_for
 
-W4 = Scheme("rtn", IntSpec(4, 64, True))
-W8 = Scheme("rtn", IntSpec(8, -1, True))
+W4 = RTN(bits=4, group_size=64)
+W8 = RTN(bits=8, group_size=-1)
 
 
 def test_first_matching_rule_wins_and_unmatched_is_kept():
@@ -52,8 +52,36 @@ def test_recipe_errors(tmp_path, base):
     with pytest.raises(LowbitError, match="not found"):
         Recipe.from_file(tmp_path / "missing.toml", W4)
     with pytest.raises(LowbitError, match="group size 128 does not divide"):
-        Recipe.default(Scheme("rtn", IntSpec(4, 128, True))).plan(base)
+        Recipe.default(RTN(bits=4, group_size=128)).plan(base)
     with pytest.raises(LowbitError, match="unknown method"):
-        Scheme("magic", IntSpec())
+        config_for("magic", IntSpec())
     with pytest.raises(LowbitError, match="quantizes no Linear"):
         Recipe([Rule("*", None)]).plan(base)
+
+
+@pytest.mark.parametrize("rule, message", [
+    ({"match": "re:(unclosed"}, "invalid regular expression"),
+    ({"match": 3}, "'match' must be a non-empty string"),
+    ({"match": "x" * 2000}, "longer than"),
+    ({"match": "*", "bits": "4"}, "bits must be an integer, got '4'"),
+    ({"match": "*", "bits": 4.5}, "bits must be an integer"),
+    ({"match": "*", "group_size": 64.5}, "group size must be an integer"),
+    ({"match": "*", "options": [1]}, "'options' must be a table"),
+    ({"match": "*", "method": "gptq", "options": {"act_ordr": True}}, "unknown option.*act_ordr.*valid: .*act_order"),
+    ({"match": "*", "method": 7}, "'method' must be a string"),
+])
+def test_bad_rules_give_one_clear_error(rule, message):
+    with pytest.raises(LowbitError, match=message) as e:
+        Recipe.from_rules([rule], W4, where="r.toml")
+    assert str(e.value).startswith("r.toml: rule 1")
+
+
+def test_rule_options_merge_over_the_base_configuration():
+    base = GPTQ(bits=4, group_size=64, damp=0.05)
+    r = Recipe.from_rules([{"match": "*.mlp.*", "options": {"act_order": True}},
+                           {"match": "*.self_attn.*", "method": "rtn", "bits": 8, "group_size": -1}], base)
+    mlp = r.scheme_for("model.layers.0.mlp.up_proj")
+    assert mlp == GPTQ(bits=4, group_size=64, damp=0.05, act_order=True)
+    assert r.scheme_for("model.layers.0.self_attn.q_proj") == RTN(bits=8, group_size=-1)
+    assert r.scheme_for("model.layers.0.other") == base          # the default rule: the base configuration
+    assert Recipe.from_rules(r.to_list()[:2], base).rules[:2] == r.rules[:2]   # to_list round-trips

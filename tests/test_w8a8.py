@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit import IntSpec, LowbitError, Scheme
+from lowbit import IntSpec, LowbitError, config_for
 from lowbit.algorithms import quantize_rtn, top_fraction_dims
 from lowbit.blockwise import smooth_block
 from lowbit.data import calibration_samples, load_text
@@ -105,7 +105,7 @@ def test_smoothing_leaves_the_unquantized_model_unchanged(base, tokenizer):
         before = model(ids).logits
     arch = arch_for(model.config)
     inputs = capture_block_inputs(model, samples)
-    plan = {n: Scheme("w8a8-smooth", options={"alpha": 0.5}) for _, lin, _ in arch.feeds for n in lin}
+    plan = {n: config_for("w8a8-smooth", options={"alpha": 0.5}) for _, lin, _ in arch.feeds for n in lin}
     norm = model.model.layers[0].post_attention_layernorm.weight.detach().clone()
     for block in model.model.layers:
         smooth_block(block, inputs, plan, arch)
@@ -122,7 +122,7 @@ def test_smoothing_leaves_the_unquantized_model_unchanged(base, tokenizer):
 ])
 def test_each_method_round_trips_with_identical_logits(base, tokenizer, tmp_path, method, options):
     samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=3, seqlen=64, seed=0)
-    m = lowbit.quantize(truncated(base, 2), lowbit.Recipe.default(Scheme(method, options=options)), calibration=samples,
+    m = lowbit.quantize(truncated(base, 2), lowbit.Recipe.default(config_for(method, options=options)), calibration=samples,
                         progress=False)
     ids = torch.randint(0, 49152, (1, 20))
     with torch.no_grad():
@@ -145,7 +145,7 @@ def test_naive_w8a8_is_the_worst_of_the_8bit_family(base, tokenizer):
         ref = torch.log_softmax(small(ids).logits.float(), -1)
     kld = {}
     for method in ("w8a8-naive", "llm-int8"):
-        m = lowbit.quantize(copy.deepcopy(small), lowbit.Recipe.default(Scheme(method)), calibration=samples,
+        m = lowbit.quantize(copy.deepcopy(small), lowbit.Recipe.default(config_for(method)), calibration=samples,
                             progress=False)
         with torch.no_grad():
             lp = torch.log_softmax(m(ids).logits.float(), -1)
@@ -155,13 +155,13 @@ def test_naive_w8a8_is_the_worst_of_the_8bit_family(base, tokenizer):
 
 def test_bad_options():
     with pytest.raises(LowbitError, match="threshold must be positive"):
-        Scheme("llm-int8", options={"threshold": 0})
+        config_for("llm-int8", options={"threshold": 0})
     with pytest.raises(LowbitError, match="alpha must be in"):
-        Scheme("w8a8-smooth", options={"alpha": 1.2})
+        config_for("w8a8-smooth", options={"alpha": 1.2})
     with pytest.raises(LowbitError, match="alpha must be in"):
-        Scheme("w8a8-smooth", options={"alpha": -0.1})
+        config_for("w8a8-smooth", options={"alpha": -0.1})
     with pytest.raises(LowbitError, match="fraction"):
-        Scheme("llm-int8", options={"outlier_fraction": 1.5})
+        config_for("llm-int8", options={"outlier_fraction": 1.5})
 
 
 def test_cli_bad_inputs_and_outliers_command(capsys, tmp_path):

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 
 from .algorithms import (Hessian, apply_clip, fake_quantize, gptq_quantize, quantize_rtn, search_alpha, search_clip,
                          search_scale, smoothing_factors, top_fraction_dims)
-from .formats import IntSpec, QuantizedTensor, quantize_fp8
+from .config import W8_SPEC
+from .formats import QuantizedTensor
 from .formats.act import ActSpec, fake_quantize_act
 from .models.arch import Arch
 from .models.calibration import BlockInputs, capture_calls, first_input, first_output
 
-Plan = dict  # name inside the block -> Scheme
+Plan = dict  # name inside the block -> its configuration (lowbit.config)
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Quantized:
     act_state: dict = field(default_factory=dict)
 
 
-def _groups(arch: Arch, plan: Plan):
+def linear_groups(arch: Arch, plan: Plan):
     """(producer, all linears of the group, the planned ones, inspect module) in forward order; planned
     Linears the table does not list form groups of their own."""
     listed = set()
@@ -59,14 +60,14 @@ def _inputs(block: nn.Module, inspect: str, calls) -> list[torch.Tensor]:
 
 
 def rtn_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
-    return {n: _set(block, n, quantize_rtn(block.get_submodule(n).weight.detach(), s.spec)) for n, s in plan.items()}
+    return {n: _set(block, n, s.spec.quantize(block.get_submodule(n).weight.detach())) for n, s in plan.items()}
 
 
 def gptq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
     """True-sequential by default: each group's Hessian comes from inputs produced by the groups of this
     block already quantized (attention projections before the MLP)."""
-    groups = list(_groups(arch, plan))
-    sequential = all(s.options.get("true_sequential", True) for s in plan.values())
+    groups = list(linear_groups(arch, plan))
+    sequential = all(s.true_sequential for s in plan.values())
     upfront = None if sequential else capture_calls(block, inputs, [g[3] for g in groups])
     out = {}
     for _producer, _linears, names, inspect in groups:
@@ -75,10 +76,9 @@ def gptq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) ->
         for x in _inputs(block, inspect, calls):
             H.add(x)
         for n in names:
-            o = plan[n].options
-            qt = gptq_quantize(block.get_submodule(n).weight.detach(), H.H, plan[n].spec,
-                               block_size=int(o.get("block_size", 128)), damp=float(o.get("damp", 0.01)),
-                               act_order=bool(o.get("act_order", False)))
+            c = plan[n]
+            qt = gptq_quantize(block.get_submodule(n).weight.detach(), H.H, c.spec,
+                               block_size=c.block_size, damp=c.damp, act_order=c.act_order)
             out[n] = _set(block, n, qt)
     return out
 
@@ -105,17 +105,17 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
     """AWQ's first phase: search each group's channel scales and fold them in (the block's function is
     unchanged). A group is scaled when all its Linears are planned for AWQ and its producer's width matches.
     Returns each group's inputs ([tokens, K], already divided by the scales) for the clip search."""
-    groups = list(_groups(arch, plan))
+    groups = list(linear_groups(arch, plan))
     calls = capture_calls(block, inputs, [g[3] for g in groups])
     group_inputs = []
     for producer, linears, names, inspect in groups:
-        opts, spec = plan[names[0]].options, plan[names[0]].spec
+        cfg = plan[names[0]]
         mod = block.get_submodule(inspect)
         lins = [block.get_submodule(n) for n in names]
         K = lins[0].in_features
         X = torch.cat([x.reshape(-1, K) for x in _inputs(block, inspect, calls[inspect])]).float()
         if list(names) == list(linears) and _producer_width(block, producer) == K:
-            sample = calls[inspect][: int(opts.get("search_samples", 4))]
+            sample = calls[inspect][: cfg.search_samples]
             with torch.no_grad():
                 ref = [first_output(mod(*a, **kw)).float() for a, kw in sample]
             originals = [lin.weight.data.clone() for lin in lins]
@@ -128,8 +128,7 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
                               for (a, kw), r in zip(sample, ref))
                 return err / sum(r.numel() for r in ref)
 
-            _alpha, s, _errors = search_scale(X.abs().mean(0), originals, spec, output_error,
-                                              int(opts.get("n_grid", 20)))
+            _alpha, s, _errors = search_scale(X.abs().mean(0), originals, cfg.spec, output_error, cfg.n_grid)
             for lin, w in zip(lins, originals):
                 lin.weight.data = (w.float() * s).to(w.dtype)
             _fold_into_producer(block, producer, s)
@@ -143,13 +142,13 @@ def awq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> 
     round-to-nearest Linear by Linear, as the reference does. Inputs are captured once, before any change."""
     group_inputs = awq_scale_block(block, inputs, plan, arch)
     out = {}
-    for (_p, _l, names, _i), X in zip(_groups(arch, plan), group_inputs):
+    for (_p, _l, names, _i), X in zip(linear_groups(arch, plan), group_inputs):
         for n in names:
             W = block.get_submodule(n).weight.detach().float()
-            spec, opts = plan[n].spec, plan[n].options
-            if opts.get("clip", True) and n not in arch.no_clip:
-                W = apply_clip(W, search_clip(W, X, spec, int(opts.get("n_grid", 20))), spec)
-            out[n] = _set(block, n, quantize_rtn(W, spec))
+            cfg = plan[n]
+            if cfg.clip and n not in arch.no_clip:
+                W = apply_clip(W, search_clip(W, X, cfg.spec, cfg.n_grid), cfg.spec)
+            out[n] = _set(block, n, quantize_rtn(W, cfg.spec))
     return out
 
 
@@ -157,15 +156,12 @@ def _group_inputs(block, calls, inspect, K) -> torch.Tensor:
     return torch.cat([x.reshape(-1, K) for x in _inputs(block, inspect, calls[inspect])]).float()
 
 
-W8 = IntSpec(8, -1, True)
-
-
 def smooth_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> list[tuple[list, torch.Tensor, ActSpec]]:
     """SmoothQuant's first phase for "w8a8-smooth" groups: factors per group (α searched on the group's output
     error under W8A8 rounding unless given), folded into the producer and the weights — the block's function
     is unchanged. Returns, per group, its planned names, its inputs ([tokens, K], divided by the factors
     where smoothed) and its activation spec."""
-    groups = list(_groups(arch, plan))
+    groups = list(linear_groups(arch, plan))
     calls = capture_calls(block, inputs, [g[3] for g in groups])
     result = []
     for producer, linears, names, inspect in groups:
@@ -173,17 +169,16 @@ def smooth_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) 
         lins = [block.get_submodule(n) for n in names]
         K = lins[0].in_features
         X = _group_inputs(block, calls, inspect, K)
-        act = ActSpec("int8", "tensor" if sch.method == "w8a8-naive" else sch.options.get("act_granularity", "token"))
+        act = ActSpec("int8", sch.act_granularity)
         smooth = all(plan[n].method == "w8a8-smooth" for n in names)
         if smooth and list(names) == list(linears) and _producer_width(block, producer) == K:
             x_absmax = X.abs().amax(dim=0)
             w_absmax = torch.stack([lin.weight.detach().float().abs().amax(dim=0) for lin in lins]).amax(dim=0)
-            alpha = sch.options.get("alpha")
-            if alpha is None:
+            if sch.alpha is None:
                 s = _search_smoothing(block, lins, calls[inspect], inspect, X, x_absmax, w_absmax, act,
-                                      int(sch.options.get("search_samples", 4)))
+                                      sch.search_samples)
             else:
-                s = smoothing_factors(x_absmax, w_absmax, float(alpha))
+                s = smoothing_factors(x_absmax, w_absmax, sch.alpha)
             for lin in lins:
                 lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
             _fold_into_producer(block, producer, s)
@@ -200,7 +195,7 @@ def w8a8_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) ->
     for names, X, act in smooth_block(block, inputs, plan, arch):
         state = {"act_scale": (X.abs().max() / 127.0).reshape(1).float()} if act.static else {}
         for n in names:
-            out[n] = _set(block, n, quantize_rtn(block.get_submodule(n).weight.detach(), W8), act,
+            out[n] = _set(block, n, quantize_rtn(block.get_submodule(n).weight.detach(), W8_SPEC), act,
                           {k: v.clone() for k, v in state.items()})
     return out
 
@@ -218,7 +213,7 @@ def _search_smoothing(block, lins, calls, inspect, X, x_absmax, w_absmax, act, n
         hook = lambda m, args: (fake_quantize_act(args[0] / s, act, static).to(args[0].dtype),) + tuple(args[1:])
         handles = [lin.register_forward_pre_hook(hook) for lin in lins]
         for lin, w in zip(lins, originals):
-            lin.weight.data = fake_quantize(w.float() * s, W8).to(w.dtype)
+            lin.weight.data = fake_quantize(w.float() * s, W8_SPEC).to(w.dtype)
         try:
             with torch.no_grad():
                 err = sum((first_output(mod(*a, **kw)).float() - r).pow(2).sum().item()
@@ -238,20 +233,19 @@ def llm_int8_block(block: nn.Module, inputs: BlockInputs | None, plan: Plan, arc
     """int8 weights per channel; outlier dimensions decided at run time by the threshold, or fixed from
     calibration as the top `outlier_fraction` of input dimensions by max |x|."""
     out = {}
-    fractions = {n: s.options.get("outlier_fraction") for n, s in plan.items()}
+    fractions = {n: s.outlier_fraction for n, s in plan.items()}
     calls = None
     if any(f is not None for f in fractions.values()):
-        calls = capture_calls(block, inputs, [g[3] for g in _groups(arch, plan)])
-    for _producer, _linears, names, inspect in _groups(arch, plan):
+        calls = capture_calls(block, inputs, [g[3] for g in linear_groups(arch, plan)])
+    for _producer, _linears, names, inspect in linear_groups(arch, plan):
         K = block.get_submodule(names[0]).in_features
         x_absmax = _group_inputs(block, calls, inspect, K).abs().amax(dim=0) if calls is not None else None
         for n in names:
-            opts = plan[n].options
-            act = ActSpec("int8-mixed", "token", float(opts.get("threshold", 6.0)))
+            act = ActSpec("int8-mixed", "token", plan[n].threshold)
             state = {}
             if fractions[n] is not None:
                 state["outlier_idx"] = top_fraction_dims(x_absmax, float(fractions[n]))
-            out[n] = _set(block, n, quantize_rtn(block.get_submodule(n).weight.detach(), W8), act, state)
+            out[n] = _set(block, n, quantize_rtn(block.get_submodule(n).weight.detach(), W8_SPEC), act, state)
     return out
 
 
@@ -259,8 +253,8 @@ def fp8_block(block: nn.Module, inputs: BlockInputs | None, plan: Plan, arch: Ar
     """FP8 weights per channel; with option act = "fp8", FP8 activations with per-token dynamic scales."""
     out = {}
     for n, s in plan.items():
-        act = ActSpec(f"fp8-{s.spec.fmt}", "token") if s.options.get("act") == "fp8" else None
-        out[n] = _set(block, n, quantize_fp8(block.get_submodule(n).weight.detach(), s.spec), act)
+        act = ActSpec(f"fp8-{s.fmt}", "token") if s.act == "fp8" else None
+        out[n] = _set(block, n, s.spec.quantize(block.get_submodule(n).weight.detach()), act)
     return out
 
 

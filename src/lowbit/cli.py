@@ -8,7 +8,10 @@ import sys
 
 import torch
 
+from .config import AWQ, GPTQ, METHODS, LLMInt8, SmoothQuant
+from .data import CALIB_SAMPLES, CALIB_SEQLEN
 from .errors import LowbitError
+from .formats.intq import SUPPORTED_BITS
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -25,23 +28,21 @@ def _base_name(source: str) -> str:
 
 
 def cmd_quantize(args) -> int:
-    from . import Recipe, load_model, quantize, save_checkpoint
-    from .data import calibration_samples, load_text
-    from .models import arch_for
+    from . import quantize, save_checkpoint
+    from .models import arch_for, load_model
+    from .quantize import recipe_for
+    from .recipes import Recipe
 
     scheme = _scheme_from_args(args, args.method)
     if args.stream:
         return _quantize_streamed(args, scheme)
     loaded = load_model(args.model)
     blocks = arch_for(loaded.model.config).blocks
-    recipe = Recipe.from_file(args.recipe, scheme, blocks) if args.recipe else Recipe.default(scheme, blocks)
+    recipe = Recipe.from_file(args.recipe, scheme, blocks) if args.recipe else recipe_for(scheme, blocks)
     plan = recipe.plan(loaded.model)  # fail on shapes before any work
-    calib = None
-    from .algorithms import needs_calibration
-    if any(needs_calibration(s) for s in plan.values()):
-        calib = calibration_samples(loaded.tokenizer, load_text(args.calib_text, "calibration"),
-                                    args.calib_samples, args.calib_seqlen, args.seed)
-    model = quantize(loaded.model, recipe, calibration=calib, dtype=_DTYPES[args.dtype], progress=not args.quiet)
+    model = quantize(loaded.model, recipe, calibration=args.calib_text, tokenizer=loaded.tokenizer,
+                     calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
+                     dtype=_DTYPES[args.dtype], progress=not args.quiet)
     out = save_checkpoint(model, loaded.tokenizer, args.out, base=_base_name(args.model), overwrite=args.overwrite,
                           extra={"settings": {k: v for k, v in vars(args).items() if k != "func"}})
     from .eval import weight_stats
@@ -56,48 +57,49 @@ def cmd_quantize(args) -> int:
 
 
 def _quantize_streamed(args, scheme) -> int:
-    from . import Recipe
-    from .algorithms import needs_calibration
-    from .data import calibration_samples, load_text
     from .models import arch_for
-    from .models.sources import is_lowbit_checkpoint, read_config, resolve_source
+    from .models.sources import read_config, resolve_source
     from .offload import quantize_streamed
+    from .recipes import Recipe
     path = resolve_source(args.model)
-    if not path.is_dir() or is_lowbit_checkpoint(path):
-        raise LowbitError("--stream reads a Hugging Face safetensors directory (a GGUF file or a lowbit "
-                          "checkpoint is loaded whole)")
-    blocks = arch_for(read_config(path)).blocks
-    recipe = Recipe.from_file(args.recipe, scheme, blocks) if args.recipe else Recipe.default(scheme, blocks)
-    calib = None
-    if any(r.scheme is not None and needs_calibration(r.scheme) for r in recipe.rules):
-        from transformers import AutoTokenizer
-        calib = calibration_samples(AutoTokenizer.from_pretrained(str(path)), load_text(args.calib_text, "calibration"),
-                                    args.calib_samples, args.calib_seqlen, args.seed)
-    out = quantize_streamed(path, args.out, recipe, calibration=calib, dtype=_DTYPES[args.dtype],
+    recipe = Recipe.from_file(args.recipe, scheme, arch_for(read_config(path)).blocks) if args.recipe else scheme
+    out = quantize_streamed(path, args.out, recipe, calibration=args.calib_text, calib_samples=args.calib_samples,
+                            calib_seqlen=args.calib_seqlen, seed=args.seed, dtype=_DTYPES[args.dtype],
                             base=_base_name(args.model), overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {out} block by block ({len(list(out.glob('model-block-*.safetensors')))} block shards)")
     return 0
 
 
+# command-line option -> the configuration field it sets (None: not given, the configuration's default holds)
+_OPTION_ARGS = {
+    "gptq": {"act_order": "act_order", "damp": "damp", "block_size": "block_size",
+             "true_sequential": "true_sequential"},
+    "awq": {"n_grid": "awq_grid", "search_samples": "awq_search_samples", "clip": "clip"},
+    "w8a8-smooth": {"alpha": "alpha", "act_granularity": "act_granularity"},
+    "llm-int8": {"threshold": "threshold", "outlier_fraction": "outlier_fraction"},
+    "fp8": {"act": "fp8_act"},
+    "fp8-e5m2": {"act": "fp8_act"},
+}
+
+
 def _scheme_from_args(args, method: str):
-    from . import IntSpec, Scheme
+    from .config import config_for
+    from .formats import IntSpec
     group = args.group_size if args.group_size is not None else (-1 if args.bits == 8 else 64)
-    return Scheme(method, IntSpec(args.bits, group, not args.asym), args.kernel, _method_options(args, method))
+    return config_for(method, IntSpec(args.bits, group, not args.asym), args.kernel, _method_options(args, method))
 
 
 def _method_options(args, method: str) -> dict:
-    if method == "gptq":
-        return {"act_order": args.act_order, "damp": args.damp, "block_size": args.block_size,
-                "true_sequential": not args.no_true_sequential}
-    if method == "awq":
-        return {"n_grid": args.awq_grid, "search_samples": args.awq_search_samples, "clip": not args.no_clip}
-    if method == "w8a8-smooth":
-        return {"alpha": args.alpha, "act_granularity": args.act_granularity}
-    if method == "llm-int8":
-        return {"threshold": args.threshold, "outlier_fraction": args.outlier_fraction}
-    if method in ("fp8", "fp8-e5m2"):
-        return {"act": "fp8"} if args.fp8_act else {}
-    return {}
+    """The method options given on the command line; an option given for a method that has no such setting
+    is an error (config_for names it), never silently dropped."""
+    given = {field: getattr(args, dest) for field, dest in _OPTION_ARGS.get(method, {}).items()
+             if getattr(args, dest, None) is not None}
+    stray = [f"--{dest.replace('_', '-')}" for m, fields in _OPTION_ARGS.items() if m != method
+             for dest in fields.values() if getattr(args, dest, None) is not None
+             and dest not in _OPTION_ARGS.get(method, {}).values()]
+    if stray:
+        raise LowbitError(f"{', '.join(sorted(set(stray)))} do(es) not apply to --method {method}")
+    return given
 
 
 def _fmt(x, spec):
@@ -106,21 +108,13 @@ def _fmt(x, spec):
 
 def cmd_eval(args) -> int:
     from . import evaluate, load_model
-    from .export.atomic import atomic_write_text
-    from .models.sources import is_lowbit_checkpoint, resolve_source
+    from .io.atomic import atomic_write_text
 
     loaded = load_model(args.model, kernel=args.kernel)
-    record = getattr(loaded.model, "lowbit", None)
-    base_src = args.base if args.base is not None else (record or {}).get("base")
-    base = None
-    if base_src and base_src != "none":
-        if is_lowbit_checkpoint(resolve_source(base_src)):
-            raise LowbitError(f"the base model must be a float model, {base_src} is a quantized checkpoint")
-        base = load_model(base_src).model
-    r = evaluate(loaded.model, loaded.tokenizer, base, text=args.text, ctx=args.ctx, max_windows=args.max_windows,
+    r = evaluate(loaded, base=args.base or "recorded", text=args.text, ctx=args.ctx, max_windows=args.max_windows,
                  speed=not args.no_speed, progress=not args.quiet, engine=args.engine)
     r["model"] = str(args.model)
-    r["base"] = base_src
+    base_src = r["base"]
     print(f"model        {args.model}")
     print(f"text         {r['text']}: {r['windows']} windows of {r['ctx']} tokens, {r['eval_tokens']} predicted")
     print(f"perplexity   {r['ppl']:.4f}")
@@ -147,16 +141,17 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def cmd_compare(args) -> int:
-    from .algorithms import METHODS
-    from .compare import compare, scheme_grid
+    from .comparison import compare, parse_method, scheme_grid
+    from .config import METHODS
     from .eval.report import markdown_table
 
-    from .compare import parse_method
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if parse_method(m)[0] not in METHODS]
     if unknown or not methods:
         raise LowbitError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; available: {', '.join(METHODS)}")
-    options = {parse_method(m)[0]: _method_options(args, parse_method(m)[0]) for m in methods}
+    names = {parse_method(m)[0] for m in methods}
+    options = {name: {f: getattr(args, d) for f, d in _OPTION_ARGS.get(name, {}).items()
+                      if getattr(args, d, None) is not None} for name in names}
     schemes = scheme_grid(methods, _int_list(args.bits, "--bits"), _int_list(args.group_size, "--group-size"),
                           not args.asym, options, args.kernel)
     result = compare(args.model, schemes, args.out, calib_text=args.calib_text, calib_samples=args.calib_samples,
@@ -197,21 +192,12 @@ def cmd_outliers(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from . import generate, load_model
-    from .models.sources import is_lowbit_checkpoint, resolve_source
+    from . import generate
+    from .offload import load_with_budget
     engine = args.engine
     if args.offload_dir is not None and args.max_memory is None:
         raise LowbitError("--offload-dir needs --max-memory")
-    path = resolve_source(args.model)
-    if args.max_memory is not None and path.is_dir() and not is_lowbit_checkpoint(path) and args.offload_dir is None:
-        from .offload import open_streamed     # a HF directory: blocks beyond the budget are never loaded whole
-        loaded, streamed = open_streamed(path, args.max_memory)
-    else:
-        loaded = load_model(args.model, kernel=args.kernel)
-        streamed = None
-        if args.max_memory is not None:
-            from .offload import offload_blocks
-            streamed = offload_blocks(loaded.model, args.max_memory, args.offload_dir)
+    loaded, streamed = load_with_budget(args.model, args.max_memory, args.offload_dir, args.kernel)
     if streamed is not None:
         print(streamed.plan.describe(), file=sys.stderr)
         if streamed.plan.streamed and engine == "compiled":
@@ -240,7 +226,7 @@ def _add_engine_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_format_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    p.add_argument("--bits", type=int, default=4, choices=list(SUPPORTED_BITS))
     p.add_argument("--group-size", type=int, default=None,
                    help="columns per scale: 32, 64, 128, or -1 per channel (default: 64, or -1 for 8-bit)")
     p.add_argument("--asym", action="store_true", help="asymmetric (with zero points); default symmetric")
@@ -250,26 +236,36 @@ def _add_format_args(p: argparse.ArgumentParser) -> None:
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("calibration (gptq, awq)")
     c.add_argument("--calib-text", default=None, help="calibration text: pydoc (default: its first half), a file, or hf:...")
-    c.add_argument("--calib-samples", type=_positive, default=64, help="number of calibration windows (default 64)")
-    c.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per calibration window (default 512)")
+    c.add_argument("--calib-samples", type=_positive, default=CALIB_SAMPLES,
+                   help=f"number of calibration windows (default {CALIB_SAMPLES})")
+    c.add_argument("--calib-seqlen", type=_positive, default=CALIB_SEQLEN,
+                   help=f"tokens per calibration window (default {CALIB_SEQLEN})")
     c.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows")
     g = p.add_argument_group("gptq")
-    g.add_argument("--act-order", action="store_true", help="columns by decreasing Hessian diagonal (static groups)")
-    g.add_argument("--damp", type=_fraction, default=0.01, help="diagonal dampening, fraction of its mean (0.01)")
-    g.add_argument("--block-size", type=_positive, default=128, help="columns per lazy update block (128)")
-    g.add_argument("--no-true-sequential", action="store_true", help="all Hessians from the unquantized block")
+    g.add_argument("--act-order", action="store_const", const=True, default=None,
+                   help="columns by decreasing Hessian diagonal (static groups)")
+    g.add_argument("--damp", type=_fraction, default=None,
+                   help=f"diagonal dampening, fraction of its mean ({GPTQ.damp})")
+    g.add_argument("--block-size", type=_positive, default=None, help=f"columns per lazy update block ({GPTQ.block_size})")
+    g.add_argument("--no-true-sequential", dest="true_sequential", action="store_const", const=False, default=None,
+                   help="all Hessians from the unquantized block")
     a = p.add_argument_group("awq")
-    a.add_argument("--awq-grid", type=_positive, default=20, help="grid points for the scale and clip searches (20)")
-    a.add_argument("--awq-search-samples", type=_positive, default=4, help="calibration windows used in the scale search (4)")
-    a.add_argument("--no-clip", action="store_true", help="skip the clipping search")
+    a.add_argument("--awq-grid", type=_positive, default=None,
+                   help=f"grid points for the scale and clip searches ({AWQ.n_grid})")
+    a.add_argument("--awq-search-samples", type=_positive, default=None,
+                   help=f"calibration windows used in the scale search ({AWQ.search_samples})")
+    a.add_argument("--no-clip", dest="clip", action="store_const", const=False, default=None,
+                   help="skip the clipping search")
     e = p.add_argument_group("8-bit family (w8a8-naive, w8a8-smooth, llm-int8, fp8, fp8-e5m2)")
     e.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength (default: searched)")
-    e.add_argument("--act-granularity", default="token", choices=["token", "tensor"],
-                   help="w8a8-smooth activation scales: per-token dynamic or per-tensor static (default token)")
-    e.add_argument("--threshold", type=float, default=6.0, help="llm-int8 outlier threshold (6.0)")
+    e.add_argument("--act-granularity", default=None, choices=["token", "tensor"],
+                   help=f"w8a8-smooth activation scales: per-token dynamic or per-tensor static "
+                        f"(default {SmoothQuant.act_granularity})")
+    e.add_argument("--threshold", type=float, default=None, help=f"llm-int8 outlier threshold ({LLMInt8.threshold})")
     e.add_argument("--outlier-fraction", type=float, default=None,
                    help="llm-int8: fix the outlier set from calibration as this top fraction of dimensions")
-    e.add_argument("--fp8-act", action="store_true", help="fp8: also FP8 activations (per-token dynamic)")
+    e.add_argument("--fp8-act", action="store_const", const="fp8", default=None,
+                   help="fp8: also FP8 activations (per-token dynamic)")
 
 
 def _fraction(x: str) -> float:
@@ -280,7 +276,6 @@ def _fraction(x: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .algorithms import METHODS
     p = argparse.ArgumentParser(prog="lowbit", description="Quantize causal LMs, measure them, run them.")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
@@ -335,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--text", default=None, help="text (default: pydoc calibration half)")
     o.add_argument("--samples", type=_positive, default=16)
     o.add_argument("--seqlen", type=_positive, default=512)
-    o.add_argument("--threshold", type=float, default=6.0)
+    o.add_argument("--threshold", type=float, default=LLMInt8.threshold)
     o.add_argument("--show", type=_positive, default=12, help="rows printed (largest max |x| first)")
     o.add_argument("--out", required=True)
     o.set_defaults(func=cmd_outliers)

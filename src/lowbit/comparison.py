@@ -1,4 +1,4 @@
-"""`lowbit compare`: several methods on the same calibration data, evaluated on the same held-out text.
+"""`lowbit compare` / `lowbit.compare`: several methods on the same calibration data, evaluated on the same held-out text.
 
 Each method's checkpoint is saved under OUT/<label>/, so every number in the report can be reproduced with a
 separate `lowbit eval OUT/<label>` (same text, context and window count): the evaluation here runs the same
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .algorithms import FIXED_SPECS, needs_calibration
-from .data import calibration_samples, load_text, token_windows
+from .config import QuantConfig, config_for, fixes_format
+from .data import CALIB_SAMPLES, CALIB_SEQLEN, calibration_ids, load_text, token_windows
 from .errors import LowbitError
 from .eval import decode_speed, environment, evaluate_quality, prefill_speed, weight_stats
 from .eval.memory import PeakRSS
@@ -25,13 +25,13 @@ from .models import arch_for, load_model
 from .models.sources import DEFAULT_MODEL
 from .nn import QuantLinear
 from .quantize import quantize
-from .recipes import Recipe, Scheme
+from .recipes import Recipe
 
 
-def label_of(scheme: Scheme, extra: dict | None = None) -> str:
+def label_of(scheme: QuantConfig, extra: dict | None = None) -> str:
     """rtn-w4g64-asym, gptq-w3pc, llm-int8, fp8-act=fp8, ...: the method, its format unless the method fixes
     it, and any options given explicitly in the method list."""
-    if scheme.method in FIXED_SPECS:
+    if fixes_format(scheme.method):
         label = scheme.method
     else:
         g = "pc" if scheme.spec.group_size == -1 else f"g{scheme.spec.group_size}"
@@ -39,16 +39,24 @@ def label_of(scheme: Scheme, extra: dict | None = None) -> str:
     return label + "".join(f"-{k}={v}" for k, v in (extra or {}).items())
 
 
-def compare(source: str, schemes: list[Scheme], out: str | Path, *, calib_text: str | None = None,
-            calib_samples: int = 64, calib_seqlen: int = 512, seed: int = 0, text: str | None = None,
-            ctx: int = 512, max_windows: int | None = None, speed: bool = True, progress: bool = True,
-            overwrite: bool = False, engine: str = "compiled") -> dict:
+def compare(source: str, schemes: list[QuantConfig] | dict[str, QuantConfig], out: str | Path, *,
+            calib_text: str | None = None, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
+            seed: int = 0, text: str | None = None, ctx: int = 512, max_windows: int | None = None,
+            speed: bool = True, progress: bool = True, overwrite: bool = False, engine: str = "compiled") -> dict:
+    """Quantize `source` once per configuration (a list, labelled by `label_of`, or label -> configuration) on
+    the same calibration windows and evaluate all of them on the same held-out windows; writes OUT/report.md,
+    report.json, tradeoff.png and one checkpoint per label. Returns {"rows": [...], "meta": {...}}."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LowbitError(f"output {out} already exists (pass --overwrite to replace it)")
-    labels = [getattr(s, "label", None) or label_of(s) for s in schemes]
-    if len(set(labels)) != len(labels):
-        raise LowbitError("the same method and format are listed twice")
+    if not isinstance(schemes, dict):
+        labels = [label_of(s) for s in schemes]
+        if len(set(labels)) != len(labels):
+            raise LowbitError("the same method and format are listed twice")
+        schemes = dict(zip(labels, schemes))
+    if not schemes or not all(isinstance(s, QuantConfig) for s in schemes.values()):
+        raise LowbitError("compare needs one or more quantization configurations (e.g. [lowbit.RTN(), lowbit.GPTQ()])")
+    labels, schemes = list(schemes), list(schemes.values())
     t_start = time.perf_counter()
     loaded = load_model(source)
     base, tok = loaded.model, loaded.tokenizer
@@ -58,8 +66,8 @@ def compare(source: str, schemes: list[Scheme], out: str | Path, *, calib_text: 
         r.plan(base)  # shapes checked before any work
     windows = token_windows(tok, load_text(text, "evaluation"), ctx, max_windows)
     calib = None
-    if any(needs_calibration(s) for s in schemes):
-        calib = calibration_samples(tok, load_text(calib_text, "calibration"), calib_samples, calib_seqlen, seed)
+    if any(s.needs_calibration for s in schemes):
+        calib = calibration_ids(calib_text, tok, calib_samples, calib_seqlen, seed)
 
     models, rows = {}, {}
     base_name = _base_label(source)
@@ -67,7 +75,7 @@ def compare(source: str, schemes: list[Scheme], out: str | Path, *, calib_text: 
         model = copy.deepcopy(base)
         with PeakRSS() as mem:
             t0 = time.perf_counter()
-            quantize(model, recipes[lab], calibration=calib if needs_calibration(scheme) else None, progress=progress)
+            quantize(model, recipes[lab], calibration=calib if scheme.needs_calibration else None, progress=progress)
             seconds = time.perf_counter() - t0
         save_checkpoint(model, tok, out / lab, base=base_name, overwrite=True,
                         extra={"settings": {"compare": True, "calib_samples": calib_samples,
@@ -131,16 +139,12 @@ def _parse_value(v: str):
 
 
 def scheme_grid(methods: list[str], bits: list[int], group_sizes: list[int], symmetric: bool,
-                options: dict[str, dict], kernel: str = "auto") -> list[Scheme]:
-    """One scheme per method entry and format; methods that fix their format appear once."""
+                options: dict[str, dict], kernel: str = "auto") -> dict[str, QuantConfig]:
+    """Label -> configuration, one per method entry and format; methods that fix their format appear once."""
     from .formats import IntSpec
-    out, seen = [], set()
+    out = {}
     for b, g, entry in itertools.product(bits, group_sizes, methods):
         name, extra = parse_method(entry)
-        scheme = Scheme(name, IntSpec(b, g, symmetric), kernel, {**options.get(name, {}), **extra})
-        label = label_of(scheme, extra)
-        if label not in seen:
-            seen.add(label)
-            object.__setattr__(scheme, "label", label)
-            out.append(scheme)
+        scheme = config_for(name, IntSpec(b, g, symmetric), kernel, {**options.get(name, {}), **extra})
+        out.setdefault(label_of(scheme, extra), scheme)
     return out

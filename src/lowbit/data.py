@@ -15,6 +15,8 @@ import torch
 from .errors import LowbitError
 
 DEFAULT_TEXT = "pydoc"
+CALIB_SAMPLES = 64    # calibration windows
+CALIB_SEQLEN = 512    # tokens per calibration window
 
 
 def pydoc_text() -> str:
@@ -88,7 +90,7 @@ def token_windows(tokenizer, text: str, ctx: int = 512, max_windows: int | None 
     return ids[: n * ctx].reshape(n, ctx)
 
 
-def calibration_samples(tokenizer, text: str, n: int = 64, seqlen: int = 512, seed: int = 0) -> torch.Tensor:
+def calibration_samples(tokenizer, text: str, n: int = CALIB_SAMPLES, seqlen: int = CALIB_SEQLEN, seed: int = 0) -> torch.Tensor:
     """n windows of seqlen tokens at seeded random offsets: LongTensor [n, seqlen]."""
     ids = tokenize(tokenizer, text)
     if ids.numel() <= seqlen:
@@ -96,3 +98,49 @@ def calibration_samples(tokenizer, text: str, n: int = 64, seqlen: int = 512, se
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=g)
     return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])
+
+
+def calibration_ids(calibration, tokenizer=None, n: int = CALIB_SAMPLES, seqlen: int = CALIB_SEQLEN,
+                    seed: int = 0) -> torch.Tensor:
+    """Calibration inputs in any accepted form -> LongTensor [n, T] of token ids.
+
+    calibration: a LongTensor [n, T] of token ids (used as given); None, "pydoc", a text file's path or
+    "hf:NAME[:CONFIG]:SPLIT[:COLUMN]" (a text source, as `load_text`; its calibration half for the default
+    text); a list of strings (texts, joined by blank lines); or a dataset / iterable of records with a "text"
+    field. Text is cut into `n` windows of `seqlen` tokens at seeded random offsets, which needs `tokenizer`.
+    """
+    if torch.is_tensor(calibration):
+        if calibration.dtype != torch.long or calibration.dim() != 2 or calibration.numel() == 0:
+            raise LowbitError("calibration token ids must be a non-empty LongTensor [n, T], got "
+                              f"{calibration.dtype} {tuple(calibration.shape)}")
+        return calibration
+    if calibration is None or isinstance(calibration, (str, Path)):
+        text = load_text(None if calibration is None else str(calibration), "calibration")
+    else:
+        text = "\n\n".join(_texts(calibration))
+    if tokenizer is None:
+        raise LowbitError("calibration text needs a tokenizer (pass tokenizer=, or give token ids)")
+    _number_check(n, "calibration samples")
+    _number_check(seqlen, "calibration sequence length")
+    if not text.strip():
+        raise LowbitError("calibration text is empty")
+    return calibration_samples(tokenizer, text, n, seqlen, seed)
+
+
+def _texts(items) -> list[str]:
+    out = []
+    try:
+        for x in items:
+            t = x.get("text") if isinstance(x, dict) else x
+            if not isinstance(t, str):
+                raise LowbitError(f"calibration items must be strings or records with a 'text' field, got {type(x).__name__}")
+            out.append(t)
+    except TypeError:
+        raise LowbitError("calibration must be token ids, a text source, a list of strings or a dataset, got "
+                          f"{type(items).__name__}") from None
+    return out
+
+
+def _number_check(v, what: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise LowbitError(f"{what} must be a positive integer, got {v!r}")

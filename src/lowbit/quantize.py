@@ -6,6 +6,7 @@ calibrated on the outputs of the already-quantized blocks before it.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -14,42 +15,57 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .algorithms import needs_calibration, quantize_rtn
 from .blockwise import Quantized, quantize_block
-from .formats import quantize_fp8
+from .config import RTN, QuantConfig
+from .data import CALIB_SAMPLES, CALIB_SEQLEN, calibration_ids
 from .errors import LowbitError
+from .models import Loaded, load_model
 from .models.arch import arch_for
 from .models.calibration import iterate_blocks
 from .nn import QuantLinear, set_submodule
-from .recipes import Recipe, Scheme
+from .recipes import Recipe
 
 
-def quantize(model: nn.Module, recipe: Recipe | None = None, *, calibration: torch.Tensor | None = None,
+def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=None, tokenizer=None,
+             calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN, seed: int = 0,
              dtype: torch.dtype = torch.bfloat16, progress: bool = True,
              materialize: Callable[[int, nn.Module], None] | None = None,
-             release: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
-    """Quantize `model` in place following `recipe` (default: every block Linear to RTN INT4 g64 symmetric).
+             release: Callable[[int, nn.Module], None] | None = None):
+    """Quantize a model: `lowbit.quantize(model, lowbit.GPTQ(bits=4, group_size=64), tokenizer=tok)`.
 
-    calibration: LongTensor [n, T] of token ids, needed only by methods that calibrate.
+    model: a torch model (quantized in place and returned), or a source — "default", a Hugging Face
+    directory, a GGUF file — or a `Loaded` (then the `Loaded` is returned, its tokenizer used).
+    config: one configuration for every Linear of the decoder blocks (lowbit.config; default RTN INT4 g64
+    symmetric), or a Recipe (per-module rules).
+    calibration: only read when a planned method calibrates. Token ids (LongTensor [n, T]), a text source
+    (None = the default text's calibration half, a file, "hf:..."), a list of strings or a dataset; text is cut
+    into `calib_samples` windows of `calib_seqlen` tokens chosen with `seed` (see lowbit.data.calibration_ids).
     dtype: the 16-bit dtype for what stays unquantized (embedding, norms, kept Linears) and for activations.
     materialize / release: called with (index, block) before a block is quantized and once nothing needs it
     any more (after it produced the next block's calibration inputs); used to quantize models whose blocks
     live on disk (lowbit.offload.quantize_streamed).
     Records what was done in `model.lowbit` (saved with the checkpoint).
     """
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    if isinstance(model, Loaded):
+        quantize(model.model, config, calibration=calibration, tokenizer=tokenizer or model.tokenizer,
+                 calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, dtype=dtype, progress=progress,
+                 materialize=materialize, release=release)
+        return model
+    if not isinstance(model, nn.Module):
+        raise LowbitError(f"quantize takes a torch model, a Loaded or a model source, got {type(model).__name__}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise LowbitError(f"dtype must be a torch floating-point dtype, got {dtype!r}")
     arch = arch_for(model.config)
-    recipe = recipe or Recipe.default(Scheme(), arch.blocks)
+    recipe = recipe_for(config, arch.blocks)
     plan = recipe.plan(model)
     for name in plan:
         _check_finite(model, name)
-    needs_data = any(needs_calibration(s) for s in plan.values())
-    if needs_data and calibration is None:
-        raise LowbitError("this recipe uses a calibrating method but no calibration samples were given")
-    if calibration is not None and not needs_data:
+    if any(s.needs_calibration for s in plan.values()):
+        calibration = calibration_ids(calibration, tokenizer, calib_samples, calib_seqlen, seed)
+    else:
         calibration = None
-
-    if calibration is not None and not torch.is_tensor(calibration):
-        raise LowbitError("calibration samples must be a LongTensor [n, T] of token ids")
 
     start = time.perf_counter()
     _untie_if_split(model, arch, plan)
@@ -79,8 +95,7 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calibration: tor
     outside = {n: s for n, s in plan.items() if not n.startswith(arch.blocks + ".")}
     for name, scheme in outside.items():  # e.g. the lm_head: round-to-nearest, no calibrating driver reaches it
         weight = model.get_submodule(name).weight.detach()
-        qt = quantize_fp8(weight, scheme.spec) if scheme.spec.kind == "float" else quantize_rtn(weight, scheme.spec)
-        _swap(model, name, Quantized(qt), scheme.kernel)
+        _swap(model, name, Quantized(scheme.spec.quantize(weight)), scheme.kernel)
 
     cast_unquantized(model, dtype)
     model.lowbit = {
@@ -92,6 +107,16 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calibration: tor
         "calibration_samples": None if calibration is None else list(calibration.shape),
     }
     return model
+
+
+def recipe_for(config: QuantConfig | Recipe | None, blocks: str = "model.layers") -> Recipe:
+    """A Recipe as given, or the default recipe (every Linear of the blocks) for one configuration."""
+    if isinstance(config, Recipe):
+        return config
+    if config is not None and not isinstance(config, QuantConfig):
+        raise LowbitError("config must be a quantization configuration (e.g. lowbit.GPTQ(bits=4)) or a Recipe, "
+                          f"got {type(config).__name__}")
+    return Recipe.default(config or RTN(), blocks)
 
 
 def _check_finite(model: nn.Module, name: str) -> None:

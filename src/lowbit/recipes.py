@@ -27,60 +27,68 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from .algorithms import FIXED_SPECS, METHODS, check_options
+from .config import RTN, IntWeightConfig, QuantConfig, config_for
 from .errors import LowbitError
-from .formats import IntSpec, spec_from_dict
+from .formats import IntSpec
+
+MAX_PATTERN = 1000   # characters; a recipe pattern is a module name or a short expression, never a program
 
 
-@dataclass(frozen=True)
-class Scheme:
-    """How one Linear is quantized: the method that chooses values, the storage format, the kernel."""
-
-    method: str = "rtn"
-    spec: IntSpec = field(default_factory=IntSpec)
-    kernel: str = "auto"
-    options: dict = field(default_factory=dict)  # method settings, e.g. {"act_order": True, "damp": 0.01}
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise LowbitError(f"unknown method '{self.method}'; available: {', '.join(METHODS)}")
-        if self.method in FIXED_SPECS:  # these methods define their own weight format
-            object.__setattr__(self, "spec", FIXED_SPECS[self.method])
-        check_options(self.method, self.options)
-
-    def to_dict(self) -> dict:
-        return {"method": self.method, **self.spec.to_dict(), "kernel": self.kernel, "options": dict(self.options)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Scheme":
-        return cls(method=d.get("method", "rtn"), spec=spec_from_dict(d), kernel=d.get("kernel", "auto"),
-                   options=dict(d.get("options", {})))
-
-    @property
-    def name(self) -> str:
-        return f"{self.method}-{self.spec.name}"
+def compile_pattern(pattern, where: str = "recipe"):
+    """A rule's pattern as a compiled regular expression (globs translated); a clear error if it is not one."""
+    if not isinstance(pattern, str) or not pattern:
+        raise LowbitError(f"{where}: 'match' must be a non-empty string, got {pattern!r}")
+    if len(pattern) > MAX_PATTERN:
+        raise LowbitError(f"{where}: pattern longer than {MAX_PATTERN} characters")
+    try:
+        return re.compile(pattern[3:] if pattern.startswith("re:") else fnmatch.translate(pattern))
+    except re.error as e:
+        raise LowbitError(f"{where}: invalid regular expression {pattern[3:]!r}: {e}") from None
 
 
 @dataclass(frozen=True)
 class Rule:
     pattern: str
-    scheme: Scheme | None  # None: keep the module in 16-bit
+    scheme: QuantConfig | None  # None: keep the module in 16-bit
+
+    def __post_init__(self):
+        object.__setattr__(self, "_regex", compile_pattern(self.pattern, f"rule {self.pattern!r}"))
 
     def matches(self, name: str) -> bool:
-        if self.pattern.startswith("re:"):
-            return re.fullmatch(self.pattern[3:], name) is not None
-        return fnmatch.fnmatchcase(name, self.pattern)
+        return self._regex.fullmatch(name) is not None
 
     def to_dict(self) -> dict:
         return {"match": self.pattern, **({"keep": True} if self.scheme is None else self.scheme.to_dict())}
 
 
-_RULE_KEYS = {"match", "keep", "method", "bits", "group_size", "symmetric", "kernel", "options"}
+# "kind" and "fmt" appear in recorded recipes (a format's own fields); a rule file needs only the others
+_RULE_KEYS = {"match", "keep", "method", "bits", "group_size", "symmetric", "kernel", "options", "kind", "fmt"}
+
+
+def _rule_config(r: dict, base: QuantConfig, where: str) -> QuantConfig:
+    """A rule's fields over the base configuration: format fields and options it leaves out come from base
+    (options only when the rule keeps base's method)."""
+    method = r.get("method", base.method)
+    if not isinstance(method, str):
+        raise LowbitError(f"{where}: 'method' must be a string, got {method!r}")
+    options = r.get("options", {})
+    if not isinstance(options, dict):
+        raise LowbitError(f"{where}: 'options' must be a table of option = value, got {options!r}")
+    base_int = base if isinstance(base, IntWeightConfig) else RTN()
+    spec = None
+    if r.get("kind", "int") != "int":   # a recorded non-integer format: its method fixes it
+        pass
+    elif any(k in r for k in ("bits", "group_size", "symmetric")) or isinstance(base, IntWeightConfig):
+        spec = IntSpec(r.get("bits", base_int.bits), r.get("group_size", base_int.group_size),
+                       r.get("symmetric", base_int.symmetric))
+    kernel = r.get("kernel", base.kernel)
+    merged = {**(base.options() if method == base.method else {}), **options}
+    return config_for(method, spec, kernel, merged)
 
 
 @dataclass
@@ -88,35 +96,32 @@ class Recipe:
     rules: list[Rule]
 
     @classmethod
-    def default(cls, scheme: Scheme | None = None, blocks: str = "model.layers") -> "Recipe":
+    def default(cls, scheme: QuantConfig | None = None, blocks: str = "model.layers") -> "Recipe":
         """Keep the lm_head (and, as it is not a Linear, the embedding); quantize every Linear in the blocks."""
-        return cls([Rule("lm_head", None), Rule(f"{blocks}.*", scheme or Scheme())])
+        return cls([Rule("lm_head", None), Rule(f"{blocks}.*", scheme or RTN())])
 
     @classmethod
-    def from_rules(cls, rules: list[dict], base: Scheme | None = None, blocks: str = "model.layers",
+    def from_rules(cls, rules: list[dict], base: QuantConfig | None = None, blocks: str = "model.layers",
                    where: str = "recipe") -> "Recipe":
         """Rules given as dicts, followed by the default rules for anything they leave unmatched."""
-        base = base or Scheme()
+        base = base or RTN()
         out = []
         for i, r in enumerate(rules):
+            at = f"{where}: rule {i + 1}"
             if not isinstance(r, dict) or "match" not in r:
-                raise LowbitError(f"{where}: rule {i + 1} needs a 'match' pattern")
+                raise LowbitError(f"{at} needs a 'match' pattern")
             unknown = set(r) - _RULE_KEYS
             if unknown:
-                raise LowbitError(f"{where}: rule {i + 1} has unknown keys {sorted(unknown)}")
-            if r.get("keep"):
-                out.append(Rule(r["match"], None))
-                continue
-            spec = IntSpec(bits=int(r.get("bits", base.spec.bits)),
-                           group_size=int(r.get("group_size", base.spec.group_size)),
-                           symmetric=bool(r.get("symmetric", base.spec.symmetric)))
-            method = r.get("method", base.method)
-            options = {**(base.options if method == base.method else {}), **r.get("options", {})}
-            out.append(Rule(r["match"], Scheme(method, spec, r.get("kernel", base.kernel), options)))
+                raise LowbitError(f"{at} has unknown keys {sorted(unknown)}; valid: {sorted(_RULE_KEYS)}")
+            compile_pattern(r["match"], at)
+            try:
+                out.append(Rule(r["match"], None if r.get("keep") else _rule_config(r, base, at)))
+            except LowbitError as e:
+                raise LowbitError(str(e) if str(e).startswith(at) else f"{at}: {e}") from None
         return cls(out + cls.default(base, blocks).rules)
 
     @classmethod
-    def from_file(cls, path: str | Path, base: Scheme | None = None, blocks: str = "model.layers") -> "Recipe":
+    def from_file(cls, path: str | Path, base: QuantConfig | None = None, blocks: str = "model.layers") -> "Recipe":
         path = Path(path)
         if not path.is_file():
             raise LowbitError(f"recipe file not found: {path}")
@@ -126,21 +131,21 @@ class Recipe:
                 data = tomllib.loads(path.read_text())
             else:
                 data = json.loads(path.read_text())
-        except Exception as e:
+        except (ValueError, UnicodeDecodeError) as e:
             raise LowbitError(f"cannot parse recipe {path}: {e}") from None
         rules = data.get("rule", data.get("rules")) if isinstance(data, dict) else data
         if not isinstance(rules, list):
             raise LowbitError(f"recipe {path} has no list of rules ([[rule]] in TOML, \"rules\": [...] in JSON)")
         return cls.from_rules(rules, base, blocks, where=str(path))
 
-    def scheme_for(self, name: str) -> Scheme | None:
+    def scheme_for(self, name: str) -> QuantConfig | None:
         for rule in self.rules:
             if rule.matches(name):
                 return rule.scheme
         return None
 
-    def plan(self, model: nn.Module) -> dict[str, Scheme]:
-        """Module name -> scheme, for every Linear the recipe quantizes; every shape is checked up front."""
+    def plan(self, model: nn.Module) -> dict[str, QuantConfig]:
+        """Module name -> configuration, for every Linear the recipe quantizes; every shape is checked up front."""
         plan = {}
         for name, mod in model.named_modules():
             if isinstance(mod, nn.Linear):
@@ -154,3 +159,8 @@ class Recipe:
 
     def to_list(self) -> list[dict]:
         return [r.to_dict() for r in self.rules]
+
+
+def Scheme(method: str = "rtn", spec: IntSpec | None = None, kernel: str = "auto", options: dict | None = None):
+    """Transitional alias of `lowbit.config.config_for` (the typed configurations replace Scheme objects)."""
+    return config_for(method, spec, kernel, options)

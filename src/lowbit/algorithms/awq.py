@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from ..config import AWQ
 from ..formats import IntSpec
 from .rtn import fake_quantize
 
@@ -27,7 +28,7 @@ def channel_scales(x_absmean: torch.Tensor, alpha: float) -> torch.Tensor:
 
 @torch.no_grad()
 def search_scale(x_absmean: torch.Tensor, weights: list[torch.Tensor], spec: IntSpec,
-                 output_error: Callable[[list[torch.Tensor]], float], n_grid: int = 20) -> tuple[float, torch.Tensor, list[float]]:
+                 output_error: Callable[[list[torch.Tensor]], float], n_grid: int = AWQ.n_grid) -> tuple[float, torch.Tensor, list[float]]:
     """Best α, its scales s ([K]) and the error of every α tried. `output_error` gets the candidate
     (fake-quantized, unscaled) weights and returns the inspected module's output error."""
     errors = []
@@ -44,7 +45,7 @@ def search_scale(x_absmean: torch.Tensor, weights: list[torch.Tensor], spec: Int
 
 
 @torch.no_grad()
-def search_clip(W: torch.Tensor, X: torch.Tensor, spec: IntSpec, n_grid: int = 20, max_shrink: float = 0.5,
+def search_clip(W: torch.Tensor, X: torch.Tensor, spec: IntSpec, n_grid: int = AWQ.n_grid, max_shrink: float = 0.5,
                 n_tokens: int = 512, rows_per_batch: int = 256) -> torch.Tensor:
     """Per (row, group) clipping bound, float32 [N, G], for W ([N, K]) given inputs X ([tokens, K])."""
     N, K = W.shape

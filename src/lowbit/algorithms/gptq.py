@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import GPTQ
 from ..errors import LowbitError
 from ..formats import IntSpec, QuantizedTensor, choose_qparams
 
@@ -41,8 +42,8 @@ def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, s
     return q, (q - zero) * scale
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, *, block_size: int = 128, damp: float = 0.01,
-                  act_order: bool = False) -> QuantizedTensor:
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, *, block_size: int = GPTQ.block_size,
+                  damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order) -> QuantizedTensor:
     """Quantize W ([N, K]) given the Hessian H ([K, K]) of its inputs."""
     N, K = W.shape
     W = W.detach().to(torch.float64).clone()

@@ -1,16 +1,15 @@
-"""Round-to-nearest: min/max scales per group, each weight rounded to its nearest code independently."""
+"""Round-to-nearest: each weight rounded to its nearest code independently, with the format's own scale choice
+(min/max per group for integer formats; see each format's `quantize`)."""
 
 import torch
 
-from ..formats import IntSpec, QuantizedTensor, choose_qparams, quantize_codes
+from ..formats import QuantizedTensor, WeightFormat
 
 
-def quantize_rtn(weight: torch.Tensor, spec: IntSpec) -> QuantizedTensor:
-    scales, zeros = choose_qparams(weight, spec)
-    codes = quantize_codes(weight, scales, zeros, spec)
-    return QuantizedTensor.from_codes(codes, scales, zeros, spec)
+def quantize_rtn(weight: torch.Tensor, spec: WeightFormat) -> QuantizedTensor:
+    return spec.quantize(weight)
 
 
-def fake_quantize(weight: torch.Tensor, spec: IntSpec) -> torch.Tensor:
+def fake_quantize(weight: torch.Tensor, spec: WeightFormat) -> torch.Tensor:
     """Quantize then dequantize (in float32): what the model will compute with, as a float tensor."""
-    return quantize_rtn(weight, spec).dequantize(torch.float32)
+    return spec.quantize(weight).dequantize(torch.float32)

@@ -11,11 +11,40 @@ from .speed import decode_speed, generate, prefill_speed
 from .system import environment, peak_rss_bytes, rss_bytes
 
 
-def evaluate(model, tokenizer, base=None, *, text: str | None = None, ctx: int = 512, max_windows: int | None = None,
-             speed: bool = True, progress: bool = True, engine: str = "compiled") -> dict:
-    """Evaluate one model on held-out text. Keys: ppl, kld, top1 (None without a base), bytes,
-    bits_per_weight, seconds, and more detail (sizes, speeds, memory, environment)."""
+def evaluate(model, tokenizer=None, base="recorded", *, text: str | None = None, ctx: int = 512,
+             max_windows: int | None = None, speed: bool = True, progress: bool = True,
+             engine: str = "compiled") -> dict:
+    """Evaluate one model on held-out text. Keys: ppl, kld, top1 (None without a base), base, bytes,
+    bits_per_weight, seconds, and more detail (sizes, speeds, memory, environment).
+
+    model: a torch model (with `tokenizer`), a `Loaded`, or a source ("default", a directory, a GGUF file,
+    a lowbit checkpoint). base: a float torch model, a source, "recorded" (the base a lowbit checkpoint
+    records, if any) or None (no base: perplexity only).
+    """
+    import os
+
+    from ..errors import LowbitError
+    from ..models import Loaded, load_model
+    from ..models.sources import is_lowbit_checkpoint, resolve_source
+
     start = time.perf_counter()
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    if isinstance(model, Loaded):
+        model, tokenizer = model.model, tokenizer or model.tokenizer
+    if tokenizer is None:
+        raise LowbitError("evaluate needs the model's tokenizer (pass tokenizer=, or a Loaded or a model source)")
+    if isinstance(max_windows, bool) or max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
+        raise LowbitError(f"max_windows must be a positive integer or None, got {max_windows!r}")
+    if base == "recorded":
+        base = (getattr(model, "lowbit", None) or {}).get("base")
+    base_name = base if isinstance(base, str) and base != "none" else None
+    if base_name is not None:
+        if is_lowbit_checkpoint(resolve_source(base_name)):
+            raise LowbitError(f"the base model must be a float model, {base_name} is a quantized checkpoint")
+        base = load_model(base_name).model
+    elif isinstance(base, str):   # "none"
+        base = None
     windows = token_windows(tokenizer, load_text(text, "evaluation"), ctx, max_windows)
     q = evaluate_quality({"model": model}, windows, base=base, progress=progress)["model"]
     result = {
@@ -27,6 +56,7 @@ def evaluate(model, tokenizer, base=None, *, text: str | None = None, ctx: int =
         "ctx": ctx,
         "windows": int(windows.shape[0]),
         "text": text or "pydoc",
+        "base": base_name if base_name is not None else (None if base is None else "given"),
     }
     if speed:
         result["decode_tokens_per_s"] = decode_speed(model, tokenizer, engine=engine)

@@ -18,6 +18,7 @@ import torch
 
 from ..export.atomic import atomic_write_text
 from ..models.arch import arch_for
+from ..formats.act import ActSpec
 
 GROUP_NAMES = {0: "attn_in", 1: "o_in", 2: "mlp_in", 3: "down_in"}
 
@@ -47,7 +48,7 @@ class _Stats:
 
 
 @torch.no_grad()
-def analyze_outliers(model, samples: torch.Tensor, threshold: float = 6.0, top: int = 8) -> dict:
+def analyze_outliers(model, samples: torch.Tensor, threshold: float = ActSpec.threshold, top: int = 8) -> dict:
     arch = arch_for(model.config)
     blocks = model.get_submodule(arch.blocks)
     stats, handles = {}, []

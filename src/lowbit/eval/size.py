@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import storage_nbytes
 from ..nn import QuantLinear
 
 
@@ -22,7 +21,7 @@ def weight_stats(model: torch.nn.Module) -> dict:
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             n = mod.out_features * mod.in_features
-            b = storage_nbytes(mod.spec, (mod.out_features, mod.in_features))
+            b = mod.spec.nbytes((mod.out_features, mod.in_features))
             bias = _nbytes(mod.bias) if mod.bias is not None else 0
             params += n
             qparams += n

@@ -1,22 +1,15 @@
-"""How a quantized tensor is stored: specs, packing, and the quantized tensor container."""
+"""How a quantized tensor is stored: the format protocol and registry (base), the quantized tensor container
+(tensor), integer formats (intq), FP8 (fp8), bit packing, and how activations are quantized (act)."""
 
+from .base import FORMATS, WeightFormat, register_format, spec_from_dict
+from .tensor import QuantizedTensor
+from .intq import IntSpec, choose_qparams, dequantize_codes, quantize_codes
 from .fp8 import FloatSpec, cast_fp8, quantize_fp8
-from .intq import (IntSpec, QuantizedTensor, choose_qparams, dequantize_codes, quantize_codes, spec_from_dict,
-                   storage_layout, storage_nbytes)
 from .packing import pack_bits, unpack_bits
 
 __all__ = [
-    "FloatSpec",
-    "cast_fp8",
-    "quantize_fp8",
-    "spec_from_dict",
-    "IntSpec",
-    "QuantizedTensor",
-    "choose_qparams",
-    "quantize_codes",
-    "dequantize_codes",
-    "pack_bits",
-    "unpack_bits",
-    "storage_layout",
-    "storage_nbytes",
+    "FORMATS", "WeightFormat", "register_format", "spec_from_dict", "QuantizedTensor",
+    "IntSpec", "choose_qparams", "quantize_codes", "dequantize_codes",
+    "FloatSpec", "cast_fp8", "quantize_fp8",
+    "pack_bits", "unpack_bits",
 ]

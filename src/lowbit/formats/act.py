@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import LowbitError
+from .fp8 import FloatSpec, cast_fp8
 
 ACT_DTYPES = ("int8", "fp8-e4m3", "fp8-e5m2", "int8-mixed")
 
@@ -47,7 +48,7 @@ class ActSpec:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ActSpec | None":
-        return None if not d else cls(d["dtype"], d.get("granularity", "token"), float(d.get("threshold", 6.0)))
+        return None if not d else cls(d["dtype"], d.get("granularity", "token"), float(d.get("threshold", cls.threshold)))
 
 
 def int8_scale(x: torch.Tensor, act: ActSpec, static_scale: torch.Tensor | None) -> torch.Tensor:
@@ -70,7 +71,6 @@ def fake_quantize_act(x: torch.Tensor, act: ActSpec, static_scale: torch.Tensor 
         s = int8_scale(x2, act, static_scale)
         out = quantize_int8(x2, s).float() * s
     elif act.dtype.startswith("fp8"):
-        from .fp8 import FloatSpec, cast_fp8
         spec = FloatSpec(act.dtype.split("-")[1])
         s = static_scale.float() if act.static else x2.abs().amax(1, keepdim=True).clamp(min=1e-12) / spec.fmax
         out = cast_fp8(x2, spec, s).float() * s

@@ -16,22 +16,24 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LowbitError
+from .base import WeightFormat, register_format
+from .tensor import QuantizedTensor
 
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
+@register_format
 @dataclass(frozen=True)
-class FloatSpec:
+class FloatSpec(WeightFormat):
+    """An FP8 weight format with one float32 scale per output row."""
+
     fmt: str = "e4m3"
+
+    kind = "float"
 
     def __post_init__(self):
         if self.fmt not in FP8_DTYPES:
-            raise LowbitError(f"unknown FP8 format '{self.fmt}'; choose from {', '.join(FP8_DTYPES)}")
-
-    kind = "float"
-    bits = 8
-    group_size = -1
-    symmetric = True
+            raise LowbitError(f"unknown FP8 format {self.fmt!r}; choose from {', '.join(FP8_DTYPES)}")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -45,25 +47,34 @@ class FloatSpec:
     def name(self) -> str:
         return f"fp8_{self.fmt}"
 
-    def num_groups(self, in_features: int) -> int:
-        return 1
-
-    def group_size_for(self, in_features: int) -> int:
-        return in_features
-
-    def check_shape(self, shape, name: str = "weight") -> None:
-        return None
+    def describe(self) -> str:
+        return f"FP8 {self.fmt} values, float32 scale per output channel"
 
     def layout(self, shape: tuple[int, int]) -> dict:
         n, k = shape
         return {"qweight": ((n, k), self.dtype), "scales": ((n, 1), torch.float32)}
 
+    def quantize(self, w: torch.Tensor) -> QuantizedTensor:
+        return quantize_fp8(w, self)
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.to(self.dtype)
+
+    def unpack(self, qweight: torch.Tensor) -> torch.Tensor:
+        return qweight
+
+    def dequantize(self, qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (qt.qweight.float() * qt.scales).to(dtype)
+
     def to_dict(self) -> dict:
-        return {"kind": "float", "fmt": self.fmt, "bits": 8, "group_size": -1, "symmetric": True}
+        return {"kind": self.kind, "fmt": self.fmt}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FloatSpec":
+        return cls(d["fmt"])
 
 
-def quantize_fp8(w: torch.Tensor, spec: FloatSpec):
-    from .intq import QuantizedTensor
+def quantize_fp8(w: torch.Tensor, spec: FloatSpec) -> QuantizedTensor:
     w = w.float()
     scales = (w.abs().amax(dim=1, keepdim=True) / spec.fmax).clamp(min=1e-12)
     q = (w / scales).clamp(-spec.fmax, spec.fmax).to(spec.dtype)

@@ -6,7 +6,7 @@ channel). Each (row, group) has a float16 scale and, for asymmetric formats, an 
 
 Code ranges
     bits = 8: signed codes q in [-128, 127]; symmetric: z = 0 and s = absmax / 127 (codes in [-127, 127]).
-    bits = b < 8 (2, 3, 4): unsigned codes q in [0, 2^b − 1]; symmetric: z = 2^(b−1) (implicit) and
+    bits = b < 8 (2 to 7): unsigned codes q in [0, 2^b − 1]; symmetric: z = 2^(b−1) (implicit) and
     s = absmax / (2^(b−1) − 1), e.g. 4-bit codes in [1, 15] around z = 8.
     asymmetric (either): s = (max − min) / (qmax − qmin), z = qmin − round(min / s), with the range widened
     to include 0 so that z is a representable code (as the GPTQ reference does).
@@ -21,21 +21,29 @@ Stored tensors of a QuantizedTensor (the checkpoint holds exactly these):
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 import torch
 
 from ..errors import LowbitError
+from .base import WeightFormat, register_format
 from .packing import pack_bits, unpack_bits
+from .tensor import QuantizedTensor
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 SCALE_DTYPE = torch.float16
 _FP16_MAX = 65504.0
 
 
+def _check_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LowbitError(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+@register_format
 @dataclass(frozen=True)
-class IntSpec:
+class IntSpec(WeightFormat):
     """An integer weight format: bit width, group size (-1 = per output channel) and symmetry."""
 
     bits: int = 4
@@ -45,10 +53,14 @@ class IntSpec:
     kind = "int"
 
     def __post_init__(self):
+        _check_int(self.bits, "bits")
+        _check_int(self.group_size, "group size")
         if self.bits not in SUPPORTED_BITS:
             raise LowbitError(f"unsupported bit width {self.bits}; supported: {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size != -1 and self.group_size <= 0:
             raise LowbitError(f"group size must be positive or -1 (per channel), got {self.group_size}")
+        if not isinstance(self.symmetric, bool):
+            raise LowbitError(f"symmetric must be true or false, got {self.symmetric!r}")
 
     # code range -------------------------------------------------------------------------------------------
     @property
@@ -91,42 +103,42 @@ class IntSpec:
         g = "pc" if self.group_size == -1 else f"g{self.group_size}"
         return f"int{self.bits}_{g}_{'sym' if self.symmetric else 'asym'}"
 
+    def describe(self) -> str:
+        per = "per output channel" if self.group_size == -1 else f"per {self.group_size} columns"
+        zero = "implicit zero point" if self.symmetric else "8-bit zero point"
+        return f"{self.bits}-bit integer codes, float16 scale and {zero} {per}"
+
+    def layout(self, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        n, k = shape
+        g = self.num_groups(k)
+        out = {
+            "qweight": ((n, k), torch.int8) if self.bits == 8 else ((n, k * self.bits // 8), torch.uint8),
+            "scales": ((n, g), SCALE_DTYPE),
+        }
+        if not self.symmetric:
+            out["zeros"] = ((n, g), self.code_dtype)
+        return out
+
+    # the format protocol ----------------------------------------------------------------------------------
+    def quantize(self, w: torch.Tensor) -> QuantizedTensor:
+        scales, zeros = choose_qparams(w, self)
+        return QuantizedTensor.from_codes(quantize_codes(w, scales, zeros, self), scales, zeros, self)
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.to(torch.int8) if self.bits == 8 else pack_bits(codes.to(torch.uint8), self.bits)
+
+    def unpack(self, qweight: torch.Tensor) -> torch.Tensor:
+        return (qweight if self.bits == 8 else unpack_bits(qweight, self.bits)).to(torch.int32)
+
+    def dequantize(self, qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_codes(qt.codes(), qt.scales, qt.zeros, self, dtype)
+
     def to_dict(self) -> dict:
-        return {"kind": "int", **asdict(self)}
+        return {"kind": self.kind, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "IntSpec":
         return cls(bits=int(d["bits"]), group_size=int(d["group_size"]), symmetric=bool(d["symmetric"]))
-
-    def layout(self, shape: tuple[int, int]) -> dict:
-        return storage_layout(self, shape)
-
-
-def spec_from_dict(d: dict):
-    """IntSpec or FloatSpec from its to_dict() form (records without "kind" are integer formats)."""
-    if d.get("kind", "int") == "float":
-        from .fp8 import FloatSpec
-        return FloatSpec(d["fmt"])
-    return IntSpec.from_dict(d)
-
-
-def storage_layout(spec, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of each stored tensor of an [N, K] weight in this format."""
-    if spec.kind != "int":
-        return spec.layout(shape)
-    n, k = shape
-    g = spec.num_groups(k)
-    out = {
-        "qweight": ((n, k), torch.int8) if spec.bits == 8 else ((n, k * spec.bits // 8), torch.uint8),
-        "scales": ((n, g), SCALE_DTYPE),
-    }
-    if not spec.symmetric:
-        out["zeros"] = ((n, g), spec.code_dtype)
-    return out
-
-
-def storage_nbytes(spec: IntSpec, shape: tuple[int, int]) -> int:
-    return sum(math.prod(s) * torch.empty(0, dtype=d).element_size() for s, d in storage_layout(spec, shape).values())
 
 
 def _grouped(w: torch.Tensor, spec: IntSpec) -> torch.Tensor:
@@ -177,73 +189,3 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     z = _zero_float(zeros, spec, scales.float()).unsqueeze(-1)
     w = (_grouped(codes.float(), spec) - z) * s
     return w.reshape(n, k).to(dtype)
-
-
-@dataclass
-class QuantizedTensor:
-    """A weight matrix in an IntSpec format; see the module docstring for the stored tensors' layout."""
-
-    spec: IntSpec
-    shape: tuple[int, int]
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor | None = None
-
-    @classmethod
-    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                   spec: IntSpec) -> "QuantizedTensor":
-        """Pack int codes [N, K] (already in [qmin, qmax]) into the storage layout."""
-        qweight = codes.to(torch.int8) if spec.bits == 8 else pack_bits(codes.to(torch.uint8), spec.bits)
-        return cls(spec, tuple(codes.shape), qweight.contiguous(), scales.contiguous(),
-                   None if zeros is None else zeros.contiguous())
-
-    def codes(self) -> torch.Tensor:
-        """Unpacked codes, int32 [N, K]."""
-        q = self.qweight if self.spec.bits == 8 else unpack_bits(self.qweight, self.spec.bits)
-        return q.to(torch.int32)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self.spec.kind == "float":
-            return (self.qweight.float() * self.scales).to(dtype)
-        return dequantize_codes(self.codes(), self.scales, self.zeros, self.spec, dtype)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"qweight": self.qweight, "scales": self.scales}
-        if self.zeros is not None:
-            out["zeros"] = self.zeros
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    def expected_layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return storage_layout(self.spec, self.shape)
-
-    @classmethod
-    def concat_rows(cls, parts: list["QuantizedTensor"]) -> "QuantizedTensor":
-        """Stack matrices that read the same input along the output axis (e.g. q, k and v into one). Every
-        stored tensor is row-major by output row, so this is a concatenation of each along dim 0."""
-        first = parts[0]
-        if any(p.spec != first.spec or p.shape[1] != first.shape[1] for p in parts):
-            raise LowbitError("only matrices of one format and one input width can be stacked")
-        zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
-        return cls(first.spec, (sum(p.shape[0] for p in parts), first.shape[1]),
-                   torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), zeros)
-
-    def validate(self, name: str = "weight") -> "QuantizedTensor":
-        """Check stored tensors against the spec (used when reading a checkpoint)."""
-        self.spec.check_shape(self.shape, name)
-        have = self.tensors()
-        for key, (shape, dtype) in self.expected_layout().items():
-            t = have.get(key)
-            if t is None:
-                raise LowbitError(f"{name}: missing tensor '{key}'")
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise LowbitError(f"{name}.{key}: found {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
-        extra = set(have) - set(self.expected_layout())
-        if extra:
-            raise LowbitError(f"{name}: unexpected tensors {sorted(extra)} for {self.spec.name}")
-        if not torch.isfinite(self.scales.float()).all():
-            raise LowbitError(f"{name}.scales contains NaN or Inf")
-        return self

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from ..formats import QuantizedTensor
+from ..formats import IntSpec, QuantizedTensor
 from .base import Kernel
 
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
@@ -49,7 +49,7 @@ class CpuInt8Kernel(Kernel):
     def unsupported(self, spec, shape, device, act=None):
         if device.type != "cpu" or act is not None:
             return "runs weight-only on CPU only"
-        if spec.kind != "int" or spec.bits != 8 or not spec.symmetric or spec.num_groups(shape[1]) != 1:
+        if not isinstance(spec, IntSpec) or spec.bits != 8 or not spec.symmetric or spec.num_groups(shape[1]) != 1:
             return "needs symmetric 8-bit per-channel weights"
         return None
 
@@ -100,7 +100,7 @@ class CpuInt4Kernel(Kernel):
         n, k = shape
         if device.type != "cpu" or act is not None:
             return "runs weight-only on CPU only"
-        if spec.kind != "int" or spec.bits > 4:
+        if not isinstance(spec, IntSpec) or spec.bits > 4:
             return "needs weights of at most 4 bits"
         if n % 16:
             return f"needs out_features divisible by 16 (got {n})"

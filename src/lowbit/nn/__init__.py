@@ -1,5 +1,7 @@
-"""Modules that hold packed weights and call a kernel, and swapping them into a model."""
+"""Modules that hold packed weights and call a kernel (qlinear), fusing them (fuse), and editing a model's
+submodules and tensors in place (surgery)."""
 
-from .qlinear import QuantLinear, set_submodule
+from .qlinear import QuantLinear
+from .surgery import module_tensors, set_submodule, set_tensors
 
-__all__ = ["QuantLinear", "set_submodule"]
+__all__ = ["QuantLinear", "module_tensors", "set_submodule", "set_tensors"]

@@ -80,9 +80,3 @@ class QuantLinear(nn.Module):
         act = "" if self.act is None else f", act={self.act.dtype}/{self.act.granularity}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={self.spec.name}{act}, kernel={self.kernel.name}")
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)

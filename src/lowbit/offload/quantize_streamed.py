@@ -18,24 +18,33 @@ import torch
 from ..export.checkpoint import ShardedCheckpointWriter, checkpoint_tensors
 from ..models.arch import arch_for
 from ..nn.surgery import set_submodule, set_tensors
-from ..quantize import cast_unquantized, quantize
+from ..config import QuantConfig
+from ..errors import LowbitError
+from ..models.sources import is_lowbit_checkpoint
+from ..data import CALIB_SAMPLES, CALIB_SEQLEN
+from ..quantize import cast_unquantized, quantize, recipe_for
 from ..recipes import Recipe
 from .lazy import SafetensorsStore, meta_model
 
 
-def quantize_streamed(path: str | Path, out: str | Path, recipe: Recipe | None = None, *,
-                      calibration: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
-                      base: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
-    """Quantize the Hugging Face safetensors model at `path` into a lowbit checkpoint at `out`, block by block."""
+def quantize_streamed(path: str | Path, out: str | Path, config: QuantConfig | Recipe | None = None, *,
+                      calibration=None, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
+                      seed: int = 0, dtype: torch.dtype = torch.bfloat16, base: str | None = None,
+                      overwrite: bool = False, progress: bool = True) -> Path:
+    """Quantize the Hugging Face safetensors model at `path` into a lowbit checkpoint at `out`, block by block.
+    `config`, `calibration` and its settings are those of `lowbit.quantize` (calibration read only when a
+    planned method calibrates; text is cut with the model's own tokenizer)."""
     path = Path(path)
-    # outside the blocks: float32 when calibration runs through the embedding (as in memory), else the
-    # final dtype at once (half the memory; the same values once cast)
-    model, tokenizer, block_files = meta_model(path, torch.float32 if calibration is not None else dtype,
-                                               resident_blocks=())
+    if not path.is_dir() or is_lowbit_checkpoint(path):
+        raise LowbitError(f"streamed quantization reads a Hugging Face safetensors directory, {path} is not one "
+                          "(a GGUF file or a lowbit checkpoint is loaded whole: quantize it without streaming)")
+    model, tokenizer, block_files = meta_model(path, dtype, resident_blocks=())
     arch = arch_for(model.config)
-    recipe = recipe or Recipe.default(blocks=arch.blocks)
-    outside = [n for n in recipe.plan(model) if not n.startswith(arch.blocks + ".")]
-    if outside and next(model.parameters()).dtype != torch.float32:   # e.g. an lm_head to quantize
+    recipe = recipe_for(config, arch.blocks)
+    plan = recipe.plan(model)
+    # outside the blocks: float32 when calibration runs through the embedding or something outside the blocks
+    # is quantized (as in memory), else the final dtype at once (half the memory; the same values once cast)
+    if any(s.needs_calibration for s in plan.values()) or any(not n.startswith(arch.blocks + ".") for n in plan):
         model, tokenizer, block_files = meta_model(path, torch.float32, resident_blocks=())
     blocks = model.get_submodule(arch.blocks)
     store = SafetensorsStore(block_files, torch.float32)
@@ -52,7 +61,8 @@ def quantize_streamed(path: str | Path, out: str | Path, recipe: Recipe | None =
         block.to("meta")
 
     try:
-        quantize(model, recipe, calibration=calibration, dtype=dtype, progress=progress,
+        quantize(model, recipe, calibration=calibration, tokenizer=tokenizer, calib_samples=calib_samples,
+                 calib_seqlen=calib_seqlen, seed=seed, dtype=dtype, progress=progress,
                  materialize=materialize, release=release)
         set_submodule(model, arch.blocks, torch.nn.ModuleList())       # the rest of the model, without its blocks
         try:
