@@ -83,7 +83,7 @@ def main() -> None:
     models = {"HF transformers fp32 (base)": base, "HF transformers bf16": copy.deepcopy(base).to(torch.bfloat16)}
     quant_seconds = {}
     for name, (bits, group, sym) in CONFIGS.items():
-        scheme = lowbit.Scheme("rtn", lowbit.IntSpec(bits, group, sym))
+        scheme = lowbit.RTN(bits=bits, group_size=group, symmetric=sym)
         models[name] = lowbit.quantize(copy.deepcopy(base), lowbit.Recipe.default(scheme), progress=False)
         quant_seconds[name] = models[name].lowbit["quantize_seconds"]
 

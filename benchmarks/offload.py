@@ -75,7 +75,7 @@ from lowbit.offload import quantize_streamed
 path, out = sys.argv[1], sys.argv[2]
 gc.collect()
 overhead = rss_bytes()
-recipe = lowbit.Recipe.default(lowbit.Scheme("rtn", lowbit.IntSpec(4, 64, True)))
+recipe = lowbit.Recipe.default(lowbit.RTN(bits=4, group_size=64))
 with PeakRSS() as mem:
     t0 = time.perf_counter()
     quantize_streamed(path, out, recipe, progress=False)
@@ -226,7 +226,7 @@ def main() -> int:
                 del loaded
             if scheme == "int4":
                 loaded = lowbit.load_model("default")
-                scheme_ = lowbit.Scheme("rtn", lowbit.IntSpec(4, 64, True))
+                scheme_ = lowbit.RTN(bits=4, group_size=64)
                 lowbit.save_checkpoint(lowbit.quantize(loaded.model, lowbit.Recipe.default(scheme_), progress=False),
                                        loaded.tokenizer, Path(tmp) / "int4")
                 del loaded

@@ -64,7 +64,7 @@ def truncated(model, n_blocks: int):
 
 
 def quantized(model, bits=4, group_size=64, symmetric=True, kernel="auto", recipe_rules=None):
-    scheme = lowbit.Scheme("rtn", lowbit.IntSpec(bits, group_size, symmetric), kernel)
+    scheme = lowbit.RTN(bits=bits, group_size=group_size, symmetric=symmetric, kernel=kernel)
     recipe = lowbit.Recipe.from_rules(recipe_rules, scheme) if recipe_rules else lowbit.Recipe.default(scheme)
     return lowbit.quantize(model, recipe, progress=False)
 

@@ -32,12 +32,13 @@ def test_quantize_eval_generate_end_to_end(capsys, tmp_path):
     record = json.loads((out / "lowbit.json").read_text())
     assert record["modules"]["model.layers.0.mlp.up_proj"]["bits"] == 4
     assert record["base"] == "default" and record["torch_version"]
-    code, stdout, _ = run(capsys, "eval", out, "--max-windows", "2", "--ctx", "128", "--json", tmp_path / "r.json")
+    code, stdout, _ = run(capsys, "eval", out, "--max-windows", "2", "--ctx", "128", "--json", tmp_path / "r.json",
+                          "--engine", "eager")
     assert code == 0 and "perplexity" in stdout
     r = json.loads((tmp_path / "r.json").read_text())
     assert {"ppl", "kld", "top1", "bytes", "bits_per_weight", "seconds"} <= set(r)
     assert 0 < r["kld"] < 1 and 0.5 < r["top1"] < 1 and r["ppl"] > 1
-    code, stdout, err = run(capsys, "generate", out, "--prompt", "Python is", "--max-new-tokens", "5")
+    code, stdout, err = run(capsys, "generate", out, "--prompt", "Python is", "--max-new-tokens", "5", "--engine", "eager")
     assert code == 0 and stdout.strip() and "tok/s" in err
 
 

@@ -323,7 +323,7 @@ def test_quantize_streamed_equals_in_memory(tiny_dir, tmp_path, method):
     import lowbit
     from lowbit.offload import quantize_streamed
     src = _tiny_hf_dir(tiny_dir, tmp_path / "src")
-    scheme = lowbit.Scheme(method.split("+")[0], lowbit.IntSpec(4, 32, False))
+    scheme = lowbit.config_for(method.split("+")[0], lowbit.IntSpec(4, 32, False))
     recipe = (lowbit.Recipe.from_rules([{"match": "lm_head", "bits": 8, "group_size": -1}], scheme)
               if method.endswith("head") else lowbit.Recipe.default(scheme))
     calib = torch.randint(0, 1000, (4, 32)) if method in ("gptq", "awq") else None

@@ -160,7 +160,3 @@ class Recipe:
     def to_list(self) -> list[dict]:
         return [r.to_dict() for r in self.rules]
 
-
-def Scheme(method: str = "rtn", spec: IntSpec | None = None, kernel: str = "auto", options: dict | None = None):
-    """Transitional alias of `lowbit.config.config_for` (the typed configurations replace Scheme objects)."""
-    return config_for(method, spec, kernel, options)

@@ -25,13 +25,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..formats import FloatSpec, QuantizedTensor, cast_fp8
+from ..formats import FloatSpec, IntSpec, QuantizedTensor, cast_fp8
 from ..formats.act import int8_scale, quantize_int8
 from .base import Kernel
 
 
 def _int8_weight(spec, shape) -> bool:
-    return spec.kind == "int" and spec.bits == 8 and spec.symmetric and spec.num_groups(shape[1]) == 1
+    return isinstance(spec, IntSpec) and spec.bits == 8 and spec.symmetric and spec.num_groups(shape[1]) == 1
 
 
 def _int8_matmul(x: torch.Tensor, scale: torch.Tensor, packed: dict, bias) -> torch.Tensor:
@@ -96,7 +96,7 @@ class Fp8Kernel(Kernel):
     name = "fp8"
 
     def unsupported(self, spec, shape, device, act=None):
-        if spec.kind != "float":
+        if not isinstance(spec, FloatSpec):
             return "needs FP8 weights"
         if act is not None and (not act.dtype.startswith("fp8") or act.static):
             return "needs no activation quantization or per-token FP8 activations"

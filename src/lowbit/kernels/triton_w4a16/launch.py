@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from ...formats import IntSpec
 from ..base import Kernel
 from .config import DOT_MODES, Mode, default_config
 from .layout import CHUNK, group_ok, repack, unpack
@@ -157,7 +158,7 @@ class TritonW4A16Kernel(Kernel):
             return "runs on CUDA GPUs (on CPU only under TRITON_INTERPRET=1)"
         if act is not None:
             return "weight-only: no activation quantization"
-        if spec.kind != "int" or spec.bits != 4:
+        if not isinstance(spec, IntSpec) or spec.bits != 4:
             return "needs 4-bit integer weights"
         if k % CHUNK:
             return f"needs in_features divisible by {CHUNK} (got {k})"

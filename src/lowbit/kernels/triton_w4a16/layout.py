@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ...formats import QuantizedTensor
+from ...formats import IntSpec, QuantizedTensor
 from ...formats.packing import unpack_nibbles
 
 CHUNK = 128         # input columns per packed chunk
@@ -34,7 +34,7 @@ def group_ok(group: int) -> bool:
 def repack(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
     """lowbit's 4-bit storage tensors -> this kernel's resident tensors (see the module docstring)."""
     n, k = qt.shape
-    if qt.spec.kind != "int" or qt.spec.bits != 4 or k % CHUNK:
+    if not isinstance(qt.spec, IntSpec) or qt.spec.bits != 4 or k % CHUNK:
         raise ValueError(f"triton-w4a16 needs 4-bit integer weights with K divisible by {CHUNK}")
     codes = unpack_nibbles(qt.qweight)                             # uint8 [N, K]
     c = codes.reshape(n, k // CHUNK, 8, ROWS).permute(1, 3, 0, 2)  # [chunk, r, n, i]
