@@ -162,12 +162,8 @@ W8_SPEC = IntSpec(8, -1, True)   # the weight format of the W8A8 family: symmetr
 
 
 @dataclass(frozen=True, kw_only=True)
-class W8A8(QuantConfig):
-    """int8 weights per channel and int8 activations with one static scale from calibration; no smoothing."""
-
-    method: ClassVar[str] = "w8a8-naive"
-    calibrates: ClassVar[bool] = True
-    act_granularity: ClassVar[str] = "tensor"
+class Int8WeightConfig(QuantConfig):
+    """The 8-bit family: symmetric int8 weights per output channel, a format the method fixes."""
 
     @property
     def spec(self) -> IntSpec:
@@ -175,7 +171,16 @@ class W8A8(QuantConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SmoothQuant(QuantConfig):
+class W8A8(Int8WeightConfig):
+    """int8 weights per channel and int8 activations with one static scale from calibration; no smoothing."""
+
+    method: ClassVar[str] = "w8a8-naive"
+    calibrates: ClassVar[bool] = True
+    act_granularity: ClassVar[str] = "tensor"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmoothQuant(Int8WeightConfig):
     """W8A8 after SmoothQuant's smoothing: activation outliers moved into the weights by per-channel factors."""
 
     method: ClassVar[str] = "w8a8-smooth"
@@ -191,13 +196,9 @@ class SmoothQuant(QuantConfig):
         _choice(self.act_granularity, "activation granularity", ("token", "tensor"))
         _number(self.search_samples, "SmoothQuant search_samples", 1, integer=True)
 
-    @property
-    def spec(self) -> IntSpec:
-        return W8_SPEC
-
 
 @dataclass(frozen=True, kw_only=True)
-class LLMInt8(QuantConfig):
+class LLMInt8(Int8WeightConfig):
     """LLM.int8(): int8 weights per channel; input dimensions holding outliers run in high precision."""
 
     method: ClassVar[str] = "llm-int8"
@@ -213,10 +214,6 @@ class LLMInt8(QuantConfig):
     @property
     def needs_calibration(self) -> bool:
         return self.outlier_fraction is not None
-
-    @property
-    def spec(self) -> IntSpec:
-        return W8_SPEC
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -295,5 +292,5 @@ def config_for(method: str, spec: WeightFormat | None = None, kernel: str = "aut
         raise LowbitError(f"{method}: {e}") from None
 
 
-__all__ = ["QuantConfig", "IntWeightConfig", "RTN", "GPTQ", "AWQ", "W8A8", "SmoothQuant", "LLMInt8", "FP8",
+__all__ = ["QuantConfig", "IntWeightConfig", "Int8WeightConfig", "RTN", "GPTQ", "AWQ", "W8A8", "SmoothQuant", "LLMInt8", "FP8",
            "METHODS", "W8_SPEC", "config_for", "fixes_format", "option_names"]
