@@ -18,9 +18,16 @@ from .quantize import quantize  # noqa: E402
 from .export.checkpoint import save_checkpoint, load_checkpoint  # noqa: E402
 from .eval import evaluate, generate  # noqa: E402
 from .comparison import compare  # noqa: E402
+from .offload.load import load_with_budget  # noqa: E402
 from . import engine  # noqa: E402
 
-load = load_model
+
+
+def load(source="default", *, max_memory: int | str | None = None, offload_dir=None, kernel: str = "auto") -> Loaded:
+    """Load a model: "default", a Hugging Face directory, a GGUF file or a lowbit checkpoint. With `max_memory`
+    (bytes or "300MB"), decoder blocks beyond the budget stream from disk or host RAM while it runs (see
+    lowbit.offload; the plan is `model.lowbit_streaming.plan`)."""
+    return load_with_budget(source, max_memory, offload_dir, kernel)[0]
 
 
 def save(model, out, tokenizer=None, *, base: str | None = None, overwrite: bool = False):
