@@ -11,6 +11,7 @@ position, group of group_size channels):
             uint8 [1, kv_heads, max_len, head_dim / 2]    4-bit, asymmetric: x ≈ q · s + m, q in [0, 15],
                                                           s = (max − min) / 15, m = min; element 2j in the low
                                                           nibble of byte j, 2j+1 in the high one
+                                                          (lowbit's 4-bit packing, `formats.packing`)
     scales  float32 [1, kv_heads, max_len, head_dim / group_size]
     mins    float32 [1, kv_heads, max_len, head_dim / group_size]   (4-bit only)
 Keys have channels with large offsets (the rotary pairs), which is why 4-bit needs the offset: measured at 2048
@@ -18,7 +19,8 @@ tokens, symmetric INT4 with 64-channel groups cost +42% perplexity on the defaul
 Scaling keys per channel instead (`ChannelKeyKVCache`, over groups of 64 positions, values still per token)
 brings INT4 to +1.3%; the engine uses it for 4-bit caches by default.
 Each token's keys and values are quantized once, when written; a read dequantizes the visible positions to the
-model's dtype.
+model's dtype. One codec (`quantize_kv` / `dequantize_kv`) serves both granularities: per token over groups of
+channels, per channel over groups of positions.
 """
 
 from __future__ import annotations
@@ -28,33 +30,49 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LowbitError
+from ..formats.packing import pack_nibbles, unpack_nibbles
 
 
 def _qmax(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
-def quantize_kv(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, ...]:
-    """x [..., D] -> (codes, scales) for 8 bits, (codes, scales, mins) for 4 bits, in the layout above."""
-    g = x.float().unflatten(-1, (-1, group_size))
+def quantize_kv(x: torch.Tensor, bits: int, group_size: int, axis: int = -1,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """x [..., T, D] -> (codes, scales) for 8 bits, (codes, scales, mins) for 4 bits: one scale (and min) per
+    group of `group_size` consecutive entries along `axis`.
+
+    axis = -1: per token, groups of channels; scales [..., T, D / group_size] (the layout above).
+    axis = -2: per channel, groups of positions; scales [..., T / group_size, D] (ChannelKeyKVCache).
+    `valid` (bool, full-sized along `axis` and broadcastable to x: [T, 1] for axis = -2) marks the entries the
+    scales are computed from (the positions written so far of a filling group); the others are still encoded,
+    with those scales. Codes keep x's shape, 4-bit ones packed two per byte along the channels."""
+    g = x.float().unflatten(axis, (-1, group_size))         # a group's members along `axis`
+    if valid is not None:
+        valid = valid.unflatten(axis, (-1, group_size))
     if bits == 8:
-        scales = (g.abs().amax(-1) / _qmax(8)).clamp_min(1e-12)
-        q = torch.round(g / scales.unsqueeze(-1)).clamp_(-_qmax(8), _qmax(8)).flatten(-2).to(torch.int8)
-        return q, scales
-    mins, maxs = g.amin(-1), g.amax(-1)
+        mag = g.abs() if valid is None else torch.where(valid, g.abs(), 0.0)
+        scales = (mag.amax(axis) / _qmax(8)).clamp_min(1e-12)
+        q = torch.round(g / scales.unsqueeze(axis)).clamp_(-_qmax(8), _qmax(8)).flatten(axis - 1, axis)
+        return q.to(torch.int8), scales
+    if valid is None:
+        mins, maxs = g.amin(axis), g.amax(axis)
+    else:
+        mins = torch.where(valid, g, float("inf")).amin(axis)
+        maxs = torch.where(valid, g, float("-inf")).amax(axis)
     scales = ((maxs - mins) / 15).clamp_min(1e-12)
-    u = torch.round((g - mins.unsqueeze(-1)) / scales.unsqueeze(-1)).clamp_(0, 15).flatten(-2).to(torch.uint8)
-    return u[..., 0::2] | (u[..., 1::2] << 4), scales, mins
+    u = torch.round((g - mins.unsqueeze(axis)) / scales.unsqueeze(axis)).clamp_(0, 15).flatten(axis - 1, axis)
+    return pack_nibbles(u.to(torch.uint8)), scales, mins
 
 
 def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-                  dtype: torch.dtype, mins: torch.Tensor | None = None) -> torch.Tensor:
+                  dtype: torch.dtype, mins: torch.Tensor | None = None, axis: int = -1) -> torch.Tensor:
+    """The inverse of `quantize_kv` (same `group_size` and `axis`), in dtype."""
+    q = unpack_nibbles(codes) if bits == 4 else codes
+    g = q.float().unflatten(axis, (-1, group_size)) * scales.unsqueeze(axis)
     if bits == 4:
-        q = torch.stack(((codes & 0xF), (codes >> 4)), dim=-1).flatten(-2)
-        g = q.float().unflatten(-1, (-1, group_size)) * scales.unsqueeze(-1) + mins.unsqueeze(-1)
-    else:
-        g = codes.float().unflatten(-1, (-1, group_size)) * scales.unsqueeze(-1)
-    return g.flatten(-2).to(dtype)
+        g = g + mins.unsqueeze(axis)
+    return g.flatten(axis - 1, axis).to(dtype)
 
 
 class StaticKVCache(nn.Module):
@@ -137,29 +155,6 @@ class StaticKVCache(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
-def _quantize_channels(x: torch.Tensor, bits: int, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """x [..., G, D] -> codes [..., G, D/2 (4-bit) or D], scales [..., D] (and mins [..., D] for 4 bits): one
-    scale per channel over the G positions, from the positions where `valid` ([..., G, 1] bool) is set."""
-    xf = x.float()
-    if bits == 8:
-        scales = (torch.where(valid, xf.abs(), 0.0).amax(-2) / _qmax(8)).clamp_min(1e-12)
-        q = torch.round(xf / scales.unsqueeze(-2)).clamp_(-_qmax(8), _qmax(8)).to(torch.int8)
-        return q, scales
-    mins = torch.where(valid, xf, float("inf")).amin(-2)
-    scales = ((torch.where(valid, xf, float("-inf")).amax(-2) - mins) / 15).clamp_min(1e-12)
-    u = torch.round((xf - mins.unsqueeze(-2)) / scales.unsqueeze(-2)).clamp_(0, 15).to(torch.uint8)
-    return u[..., 0::2] | (u[..., 1::2] << 4), scales, mins
-
-
-def _dequantize_channels(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
-                         dtype: torch.dtype) -> torch.Tensor:
-    """codes [..., G, D'] with scales (mins) [..., D] -> [..., G, D] in dtype."""
-    if bits == 4:
-        q = torch.stack(((codes & 0xF), (codes >> 4)), dim=-1).flatten(-2)
-        return (q.float() * scales.unsqueeze(-2) + mins.unsqueeze(-2)).to(dtype)
-    return (codes.float() * scales.unsqueeze(-2)).to(dtype)
-
-
 class ChannelKeyKVCache(StaticKVCache):
     """Keys quantized per channel over groups of `key_group` positions; values per token, as in StaticKVCache.
 
@@ -210,10 +205,10 @@ class ChannelKeyKVCache(StaticKVCache):
         if t == 1:   # decoding (compiled): no data-dependent Python, the group is re-made from its rows so far
             offset = pos % G
             recent.index_copy_(2, offset, x)
-            codes, *params = _quantize_channels(recent, self.kv_bits, (self._rows <= offset).unsqueeze(-1))
+            codes, *params = quantize_kv(recent, self.kv_bits, G, -2, (self._rows <= offset).unsqueeze(-1))
             codes_buf.index_copy_(2, pos - offset + self._rows, codes)
             for buf, p in zip(self._key_params(layer), params):
-                buf.index_copy_(2, pos // G, p.unsqueeze(2))
+                buf.index_copy_(2, pos // G, p)
             return
         start = int(pos[0])
         if start % G:   # a run that begins inside a group: position by position
@@ -222,9 +217,9 @@ class ChannelKeyKVCache(StaticKVCache):
             return
         groups = -(-t // G)
         padded = F.pad(x, (0, 0, 0, groups * G - t))
-        valid = (torch.arange(groups * G, device=x.device) < t).view(groups, G, 1)
-        codes, *params = _quantize_channels(padded.unflatten(2, (groups, G)), self.kv_bits, valid)
-        codes_buf[:, :, start:start + groups * G] = codes.flatten(2, 3)
+        valid = (torch.arange(groups * G, device=x.device) < t).unsqueeze(-1)
+        codes, *params = quantize_kv(padded, self.kv_bits, G, -2, valid)
+        codes_buf[:, :, start:start + groups * G] = codes
         for buf, p in zip(self._key_params(layer), params):
             buf[:, :, start // G:start // G + groups] = p
         recent.copy_(padded[:, :, (groups - 1) * G:])
@@ -235,10 +230,9 @@ class ChannelKeyKVCache(StaticKVCache):
         get = (lambda name: bufs[name]) if bufs is not None else (lambda name: getattr(self, name))
         G = self.key_group
         done = (n - 1) // G * G          # positions in completed groups; the rest are in the recent group
-        codes = get(f"k{layer}")[:, :, :done].unflatten(2, (-1, G))
         params = [b[:, :, :done // G] for b in self._key_params(layer, get)]
-        old = _dequantize_channels(codes, params[0], params[1] if self.kv_bits == 4 else None, self.kv_bits,
-                                   self.dtype).flatten(2, 3)
+        old = dequantize_kv(get(f"k{layer}")[:, :, :done], params[0], self.kv_bits, G, self.dtype, *params[1:],
+                            axis=-2)
         return torch.cat((old, get(f"k{layer}_recent")[:, :, :n - done]), dim=2)
 
     def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -246,11 +240,10 @@ class ChannelKeyKVCache(StaticKVCache):
         groups quantized (with their final per-channel scales) and to those of its own group exact."""
         G, t = self.key_group, k.shape[2]
         groups = -(-t // G)
-        padded = F.pad(k, (0, 0, 0, groups * G - t)).unflatten(2, (groups, G))
-        valid = (torch.arange(groups * G, device=k.device) < t).view(groups, G, 1)
-        codes, *params = _quantize_channels(padded, self.kv_bits, valid)
-        k_old = _dequantize_channels(codes, params[0], params[1] if self.kv_bits == 4 else None, self.kv_bits,
-                                     k.dtype).flatten(2, 3)[:, :, :t]
+        padded = F.pad(k, (0, 0, 0, groups * G - t))
+        valid = (torch.arange(groups * G, device=k.device) < t).unsqueeze(-1)
+        codes, scales, *mins = quantize_kv(padded, self.kv_bits, G, -2, valid)
+        k_old = dequantize_kv(codes, scales, self.kv_bits, G, k.dtype, *mins, axis=-2)[:, :, :t]
         v = self.roundtrip(v)
         rep = q.shape[1] // k.shape[1]
         k, k_old, v = (x.repeat_interleave(rep, dim=1) for x in (k, k_old, v))

@@ -36,6 +36,14 @@ def group_zeros(z_ptr, g, N, offs_n, n_mask, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
+def nibble_params(s_ptr, z_ptr, c, I: tl.constexpr, group_size, N, offs_n, n_mask, SYMMETRIC: tl.constexpr):
+    """Scales and zero points ([BLOCK_N] float32) of the group that nibble I of chunk c (its input columns
+    128 c + 16 I ..) belongs to."""
+    g = (c * 128 + 16 * I) // group_size
+    return group_scales(s_ptr, g, N, offs_n, n_mask), group_zeros(z_ptr, g, N, offs_n, n_mask, SYMMETRIC)
+
+
+@triton.jit
 def chunk_params(s_ptr, z_ptr, c, group_size, N, offs_n, n_mask, GROUP_NIBS: tl.constexpr,
                  SYMMETRIC: tl.constexpr):
     """Scales and zero points of chunk c as `chunk_f32` takes them: [1, 1, BLOCK_N] when the chunk lies in one

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .dequant import (addend_pairs, chunk_f32, chunk_params, f16x2, f16x2_weights, group_scales, group_zeros,
-                      nibble_f32, pair_groups)
+                      nibble_f32, nibble_params, pair_groups)
 from .tiles import program_tile, write_tile
 
 
@@ -59,9 +59,7 @@ def dot_per_nibble_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_p
             p_hi = p >> 12  # nibbles 5..7 are read from here (see dequant)
             for i in tl.static_range(8):
                 if i % GROUP_NIBS == 0:
-                    g = (c * 128 + 16 * i) // group_size
-                    s = group_scales(s_ptr, g, N, offs_n, n_mask)
-                    z = group_zeros(z_ptr, g, N, offs_n, n_mask, SYMMETRIC)
+                    s, z = nibble_params(s_ptr, z_ptr, c, i, group_size, N, offs_n, n_mask, SYMMETRIC)
                 q, inv16j = nibble_f32(p, p_hi, z, i)
                 w = (q * (s * inv16j)[None, :]).to(x_ptr.dtype.element_ty)
                 acc = dot(tl.load(x_ptrs + 16 * i, mask=m_mask[:, None], other=0.0), w, acc, DOT_F32)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .dequant import (addend_pairs, f16x2_products, group_scales, group_zeros, load_f16x2, nibble_f32,
-                      pair_groups)
+                      nibble_params, pair_groups)
 from .tiles import program_tile, write_tile
 
 
@@ -39,9 +39,7 @@ def gemv_f32_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr,
         p_hi = p >> 12  # nibbles 5..7 are read from here (see dequant)
         for i in tl.static_range(8):
             if i % GROUP_NIBS == 0:
-                g = (c * 128 + 16 * i) // group_size
-                s = group_scales(s_ptr, g, N, offs_n, n_mask)
-                z = group_zeros(z_ptr, g, N, offs_n, n_mask, SYMMETRIC)
+                s, z = nibble_params(s_ptr, z_ptr, c, i, group_size, N, offs_n, n_mask, SYMMETRIC)
                 part = tl.full([16, BLOCK_N], 0.0, tl.float32)
             q, inv16j = nibble_f32(p, p_hi, z, i)
             xi = tl.load(x_ptrs + 16 * i).to(tl.float32) * inv16j
