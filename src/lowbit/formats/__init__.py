@@ -1,15 +1,18 @@
 """How a quantized tensor is stored: the format protocol and registry (base), the quantized tensor container
-(tensor), integer formats (intq), FP8 (fp8), bit packing, and how activations are quantized (act)."""
+(tensor), integer formats (intq), FP8 (fp8), GGUF block formats (gguf), bit packing, and how activations are
+quantized (act)."""
 
 from .base import FORMATS, WeightFormat, register_format, spec_from_dict
 from .tensor import QuantizedTensor
 from .intq import IntSpec, choose_qparams, dequantize_codes, quantize_codes
 from .fp8 import FloatSpec, cast_fp8, quantize_fp8
+from .gguf import GGUF_TYPES, GGUFSpec, fallback_type
 from .packing import pack_bits, unpack_bits
 
 __all__ = [
     "FORMATS", "WeightFormat", "register_format", "spec_from_dict", "QuantizedTensor",
     "IntSpec", "choose_qparams", "quantize_codes", "dequantize_codes",
     "FloatSpec", "cast_fp8", "quantize_fp8",
+    "GGUFSpec", "GGUF_TYPES", "fallback_type",
     "pack_bits", "unpack_bits",
 ]

@@ -31,4 +31,4 @@ class ReferenceKernel(Kernel):
         return F.linear(x, w.to(x.dtype), bias)
 
     def restore(self, packed, spec, shape):
-        return QuantizedTensor(spec, shape, packed["qweight"], packed["scales"], packed.get("zeros"))
+        return QuantizedTensor(spec, shape, packed["qweight"], packed.get("scales"), packed.get("zeros"))
