@@ -172,3 +172,27 @@ def test_generate_kv_cache_options(capsys, tiny_dir):
     code, out, err = run(capsys, "generate", tiny_dir, "--prompt", "Python is", "--max-new-tokens", "4",
                          "--kv-bits", "4", "--kv-offload")
     assert code == 0 and "eager engine" in err
+
+
+def test_os_errors_and_unexpected_errors_are_one_line(capsys, tmp_path, monkeypatch):
+    import lowbit.cli as cli
+    def disk_full(args):
+        raise OSError(28, "No space left on device", str(tmp_path / "out"))
+    monkeypatch.setattr(cli, "cmd_eval", disk_full)
+    code, _, err = run(capsys, "eval", "default")
+    assert_one_line_error(code, err, "No space left on device: .*out")
+
+    def bug(args):
+        raise KeyError("oops")
+    monkeypatch.setattr(cli, "cmd_eval", bug)
+    code, _, err = run(capsys, "eval", "default")
+    assert_one_line_error(code, err, "unexpected KeyError.*a bug in lowbit.*--debug")
+    code, _, err = run(capsys, "--debug", "eval", "default")
+    assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("lowbit: error: unexpected")
+
+
+def test_generation_length_is_checked_on_every_engine(capsys, tiny_dir):
+    for engine in ("eager", "hf"):
+        code, _, err = run(capsys, "generate", tiny_dir, "--prompt", "hi", "--max-new-tokens", "100000",
+                           "--engine", engine)
+        assert_one_line_error(code, err, "exceed the model's .* positions")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 
 import torch
 
@@ -278,6 +279,7 @@ def _fraction(x: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Quantize causal LMs, measure them, run them.")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and write a lowbit checkpoint")
@@ -359,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure a user can meet ends in one line `lowbit: error: ...` and exit status 2:
+    lowbit's own errors, and the operating system's (a full disk, a missing permission, an unreadable file).
+    Anything else is a bug in lowbit: one line saying so, and the traceback with --debug."""
     args = build_parser().parse_args(argv)
     _quiet_transformers()
     try:
@@ -366,9 +371,30 @@ def main(argv: list[str] | None = None) -> int:
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, UnicodeDecodeError, MemoryError) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"lowbit: error: {_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001  (the boundary: nothing escapes as a bare traceback)
+        if args.debug:
+            traceback.print_exc()
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"lowbit: error: unexpected {type(e).__name__}: {first} (a bug in lowbit: please report it with the "
+              "command and the output of --debug)", file=sys.stderr)
+        return 2
+
+
+def _os_error(e: BaseException) -> str:
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    if isinstance(e, UnicodeDecodeError):
+        return f"cannot decode text as {e.encoding}: {e.reason}"
+    where = f": {e.filename}" if getattr(e, "filename", None) else ""
+    return f"{e.strerror or e}{where}"
 
 
 if __name__ == "__main__":

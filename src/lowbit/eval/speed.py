@@ -69,7 +69,17 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
     engine, compile_seconds is the one-time cost of compiling (or loading) the decode step, not counted in
     the speeds.
     """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise LowbitError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if engine not in ENGINES:
+        raise LowbitError(f"unknown engine '{engine}'; choose from {', '.join(ENGINES)}")
+    if not isinstance(prompt, str):
+        raise LowbitError(f"prompt must be a string, got {type(prompt).__name__}")
     ids = _prompt_ids(tokenizer, prompt, chat)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and ids.shape[1] + max_new_tokens > limit:   # every path, transformers' included, stops here
+        raise LowbitError(f"prompt ({ids.shape[1]} tokens) plus {max_new_tokens} new tokens exceed the model's "
+                          f"{limit} positions")
     if (kv_bits is not None or kv_offload) and engine == "hf":
         raise LowbitError("a quantized or host-memory KV cache needs a lowbit engine (--engine compiled or eager)")
     if engine != "hf":
