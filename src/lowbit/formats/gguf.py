@@ -46,11 +46,11 @@ Quantization (round to nearest, no importance weights):
     Every float operation follows the C code's order in float32 (sums left to right, no fused multiply-add,
     correctly rounded sqrt, llama.cpp's nearest_int emulated bit for bit, signed zeros kept), so the bytes are
     llama.cpp's: against its quantize_row_q{2..6}_K_ref compiled from ggml's ggml-quants.c as x86-64 builds
-    compile it (the file is in ggml-base, built without -march, so no FMA), every block was identical (100% of
-    some 23,000 super-blocks per type: Gaussian, heavy-tailed, sparse, scaled rows and two down_proj weights
+    compile it (the file is in ggml-base, built without -march, so no FMA), every block was identical (all of
+    about 8,600 super-blocks per type: Gaussian, heavy-tailed, sparse and scaled rows and two down_proj weights
     of the default model); the tests keep digests of those bytes. A build that contracts a·b + c into FMA
-    (aarch64, or x86-64 with -march=native and GNU C) rounds sums differently: there 1-90% of blocks differ
-    (Q3_K least, Q5_K most), each by a code or a sub-block scale step where the search's trials tie closely.
+    (aarch64, or x86-64 with -march=native and GNU C) rounds the sums differently, and there up to 92% of
+    blocks differ (Q3_K about 1%, Q5_K most), by a code or a sub-block scale step where trials nearly tie.
 
 Row lengths that are not a multiple of the block: see `fallback_type` (what llama.cpp stores instead).
 """
