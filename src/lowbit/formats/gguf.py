@@ -391,11 +391,12 @@ class _Simple(BlockType):
         return torch.cat(parts, dim=1)
 
     def dequantize(self, f):
-        d = f["d"].float()[:, None]
-        q = f["q"].float() if self.asym or self.bits == 8 else (f["q"] - (1 << (self.bits - 1))).float()
+        d, q = f["d"].float()[:, None], f["q"]
+        if self.asym:
+            return d * q.float() + f["m"].float()[:, None]
         if self.bits == 8:
-            return q * d
-        return d * q + f["m"].float()[:, None] if self.asym else d * q
+            return q.float() * d
+        return d * (q - (1 << (self.bits - 1))).float()
 
     def quantize(self, x):
         if self.bits == 8:     # roundf (half away from zero), written exactly as gguf-py does
