@@ -72,3 +72,22 @@ def test_atomic_dir_publishes_only_on_success(tmp_path):
     assert (tmp_path / "out" / "f").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     atomic_write_text(tmp_path / "t.txt", "hello")
     assert (tmp_path / "t.txt").read_text() == "hello"
+
+
+def test_leftovers_of_dead_writers_are_removed_by_the_next_write(tmp_path):
+    import subprocess
+    from lowbit.io.atomic import atomic_dir, atomic_write_text
+    dead = subprocess.Popen(["true"])
+    dead.wait()                                        # a process id that no longer runs
+    stale_dir = tmp_path / f".ckpt.tmp-{dead.pid}-abcd"
+    stale_dir.mkdir()
+    (stale_dir / "model.safetensors").write_bytes(b"x" * 100)
+    stale_file = tmp_path / f".r.json.tmp-{dead.pid}-efgh"
+    stale_file.write_text("{")
+    alive = tmp_path / f".ckpt.tmp-{os.getppid()}-ijkl"   # a running process's: not touched
+    alive.mkdir()
+    with atomic_dir(tmp_path / "ckpt") as d:
+        (d / "a").write_text("1")
+    atomic_write_text(tmp_path / "r.json", "{}")
+    assert not stale_dir.exists() and not stale_file.exists() and alive.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "ckpt", "r.json"])

@@ -2,11 +2,14 @@
 
 Everything is written under a temporary name beside the destination and renamed onto it only once complete
 (a rename within a directory is atomic), so a reader sees the old output, the new one, or nothing.
+Temporary names carry the writing process's id (`.NAME.tmp-PID-xxxx`); a process killed before it could
+clean up leaves one behind, and the next write of the same output removes those whose process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -25,7 +28,8 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, what: str | None
         raise LowbitError(f"output {out} already exists (pass --overwrite to replace it)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        remove_stale(out)
+        tmp = Path(tempfile.mkdtemp(prefix=_prefix(out, "tmp"), dir=out.parent))
     except OSError as e:
         where = f"{what} {out}" if what else f"to {out.parent}"
         raise LowbitError(f"cannot write {where}: {e.strerror or e}") from None
@@ -33,7 +37,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, what: str | None
         yield tmp
         _publishable(tmp)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=_prefix(out, "old"), dir=out.parent))
             os.replace(out, old / "x")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -44,6 +48,38 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, what: str | None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prefix(out: Path, kind: str) -> str:
+    return f".{out.name}.{kind}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale(out: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and directories that earlier writes of `out` left behind when their
+    process died (their names carry its id). Returns what was removed."""
+    out = Path(out)
+    removed = []
+    for kind in ("tmp", "old"):
+        for p in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*-*"):
+            pid = p.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+                removed.append(p)
+    return removed
 
 
 def _umask() -> int:
@@ -65,7 +101,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path, tmp = Path(path), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        remove_stale(path)
+        fd, tmp = tempfile.mkstemp(prefix=_prefix(path, "tmp"), dir=path.parent)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~_umask())
