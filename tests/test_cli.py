@@ -196,3 +196,10 @@ def test_generation_length_is_checked_on_every_engine(capsys, tiny_dir):
         code, _, err = run(capsys, "generate", tiny_dir, "--prompt", "hi", "--max-new-tokens", "100000",
                            "--engine", engine)
         assert_one_line_error(code, err, "exceed the model's .* positions")
+
+
+def test_an_option_of_another_method_is_refused_not_ignored(capsys, tmp_path):
+    code, _, err = run(capsys, "quantize", "default", "--method", "rtn", "--damp", "0.1", "--no-clip",
+                       "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "--damp, --no-clip do not apply to --method rtn")
+    assert not (tmp_path / "o").exists()

@@ -18,8 +18,13 @@ def reference_tokens(model, ids, n):
     """transformers' generate, greedy, never stopping early: the reference path. The attention mask is given:
     inferred, it would hide every prompt token equal to the pad id (random prompts contain them)."""
     gc = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)[0, ids.shape[1]:]
+    # transformers fills a passed config's unset fields from the model's own, whose eos id would stop it early
+    own, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
+    try:
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)[0, ids.shape[1]:]
+    finally:
+        model.generation_config.eos_token_id = own
 
 
 def reference_logits(model, ids):

@@ -34,9 +34,8 @@ def save(model, out, tokenizer=None, *, base: str | None = None, overwrite: bool
     """Write a lowbit checkpoint of a quantized model (a torch model with `tokenizer`, or a `Loaded`, whose
     source is recorded as the base unless `base` is given). Returns the directory."""
     if isinstance(model, Loaded):
-        from .models import DEFAULT_MODEL, default_model_path
-        named = DEFAULT_MODEL if model.source == str(default_model_path()) else model.source
-        model, tokenizer, base = model.model, tokenizer or model.tokenizer, base or named
+        from .models.sources import source_name
+        model, tokenizer, base = model.model, tokenizer or model.tokenizer, base or source_name(model.source)
     if tokenizer is None:
         raise LowbitError("save needs the model's tokenizer (pass tokenizer=, or a Loaded)")
     return save_checkpoint(model, tokenizer, out, base=base, overwrite=overwrite)

@@ -23,14 +23,10 @@ def _quiet_transformers():
     transformers.utils.logging.disable_progress_bar()
 
 
-def _base_name(source: str) -> str:
-    from .models.sources import DEFAULT_MODEL
-    return DEFAULT_MODEL if source == DEFAULT_MODEL else source
-
-
 def cmd_quantize(args) -> int:
     from . import quantize, save_checkpoint
     from .models import arch_for, load_model
+    from .models.sources import source_name
     from .quantize import recipe_for
     from .recipes import Recipe
 
@@ -44,7 +40,7 @@ def cmd_quantize(args) -> int:
     model = quantize(loaded.model, recipe, calibration=args.calib_text, tokenizer=loaded.tokenizer,
                      calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
                      dtype=_DTYPES[args.dtype], progress=not args.quiet)
-    out = save_checkpoint(model, loaded.tokenizer, args.out, base=_base_name(args.model), overwrite=args.overwrite,
+    out = save_checkpoint(model, loaded.tokenizer, args.out, base=source_name(args.model), overwrite=args.overwrite,
                           extra={"settings": {k: v for k, v in vars(args).items() if k != "func"}})
     from .eval import weight_stats
     s = weight_stats(model)
@@ -59,14 +55,14 @@ def cmd_quantize(args) -> int:
 
 def _quantize_streamed(args, scheme) -> int:
     from .models import arch_for
-    from .models.sources import read_config, resolve_source
+    from .models.sources import read_config, resolve_source, source_name
     from .offload import quantize_streamed
     from .recipes import Recipe
     path = resolve_source(args.model)
     recipe = Recipe.from_file(args.recipe, scheme, arch_for(read_config(path)).blocks) if args.recipe else scheme
     out = quantize_streamed(path, args.out, recipe, calibration=args.calib_text, calib_samples=args.calib_samples,
                             calib_seqlen=args.calib_seqlen, seed=args.seed, dtype=_DTYPES[args.dtype],
-                            base=_base_name(args.model), overwrite=args.overwrite, progress=not args.quiet)
+                            base=source_name(args.model), overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {out} block by block ({len(list(out.glob('model-block-*.safetensors')))} block shards)")
     return 0
 
@@ -81,6 +77,7 @@ _OPTION_ARGS = {
     "fp8": {"act": "fp8_act"},
     "fp8-e5m2": {"act": "fp8_act"},
 }
+_FLAGS = {"clip": "--no-clip", "true_sequential": "--no-true-sequential"}   # dest -> its flag, where they differ
 
 
 def _scheme_from_args(args, method: str):
@@ -93,14 +90,13 @@ def _scheme_from_args(args, method: str):
 def _method_options(args, method: str) -> dict:
     """The method options given on the command line; an option given for a method that has no such setting
     is an error (config_for names it), never silently dropped."""
-    given = {field: getattr(args, dest) for field, dest in _OPTION_ARGS.get(method, {}).items()
-             if getattr(args, dest, None) is not None}
-    stray = [f"--{dest.replace('_', '-')}" for m, fields in _OPTION_ARGS.items() if m != method
-             for dest in fields.values() if getattr(args, dest, None) is not None
-             and dest not in _OPTION_ARGS.get(method, {}).values()]
+    own = _OPTION_ARGS.get(method, {})
+    every = {dest for fields in _OPTION_ARGS.values() for dest in fields.values()}
+    stray = sorted(_FLAGS.get(d, "--" + d.replace("_", "-")) for d in every - set(own.values())
+                   if getattr(args, d, None) is not None)
     if stray:
-        raise LowbitError(f"{', '.join(sorted(set(stray)))} do(es) not apply to --method {method}")
-    return given
+        raise LowbitError(f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply to --method {method}")
+    return {field: getattr(args, dest) for field, dest in own.items() if getattr(args, dest, None) is not None}
 
 
 def _fmt(x, spec):

@@ -22,7 +22,7 @@ from .eval.memory import PeakRSS
 from .eval.report import write_report
 from .export.checkpoint import save_checkpoint
 from .models import arch_for, load_model
-from .models.sources import DEFAULT_MODEL
+from .models.sources import source_name
 from .nn import QuantLinear
 from .quantize import quantize
 from .recipes import Recipe
@@ -70,7 +70,7 @@ def compare(source: str, schemes: list[QuantConfig] | dict[str, QuantConfig], ou
         calib = calibration_ids(calib_text, tok, calib_samples, calib_seqlen, seed)
 
     models, rows = {}, {}
-    base_name = _base_label(source)
+    base_name = source_name(source)
     for lab, scheme in tqdm(list(zip(labels, schemes)), desc="methods", unit="method", disable=not progress):
         model = copy.deepcopy(base)
         with PeakRSS() as mem:
@@ -109,10 +109,6 @@ def compare(source: str, schemes: list[QuantConfig] | dict[str, QuantConfig], ou
     }
     write_report(out, table, meta)
     return {"rows": table, "meta": meta}
-
-
-def _base_label(source: str) -> str:
-    return DEFAULT_MODEL if str(source) == DEFAULT_MODEL else str(Path(source).resolve())
 
 
 def parse_method(entry: str) -> tuple[str, dict]:

@@ -39,6 +39,22 @@ def default_model_path() -> Path:
     return path
 
 
+def source_name(source: str | os.PathLike) -> str:
+    """How a checkpoint records the model it came from: "default" for the default model (named or by its
+    path), else the absolute path, so the record still resolves from another working directory."""
+    path = Path(source).expanduser().resolve()
+    if str(source) == DEFAULT_MODEL or path.suffix == ".gguf" and path == _default_path_or_none():
+        return DEFAULT_MODEL
+    return str(path)
+
+
+def _default_path_or_none() -> Path | None:
+    try:
+        return default_model_path()
+    except LowbitError:   # the default model's package is not installed: nothing is the default model
+        return None
+
+
 def resolve_source(source: str | os.PathLike) -> Path:
     if str(source) == DEFAULT_MODEL:
         return default_model_path()
