@@ -30,3 +30,26 @@ def test_capture_is_deterministic_and_stops_at_first_block(base, tokenizer):
     inputs = capture_block_inputs(base, a)
     assert [tuple(h.shape) for h in inputs.hidden] == [(1, 32, 576)] * 3
     torch.testing.assert_close(inputs.hidden[0][0], base.model.embed_tokens(a[0]))
+
+
+def test_calibration_in_every_accepted_form(tokenizer, tmp_path):
+    import pytest
+    from lowbit import LowbitError
+    from lowbit.data import calibration_ids
+    docs = [f"Document {i}: the interpreter reads source code, compiles it and runs the byte code." * 8 for i in range(6)]
+    ids = torch.randint(0, 49152, (3, 16))
+    assert calibration_ids(ids) is ids                                          # token ids: used as given
+    from_list = calibration_ids(docs, tokenizer, n=4, seqlen=32, seed=1)
+    from_records = calibration_ids([{"text": d} for d in docs], tokenizer, n=4, seqlen=32, seed=1)   # a dataset's rows
+    path = tmp_path / "docs.txt"
+    path.write_text("\n\n".join(docs))
+    from_file = calibration_ids(str(path), tokenizer, n=4, seqlen=32, seed=1)
+    assert from_list.shape == (4, 32) and torch.equal(from_list, from_records) and torch.equal(from_list, from_file)
+    default = calibration_ids(None, tokenizer, n=2, seqlen=64)
+    assert torch.equal(default, calibration_samples(tokenizer, load_text(None, "calibration"), 2, 64, 0))
+    for bad, message in [(ids.float(), "LongTensor"), (docs, "needs a tokenizer"), ([3, 4], "strings or records"),
+                         (42, "token ids, a text source"), ([""], "empty")]:
+        with pytest.raises(LowbitError, match=message):
+            calibration_ids(bad, None if message == "needs a tokenizer" else tokenizer, n=2, seqlen=16)
+    with pytest.raises(LowbitError, match="calibration samples must be a positive integer"):
+        calibration_ids(docs, tokenizer, n=0, seqlen=16)
