@@ -381,3 +381,39 @@ def test_load_with_budget_chooses_how(tiny_dir, tmp_path):
         assert sm.store.kind == "disk" and sm.plan.streamed == [1, 2, 3, 4] and (tmp_path / "off" / "offload.json").is_file()
     finally:
         sm.close()
+
+
+def test_a_shard_damaged_after_writing_is_an_error_on_its_first_read(base, tmp_path):
+    """The store hashes each shard on its first read in a run, including the run that wrote it."""
+    model = truncated(base, 3)
+    fixed = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if ".layers." not in n)
+    per_block = sum(t.numel() * t.element_size() for t in model.model.layers[0].parameters())
+    sm = offload_blocks(model, fixed + 2.5 * per_block, tmp_path / "off")
+    try:
+        shard = tmp_path / "off" / sm.store.shards[sm.plan.streamed[-1]]["file"]
+        data = bytearray(shard.read_bytes())
+        data[-100] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        with pytest.raises(LowbitError, match="corrupted"):
+            _logits(model, torch.randint(0, 49152, (1, 8)))
+    finally:
+        sm.close()
+
+
+def test_nan_weights_are_refused_on_the_streaming_path(tiny_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from lowbit.offload import open_streamed
+    src = _tiny_hf_dir(tiny_dir, tmp_path / "src", layers=4)
+    f = src / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors["model.layers.3.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    per_block = sum(t.numel() * t.element_size() for n, t in tensors.items() if n.startswith("model.layers.0."))
+    fixed = sum(t.numel() * t.element_size() for n, t in tensors.items() if ".layers." not in n)
+    loaded, sm = open_streamed(src, fixed + 2.5 * per_block, dtype=torch.float32)
+    try:
+        assert 3 in sm.plan.streamed
+        with pytest.raises(LowbitError, match=r"model.layers.3.mlp.up_proj.weight contains NaN or Inf \(in model.safetensors\)"):
+            _logits(loaded.model, torch.randint(0, 1000, (1, 8)))
+    finally:
+        sm.close()

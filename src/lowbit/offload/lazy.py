@@ -60,8 +60,11 @@ class SafetensorsStore:
         self._headers: dict[Path, dict] = {}
         self._plans: dict[tuple[int, Path], ReadPlan] = {}
         self._pool = BufferPool(pin_memory)
+        self._checked: set[int] = set()
 
     def load(self, index: int) -> dict[str, torch.Tensor]:
+        """Block `index`'s tensors; on a block's first read in this run its float weights are checked for
+        NaN/Inf, as loading a model whole does (models.sources.check_finite)."""
         by_file: dict[Path, list[tuple[str, str]]] = {}
         for local, (f, full) in self.files_by_block[index].items():
             by_file.setdefault(f, []).append((local, full))
@@ -76,6 +79,12 @@ class SafetensorsStore:
             for local, full in names:
                 t = read[full]
                 out[local] = t.to(self.dtype) if t.is_floating_point() and t.dtype != self.dtype else t
+        if index not in self._checked:
+            for local, t in out.items():
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    file, full = self.files_by_block[index][local]
+                    raise LowbitError(f"weight {full} contains NaN or Inf (in {file.name})")
+            self._checked.add(index)
         return out
 
 

@@ -92,9 +92,9 @@ class DiskStore:
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
                 shards[i] = {"file": name, "bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
             (tmp / MANIFEST).write_text(json.dumps({"shards": {str(k): v for k, v in shards.items()}}, indent=1))
-        store = cls(root, pin_memory)
-        store._verified = set(shards)   # just written and hashed
-        return store
+        # not marked verified: a shard is checked against its hash on its first read in every run, so a file
+        # damaged between writing and reading is an error, never silently wrong output
+        return cls(root, pin_memory)
 
     def _path(self, index: int) -> Path:
         if index not in self.shards:
