@@ -1,3 +1,4 @@
+import pytest
 import json
 import shutil
 import subprocess
@@ -203,3 +204,15 @@ def test_an_option_of_another_method_is_refused_not_ignored(capsys, tmp_path):
                        "--out", tmp_path / "o")
     assert_one_line_error(code, err, "--damp, --no-clip do not apply to --method rtn")
     assert not (tmp_path / "o").exists()
+
+
+def test_output_problems_are_reported_before_any_work(capsys, tmp_path, monkeypatch):
+    import lowbit.models as models
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model before checking --out"))
+    (tmp_path / "exists").mkdir()
+    code, _, err = run(capsys, "quantize", "default", "--out", tmp_path / "exists")
+    assert_one_line_error(code, err, "already exists .*--overwrite")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, _, err = run(capsys, "quantize", "default", "--out", blocker / "sub" / "out")
+    assert_one_line_error(code, err, "is not a writable directory")

@@ -13,6 +13,7 @@ from .config import AWQ, GPTQ, METHODS, LLMInt8, SmoothQuant
 from .data import CALIB_SAMPLES, CALIB_SEQLEN
 from .errors import LowbitError
 from .formats.intq import SUPPORTED_BITS
+from .io.atomic import check_output
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -31,6 +32,7 @@ def cmd_quantize(args) -> int:
     from .recipes import Recipe
 
     scheme = _scheme_from_args(args, args.method)
+    check_output(args.out, args.overwrite)
     if args.stream:
         return _quantize_streamed(args, scheme)
     loaded = load_model(args.model)

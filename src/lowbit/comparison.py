@@ -21,6 +21,7 @@ from .eval import decode_speed, environment, evaluate_quality, prefill_speed, we
 from .eval.memory import PeakRSS
 from .eval.report import write_report
 from .export.checkpoint import save_checkpoint
+from .io.atomic import check_output
 from .models import arch_for, load_model
 from .models.sources import source_name
 from .nn import QuantLinear
@@ -47,8 +48,7 @@ def compare(source: str, schemes: list[QuantConfig] | dict[str, QuantConfig], ou
     the same calibration windows and evaluate all of them on the same held-out windows; writes OUT/report.md,
     report.json, tradeoff.png and one checkpoint per label. Returns {"rows": [...], "meta": {...}}."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LowbitError(f"output {out} already exists (pass --overwrite to replace it)")
+    check_output(out, overwrite or out.is_dir() and not any(out.iterdir()))   # an empty directory may be used
     if not isinstance(schemes, dict):
         labels = [label_of(s) for s in schemes]
         if len(set(labels)) != len(labels):

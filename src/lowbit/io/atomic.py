@@ -18,6 +18,20 @@ from pathlib import Path
 from ..errors import LowbitError
 
 
+def check_output(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise LowbitError now if `out` could not be written later: it exists and `overwrite` is not set, or the
+    nearest existing parent is not a writable directory. Called before expensive work, so that a minute of
+    quantizing is not thrown away on a path mistake."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LowbitError(f"output {out} already exists (pass --overwrite to replace it)")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise LowbitError(f"cannot write {out}: {parent} is not a writable directory")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False, what: str | None = None):
     """Yield a temporary directory beside `out`; rename it to `out` only if the block succeeds, replacing an
