@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import lowbit
+from lowbit import LowbitError
 from lowbit.eval import weight_stats
 from lowbit.models.sources import base_of
 from lowbit.nn import QuantLinear
@@ -82,3 +83,26 @@ def test_existing_output_needs_overwrite(fresh, tokenizer, tmp_path):
     lowbit.save_checkpoint(q, tokenizer, tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "lowbit.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r.update(dtype="load"), "dtype 'load' is not one of"),
+    (lambda r: r["modules"].update({"model.layers.0.nope": r["modules"]["model.layers.0.mlp.up_proj"]}),
+     "names module 'model.layers.0.nope', which this model does not have"),
+    (lambda r: r["modules"].update({"model.norm": r["modules"]["model.layers.0.mlp.up_proj"]}),
+     "which is a .*RMSNorm, not a Linear"),
+    (lambda r: r["modules"]["model.layers.0.mlp.up_proj"].update(kind="q9"), "unknown weight format kind 'q9'"),
+    (lambda r: r["modules"]["model.layers.0.mlp.up_proj"].pop("bits"), "bad format for module"),
+    (lambda r: r.update(modules=[1]), "'modules' must be a table"),
+])
+def test_crafted_metadata_is_one_clear_error(tiny_dir, tmp_path, edit, message):
+    import json
+    import lowbit
+    loaded = lowbit.load_model(tiny_dir)
+    lowbit.quantize(loaded.model, lowbit.RTN(bits=4, group_size=32), progress=False)
+    ck = lowbit.save_checkpoint(loaded.model, loaded.tokenizer, tmp_path / "ck")
+    record = json.loads((ck / "lowbit.json").read_text())
+    edit(record)
+    (ck / "lowbit.json").write_text(json.dumps(record))
+    with pytest.raises(LowbitError, match=message):
+        lowbit.load_checkpoint(ck)

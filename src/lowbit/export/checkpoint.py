@@ -34,6 +34,7 @@ from ..nn.surgery import meta_tensor_names, rebuild_meta_buffers, set_submodule,
 
 FORMAT = "lowbit"
 FORMAT_VERSION = 1
+RECORD = "lowbit.json"
 
 
 def checkpoint_tensors(module: torch.nn.Module, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -71,7 +72,7 @@ def _finish_dir(tmp: Path, model, tokenizer, record: dict) -> None:
     (tmp / "config.json").write_text(json.dumps(hf_config_dict(model), indent=2, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
-    (tmp / "lowbit.json").write_text(json.dumps(record, indent=2, default=str))
+    (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str))
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer, out: str | Path, *, base: str | None = None,
@@ -146,7 +147,7 @@ class _Tensors:
 
 def read_record(path: Path) -> dict:
     try:
-        record = json.loads((path / "lowbit.json").read_text())
+        record = json.loads((path / RECORD).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LowbitError(f"corrupt lowbit.json in {path}: {e}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
@@ -156,6 +157,25 @@ def read_record(path: Path) -> dict:
     return record
 
 
+UNQUANTIZED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _module_entry(model: torch.nn.Module, name, info, where: Path):
+    """A recorded quantized module, checked: its name is a Linear of this model, its format a known one."""
+    if not isinstance(name, str) or not isinstance(info, dict):
+        raise LowbitError(f"{where}: bad entry for module {name!r}")
+    try:
+        linear = model.get_submodule(name)
+    except AttributeError:
+        raise LowbitError(f"{where} names module {name!r}, which this model does not have") from None
+    if not isinstance(linear, torch.nn.Linear):
+        raise LowbitError(f"{where} names module {name!r}, which is a {type(linear).__name__}, not a Linear")
+    try:
+        return spec_from_dict(info), linear
+    except (KeyError, TypeError, ValueError) as e:
+        raise LowbitError(f"{where}: bad format for module {name}: {e!r}") from None
+
+
 def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
     """Rebuild the model a lowbit checkpoint describes; its logits equal the saved model's exactly."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -163,7 +183,10 @@ def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
     path = Path(path)
     record = read_record(path)
     arch_for(read_config(path))
-    dtype = getattr(torch, record.get("dtype", "float32"))
+    dtype = record.get("dtype", "float32")
+    if dtype not in UNQUANTIZED_DTYPES:   # a name from the file: never looked up as an arbitrary attribute
+        raise LowbitError(f"{path / RECORD}: dtype {dtype!r} is not one of {', '.join(UNQUANTIZED_DTYPES)}")
+    dtype = UNQUANTIZED_DTYPES[dtype]
     config = AutoConfig.from_pretrained(str(path))
     # built on the meta device: no float weights are ever allocated for modules that are stored quantized
     with torch.device("meta"):
@@ -172,9 +195,11 @@ def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
         f = _Tensors(path, stack)
         weights = f.name
         names = f.keys()
-        for name, info in record.get("modules", {}).items():
-            spec = spec_from_dict(info)
-            linear = model.get_submodule(name)
+        modules = record.get("modules", {})
+        if not isinstance(modules, dict):
+            raise LowbitError(f"{path / RECORD}: 'modules' must be a table of module name -> format")
+        for name, info in modules.items():
+            spec, linear = _module_entry(model, name, info, path / RECORD)
             stored = {k: f.get(f"{name}.{k}") for k in ("qweight", "scales", "zeros") if f"{name}.{k}" in names}
             if "qweight" not in stored:
                 raise LowbitError(f"{weights} lacks the tensors of quantized module {name}")
