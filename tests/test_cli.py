@@ -216,3 +216,15 @@ def test_output_problems_are_reported_before_any_work(capsys, tmp_path, monkeypa
     blocker.write_text("x")
     code, _, err = run(capsys, "quantize", "default", "--out", blocker / "sub" / "out")
     assert_one_line_error(code, err, "is not a writable directory")
+
+
+def test_argument_errors_are_one_line(capsys):
+    import pytest as _pytest
+    for argv, pattern in [(["quantize", "default", "--bits", "9", "--out", "x"], "quantize: argument --bits: invalid choice"),
+                          (["eval"], "eval: the following arguments are required: model"),
+                          (["frobnicate"], "invalid choice: 'frobnicate'"),
+                          (["generate", "m", "--prompt", "p", "--max-new-tokens", "0"], "must be positive")]:
+        with _pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert_one_line_error(e.value.code, err, pattern)

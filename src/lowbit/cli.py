@@ -274,11 +274,19 @@ def _fraction(x: str) -> float:
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in the same one-line form as every other error (argparse would print the usage too)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("lowbit").strip()   # "quantize" for a subcommand's parser
+        self.exit(2, f"lowbit: error: {command + ': ' if command else ''}{message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lowbit", description="Quantize causal LMs, measure them, run them.")
+    p = _Parser(prog="lowbit", description="Quantize causal LMs, measure them, run them.")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="quantize a model and write a lowbit checkpoint")
     q.add_argument("model", help='"default" (SmolLM2-135M-Instruct), a Hugging Face directory or a GGUF file')
