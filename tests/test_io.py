@@ -24,7 +24,8 @@ def test_index_shards_inside_the_directory_are_read(tmp_path):
     assert read_index(tmp_path / "sub") is None                 # no index: the caller decides
 
 
-@pytest.mark.parametrize("shard", ["../x.safetensors", "sub/../../x.safetensors", "/etc/passwd", "..", ""])
+@pytest.mark.parametrize("shard", ["../x.safetensors", "sub/../../x.safetensors", "/etc/passwd", "..", "",
+                                   "link.safetensors"])
 def test_index_shards_outside_the_directory_are_refused(tmp_path, shard):
     model = tmp_path / "model"
     model.mkdir()
@@ -35,7 +36,7 @@ def test_index_shards_outside_the_directory_are_refused(tmp_path, shard):
         read_index(model)
 
 
-def test_symlinked_shards_are_followed_as_in_the_hub_cache(tmp_path):
+def test_links_into_the_hub_cache_blobs_are_followed(tmp_path):
     blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
     blobs.mkdir()
     snapshot.mkdir(parents=True)

@@ -4,10 +4,9 @@ A safetensors file is 8 bytes (little-endian u64) header length N, N bytes of JS
 {name: {"dtype": "F32"|"BF16"|..., "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}},
 then the data; offsets count from the end of the header. A model stored in several files lists each tensor's
 file in `model.safetensors.index.json` ({"weight_map": {name: file}}); the files must lie in the directory
-of the index: a name that is absolute or climbs out of it with `..` is refused, so an index cannot make
-lowbit read arbitrary files. Symlinks placed in the directory are followed: the Hugging Face hub cache stores
-every shard of a snapshot as a link into its blob folder, and a link is put there by whoever owns the
-directory, not named by the file lowbit is reading.
+of the index: a name that is absolute or climbs out of it with `..`, or a link that leads out of it, is
+refused, so a model directory cannot make lowbit read arbitrary files. One layout is allowed to link out: the
+Hugging Face hub cache, whose `snapshots/REV/` files are links into the repository's `blobs/` folder.
 """
 
 from __future__ import annotations
@@ -111,9 +110,13 @@ def read_index(directory: str | os.PathLike) -> dict[str, Path] | None:
             raise ValueError("shard names must be strings")
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise LowbitError(f"corrupt {index}: {e}") from None
+    root = directory.resolve()
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None   # the hub cache layout
     for shard in set(names.values()):
-        # lexical: "sub/../x" is fine, "sub/../../x" is not (links are not followed, see the module docstring)
-        if not shard or Path(shard).is_absolute() or Path(os.path.normpath(shard)).parts[0] == "..":
+        # lexical first ("sub/../x" is fine, "sub/../../x" is not), then where a link leads
+        target = (root / shard).resolve()
+        if not shard or Path(shard).is_absolute() or Path(os.path.normpath(shard)).parts[0] == ".." or not (
+                target.is_relative_to(root) or blobs is not None and target.is_relative_to(blobs)):
             raise LowbitError(f"{index} names the shard '{shard}', which is outside {directory}")
     return {k: directory / v for k, v in names.items()}
 
