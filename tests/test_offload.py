@@ -417,3 +417,40 @@ def test_nan_weights_are_refused_on_the_streaming_path(tiny_dir, tmp_path):
             _logits(loaded.model, torch.randint(0, 1000, (1, 8)))
     finally:
         sm.close()
+
+
+def test_offload_directory_is_reused_replaced_or_removed(tiny_dir, tmp_path, capsys):
+    from lowbit.cli import main
+    from lowbit.offload.lazy import block_sizes
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    torch.manual_seed(3)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256)
+    src, other = tmp_path / "src", tmp_path / "other"
+    for d in (src, other):
+        LlamaForCausalLM(cfg).save_pretrained(d)
+        tok.save_pretrained(d)
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(other / "model.safetensors"))
+    t["model.layers.4.mlp.up_proj.weight"] += 1.0                       # another model, same shapes
+    save_file(t, str(other / "model.safetensors"), metadata={"format": "pt"})
+    fixed, per_block = block_sizes(src, torch.float32)    # loaded whole (in float32) before offloading
+    off = tmp_path / "off"
+    args = ["--prompt", "Python is", "--max-new-tokens", "4", "--engine", "eager", "--max-memory",
+            str(int(fixed + 2.5 * per_block[0])), "--offload-dir", str(off)]
+    assert main(["generate", str(src), *args]) == 0
+    assert not off.exists()                                              # removed at exit by default
+    capsys.readouterr()
+    assert main(["generate", str(src), *args, "--keep-offload"]) == 0
+    first = capsys.readouterr().out
+    manifest = (off / "offload.json").read_text()
+    stamp = (off / "offload.json").stat().st_mtime_ns
+    assert main(["generate", str(src), *args, "--keep-offload"]) == 0    # the same model: reused as it is
+    assert capsys.readouterr().out == first and (off / "offload.json").stat().st_mtime_ns == stamp
+    assert main(["generate", str(other), *args, "--keep-offload"]) == 0  # another model: replaced
+    assert (off / "offload.json").read_text() != manifest
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("x")
+    code = main(["generate", str(src), *args[:-1], str(tmp_path / "theirs")])
+    assert code == 2 and (tmp_path / "theirs" / "notes.txt").exists()   # not lowbit's: never touched

@@ -202,8 +202,12 @@ def cmd_generate(args) -> int:
         if streamed.plan.streamed and engine == "compiled":
             print("streaming blocks: the engine runs eagerly (weights are swapped in around each block)",
                   file=sys.stderr)
-    r = generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
-                 engine=engine, kv_bits=args.kv_bits, kv_offload=args.kv_offload, kv_keys=args.kv_keys)
+    try:
+        r = generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
+                     engine=engine, kv_bits=args.kv_bits, kv_offload=args.kv_offload, kv_keys=args.kv_keys)
+    finally:
+        if streamed is not None:
+            streamed.close(remove_store=not args.keep_offload)
     print(r["text"])
     speed = r["decode_tokens_per_s"]
     compiled = f", compiled in {r['compile_seconds']:.1f} s" if r.get("compile_seconds") else ""
@@ -352,7 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="weight budget (e.g. 300MB, 2GB): decoder blocks that do not fit are streamed, the next "
                         "one read while the current one computes")
-    g.add_argument("--offload-dir", default=None, help="stream blocks from shards written here (default: RAM)")
+    g.add_argument("--offload-dir", default=None,
+                   help="stream blocks from shards written here (default: RAM); a directory an earlier run wrote "
+                        "for the same model is reused, one for another model replaced")
+    g.add_argument("--keep-offload", action="store_true", help="keep the offload directory at exit (for the next run)")
     g.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
                    help="keep the KV cache in INT8 or INT4 (values per head, position and 64-channel group; keys "
                         "the same for INT8, per channel over 64 positions for INT4: see --kv-keys)")

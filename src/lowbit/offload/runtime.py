@@ -120,8 +120,9 @@ class StreamedModel:
         self._handles.append(module.register_forward_pre_hook(lambda m, args: self.before(index, block)))
         self._handles.append(module.register_forward_hook(lambda m, args, out: self.after(index, block)))
 
-    def close(self) -> None:
-        """Remove the hooks, stop the reader thread and detach from the model."""
+    def close(self, remove_store: bool = False) -> None:
+        """Remove the hooks, stop the reader thread and detach from the model; with `remove_store`, also delete
+        an offload directory the store wrote (`DiskStore.remove`)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -129,6 +130,8 @@ class StreamedModel:
             self._executor.shutdown(wait=True)
         if self.model.__dict__.get(STREAMING_ATTR) is self:
             delattr(self.model, STREAMING_ATTR)
+        if remove_store and hasattr(self.store, "remove"):
+            self.store.remove()
 
 
 def streaming_of(model: nn.Module) -> StreamedModel | None:

@@ -7,6 +7,12 @@ pinned when the compute device is a GPU); each shard's checksum is verified the 
 it is read in a process (a corrupted or truncated shard is an error, not wrong logits).
 `RamStore` keeps the tensors in host memory (pinned when the compute device is a GPU).
 
+An offload directory is lowbit's own when it holds that manifest: a later run reuses it as it is when the
+manifest's fingerprint (a SHA-256 over every streamed block's tensor names, dtypes, shapes and bytes) equals
+the model's, and replaces it otherwise. A non-empty directory without the manifest is someone else's and is
+never touched. `DiskStore.remove()` deletes a store's directory (what `lowbit generate` does at exit unless
+`--keep-offload`).
+
 A block's tensors are its parameters and buffers by name (`nn.surgery.module_tensors`: non-persistent buffers
 such as a QuantLinear's packed weight included), stored exactly as they are: dtype, shape, bytes.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -33,6 +40,17 @@ def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def blocks_fingerprint(blocks: dict[int, dict[str, torch.Tensor]]) -> str:
+    """SHA-256 over the blocks' indices and tensors (name, dtype, shape, bytes), in a fixed order."""
+    h = hashlib.sha256()
+    for i in sorted(blocks):
+        for name in sorted(blocks[i]):
+            t = blocks[i][name].detach().contiguous().cpu()
+            h.update(f"{i}:{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -83,18 +101,32 @@ class DiskStore:
         leaves nothing. `root` must not exist or be empty."""
         from safetensors.torch import save_file
         root = Path(root)
+        fingerprint = blocks_fingerprint(blocks)
         if root.exists() and any(root.iterdir()):
-            raise LowbitError(f"offload directory {root} is not empty")
+            if not (root / MANIFEST).is_file():
+                raise LowbitError(f"offload directory {root} is not empty (and not an offload directory of lowbit)")
+            try:
+                reusable = json.loads((root / MANIFEST).read_text()).get("fingerprint") == fingerprint
+            except (OSError, ValueError, AttributeError):
+                reusable = False
+            if reusable:   # the same blocks: every shard is still checked against its hash on first read
+                return cls(root, pin_memory)
         shards = {}
         with atomic_dir(root, overwrite=True, what="the offload directory") as tmp:
             for i, tensors in blocks.items():
                 name = f"block-{i:05d}.safetensors"
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
                 shards[i] = {"file": name, "bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-            (tmp / MANIFEST).write_text(json.dumps({"shards": {str(k): v for k, v in shards.items()}}, indent=1))
+            (tmp / MANIFEST).write_text(json.dumps({"fingerprint": fingerprint,
+                                                    "shards": {str(k): v for k, v in shards.items()}}, indent=1))
         # not marked verified: a shard is checked against its hash on its first read in every run, so a file
         # damaged between writing and reading is an error, never silently wrong output
         return cls(root, pin_memory)
+
+    def remove(self) -> None:
+        """Delete the store's directory (only a directory with lowbit's manifest)."""
+        if (self.root / MANIFEST).is_file():
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def _path(self, index: int) -> Path:
         if index not in self.shards:
