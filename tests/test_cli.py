@@ -228,3 +228,16 @@ def test_argument_errors_are_one_line(capsys):
             main(argv)
         err = capsys.readouterr().err
         assert_one_line_error(e.value.code, err, pattern)
+
+
+def test_a_tokenizer_beyond_the_models_vocabulary_is_one_error(capsys, tmp_path, tiny_dir):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    for argv in (["generate", tmp_path / "m", "--prompt", "Python is", "--engine", "eager"],
+                 ["eval", tmp_path / "m", "--max-windows", "1", "--ctx", "16", "--no-speed"]):
+        code, _, err = run(capsys, *argv)
+        assert_one_line_error(code, err, "beyond the model's vocabulary of 100")

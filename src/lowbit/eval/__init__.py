@@ -7,7 +7,7 @@ import time
 from ..data import load_text, token_windows
 from .quality import evaluate_quality
 from .size import weight_stats
-from .speed import decode_speed, generate, prefill_speed
+from .speed import check_vocabulary, decode_speed, generate, prefill_speed
 from .system import environment, peak_rss_bytes, rss_bytes
 
 
@@ -46,6 +46,7 @@ def evaluate(model, tokenizer=None, base="recorded", *, text: str | None = None,
     elif isinstance(base, str):   # "none"
         base = None
     windows = token_windows(tokenizer, load_text(text, "evaluation"), ctx, max_windows)
+    check_vocabulary(model, windows)
     q = evaluate_quality({"model": model}, windows, base=base, progress=progress)["model"]
     result = {
         "ppl": q["ppl"],

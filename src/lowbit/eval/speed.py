@@ -46,6 +46,15 @@ def _key_group(kv_keys: str, kv_bits: int | None, kv_offload: bool):
     return "auto" if kv_keys == "auto" else None
 
 
+def check_vocabulary(model, ids: torch.Tensor) -> None:
+    """Token ids must index the model's embedding: a tokenizer that does not belong to the model is an error
+    here, not an index error deep inside the forward pass."""
+    n = model.get_input_embeddings().num_embeddings
+    if ids.numel() and int(ids.max()) >= n:
+        raise LowbitError(f"the tokenizer produced token id {int(ids.max())}, beyond the model's vocabulary of {n} "
+                          "(does the tokenizer belong to this model?)")
+
+
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     if chat:
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -76,6 +85,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
     if not isinstance(prompt, str):
         raise LowbitError(f"prompt must be a string, got {type(prompt).__name__}")
     ids = _prompt_ids(tokenizer, prompt, chat)
+    check_vocabulary(model, ids)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and ids.shape[1] + max_new_tokens > limit:   # every path, transformers' included, stops here
         raise LowbitError(f"prompt ({ids.shape[1]} tokens) plus {max_new_tokens} new tokens exceed the model's "
