@@ -81,12 +81,12 @@ def cli_verdict(code: int, stderr: str, out: Path | None = None) -> str | None:
     if code != 2 or len(errors) != 1 or errors[0] != lines[-1] or not lines[-1].startswith("lowbit: error: ") \
             or "a bug in lowbit" in lines[-1]:
         return f"exit {code}, stderr {stderr.strip()[-300:]!r}"
-    if out is not None and (out.exists() or leftovers(out, alive_ok=False)):
+    if out is not None and (out.exists() or leftovers(out)):
         return f"error but output left behind: {sorted(p.name for p in out.parent.iterdir())}"
     return None
 
 
-def leftovers(out: Path, alive_ok: bool = True) -> list[Path]:
+def leftovers(out: Path) -> list[Path]:
     """Entries beside `out` that belong to a write of it (its temporary names)."""
     return sorted(out.parent.glob(f".{out.name}.*"))
 
@@ -244,6 +244,9 @@ def join_safetensors(header: dict | bytes, body: bytes) -> bytes:
     return struct.pack("<Q", len(h)) + h + body
 
 
+SAME_SIZE = {"F32": "I32", "I32": "F32", "F16": "BF16", "BF16": "F16"}   # reinterprets the bytes
+
+
 def safetensors_mutations(data: bytes, rng: random.Random) -> list[tuple[str, str, bytes]]:
     """(label, kind, damaged bytes): kind "data" for flips inside tensor data, "header" otherwise."""
     n = struct.unpack("<Q", data[:8])[0]
@@ -265,7 +268,7 @@ def safetensors_mutations(data: bytes, rng: random.Random) -> list[tuple[str, st
         ("bit flip in the data", "data", flip(data, 8 + n, len(data), rng)),
         ("byte set to 0xff in the data", "data", data[:(p := rng.randrange(8 + n, len(data)))] + b"\xff" + data[p + 1:]),
         ("wrong dtype string", "header", edit(lambda e, h: e.update(dtype=rng.choice(["F33", "f32", "", "I4", 7, None])))),
-        ("same-size dtype", "data", edit(lambda e, h: e.update(dtype={"F32": "I32", "I32": "F32", "F16": "BF16", "BF16": "F16"}.get(e["dtype"], "U8")))),
+        ("same-size dtype", "data", edit(lambda e, h: e.update(dtype=SAME_SIZE.get(e["dtype"], "U8")))),
         ("wrong shape", "header", edit(lambda e, h: e.update(shape=rng.choice([[], [0], [-1], [2 ** 62, 2 ** 62], "64", [1.5]])))),
         ("offsets past the end", "header", edit(lambda e, h: e.update(data_offsets=[len(body) - 4, len(body) + rng.randrange(4, 1 << 20)]))),
         ("overlapping offsets", "header", edit(lambda e, h: e.update(data_offsets=h[other]["data_offsets"]))),
@@ -318,10 +321,11 @@ def record_mutations(record: dict, rng: random.Random) -> list[tuple[str, object
         (f"module field {field_!r} of another type", edited(lambda r: r["modules"][module].update({field_: junk()}))),
         ("unknown format kind", edited(lambda r: r["modules"][module].update(kind=rng.choice(["int99", "gguf", "", "__class__"])))),
         ("module that does not exist", edited(lambda r: r["modules"].update({rng.choice(
-            ["model.layers.99.mlp.up_proj", "model.embed_tokens", "model.norm", "", "lm_head.weight", "..", "model.layers.-1"]):
-            r["modules"].pop(module)}))),
+            ["model.layers.99.mlp.up_proj", "model.embed_tokens", "model.norm", "", "lm_head.weight", "..",
+             "model.layers.-1"]): r["modules"].pop(module)}))),
         ("dtype string", edited(lambda r: r.update(dtype=rng.choice(["float64", "int8", "torch.float32", "__class__", "", None, 3])))),
-        ("huge numbers", edited(lambda r: r["modules"][module].update({rng.choice(["bits", "group_size"]): rng.choice([10 ** 30, 2 ** 63, -(10 ** 30), 1e308, 0])}))),
+        ("huge numbers", edited(lambda r: r["modules"][module].update(
+            {rng.choice(["bits", "group_size"]): rng.choice([10 ** 30, 2 ** 63, -(10 ** 30), 1e308, 0])}))),
         ("format version", edited(lambda r: r.update(format_version=rng.choice(["1", 10 ** 30, -1, None, [1], 1.5])))),
         ("tied map damaged", edited(lambda r: r.update(tied=rng.choice([[], "x", {"lm_head.weight": "nope.weight"}, {"x": "y"}])))),
         ("truncated", raw[:rng.randrange(len(raw))]),

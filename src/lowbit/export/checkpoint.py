@@ -75,14 +75,24 @@ def _finish_dir(tmp: Path, model, tokenizer, record: dict) -> None:
     (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str))
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, its own error type (a full disk, say) turned into an OSError, which the
+    atomic output reports as a clean error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt", "producer": "lowbit"})
+    except SafetensorError as e:
+        raise OSError(str(e).splitlines()[0] if str(e) else "cannot write safetensors") from None
+
+
 def save_checkpoint(model: torch.nn.Module, tokenizer, out: str | Path, *, base: str | None = None,
                     overwrite: bool = False, extra: dict | None = None) -> Path:
     """Write a quantized (or float) model as a lowbit checkpoint; the directory appears only when complete."""
-    from safetensors.torch import save_file
     tensors, tied = checkpoint_tensors(model)
     record = checkpoint_record(model, base, tied, extra)
     with atomic_dir(out, overwrite) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "lowbit"})
+        write_safetensors(tensors, tmp / "model.safetensors")
         _finish_dir(tmp, model, tokenizer, record)
     return Path(out)
 
@@ -99,8 +109,7 @@ class ShardedCheckpointWriter:
         self.out = Path(out)
 
     def add(self, shard: str, tensors: dict[str, torch.Tensor], tied: dict[str, str] | None = None) -> None:
-        from safetensors.torch import save_file
-        save_file(tensors, str(self.tmp / shard), metadata={"format": "pt", "producer": "lowbit"})
+        write_safetensors(tensors, self.tmp / shard)
         self.weight_map.update({k: shard for k in tensors})
         self.tied.update(tied or {})
 
@@ -152,7 +161,10 @@ def read_record(path: Path) -> dict:
         raise LowbitError(f"corrupt lowbit.json in {path}: {e}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise LowbitError(f"{path}/lowbit.json is not a lowbit checkpoint record")
-    if record.get("format_version", 0) > FORMAT_VERSION:
+    version = record.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise LowbitError(f"{path}/lowbit.json: format_version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
         raise LowbitError(f"{path} was written by a newer lowbit (format {record['format_version']})")
     return record
 
@@ -215,12 +227,17 @@ def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
                                                    else kernel, act=act, act_state=act_state))
         rest = {k: f.get(k) for k in names}
     tied = record.get("tied", {})
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise LowbitError(f"{path / RECORD}: 'tied' must be a table of tensor name -> tensor name")
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise LowbitError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for alias, target in tied.items():
-        tie_tensor(model, alias, target)
+        try:
+            tie_tensor(model, alias, target)
+        except (AttributeError, TypeError, ValueError, KeyError):   # names from the file, not tensors of this model
+            raise LowbitError(f"{path / RECORD} ties {alias} to {target}, which this model does not have") from None
     rebuild_meta_buffers(model, config)
     left = meta_tensor_names(model)
     if left:

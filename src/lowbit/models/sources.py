@@ -117,10 +117,12 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> Loaded:
     for f in sorted(path.glob("*.safetensors")):
         check_safetensors(f)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise LowbitError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+    if info["missing_keys"]:   # transformers would initialize them at random: a damaged or foreign file
+        raise LowbitError(f"{path} does not store {', '.join(sorted(info['missing_keys'])[:3])}")
     model.eval()
     return Loaded(model, tokenizer, str(path))
 
