@@ -70,11 +70,6 @@ def disk(tmp_path_factory):
         yield d
 
 
-@pytest.mark.parametrize("what", [
-    "quantize", "save",
-    pytest.param("offload", marks=pytest.mark.xfail(strict=True, reason=(
-        "offload/store.py writes shards with safetensors' save_file, whose SafetensorError on a full disk is "
-        "not an OSError: the CLI reports an unexpected error instead of one clean line"))),
-])
+@pytest.mark.parametrize("what", ["quantize", "save", "offload"])
 def test_full_disk_is_one_clear_error(fx, disk, what):
     check(f"full disk {what}", 0, [fc.full_disk_case(fx, disk, what)])

@@ -25,7 +25,7 @@ from ..errors import LowbitError
 from ..formats import QuantizedTensor, spec_from_dict
 from ..formats.act import ActSpec
 from ..io.atomic import atomic_dir
-from ..io.safetensors import INDEX, check_safetensors, read_index
+from ..io.safetensors import INDEX, check_safetensors, read_index, write_safetensors
 from ..models.arch import arch_for
 from ..models.hf import Loaded, hf_config_dict, read_config, unique_state_dict
 from ..nn import QuantLinear
@@ -73,17 +73,6 @@ def _finish_dir(tmp: Path, model, tokenizer, record: dict) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str))
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' save_file, its own error type (a full disk, say) turned into an OSError, which the
-    atomic output reports as a clean error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt", "producer": "lowbit"})
-    except SafetensorError as e:
-        raise OSError(str(e).splitlines()[0] if str(e) else "cannot write safetensors") from None
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer, out: str | Path, *, base: str | None = None,

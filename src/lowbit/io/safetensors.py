@@ -120,3 +120,14 @@ def read_index(directory: str | os.PathLike) -> dict[str, Path] | None:
             raise LowbitError(f"{index} names the shard '{shard}', which is outside {directory}")
     return {k: directory / v for k, v in names.items()}
 
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with its own error type (a full disk, say) turned into an OSError, which the
+    atomic outputs (io.atomic) report as one clean error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt", "producer": "lowbit", **(metadata or {})})
+    except SafetensorError as e:
+        raise OSError(str(e).splitlines()[0] if str(e) else "cannot write safetensors") from None

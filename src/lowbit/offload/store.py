@@ -29,7 +29,7 @@ import torch
 
 from ..errors import LowbitError
 from ..io.atomic import atomic_dir
-from ..io.safetensors import read_header
+from ..io.safetensors import read_header, write_safetensors
 from .reader import BufferPool, ReadPlan
 
 MANIFEST = "offload.json"
@@ -99,7 +99,6 @@ class DiskStore:
                pin_memory: bool = False) -> "DiskStore":
         """Write all shards, then the manifest, and publish the directory at once (`io.atomic`): a failure
         leaves nothing. `root` must not exist or be empty."""
-        from safetensors.torch import save_file
         root = Path(root)
         fingerprint = blocks_fingerprint(blocks)
         if root.exists() and any(root.iterdir()):
@@ -115,7 +114,7 @@ class DiskStore:
         with atomic_dir(root, overwrite=True, what="the offload directory") as tmp:
             for i, tensors in blocks.items():
                 name = f"block-{i:05d}.safetensors"
-                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+                write_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / name)
                 shards[i] = {"file": name, "bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
             (tmp / MANIFEST).write_text(json.dumps({"fingerprint": fingerprint,
                                                     "shards": {str(k): v for k, v in shards.items()}}, indent=1))
