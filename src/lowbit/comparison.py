@@ -49,13 +49,14 @@ def compare(source: str, schemes: list[QuantConfig] | dict[str, QuantConfig], ou
     report.json, tradeoff.png and one checkpoint per label. Returns {"rows": [...], "meta": {...}}."""
     out = Path(out)
     check_output(out, overwrite or out.is_dir() and not any(out.iterdir()))   # an empty directory may be used
+    given = list(schemes.values()) if isinstance(schemes, dict) else list(schemes)
+    if not given or not all(isinstance(s, QuantConfig) for s in given):
+        raise LowbitError("compare needs one or more quantization configurations (e.g. [lowbit.RTN(), lowbit.GPTQ()])")
     if not isinstance(schemes, dict):
         labels = [label_of(s) for s in schemes]
         if len(set(labels)) != len(labels):
             raise LowbitError("the same method and format are listed twice")
         schemes = dict(zip(labels, schemes))
-    if not schemes or not all(isinstance(s, QuantConfig) for s in schemes.values()):
-        raise LowbitError("compare needs one or more quantization configurations (e.g. [lowbit.RTN(), lowbit.GPTQ()])")
     labels, schemes = list(schemes), list(schemes.values())
     t_start = time.perf_counter()
     loaded = load_model(source)

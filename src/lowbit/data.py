@@ -8,6 +8,7 @@ held-out evaluation set, so the two never share a topic. A text file or a Huggin
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -34,6 +35,8 @@ def load_text(source: str | None = None, purpose: str = "evaluation") -> str:
     """purpose: "calibration" or "evaluation" (selects the half of the default text)."""
     if purpose not in ("calibration", "evaluation"):
         raise ValueError(purpose)
+    if source is not None and not isinstance(source, (str, os.PathLike)):
+        raise LowbitError(f"a text source is a file path, 'pydoc' or 'hf:...', got {type(source).__name__}")
     if source in (None, DEFAULT_TEXT):
         calib, held_out = pydoc_split()
         return calib if purpose == "calibration" else held_out
@@ -79,8 +82,11 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 def token_windows(tokenizer, text: str, ctx: int = 512, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows of ctx tokens: LongTensor [n, ctx] (the tail shorter than ctx is dropped)."""
-    if ctx < 2:
-        raise LowbitError(f"context length must be at least 2, got {ctx}")
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
+        raise LowbitError(f"context length must be an integer of at least 2, got {ctx!r}")
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
+                                    or max_windows < 1):
+        raise LowbitError(f"max_windows must be a positive integer or None, got {max_windows!r}")
     ids = tokenize(tokenizer, text)
     n = ids.numel() // ctx
     if n == 0:

@@ -34,8 +34,6 @@ def evaluate(model, tokenizer=None, base="recorded", *, text: str | None = None,
         model, tokenizer = model.model, tokenizer or model.tokenizer
     if tokenizer is None:
         raise LowbitError("evaluate needs the model's tokenizer (pass tokenizer=, or a Loaded or a model source)")
-    if isinstance(max_windows, bool) or max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
-        raise LowbitError(f"max_windows must be a positive integer or None, got {max_windows!r}")
     if base == "recorded":
         base = (getattr(model, "lowbit", None) or {}).get("base")
     base_name = base if isinstance(base, str) and base != "none" else None

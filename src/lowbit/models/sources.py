@@ -18,7 +18,7 @@ import torch
 
 from ..errors import LowbitError
 from ..io.atomic import atomic_dir
-from ..io.safetensors import check_safetensors
+from ..io.safetensors import check_safetensors, write_safetensors
 from .arch import arch_for
 from .hf import Loaded, hf_config_dict, read_config, unique_state_dict
 
@@ -56,6 +56,8 @@ def _default_path_or_none() -> Path | None:
 
 
 def resolve_source(source: str | os.PathLike) -> Path:
+    if not isinstance(source, (str, os.PathLike)):
+        raise LowbitError(f"a model source is 'default', a directory or a GGUF file path, got {type(source).__name__}")
     if str(source) == DEFAULT_MODEL:
         return default_model_path()
     path = Path(source).expanduser()
@@ -175,11 +177,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache: bool) -> Loaded:
 
 
 def _write_hf_dir(model, tokenizer, out: Path) -> None:
-    from safetensors.torch import save_file
     try:
         with atomic_dir(out, overwrite=True) as tmp:
             tensors, _ = unique_state_dict(model)
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            write_safetensors(tensors, tmp / "model.safetensors")   # a full disk: an OSError, caught as below
             (tmp / "config.json").write_text(json.dumps(hf_config_dict(model), indent=2, default=str))
             tokenizer.save_pretrained(str(tmp))
     except LowbitError:
