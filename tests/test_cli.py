@@ -241,3 +241,12 @@ def test_a_tokenizer_beyond_the_models_vocabulary_is_one_error(capsys, tmp_path,
                  ["eval", tmp_path / "m", "--max-windows", "1", "--ctx", "16", "--no-speed"]):
         code, _, err = run(capsys, *argv)
         assert_one_line_error(code, err, "beyond the model's vocabulary of 100")
+
+
+def test_eval_json_to_an_unwritable_place_fails_before_evaluating(capsys, tmp_path, monkeypatch):
+    import lowbit.models as models
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model before checking --json"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, _, err = run(capsys, "eval", "default", "--json", blocker / "r.json")
+    assert_one_line_error(code, err, "is not a writable directory")

@@ -109,6 +109,8 @@ def cmd_eval(args) -> int:
     from . import evaluate, load_model
     from .io.atomic import atomic_write_text
 
+    if args.json:
+        check_output(args.json, overwrite=True)   # an unwritable --json is found before minutes of evaluation
     loaded = load_model(args.model, kernel=args.kernel)
     r = evaluate(loaded, base=args.base or "recorded", text=args.text, ctx=args.ctx, max_windows=args.max_windows,
                  speed=not args.no_speed, progress=not args.quiet, engine=args.engine)
@@ -171,6 +173,7 @@ def cmd_outliers(args) -> int:
 
     if not args.threshold > 0:
         raise LowbitError(f"threshold must be positive, got {args.threshold}")
+    check_output(args.out, overwrite=True)
     loaded = load_model(args.model)
     samples = calibration_samples(loaded.tokenizer, load_text(args.text, "calibration"), args.samples, args.seqlen, 0)
     r = analyze_outliers(loaded.model, samples, args.threshold)
