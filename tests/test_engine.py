@@ -85,7 +85,7 @@ def test_tiny_families_prefill_and_decode_logits(kind):
     assert torch.equal(engine.generate(ids, 20)["tokens"], reference_tokens(model, ids, 20))
 
 
-@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize("bits", [None, pytest.param(8, marks=pytest.mark.slow), 4])   # 8: the path 4 shares
 def test_compiled_step_equals_eager(bits):
     model = _tiny_model("llama")
     if bits:
@@ -262,6 +262,7 @@ def test_kv_cache_bad_options():
         Engine(model, compile=False, kv_bits=4, kv_group_size=24)
 
 
+@pytest.mark.slow
 def test_compiled_engines_of_different_models_do_not_share_graphs():
     """Engines keep separate compiled graphs: a 16-bit model and a quantized one with the same cache dtype
     and shapes must each run their own."""

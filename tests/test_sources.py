@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import lowbit
@@ -5,6 +6,7 @@ from lowbit.data import load_text, pydoc_split, pydoc_text
 from lowbit.models.sources import default_model_path
 
 
+@pytest.mark.slow
 def test_gguf_load_without_cache_equals_cached(default_loaded):
     fresh = lowbit.load_model(default_model_path(), cache=False)
     cached = default_loaded

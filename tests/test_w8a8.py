@@ -137,6 +137,7 @@ def test_each_method_round_trips_with_identical_logits(base, tokenizer, tmp_path
         assert q.act_scale.numel() == 1
 
 
+@pytest.mark.slow
 def test_naive_w8a8_is_the_worst_of_the_8bit_family(base, tokenizer):
     samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=4, seqlen=128, seed=0)
     ids = calibration_samples(tokenizer, load_text(None, "evaluation"), n=2, seqlen=128, seed=1)
