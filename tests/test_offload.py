@@ -159,17 +159,23 @@ def test_engine_over_streamed_blocks_equals_resident(base, tmp_path, scheme):
         sm.close()
 
 
-def test_cli_generate_under_a_budget(tiny_dir, tmp_path, capsys):
-    from lowbit.cli import main
-    from lowbit.offload.lazy import block_sizes
+def _generating_dir(tiny_dir, root, layers: int):
+    """A tiny random llama model directory whose vocabulary is its tokenizer's, so that text prompts work."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     torch.manual_seed(3)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True,
                       max_position_embeddings=256)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    LlamaForCausalLM(cfg).save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+def test_cli_generate_under_a_budget(tiny_dir, tmp_path, capsys):
+    from lowbit.cli import main
+    from lowbit.offload.lazy import block_sizes
+    _generating_dir(tiny_dir, tmp_path / "m", layers=6)
     fixed, per_block = block_sizes(tmp_path / "m", torch.bfloat16)
     budget = str(int(fixed + 3.5 * per_block[0]))
     args = ["generate", str(tmp_path / "m"), "--prompt", "Python is", "--max-new-tokens", "12",
@@ -422,15 +428,8 @@ def test_nan_weights_are_refused_on_the_streaming_path(tiny_dir, tmp_path):
 def test_offload_directory_is_reused_replaced_or_removed(tiny_dir, tmp_path, capsys):
     from lowbit.cli import main
     from lowbit.offload.lazy import block_sizes
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    torch.manual_seed(3)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256)
-    src, other = tmp_path / "src", tmp_path / "other"
-    for d in (src, other):
-        LlamaForCausalLM(cfg).save_pretrained(d)
-        tok.save_pretrained(d)
+    src = _generating_dir(tiny_dir, tmp_path / "src", layers=5)
+    other = _generating_dir(tiny_dir, tmp_path / "other", layers=5)
     from safetensors.torch import load_file, save_file
     t = load_file(str(other / "model.safetensors"))
     t["model.layers.4.mlp.up_proj.weight"] += 1.0                       # another model, same shapes
