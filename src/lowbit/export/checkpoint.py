@@ -27,6 +27,7 @@ from ..formats.act import ActSpec
 from ..io.atomic import atomic_dir
 from ..io.safetensors import INDEX, check_safetensors, read_index, write_safetensors
 from ..models.arch import arch_for
+from ..models.moe import unstack_experts
 from ..models.hf import Loaded, hf_config_dict, read_config, unique_state_dict
 from ..nn import QuantLinear
 from ..nn.qlinear import ACT_STATE_KEYS
@@ -192,6 +193,8 @@ def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
     # built on the meta device: no float weights are ever allocated for modules that are stored quantized
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if record.get("unstacked_experts"):   # quantized experts are stored one Linear each (models.moe)
+        unstack_experts(model)
     with contextlib.ExitStack() as stack:
         f = _Tensors(path, stack)
         weights = f.name
