@@ -153,6 +153,8 @@ def _check_finite(model: nn.Module, name: str) -> None:
 def cast_unquantized(module: nn.Module, dtype: torch.dtype) -> None:
     """Parameters outside QuantLinear modules to `dtype` (float buffers such as rotary frequencies stay)."""
     for mod in module.modules():
+        if isinstance(mod, QuantLinear) and getattr(mod, "bias", None) is not None:
+            mod.bias.data = mod.bias.data.to(dtype)    # the bias is added to activations of that dtype (Qwen2's q/k/v)
         if not isinstance(mod, QuantLinear):
             for p in mod.parameters(recurse=False):
                 if p.is_floating_point():

@@ -222,7 +222,7 @@ def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
         raise LowbitError(f"{path / RECORD}: 'tied' must be a table of tensor name -> tensor name")
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
-    missing = [k for k in missing if k not in tied]
+    missing = [k for k in missing if k not in tied and k.rpartition(".")[0] not in modules]   # set above
     if missing or unexpected:
         raise LowbitError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for alias, target in tied.items():

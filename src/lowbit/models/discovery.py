@@ -49,7 +49,10 @@ def check_config(config) -> None:
     if mt not in CONFIG_MAPPING:
         extra = " (it needs remote code, which lowbit never runs)" if get("auto_map") else ""
         raise _unsupported(mt, f"transformers has no model type of that name{extra}")
-    if get("is_encoder_decoder"):
+    encoder_decoder = get("is_encoder_decoder")
+    if encoder_decoder is None:     # not written in config.json: the family's default says
+        encoder_decoder = getattr(CONFIG_MAPPING[mt](), "is_encoder_decoder", False)
+    if encoder_decoder:
         raise _unsupported(mt, "an encoder-decoder model; lowbit looks for a decoder-only causal LM")
     if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise _unsupported(mt, "transformers has no causal-LM class for it (vision-only, encoder or other "
