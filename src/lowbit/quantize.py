@@ -105,7 +105,7 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
         with route_all_experts(model, all_experts):
             for rel, q in quantize_block(block, inputs, block_plan, block_arch).items():
                 _swap(model, prefix + rel, q, block_plan[rel].kernel)
-        reset_counts(model)    # what is counted next is the block's one pass over the calibration set
+        reset_counts(block)    # what is counted next is the block's one pass over the calibration set
         done = (i, block)
         bar.update()
     if done is not None and release is not None:
