@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -160,4 +161,9 @@ def tp_warnings(model: torch.nn.Module, tp: int | None, *, group_of, pack_rows: 
             why = fast_kernel(name, m, kk, nn_)
             if why:
                 warns.append(f"{name}: {why}")
-    return warns
+    # one line per kind of layer, not per block: "model.layers.*.mlp.up_proj: ... (30 layers)"
+    counts: dict[str, int] = {}
+    for w in warns:
+        key = re.sub(r"\.(\d+)\.", ".*.", w, count=1)
+        counts[key] = counts.get(key, 0) + 1
+    return [k if c == 1 else f"{k} ({c} layers)" for k, c in counts.items()]
