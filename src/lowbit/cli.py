@@ -42,8 +42,15 @@ def cmd_quantize(args) -> int:
     model = quantize(loaded.model, recipe, calibration=args.calib_text, tokenizer=loaded.tokenizer,
                      calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
                      dtype=_DTYPES[args.dtype], progress=not args.quiet)
-    out = save_checkpoint(model, loaded.tokenizer, args.out, base=source_name(args.model), overwrite=args.overwrite,
-                          extra={"settings": {k: v for k, v in vars(args).items() if k != "func"}})
+    if args.format != "lowbit":   # written directly in a serving engine's format
+        from .export import export
+        out, warns = export(loaded, args.format, args.out, overwrite=args.overwrite)
+        for w in warns:
+            print(f"lowbit: warning: {w}", file=sys.stderr)
+    else:
+        out = save_checkpoint(model, loaded.tokenizer, args.out, base=source_name(args.model),
+                              overwrite=args.overwrite,
+                              extra={"settings": {k: v for k, v in vars(args).items() if k != "func"}})
     from .eval import weight_stats
     s = weight_stats(model)
     counts: dict[str, int] = {}
@@ -52,6 +59,15 @@ def cmd_quantize(args) -> int:
     print(f"quantized {len(plan)} Linear modules: " + ", ".join(f"{n} x{c}" for n, c in counts.items()))
     print(f"wrote {out}: {s['bytes'] / 1e6:.1f} MB, {s['bits_per_weight']:.2f} bits/weight overall, "
           f"{s['quantized_bits_per_weight']:.2f} in quantized layers; {model.lowbit['quantize_seconds']:.1f} s")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+    out, warns = export(args.checkpoint, args.format, args.out, overwrite=args.overwrite, tp=args.tp)
+    for w in warns:
+        print(f"lowbit: warning: {w}", file=sys.stderr)
+    print(f"wrote {out} ({args.format})")
     return 0
 
 
@@ -294,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from .export import EXPORTERS   # the formats serving engines load, by name
+    export_formats = list(EXPORTERS)
 
     q = sub.add_parser("quantize", help="quantize a model and write a lowbit checkpoint")
     q.add_argument("model", help='"default" (SmolLM2-135M-Instruct), a Hugging Face directory or a GGUF file')
@@ -307,7 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--stream", action="store_true",
                    help="read one block at a time from a Hugging Face safetensors directory and write the "
                         "checkpoint block by block (for models larger than memory)")
+    q.add_argument("--format", default="lowbit", choices=["lowbit", *export_formats],
+                   help="checkpoint format of --out: lowbit (default) or a serving engine's (see lowbit export)")
     q.set_defaults(func=cmd_quantize)
+
+    x = sub.add_parser("export", help="write a lowbit checkpoint as compressed-tensors, GPTQ or AWQ for serving")
+    x.add_argument("checkpoint", help="a lowbit checkpoint directory")
+    x.add_argument("--format", required=True, choices=export_formats)
+    x.add_argument("--out", required=True, help="output Hugging Face model directory")
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--tp", type=_positive, default=None,
+                   help="warn about layers that will not split across N GPUs or fall off the engines' fast kernels")
+    x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("eval", help="perplexity, KLD and top-1 vs base, size, speed")
     e.add_argument("model", help="a lowbit checkpoint, a Hugging Face directory, a GGUF file, or default")

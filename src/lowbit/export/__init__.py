@@ -1,1 +1,34 @@
-"""Writers and readers: lowbit's own checkpoint (more formats for serving engines come here)."""
+"""Writers and readers: lowbit's own checkpoint, and the formats serving engines load (compressed-tensors, GPTQ,
+AWQ), chosen by name through `EXPORTERS`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import awq, compressed_tensors, gptq
+from ..errors import LowbitError
+
+# format name -> export(model, tokenizer, out, *, overwrite, tp) -> (path, warnings)
+EXPORTERS = {
+    "compressed-tensors": compressed_tensors.export,
+    "gptq": gptq.export,
+    "awq": awq.export,
+}
+
+
+def export(loaded_or_checkpoint, fmt: str, out, *, overwrite: bool = False, tp: int | None = None,
+           tokenizer=None) -> tuple[Path, list[str]]:
+    """Write a quantized model (a `Loaded`, a lowbit checkpoint path, or a torch model with `tokenizer`) as a
+    Hugging Face directory in format `fmt`. Returns the directory and the warnings about serving it (shards that
+    do not split across `tp` GPUs, layers off the engines' fast kernels). Nothing is written on an error."""
+    from ..io.atomic import check_output
+    from ..models.hf import Loaded
+    if fmt not in EXPORTERS:
+        raise LowbitError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORTERS)}")
+    check_output(out, overwrite)
+    src = loaded_or_checkpoint
+    if not isinstance(src, Loaded) and not hasattr(src, "named_modules"):
+        from ..models.sources import load_model
+        src = load_model(src)
+    model, tok = (src.model, src.tokenizer) if isinstance(src, Loaded) else (src, tokenizer)
+    return EXPORTERS[fmt](model, tok, out, overwrite=overwrite, tp=tp)

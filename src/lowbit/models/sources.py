@@ -86,6 +86,10 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = t
     if is_lowbit_checkpoint(path):
         from ..export.checkpoint import load_checkpoint
         return load_checkpoint(path, kernel=kernel)
+    if path.is_dir() and (path / "config.json").is_file():
+        from .foreign import foreign_method, load_foreign
+        if foreign_method(path) is not None:   # another tool's quantized checkpoint: kept packed
+            return load_foreign(path, dtype, kernel)
     if path.is_dir():
         loaded = _load_hf_dir(path, dtype)
     elif _is_gguf(path):
