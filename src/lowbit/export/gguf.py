@@ -30,6 +30,7 @@ tensor and the GGUF type of the nearest size at or above its own that fits its r
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -175,8 +176,9 @@ def _entries(model: torch.nn.Module, gguf_arch: str, types: dict[str, str] | Non
         if name is None:
             raise LowbitError(f"tensor {hf_name} has no GGUF name for the {gguf_arch} architecture")
         shape = tuple(value.shape)
-        want = types.get(module, types.get(name)) if hf_name.endswith(".weight") else None
-        known.update({module, name} & set(types))
+        keys = [k for k in (module, name, name.removesuffix(".weight")) if k in types]
+        want = types[keys[0]] if keys and hf_name.endswith(".weight") else None
+        known.update(keys)
         if want is not None:
             if want not in GGUF_TYPES + FLOAT_TYPES:
                 raise LowbitError(f"{module}: unknown GGUF type {want!r}; valid: {', '.join(GGUF_TYPES + FLOAT_TYPES)}")
@@ -214,11 +216,13 @@ def _model_arch(name: str):
 # metadata
 
 def _file_type(entries: list[_Entry]) -> int:
-    """general.file_type: llama.cpp's name for the type holding the most weights of the 2-D tensors (a K type
-    is named as its _M mix, which is what llama-quantize calls a file that is mostly that type)."""
+    """general.file_type: llama.cpp's name for the type holding the most weights of the blocks' matrices (the
+    embedding and output often take another type, as in llama-quantize's mixes; a K type is named as its _M
+    mix, which is what llama-quantize calls a file that is mostly that type)."""
     import gguf
     count: dict[str, int] = {}
-    for e in entries:
+    in_blocks = [e for e in entries if e.name.startswith("blk.")] or entries
+    for e in in_blocks:
         if len(e.shape) == 2:
             count[e.type] = count.get(e.type, 0) + int(np.prod(e.shape))
     main = max(count, key=count.get) if count else "F32"
@@ -244,40 +248,47 @@ def _field_value(field):
     return field.parts[field.data[0]].tolist()[0], vtype, None
 
 
-def _metadata_from_gguf(writer, path: Path, model: torch.nn.Module) -> str:
+@functools.lru_cache(maxsize=4)
+def _gguf_metadata(path: str, size: int, mtime_ns: int) -> dict[str, tuple]:
+    """A GGUF file's metadata, key -> (value, type, item type), parsed once per file version (gguf's reader
+    takes seconds over a tokenizer's 100k strings, and a size-budget search asks for sizes many times)."""
     import gguf
-    reader = gguf.GGUFReader(str(path))
-    arch_field = reader.fields.get("general.architecture")
-    if arch_field is None:
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:   # the reader raises many types for a damaged file
+        raise LowbitError(f"corrupt or truncated GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def _metadata_from_gguf(writer, path: Path, model: torch.nn.Module) -> str:
+    st = path.stat()
+    fields = _gguf_metadata(str(path), st.st_size, st.st_mtime_ns)
+    if "general.architecture" not in fields:
         raise LowbitError(f"{path} has no general.architecture")
-    gguf_arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+    gguf_arch = fields["general.architecture"][0].decode()
     writer.arch = gguf_arch
     cfg = model.config
+    arch = arch_for(cfg)
     expect = {f"{gguf_arch}.embedding_length": cfg.hidden_size,
               f"{gguf_arch}.feed_forward_length": cfg.intermediate_size,
               f"{gguf_arch}.attention.head_count": cfg.num_attention_heads,
-              f"{gguf_arch}.attention.head_count_kv": cfg.num_key_value_heads}
+              f"{gguf_arch}.attention.head_count_kv": cfg.num_key_value_heads,
+              "tokenizer.ggml.tokens": model.get_submodule(arch.embed).num_embeddings}
     for key, want in expect.items():
-        f = reader.fields.get(key)
-        if f is not None and _field_value(f)[0] != want:
-            raise LowbitError(f"{path} describes another model: {key} is {_field_value(f)[0]}, the model has {want}")
-    skip = {"general.architecture", "general.file_type", "general.quantization_version",
-            f"{gguf_arch}.block_count"}
-    blocks = len(model.get_submodule(arch_for(cfg).blocks))
-    for key, field in reader.fields.items():
+        have = fields[key][0] if key in fields else want
+        have = len(have) if isinstance(have, list) else have
+        if have != want:
+            raise LowbitError(f"{path} describes another model: {key} is {have}, the model has {want}")
+    skip = {"general.architecture"}   # written first by GGUFWriter; file type and version are set in _plan
+    blocks = len(model.get_submodule(arch.blocks))
+    for key, (value, vtype, sub) in fields.items():
         if key == f"{gguf_arch}.block_count":   # the model's own, where the source has it
             writer.add_block_count(blocks)
-        if key.startswith("GGUF.") or key in skip:
-            continue
-        value, vtype, sub = _field_value(field)
-        writer.add_key_value(key, value, vtype, sub_type=sub)
+        elif key not in skip:
+            writer.add_key_value(key, value, vtype, sub_type=sub)
         if key == "general.alignment":
             writer.data_alignment = int(value)
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    n_vocab = model.get_submodule(arch_for(cfg).embed).num_embeddings
-    if tokens is not None and len(tokens.data) != n_vocab:
-        raise LowbitError(f"{path} describes another model: {len(tokens.data)} tokens, the model embeds {n_vocab}")
-    if f"{gguf_arch}.block_count" not in reader.fields:
+    if f"{gguf_arch}.block_count" not in fields:
         writer.add_block_count(blocks)
     return gguf_arch
 
@@ -368,8 +379,10 @@ def _plan(model_or_loaded, source, types: dict[str, str] | None):
     # GGUFWriter wrote general.architecture for the name it was made with; keep the one the metadata says
     writer.kv_data[0][gguf.Keys.General.ARCHITECTURE] = gguf.GGUFValue(gguf_arch, gguf.GGUFValueType.STRING)
     entries = _entries(model, gguf_arch, types)
-    writer.add_file_type(_file_type(entries))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    # where the source has them (or last): the file's main type and the block formats' version
+    kv = writer.kv_data[0]
+    kv[gguf.Keys.General.FILE_TYPE] = gguf.GGUFValue(_file_type(entries), gguf.GGUFValueType.UINT32)
+    kv[gguf.Keys.General.QUANTIZATION_VERSION] = gguf.GGUFValue(gguf.GGML_QUANT_VERSION, gguf.GGUFValueType.UINT32)
     for e in entries:
         if e.type in FLOAT_TYPES:
             writer.add_tensor_info(e.name, e.shape, np.dtype(np.float32 if e.type == "F32" else np.float16),
@@ -410,7 +423,7 @@ def _size(writer) -> int:
 def gguf_file_bytes(model_or_loaded, source=None, types: dict[str, str] | None = None) -> int:
     """The exact size in bytes of the GGUF file `write_gguf` would write for this model, without writing it.
     `types` maps module names (as recipes name them: "model.layers.0.mlp.down_proj") or GGUF tensor names
-    ("blk.0.ffn_down") to the GGUF type ("Q4_K", ..., "F16", "F32") to count them as, instead of what the
+    ("blk.0.ffn_down" or "blk.0.ffn_down.weight") to the GGUF type ("Q4_K", ..., "F16", "F32") to count them as, instead of what the
     model stores: a size-budget allocator's question "how big is the file if these tensors take these types"."""
     writer, _ = _plan(model_or_loaded, source, types)
     return _size(writer)
