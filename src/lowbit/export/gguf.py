@@ -399,7 +399,8 @@ def _value_bytes(value, vtype, sub=None) -> int:
     V = gguf.GGUFValueType
     if vtype == V.STRING:
         return 8 + len(value.encode("utf-8") if isinstance(value, str) else value)
-    if vtype == V.ARRAY:
+    if vtype == V.ARRAY:   # an item type left out is inferred as GGUFWriter infers it
+        sub = sub if sub is not None else V.UINT8 if isinstance(value, bytes) else V.get_type(value[0])
         return 4 + 8 + sum(_value_bytes(v, sub) for v in value)
     return {V.UINT8: 1, V.INT8: 1, V.BOOL: 1, V.UINT16: 2, V.INT16: 2, V.UINT32: 4, V.INT32: 4, V.FLOAT32: 4,
             V.UINT64: 8, V.INT64: 8, V.FLOAT64: 8}[vtype]
