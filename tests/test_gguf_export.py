@@ -15,6 +15,7 @@ import torch
 
 import lowbit
 from lowbit.errors import LowbitError
+from lowbit.eval.size import weight_stats
 from lowbit.export.checkpoint import load_checkpoint, save_checkpoint
 from lowbit.export.gguf import gguf_file_bytes, write_gguf
 from lowbit.formats import GGUFSpec, IntSpec, QuantizedTensor
@@ -199,6 +200,8 @@ def test_embedding_recipe_tied_and_untied(tiny_dir, tmp_path):
         tables = emb.quantized_tensor().nbytes + (0 if shared else head.quantized_tensor().nbytes)
         blocks = sum(q.quantized_tensor().nbytes for q in m.model.layers.modules() if isinstance(q, QuantLinear))
         assert tables + blocks < os.path.getsize(ck / "model.safetensors") < tables + blocks + 20000
+        stats = weight_stats(m)   # the tied table counted once, as stored
+        assert tables + blocks < stats["bytes"] < os.path.getsize(ck / "model.safetensors")
         back = load_checkpoint(ck)
         with torch.no_grad():
             assert torch.equal(back.model(ids).logits, logits), case
