@@ -256,7 +256,8 @@ def _gguf_metadata(path: str, size: int, mtime_ns: int) -> dict[str, tuple]:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:   # the reader raises many types for a damaged file
-        raise LowbitError(f"corrupt or truncated GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LowbitError(f"corrupt or truncated GGUF file {path}: {why}") from None
     return {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
@@ -423,9 +424,9 @@ def _size(writer) -> int:
 
 def gguf_file_bytes(model_or_loaded, source=None, types: dict[str, str] | None = None) -> int:
     """The exact size in bytes of the GGUF file `write_gguf` would write for this model, without writing it.
-    `types` maps module names (as recipes name them: "model.layers.0.mlp.down_proj") or GGUF tensor names
-    ("blk.0.ffn_down" or "blk.0.ffn_down.weight") to the GGUF type ("Q4_K", ..., "F16", "F32") to count them as, instead of what the
-    model stores: a size-budget allocator's question "how big is the file if these tensors take these types"."""
+    `types` maps module names as recipes name them ("model.layers.0.mlp.down_proj") or GGUF tensor names
+    ("blk.0.ffn_down", "blk.0.ffn_down.weight") to the GGUF type ("Q4_K", ..., "F16", "F32") to count them as,
+    instead of what the model stores: a size-budget allocator's "how big is the file with these types"."""
     writer, _ = _plan(model_or_loaded, source, types)
     return _size(writer)
 
