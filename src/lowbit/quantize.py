@@ -25,7 +25,7 @@ from .models.arch import arch_for
 from .models.calibration import iterate_blocks
 from .models.discovery import discover_feeds
 from .models.moe import reset_counts, route_all_experts, routed_counts, router_names, unstack_experts
-from .nn import QuantLinear, set_submodule
+from .nn import QuantEmbedding, QuantLinear, set_submodule
 from .recipes import Recipe
 
 
@@ -112,9 +112,19 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
         release(*done)
     bar.close()
     outside = {n: s for n, s in plan.items() if not n.startswith(arch.blocks + ".")}
-    for name, scheme in outside.items():  # e.g. the lm_head: round-to-nearest, no calibrating driver reaches it
-        weight = model.get_submodule(name).weight.detach()
-        _swap(model, name, Quantized(scheme.spec.quantize(weight)), scheme.kernel)
+    shared = model.get_submodule(arch.lm_head).weight is model.get_submodule(arch.embed).weight
+    for name in sorted(outside, key=lambda n: n != arch.embed):   # the embedding first: a tied head reuses it
+        # e.g. the lm_head or the embedding: round-to-nearest, no calibrating driver reaches them
+        scheme = outside[name]
+        if name == arch.lm_head and shared and isinstance(model.get_submodule(arch.embed), QuantEmbedding):
+            qt = model.get_submodule(arch.embed).quantized_tensor()   # still tied: one tensor, same format
+        else:
+            qt = scheme.spec.quantize(model.get_submodule(name).weight.detach())
+        if name == arch.embed:
+            embed = model.get_submodule(name)
+            set_submodule(model, name, QuantEmbedding(qt, embed.padding_idx, embed.weight.dtype))
+        else:
+            _swap(model, name, Quantized(qt), scheme.kernel)
 
     cast_unquantized(model, dtype)
     model.lowbit = {
@@ -155,6 +165,8 @@ def cast_unquantized(module: nn.Module, dtype: torch.dtype) -> None:
     for mod in module.modules():
         if isinstance(mod, QuantLinear) and getattr(mod, "bias", None) is not None:
             mod.bias.data = mod.bias.data.to(dtype)    # the bias is added to activations of that dtype (Qwen2's q/k/v)
+        if isinstance(mod, QuantEmbedding):   # its packed table stays; lookups return `dtype`
+            mod.dtype = dtype
         if not isinstance(mod, QuantLinear):
             for p in mod.parameters(recurse=False):
                 if p.is_floating_point():
@@ -167,8 +179,11 @@ def _swap(model: nn.Module, name: str, q: Quantized, kernel: str) -> None:
 
 
 def _untie_if_split(model: nn.Module, arch, plan: dict) -> None:
-    """A tied lm_head that gets quantized no longer shares the embedding's weight."""
+    """A tied lm_head and embedding stay tied only if both stay float or both get the same weight format (then
+    one quantized tensor serves both); otherwise the head gets its own copy of the weight."""
     head, embed = model.get_submodule(arch.lm_head), model.get_submodule(arch.embed)
-    if head.weight is embed.weight and arch.lm_head in plan:
+    h, e = plan.get(arch.lm_head), plan.get(arch.embed)
+    same = h is None and e is None or h is not None and e is not None and h.spec == e.spec
+    if head.weight is embed.weight and not same:
         head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
         model.config.tie_word_embeddings = False

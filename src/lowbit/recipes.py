@@ -145,13 +145,15 @@ class Recipe:
         return None
 
     def plan(self, model: nn.Module) -> dict[str, QuantConfig]:
-        """Module name -> configuration, for every Linear the recipe quantizes; every shape is checked up front."""
+        """Module name -> configuration, for every Linear (and token embedding: its table is stored like a
+        Linear's weight, one row per token) the recipe quantizes; every shape is checked up front. The default
+        rules match no embedding, so it stays in 16-bit unless a rule names it."""
         plan = {}
         for name, mod in model.named_modules():
-            if isinstance(mod, nn.Linear):
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
                 scheme = self.scheme_for(name)
                 if scheme is not None:
-                    scheme.spec.check_shape((mod.out_features, mod.in_features), name)
+                    scheme.spec.check_shape(tuple(mod.weight.shape), name)
                     plan[name] = scheme
         if not plan:
             raise LowbitError("the recipe quantizes no Linear module of this model")

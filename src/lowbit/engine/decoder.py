@@ -20,6 +20,7 @@ from transformers.activations import ACT2FN
 from ..errors import LowbitError
 from ..models.arch import arch_for
 from ..nn.fuse import fuse_linears
+from ..nn.qembedding import QuantEmbedding
 from ..nn.qlinear import QuantLinear
 from ..offload.runtime import streaming_of
 from .cache import ChannelKeyKVCache, HostKVCache, StaticKVCache
@@ -150,7 +151,10 @@ class Decoder(nn.Module):
 
     def resize(self, max_len: int) -> None:
         """(Re)allocate the cache and the rotary tables for max_len positions."""
-        dtype, device = self.embed.weight.dtype, self.embed.weight.device
+        if isinstance(self.embed, QuantEmbedding):   # a packed table: lookups dequantize only their rows
+            dtype, device = self.embed.dtype, self.embed.qweight.device
+        else:
+            dtype, device = self.embed.weight.dtype, self.embed.weight.device
         positions = torch.arange(max_len, device=device)
         # the model's own rotary module gives the exact cos/sin the reference uses (any rope scaling included)
         cos, sin = self.rotary(torch.empty(0, dtype=dtype, device=device), positions.unsqueeze(0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..nn import QuantLinear
+from ..nn import QuantEmbedding, QuantLinear
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -18,17 +18,30 @@ def weight_stats(model: torch.nn.Module) -> dict:
     """
     stored = resident = params = qbytes = qresident = qparams = 0
     seen = set()
+    tables = [m.quantized_tensor() for m in model.modules() if isinstance(m, QuantEmbedding)]
     for mod in model.modules():
+        if isinstance(mod, QuantEmbedding):
+            n = mod.num_embeddings * mod.embedding_dim
+            b = mod.spec.nbytes((mod.num_embeddings, mod.embedding_dim))
+            params, qparams, stored, qbytes = params + n, qparams + n, stored + b, qbytes + b
+            resident += mod.resident_bytes
+            qresident += mod.resident_bytes
+            continue
         if isinstance(mod, QuantLinear):
             n = mod.out_features * mod.in_features
             b = mod.spec.nbytes((mod.out_features, mod.in_features))
             bias = _nbytes(mod.bias) if mod.bias is not None else 0
+            held = mod.resident_bytes
+            if tables and any(mod.quantized_tensor().same_as(t) for t in tables):
+                n = b = 0   # a tied head: the embedding's table, stored and counted once
+                if any(buf.data_ptr() == t.qweight.data_ptr() for buf in mod.buffers() for t in tables):
+                    held = bias   # and held once when the kernel runs the very same tensors
             params += n
             qparams += n
             stored += b + bias
             qbytes += b
-            resident += mod.resident_bytes
-            qresident += mod.resident_bytes - bias
+            resident += held
+            qresident += held - bias
             continue
         for p in list(mod.parameters(recurse=False)):
             key = p.data_ptr()

@@ -1,18 +1,27 @@
-"""Writers and readers: lowbit's own checkpoint, and the formats serving engines load (compressed-tensors, GPTQ,
-AWQ), chosen by name through `EXPORTERS`."""
+"""Writers and readers: lowbit's own checkpoint (checkpoint), and the formats serving engines load: Hugging Face
+directories in compressed-tensors, GPTQ or AWQ form, and GGUF files for llama.cpp (gguf), chosen by name
+through `EXPORTERS`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import awq, compressed_tensors, gptq
+from . import awq, compressed_tensors, gguf, gptq
 from ..errors import LowbitError
+
+
+
+def _gguf(model, tokenizer, out, *, overwrite: bool = False, tp: int | None = None) -> tuple[Path, list[str]]:
+    """A GGUF file (the source's metadata and tokenizer: see export.gguf); llama.cpp does no tensor parallelism."""
+    return gguf.write_gguf(model, out, overwrite=overwrite), []
+
 
 # format name -> export(model, tokenizer, out, *, overwrite, tp) -> (path, warnings)
 EXPORTERS = {
     "compressed-tensors": compressed_tensors.export,
     "gptq": gptq.export,
     "awq": awq.export,
+    "gguf": _gguf,
 }
 
 

@@ -3,8 +3,10 @@
     config.json        the Hugging Face model config (architecture)
     tokenizer files    as the tokenizer saves them
     model.safetensors  for each quantized Linear NAME: NAME.qweight, NAME.scales, [NAME.zeros], [NAME.bias]
-                       (layouts in lowbit.formats.intq); every other tensor under its usual name, once
-                       (tied weights are stored once and listed under "tied")
+                       (layouts in lowbit.formats); a quantized embedding likewise (its table is stored as
+                       a Linear weight [vocab, hidden]); every other tensor under its usual name, once
+                       (tied weights are stored once and listed under "tied", a tied lm_head quantized in
+                       the embedding's format as NAME.qweight -> model.embed_tokens.qweight, ...)
                        -- or, when written block by block (lowbit.offload.quantize_streamed), several
                        shards and model.safetensors.index.json mapping each tensor name to its shard
     lowbit.json        format version, versions, base model, dtype, the scheme of every quantized module,
@@ -29,7 +31,7 @@ from ..io.safetensors import INDEX, check_safetensors, read_index, write_safeten
 from ..models.arch import arch_for
 from ..models.moe import unstack_experts
 from ..models.hf import Loaded, hf_config_dict, read_config, unique_state_dict
-from ..nn import QuantLinear
+from ..nn import QuantEmbedding, QuantLinear
 from ..nn.qlinear import ACT_STATE_KEYS
 from ..nn.surgery import meta_tensor_names, rebuild_meta_buffers, set_submodule, tie_tensor
 
@@ -39,19 +41,29 @@ RECORD = "lowbit.json"
 
 
 def checkpoint_tensors(module: torch.nn.Module, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors a checkpoint stores for `module` (names prefixed), and the tied aliases among them."""
+    """The tensors a checkpoint stores for `module` (names prefixed), and the tied aliases among them. A
+    quantized module whose stored tensors equal a quantized embedding's (a tied lm_head quantized once) is
+    stored once: its tensors are aliases of the embedding's."""
     tensors, tied = unique_state_dict(module)
-    for name, mod in module.named_modules():
-        if isinstance(mod, QuantLinear):
-            for key, t in {**mod.quantized_tensor().tensors(), **mod.act_state()}.items():
+    quantized = [(n, m, m.quantized_tensor()) for n, m in module.named_modules()
+                 if isinstance(m, (QuantLinear, QuantEmbedding))]
+    tables = [(n, qt) for n, m, qt in quantized if isinstance(m, QuantEmbedding)]
+    for name, mod, qt in quantized:
+        same = next((e for e, table in tables if isinstance(mod, QuantLinear) and qt.same_as(table)), None)
+        for key, t in qt.tensors().items():
+            if same is None:
                 tensors[f"{name}.{key}"] = t.contiguous()
+            else:
+                tied[f"{name}.{key}"] = f"{same}.{key}"
+        if isinstance(mod, QuantLinear):
+            tensors.update({f"{name}.{key}": t.contiguous() for key, t in mod.act_state().items()})
     return ({prefix + k: v for k, v in tensors.items()},
             {prefix + k: prefix + v for k, v in tied.items()})
 
 
 def checkpoint_record(model: torch.nn.Module, base: str | None, tied: dict, extra: dict | None = None) -> dict:
     import transformers
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     record = dict(getattr(model, "lowbit", {}))
     record.update({
         "format": FORMAT,
@@ -63,7 +75,8 @@ def checkpoint_record(model: torch.nn.Module, base: str | None, tied: dict, extr
         "base": base or record.get("base"),
         "tied": tied,
         "modules": {n: {**record.get("modules", {}).get(n, {}), **m.spec.to_dict(),
-                        "act": None if m.act is None else m.act.to_dict()} for n, m in quantized.items()},
+                        "act": None if getattr(m, "act", None) is None else m.act.to_dict()}
+                    for n, m in quantized.items()},
         **(extra or {}),
     })
     return record
@@ -163,14 +176,15 @@ UNQUANTIZED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloa
 
 
 def _module_entry(model: torch.nn.Module, name, info, where: Path):
-    """A recorded quantized module, checked: its name is a Linear of this model, its format a known one."""
+    """A recorded quantized module, checked: its name is a Linear (or Embedding) of this model, its format a
+    known one."""
     if not isinstance(name, str) or not isinstance(info, dict):
         raise LowbitError(f"{where}: bad entry for module {name!r}")
     try:
         linear = model.get_submodule(name)
     except AttributeError:
         raise LowbitError(f"{where} names module {name!r}, which this model does not have") from None
-    if not isinstance(linear, torch.nn.Linear):
+    if not isinstance(linear, (torch.nn.Linear, torch.nn.Embedding)):
         raise LowbitError(f"{where} names module {name!r}, which is a {type(linear).__name__}, not a Linear")
     try:
         return spec_from_dict(info), linear
@@ -202,25 +216,33 @@ def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
         modules = record.get("modules", {})
         if not isinstance(modules, dict):
             raise LowbitError(f"{path / RECORD}: 'modules' must be a table of module name -> format")
+        tied = record.get("tied", {})
+        if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+            raise LowbitError(f"{path / RECORD}: 'tied' must be a table of tensor name -> tensor name")
+        read = {}   # a quantized tensor stored once for two modules (tied) is read once
         for name, info in modules.items():
             spec, linear = _module_entry(model, name, info, path / RECORD)
-            stored = {k: f.get(f"{name}.{k}") for k in ("qweight", "scales", "zeros") if f"{name}.{k}" in names}
+            at = {k: tied.get(f"{name}.{k}", f"{name}.{k}") for k in ("qweight", "scales", "zeros")}
+            stored = {k: read.get(t) if t in read else f.get(t) for k, t in at.items() if t in names}
+            read.update({at[k]: t for k, t in stored.items()})
             if "qweight" not in stored:
                 raise LowbitError(f"{weights} lacks the tensors of quantized module {name}")
-            qt = QuantizedTensor(spec, (linear.out_features, linear.in_features), stored["qweight"],
+            qt = QuantizedTensor(spec, tuple(linear.weight.shape), stored["qweight"],
                                  stored.get("scales"), stored.get("zeros")).validate(name)
+            if isinstance(linear, torch.nn.Embedding):
+                set_submodule(model, name, QuantEmbedding(qt, linear.padding_idx, dtype))
+                continue
             bias = f.get(f"{name}.bias") if f"{name}.bias" in names else None
             act_state = {k: f.get(f"{name}.{k}") for k in ACT_STATE_KEYS if f"{name}.{k}" in names}
-            names -= {f"{name}.{k}" for k in (*stored, *act_state, "bias")}
+            names -= {f"{name}.{k}" for k in (*act_state, "bias")}
             act = ActSpec.from_dict(info.get("act"))
             if act is not None and act.static and "act_scale" not in act_state:
                 raise LowbitError(f"{weights} lacks the static activation scale of {name}")
             set_submodule(model, name, QuantLinear(qt, bias, kernel=info.get("kernel", "auto") if kernel == "auto"
                                                    else kernel, act=act, act_state=act_state))
+        names -= set(read)
         rest = {k: f.get(k) for k in names}
-    tied = record.get("tied", {})
-    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
-        raise LowbitError(f"{path / RECORD}: 'tied' must be a table of tensor name -> tensor name")
+    tied = {k: v for k, v in tied.items() if v not in read}   # quantized aliases were resolved above
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     missing = [k for k in missing if k not in tied and k.rpartition(".")[0] not in modules]   # set above
     if missing or unexpected:

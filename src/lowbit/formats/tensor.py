@@ -58,6 +58,20 @@ class QuantizedTensor:
         cat = {k: torch.cat([p.tensors()[k] for p in parts]) for k in first.tensors()}
         return cls(first.spec, (sum(p.shape[0] for p in parts), first.shape[1]), **cat)
 
+    def rows(self, index: torch.Tensor) -> "QuantizedTensor":
+        """The matrix made of the rows `index` (any shape of row ids, flattened, in that order): every stored
+        tensor is row-major by output row, so this gathers each along dim 0 without decoding anything."""
+        index = index.reshape(-1)
+        return QuantizedTensor(self.spec, (index.numel(), self.shape[1]),
+                               **{k: t.index_select(0, index) for k, t in self.tensors().items()})
+
+    def same_as(self, other: "QuantizedTensor") -> bool:
+        """Whether two quantized tensors store the same matrix, byte for byte (a tied embedding and lm_head
+        quantized once, or twice identically, are written once)."""
+        a, b = self.tensors(), other.tensors()
+        return (self.spec == other.spec and self.shape == other.shape and a.keys() == b.keys()
+                and all(a[k].dtype == b[k].dtype and torch.equal(_bytes(a[k]), _bytes(b[k])) for k in a))
+
     def validate(self, name: str = "weight") -> "QuantizedTensor":
         """Check stored tensors against the format (used when reading a checkpoint)."""
         self.spec.check_shape(self.shape, name)
@@ -74,3 +88,7 @@ class QuantizedTensor:
         if self.scales is not None and not torch.isfinite(self.scales.float()).all():
             raise LowbitError(f"{name}.scales contains NaN or Inf")
         return self
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().view(torch.uint8)

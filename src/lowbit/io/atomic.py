@@ -64,6 +64,34 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, what: str | None
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(out: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary file path beside `out` (an empty file) to write; it is renamed onto `out` only if the
+    block succeeds, replacing an existing `out` only if `overwrite`, and removed otherwise. An OSError becomes a
+    LowbitError naming the output."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LowbitError(f"output {out} already exists (pass --overwrite to replace it)")
+    if out.is_dir():
+        raise LowbitError(f"output {out} is a directory, not a file")
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)
+        fd, name = tempfile.mkstemp(prefix=_prefix(out, "tmp"), dir=out.parent)
+        os.close(fd)
+        tmp = Path(name)
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except OSError as e:
+        raise LowbitError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None and tmp.exists():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
 def _prefix(out: Path, kind: str) -> str:
     return f".{out.name}.{kind}-{os.getpid()}-"
 
