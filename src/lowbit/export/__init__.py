@@ -10,7 +10,6 @@ from . import awq, compressed_tensors, gguf, gptq
 from ..errors import LowbitError
 
 
-
 def _gguf(model, tokenizer, out, *, overwrite: bool = False, tp: int | None = None) -> tuple[Path, list[str]]:
     """A GGUF file (the source's metadata and tokenizer: see export.gguf); llama.cpp does no tensor parallelism."""
     return gguf.write_gguf(model, out, overwrite=overwrite), []
