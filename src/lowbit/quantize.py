@@ -22,6 +22,7 @@ from .errors import LowbitError
 from .models import Loaded, load_model
 from .models.arch import arch_for
 from .models.calibration import iterate_blocks
+from .models.importance import collect_importance, load_importance
 from .nn import QuantLinear, set_submodule
 from .recipes import Recipe
 
@@ -30,7 +31,7 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
              calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN, seed: int = 0,
              dtype: torch.dtype = torch.bfloat16, progress: bool = True,
              materialize: Callable[[int, nn.Module], None] | None = None,
-             release: Callable[[int, nn.Module], None] | None = None):
+             release: Callable[[int, nn.Module], None] | None = None, imatrix=None):
     """Quantize a model: `lowbit.quantize(model, lowbit.GPTQ(bits=4, group_size=64), tokenizer=tok)`.
 
     model: a torch model (quantized in place and returned), or a source — "default", a Hugging Face
@@ -44,6 +45,10 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
     materialize / release: called with (index, block) before a block is quantized and once nothing needs it
     any more (after it produced the next block's calibration inputs); used to quantize models whose blocks
     live on disk (lowbit.offload.quantize_streamed).
+    imatrix: input-channel importance for schemes that use it (RTN(importance=True)): an imatrix file
+    (lowbit.models.importance) or an `Importance`; None: measured on the calibration text with the float model.
+    A GGUF type that does not fit a Linear's rows is replaced by llama.cpp's fallback type; the replacements
+    are recorded in `model.lowbit["gguf_fallbacks"]`.
     Records what was done in `model.lowbit` (saved with the checkpoint).
     """
     if isinstance(model, (str, os.PathLike)):
@@ -51,7 +56,7 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
     if isinstance(model, Loaded):
         quantize(model.model, config, calibration=calibration, tokenizer=tokenizer or model.tokenizer,
                  calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, dtype=dtype, progress=progress,
-                 materialize=materialize, release=release)
+                 materialize=materialize, release=release, imatrix=imatrix)
         return model
     if not isinstance(model, nn.Module):
         raise LowbitError(f"quantize takes a torch model, a Loaded or a model source, got {type(model).__name__}")
@@ -59,13 +64,27 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
         raise LowbitError(f"dtype must be a torch floating-point dtype, got {dtype!r}")
     arch = arch_for(model.config)
     recipe = recipe_for(config, arch.blocks)
-    plan = recipe.plan(model)
+    fallbacks: dict = {}
+    plan = recipe.plan(model, fallbacks)
     for name in plan:
         _check_finite(model, name)
     if any(s.needs_calibration for s in plan.values()):
         calibration = calibration_ids(calibration, tokenizer, calib_samples, calib_seqlen, seed)
     else:
         calibration = None
+    importance = None
+    if any(s.options().get("importance") for s in plan.values()):
+        if isinstance(imatrix, (str, os.PathLike)):
+            imatrix = load_importance(imatrix)
+        if imatrix is None:
+            if materialize is not None:
+                raise LowbitError("importance needs an imatrix file when blocks stream from disk")
+            imatrix = collect_importance(model, calibration, [n for n, s in plan.items()
+                                                              if s.options().get("importance")])
+        importance = {n: imatrix.get(n) for n, s in plan.items() if s.options().get("importance")}
+        missing = [n for n, v in importance.items() if v is None]
+        if missing:
+            raise LowbitError(f"the imatrix has no importance for {missing[0]} ({len(missing)} Linears missing)")
 
     start = time.perf_counter()
     _untie_if_split(model, arch, plan)
@@ -85,7 +104,9 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
             materialize(i, block)
             for rel in block_plan:
                 _check_finite(model, prefix + rel)
-        for rel, q in quantize_block(block, inputs, block_plan, arch).items():
+        block_imp = None if importance is None else {
+            n[len(prefix):]: v for n, v in importance.items() if n.startswith(prefix)}
+        for rel, q in quantize_block(block, inputs, block_plan, arch, block_imp).items():
             _swap(model, prefix + rel, q, block_plan[rel].kernel)
         done = (i, block)
         bar.update()
@@ -95,7 +116,8 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
     outside = {n: s for n, s in plan.items() if not n.startswith(arch.blocks + ".")}
     for name, scheme in outside.items():  # e.g. the lm_head: round-to-nearest, no calibrating driver reaches it
         weight = model.get_submodule(name).weight.detach()
-        _swap(model, name, Quantized(scheme.spec.quantize(weight)), scheme.kernel)
+        imp = None if importance is None else importance.get(name)
+        _swap(model, name, Quantized(scheme.spec.quantize(weight, imp)), scheme.kernel)
 
     cast_unquantized(model, dtype)
     model.lowbit = {
@@ -106,6 +128,8 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
         "quantize_seconds": round(time.perf_counter() - start, 3),
         "calibration_samples": None if calibration is None else list(calibration.shape),
     }
+    if fallbacks:
+        model.lowbit["gguf_fallbacks"] = fallbacks
     return model
 
 

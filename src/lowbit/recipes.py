@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import RTN, IntWeightConfig, QuantConfig, config_for
 from .errors import LowbitError
-from .formats import IntSpec
+from .formats import GGUFSpec, IntSpec
 
 MAX_PATTERN = 1000   # characters; a recipe pattern is a module name or a short expression, never a program
 
@@ -67,7 +67,8 @@ class Rule:
 
 
 # "kind" and "fmt" appear in recorded recipes (a format's own fields); a rule file needs only the others
-_RULE_KEYS = {"match", "keep", "method", "bits", "group_size", "symmetric", "kernel", "options", "kind", "fmt"}
+_RULE_KEYS = {"match", "keep", "method", "bits", "group_size", "symmetric", "kernel", "options", "kind", "fmt",
+              "gguf_type", "type"}
 
 
 def _rule_config(r: dict, base: QuantConfig, where: str) -> QuantConfig:
@@ -81,11 +82,17 @@ def _rule_config(r: dict, base: QuantConfig, where: str) -> QuantConfig:
         raise LowbitError(f"{where}: 'options' must be a table of option = value, got {options!r}")
     base_int = base if isinstance(base, IntWeightConfig) else RTN()
     spec = None
-    if r.get("kind", "int") != "int":   # a recorded non-integer format: its method fixes it
+    if "gguf_type" in r or r.get("kind") == "gguf":   # a GGUF block type (recorded recipes say kind + type)
+        spec = GGUFSpec(r.get("gguf_type", r.get("type")))
+    elif r.get("kind", "int") != "int":   # a recorded non-integer format: its method fixes it
         pass
+    elif isinstance(base, IntWeightConfig) and base.gguf_type is not None and not any(
+            k in r for k in ("bits", "group_size", "symmetric")):
+        spec = base.spec
     elif any(k in r for k in ("bits", "group_size", "symmetric")) or isinstance(base, IntWeightConfig):
-        spec = IntSpec(r.get("bits", base_int.bits), r.get("group_size", base_int.group_size),
-                       r.get("symmetric", base_int.symmetric))
+        spec = IntSpec(r.get("bits", 4 if base_int.gguf_type else base_int.bits),
+                       r.get("group_size", 64 if base_int.gguf_type else base_int.group_size),
+                       r.get("symmetric", True if base_int.gguf_type else base_int.symmetric))
     kernel = r.get("kernel", base.kernel)
     merged = {**(base.options() if method == base.method else {}), **options}
     return config_for(method, spec, kernel, merged)
@@ -144,12 +151,20 @@ class Recipe:
                 return rule.scheme
         return None
 
-    def plan(self, model: nn.Module) -> dict[str, QuantConfig]:
-        """Module name -> configuration, for every Linear the recipe quantizes; every shape is checked up front."""
+    def plan(self, model: nn.Module, fallbacks: dict | None = None) -> dict[str, QuantConfig]:
+        """Module name -> configuration, for every Linear the recipe quantizes; every shape is checked up front.
+        A GGUF type whose block does not divide a Linear's rows becomes llama.cpp's fallback type (or the
+        Linear stays 16-bit); each such change is added to `fallbacks` as name -> {"requested", "stored"}."""
         plan = {}
         for name, mod in model.named_modules():
             if isinstance(mod, nn.Linear):
                 scheme = self.scheme_for(name)
+                if isinstance(scheme, IntWeightConfig):
+                    fitted = scheme.fit_shape((mod.out_features, mod.in_features))
+                    if fitted is not scheme and fallbacks is not None:
+                        fallbacks[name] = {"requested": scheme.gguf_type,
+                                           "stored": "F16" if fitted is None else fitted.gguf_type}
+                    scheme = fitted
                 if scheme is not None:
                     scheme.spec.check_shape((mod.out_features, mod.in_features), name)
                     plan[name] = scheme
