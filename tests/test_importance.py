@@ -196,3 +196,15 @@ def test_imatrix_missing_a_layer_is_an_error(base, tokenizer):
     with pytest.raises(LowbitError, match="imatrix has no importance"):
         lowbit.quantize(model, RTN(importance=True), imatrix=Importance({}, 0), tokenizer=tokenizer,
                         calib_samples=2, calib_seqlen=64, progress=False)
+
+
+def test_cli_gguf_type_and_imatrix_flags():
+    from lowbit.cli import _scheme_from_args, build_parser
+    p = build_parser()
+    args = p.parse_args(["quantize", "default", "--method", "gptq", "--gguf-type", "Q6_K", "--out", "x"])
+    assert _scheme_from_args(args, "gptq") == GPTQ(gguf_type="Q6_K")
+    args = p.parse_args(["quantize", "default", "--gguf-type", "Q4_K", "--imatrix", "f", "--out", "x"])
+    assert _scheme_from_args(args, "rtn") == RTN(gguf_type="Q4_K", importance=True)
+    args = p.parse_args(["quantize", "default", "--gguf-type", "Q4_K", "--bits", "3", "--out", "x"])
+    with pytest.raises(LowbitError, match="fixes the format"):
+        _scheme_from_args(args, "rtn")

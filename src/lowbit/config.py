@@ -117,8 +117,9 @@ class IntWeightConfig(QuantConfig):
         if self.gguf_type is not None:
             if not isinstance(self.gguf_type, str):
                 raise LowbitError(f"gguf_type must be a GGUF type name, got {self.gguf_type!r}")
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
             own = {f: getattr(self, f) for f in ("bits", "group_size", "symmetric")}
-            if own != {"bits": 4, "group_size": 64, "symmetric": True}:
+            if any(v != defaults[f] for f, v in own.items()):
                 raise LowbitError(f"gguf_type={self.gguf_type} fixes the format; bits, group_size and symmetric "
                                   f"do not apply (got {own})")
         super().__post_init__()

@@ -90,9 +90,10 @@ def _rule_config(r: dict, base: QuantConfig, where: str) -> QuantConfig:
             k in r for k in ("bits", "group_size", "symmetric")):
         spec = base.spec
     elif any(k in r for k in ("bits", "group_size", "symmetric")) or isinstance(base, IntWeightConfig):
-        spec = IntSpec(r.get("bits", 4 if base_int.gguf_type else base_int.bits),
-                       r.get("group_size", 64 if base_int.gguf_type else base_int.group_size),
-                       r.get("symmetric", True if base_int.gguf_type else base_int.symmetric))
+        if base_int.gguf_type is not None:   # integer fields over a GGUF base start from the plain defaults
+            base_int = RTN()
+        spec = IntSpec(r.get("bits", base_int.bits), r.get("group_size", base_int.group_size),
+                       r.get("symmetric", base_int.symmetric))
     kernel = r.get("kernel", base.kernel)
     merged = {**(base.options() if method == base.method else {}), **options}
     return config_for(method, spec, kernel, merged)
