@@ -208,3 +208,31 @@ def test_cli_gguf_type_and_imatrix_flags():
     args = p.parse_args(["quantize", "default", "--gguf-type", "Q4_K", "--bits", "3", "--out", "x"])
     with pytest.raises(LowbitError, match="fixes the format"):
         _scheme_from_args(args, "rtn")
+
+
+def test_awq_into_a_gguf_type_beats_rtn(base, first_last_inputs):
+    from lowbit import config_for
+    from lowbit.blockwise import awq_block, rtn_block
+    from lowbit.models import arch_for
+    from lowbit.models.calibration import run_block
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    arch, inputs = arch_for(base.config), first_last_inputs[0]
+    ref = torch.cat(run_block(base.model.layers[0], inputs).hidden)
+    errors = {}
+    for method, driver in (("awq", awq_block), ("rtn", rtn_block)):
+        block = copy.deepcopy(base.model.layers[0])
+        out = driver(block, inputs, {n: config_for(method, GGUFSpec("Q4_0")) for n in names}, arch)
+        assert all(q.qt.spec == GGUFSpec("Q4_0") for q in out.values())
+        errors[method] = (torch.cat(run_block(block, inputs).hidden) - ref).pow(2).mean().item()
+    assert errors["awq"] < errors["rtn"]
+
+
+def test_gptq_config_into_gguf_end_to_end(base, tokenizer):
+    model = truncated(copy.deepcopy(base), 1)
+    lowbit.quantize(model, GPTQ(gguf_type="Q4_K", weighted_grid=True), tokenizer=tokenizer, calib_samples=2,
+                    calib_seqlen=64, progress=False)
+    rec = model.lowbit["modules"]["model.layers.0.mlp.down_proj"]
+    assert rec["kind"] == "gguf" and rec["type"] == "Q4_K" and QuantConfig.from_dict(rec) == GPTQ(
+        gguf_type="Q4_K", weighted_grid=True)
+    assert model.lowbit["modules"]["model.layers.0.self_attn.q_proj"]["type"] == "Q5_0"

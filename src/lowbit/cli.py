@@ -97,7 +97,7 @@ def _quantize_streamed(args, scheme) -> int:
 # command-line option -> the configuration field it sets (None: not given, the configuration's default holds)
 _OPTION_ARGS = {
     "gptq": {"act_order": "act_order", "damp": "damp", "block_size": "block_size",
-             "true_sequential": "true_sequential"},
+             "true_sequential": "true_sequential", "weighted_grid": "weighted_grid"},
     "awq": {"n_grid": "awq_grid", "search_samples": "awq_search_samples", "clip": "clip"},
     "w8a8-smooth": {"alpha": "alpha", "act_granularity": "act_granularity"},
     "llm-int8": {"threshold": "threshold", "outlier_fraction": "outlier_fraction"},
@@ -287,6 +287,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="columns by decreasing Hessian diagonal (static groups)")
     g.add_argument("--damp", type=_fraction, default=None,
                    help=f"diagonal dampening, fraction of its mean ({GPTQ.damp})")
+    g.add_argument("--weighted-grid", action="store_const", const=True, default=None,
+                   help="fit each group's scales weighting its columns by the Hessian's diagonal")
     g.add_argument("--block-size", type=_positive, default=None, help=f"columns per lazy update block ({GPTQ.block_size})")
     g.add_argument("--no-true-sequential", dest="true_sequential", action="store_const", const=False, default=None,
                    help="all Hessians from the unquantized block")

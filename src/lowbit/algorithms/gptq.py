@@ -46,7 +46,7 @@ class Hessian:
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightFormat, *, block_size: int = GPTQ.block_size,
                   damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order,
-                  weighted_grid: bool = False) -> QuantizedTensor:
+                  weighted_grid: bool = GPTQ.weighted_grid) -> QuantizedTensor:
     """Quantize W ([N, K]) given the Hessian H ([K, K]) of its inputs into `spec` (any format with a fixed
     grid: IntSpec, GGUFSpec). weighted_grid: fit each group's grid weighting its columns by diag(H) (the
     formats' importance-weighted search); otherwise by the format's own unweighted rule."""
