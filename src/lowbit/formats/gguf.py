@@ -52,6 +52,22 @@ Quantization (round to nearest, no importance weights):
     (aarch64, or x86-64 with -march=native and GNU C) rounds the sums differently, and there up to 92% of
     blocks differ (Q3_K about 1%, Q5_K most), by a code or a sub-block scale step where trials nearly tie.
 
+Quantization with importance (`quantize(w, importance)`, importance [K] per input channel, e.g. an imatrix's
+mean x²): llama.cpp's quantize_row_*_impl searches, written again over all blocks at once. Each weight's search
+weight is importance · sqrt(sigma2 + x²) (sigma2: mean x² of the row for the 32-weight types, 2·mean x² of the
+super-block for Q3_K/Q4_K/Q5_K, mean x² for Q2_K; Q6_K uses the importance alone); Q4_0/Q5_0 take
+make_qx_quants' scale, Q4_1/Q5_1 and the affine k-quants make_qkx3_quants (37 trial scales, squared error),
+Q3_K make_qx_quants for codes and for sub-block scales, and Q2_K/Q4_K/Q5_K quantize their sub-block scales and
+mins with make_qp_quants weighted by each sub-block's total weight. Q8_0 has no search (importance is ignored,
+as in llama.cpp). These follow the C code's algorithm but not its float summation order, so they are not
+byte-compared with llama.cpp. A channel of importance 0 is floored at 1e-9 of the mean (formats.base.
+check_importance) so that an all-silent block still gets a scale.
+
+Fixed grids (`fit_grid` / `from_grids`, see formats.base.Grid): the fields the quantizer above chooses for one
+block of columns, exposed as w = step·(q − zero) − offset per sub-block (step = d·sc, offset = dmin·mn for the
+affine types; zero 8 / 16 / 4 / 32 for Q4_0 / Q5_0 / Q3_K / Q6_K), so that GPTQ can round column by column on
+them and pack its codes with exactly those fields.
+
 Row lengths that are not a multiple of the block: see `fallback_type` (what llama.cpp stores instead).
 """
 
