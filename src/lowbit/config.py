@@ -325,7 +325,7 @@ def config_for(method: str, spec: WeightFormat | None = None, kernel: str = "aut
         fields.update(gguf_type=spec.type)
     elif issubclass(cls, IntWeightConfig) and spec is not None:
         if not isinstance(spec, IntSpec):
-            raise LowbitError(f"{method} stores integer or GGUF weights, not {spec.name}")
+            raise LowbitError(f"{method} stores integer weights (or a GGUF type), not {spec.name}")
         fields.update(bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric)
     try:
         return cls(**fields)
