@@ -40,7 +40,7 @@ def test_methods_that_fix_their_format_ignore_the_given_one():
     (lambda: FP8(fmt="e3m4"), "unknown FP8 format"),
     (lambda: FP8(act="int8"), "FP8 act must be one of"),
     (lambda: config_for("gptq", options={"act_ordr": True}), r"unknown option\(s\) act_ordr; valid: .*act_order"),
-    (lambda: config_for("rtn", options={"damp": 0.1}), r"rtn: unknown option\(s\) damp; valid: none"),
+    (lambda: config_for("rtn", options={"damp": 0.1}), r"rtn: unknown option\(s\) damp; valid: importance"),
     (lambda: config_for("gptq", FloatSpec()), "stores integer weights"),
     (lambda: config_for("nope"), "unknown method 'nope'"),
 ])
@@ -65,7 +65,9 @@ def test_needs_calibration_comes_from_the_configuration():
 
 
 def test_option_names_are_the_dataclass_fields():
-    assert option_names("gptq") == ["block_size", "damp", "act_order", "true_sequential"]
+    assert option_names("gptq") == ["block_size", "damp", "act_order", "true_sequential", "weighted_grid"]
+    assert option_names("rtn") == ["importance"]
     assert option_names("fp8-e5m2") == ["act"]
     assert lowbit.algorithms.gptq_quantize.__kwdefaults__ == {"block_size": GPTQ.block_size, "damp": GPTQ.damp,
-                                                             "act_order": GPTQ.act_order}
+                                                             "act_order": GPTQ.act_order,
+                                                             "weighted_grid": GPTQ.weighted_grid}

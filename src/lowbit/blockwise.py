@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .algorithms import (Hessian, apply_clip, fake_quantize, gptq_quantize, quantize_rtn, search_alpha, search_clip,
                          search_scale, smoothing_factors, top_fraction_dims)
 from .config import W8_SPEC
-from .formats import QuantizedTensor
+from .formats import IntSpec, QuantizedTensor
 from .formats.act import ActSpec, fake_quantize_act
 from .models.arch import Arch
 from .models.calibration import BlockInputs, capture_calls, first_input, first_output
@@ -60,8 +60,12 @@ def _inputs(block: nn.Module, inspect: str, calls) -> list[torch.Tensor]:
     return [first_input(mod, args, kw) for args, kw in calls]
 
 
-def rtn_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
-    return {n: _set(block, n, s.spec.quantize(block.get_submodule(n).weight.detach())) for n, s in plan.items()}
+def rtn_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch,
+              importance: dict | None = None) -> dict[str, Quantized]:
+    """importance: name -> input-channel importance for the Linears quantized with it (RTN(importance=True))."""
+    imp = importance or {}
+    return {n: _set(block, n, s.spec.quantize(block.get_submodule(n).weight.detach(), imp.get(n)))
+            for n, s in plan.items()}
 
 
 def gptq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
@@ -79,7 +83,8 @@ def gptq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) ->
         for n in names:
             c = plan[n]
             qt = gptq_quantize(block.get_submodule(n).weight.detach(), H.H, c.spec,
-                               block_size=c.block_size, damp=c.damp, act_order=c.act_order)
+                               block_size=c.block_size, damp=c.damp, act_order=c.act_order,
+                               weighted_grid=c.weighted_grid)
             out[n] = _set(block, n, qt)
     return out
 
@@ -142,6 +147,10 @@ def awq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> 
         for n in names:
             W = block.get_submodule(n).weight.detach().float()
             cfg = plan[n]
+            if not isinstance(cfg.spec, IntSpec):   # GGUF types: their own search, weighted by mean x²
+                imp = X.pow(2).mean(0) if cfg.clip and n not in arch.no_clip else None
+                out[n] = _set(block, n, cfg.spec.quantize(W, imp))
+                continue
             if cfg.clip and n not in arch.no_clip:
                 W = apply_clip(W, search_clip(W, X, cfg.spec, cfg.n_grid), cfg.spec)
             out[n] = _set(block, n, quantize_rtn(W, cfg.spec))
@@ -259,11 +268,14 @@ DRIVERS = {"awq": awq_block, "w8a8-smooth": w8a8_block, "w8a8-naive": w8a8_block
            "llm-int8": llm_int8_block, "fp8": fp8_block, "fp8-e5m2": fp8_block, "rtn": rtn_block}
 
 
-def quantize_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
-    """All planned Linears of one block, method by method in DRIVERS order."""
+def quantize_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch,
+                   importance: dict | None = None) -> dict[str, Quantized]:
+    """All planned Linears of one block, method by method in DRIVERS order. importance: name inside the
+    block -> input-channel importance, for the RTN schemes that use it."""
     out = {}
     for method, driver in DRIVERS.items():
         sub = {n: s for n, s in plan.items() if s.method == method}
         if sub:
-            out.update(driver(block, inputs, sub, arch))
+            extra = {"importance": importance} if driver is rtn_block and importance else {}
+            out.update(driver(block, inputs, sub, arch, **extra))
     return out

@@ -39,9 +39,10 @@ def cmd_quantize(args) -> int:
     blocks = arch_for(loaded.model).blocks
     recipe = Recipe.from_file(args.recipe, scheme, blocks) if args.recipe else recipe_for(scheme, blocks)
     plan = recipe.plan(loaded.model)  # fail on shapes before any work
+    imatrix = _imatrix_for(args, loaded, plan)
     model = quantize(loaded.model, recipe, calibration=args.calib_text, tokenizer=loaded.tokenizer,
                      calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
-                     dtype=_DTYPES[args.dtype], progress=not args.quiet)
+                     dtype=_DTYPES[args.dtype], progress=not args.quiet, imatrix=imatrix)
     if args.format != "lowbit":   # written directly in a serving engine's format
         from .export import export
         out, warns = export(loaded, args.format, args.out, overwrite=args.overwrite)
@@ -57,6 +58,13 @@ def cmd_quantize(args) -> int:
     for sch in plan.values():
         counts[sch.name] = counts.get(sch.name, 0) + 1
     print(f"quantized {len(plan)} Linear modules: " + ", ".join(f"{n} x{c}" for n, c in counts.items()))
+    fb = model.lowbit.get("gguf_fallbacks", {})
+    if fb:
+        pairs: dict[str, int] = {}
+        for v in fb.values():
+            pairs[f"{v['requested']} -> {v['stored']}"] = pairs.get(f"{v['requested']} -> {v['stored']}", 0) + 1
+        print(f"GGUF fallback (rows not a multiple of the block) for {len(fb)} Linear modules: "
+              + ", ".join(f"{k} x{c}" for k, c in pairs.items()))
     print(f"wrote {out}: {s['bytes'] / 1e6:.1f} MB, {s['bits_per_weight']:.2f} bits/weight overall, "
           f"{s['quantized_bits_per_weight']:.2f} in quantized layers; {model.lowbit['quantize_seconds']:.1f} s")
     return 0
@@ -69,6 +77,23 @@ def cmd_export(args) -> int:
         print(f"lowbit: warning: {w}", file=sys.stderr)
     print(f"wrote {out} ({args.format})")
     return 0
+
+
+def _imatrix_for(args, loaded, plan):
+    """--imatrix FILE: read it if it exists, else measure importance on the calibration text and write it."""
+    if not args.imatrix:
+        return None
+    import os
+
+    from .data import calibration_ids
+    from .models.importance import collect_importance, load_importance
+    if os.path.exists(args.imatrix):
+        return load_importance(args.imatrix)
+    ids = calibration_ids(args.calib_text, loaded.tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
+    imp = collect_importance(loaded.model, ids)
+    imp.save(args.imatrix)
+    print(f"wrote {args.imatrix}: importance of {len(imp.values)} Linear modules over {imp.tokens} tokens")
+    return imp
 
 
 def _quantize_streamed(args, scheme) -> int:
@@ -88,7 +113,7 @@ def _quantize_streamed(args, scheme) -> int:
 # command-line option -> the configuration field it sets (None: not given, the configuration's default holds)
 _OPTION_ARGS = {
     "gptq": {"act_order": "act_order", "damp": "damp", "block_size": "block_size",
-             "true_sequential": "true_sequential"},
+             "true_sequential": "true_sequential", "weighted_grid": "weighted_grid"},
     "awq": {"n_grid": "awq_grid", "search_samples": "awq_search_samples", "clip": "clip"},
     "w8a8-smooth": {"alpha": "alpha", "act_granularity": "act_granularity"},
     "llm-int8": {"threshold": "threshold", "outlier_fraction": "outlier_fraction"},
@@ -101,8 +126,18 @@ _FLAGS = {"clip": "--no-clip", "true_sequential": "--no-true-sequential"}   # de
 def _scheme_from_args(args, method: str):
     from .config import config_for
     from .formats import IntSpec
+    from .config import fixes_format
+    from .formats import GGUFSpec
+    options = _method_options(args, method)
+    if getattr(args, "imatrix", None) and method == "rtn":
+        options["importance"] = True
+    gguf = getattr(args, "gguf_type", None)
+    if gguf is not None and not fixes_format(method):
+        if args.bits != 4 or args.group_size is not None or args.asym:
+            raise LowbitError(f"--gguf-type {gguf} fixes the format: drop --bits, --group-size and --asym")
+        return config_for(method, GGUFSpec(gguf), args.kernel, options)
     group = args.group_size if args.group_size is not None else (-1 if args.bits == 8 else 64)
-    return config_for(method, IntSpec(args.bits, group, not args.asym), args.kernel, _method_options(args, method))
+    return config_for(method, IntSpec(args.bits, group, not args.asym), args.kernel, options)
 
 
 def _method_options(args, method: str) -> dict:
@@ -268,6 +303,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="columns by decreasing Hessian diagonal (static groups)")
     g.add_argument("--damp", type=_fraction, default=None,
                    help=f"diagonal dampening, fraction of its mean ({GPTQ.damp})")
+    g.add_argument("--weighted-grid", action="store_const", const=True, default=None,
+                   help="fit each group's scales weighting its columns by the Hessian's diagonal")
     g.add_argument("--block-size", type=_positive, default=None, help=f"columns per lazy update block ({GPTQ.block_size})")
     g.add_argument("--no-true-sequential", dest="true_sequential", action="store_const", const=False, default=None,
                    help="all Hessians from the unquantized block")
@@ -319,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_format_args(q)
     _add_method_args(q)
     q.add_argument("--recipe", help="TOML/JSON rules mapping module names to schemes (see lowbit.recipes)")
+    q.add_argument("--gguf-type", default=None, metavar="TYPE",
+                   help="store weights as a GGUF block type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K .. Q6_K) "
+                        "instead of --bits/--group-size")
+    q.add_argument("--imatrix", default=None, metavar="FILE",
+                   help="input-channel importance: read FILE if it exists, else measure it on the calibration "
+                        "text and write it (rtn then uses the importance-weighted search)")
     q.add_argument("--dtype", default="bfloat16", choices=list(_DTYPES), help="dtype of unquantized parts")
     q.add_argument("--out", required=True, help="output checkpoint directory")
     q.add_argument("--overwrite", action="store_true")

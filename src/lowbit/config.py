@@ -6,6 +6,7 @@ own settings. Each default is written here and nowhere else; the CLI, recipe fil
 metadata and the algorithms all read it from these classes.
 
     RTN(bits=4, group_size=64)                      round-to-nearest
+    RTN(gguf_type="Q4_K", importance=True)          into a GGUF block type, weighted by calibration importance
     GPTQ(bits=4, group_size=64, act_order=True)     Hessian-based error feedback (needs calibration)
     AWQ(bits=4, group_size=64, symmetric=False)     activation-aware scaling and clipping (needs calibration)
     W8A8()                                          int8 weights and activations, static activation scale
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .errors import LowbitError
-from .formats import FloatSpec, IntSpec, WeightFormat
+from .formats import FloatSpec, GGUFSpec, IntSpec, WeightFormat, fallback_type
 from .formats.act import ActSpec
 
 
@@ -103,23 +104,59 @@ class QuantConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class IntWeightConfig(QuantConfig):
-    """Methods whose integer weight format the user chooses."""
+    """Methods whose integer weight format the user chooses: lowbit's own (bits, group_size, symmetric) or,
+    with `gguf_type` (e.g. "Q4_K"), a GGUF block type (then bits, group size and symmetry do not apply)."""
 
-    format_fields: ClassVar[tuple[str, ...]] = ("bits", "group_size", "symmetric")
+    format_fields: ClassVar[tuple[str, ...]] = ("bits", "group_size", "symmetric", "gguf_type")
     bits: int = 4
     group_size: int = 64
     symmetric: bool = True
+    gguf_type: str | None = None
+
+    def __post_init__(self):
+        if self.gguf_type is not None:
+            if not isinstance(self.gguf_type, str):
+                raise LowbitError(f"gguf_type must be a GGUF type name, got {self.gguf_type!r}")
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            own = {f: getattr(self, f) for f in ("bits", "group_size", "symmetric")}
+            if any(v != defaults[f] for f, v in own.items()):
+                raise LowbitError(f"gguf_type={self.gguf_type} fixes the format; bits, group_size and symmetric "
+                                  f"do not apply (got {own})")
+        super().__post_init__()
 
     @property
-    def spec(self) -> IntSpec:
+    def spec(self) -> IntSpec | GGUFSpec:
+        if self.gguf_type is not None:
+            return GGUFSpec(self.gguf_type)
         return IntSpec(self.bits, self.group_size, self.symmetric)
+
+    def fit_shape(self, shape: tuple[int, int]) -> "IntWeightConfig | None":
+        """This configuration for an [N, K] weight: a GGUF type whose block does not divide K becomes the type
+        llama.cpp stores instead (formats.gguf.fallback_type; None: the tensor stays 16-bit)."""
+        if self.gguf_type is None:
+            return self
+        fb = fallback_type(self.gguf_type, shape[1])
+        if fb == self.gguf_type:
+            return self
+        return None if fb == "F16" else self.replace(gguf_type=fb)
 
 
 @dataclass(frozen=True, kw_only=True)
 class RTN(IntWeightConfig):
-    """Round-to-nearest with min/max scales per group."""
+    """Round-to-nearest with min/max scales per group. importance=True: the format's importance-weighted
+    search, each Linear weighted by the mean x² of its inputs over the calibration text (lowbit.models.
+    importance; from an imatrix file when one is given), which makes RTN a calibrating method."""
 
     method: ClassVar[str] = "rtn"
+    importance: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        _flag(self.importance, "RTN importance")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.importance
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,9 +169,11 @@ class GPTQ(IntWeightConfig):
     damp: float = 0.01             # added to the Hessian's diagonal, as a fraction of its mean
     act_order: bool = False        # columns by decreasing Hessian diagonal, with static groups
     true_sequential: bool = True   # each group's Hessian from inputs of the already-quantized groups
+    weighted_grid: bool = False    # fit each group's grid weighting its columns by the Hessian's diagonal
 
     def __post_init__(self):
         super().__post_init__()
+        _flag(self.weighted_grid, "GPTQ weighted_grid")
         _number(self.block_size, "GPTQ block_size", 1, integer=True)
         _number(self.damp, "GPTQ damp", 0, 1, hi_open=True)
         _flag(self.act_order, "GPTQ act_order")
@@ -282,9 +321,11 @@ def config_for(method: str, spec: WeightFormat | None = None, kernel: str = "aut
     if unknown:
         raise LowbitError(f"{method}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid) or 'none'}")
     fields = {**fixed, **options, "kernel": kernel}
-    if issubclass(cls, IntWeightConfig) and spec is not None:
+    if issubclass(cls, IntWeightConfig) and isinstance(spec, GGUFSpec):
+        fields.update(gguf_type=spec.type)
+    elif issubclass(cls, IntWeightConfig) and spec is not None:
         if not isinstance(spec, IntSpec):
-            raise LowbitError(f"{method} stores integer weights, not {spec.name}")
+            raise LowbitError(f"{method} stores integer weights (or a GGUF type), not {spec.name}")
         fields.update(bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric)
     try:
         return cls(**fields)

@@ -24,6 +24,7 @@ from .models import Loaded, load_model
 from .models.arch import arch_for
 from .models.calibration import iterate_blocks
 from .models.discovery import discover_feeds
+from .models.importance import collect_importance, load_importance
 from .models.moe import reset_counts, route_all_experts, routed_counts, router_names, unstack_experts
 from .nn import QuantEmbedding, QuantLinear, set_submodule
 from .recipes import Recipe
@@ -33,7 +34,8 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
              calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN, seed: int = 0,
              dtype: torch.dtype = torch.bfloat16, progress: bool = True,
              materialize: Callable[[int, nn.Module], None] | None = None,
-             release: Callable[[int, nn.Module], None] | None = None, all_experts: bool = False):
+             release: Callable[[int, nn.Module], None] | None = None, all_experts: bool = False,
+             imatrix=None):
     """Quantize a model: `lowbit.quantize(model, lowbit.GPTQ(bits=4, group_size=64), tokenizer=tok)`.
 
     model: a torch model (quantized in place and returned), or a source — "default", a Hugging Face
@@ -49,6 +51,10 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
     live on disk (lowbit.offload.quantize_streamed).
     all_experts: mixture-of-experts models: calibrate every expert on every calibration token (the layer's
     output still follows the router); tokens routed to each expert are recorded either way.
+    imatrix: input-channel importance for schemes that use it (RTN(importance=True)): an imatrix file
+    (lowbit.models.importance) or an `Importance`; None: measured on the calibration text with the float model.
+    A GGUF type that does not fit a Linear's rows is replaced by llama.cpp's fallback type; the replacements
+    are recorded in `model.lowbit["gguf_fallbacks"]`.
     Records what was done in `model.lowbit` (saved with the checkpoint).
     """
     if isinstance(model, (str, os.PathLike)):
@@ -56,7 +62,7 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
     if isinstance(model, Loaded):
         quantize(model.model, config, calibration=calibration, tokenizer=tokenizer or model.tokenizer,
                  calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, dtype=dtype, progress=progress,
-                 materialize=materialize, release=release, all_experts=all_experts)
+                 materialize=materialize, release=release, all_experts=all_experts, imatrix=imatrix)
         return model
     if not isinstance(model, nn.Module):
         raise LowbitError(f"quantize takes a torch model, a Loaded or a model source, got {type(model).__name__}")
@@ -65,7 +71,8 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
     arch = arch_for(model)
     unstacked = unstack_experts(model) if materialize is None else []   # streamed blocks keep stacked experts
     recipe = recipe_for(config, arch.blocks)
-    plan = recipe.plan(model)
+    fallbacks: dict = {}
+    plan = recipe.plan(model, fallbacks)
     for name in (f"{arch.blocks}.{rel}" for rel in router_names(model, arch.blocks)):
         if name in plan and next(r for r in recipe.rules if r.matches(name)).pattern == f"{arch.blocks}.*":
             del plan[name]       # routers stay in high precision unless a rule of the user's names them
@@ -75,6 +82,20 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
         calibration = calibration_ids(calibration, tokenizer, calib_samples, calib_seqlen, seed)
     else:
         calibration = None
+    importance = None
+    # each planned module -> the Linear whose inputs weight it (an embedding's rows: the tied lm_head's)
+    wanted = {n: arch.lm_head if n == arch.embed else n for n, s in plan.items() if s.options().get("importance")}
+    if wanted:
+        if isinstance(imatrix, (str, os.PathLike)):
+            imatrix = load_importance(imatrix)
+        if imatrix is None:
+            if materialize is not None:
+                raise LowbitError("importance needs an imatrix file when blocks stream from disk")
+            imatrix = collect_importance(model, calibration, sorted(set(wanted.values())))
+        importance = {n: imatrix.get(src) for n, src in wanted.items()}
+        missing = [n for n, v in importance.items() if v is None]
+        if missing:
+            raise LowbitError(f"the imatrix has no importance for {missing[0]} ({len(missing)} Linears missing)")
 
     start = time.perf_counter()
     _untie_if_split(model, arch, plan)
@@ -99,11 +120,13 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
         if arch.discovered and inputs is not None and block_plan:   # same Linears, same groups: discovered once
             sig = tuple(n for n, m in block.named_modules() if isinstance(m, nn.Linear))
             if sig not in feeds:
-                f, offsets, fallbacks = discover_feeds(block, inputs.hidden[0], inputs.kwargs[0])
-                feeds[sig] = replace(arch, feeds=f, fold_offset=offsets, fallbacks=fallbacks)
+                f, offsets, unfolded = discover_feeds(block, inputs.hidden[0], inputs.kwargs[0])
+                feeds[sig] = replace(arch, feeds=f, fold_offset=offsets, fallbacks=unfolded)
             block_arch = feeds[sig]
         with route_all_experts(model, all_experts):
-            for rel, q in quantize_block(block, inputs, block_plan, block_arch).items():
+            block_imp = None if importance is None else {
+                n[len(prefix):]: v for n, v in importance.items() if n.startswith(prefix)}
+            for rel, q in quantize_block(block, inputs, block_plan, block_arch, block_imp).items():
                 _swap(model, prefix + rel, q, block_plan[rel].kernel)
         reset_counts(block)    # what is counted next is the block's one pass over the calibration set
         done = (i, block)
@@ -119,7 +142,8 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
         if name == arch.lm_head and shared and isinstance(model.get_submodule(arch.embed), QuantEmbedding):
             qt = model.get_submodule(arch.embed).quantized_tensor()   # still tied: one tensor, same format
         else:
-            qt = scheme.spec.quantize(model.get_submodule(name).weight.detach())
+            imp = None if importance is None else importance.get(name)
+            qt = scheme.spec.quantize(model.get_submodule(name).weight.detach(), imp)
         if name == arch.embed:
             embed = model.get_submodule(name)
             set_submodule(model, name, QuantEmbedding(qt, embed.padding_idx, embed.weight.dtype))
@@ -141,6 +165,8 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
             model.lowbit["expert_tokens"] = {"routed": routed_counts(model), "all_experts": all_experts}
     if feeds:
         model.lowbit["fold_fallbacks"] = sorted({n for a in feeds.values() for g in a.fallbacks for n in g})
+    if fallbacks:
+        model.lowbit["gguf_fallbacks"] = fallbacks
     return model
 
 

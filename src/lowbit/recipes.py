@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import RTN, IntWeightConfig, QuantConfig, config_for
 from .errors import LowbitError
-from .formats import IntSpec
+from .formats import GGUFSpec, IntSpec
 
 MAX_PATTERN = 1000   # characters; a recipe pattern is a module name or a short expression, never a program
 
@@ -67,7 +67,8 @@ class Rule:
 
 
 # "kind" and "fmt" appear in recorded recipes (a format's own fields); a rule file needs only the others
-_RULE_KEYS = {"match", "keep", "method", "bits", "group_size", "symmetric", "kernel", "options", "kind", "fmt"}
+_RULE_KEYS = {"match", "keep", "method", "bits", "group_size", "symmetric", "kernel", "options", "kind", "fmt",
+              "gguf_type", "type"}
 
 
 def _rule_config(r: dict, base: QuantConfig, where: str) -> QuantConfig:
@@ -81,9 +82,16 @@ def _rule_config(r: dict, base: QuantConfig, where: str) -> QuantConfig:
         raise LowbitError(f"{where}: 'options' must be a table of option = value, got {options!r}")
     base_int = base if isinstance(base, IntWeightConfig) else RTN()
     spec = None
-    if r.get("kind", "int") != "int":   # a recorded non-integer format: its method fixes it
+    if "gguf_type" in r or r.get("kind") == "gguf":   # a GGUF block type (recorded recipes say kind + type)
+        spec = GGUFSpec(r.get("gguf_type", r.get("type")))
+    elif r.get("kind", "int") != "int":   # a recorded non-integer format: its method fixes it
         pass
+    elif isinstance(base, IntWeightConfig) and base.gguf_type is not None and not any(
+            k in r for k in ("bits", "group_size", "symmetric")):
+        spec = base.spec
     elif any(k in r for k in ("bits", "group_size", "symmetric")) or isinstance(base, IntWeightConfig):
+        if base_int.gguf_type is not None:   # integer fields over a GGUF base start from the plain defaults
+            base_int = RTN()
         spec = IntSpec(r.get("bits", base_int.bits), r.get("group_size", base_int.group_size),
                        r.get("symmetric", base_int.symmetric))
     kernel = r.get("kernel", base.kernel)
@@ -144,14 +152,22 @@ class Recipe:
                 return rule.scheme
         return None
 
-    def plan(self, model: nn.Module) -> dict[str, QuantConfig]:
+    def plan(self, model: nn.Module, fallbacks: dict | None = None) -> dict[str, QuantConfig]:
         """Module name -> configuration, for every Linear (and token embedding: its table is stored like a
         Linear's weight, one row per token) the recipe quantizes; every shape is checked up front. The default
-        rules match no embedding, so it stays in 16-bit unless a rule names it."""
+        rules match no embedding, so it stays in 16-bit unless a rule names it. A GGUF type whose block does
+        not divide a module's rows becomes llama.cpp's fallback type (or the module stays 16-bit); each such
+        change is added to `fallbacks` as name -> {"requested", "stored"}."""
         plan = {}
         for name, mod in model.named_modules():
             if isinstance(mod, (nn.Linear, nn.Embedding)):
                 scheme = self.scheme_for(name)
+                if isinstance(scheme, IntWeightConfig):
+                    fitted = scheme.fit_shape(tuple(mod.weight.shape))
+                    if fitted is not scheme and fallbacks is not None:
+                        fallbacks[name] = {"requested": scheme.gguf_type,
+                                           "stored": "F16" if fitted is None else fitted.gguf_type}
+                    scheme = fitted
                 if scheme is not None:
                     scheme.spec.check_shape(tuple(mod.weight.shape), name)
                     plan[name] = scheme

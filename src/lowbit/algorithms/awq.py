@@ -8,6 +8,10 @@ points in [0, 1) to minimise the squared error of the output of a module that co
 
 Clip search: per output row and group, the largest |w| allowed is shrunk by factors 1 − i/n_grid
 (i < max_shrink·n_grid), keeping the factor that minimises the Linear's output error on sampled tokens.
+
+Any registered format can be the grid of the scale search (it only quantizes and dequantizes). The clip search
+is for integer groups; for GGUF block types the driver uses the format's own importance-weighted search
+instead (weights: mean x² of the scaled inputs), which searches scales and mins per sub-block.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..config import AWQ
-from ..formats import IntSpec
+from ..formats import IntSpec, WeightFormat
 from .rtn import fake_quantize
 
 
@@ -27,7 +31,7 @@ def channel_scales(x_absmean: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def search_scale(x_absmean: torch.Tensor, weights: list[torch.Tensor], spec: IntSpec,
+def search_scale(x_absmean: torch.Tensor, weights: list[torch.Tensor], spec: WeightFormat,
                  output_error: Callable[[list[torch.Tensor]], float], n_grid: int = AWQ.n_grid) -> tuple[float, torch.Tensor, list[float]]:
     """Best α, its scales s ([K]) and the error of every α tried. `output_error` gets the candidate
     (fake-quantized, unscaled) weights and returns the inspected module's output error."""

@@ -8,6 +8,13 @@ quantize in blocks of `block_size` columns, applying the block's accumulated err
 the reference. With `act_order`, columns go in order of decreasing H_ii; groups are then "static" — each
 group's scale and zero point come from the original weights of its contiguous columns — so the stored layout
 is the same as without act-order.
+
+The grid is the format's (formats.base.Grid), so one loop serves integer groups and GGUF blocks alike: when
+the loop reaches the first column of a group / block, the format fits its stored parameters (for a k-quant:
+the f16 super-scales and the quantized sub-block scales and mins) to the current, error-updated weights of
+those columns, weighting the columns by H's diagonal for formats that search; every column of the group is
+then rounded on that fixed grid, and the codes are packed with exactly those parameters, so the result is a
+valid tensor of the format whose dequantization equals the values GPTQ used.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import torch
 
 from ..config import GPTQ
 from ..errors import LowbitError
-from ..formats import IntSpec, QuantizedTensor, choose_qparams
+from ..formats import QuantizedTensor, WeightFormat
 
 
 class Hessian:
@@ -37,14 +44,12 @@ class Hessian:
         self.H += x.T @ x
 
 
-def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: IntSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    q = torch.round(w / scale + zero).clamp(spec.qmin, spec.qmax)
-    return q, (q - zero) * scale
-
-
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, *, block_size: int = GPTQ.block_size,
-                  damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order) -> QuantizedTensor:
-    """Quantize W ([N, K]) given the Hessian H ([K, K]) of its inputs."""
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightFormat, *, block_size: int = GPTQ.block_size,
+                  damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order,
+                  weighted_grid: bool = GPTQ.weighted_grid) -> QuantizedTensor:
+    """Quantize W ([N, K]) given the Hessian H ([K, K]) of its inputs into `spec` (any format with a fixed
+    grid: IntSpec, GGUFSpec). weighted_grid: fit each group's grid weighting its columns by diag(H) (the
+    formats' importance-weighted search); otherwise by the format's own unweighted rule."""
     N, K = W.shape
     W = W.detach().to(torch.float64).clone()
     H = H.to(torch.float64).clone()
@@ -52,15 +57,18 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, *, block_size
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    g = spec.group_size_for(K)
+    spec.check_shape((N, K))
+    g = spec.grid_width(K)
     G = K // g
-    scales = torch.empty(N, G, dtype=torch.float16)
-    zeros = torch.empty(N, G, dtype=torch.int32)
+    diag = torch.diag(H).float()
+
+    def fit(cols: torch.Tensor, j: int):
+        return spec.fit_grid(cols.float(), diag[j * g:(j + 1) * g] if weighted_grid else None)
+
+    grids = [None] * G
     if act_order:  # static groups: parameters from the original weights, group-contiguous
         for j in range(G):
-            s, z = choose_qparams(W[:, j * g:(j + 1) * g], IntSpec(spec.bits, -1, spec.symmetric))
-            scales[:, j] = s[:, 0]
-            zeros[:, j] = spec.implicit_zero if z is None else z[:, 0].to(torch.int32)
+            grids[j] = fit(W[:, j * g:(j + 1) * g], j)
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(K)
@@ -83,19 +91,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, *, block_size
             col = perm[i1 + i].item()  # column index in the original order
             j = col // g
             if not act_order and col % g == 0:  # a new group: parameters from the error-updated weights
-                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                s, z = choose_qparams(upcoming, IntSpec(spec.bits, -1, spec.symmetric))
-                scales[:, j] = s[:, 0]
-                zeros[:, j] = spec.implicit_zero if z is None else z[:, 0].to(torch.int32)
-            scale, zero = scales[:, j].to(torch.float64), zeros[:, j].to(torch.float64)
+                grids[j] = fit(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g], j)
             w = W1[:, i]
-            q, dq = _quantize_column(w, scale, zero, spec)
-            Q[:, i1 + i] = q.to(torch.int32)
+            q, dq = grids[j].round(w, col % g)
+            dq = dq.to(torch.float64)
+            Q[:, i1 + i] = q
             err = (w - dq) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
-    codes = Q[:, invperm]
-    zero_t = None if spec.symmetric else zeros.to(spec.code_dtype)
-    return QuantizedTensor.from_codes(codes, scales, zero_t, spec)
+    return spec.from_grids(Q[:, invperm], grids)

@@ -8,11 +8,17 @@ the codes differently but produce the same stored tensors.
 
 Each format class registers itself under a `kind` (the key its `to_dict()` records), so a checkpoint's
 metadata maps back to the format with `spec_from_dict`; nothing outside this package branches on a kind.
+
+Formats with a fixed per-row grid (integer and GGUF formats) also expose it to methods that round column by
+column (GPTQ): `grid_width` columns share one set of stored parameters; `fit_grid` fits those parameters to a
+slice of columns and returns a `Grid` (what each column may take, in the format's own float32 arithmetic);
+`from_grids` packs codes chosen on those grids with exactly those parameters.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -37,6 +43,45 @@ def spec_from_dict(d: dict) -> "WeightFormat":
     if kind not in FORMATS:
         raise LowbitError(f"unknown weight format kind '{kind}'; known: {', '.join(FORMATS)}")
     return FORMATS[kind].from_dict(d)
+
+
+def check_importance(importance, in_features: int, name: str = "weight") -> torch.Tensor:
+    """Importance of the input channels as float32 [in_features], checked: finite and non-negative. A tiny
+    floor (1e-9 of the mean) keeps a block whose channels never fire from collapsing every weighted fit."""
+    imp = torch.as_tensor(importance).detach().float().reshape(-1)
+    if imp.numel() != in_features:
+        raise LowbitError(f"{name}: importance has {imp.numel()} values, the weight has {in_features} inputs")
+    if not torch.isfinite(imp).all() or bool((imp < 0).any()):
+        raise LowbitError(f"{name}: importance must be finite and non-negative")
+    return imp.clamp(min=float(imp.mean()) * 1e-9 + 1e-30)
+
+
+@dataclass
+class Grid:
+    """The fixed quantization grid of `width` consecutive columns of an [N, K] weight: column c of row r can
+    take the values step[r, c]·(q − zero[c]) − offset[r, c] for integer codes q in [lo, hi], evaluated in
+    float32 in that order (so the values are bit-identical to the format's dequantization). `params` holds the
+    format's stored parameters of these columns, in whatever form its `from_grids` reads."""
+
+    step: torch.Tensor      # float32 [N, width]
+    zero: torch.Tensor      # float32 [width] (or [N, width])
+    offset: torch.Tensor    # float32 [N, width]
+    lo: int
+    hi: int
+    params: dict
+
+    def round(self, w: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest grid point of column c for the values w [N]: (codes int32 [N], their values float32 [N]).
+        A zero step (an all-zero sub-block) leaves one value, −offset."""
+        step, zero = self.step[:, c].double(), self.zero[..., c].double()
+        off = self.offset[:, c].double()
+        safe = torch.where(step == 0, torch.ones_like(step), step)
+        q = torch.round((w.double() + off) / safe + zero).clamp(self.lo, self.hi)
+        q = torch.where(step == 0, zero.expand_as(q).clamp(self.lo, self.hi), q)
+        return q.to(torch.int32), self.values(q, c)
+
+    def values(self, q: torch.Tensor, c: int) -> torch.Tensor:
+        return self.step[:, c] * (q.float() - self.zero[..., c]) - self.offset[:, c]
 
 
 class WeightFormat:
@@ -67,8 +112,10 @@ class WeightFormat:
     def bits_per_weight(self, shape: tuple[int, int]) -> float:
         return 8 * self.nbytes(shape) / math.prod(shape)
 
-    def quantize(self, w: torch.Tensor) -> "QuantizedTensor":
-        """Round-to-nearest into this format."""
+    def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> "QuantizedTensor":
+        """Round-to-nearest into this format. importance: optional float [K] weights of the input channels
+        (e.g. mean x² from calibration); formats that search their scales minimise the error weighted by it,
+        formats without a search ignore it."""
         raise NotImplementedError
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
@@ -81,6 +128,20 @@ class WeightFormat:
 
     def dequantize(self, qt: "QuantizedTensor", dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
+
+    # fixed grids, for column-by-column methods (see the module docstring) -----------------------------
+    def grid_width(self, in_features: int) -> int:
+        """Columns that share one set of stored parameters (a group, a GGUF block)."""
+        raise NotImplementedError(f"{self.name} has no fixed grid for column-by-column rounding")
+
+    def fit_grid(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Grid:
+        """The stored parameters this format's quantizer chooses for w ([N, grid_width]; importance: [width]
+        weights of the columns), as a Grid."""
+        raise NotImplementedError(f"{self.name} has no fixed grid for column-by-column rounding")
+
+    def from_grids(self, codes: torch.Tensor, grids: list[Grid]) -> "QuantizedTensor":
+        """Codes [N, K] chosen on `grids` (one per `grid_width` columns, in order) -> the stored tensor."""
+        raise NotImplementedError(f"{self.name} has no fixed grid for column-by-column rounding")
 
     def to_dict(self) -> dict:
         raise NotImplementedError

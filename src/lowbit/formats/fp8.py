@@ -54,7 +54,8 @@ class FloatSpec(WeightFormat):
         n, k = shape
         return {"qweight": ((n, k), self.dtype), "scales": ((n, 1), torch.float32)}
 
-    def quantize(self, w: torch.Tensor) -> QuantizedTensor:
+    def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedTensor:
+        """Per-channel absmax scales; FP8 has no scale search, so `importance` does not change the result."""
         return quantize_fp8(w, self)
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,22 @@ Quantization (round to nearest, no importance weights):
     (aarch64, or x86-64 with -march=native and GNU C) rounds the sums differently, and there up to 92% of
     blocks differ (Q3_K about 1%, Q5_K most), by a code or a sub-block scale step where trials nearly tie.
 
+Quantization with importance (`quantize(w, importance)`, importance [K] per input channel, e.g. an imatrix's
+mean x²): llama.cpp's quantize_row_*_impl searches, written again over all blocks at once. Each weight's search
+weight is importance · sqrt(sigma2 + x²) (sigma2: mean x² of the row for the 32-weight types, 2·mean x² of the
+super-block for Q3_K/Q4_K/Q5_K, mean x² for Q2_K; Q6_K uses the importance alone); Q4_0/Q5_0 take
+make_qx_quants' scale, Q4_1/Q5_1 and the affine k-quants make_qkx3_quants (37 trial scales, squared error),
+Q3_K make_qx_quants for codes and for sub-block scales, and Q2_K/Q4_K/Q5_K quantize their sub-block scales and
+mins with make_qp_quants weighted by each sub-block's total weight. Q8_0 has no search (importance is ignored,
+as in llama.cpp). These follow the C code's algorithm but not its float summation order, so they are not
+byte-compared with llama.cpp. A channel of importance 0 is floored at 1e-9 of the mean (formats.base.
+check_importance) so that an all-silent block still gets a scale.
+
+Fixed grids (`fit_grid` / `from_grids`, see formats.base.Grid): the fields the quantizer above chooses for one
+block of columns, exposed as w = step·(q − zero) − offset per sub-block (step = d·sc, offset = dmin·mn for the
+affine types; zero 8 / 16 / 4 / 32 for Q4_0 / Q5_0 / Q3_K / Q6_K), so that GPTQ can round column by column on
+them and pack its codes with exactly those fields.
+
 Row lengths that are not a multiple of the block: see `fallback_type` (what llama.cpp stores instead).
 """
 
@@ -63,7 +79,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LowbitError
-from .base import WeightFormat, register_format
+from .base import Grid, WeightFormat, check_importance, register_format
 from .tensor import QuantizedTensor
 
 QK = 32       # block of the 32-weight types
@@ -245,13 +261,13 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
             torch.where(flat[:, None], torch.zeros_like(codes), codes))
 
 
-def _make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_qx_quants with x² weights (Q6_K): (scale [S], codes [S, n] in [0, 2·nmax)) with w ≈ scale·(L − nmax).
-    The first fit maps the largest |x| to −nmax; 18 trial scales −(nmax ± 0.1·k)/max, k = 1..9, replace it in
-    turn when their least-squares fit explains more of x."""
+def _make_qx(x: torch.Tensor, nmax: int, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants with weights w (default x², as Q6_K): (scale [S], codes [S, n] in [0, 2·nmax)) with
+    w ≈ scale·(L − nmax). The first fit maps the largest |x| to −nmax; 18 trial scales −(nmax ± 0.1·k)/max,
+    k = 1..9, replace it in turn when their least-squares fit explains more of x."""
     big = _signed_absmax(x)
     zero_rows = big.abs() < _f32(GROUP_MAX_EPS, big)
-    w = x * x
+    w = x * x if w is None else w
 
     def fit(iscale):   # iscale [S, T] -> codes [S, T, n] (signed) and their least-squares sums [S, T]
         lv = _nearest_int(iscale[..., None] * x[:, None, :]).clamp(-nmax, nmax - 1)
@@ -306,6 +322,53 @@ def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
             torch.where(zero_rows[:, None], torch.zeros_like(codes), codes + nmax))
 
 
+def _make_qp(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qp_quants: non-negative values x [S, n] (sub-block scales or mins) onto codes [0, nmax] times one
+    scale, weighted by w [S, n] (the sub-blocks' total importance): (scale [S], codes [S, n]). The scale
+    1/iscale with iscale = (nmax + 0.1·k)/max, k = -4..4, of least weighted error is kept, then up to 5 passes
+    move single codes to their least-squares optimum while that improves the fit."""
+    big = _max_from_zero(x)
+    zero_rows = big < _f32(GROUP_MAX_EPS, big)
+    big = torch.where(zero_rows, torch.ones_like(big), big)
+
+    def codes_for(iscale):
+        return _nearest_int(iscale[:, None] * x).clamp(0, nmax)
+
+    def mse(iscale, codes):
+        return (w * (x - (1 / iscale)[:, None] * codes.float()).pow(2)).sum(1)
+
+    iscale = _f32(nmax, big) / big
+    best = mse(iscale, codes_for(iscale))
+    for k in (-4, -3, -2, -1, 1, 2, 3, 4):
+        trial = (torch.tensor(0.1, dtype=torch.float32) * k + nmax) / big
+        err = mse(trial, codes_for(trial))
+        iscale = torch.where(err < best, trial, iscale)
+        best = torch.minimum(err, best)
+    codes = codes_for(iscale)
+    lf = codes.float()
+    sumlx, suml2 = (w * x * lf).sum(1), (w * lf * lf).sum(1)
+    for _ in range(5):
+        for i in range(x.shape[1]):
+            wi, xi, li = w[:, i], x[:, i], codes[:, i].float()
+            slx, sl2 = sumlx - wi * xi * li, suml2 - wi * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            new = _nearest_int(xi * sl2 / torch.where(ok, slx, torch.ones_like(slx))).clamp(0, nmax)
+            nf = new.float()
+            slx_new, sl2_new = slx + wi * xi * nf, sl2 + wi * nf * nf
+            take = ok & (new != codes[:, i]) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+            codes[:, i] = torch.where(take, new, codes[:, i])
+            sumlx, suml2 = torch.where(take, slx_new, sumlx), torch.where(take, sl2_new, suml2)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)),
+                        torch.zeros_like(sumlx))
+    return (torch.where(zero_rows, torch.zeros_like(scale), scale),
+            torch.where(zero_rows[:, None], torch.zeros_like(codes), codes))
+
+
+def _importance_weights(x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's per-weight search weights under an importance matrix: qw · sqrt(sigma2 + x²)."""
+    return qw * torch.sqrt(sigma2[:, None] + x * x)
+
+
 def _requantize(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None,
                 lo: int, hi: int, offset: int) -> torch.Tensor:
     """The final rounding against each sub-block's stored scale: codes = clamp(round((x + dm) / d), lo, hi) +
@@ -338,7 +401,16 @@ class BlockType:
     def dequantize(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    def quantize(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize(self, x: torch.Tensor, qw: torch.Tensor | None = None,
+                 row_sigma2: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Blocks x [M, block_size] -> fields. qw: importance of each weight [M, block_size] (None: the
+        reference quantizer); row_sigma2: mean x² of each block's whole row [M] (the 32-weight types' searches
+        use it)."""
+        raise NotImplementedError
+
+    def affine(self, f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor, int]:
+        """The grid of each sub-block as dequantization computes it: (step [M, S] float32, zero (an integer),
+        offset [M, S] float32, weights per sub-block): w = step·(q − zero) − offset."""
         raise NotImplementedError
 
     @property
@@ -398,7 +470,20 @@ class _Simple(BlockType):
             return q.float() * d
         return d * (q - (1 << (self.bits - 1))).float()
 
-    def quantize(self, x):
+    def affine(self, f):
+        d = f["d"].float()[:, None]
+        if self.asym:
+            return d, 0, -f["m"].float()[:, None], QK
+        return d, 0 if self.bits == 8 else 1 << (self.bits - 1), torch.zeros_like(d), QK
+
+    def quantize(self, x, qw=None, row_sigma2=None):
+        if qw is not None and self.bits != 8:   # llama.cpp's quantize_row_q{4,5}_{0,1}_impl (Q8_0 has none)
+            wt = _importance_weights(x, qw, row_sigma2)
+            if self.asym:
+                d, mins, q = _make_qkx2(x, wt, (1 << self.bits) - 1, -0.9, 0.05, 36, False)
+                return {"d": d.to(torch.float16), "m": (-mins).to(torch.float16), "q": q}
+            d, q = _make_qx(x, 1 << (self.bits - 1), wt)
+            return {"d": d.to(torch.float16), "q": q}
         if self.bits == 8:     # roundf (half away from zero), written exactly as gguf-py does
             d = x.abs().amax(dim=1) / _f32(127, x[:, 0])
             v = x * torch.where(d == 0, torch.zeros_like(d), _f32(1.0, d) / d)[:, None]
@@ -464,13 +549,27 @@ class _Affine256(BlockType):
     def weights(self, xs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def quantize(self, x):
+    sigma_factor = 2.0   # llama.cpp's sigma2 = factor · Σx² / 256 of the super-block, under importance
+
+    def affine(self, f):
+        return (f["d"].float()[:, None] * f["scales"].float(), 0,
+                f["dmin"].float()[:, None] * f["mins"].float(), self.sub)
+
+    def quantize(self, x, qw=None, row_sigma2=None):
         m, n = x.shape[0], QK_K // self.sub
         xs = x.reshape(m * n, self.sub)
-        scale, mins, codes = _make_qkx2(xs, self.weights(xs), self.code_range[1], *self.search)
-        scale, mins = scale.reshape(m, n), mins.reshape(m, n)
-        max_scale, max_min = _max_from_zero(scale), _max_from_zero(mins)
-        sc, mn, d, dmin = self.quantize_scales(scale, mins, max_scale, max_min)
+        if qw is None:
+            scale, mins, codes = _make_qkx2(xs, self.weights(xs), self.code_range[1], *self.search)
+            scale, mins = scale.reshape(m, n), mins.reshape(m, n)
+            max_scale, max_min = _max_from_zero(scale), _max_from_zero(mins)
+            sc, mn, d, dmin = self.quantize_scales(scale, mins, max_scale, max_min)
+        else:   # quantize_row_q{2,4,5}_K_impl: weighted sub-block fits, then weighted scale codes (make_qp)
+            sigma2 = (self.sigma_factor * (x * x).sum(1) / QK_K).repeat_interleave(n)
+            wt = _importance_weights(xs, qw.reshape(m * n, self.sub), sigma2)
+            scale, mins, codes = _make_qkx2(xs, wt, self.code_range[1], -0.9, 0.05, 36, False)
+            sw = wt.sum(1).reshape(m, n)
+            d, sc = _make_qp(scale.reshape(m, n), self.scale_max, sw)
+            dmin, mn = _make_qp(mins.reshape(m, n), self.scale_max, sw)
         d, dmin = d.to(torch.float16), dmin.to(torch.float16)
         dl = (d.float()[:, None] * sc.float()).reshape(-1)
         ml = (dmin.float()[:, None] * mn.float()).reshape(-1)
@@ -490,7 +589,7 @@ class _Affine256(BlockType):
 
 class Q2_K(_Affine256):
     name, type_size, code_range = "Q2_K", 84, (0, 3)
-    sub, scale_max, search = 16, 15, (-0.5, 0.1, 15, True)
+    sub, scale_max, search, sigma_factor = 16, 15, (-0.5, 0.1, 15, True), 1.0
 
     def weights(self, xs):
         return xs.abs()
@@ -575,9 +674,22 @@ class Q3_K(BlockType):
         dl = (f["d"].float()[:, None] * (f["scales"] - 32).float())[:, :, None]
         return (dl * (f["q"] - 4).float().reshape(-1, 16, 16)).reshape(-1, QK_K)
 
-    def quantize(self, x):
+    def affine(self, f):
+        step = f["d"].float()[:, None] * (f["scales"] - 32).float()
+        return step, 4, torch.zeros_like(step), 16
+
+    def quantize(self, x, qw=None, row_sigma2=None):
         m = x.shape[0]
         xs = x.reshape(m * 16, 16)
+        if qw is not None:   # quantize_row_q3_K_impl: weighted make_qx for the codes and for the scales
+            sigma2 = (2 * (x * x).sum(1) / QK_K).repeat_interleave(16)
+            wt = _importance_weights(xs, qw.reshape(m * 16, 16), sigma2)
+            scale, codes = _make_qx(xs, 4, wt)
+            dblock, sc = _make_qx(scale.reshape(m, 16), 32, wt.sum(1).reshape(m, 16))
+            d = dblock.to(torch.float16)
+            dl = (d.float()[:, None] * (sc - 32).float()).reshape(-1)
+            q = _requantize(xs, codes, dl, None, -4, 3, 4)
+            return {"d": d, "scales": sc, "q": q.reshape(m, QK_K)}
         scale, codes = _make_q3(xs, 4)
         scale = scale.reshape(m, 16)
         big = _signed_absmax(scale)
@@ -615,10 +727,15 @@ class Q6_K(BlockType):
         dl = (f["d"].float()[:, None] * f["scales"].float())[:, :, None]
         return (dl * (f["q"] - 32).float().reshape(-1, 16, 16)).reshape(-1, QK_K)
 
-    def quantize(self, x):
+    def affine(self, f):
+        step = f["d"].float()[:, None] * f["scales"].float()
+        return step, 32, torch.zeros_like(step), 16
+
+    def quantize(self, x, qw=None, row_sigma2=None):
         m = x.shape[0]
         xs = x.reshape(m * 16, 16)
-        scale, codes = _make_qx(xs, 32)
+        # quantize_row_q6_K_impl weights the sub-block search by the importance alone (no sigma2 term)
+        scale, codes = _make_qx(xs, 32, None if qw is None else qw.reshape(m * 16, 16))
         scale = scale.reshape(m, 16)
         big = _signed_absmax(scale)
         empty = big.abs() < _f32(GROUP_MAX_EPS, big)   # the whole super-block is stored as zero bytes
@@ -754,8 +871,10 @@ class GGUFSpec(WeightFormat):
         return bt.encode(flat).to(torch.uint8).reshape(n, -1)
 
     # the format protocol ----------------------------------------------------------------------------------
-    def quantize(self, w: torch.Tensor, name: str = "weight") -> QuantizedTensor:
-        """llama.cpp's reference quantizer for this type (see the module docstring)."""
+    def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None,
+                 name: str = "weight") -> QuantizedTensor:
+        """llama.cpp's reference quantizer for this type (see the module docstring); with `importance`
+        (float [K], e.g. an imatrix's mean x² per input channel) its importance-weighted quantizer."""
         n, k = w.shape
         self.check_shape((n, k), name)
         x = w.detach().float()
@@ -763,16 +882,50 @@ class GGUFSpec(WeightFormat):
             raise LowbitError(f"{name} contains NaN or Inf")
         bt = self.block
         blocks = x.reshape(-1, bt.block_size)
+        qw = sigma2 = None
+        if importance is not None:
+            qw = check_importance(importance, k, name).reshape(-1, bt.block_size).repeat(n, 1)
+            sigma2 = ((x * x).sum(1) / k).repeat_interleave(k // bt.block_size)
         kquant = bt.block_size == QK_K
         step = _KQUANT_CHUNK if kquant else max(1, blocks.shape[0])
         out = []
         with _one_thread() if kquant else contextlib.nullcontext():
             for s in range(0, blocks.shape[0], step):
-                f = bt.quantize(blocks[s:s + step])
+                part = slice(s, s + step)
+                f = bt.quantize(blocks[part], None if qw is None else qw[part],
+                                None if sigma2 is None else sigma2[part])
                 if not all(torch.isfinite(f[h].float()).all() for h in bt.half_fields):
                     raise LowbitError(f"{name}: weights too large for {self.type}'s float16 block scales")
                 out.append(bt.encode(f).to(torch.uint8))
         return QuantizedTensor(self, (n, k), torch.cat(out).reshape(n, -1).contiguous())
+
+    # fixed grids (formats.base.Grid): one GGUF block of columns at a time -------------------------------
+    def grid_width(self, in_features: int) -> int:
+        return self.block_size
+
+    def fit_grid(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Grid:
+        """The block fields this type's quantizer gives w ([N, block_size], one block per row; with
+        importance, the weighted quantizer, its row statistic taken over this block), as a Grid."""
+        bt = self.block
+        x = w.detach().float()
+        qw = sigma2 = None
+        if importance is not None:
+            qw = check_importance(importance, bt.block_size).expand(x.shape[0], -1)
+            sigma2 = (x * x).mean(1)
+        with _one_thread() if bt.block_size == QK_K else contextlib.nullcontext():
+            f = bt.quantize(x, qw, sigma2)
+        if not all(torch.isfinite(f[h].float()).all() for h in bt.half_fields):
+            raise LowbitError(f"weights too large for {self.type}'s float16 block scales")
+        step, zero, offset, sub = bt.affine(f)
+        params = {key: v for key, v in f.items() if key != "q"}
+        return Grid(step.repeat_interleave(sub, 1), torch.full((bt.block_size,), float(zero)),
+                    offset.repeat_interleave(sub, 1), *bt.code_range, params)
+
+    def from_grids(self, codes: torch.Tensor, grids: list[Grid]) -> QuantizedTensor:
+        n, k = codes.shape
+        fields = {key: torch.stack([g.params[key] for g in grids], dim=1) for key in grids[0].params}
+        fields["q"] = codes.reshape(n, k // self.block_size, self.block_size)
+        return QuantizedTensor(self, (n, k), self.pack_fields(fields).contiguous())
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         raise LowbitError(f"{self.type} blocks carry their own scales: build them with pack_fields, not from "

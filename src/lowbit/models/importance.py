@@ -1,0 +1,153 @@
+"""Importance of each Linear's input channels (the idea of llama.cpp's imatrix): the mean of x² per input
+channel over the calibration tokens, captured from the float model, and its files.
+
+For a Linear y = W·x the squared output error of a weight change ΔW is Σ_t (ΔW·x_t)²; keeping only the diagonal
+of Σ_t x_t x_tᵀ, the error of weight W[r, j] counts with weight E[x_j²]. Formats use that vector to weight
+their scale and rounding search (`spec.quantize(w, importance=...)`).
+
+Files
+    lowbit (safetensors): one float32 tensor [in_features] per Linear, named by the module's full name (e.g.
+        "model.layers.0.self_attn.q_proj"), holding mean x²; metadata {"format": "lowbit-imatrix",
+        "tokens": the number of calibration tokens}.
+    llama.cpp's imatrix GGUF (read only): tensors "<gguf name>.in_sum2" (Σx², float32 [in_features]) and
+        "<gguf name>.counts" (tokens, [1]); the mean is in_sum2 / counts. GGUF names of the Llama-family layout
+        ("blk.3.attn_q.weight", "output.weight") are mapped to the Hugging Face module names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LowbitError
+
+_GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}
+
+
+@dataclass
+class Importance:
+    """Mean x² per input channel of each Linear (module name -> float32 [in_features]) and the number of
+    calibration tokens it was measured on."""
+
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: int = 0
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.values.get(name)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the lowbit imatrix file (safetensors) through a temporary file renamed onto `path`."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        tensors = {k: v.detach().float().contiguous() for k, v in self.values.items()}
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            save_file(tensors, tmp, metadata={"format": "lowbit-imatrix", "tokens": str(self.tokens)})
+            os.replace(tmp, path)
+        except OSError as e:
+            raise LowbitError(f"cannot write {path}: {e.strerror or e}") from None
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+
+def load_importance(path: str | os.PathLike) -> Importance:
+    """Read a lowbit imatrix file (safetensors) or llama.cpp's imatrix GGUF."""
+    path = Path(path)
+    if not path.is_file():
+        raise LowbitError(f"imatrix file {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    try:
+        return _load_gguf(path) if magic == b"GGUF" else _load_safetensors(path)
+    except LowbitError:
+        raise
+    except Exception as e:   # a damaged file: one clear line, whatever the parser tripped on
+        raise LowbitError(f"{path} is not a readable imatrix file: {e}") from None
+
+
+def _check(name: str, v: torch.Tensor, path: Path) -> torch.Tensor:
+    v = v.float().reshape(-1)
+    if not torch.isfinite(v).all() or bool((v < 0).any()):
+        raise LowbitError(f"{path}: importance of {name} must be finite and non-negative")
+    return v
+
+
+def _load_safetensors(path: Path) -> Importance:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "lowbit-imatrix":
+            raise LowbitError(f"{path} is not a lowbit imatrix file (no format=lowbit-imatrix metadata)")
+        values = {k: _check(k, f.get_tensor(k), path) for k in f.keys()}
+    return Importance(values, int(meta.get("tokens", 0)))
+
+
+def gguf_module_name(name: str) -> str:
+    """llama.cpp's tensor name -> the Hugging Face module name (Llama-family layout); unknown names stay."""
+    name = name.removesuffix(".weight")
+    if name == "output":
+        return "lm_head"
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", name)
+    if m and m.group(2) in _GGUF_NAMES:
+        return f"model.layers.{m.group(1)}.{_GGUF_NAMES[m.group(2)]}"
+    return name
+
+
+def _load_gguf(path: Path) -> Importance:
+    from gguf import GGUFReader
+    reader = GGUFReader(str(path))
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    values, tokens = {}, 0
+    for key, sum2 in tensors.items():
+        if not key.endswith(".in_sum2"):
+            continue
+        base = key.removesuffix(".in_sum2")
+        counts = tensors.get(base + ".counts")
+        if counts is None or counts.numel() != 1:
+            raise LowbitError(f"{path}: {base} needs one token count (per-expert matrices are not supported)")
+        n = float(counts.reshape(-1)[0])
+        name = gguf_module_name(base)
+        values[name] = _check(name, sum2, path) / max(n, 1.0)
+        tokens = max(tokens, int(n))
+    if not values:
+        raise LowbitError(f"{path}: no '<name>.in_sum2' tensors (not an imatrix GGUF)")
+    return Importance(values, tokens)
+
+
+@torch.no_grad()
+def collect_importance(model: nn.Module, samples: torch.Tensor, names: list[str] | None = None) -> Importance:
+    """Run the (float) model on token windows (LongTensor [n, T]) and accumulate, for each Linear (or the
+    named ones), mean x² per input channel."""
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and (names is None or n in names)}
+    sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in mods.items()}
+    counts = dict.fromkeys(mods, 0)
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] += x.pow(2).sum(0).cpu()
+            counts[name] += x.shape[0]
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in mods.items()]
+    try:
+        for ids in samples:
+            model(ids.unsqueeze(0), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    values = {n: (sums[n] / counts[n]).float() for n in mods if counts[n]}
+    return Importance(values, int(samples.numel()))
