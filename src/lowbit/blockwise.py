@@ -22,6 +22,7 @@ from .formats import QuantizedTensor
 from .formats.act import ActSpec, fake_quantize_act
 from .models.arch import Arch
 from .models.calibration import BlockInputs, capture_calls, first_input, first_output
+from .models.discovery import fold_scale
 
 Plan = dict  # name inside the block -> its configuration (lowbit.config)
 
@@ -83,15 +84,10 @@ def gptq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) ->
     return out
 
 
-def _fold_into_producer(block: nn.Module, producer: str, s: torch.Tensor) -> None:
-    """Divide the producer's output channels by s: a norm's weight, or a Linear's output rows (and bias)."""
-    p = block.get_submodule(producer)
-    if p.weight.dim() == 1:
-        p.weight.data = (p.weight.data.float() / s).to(p.weight.dtype)
-    else:
-        p.weight.data = (p.weight.data.float() / s.unsqueeze(1)).to(p.weight.dtype)
-        if getattr(p, "bias", None) is not None:
-            p.bias.data = (p.bias.data.float() / s).to(p.bias.dtype)
+def _fold_into_producer(block: nn.Module, producer: str, s: torch.Tensor, arch: Arch) -> None:
+    """Divide the producer's output channels by s: a norm's weight (as (1 + w) where the arch says so), or a
+    Linear's output rows (and bias)."""
+    fold_scale(block.get_submodule(producer), s, offset=producer in arch.fold_offset)
 
 
 def _producer_width(block: nn.Module, producer: str | None) -> int | None:
@@ -131,7 +127,7 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
             _alpha, s, _errors = search_scale(X.abs().mean(0), originals, cfg.spec, output_error, cfg.n_grid)
             for lin, w in zip(lins, originals):
                 lin.weight.data = (w.float() * s).to(w.dtype)
-            _fold_into_producer(block, producer, s)
+            _fold_into_producer(block, producer, s, arch)
             X = X / s
         group_inputs.append(X)
     return group_inputs
@@ -181,7 +177,7 @@ def smooth_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) 
                 s = smoothing_factors(x_absmax, w_absmax, sch.alpha)
             for lin in lins:
                 lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
-            _fold_into_producer(block, producer, s)
+            _fold_into_producer(block, producer, s, arch)
             X = X / s
         result.append((names, X, act))
     return result

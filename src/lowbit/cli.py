@@ -36,7 +36,7 @@ def cmd_quantize(args) -> int:
     if args.stream:
         return _quantize_streamed(args, scheme)
     loaded = load_model(args.model)
-    blocks = arch_for(loaded.model.config).blocks
+    blocks = arch_for(loaded.model).blocks
     recipe = Recipe.from_file(args.recipe, scheme, blocks) if args.recipe else recipe_for(scheme, blocks)
     plan = recipe.plan(loaded.model)  # fail on shapes before any work
     model = quantize(loaded.model, recipe, calibration=args.calib_text, tokenizer=loaded.tokenizer,

@@ -61,7 +61,7 @@ def compare(source: str, schemes: list[QuantConfig] | dict[str, QuantConfig], ou
     t_start = time.perf_counter()
     loaded = load_model(source)
     base, tok = loaded.model, loaded.tokenizer
-    blocks = arch_for(base.config).blocks
+    blocks = arch_for(base).blocks
     recipes = {lab: Recipe.default(s, blocks) for lab, s in zip(labels, schemes)}
     for r in recipes.values():
         r.plan(base)  # shapes checked before any work

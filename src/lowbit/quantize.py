@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -22,6 +23,8 @@ from .errors import LowbitError
 from .models import Loaded, load_model
 from .models.arch import arch_for
 from .models.calibration import iterate_blocks
+from .models.discovery import discover_feeds
+from .models.moe import reset_counts, route_all_experts, routed_counts, router_names, unstack_experts
 from .nn import QuantLinear, set_submodule
 from .recipes import Recipe
 
@@ -30,7 +33,7 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
              calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN, seed: int = 0,
              dtype: torch.dtype = torch.bfloat16, progress: bool = True,
              materialize: Callable[[int, nn.Module], None] | None = None,
-             release: Callable[[int, nn.Module], None] | None = None):
+             release: Callable[[int, nn.Module], None] | None = None, all_experts: bool = False):
     """Quantize a model: `lowbit.quantize(model, lowbit.GPTQ(bits=4, group_size=64), tokenizer=tok)`.
 
     model: a torch model (quantized in place and returned), or a source — "default", a Hugging Face
@@ -44,6 +47,8 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
     materialize / release: called with (index, block) before a block is quantized and once nothing needs it
     any more (after it produced the next block's calibration inputs); used to quantize models whose blocks
     live on disk (lowbit.offload.quantize_streamed).
+    all_experts: mixture-of-experts models: calibrate every expert on every calibration token (the layer's
+    output still follows the router); tokens routed to each expert are recorded either way.
     Records what was done in `model.lowbit` (saved with the checkpoint).
     """
     if isinstance(model, (str, os.PathLike)):
@@ -51,15 +56,19 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
     if isinstance(model, Loaded):
         quantize(model.model, config, calibration=calibration, tokenizer=tokenizer or model.tokenizer,
                  calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, dtype=dtype, progress=progress,
-                 materialize=materialize, release=release)
+                 materialize=materialize, release=release, all_experts=all_experts)
         return model
     if not isinstance(model, nn.Module):
         raise LowbitError(f"quantize takes a torch model, a Loaded or a model source, got {type(model).__name__}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise LowbitError(f"dtype must be a torch floating-point dtype, got {dtype!r}")
-    arch = arch_for(model.config)
+    arch = arch_for(model)
+    unstacked = unstack_experts(model) if materialize is None else []   # streamed blocks keep stacked experts
     recipe = recipe_for(config, arch.blocks)
     plan = recipe.plan(model)
+    for name in (f"{arch.blocks}.{rel}" for rel in router_names(model, arch.blocks)):
+        if name in plan and next(r for r in recipe.rules if r.matches(name)).pattern == f"{arch.blocks}.*":
+            del plan[name]       # routers stay in high precision unless a rule of the user's names them
     for name in plan:
         _check_finite(model, name)
     if any(s.needs_calibration for s in plan.values()):
@@ -75,7 +84,8 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
         steps = ((i, block, None) for i, block in enumerate(blocks))
     else:
         steps = iterate_blocks(model, calibration)
-    done = None
+    done, feeds = None, {}
+    reset_counts(model)
     for i, block, inputs in steps:  # the next block's inputs are computed after this block is swapped
         if done is not None and release is not None:
             release(*done)
@@ -85,8 +95,17 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
             materialize(i, block)
             for rel in block_plan:
                 _check_finite(model, prefix + rel)
-        for rel, q in quantize_block(block, inputs, block_plan, arch).items():
-            _swap(model, prefix + rel, q, block_plan[rel].kernel)
+        block_arch = arch
+        if arch.discovered and inputs is not None and block_plan:   # same Linears, same groups: discovered once
+            sig = tuple(n for n, m in block.named_modules() if isinstance(m, nn.Linear))
+            if sig not in feeds:
+                f, offsets, fallbacks = discover_feeds(block, inputs.hidden[0], inputs.kwargs[0])
+                feeds[sig] = replace(arch, feeds=f, fold_offset=offsets, fallbacks=fallbacks)
+            block_arch = feeds[sig]
+        with route_all_experts(model, all_experts):
+            for rel, q in quantize_block(block, inputs, block_plan, block_arch).items():
+                _swap(model, prefix + rel, q, block_plan[rel].kernel)
+        reset_counts(block)    # what is counted next is the block's one pass over the calibration set
         done = (i, block)
         bar.update()
     if done is not None and release is not None:
@@ -106,6 +125,12 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
         "quantize_seconds": round(time.perf_counter() - start, 3),
         "calibration_samples": None if calibration is None else list(calibration.shape),
     }
+    if unstacked:
+        model.lowbit["unstacked_experts"] = unstacked
+        if calibration is not None:
+            model.lowbit["expert_tokens"] = {"routed": routed_counts(model), "all_experts": all_experts}
+    if feeds:
+        model.lowbit["fold_fallbacks"] = sorted({n for a in feeds.values() for g in a.fallbacks for n in g})
     return model
 
 
@@ -128,6 +153,8 @@ def _check_finite(model: nn.Module, name: str) -> None:
 def cast_unquantized(module: nn.Module, dtype: torch.dtype) -> None:
     """Parameters outside QuantLinear modules to `dtype` (float buffers such as rotary frequencies stay)."""
     for mod in module.modules():
+        if isinstance(mod, QuantLinear) and getattr(mod, "bias", None) is not None:
+            mod.bias.data = mod.bias.data.to(dtype)    # the bias is added to activations of that dtype (Qwen2's q/k/v)
         if not isinstance(mod, QuantLinear):
             for p in mod.parameters(recurse=False):
                 if p.is_floating_point():

@@ -49,7 +49,7 @@ class _Stats:
 
 @torch.no_grad()
 def analyze_outliers(model, samples: torch.Tensor, threshold: float = ActSpec.threshold, top: int = 8) -> dict:
-    arch = arch_for(model.config)
+    arch = arch_for(model)
     blocks = model.get_submodule(arch.blocks)
     stats, handles = {}, []
     for i, block in enumerate(blocks):

@@ -6,12 +6,14 @@ same engine, not compiled) and "hf" (transformers' generate: the reference path)
 
 from __future__ import annotations
 
+import sys
 import time
 import weakref
 
 import torch
 
 from ..errors import LowbitError
+from ..models.arch import has_engine
 
 ENGINES = ("compiled", "eager", "hf")
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {kind: Engine}
@@ -90,6 +92,13 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
     if limit and ids.shape[1] + max_new_tokens > limit:   # every path, transformers' included, stops here
         raise LowbitError(f"prompt ({ids.shape[1]} tokens) plus {max_new_tokens} new tokens exceed the model's "
                           f"{limit} positions")
+    if engine != "hf" and not has_engine(model.config) and kv_bits is None and not kv_offload:
+        print(f"note: the fast engine does not cover '{model.config.model_type}'; generating with transformers",
+              file=sys.stderr)
+        engine = "hf"
+    if (kv_bits is not None or kv_offload) and not has_engine(model.config):
+        raise LowbitError(f"a quantized or host-memory KV cache needs the fast engine, which does not cover "
+                          f"'{model.config.model_type}'")
     if (kv_bits is not None or kv_offload) and engine == "hf":
         raise LowbitError("a quantized or host-memory KV cache needs a lowbit engine (--engine compiled or eager)")
     if engine != "hf":

@@ -27,6 +27,7 @@ from ..formats.act import ActSpec
 from ..io.atomic import atomic_dir
 from ..io.safetensors import INDEX, check_safetensors, read_index, write_safetensors
 from ..models.arch import arch_for
+from ..models.moe import unstack_experts
 from ..models.hf import Loaded, hf_config_dict, read_config, unique_state_dict
 from ..nn import QuantLinear
 from ..nn.qlinear import ACT_STATE_KEYS
@@ -192,6 +193,8 @@ def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
     # built on the meta device: no float weights are ever allocated for modules that are stored quantized
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if record.get("unstacked_experts"):   # quantized experts are stored one Linear each (models.moe)
+        unstack_experts(model)
     with contextlib.ExitStack() as stack:
         f = _Tensors(path, stack)
         weights = f.name
@@ -219,7 +222,7 @@ def load_checkpoint(path: str | Path, kernel: str = "auto") -> Loaded:
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
         raise LowbitError(f"{path / RECORD}: 'tied' must be a table of tensor name -> tensor name")
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
-    missing = [k for k in missing if k not in tied]
+    missing = [k for k in missing if k not in tied and k.rpartition(".")[0] not in modules]   # set above
     if missing or unexpected:
         raise LowbitError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for alias, target in tied.items():

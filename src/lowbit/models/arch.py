@@ -10,13 +10,22 @@ Linears that read the same input, each as (producer, linears, inspect):
 `no_clip` names Linears whose weights AWQ does not clip (query/key errors are amplified by the softmax).
 `decoder` names the parts of a pre-norm decoder block that the fast generation engine (lowbit.engine) calls
 directly; `qk_norm` is set where queries and keys are RMS-normalized per head before the rotary embedding.
+
+The table is an override: any other transformers decoder-only causal LM gets its Arch from the model's own
+structure (models.discovery), with `discovered` set and `feeds` found per block on calibration inputs.
+`fold_offset` names producers whose weight acts as (1 + w) (Gemma's RMSNorm); `fallbacks` the groups whose
+producer cannot take a folded scale exactly.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass, replace
 
-from ..errors import LowbitError
+from torch import nn
+
+from .discovery import check_config, discover_arch, meta_model
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,9 @@ class Arch:
     no_clip: tuple[str, ...] = ()
     decoder: DecoderNames = DecoderNames()
     rotary: str = "model.rotary_emb"  # the module that returns (cos, sin) for given positions, from the root
+    discovered: bool = False         # found by models.discovery, not from the table (no fast engine)
+    fold_offset: tuple[str, ...] = ()
+    fallbacks: tuple[tuple[str, ...], ...] = ()
 
 
 _LLAMA = Arch(
@@ -72,7 +84,26 @@ ARCHES: dict[str, Arch] = {
 
 
 def arch_for(config) -> Arch:
+    """The layout of a model (nn.Module), or of a config (dict or transformers config): the table's entry for
+    its family, else discovered from its structure (see models.discovery); unsupported models get one error."""
+    model = config if isinstance(config, nn.Module) else None
+    config = model.config if model is not None else config
     model_type = getattr(config, "model_type", None) or (config.get("model_type") if isinstance(config, dict) else None)
-    if model_type not in ARCHES:
-        raise LowbitError(f"unsupported architecture '{model_type}'; supported: {', '.join(sorted(ARCHES))}")
-    return ARCHES[model_type]
+    if model_type in ARCHES:
+        return ARCHES[model_type]
+    check_config(config)
+    if model is not None:
+        return Arch(**discover_arch(model))
+    return _from_config(json.dumps(config if isinstance(config, dict) else config.to_dict(), sort_keys=True,
+                                   default=str))
+
+
+@functools.lru_cache(maxsize=16)
+def _from_config(text: str) -> Arch:
+    return Arch(**discover_arch(meta_model(json.loads(text))))
+
+
+def has_engine(config) -> bool:
+    """Whether the fast engine (lowbit.engine) knows this family; others generate with transformers."""
+    model_type = getattr(config, "model_type", None) or (config.get("model_type") if isinstance(config, dict) else None)
+    return model_type in ARCHES

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .arch import arch_for
+from .calls import first_input, first_output  # noqa: F401  (re-exported: drivers import them from here)
 
 
 @dataclass
@@ -31,7 +32,7 @@ class _Stop(Exception):
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, samples: torch.Tensor) -> BlockInputs:
     """Inputs of the first decoder block for each sample (LongTensor [n, T])."""
-    block0 = model.get_submodule(arch_for(model.config).blocks)[0]
+    block0 = model.get_submodule(arch_for(model).blocks)[0]
     caught = BlockInputs([], [])
 
     def hook(module, args, kwargs):
@@ -65,7 +66,7 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
 def iterate_blocks(model: nn.Module, samples: torch.Tensor) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
     """Yield (index, block, its inputs); whatever the caller does to the block before asking for the next
     one (quantizing it) is reflected in the inputs of the next."""
-    blocks = model.get_submodule(arch_for(model.config).blocks)
+    blocks = model.get_submodule(arch_for(model).blocks)
     inputs = capture_block_inputs(model, samples)
     for i, block in enumerate(blocks):
         yield i, block, inputs
@@ -101,16 +102,3 @@ def capture_calls(block: nn.Module, inputs: BlockInputs, names: list[str]) -> di
         for handle in handles:
             handle.remove()
     return calls
-
-
-def first_input(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    """The module's first forward argument, however it was passed (positionally or by name)."""
-    if args:
-        return args[0]
-    import inspect
-    first = next(iter(inspect.signature(module.forward).parameters))
-    return kwargs[first]
-
-
-def first_output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out

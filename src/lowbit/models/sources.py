@@ -163,13 +163,14 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache: bool) -> Loaded:
         loaded = _load_hf_dir(cached, dtype)
         loaded.source = str(path)
         return loaded
-    arch_for({"model_type": _check_gguf(path)})
+    _check_gguf(path)   # the architecture is checked once transformers has built the model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as e:  # transformers' GGUF path raises many types for bad files
         raise LowbitError(f"cannot load GGUF file {path}: {str(e).splitlines()[0]}") from None
+    arch_for(model)
     model.eval()
     if cache:
         _write_hf_dir(model, tokenizer, cached)

@@ -10,6 +10,8 @@ are for inference), anything else is a buffer.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -83,6 +85,23 @@ def rebuild_meta_buffers(model: nn.Module, config) -> None:
             except TypeError:
                 continue
             set_submodule(model, name, fresh)
+        elif any(b is not None and b.is_meta for b in mod._buffers.values()) and hasattr(model, "_init_weights"):
+            _init_buffers(model, mod)
+
+
+def _init_buffers(model: nn.Module, mod: nn.Module) -> None:
+    """Computed buffers of a module that also has parameters (Gemma's embedding scale): transformers' own
+    initialization run on a copy whose parameters stay on meta, so that only the buffers get values."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            for p in mod.parameters(recurse=False)}
+    tmp = copy.deepcopy(mod, memo)
+    for k, b in tmp._buffers.items():
+        if b is not None and b.is_meta:
+            tmp._buffers[k] = torch.empty_like(b, device="cpu")
+    model._init_weights(tmp)
+    for k, b in mod._buffers.items():
+        if b is not None and b.is_meta:
+            mod._buffers[k] = tmp._buffers[k]
 
 
 class TensorSlots:

@@ -170,7 +170,7 @@ def open_streamed(path: str | Path, budget: int | str, dtype: torch.dtype = torc
     fixed, per_block = block_sizes(path, dtype)
     plan = plan_offload(fixed, per_block, budget)
     model, tokenizer, files = meta_model(path, dtype, plan.resident)
-    blocks = model.get_submodule(arch_for(model.config).blocks)
+    blocks = model.get_submodule(arch_for(model).blocks)
     # empty placeholders of the right dtype for the streamed blocks (filled only while each one runs)
     for i in plan.streamed:
         set_tensors(blocks[i], {k: placeholder_like(t, "cpu") for k, t in module_tensors(blocks[i]).items()

@@ -39,7 +39,7 @@ def quantize_streamed(path: str | Path, out: str | Path, config: QuantConfig | R
         raise LowbitError(f"streamed quantization reads a Hugging Face safetensors directory, {path} is not one "
                           "(a GGUF file or a lowbit checkpoint is loaded whole: quantize it without streaming)")
     model, tokenizer, block_files = meta_model(path, dtype, resident_blocks=())
-    arch = arch_for(model.config)
+    arch = arch_for(model)
     recipe = recipe_for(config, arch.blocks)
     plan = recipe.plan(model)
     # outside the blocks: float32 when calibration runs through the embedding or something outside the blocks

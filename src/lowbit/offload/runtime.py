@@ -149,7 +149,7 @@ def offload_blocks(model: nn.Module, budget: int | str, offload_dir: str | None 
     if pin_memory is None:
         pin_memory = device.type == "cuda"
     budget = budget_bytes(budget)
-    arch = arch_for(model.config)
+    arch = arch_for(model)
     blocks = model.get_submodule(arch.blocks)
     per_block = [module_tensors(b) for b in blocks]
     block_ids = {id(t) for ts in per_block for t in ts.values()}
