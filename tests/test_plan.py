@@ -37,9 +37,14 @@ def test_fisher_predicts_the_kl_of_a_small_weight_change():
     """½ F_ii ε² is the KL that moving weight i by ε causes (to second order), per token, as measured."""
     model = _tiny()
     ids = torch.randint(0, 24, (1, 16), generator=torch.Generator().manual_seed(1))
-    windows = ids.repeat(400, 1)   # one fresh draw of every position per repetition
+    windows = ids.repeat(300, 1)   # one fresh draw of every position per repetition
     name = "model.layers.1.mlp.down_proj"
-    fisher = fisher_diagonal(model, windows, [name], progress=False)[name]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # hundreds of tiny passes: threads only add overhead
+    try:
+        fisher = fisher_diagonal(model, windows, [name], progress=False)[name]
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
         ref_lp = F.log_softmax(model(ids).logits.float(), -1)
     w = model.get_submodule(name).weight
@@ -135,13 +140,13 @@ def test_plan_budget_counts_everything_and_respects_the_target():
     model = _tiny(vocab=64)
     windows = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     n_params = sum(p.numel() for p in model.parameters())
-    for target in (6.0, 9.0):
+    for target in (6.0, 12.0):
         a = plan_budget(model, windows, target, formats="Q4_0,Q8_0", overhead_bytes=1000, progress=False)
         assert a.total_bytes <= a.budget_bytes == int(target * n_params / 8)
         assert a.params == n_params
         norms = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1)
         assert a.fixed_bytes == 1000 + 4 * norms
-    assert any(o.label == KEEP for o in a.choice.values())   # at 9 bits something stays 16-bit
+    assert any(o.label == KEEP for o in a.choice.values())   # at 12 bits something stays 16-bit
     rules = a.rules()
     assert len(rules) == len(a.choice) and all(r["match"] in a.choice for r in rules)
     with pytest.raises(LowbitError, match="below the smallest"):
