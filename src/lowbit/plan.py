@@ -310,17 +310,27 @@ class Sensitivity:
                           self.seconds + time.perf_counter() - start)
 
 
+def importance_error(importance: torch.Tensor):
+    """The quantizer for sensitivity when calibration importance is known: the format's importance-weighted
+    round-to-nearest (what `RTN(importance=True)` stores)."""
+    def error(rows: torch.Tensor, spec: WeightFormat) -> torch.Tensor:
+        return spec.quantize(rows, importance=importance).dequantize(torch.float32) - rows
+    return error
+
+
 def measure_sensitivity(model: nn.Module, windows: torch.Tensor, *, formats="gguf", overhead_bytes: int = 0,
-                        norm_bytes: int = 4, keep: bool = True, error=rtn_error, seed: int = 0,
+                        norm_bytes: int = 4, keep: bool = True, error=rtn_error, importance=None, seed: int = 0,
                         progress: bool = True) -> Sensitivity:
     """The options of every tensor of `planned_tensors`. windows: calibration token ids [n, T] for the Fisher
     estimate (16 × 512 is plenty). overhead_bytes: what the output spends besides tensors (a GGUF file's
     header, metadata and alignment); tensors outside the plan are counted at `norm_bytes` per value for
-    vectors (GGUF stores norms as F32) and 2 for matrices."""
+    vectors (GGUF stores norms as F32) and 2 for matrices. importance (lowbit.models.importance.Importance):
+    measure each tensor's error with the importance-weighted quantizer (a tied embedding takes the lm_head's)."""
     from .models.arch import arch_for
 
     start = time.perf_counter()
-    names = planned_tensors(model, arch_for(model))
+    arch = arch_for(model)
+    names = planned_tensors(model, arch)
     params = {id(p): p for p in model.parameters()}
     planned_ids = {id(model.get_submodule(n).weight) for n in names}
     fixed = overhead_bytes + sum(p.numel() * (norm_bytes if p.dim() == 1 else 2)
@@ -330,7 +340,11 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, *, formats="ggu
     table = {}
     for n in tqdm(fisher, desc="formats", unit="tensor", disable=not progress):
         W = model.get_submodule(n).weight
-        losses = sensitivity(W, fisher[n], candidates, error=error, seed=seed)
+        imp = None
+        if importance is not None:
+            imp = importance.get(arch.lm_head if n == arch.embed else n)
+        losses = sensitivity(W, fisher[n], candidates, error=error if imp is None else importance_error(imp),
+                             seed=seed)
         if not losses and not keep:
             raise LowbitError(f"{n}: none of the candidate formats can store a {tuple(W.shape)} matrix")
         table[n] = options_for(W, losses, keep)
@@ -352,4 +366,4 @@ def _number_check(target_bpw) -> None:
 
 __all__ = ["Option", "KEEP", "LOWBIT_FORMATS", "candidate_formats", "fits", "fisher_diagonal", "rtn_error",
            "sensitivity", "allocate", "options_for", "predicted_kld", "Allocation", "Sensitivity", "planned_tensors",
-           "measure_sensitivity", "plan_budget"]
+           "measure_sensitivity", "plan_budget", "importance_error"]
