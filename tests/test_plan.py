@@ -1,0 +1,163 @@
+"""The size-budget allocator (lowbit.plan): the Fisher estimate predicts KL, sensitivity is measured on the
+right rows, the knapsack is optimal and never over budget, and bad budgets fail clearly."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.errors import LowbitError
+from lowbit.formats import GGUFSpec, IntSpec
+from lowbit.plan import (KEEP, Option, allocate, candidate_formats, fisher_diagonal, plan_budget, planned_tensors,
+                         predicted_kld, sensitivity)
+
+
+def _tiny(vocab=24, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():   # larger weights than the initializer's, so that predictions are far from uniform
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return model
+
+
+def _kl(model, ref_lp, ids):
+    with torch.no_grad():
+        lp = F.log_softmax(model(ids).logits.float(), -1)
+    return float((ref_lp.exp() * (ref_lp - lp)).sum(-1).mean())
+
+
+def test_fisher_predicts_the_kl_of_a_small_weight_change():
+    """½ F_ii ε² is the KL that moving weight i by ε causes (to second order), per token, as measured."""
+    model = _tiny()
+    ids = torch.randint(0, 24, (1, 16), generator=torch.Generator().manual_seed(1))
+    windows = ids.repeat(300, 1)   # one fresh draw of every position per repetition
+    name = "model.layers.1.mlp.down_proj"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # hundreds of tiny passes: threads only add overhead
+    try:
+        fisher = fisher_diagonal(model, windows, [name], progress=False)[name]
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        ref_lp = F.log_softmax(model(ids).logits.float(), -1)
+    w = model.get_submodule(name).weight
+    for flat in torch.topk(fisher.flatten(), 4).indices.tolist():   # weights the prediction says matter
+        i, j = divmod(flat, w.shape[1])
+        eps = 0.02
+        with torch.no_grad():
+            w[i, j] += eps
+        measured = _kl(model, ref_lp, ids)
+        with torch.no_grad():
+            w[i, j] -= eps
+        predicted = 0.5 * float(fisher[i, j]) * eps ** 2
+        assert measured > 0
+        assert 0.75 < predicted / measured < 1.33, (i, j, predicted, measured)
+
+
+def test_fisher_leaves_gradients_as_they_were():
+    model = _tiny()
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    fisher_diagonal(model, torch.zeros(1, 8, dtype=torch.long), ["model.embed_tokens", "lm_head"], progress=False)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+def test_tied_weights_are_one_tensor():
+    model = _tiny()
+    fisher = fisher_diagonal(model, torch.zeros(1, 8, dtype=torch.long), ["model.embed_tokens", "lm_head"],
+                             progress=False)
+    assert list(fisher) == ["model.embed_tokens"]
+    from lowbit.models.arch import arch_for
+    names = planned_tensors(model, arch_for(model.config))
+    assert names[0] == "model.embed_tokens" and "lm_head" not in names and len(names) == 1 + 2 * 7
+
+
+def test_sensitivity_is_exact_on_all_rows_and_unbiased_on_a_sample():
+    torch.manual_seed(0)
+    W = torch.randn(512, 64)
+    fisher = torch.rand(512, 64) * torch.linspace(0.01, 3, 512)[:, None]   # rows matter unequally
+    spec = IntSpec(3, 32, False)
+    exact = 0.5 * float((fisher * (spec.quantize(W).dequantize() - W).square()).sum())
+    assert sensitivity(W, fisher, [spec], rows=512)[spec] == pytest.approx(exact, rel=1e-5)
+    estimates = [sensitivity(W, fisher, [spec], rows=64, seed=s)[spec] for s in range(20)]
+    assert sum(estimates) / len(estimates) == pytest.approx(exact, rel=0.05)
+    assert max(abs(e - exact) for e in estimates) < 0.25 * exact
+
+
+def test_sensitivity_skips_formats_that_do_not_fit():
+    W = torch.randn(8, 96)
+    losses = sensitivity(W, torch.ones(8, 96), [GGUFSpec("Q4_0"), GGUFSpec("Q4_K")])
+    assert list(losses) == [GGUFSpec("Q4_0")]
+
+
+def _brute(table, budget):
+    names = list(table)
+    best = None
+    for combo in itertools.product(*(table[n] for n in names)):
+        if sum(o.nbytes for o in combo) <= budget:
+            loss = sum(o.loss for o in combo)
+            if best is None or loss < best:
+                best = loss
+    return best
+
+
+def test_allocate_is_within_budget_and_near_optimal():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        table = {}
+        for t in range(5):
+            sizes = sorted(torch.randint(10, 200, (4,), generator=g).tolist())
+            scale = float(torch.rand(1, generator=g)) * 10
+            table[f"t{t}"] = [Option(f"o{k}", None, s, scale / s ** 1.5) for k, s in enumerate(sizes)]
+        budget = int(sum(min(o.nbytes for o in v) for v in table.values()) * (1.2 + trial / 15))
+        choice = allocate(table, budget)
+        assert sum(o.nbytes for o in choice.values()) <= budget
+        best = _brute(table, budget)
+        assert predicted_kld(choice) <= best * 1.1 + 1e-12
+
+
+def test_allocate_gives_sensitive_tensors_more_bits():
+    opts = lambda scale: [Option(b, None, n, scale * 2.0 ** -b_) for b, n, b_ in (("q2", 2, 2), ("q4", 4, 4),
+                                                                                  ("q8", 8, 8))]
+    table = {"dull": opts(1.0), "sensitive": opts(100.0)}
+    choice = allocate(table, 10)
+    assert choice["sensitive"].nbytes > choice["dull"].nbytes
+
+
+def test_impossible_budget_is_one_clear_error():
+    table = {"a": [Option("x", None, 10, 1.0)]}
+    with pytest.raises(LowbitError, match="below the smallest possible"):
+        allocate(table, 9)
+
+
+def test_plan_budget_counts_everything_and_respects_the_target():
+    model = _tiny(vocab=64)
+    windows = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    n_params = sum(p.numel() for p in model.parameters())
+    for target in (6.0, 12.0):
+        a = plan_budget(model, windows, target, formats="Q4_0,Q8_0", overhead_bytes=1000, progress=False)
+        assert a.total_bytes <= a.budget_bytes == int(target * n_params / 8)
+        assert a.params == n_params
+        norms = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1)
+        assert a.fixed_bytes == 1000 + 4 * norms
+    assert any(o.label == KEEP for o in a.choice.values())   # at 12 bits something stays 16-bit
+    rules = a.rules()
+    assert len(rules) == len(a.choice) and all(r["match"] in a.choice for r in rules)
+    with pytest.raises(LowbitError, match="below the smallest"):
+        plan_budget(model, windows, 1.0, formats="Q4_0", progress=False)
+    with pytest.raises(LowbitError, match="positive number"):
+        plan_budget(model, windows, float("nan"), progress=False)
+
+
+def test_candidate_formats_by_name():
+    assert candidate_formats("Q4_K,int4_g64_asym,int8_pc_sym") == [GGUFSpec("Q4_K"), IntSpec(4, 64, False),
+                                                                   IntSpec(8, -1, True)]
+    assert len(candidate_formats("gguf")) == 10
+    with pytest.raises(LowbitError, match="unknown format"):
+        candidate_formats("Q9_Z")
