@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import lowbit
 from lowbit.data import calibration_ids, load_text, token_windows
 from lowbit.eval import environment, peak_rss_bytes
-from lowbit.export.gguf import gguf_file_bytes, write_gguf
+from lowbit.export.gguf import gguf_overhead_bytes, write_gguf
 from lowbit.models.importance import collect_importance
 from lowbit.models.sources import default_model_path
 from lowbit.plan import measure_sensitivity, planned_tensors
@@ -47,16 +47,6 @@ def llama_quantize(llama_cpp, src: Path, dst: Path, ftype: str) -> float:
     if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
         raise RuntimeError(f"llama_model_quantize failed for {ftype}")
     return time.perf_counter() - t0
-
-
-def overhead_bytes(model, source: Path) -> int:
-    """What the GGUF file spends besides the planned tensors' data: header, metadata, tensor infos, the
-    unplanned tensors and alignment (the planned tensors counted as F16 and then taken out again, plus the
-    worst-case alignment of each planned tensor)."""
-    names = planned_tensors(model, arch_for(model))
-    as_f16 = gguf_file_bytes(model, source, {n: "F16" for n in names})
-    planned = sum(2 * model.get_submodule(n).weight.numel() for n in names)
-    return as_f16 - planned + 32 * len(names)
 
 
 def main() -> None:
@@ -97,7 +87,8 @@ def main() -> None:
     imp = collect_importance(base, calib)
     imp_seconds = time.perf_counter() - t0
     sens = measure_sensitivity(base, calib[: args.fisher_windows], formats="gguf",
-                               overhead_bytes=overhead_bytes(base, src), importance=imp)
+                               overhead_bytes=gguf_overhead_bytes(base, planned_tensors(base, arch_for(base)), src),
+                               importance=imp)
     print(f"sensitivity: {sens.seconds:.0f} s, importance: {imp_seconds:.0f} s, peak RSS "
           f"{peak_rss_bytes() / 2**30:.2f} GiB", flush=True)
     per_method = {m: args.targets for m in args.methods.split(",")}

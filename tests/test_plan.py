@@ -5,6 +5,8 @@ import itertools
 import math
 
 import pytest
+
+import lowbit
 import torch
 import torch.nn.functional as F
 
@@ -148,7 +150,8 @@ def test_plan_budget_counts_everything_and_respects_the_target():
         assert a.fixed_bytes == 1000 + 4 * norms
     assert any(o.label == KEEP for o in a.choice.values())   # at 12 bits something stays 16-bit
     rules = a.rules()
-    assert len(rules) == len(a.choice) and all(r["match"] in a.choice for r in rules)
+    assert len(rules) == len(a.choice) + 1 and rules[1] == {"match": "lm_head", "keep": True}   # the tied head
+    assert all(r["match"] in a.choice for r in rules if r["match"] != "lm_head")
     with pytest.raises(LowbitError, match="below the smallest"):
         plan_budget(model, windows, 1.0, formats="Q4_0", progress=False)
     with pytest.raises(LowbitError, match="positive number"):
@@ -161,3 +164,32 @@ def test_candidate_formats_by_name():
     assert len(candidate_formats("gguf")) == 10
     with pytest.raises(LowbitError, match="unknown format"):
         candidate_formats("Q9_Z")
+
+
+def test_cli_target_bpw_writes_a_gguf_within_budget_and_an_editable_plan(tiny_dir, tmp_path, capsys):
+    """`lowbit quantize --target-bpw X --out F.gguf`: the written file's size is at most X bits per parameter
+    (everything counted), llama.cpp's reader reads it, and the plan file reproduces the same plan."""
+    import gguf
+
+    from lowbit.cli import main
+    from lowbit.recipes import Recipe
+    model = lowbit.load_model(tiny_dir).model
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    out, plan = tmp_path / "tiny.gguf", tmp_path / "plan.toml"
+    code = main(["--quiet", "quantize", str(tiny_dir), "--target-bpw", "10", "--out", str(out), "--plan-out", str(plan),
+                 "--calib-samples", "4", "--calib-seqlen", "32", "--fisher-samples", "2"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert out.stat().st_size * 8 <= 10 * n_params   # the tokenizer in the metadata is most of it
+    assert "predicted KLD" in text
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert "token_embd.weight" in types and "output.weight" not in types   # tied head: one tensor
+    recipe = Recipe.from_file(plan, lowbit.RTN(importance=True))
+    reread = recipe.plan(lowbit.load_model(tiny_dir).model)
+    assert {n for n in reread} <= {n for n, _ in model.named_modules()}
+    # an impossible budget: one line, nothing written
+    bad = tmp_path / "bad.gguf"
+    assert main(["--quiet", "quantize", str(tiny_dir), "--target-bpw", "2", "--out", str(bad),
+                 "--calib-samples", "2", "--calib-seqlen", "32", "--fisher-samples", "1"]) == 2
+    assert "below the smallest" in capsys.readouterr().err
+    assert not bad.exists() and list(tmp_path.glob(".bad*")) == []

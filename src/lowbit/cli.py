@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 
@@ -32,14 +33,25 @@ def cmd_quantize(args) -> int:
     from .recipes import Recipe
 
     scheme = _scheme_from_args(args, args.method)
+    if args.format == "lowbit" and str(args.out).endswith(".gguf"):
+        args.format = "gguf"
     check_output(args.out, args.overwrite)
+    if args.target_bpw is not None and (args.recipe or args.stream):
+        raise LowbitError("--target-bpw chooses the recipe itself and needs the model in memory: drop "
+                          f"{'--recipe' if args.recipe else '--stream'}")
+    if args.plan_out and args.target_bpw is None:
+        raise LowbitError("--plan-out needs --target-bpw")
     if args.stream:
         return _quantize_streamed(args, scheme)
     loaded = load_model(args.model)
     blocks = arch_for(loaded.model).blocks
-    recipe = Recipe.from_file(args.recipe, scheme, blocks) if args.recipe else recipe_for(scheme, blocks)
+    imatrix = None
+    if args.target_bpw is not None:
+        recipe, imatrix = _budget_recipe(args, loaded, scheme)
+    else:
+        recipe = Recipe.from_file(args.recipe, scheme, blocks) if args.recipe else recipe_for(scheme, blocks)
     plan = recipe.plan(loaded.model)  # fail on shapes before any work
-    imatrix = _imatrix_for(args, loaded, plan)
+    imatrix = imatrix or _imatrix_for(args, loaded, plan)
     model = quantize(loaded.model, recipe, calibration=args.calib_text, tokenizer=loaded.tokenizer,
                      calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
                      dtype=_DTYPES[args.dtype], progress=not args.quiet, imatrix=imatrix)
@@ -65,8 +77,13 @@ def cmd_quantize(args) -> int:
             pairs[f"{v['requested']} -> {v['stored']}"] = pairs.get(f"{v['requested']} -> {v['stored']}", 0) + 1
         print(f"GGUF fallback (rows not a multiple of the block) for {len(fb)} Linear modules: "
               + ", ".join(f"{k} x{c}" for k, c in pairs.items()))
-    print(f"wrote {out}: {s['bytes'] / 1e6:.1f} MB, {s['bits_per_weight']:.2f} bits/weight overall, "
-          f"{s['quantized_bits_per_weight']:.2f} in quantized layers; {model.lowbit['quantize_seconds']:.1f} s")
+    if args.format == "gguf":   # the file, metadata included, per parameter: what --target-bpw budgets
+        size = os.path.getsize(out)
+        print(f"wrote {out}: {size / 1e6:.1f} MB, {8 * size / s['weights']:.3f} bits/weight (whole file); "
+              f"{model.lowbit['quantize_seconds']:.1f} s")
+    else:
+        print(f"wrote {out}: {s['bytes'] / 1e6:.1f} MB, {s['bits_per_weight']:.2f} bits/weight overall, "
+              f"{s['quantized_bits_per_weight']:.2f} in quantized layers; {model.lowbit['quantize_seconds']:.1f} s")
     return 0
 
 
@@ -77,6 +94,49 @@ def cmd_export(args) -> int:
         print(f"lowbit: warning: {w}", file=sys.stderr)
     print(f"wrote {out} ({args.format})")
     return 0
+
+
+def _budget_recipe(args, loaded, scheme):
+    """--target-bpw: measure every tensor's sensitivity to every candidate format, allocate under the budget,
+    print the plan (and write it with --plan-out). RTN then uses calibration importance, as the measurement did."""
+    from .config import RTN
+    from .data import calibration_ids
+    from .models import arch_for
+    from .models.importance import collect_importance, load_importance
+    from .plan import candidate_formats, measure_sensitivity, planned_tensors, write_rules
+    from .recipes import Recipe
+
+    gguf_out = args.format == "gguf"
+    formats = candidate_formats(args.formats or ("gguf" if gguf_out else "lowbit"))
+    if gguf_out and any(f.kind != "gguf" for f in formats):
+        raise LowbitError("a GGUF output holds only GGUF types: use --formats gguf or a list of GGUF types")
+    if isinstance(scheme, RTN):
+        scheme = scheme.replace(importance=True)
+    model = loaded.model
+    ids = calibration_ids(args.calib_text, loaded.tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
+    if args.imatrix and os.path.exists(args.imatrix):
+        imp = load_importance(args.imatrix)
+    else:
+        imp = collect_importance(model, ids)
+        if args.imatrix:
+            imp.save(args.imatrix)
+    overhead, norm_bytes = 0, 2
+    if gguf_out:
+        from .export.gguf import gguf_overhead_bytes
+        overhead, norm_bytes = gguf_overhead_bytes(model, planned_tensors(model, arch_for(model)), loaded.source), 4
+    sens = measure_sensitivity(model, ids[: args.fisher_samples], formats=formats, overhead_bytes=overhead,
+                               norm_bytes=norm_bytes, importance=imp, seed=args.seed, progress=not args.quiet)
+    alloc = sens.allocate(args.target_bpw)
+    print(f"plan for {args.target_bpw:g} bits/weight: {alloc.bits_per_weight:.3f} planned "
+          f"({alloc.total_bytes / 1e6:.2f} MB), predicted KLD {alloc.predicted_kld:.4f}, measured in "
+          f"{alloc.seconds:.0f} s")
+    print("  format   tensors      MB   predicted KLD")
+    for label, n, nbytes, loss in alloc.summary():
+        print(f"  {label:<8} {n:>7} {nbytes / 1e6:>7.2f}   {loss:.5f}")
+    if args.plan_out:
+        write_rules(args.plan_out, alloc.rules(), method=scheme.method)
+        print(f"wrote {args.plan_out}")
+    return Recipe.from_rules(alloc.rules(), scheme, arch_for(model).blocks), imp
 
 
 def _imatrix_for(args, loaded, plan):
@@ -368,6 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--stream", action="store_true",
                    help="read one block at a time from a Hugging Face safetensors directory and write the "
                         "checkpoint block by block (for models larger than memory)")
+    b = q.add_argument_group("size budget")
+    b.add_argument("--target-bpw", type=float, default=None, metavar="X",
+                   help="choose a format per tensor (embedding included) so that the whole output takes at most X "
+                        "bits per parameter, the most sensitive tensors getting the most bits (see lowbit.plan)")
+    b.add_argument("--formats", default=None,
+                   help="candidate formats for --target-bpw: gguf (default for a .gguf output), lowbit (default "
+                        "otherwise), or a comma-separated list such as Q4_K,Q5_0,Q8_0 or int4_g64_asym")
+    b.add_argument("--plan-out", default=None, metavar="FILE",
+                   help="write the chosen plan as an editable recipe (TOML, or JSON by suffix)")
+    b.add_argument("--fisher-samples", type=_positive, default=16,
+                   help="calibration windows for the sensitivity measurement (default 16)")
     q.add_argument("--format", default="lowbit", choices=["lowbit", *export_formats],
                    help="checkpoint format of --out: lowbit (default) or a serving engine's (see lowbit export)")
     q.set_defaults(func=cmd_quantize)

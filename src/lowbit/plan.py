@@ -26,9 +26,10 @@ The budget is total bits per parameter over the whole output: the caller says ho
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -238,6 +239,7 @@ class Allocation:
     fixed_bytes: int       # bytes outside the plan: metadata, norms, tensors left out
     budget_bytes: int      # total bytes allowed (target bits per parameter · params / 8)
     seconds: float         # measuring sensitivity and allocating
+    aliases: dict[str, list[str]] = field(default_factory=dict)   # tensor -> modules sharing it (a tied lm_head)
 
     @property
     def total_bytes(self) -> int:
@@ -255,13 +257,14 @@ class Allocation:
         """Recipe rules (lowbit.recipes), one per planned tensor: what `--plan-out` writes."""
         out = []
         for name, o in self.choice.items():
-            if o.spec is None:
-                out.append({"match": name, "keep": True})
-            elif isinstance(o.spec, GGUFSpec):
-                out.append({"match": name, "gguf_type": o.spec.type})
-            else:
-                out.append({"match": name, "bits": o.spec.bits, "group_size": o.spec.group_size,
-                            "symmetric": o.spec.symmetric})
+            for n in [name, *self.aliases.get(name, [])]:   # a tied lm_head takes the embedding's format
+                if o.spec is None:
+                    out.append({"match": n, "keep": True})
+                elif isinstance(o.spec, GGUFSpec):
+                    out.append({"match": n, "gguf_type": o.spec.type})
+                else:
+                    out.append({"match": n, "bits": o.spec.bits, "group_size": o.spec.group_size,
+                                "symmetric": o.spec.symmetric})
         return out
 
     def summary(self) -> list[tuple[str, int, int, float]]:
@@ -295,6 +298,7 @@ class Sensitivity:
     params: int            # parameters of the model (tied weights once)
     fixed_bytes: int       # what the output spends outside the planned tensors
     seconds: float
+    aliases: dict[str, list[str]] = field(default_factory=dict)
 
     def allocate(self, target_bpw: float) -> Allocation:
         _number_check(target_bpw)
@@ -307,7 +311,7 @@ class Sensitivity:
             raise LowbitError(f"target {target_bpw} bits per weight is below the smallest this model can be "
                               f"stored in with these formats: {8 * least / self.params:.3f}") from None
         return Allocation(choice, self.params, self.fixed_bytes, budget,
-                          self.seconds + time.perf_counter() - start)
+                          self.seconds + time.perf_counter() - start, self.aliases)
 
 
 def importance_error(importance: torch.Tensor):
@@ -348,7 +352,11 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, *, formats="ggu
         if not losses and not keep:
             raise LowbitError(f"{n}: none of the candidate formats can store a {tuple(W.shape)} matrix")
         table[n] = options_for(W, losses, keep)
-    return Sensitivity(table, sum(p.numel() for p in params.values()), fixed, time.perf_counter() - start)
+    aliases = {}
+    if arch.lm_head not in names:   # tied to the embedding: one tensor, one format
+        aliases[arch.embed] = [arch.lm_head]
+    return Sensitivity(table, sum(p.numel() for p in params.values()), fixed, time.perf_counter() - start,
+                       aliases)
 
 
 def plan_budget(model: nn.Module, windows: torch.Tensor, target_bpw: float, **kw) -> Allocation:
@@ -356,6 +364,21 @@ def plan_budget(model: nn.Module, windows: torch.Tensor, target_bpw: float, **kw
     (keywords: see `measure_sensitivity`)."""
     _number_check(target_bpw)
     return measure_sensitivity(model, windows, **kw).allocate(target_bpw)
+
+
+def write_rules(path, rules: list[dict], method: str | None = None) -> None:
+    """A plan's rules as a recipe file (TOML, or JSON when the name ends in .json) that `--recipe` reads back."""
+    from .io.atomic import atomic_write_text
+
+    rules = [dict(r, method=method) if method and "keep" not in r else r for r in rules]
+    if str(path).endswith(".json"):
+        text = json.dumps({"rules": rules}, indent=1) + "\n"
+    else:
+        def value(v):
+            return json.dumps(v) if isinstance(v, (str, bool)) else str(v)
+        text = "# one rule per tensor, chosen by lowbit's size-budget allocator; edit freely\n" + "".join(
+            "\n[[rule]]\n" + "".join(f"{k} = {value(v)}\n" for k, v in r.items()) for r in rules)
+    atomic_write_text(path, text)
 
 
 def _number_check(target_bpw) -> None:
@@ -366,4 +389,4 @@ def _number_check(target_bpw) -> None:
 
 __all__ = ["Option", "KEEP", "LOWBIT_FORMATS", "candidate_formats", "fits", "fisher_diagonal", "rtn_error",
            "sensitivity", "allocate", "options_for", "predicted_kld", "Allocation", "Sensitivity", "planned_tensors",
-           "measure_sensitivity", "plan_budget", "importance_error"]
+           "measure_sensitivity", "plan_budget", "importance_error", "write_rules"]

@@ -38,5 +38,7 @@ def export(loaded_or_checkpoint, fmt: str, out, *, overwrite: bool = False, tp: 
     if not isinstance(src, Loaded) and not hasattr(src, "named_modules"):
         from ..models.sources import load_model
         src = load_model(src)
+    if fmt == "gguf" and isinstance(src, Loaded):   # the metadata and tokenizer come from where it was loaded
+        return gguf.write_gguf(src, out, overwrite=overwrite), []
     model, tok = (src.model, src.tokenizer) if isinstance(src, Loaded) else (src, tokenizer)
     return EXPORTERS[fmt](model, tok, out, overwrite=overwrite, tp=tp)

@@ -431,6 +431,15 @@ def gguf_file_bytes(model_or_loaded, source=None, types: dict[str, str] | None =
     return _size(writer)
 
 
+def gguf_overhead_bytes(model_or_loaded, names: list[str], source=None) -> int:
+    """What a GGUF file of this model spends besides the data of the tensors `names` (module names): header,
+    metadata, tensor infos, every other tensor, and the worst-case alignment padding of the named ones — the
+    fixed part of a size budget whose named tensors' types are still to be chosen."""
+    model, _ = _model_of(model_or_loaded)
+    as_f16 = gguf_file_bytes(model_or_loaded, source, {n: "F16" for n in names})
+    return as_f16 - sum(2 * model.get_submodule(n).weight.numel() for n in names) + 32 * len(names)
+
+
 def write_gguf(model_or_loaded, out_path: str | os.PathLike, *, source=None, overwrite: bool = False) -> Path:
     """Write the model as a GGUF file at `out_path` (see the module docstring for what goes in). `source` is
     the GGUF file or Hugging Face directory the model came from (default: where a Loaded was loaded from, or
