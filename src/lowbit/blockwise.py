@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from .algorithms import (Hessian, apply_clip, fake_quantize, gptq_quantize, quantize_rtn, search_alpha, search_clip,
                          search_scale, smoothing_factors, top_fraction_dims)
-from .config import W8_SPEC
+from .algorithms.learned import LearnedLinear, check_trainable, make_optimizer
+from .config import W8_SPEC, config_for
 from .formats import QuantizedTensor
 from .formats.act import ActSpec, fake_quantize_act
 from .models.arch import Arch
@@ -140,15 +141,21 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
 def awq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
     """Scales for every group first (while every weight is still float), then clip search and
     round-to-nearest Linear by Linear, as the reference does. Inputs are captured once, before any change."""
+    return {n: _set(block, n, qt) for n, (_w, qt) in awq_round(block, inputs, plan, arch).items()}
+
+
+def awq_round(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, tuple[torch.Tensor, QuantizedTensor]]:
+    """AWQ's two phases without writing the result back: per Linear, its scaled float weight and its
+    clipped round-to-nearest quantization (the scales are folded into the producers)."""
     group_inputs = awq_scale_block(block, inputs, plan, arch)
     out = {}
     for (_p, _l, names, _i), X in zip(linear_groups(arch, plan), group_inputs):
         for n in names:
             W = block.get_submodule(n).weight.detach().float()
             cfg = plan[n]
-            if cfg.clip and n not in arch.no_clip:
-                W = apply_clip(W, search_clip(W, X, cfg.spec, cfg.n_grid), cfg.spec)
-            out[n] = _set(block, n, quantize_rtn(W, cfg.spec))
+            clipped = apply_clip(W, search_clip(W, X, cfg.spec, cfg.n_grid), cfg.spec) \
+                if cfg.clip and n not in arch.no_clip else W
+            out[n] = (W, quantize_rtn(clipped, cfg.spec))
     return out
 
 
@@ -258,8 +265,63 @@ def fp8_block(block: nn.Module, inputs: BlockInputs | None, plan: Plan, arch: Ar
     return out
 
 
+def learned_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
+    """Learned rounding (lowbit.algorithms.learned) for all planned Linears of the block at once: start from
+    the `init` method's result, then train rounding offsets and range factors to minimise the block's output
+    error against the float block on the calibration inputs. Linears with different settings train in turn."""
+    out = {}
+    by_settings: dict[tuple, Plan] = {}
+    for n, c in plan.items():
+        check_trainable(c.spec)
+        by_settings.setdefault(tuple(sorted(c.options().items())), {})[n] = c
+    for sub in by_settings.values():
+        out.update(_learn(block, inputs, sub, arch))
+    return out
+
+
+def _learn(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
+    cfg = next(iter(plan.values()))
+    windows = list(zip(inputs.hidden, inputs.kwargs))
+    with torch.no_grad():
+        targets = [first_output(block(h, **kw)).float() for h, kw in windows]
+    init_plan = {n: config_for(cfg.init, c.spec) for n, c in plan.items()}
+    if cfg.init == "awq":
+        start = awq_round(block, inputs, init_plan, arch)
+    elif cfg.init == "gptq":
+        start = {n: (q.qt.dequantize(), q.qt) for n, q in gptq_block(block, inputs, init_plan, arch).items()}
+    else:
+        start = {n: (block.get_submodule(n).weight.detach().float(), c.spec.quantize(block.get_submodule(n).weight.detach()))
+                 for n, c in plan.items()}
+    learners = {n: LearnedLinear(w, qt, cfg.learn_range) for n, (w, qt) in start.items()}
+    lr = cfg.lr or 1.0 / cfg.iters
+    opt, sched = make_optimizer(list(learners.values()), cfg.optimizer, lr, lr * cfg.range_lr_factor, cfg.iters)
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.enable_grad():
+            for step in range(cfg.iters):
+                opt.zero_grad()
+                weights = {f"{n}.weight": m.weight().to(block.get_submodule(n).weight.dtype) for n, m in learners.items()}
+                for j in range(cfg.batch):
+                    k = order[(step * cfg.batch + j) % len(windows)].item()
+                    h, kw = windows[k]
+                    y = first_output(torch.func.functional_call(block, weights, (h,), kw)).float()
+                    loss = (y - targets[k]).pow(2).mean() / cfg.batch
+                    loss.backward(retain_graph=j + 1 < cfg.batch)
+                opt.step()
+                sched.step()
+                for m in learners.values():
+                    m.project()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return {n: _set(block, n, m.quantized()) for n, m in learners.items()}
+
+
 # run in this order inside a block: methods that fold scales into producers come first
-DRIVERS = {"awq": awq_block, "w8a8-smooth": w8a8_block, "w8a8-naive": w8a8_block, "gptq": gptq_block,
+DRIVERS = {"awq": awq_block, "learned": learned_block, "w8a8-smooth": w8a8_block, "w8a8-naive": w8a8_block, "gptq": gptq_block,
            "llm-int8": llm_int8_block, "fp8": fp8_block, "fp8-e5m2": fp8_block, "rtn": rtn_block}
 
 
