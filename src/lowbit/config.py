@@ -172,8 +172,7 @@ class Learned(IntWeightConfig):
     lr: float | None = None        # None: 1 / iters (a signed step of that size, decaying linearly to 0)
     optimizer: str = "sign"        # sign: signed gradient (AutoRound); adam
     learn_range: bool = True       # also train each group's range (clipping); False: offsets only
-    range_lr_factor: float = 0.1   # the ranges' learning rate relative to lr: a step of the range re-rounds the
-                                   # whole group, so it moves slower than single offsets
+    range_lr_factor: float = 1.0   # the ranges' learning rate relative to lr
 
     def __post_init__(self):
         super().__post_init__()

@@ -45,6 +45,13 @@ def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, s
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, *, block_size: int = GPTQ.block_size,
                   damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order) -> QuantizedTensor:
     """Quantize W ([N, K]) given the Hessian H ([K, K]) of its inputs."""
+    return gptq_quantize_updated(W, H, spec, block_size=block_size, damp=damp, act_order=act_order)[0]
+
+
+def gptq_quantize_updated(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, *, block_size: int = GPTQ.block_size,
+                          damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order) -> tuple[QuantizedTensor, torch.Tensor]:
+    """gptq_quantize's result and the error-updated weights ([N, K] float32): each column as it was when it was
+    rounded to nearest, so that the result is round-to-nearest of these (the start of learned rounding)."""
     N, K = W.shape
     W = W.detach().to(torch.float64).clone()
     H = H.to(torch.float64).clone()
@@ -74,6 +81,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, *, block_size
         raise LowbitError(f"Hessian not positive definite even with damping {damp}; raise --damp") from None
 
     Q = torch.zeros(N, K, dtype=torch.int32)
+    U = torch.zeros(N, K, dtype=torch.float32)
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
         W1 = W[:, i1:i2].clone()
@@ -89,6 +97,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, *, block_size
                 zeros[:, j] = spec.implicit_zero if z is None else z[:, 0].to(torch.int32)
             scale, zero = scales[:, j].to(torch.float64), zeros[:, j].to(torch.float64)
             w = W1[:, i]
+            U[:, i1 + i] = w
             q, dq = _quantize_column(w, scale, zero, spec)
             Q[:, i1 + i] = q.to(torch.int32)
             err = (w - dq) / Hinv1[i, i]
@@ -98,4 +107,4 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, *, block_size
 
     codes = Q[:, invperm]
     zero_t = None if spec.symmetric else zeros.to(spec.code_dtype)
-    return QuantizedTensor.from_codes(codes, scales, zero_t, spec)
+    return QuantizedTensor.from_codes(codes, scales, zero_t, spec), U[:, invperm]

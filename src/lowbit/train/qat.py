@@ -111,9 +111,9 @@ def qat(model="default", config: QuantConfig | None = None, *, init: str = "rtn"
              progress=progress)
     record = dict(student.lowbit)
     names = prepare(student, learn_scales)
-    for p in student.parameters():
-        p.requires_grad_(False)
     trainable = [p for n in names for p in student.get_submodule(n).q.parameters() if p.requires_grad]
+    for p in student.parameters():   # embeddings, norms and the head stay as they are
+        p.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
     opt = torch.optim.Adam(trainable, lr=lr)
