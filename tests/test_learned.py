@@ -7,7 +7,7 @@ import torch
 
 import lowbit
 from lowbit.algorithms.learned import CLIP_MIN, LearnedLinear, ste_round
-from lowbit.blockwise import quantize_block
+from lowbit.blockwise import gptq_round, train_rounding
 from lowbit.formats import FloatSpec, IntSpec, QuantizedTensor
 from lowbit.formats.intq import quantize_codes
 from lowbit.models.arch import arch_for
@@ -28,11 +28,16 @@ def test_gradients_reach_offsets_and_ranges_except_clamped_codes(symmetric):
     spec = IntSpec(3, 32, symmetric)
     w = torch.randn(4, 64)
     m = LearnedLinear(w, spec.quantize(w))
+    with torch.no_grad():   # shrunk ranges: some codes fall outside the code range and are clamped
+        m.a_lo.fill_(0.7)
+        m.a_hi.fill_(0.7)
     (m.weight() * torch.randn(4, 64)).sum().backward()
-    codes = m.quantized().codes()
-    clamped = ((codes == spec.qmin) | (codes == spec.qmax)).reshape(m.v.shape)
-    assert (m.v.grad[clamped] == 0).all()            # a code at the end of the range does not follow its input
-    assert (m.v.grad[~clamped] != 0).all()
+    s, z = m.qparams()
+    x = torch.round(m.w0 / s.unsqueeze(-1) + z.unsqueeze(-1) + m.v).detach()
+    clamped = (x < spec.qmin) | (x > spec.qmax)
+    assert clamped.any() and (~clamped).any()
+    assert (m.v.grad[clamped] == 0).all()            # a clamped code does not follow its input
+    assert (m.v.grad[~clamped] != 0).all()           # every other code does, straight through the rounding
     assert m.a_hi.grad.abs().sum() > 0
     assert (m.a_lo.grad is not None and m.a_lo.grad.abs().sum() > 0) == (not symmetric)
 
@@ -59,29 +64,37 @@ def test_offsets_move_a_code_at_most_one_step_and_codes_round_trip(bits, symmetr
     assert torch.equal(again.qweight, qt.qweight)
 
 
-def _block_error(block, inputs, ref):
+def _block_error(block, windows, ref, qts):
+    b = copy.deepcopy(block)
+    for n, qt in qts.items():
+        b.get_submodule(n).weight.data = qt.dequantize()
     with torch.no_grad():
-        return sum((first_output(block(h, **kw)) - r).pow(2).mean().item()
-                   for h, kw, r in zip(inputs.hidden, inputs.kwargs, ref)) / len(ref)
+        return sum((first_output(b(h, **kw)) - r).pow(2).mean().item() for (h, kw), r in zip(windows, ref)) / len(ref)
 
 
-def test_learned_block_error_below_rtn_and_gptq_from_the_same_start(base, first_last_inputs):
-    """Block 0 of the default model, 3-bit g64 asymmetric, on 8 calibration windows of 128 tokens."""
+@pytest.mark.slow   # about four minutes on a busy 2-core machine (GPTQ and two trainings of a real block)
+def test_learned_block_error_against_rtn_and_gptq_from_the_same_start(base, first_last_inputs):
+    """Block 0 of the default model, 3-bit g64 asymmetric, 8 calibration windows of 128 tokens. From RTN, the
+    trained rounding and ranges cut the block's output error; from GPTQ, training at this budget does not beat
+    GPTQ on this block, and the result must then be GPTQ's own (never worse than the start)."""
     arch = arch_for(base.config)
     block, inputs = base.model.layers[0], first_last_inputs[0]
+    windows = list(zip(inputs.hidden, inputs.kwargs))
     with torch.no_grad():
-        ref = [first_output(block(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+        ref = [first_output(block(h, **kw)) for h, kw in windows]
     names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
     fmt = dict(bits=3, group_size=64, symmetric=False)
-    err = {}
-    for key, cfg in {"rtn": lowbit.RTN(**fmt), "gptq": lowbit.GPTQ(**fmt),
-                     "learned-rtn": lowbit.Learned(init="rtn", iters=12, **fmt),
-                     "learned-gptq": lowbit.Learned(init="gptq", iters=12, **fmt)}.items():
-        b = copy.deepcopy(block)
-        quantize_block(b, inputs, {n: cfg for n in names}, arch)
-        err[key] = _block_error(b, inputs, ref)
-    assert err["learned-rtn"] < 0.9 * err["rtn"], err
-    assert err["learned-gptq"] < 0.9 * err["gptq"], err
+    rtn = {n: (block.get_submodule(n).weight.detach(), IntSpec(**fmt).quantize(block.get_submodule(n).weight.detach()))
+           for n in names}
+    gptq = {n: (u, q.qt) for n, (u, q) in
+            gptq_round(copy.deepcopy(block), inputs, {n: lowbit.GPTQ(**fmt) for n in names}, arch).items()}
+    cfg = lowbit.Learned(iters=12, **fmt)
+    err = {"rtn": _block_error(block, windows, ref, {n: s[1] for n, s in rtn.items()}),
+           "gptq": _block_error(block, windows, ref, {n: s[1] for n, s in gptq.items()}),
+           "learned-rtn": _block_error(block, windows, ref, train_rounding(block, windows, ref, rtn, cfg)),
+           "learned-gptq": _block_error(block, windows, ref, train_rounding(block, windows, ref, gptq, cfg))}
+    assert err["learned-rtn"] < 0.85 * err["rtn"], err
+    assert err["learned-gptq"] <= err["gptq"], err
 
 
 def test_bad_settings_are_one_clear_error():
