@@ -118,6 +118,9 @@ def test_cli_learned_writes_a_checkpoint_that_loads(tiny_dir, tmp_path, capsys):
     loaded = lowbit.load(out)
     rec = loaded.model.lowbit["modules"]["model.layers.0.mlp.down_proj"]
     assert rec["method"] == "learned" and rec["options"]["init"] == "gptq" and rec["bits"] == 3
+    assert main(["--quiet", "quantize", str(tiny_dir), "--method", "learned", "--learned-init", "awq",
+                 "--learned-iters", "1", "--calib-samples", "2", "--calib-seqlen", "32", "--out", str(tmp_path / "a")]) == 0
+    assert lowbit.load(tmp_path / "a").model.lowbit["modules"]["model.layers.1.self_attn.q_proj"]["options"]["init"] == "awq"
     assert main(["--quiet", "quantize", str(tiny_dir), "--method", "rtn", "--learned-iters", "2",
                  "--out", str(tmp_path / "r")]) == 2
     assert "--learned-iters does not apply to --method rtn" in capsys.readouterr().err
