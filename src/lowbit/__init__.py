@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from .errors import LowbitError  # noqa: E402
 from .formats import FloatSpec, IntSpec, QuantizedTensor  # noqa: E402
-from .config import AWQ, FP8, GPTQ, RTN, W8A8, LLMInt8, QuantConfig, SmoothQuant, config_for  # noqa: E402
+from .config import AWQ, FP8, GPTQ, RTN, Learned, W8A8, LLMInt8, QuantConfig, SmoothQuant, config_for  # noqa: E402
 from .recipes import Recipe, Rule  # noqa: E402
 from .models import Loaded, load_model  # noqa: E402
 from .quantize import quantize  # noqa: E402
@@ -42,7 +42,7 @@ def save(model, out, tokenizer=None, *, base: str | None = None, overwrite: bool
 
 
 __all__ = [
-    "LowbitError", "IntSpec", "FloatSpec", "QuantizedTensor", "QuantConfig", "RTN", "GPTQ", "AWQ", "W8A8",
+    "LowbitError", "IntSpec", "FloatSpec", "QuantizedTensor", "QuantConfig", "RTN", "GPTQ", "AWQ", "Learned", "W8A8",
     "SmoothQuant", "LLMInt8", "FP8", "config_for", "Recipe", "Rule", "Loaded", "load", "load_model", "quantize",
     "save", "save_checkpoint", "load_checkpoint", "evaluate", "generate", "compare", "engine", "__version__",
 ]

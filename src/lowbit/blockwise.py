@@ -15,9 +15,10 @@ from torch import nn
 
 from dataclasses import dataclass, field
 
-from .algorithms import (Hessian, apply_clip, fake_quantize, gptq_quantize, quantize_rtn, search_alpha, search_clip,
+from .algorithms import (Hessian, apply_clip, fake_quantize, gptq_quantize_updated, quantize_rtn, search_alpha, search_clip,
                          search_scale, smoothing_factors, top_fraction_dims)
-from .config import W8_SPEC
+from .algorithms.learned import LearnedLinear, check_trainable, make_optimizer
+from .config import W8_SPEC, config_for
 from .formats import IntSpec, QuantizedTensor
 from .formats.act import ActSpec, fake_quantize_act
 from .models.arch import Arch
@@ -71,6 +72,11 @@ def rtn_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch,
 def gptq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
     """True-sequential by default: each group's Hessian comes from inputs produced by the groups of this
     block already quantized (attention projections before the MLP)."""
+    return {n: q for n, (_u, q) in gptq_round(block, inputs, plan, arch).items()}
+
+
+def gptq_round(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, tuple[torch.Tensor, Quantized]]:
+    """gptq_block's work, also returning each Linear's error-updated weights (what GPTQ rounded to nearest)."""
     groups = list(linear_groups(arch, plan))
     sequential = all(s.true_sequential for s in plan.values())
     upfront = None if sequential else capture_calls(block, inputs, [g[3] for g in groups])
@@ -82,10 +88,10 @@ def gptq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) ->
             H.add(x)
         for n in names:
             c = plan[n]
-            qt = gptq_quantize(block.get_submodule(n).weight.detach(), H.H, c.spec,
-                               block_size=c.block_size, damp=c.damp, act_order=c.act_order,
-                               weighted_grid=c.weighted_grid)
-            out[n] = _set(block, n, qt)
+            qt, u = gptq_quantize_updated(block.get_submodule(n).weight.detach(), H.H, c.spec,
+                                          block_size=c.block_size, damp=c.damp, act_order=c.act_order,
+                                          weighted_grid=c.weighted_grid)
+            out[n] = (u, _set(block, n, qt))
     return out
 
 
@@ -141,6 +147,12 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
 def awq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
     """Scales for every group first (while every weight is still float), then clip search and
     round-to-nearest Linear by Linear, as the reference does. Inputs are captured once, before any change."""
+    return {n: _set(block, n, qt) for n, (_w, qt) in awq_round(block, inputs, plan, arch).items()}
+
+
+def awq_round(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, tuple[torch.Tensor, QuantizedTensor]]:
+    """AWQ's two phases without writing the result back: per Linear, its scaled float weight and its
+    clipped round-to-nearest quantization (the scales are folded into the producers)."""
     group_inputs = awq_scale_block(block, inputs, plan, arch)
     out = {}
     for (_p, _l, names, _i), X in zip(linear_groups(arch, plan), group_inputs):
@@ -149,11 +161,11 @@ def awq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> 
             cfg = plan[n]
             if not isinstance(cfg.spec, IntSpec):   # GGUF types: their own search, weighted by mean x²
                 imp = X.pow(2).mean(0) if cfg.clip and n not in arch.no_clip else None
-                out[n] = _set(block, n, cfg.spec.quantize(W, imp))
+                out[n] = (W, cfg.spec.quantize(W, imp))
                 continue
-            if cfg.clip and n not in arch.no_clip:
-                W = apply_clip(W, search_clip(W, X, cfg.spec, cfg.n_grid), cfg.spec)
-            out[n] = _set(block, n, quantize_rtn(W, cfg.spec))
+            clipped = apply_clip(W, search_clip(W, X, cfg.spec, cfg.n_grid), cfg.spec) \
+                if cfg.clip and n not in arch.no_clip else W
+            out[n] = (W, quantize_rtn(clipped, cfg.spec))
     return out
 
 
@@ -263,8 +275,88 @@ def fp8_block(block: nn.Module, inputs: BlockInputs | None, plan: Plan, arch: Ar
     return out
 
 
+LEARNED_CHECK_WINDOWS = 8   # calibration windows on which the trained result must beat its start, or is dropped
+
+
+def learned_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
+    """Learned rounding (lowbit.algorithms.learned) for all planned Linears of the block at once: start from
+    the `init` method's result, then train rounding offsets and range factors to minimise the block's output
+    error against the float block on the calibration inputs. The result is dropped for the start if it is no
+    better on LEARNED_CHECK_WINDOWS windows. Linears with different settings train in turn."""
+    out = {}
+    by_settings: dict[tuple, Plan] = {}
+    for n, c in plan.items():
+        check_trainable(c.spec)
+        by_settings.setdefault(tuple(sorted(c.options().items())), {})[n] = c
+    for sub in by_settings.values():
+        out.update(_learn(block, inputs, sub, arch))
+    return out
+
+
+def _learn(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
+    cfg = next(iter(plan.values()))
+    windows = list(zip(inputs.hidden, inputs.kwargs))
+    with torch.no_grad():
+        targets = [first_output(block(h, **kw)).float() for h, kw in windows]
+    init_plan = {n: config_for(cfg.init, c.spec) for n, c in plan.items()}
+    if cfg.init == "awq":
+        start = awq_round(block, inputs, init_plan, arch)
+    elif cfg.init == "gptq":
+        start = {n: (u, q.qt) for n, (u, q) in gptq_round(block, inputs, init_plan, arch).items()}
+    else:
+        start = {n: (block.get_submodule(n).weight.detach().float(), c.spec.quantize(block.get_submodule(n).weight.detach()))
+                 for n, c in plan.items()}
+    return {n: _set(block, n, qt) for n, qt in train_rounding(block, windows, targets, start, cfg).items()}
+
+
+def train_rounding(block: nn.Module, windows: list[tuple], targets: list[torch.Tensor],
+                   start: dict[str, tuple[torch.Tensor, QuantizedTensor]], cfg) -> dict[str, QuantizedTensor]:
+    """Learned rounding of the Linears in `start` (name -> (start weights, start quantization)) so that the
+    block's outputs on `windows` ((hidden, kwargs) pairs) approach `targets`; settings from `cfg` (Learned)."""
+    learners = {n: LearnedLinear(w, qt, cfg.learn_range) for n, (w, qt) in start.items()}
+    lr = cfg.lr or 1.0 / cfg.iters
+    opt, sched = make_optimizer(list(learners.values()), cfg.optimizer, lr, lr * cfg.range_lr_factor, cfg.iters)
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
+
+    def weights():
+        return {f"{n}.weight": m.weight().to(block.get_submodule(n).weight.dtype) for n, m in learners.items()}
+
+    def loss_of(k: int, w: dict) -> torch.Tensor:
+        h, kw = windows[k]
+        return (first_output(torch.func.functional_call(block, w, (h,), kw)).float() - targets[k]).pow(2).mean()
+
+    check = order[: LEARNED_CHECK_WINDOWS].tolist()
+    with torch.no_grad():
+        start_error = sum(loss_of(k, weights()).item() for k in check)
+    try:
+        with torch.enable_grad():
+            for step in range(cfg.iters):
+                opt.zero_grad()
+                w = weights()
+                for j in range(cfg.batch):
+                    loss = loss_of(order[(step * cfg.batch + j) % len(windows)].item(), w) / cfg.batch
+                    loss.backward(retain_graph=j + 1 < cfg.batch)
+                opt.step()
+                sched.step()
+                for m in learners.values():
+                    m.project()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    with torch.no_grad():
+        if check and sum(loss_of(k, weights()).item() for k in check) >= start_error:   # training made it worse: keep the start
+            for m in learners.values():
+                m.v.zero_()
+                m.a_lo.fill_(1.0)
+                m.a_hi.fill_(1.0)
+    return {n: m.quantized() for n, m in learners.items()}
+
+
 # run in this order inside a block: methods that fold scales into producers come first
-DRIVERS = {"awq": awq_block, "w8a8-smooth": w8a8_block, "w8a8-naive": w8a8_block, "gptq": gptq_block,
+DRIVERS = {"awq": awq_block, "learned": learned_block, "w8a8-smooth": w8a8_block, "w8a8-naive": w8a8_block, "gptq": gptq_block,
            "llm-int8": llm_int8_block, "fp8": fp8_block, "fp8-e5m2": fp8_block, "rtn": rtn_block}
 
 

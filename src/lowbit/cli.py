@@ -156,6 +156,30 @@ def _imatrix_for(args, loaded, plan):
     return imp
 
 
+def cmd_qat(args) -> int:
+    from pathlib import Path
+
+    from . import save
+    from .config import RTN
+    from .models.sources import source_name
+    from .train import qat
+
+    config = RTN(bits=args.bits, group_size=args.group_size, symmetric=not args.asym, kernel=args.kernel)
+    check_output(args.out, args.overwrite or args.resume)
+    state = Path(str(args.out).rstrip("/") + ".qat-state.pt")
+    if args.resume and not state.exists():
+        raise LowbitError(f"--resume: no training state {state} to continue from")
+    loaded = qat(args.model, config, init=args.init, steps=args.steps, lr=args.lr, batch=args.batch,
+                 seqlen=args.seqlen, text=args.text, windows=args.windows, generated=args.generated, seed=args.seed,
+                 checkpointing=args.checkpointing, state=state, save_every=args.save_every, resume=args.resume,
+                 kernel=args.kernel, progress=not args.quiet)
+    out = save(loaded, args.out, base=source_name(args.model), overwrite=args.overwrite or args.resume)
+    state.unlink(missing_ok=True)
+    losses = loaded.model.lowbit["qat"]["losses"]
+    print(f"trained {args.steps} steps: distillation loss {losses[0]:.4f} -> {losses[-1]:.4f}; wrote {out}")
+    return 0
+
+
 def _quantize_streamed(args, scheme) -> int:
     from .models import arch_for
     from .models.sources import read_config, resolve_source, source_name
@@ -175,6 +199,8 @@ _OPTION_ARGS = {
     "gptq": {"act_order": "act_order", "damp": "damp", "block_size": "block_size",
              "true_sequential": "true_sequential", "weighted_grid": "weighted_grid"},
     "awq": {"n_grid": "awq_grid", "search_samples": "awq_search_samples", "clip": "clip"},
+    "learned": {"init": "learned_init", "iters": "learned_iters", "batch": "learned_batch", "lr": "learned_lr",
+                "optimizer": "learned_optimizer"},
     "w8a8-smooth": {"alpha": "alpha", "act_granularity": "act_granularity"},
     "llm-int8": {"threshold": "threshold", "outlier_fraction": "outlier_fraction"},
     "fp8": {"act": "fp8_act"},
@@ -375,6 +401,12 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help=f"calibration windows used in the scale search ({AWQ.search_samples})")
     a.add_argument("--no-clip", dest="clip", action="store_const", const=False, default=None,
                    help="skip the clipping search")
+    r = p.add_argument_group("learned (learned rounding per block)")
+    r.add_argument("--learned-init", default=None, choices=["rtn", "gptq", "awq"], help="start from (rtn)")
+    r.add_argument("--learned-iters", type=_positive, default=None, help="update steps per block (20)")
+    r.add_argument("--learned-batch", type=_positive, default=None, help="calibration windows per step (2)")
+    r.add_argument("--learned-lr", type=float, default=None, help="learning rate (default 1/iters)")
+    r.add_argument("--learned-optimizer", default=None, choices=["sign", "adam"], help="signed gradient (sign) or adam")
     e = p.add_argument_group("8-bit family (w8a8-naive, w8a8-smooth, llm-int8, fp8, fp8-e5m2)")
     e.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength (default: searched)")
     e.add_argument("--act-granularity", default=None, choices=["token", "tensor"],
@@ -492,6 +524,29 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--show", type=_positive, default=12, help="rows printed (largest max |x| first)")
     o.add_argument("--out", required=True)
     o.set_defaults(func=cmd_outliers)
+
+    t = sub.add_parser("qat", help="quantization-aware training by distillation; writes a lowbit checkpoint")
+    t.add_argument("model", help='"default", a Hugging Face directory or a GGUF file')
+    t.add_argument("--bits", type=int, default=4, choices=list(SUPPORTED_BITS))
+    t.add_argument("--group-size", type=int, default=64, help="columns per scale group; -1 = per channel")
+    t.add_argument("--asym", action="store_true", help="asymmetric (with zero points); default symmetric")
+    t.add_argument("--init", default="rtn", choices=["rtn", "gptq", "awq", "learned"], help="start from (rtn)")
+    t.add_argument("--steps", type=_positive, required=True)
+    t.add_argument("--lr", type=float, default=1e-5)
+    t.add_argument("--batch", type=_positive, default=1, help="windows per step")
+    t.add_argument("--seqlen", type=_positive, default=256, help="tokens per window")
+    t.add_argument("--text", default=None, help="training text: pydoc (default: its calibration half), a file, or hf:...")
+    t.add_argument("--windows", type=_positive, default=CALIB_SAMPLES, help="windows cut from the text")
+    t.add_argument("--generated", type=int, default=0, help="extra windows sampled from the float model itself")
+    t.add_argument("--save-every", type=_positive, default=25, help="steps between training-state checkpoints")
+    t.add_argument("--resume", action="store_true", help="continue from OUT.qat-state.pt")
+    t.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                   help="keep activations instead of recomputing each block in the backward pass")
+    t.add_argument("--kernel", default="auto")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="output checkpoint directory")
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(func=cmd_qat)
 
     g = sub.add_parser("generate", help="greedy generation with tokens/second")
     g.add_argument("model")

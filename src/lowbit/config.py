@@ -9,12 +9,13 @@ metadata and the algorithms all read it from these classes.
     RTN(gguf_type="Q4_K", importance=True)          into a GGUF block type, weighted by calibration importance
     GPTQ(bits=4, group_size=64, act_order=True)     Hessian-based error feedback (needs calibration)
     AWQ(bits=4, group_size=64, symmetric=False)     activation-aware scaling and clipping (needs calibration)
+    Learned(bits=3, init="awq", iters=20)           learned rounding and ranges per block (needs calibration)
     W8A8()                                          int8 weights and activations, static activation scale
     SmoothQuant(alpha=None)                         W8A8 with SmoothQuant's smoothing (alpha searched if None)
     LLMInt8(threshold=6.0)                          LLM.int8(): outlier input dimensions kept in high precision
     FP8(fmt="e4m3", act=None)                       FP8 weights, optionally FP8 activations
 
-Methods named on the command line and in recipes (`rtn`, `gptq`, `awq`, `w8a8-naive`, `w8a8-smooth`,
+Methods named on the command line and in recipes (`rtn`, `gptq`, `awq`, `learned`, `w8a8-naive`, `w8a8-smooth`,
 `llm-int8`, `fp8`, `fp8-e5m2`) map onto these classes through `config_for`, which rejects an unknown option
 with the list of valid ones.
 """
@@ -197,6 +198,33 @@ class AWQ(IntWeightConfig):
         _flag(self.clip, "AWQ clip")
 
 
+@dataclass(frozen=True, kw_only=True)
+class Learned(IntWeightConfig):
+    """Learned rounding (lowbit.algorithms.learned): per-weight rounding offsets and per-group ranges trained on
+    each block's output error, starting from the `init` method's result."""
+
+    method: ClassVar[str] = "learned"
+    calibrates: ClassVar[bool] = True
+    init: str = "rtn"              # start from: rtn, gptq or awq (each with its default settings)
+    iters: int = 20                # update steps per block
+    batch: int = 2                 # calibration windows per step
+    lr: float | None = None        # None: 1 / iters (a signed step of that size, decaying linearly to 0)
+    optimizer: str = "sign"        # sign: signed gradient (AutoRound); adam
+    learn_range: bool = True       # also train each group's range (clipping); False: offsets only
+    range_lr_factor: float = 1.0   # the ranges' learning rate relative to lr
+
+    def __post_init__(self):
+        super().__post_init__()
+        _choice(self.init, "learned init", ("rtn", "gptq", "awq"))
+        _number(self.iters, "learned iters", 1, integer=True)
+        _number(self.batch, "learned batch", 1, integer=True)
+        if self.lr is not None:
+            _number(self.lr, "learned lr", 0, lo_open=True)
+        _choice(self.optimizer, "learned optimizer", ("sign", "adam"))
+        _flag(self.learn_range, "learned learn_range")
+        _number(self.range_lr_factor, "learned range_lr_factor", 0, lo_open=True)
+
+
 W8_SPEC = IntSpec(8, -1, True)   # the weight format of the W8A8 family: symmetric int8 per output channel
 
 
@@ -281,6 +309,7 @@ METHODS: dict[str, tuple[type[QuantConfig], dict]] = {
     "rtn": (RTN, {}),
     "gptq": (GPTQ, {}),
     "awq": (AWQ, {}),
+    "learned": (Learned, {}),
     "w8a8-naive": (W8A8, {}),
     "w8a8-smooth": (SmoothQuant, {}),
     "llm-int8": (LLMInt8, {}),
@@ -333,5 +362,5 @@ def config_for(method: str, spec: WeightFormat | None = None, kernel: str = "aut
         raise LowbitError(f"{method}: {e}") from None
 
 
-__all__ = ["QuantConfig", "IntWeightConfig", "Int8WeightConfig", "RTN", "GPTQ", "AWQ", "W8A8", "SmoothQuant", "LLMInt8", "FP8",
+__all__ = ["QuantConfig", "IntWeightConfig", "Int8WeightConfig", "RTN", "GPTQ", "AWQ", "Learned", "W8A8", "SmoothQuant", "LLMInt8", "FP8",
            "METHODS", "W8_SPEC", "config_for", "fixes_format", "option_names"]

@@ -50,6 +50,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightFormat, *, block
     """Quantize W ([N, K]) given the Hessian H ([K, K]) of its inputs into `spec` (any format with a fixed
     grid: IntSpec, GGUFSpec). weighted_grid: fit each group's grid weighting its columns by diag(H) (the
     formats' importance-weighted search); otherwise by the format's own unweighted rule."""
+    return gptq_quantize_updated(W, H, spec, block_size=block_size, damp=damp, act_order=act_order,
+                                 weighted_grid=weighted_grid)[0]
+
+
+def gptq_quantize_updated(W: torch.Tensor, H: torch.Tensor, spec: WeightFormat, *, block_size: int = GPTQ.block_size,
+                          damp: float = GPTQ.damp, act_order: bool = GPTQ.act_order,
+                          weighted_grid: bool = GPTQ.weighted_grid) -> tuple[QuantizedTensor, torch.Tensor]:
+    """gptq_quantize's result and the error-updated weights ([N, K] float32): each column as it was when it was
+    rounded, so that the result is the grid's rounding of these (the start of learned rounding)."""
     N, K = W.shape
     W = W.detach().to(torch.float64).clone()
     H = H.to(torch.float64).clone()
@@ -82,6 +91,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightFormat, *, block
         raise LowbitError(f"Hessian not positive definite even with damping {damp}; raise --damp") from None
 
     Q = torch.zeros(N, K, dtype=torch.int32)
+    U = torch.zeros(N, K, dtype=torch.float64)
+    U = torch.zeros(N, K, dtype=torch.float32)
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
         W1 = W[:, i1:i2].clone()
@@ -93,6 +104,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightFormat, *, block
             if not act_order and col % g == 0:  # a new group: parameters from the error-updated weights
                 grids[j] = fit(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g], j)
             w = W1[:, i]
+            U[:, i1 + i] = w
             q, dq = grids[j].round(w, col % g)
             dq = dq.to(torch.float64)
             Q[:, i1 + i] = q
@@ -101,4 +113,4 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightFormat, *, block
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
-    return spec.from_grids(Q[:, invperm], grids)
+    return spec.from_grids(Q[:, invperm], grids), U[:, invperm].float()

@@ -1,0 +1,99 @@
+"""Quantization-aware training (lowbit.train) on a tiny random llama: fake-quant op, packing, loss, resume."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.data import calibration_ids
+from lowbit.train import FakeQuantLinear, convert, distillation_loss, prepare, qat
+
+FMT = lowbit.RTN(bits=2, group_size=32, symmetric=False)
+SMALL = dict(seqlen=32, windows=4, batch=2, progress=False)
+
+
+def _kl(model, teacher, ids):
+    with torch.no_grad():
+        return distillation_loss(model(ids, use_cache=False).logits, teacher(ids, use_cache=False).logits).item()
+
+
+def test_fake_quant_linear_passes_gradients_to_weights_and_scales():
+    torch.manual_seed(0)
+    w = 0.1 * torch.randn(8, 64)
+    m = FakeQuantLinear(lowbit.IntSpec(3, 32, False).quantize(w))
+    m(torch.randn(5, 64)).pow(2).sum().backward()
+    assert m.q.w0.grad.abs().sum() > 0 and m.q.a_hi.grad.abs().sum() > 0 and m.q.a_lo.grad.abs().sum() > 0
+    assert not m.q.v.requires_grad
+
+
+def test_packed_logits_equal_fake_quant_logits(tiny_dir):
+    loaded = lowbit.load_model(tiny_dir)
+    model = lowbit.quantize(loaded.model, lowbit.RTN(bits=3, group_size=32, symmetric=False), progress=False,
+                            dtype=torch.float32)
+    names = prepare(model)
+    assert names and all(isinstance(model.get_submodule(n), FakeQuantLinear) for n in names)
+    torch.manual_seed(0)
+    with torch.no_grad():   # a trained-looking state: moved weights, shrunk ranges
+        for n in names:
+            q = model.get_submodule(n).q
+            q.w0.add_(0.01 * torch.randn_like(q.w0))
+            q.a_lo.uniform_(0.5, 1)
+            q.a_hi.uniform_(0.5, 1)
+    ids = torch.randint(0, 1000, (2, 24))
+    with torch.no_grad():
+        fake = model(ids, use_cache=False).logits
+        convert(model, kernel="reference")
+        packed = model(ids, use_cache=False).logits
+    torch.testing.assert_close(packed, fake, rtol=0, atol=1e-5)
+
+
+def test_short_qat_lowers_the_distillation_loss(tiny_dir, tmp_path):
+    teacher = lowbit.load_model(tiny_dir).model
+    ids = calibration_ids(None, lowbit.load_model(tiny_dir).tokenizer, 4, 32, 0)
+    start = lowbit.quantize(lowbit.load_model(tiny_dir).model, FMT, progress=False, dtype=torch.float32)
+    trained = qat(tiny_dir, FMT, steps=12, lr=1e-3, **SMALL)
+    before, after = _kl(start, teacher, ids), _kl(trained.model, teacher, ids)
+    assert after < 0.9 * before, (before, after)     # 0.00252 -> 0.00216 when written
+    out = lowbit.save(trained, tmp_path / "q")
+    again = lowbit.load(out).model
+    assert abs(_kl(again, teacher, ids) - after) < 1e-4   # the checkpoint computes what was trained
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_dir, tmp_path):
+    full = qat(tiny_dir, FMT, steps=4, lr=2e-3, **SMALL).model
+
+    def kill(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    state = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        qat(tiny_dir, FMT, steps=4, lr=2e-3, state=state, save_every=2, callback=kill, **SMALL)
+    assert torch.load(state, weights_only=True)["step"] == 2
+    resumed = qat(tiny_dir, FMT, steps=4, lr=2e-3, state=state, save_every=2, resume=True, **SMALL).model
+    assert resumed.lowbit["qat"]["losses"] == full.lowbit["qat"]["losses"]
+    for (n, a), (_, b) in zip(full.named_buffers(), resumed.named_buffers()):
+        assert torch.equal(a, b), n
+
+
+def test_bad_input_is_one_clear_error(tiny_dir):
+    with pytest.raises(lowbit.LowbitError, match="QAT steps must be a positive integer"):
+        qat(tiny_dir, FMT, steps=0)
+    with pytest.raises(lowbit.LowbitError, match="QAT trains integer formats"):
+        qat(tiny_dir, lowbit.FP8(), steps=2)
+    with pytest.raises(lowbit.LowbitError, match="calibration text is empty"):
+        qat(tiny_dir, FMT, steps=2, text=["  "], progress=False)
+    with pytest.raises(lowbit.LowbitError, match="resume needs"):
+        qat(tiny_dir, FMT, steps=2, resume=True)
+
+
+def test_cli_qat(tiny_dir, tmp_path, capsys):
+    from lowbit.cli import main
+    out = tmp_path / "q"
+    assert main(["--quiet", "qat", str(tiny_dir), "--bits", "3", "--group-size", "32", "--asym", "--steps", "2",
+                 "--seqlen", "32", "--windows", "4", "--generated", "2", "--lr", "1e-3", "--out", str(out)]) == 0
+    assert "distillation loss" in capsys.readouterr().out
+    rec = lowbit.load(out).model.lowbit
+    assert rec["qat"]["steps"] == 2 and rec["qat"]["windows"] == 6     # 4 from the text, 2 self-generated
+    assert not (tmp_path / "q.qat-state.pt").exists()
+    assert main(["--quiet", "qat", str(tiny_dir), "--steps", "2", "--resume", "--out", str(tmp_path / "r")]) == 2
+    assert "no training state" in capsys.readouterr().err
