@@ -243,11 +243,26 @@ def test_gemma3_engine_generates_the_reference_tokens(prompt_len, compiled):
     assert torch.equal(engine.generate(x, 64)["tokens"], reference_tokens(model, x, 64))
 
 
-def test_gemma3_quantized_generates_the_reference_tokens(tokenizer):
+@pytest.mark.parametrize("family", [pytest.param("gemma3_text", marks=pytest.mark.slow), "qwen3_moe"])
+def test_quantized_engine_generates_the_reference_tokens(family, tokenizer):
+    """INT4 Gemma 3, and Qwen3-MoE (its MoE layers called whole, one dense layer among them, experts
+    unstacked and quantized): 64 greedy tokens equal to transformers' generate on the same model."""
     from test_engine import reference_tokens
 
     from lowbit.engine import Engine
-    model = lowbit.quantize(_tiny_gemma3(), lowbit.RTN(bits=4, group_size=16), progress=False)
+    from lowbit.models.arch import has_engine
+    if family == "gemma3_text":
+        model = _tiny_gemma3()
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        cfg = AutoConfig.for_model(
+            "qwen3_moe", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=512, num_experts=4,
+            num_experts_per_tok=2, moe_intermediate_size=64, mlp_only_layers=[1], pad_token_id=0)
+        torch.manual_seed(3)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+    assert has_engine(model.config)
+    model = lowbit.quantize(model, lowbit.RTN(bits=4, group_size=16), progress=False)
     x = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     assert torch.equal(Engine(model, compile=False).generate(x, 64)["tokens"], reference_tokens(model, x, 64))
 

@@ -99,8 +99,13 @@ class DecoderBlock(nn.Module):
         self.window = window
         self.qkv, self.qkv_sizes = _fused([get(names.q), get(names.k), get(names.v)], fuse)
         self.o = get(names.o)
-        self.gate_up, self.gate_up_sizes = _fused([get(names.gate), get(names.up)], fuse)
-        self.down = get(names.down)
+        dense = not names.moe or hasattr(get(names.moe), names.gate.rpartition(".")[2])   # dense layers of MoE models
+        # a mixture-of-experts layer runs as the model's own module: routing picks experts per token, which
+        # no fused matmul expresses; its Linears (or QuantLinears) are the same either way
+        self.moe = None if dense else get(names.moe)
+        if dense:
+            self.gate_up, self.gate_up_sizes = _fused([get(names.gate), get(names.up)], fuse)
+            self.down = get(names.down)
         self.q_norm = Norm(get(names.q_norm)) if names.q_norm else None
         self.k_norm = Norm(get(names.k_norm)) if names.k_norm else None
         self.act = ACT2FN[getattr(config, "hidden_act", None) or config.hidden_activation]
@@ -143,6 +148,8 @@ class DecoderBlock(nn.Module):
         a = a.transpose(1, 2).reshape(h.shape[0], h.shape[1], self.heads * self.head_dim)
         h = h + self.attn_out_norm(self.o(a))
         x = self.post_norm(h)
+        if self.moe is not None:
+            return h + self.mlp_out_norm(self.moe(x))
         g, u = self.gate_up(x).split(self.gate_up_sizes, dim=-1)
         return h + self.mlp_out_norm(self.down(self.act(g) * u))
 

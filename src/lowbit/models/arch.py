@@ -36,7 +36,8 @@ class DecoderNames:
     its pre-norm (input_norm, post_norm). The output norms are Gemma's sandwich norms (None: identity);
     norm_offset: every RMSNorm of the model multiplies by (1 + w); layer_types: config.layer_types says which
     layers attend only to the last config.sliding_window positions ("sliding_attention") and which rotary
-    table each layer uses (the model's rotary module takes the layer type)."""
+    table each layer uses (the model's rotary module takes the layer type); moe: a block whose module of this
+    name has no `gate` / `up` Linears is a mixture-of-experts layer, called whole (router and experts)."""
 
     input_norm: str = "input_layernorm"
     q: str = "self_attn.q_proj"
@@ -53,6 +54,7 @@ class DecoderNames:
     mlp_out_norm: str | None = None
     norm_offset: bool = False
     layer_types: bool = False
+    moe: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ ENGINE_DECODERS: dict[str, DecoderNames] = {
     "gemma3_text": DecoderNames(post_norm="pre_feedforward_layernorm", q_norm="self_attn.q_norm",
                                 k_norm="self_attn.k_norm", attn_out_norm="post_attention_layernorm",
                                 mlp_out_norm="post_feedforward_layernorm", norm_offset=True, layer_types=True),
+    "qwen3_moe": DecoderNames(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", moe="mlp"),
 }
 
 
