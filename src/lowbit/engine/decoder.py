@@ -1,10 +1,12 @@
-"""A lean forward pass of a pre-norm decoder (the llama family) over a preallocated KV cache.
+"""A lean forward pass of a pre-norm decoder (the llama family, and Gemma 3) over a preallocated KV cache.
 
 It reuses the loaded model's own parts (embedding, norms, activation, rotary tables, Linears or QuantLinears)
 and only changes how they are called: q/k/v and gate/up run as one fused matmul each, the rotary cos/sin
 come from a table computed once, and the KV cache is a fixed-size tensor written in place, so one decode step
 has static shapes and can be compiled into a single graph. Which modules make up a block comes from the
-architecture table (`models.arch`), never from `if` branches on the model family.
+architecture table (`models.arch`), never from `if` branches on the model family: Gemma 3's sandwich norms,
+(1 + w) norms, per-layer sliding windows and per-layer-type rotary tables are options of the same block,
+fixed when the engine is built, so a decode step does the same Python work for every family.
 
 Shapes: batch 1; hidden states [1, T, hidden]; queries [1, heads, T, head_dim]; the cache of a layer
 [1, kv_heads, max_len, head_dim] (see engine.cache).
@@ -42,6 +44,15 @@ class RMSNorm(nn.Module):
         return self.source.weight * x.to(dtype)
 
 
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: normalize(x) · (1 + w), both in float32, then cast back (not llama's cast-then-scale)."""
+
+    def forward(self, x):
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.source.weight.float())).type_as(x)
+
+
 class _Concat(nn.Module):
     """The unfused fallback: the Linears one after another, outputs concatenated."""
 
@@ -67,27 +78,42 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class DecoderBlock(nn.Module):
-    """h += o(attention(rope(q), rope(k), v));  h += down(act(gate(x)) · up(x)), each after its norm."""
+def _optional(mod: nn.Module | None) -> nn.Module:
+    return nn.Identity() if mod is None else mod
 
-    def __init__(self, block: nn.Module, names, config, fuse: bool = True):
+
+class DecoderBlock(nn.Module):
+    """h += o(attention(rope(q), rope(k), v));  h += down(act(gate(x)) · up(x)), each after its norm
+    (and, where the family has them, each branch's output through its own norm)."""
+
+    def __init__(self, block: nn.Module, names, config, fuse: bool = True, window: int | None = None):
         """fuse=False calls the block's own Linears one by one (for a streamed block, whose weights are
-        swapped in only while it runs, so a fused copy made now would be empty)."""
+        swapped in only while it runs, so a fused copy made now would be empty). window: this layer attends
+        only to the last `window` positions (its own included)."""
         super().__init__()
         get = block.get_submodule
-        self.input_norm = RMSNorm(get(names.input_norm))
-        self.post_norm = RMSNorm(get(names.post_norm))
+        Norm = OffsetRMSNorm if names.norm_offset else RMSNorm
+        self.input_norm = Norm(get(names.input_norm))
+        self.post_norm = Norm(get(names.post_norm))
+        self.attn_out_norm = _optional(names.attn_out_norm and Norm(get(names.attn_out_norm)))
+        self.mlp_out_norm = _optional(names.mlp_out_norm and Norm(get(names.mlp_out_norm)))
+        self.window = window
         self.qkv, self.qkv_sizes = _fused([get(names.q), get(names.k), get(names.v)], fuse)
         self.o = get(names.o)
-        self.gate_up, self.gate_up_sizes = _fused([get(names.gate), get(names.up)], fuse)
-        self.down = get(names.down)
-        self.q_norm = RMSNorm(get(names.q_norm)) if names.q_norm else None
-        self.k_norm = RMSNorm(get(names.k_norm)) if names.k_norm else None
-        self.act = ACT2FN[config.hidden_act]
+        dense = not names.moe or hasattr(get(names.moe), names.gate.rpartition(".")[2])   # dense layers of MoE models
+        # a mixture-of-experts layer runs as the model's own module: routing picks experts per token, which
+        # no fused matmul expresses; its Linears (or QuantLinears) are the same either way
+        self.moe = None if dense else get(names.moe)
+        if dense:
+            self.gate_up, self.gate_up_sizes = _fused([get(names.gate), get(names.up)], fuse)
+            self.down = get(names.down)
+        self.q_norm = Norm(get(names.q_norm)) if names.q_norm else None
+        self.k_norm = Norm(get(names.k_norm)) if names.k_norm else None
+        self.act = ACT2FN[getattr(config, "hidden_act", None) or config.hidden_activation]
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
 
     def _heads(self, t, n):
         return t.view(t.shape[0], t.shape[1], n, self.head_dim)
@@ -106,17 +132,27 @@ class DecoderBlock(nn.Module):
         q = q * c + _rotate_half(q) * s
         k = k * c + _rotate_half(k) * s
         cache.update(layer, pos, k, v)
-        if visible is None:   # prefill: attend to the new keys only (as the cache gives them back), causally
-            a = cache.prefill_attention(q, k, v, self.scale)
+        t = q.shape[2]
+        if visible is None and (self.window is None or t <= self.window):
+            a = cache.prefill_attention(q, k, v, self.scale)   # attend to the new keys only, causally
+        elif visible is None:   # a prefill longer than the window: causal within a band of `window` keys
+            i = torch.arange(t, device=q.device)
+            band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
+            a = F.scaled_dot_product_attention(q, cache.roundtrip(k), cache.roundtrip(v), attn_mask=band,
+                                               scale=self.scale, enable_gqa=self.heads != self.kv_heads)
         else:   # the same call as the reference's, over exactly the keys seen so far (no mask: bit-equal)
             keys, values = cache.read(layer, visible)
+            if self.window is not None and visible > self.window:   # the reference keeps only the window too
+                keys, values = keys[:, :, visible - self.window:], values[:, :, visible - self.window:]
             a = F.scaled_dot_product_attention(q, keys, values, scale=self.scale,
                                                enable_gqa=self.heads != self.kv_heads)
         a = a.transpose(1, 2).reshape(h.shape[0], h.shape[1], self.heads * self.head_dim)
-        h = h + self.o(a)
+        h = h + self.attn_out_norm(self.o(a))
         x = self.post_norm(h)
+        if self.moe is not None:
+            return h + self.mlp_out_norm(self.moe(x))
         g, u = self.gate_up(x).split(self.gate_up_sizes, dim=-1)
-        return h + self.down(self.act(g) * u)
+        return h + self.mlp_out_norm(self.down(self.act(g) * u))
 
 
 class Decoder(nn.Module):
@@ -129,21 +165,27 @@ class Decoder(nn.Module):
         self.kv_key_group = kv_key_group
         config = model.config
         arch = arch_for(config)
-        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) \
-                and max_len > config.sliding_window:
+        names = arch.decoder
+        # per-layer windows and rotary tables where the family defines them (config.layer_types); one table else
+        types = list(config.layer_types) if names.layer_types else [None] * config.num_hidden_layers
+        self.rope_types = list(dict.fromkeys(types))
+        self.rope_of = [self.rope_types.index(t) for t in types]
+        windows = [config.sliding_window if t == "sliding_attention" else None for t in types]
+        if not names.layer_types and getattr(config, "sliding_window", None) \
+                and getattr(config, "use_sliding_window", True) and max_len > config.sliding_window:
             raise LowbitError(f"the engine does not implement sliding-window attention; max length {max_len} "
                               f"exceeds the window {config.sliding_window}")
         get = model.get_submodule
         self.embed = get(arch.embed)
-        self.norm = RMSNorm(get(arch.final_norm))
+        self.norm = (OffsetRMSNorm if names.norm_offset else RMSNorm)(get(arch.final_norm))
         self.lm_head = get(arch.lm_head)
         # under a memory budget (lowbit.offload) nothing is fused: streamed blocks have their tensors swapped in
         # around each call, and a fused copy of a resident quantized block would hold its weights twice. The
         # streaming state travels on the model (`model.lowbit_streaming`, set by offload.install_streaming)
         streaming = streaming_of(model)
         self.streamed = set(streaming.plan.streamed) if streaming is not None else set()
-        self.blocks = nn.ModuleList(DecoderBlock(b, arch.decoder, config, fuse=streaming is None)
-                                    for b in get(arch.blocks))
+        self.blocks = nn.ModuleList(DecoderBlock(b, names, config, fuse=streaming is None, window=w)
+                                    for b, w in zip(get(arch.blocks), windows))
         for i in self.streamed:
             streaming.hook(self.blocks[i], i, block=get(arch.blocks)[i])
         self.rotary = get(arch.rotary)
@@ -156,10 +198,12 @@ class Decoder(nn.Module):
         else:
             dtype, device = self.embed.weight.dtype, self.embed.weight.device
         positions = torch.arange(max_len, device=device)
-        # the model's own rotary module gives the exact cos/sin the reference uses (any rope scaling included)
-        cos, sin = self.rotary(torch.empty(0, dtype=dtype, device=device), positions.unsqueeze(0))
-        self.register_buffer("cos", cos[0], persistent=False)        # [max_len, head_dim]
-        self.register_buffer("sin", sin[0], persistent=False)
+        # the model's own rotary module gives the exact cos/sin the reference uses (any rope scaling included),
+        # one table per layer type where the family has several (Gemma 3: local and global rope bases)
+        x = torch.empty(0, dtype=dtype, device=device)
+        tables = [self.rotary(x, positions.unsqueeze(0), *([t] if t else [])) for t in self.rope_types]
+        self.register_buffer("cos", torch.stack([c[0] for c, _ in tables]), persistent=False)  # [types, max_len, head_dim]
+        self.register_buffer("sin", torch.stack([s[0] for _, s in tables]), persistent=False)
         self.register_buffer("positions", positions, persistent=False)
         blk = self.blocks[0]
         where = "cpu" if self.kv_offload else device
@@ -179,11 +223,11 @@ class Decoder(nn.Module):
         Otherwise one new token (T = 1) that attends to the first visible.shape[0] cache positions; the count
         travels as a tensor's length so that a compiled step treats it as a symbolic size, not a constant.
         all_logits: return [1, T, vocab] instead."""
-        h = self.embed(ids)
-        cos, sin = self.cos[pos].unsqueeze(0), self.sin[pos].unsqueeze(0)
+        h = self.embed(ids)   # the model's own embedding module (Gemma's scales by sqrt(hidden))
+        rope = [(self.cos[j][pos].unsqueeze(0), self.sin[j][pos].unsqueeze(0)) for j in range(len(self.rope_types))]
         n = None if visible is None else visible.shape[0]
         for i, block in enumerate(self.blocks):
-            h = block(h, cos, sin, self.cache, i, pos, n)
+            h = block(h, *rope[self.rope_of[i]], self.cache, i, pos, n)
         if all_logits:   # [1, T, vocab], for perplexity
             return self.lm_head(self.norm(h))
         return self.lm_head(self.norm(h[:, -1:]))[:, -1]

@@ -10,6 +10,7 @@ Linears that read the same input, each as (producer, linears, inspect):
 `no_clip` names Linears whose weights AWQ does not clip (query/key errors are amplified by the softmax).
 `decoder` names the parts of a pre-norm decoder block that the fast generation engine (lowbit.engine) calls
 directly; `qk_norm` is set where queries and keys are RMS-normalized per head before the rotary embedding.
+`ENGINE_DECODERS` gives the engine's names for families whose quantization layout is discovered (Gemma 3).
 
 The table is an override: any other transformers decoder-only causal LM gets its Arch from the model's own
 structure (models.discovery), with `discovered` set and `feeds` found per block on calibration inputs.
@@ -30,7 +31,13 @@ from .discovery import check_config, discover_arch, meta_model
 
 @dataclass(frozen=True)
 class DecoderNames:
-    """Where the engine finds each part of a block: h += o(attn(rope(q, k), v)); h += down(act(gate) * up)."""
+    """Where the engine finds each part of a block and how it calls them:
+    h += attn_out_norm(o(attn(rope(q, k), v))); h += mlp_out_norm(down(act(gate) * up)), each branch reading
+    its pre-norm (input_norm, post_norm). The output norms are Gemma's sandwich norms (None: identity);
+    norm_offset: every RMSNorm of the model multiplies by (1 + w); layer_types: config.layer_types says which
+    layers attend only to the last config.sliding_window positions ("sliding_attention") and which rotary
+    table each layer uses (the model's rotary module takes the layer type); moe: a block whose module of this
+    name has no `gate` / `up` Linears is a mixture-of-experts layer, called whole (router and experts)."""
 
     input_norm: str = "input_layernorm"
     q: str = "self_attn.q_proj"
@@ -43,6 +50,11 @@ class DecoderNames:
     down: str = "mlp.down_proj"
     q_norm: str | None = None
     k_norm: str | None = None
+    attn_out_norm: str | None = None
+    mlp_out_norm: str | None = None
+    norm_offset: bool = False
+    layer_types: bool = False
+    moe: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +67,7 @@ class Arch:
     no_clip: tuple[str, ...] = ()
     decoder: DecoderNames = DecoderNames()
     rotary: str = "model.rotary_emb"  # the module that returns (cos, sin) for given positions, from the root
-    discovered: bool = False         # found by models.discovery, not from the table (no fast engine)
+    discovered: bool = False         # found by models.discovery, not from the table
     fold_offset: tuple[str, ...] = ()
     fallbacks: tuple[tuple[str, ...], ...] = ()
 
@@ -83,6 +95,15 @@ ARCHES: dict[str, Arch] = {
 }
 
 
+# model_type -> engine names, for families quantized through discovery that the engine also covers
+ENGINE_DECODERS: dict[str, DecoderNames] = {
+    "gemma3_text": DecoderNames(post_norm="pre_feedforward_layernorm", q_norm="self_attn.q_norm",
+                                k_norm="self_attn.k_norm", attn_out_norm="post_attention_layernorm",
+                                mlp_out_norm="post_feedforward_layernorm", norm_offset=True, layer_types=True),
+    "qwen3_moe": DecoderNames(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", moe="mlp"),
+}
+
+
 def arch_for(config) -> Arch:
     """The layout of a model (nn.Module), or of a config (dict or transformers config): the table's entry for
     its family, else discovered from its structure (see models.discovery); unsupported models get one error."""
@@ -93,9 +114,13 @@ def arch_for(config) -> Arch:
         return ARCHES[model_type]
     check_config(config)
     if model is not None:
-        return Arch(**discover_arch(model))
-    return _from_config(json.dumps(config if isinstance(config, dict) else config.to_dict(), sort_keys=True,
-                                   default=str))
+        return _with_engine(Arch(**discover_arch(model)), model_type)
+    return _with_engine(_from_config(json.dumps(config if isinstance(config, dict) else config.to_dict(),
+                                                sort_keys=True, default=str)), model_type)
+
+
+def _with_engine(arch: Arch, model_type) -> Arch:
+    return replace(arch, decoder=ENGINE_DECODERS[model_type]) if model_type in ENGINE_DECODERS else arch
 
 
 @functools.lru_cache(maxsize=16)
@@ -106,4 +131,7 @@ def _from_config(text: str) -> Arch:
 def has_engine(config) -> bool:
     """Whether the fast engine (lowbit.engine) knows this family; others generate with transformers."""
     model_type = getattr(config, "model_type", None) or (config.get("model_type") if isinstance(config, dict) else None)
-    return model_type in ARCHES
+    # logit soft-capping (Gemma 2) is not implemented by the engine
+    capped = any(getattr(config, k, None) if not isinstance(config, dict) else config.get(k)
+                 for k in ("attn_logit_softcapping", "final_logit_softcapping"))
+    return model_type in ARCHES or model_type in ENGINE_DECODERS and not capped

@@ -5,6 +5,11 @@ block: position embeddings, masks) are captured once by stopping the forward pas
 each block runs on its own: calibrate it, quantize it, run it (now quantized) to make the next block's
 inputs. Only one block's weights are needed at a time, and each block sees the inputs produced by the
 already-quantized blocks before it, as GPTQ's sequential procedure prescribes.
+
+Models whose layers differ in what the model passes them (`config.layer_types`: Gemma 3's sliding-window
+layers get a banded mask and local rotary tables, its global layers a causal mask and global ones) have the
+keyword arguments captured once per layer type, at the first block of each type, and each block runs with its
+own type's. The blocks before that are skipped during the capture (their output is not needed).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from .calls import first_input, first_output  # noqa: F401  (re-exported: driver
 class BlockInputs:
     hidden: list[torch.Tensor]     # one [1, T, H] tensor per calibration sample
     kwargs: list[dict]             # the keyword arguments the model gave the block for that sample
+    by_type: dict[str, list[dict]] | None = None   # the same per layer type, where the model has several
 
 
 class _Stop(Exception):
@@ -32,16 +38,28 @@ class _Stop(Exception):
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, samples: torch.Tensor) -> BlockInputs:
     """Inputs of the first decoder block for each sample (LongTensor [n, T])."""
-    block0 = model.get_submodule(arch_for(model).blocks)[0]
-    caught = BlockInputs([], [])
+    blocks = model.get_submodule(arch_for(model).blocks)
+    types = layer_types(model)
+    firsts = {0: None} if types is None else {types.index(t): t for t in dict.fromkeys(types)}
+    last = max(firsts)
+    caught = BlockInputs([], [], None if types is None else {t: [] for t in firsts.values()})
 
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        caught.hidden.append(hidden.detach())
-        caught.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _Stop
+    def hook(i, args, kwargs):
+        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if i == 0:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            caught.hidden.append(hidden.detach())
+            caught.kwargs.append(kw)
+        if types is not None:
+            caught.by_type[firsts[i]].append(kw)
+        if i == last:
+            raise _Stop
 
-    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [blocks[i].register_forward_pre_hook(lambda m, a, k, i=i: hook(i, a, k), with_kwargs=True)
+               for i in firsts]
+    skipped = list(blocks)[:last]
+    for b in skipped:   # only their kwargs are wanted: pass the hidden states through unchanged
+        b.forward = _passthrough
     try:
         for ids in samples:
             try:
@@ -49,8 +67,21 @@ def capture_block_inputs(model: nn.Module, samples: torch.Tensor) -> BlockInputs
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        for b in skipped:
+            del b.forward
     return caught
+
+
+def _passthrough(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+def layer_types(model: nn.Module) -> list[str] | None:
+    """config.layer_types where the model's layers are of more than one type, else None."""
+    types = getattr(model.config, "layer_types", None)
+    return list(types) if types and len(set(types)) > 1 else None
 
 
 @torch.no_grad()
@@ -68,7 +99,10 @@ def iterate_blocks(model: nn.Module, samples: torch.Tensor) -> Iterator[tuple[in
     one (quantizing it) is reflected in the inputs of the next."""
     blocks = model.get_submodule(arch_for(model).blocks)
     inputs = capture_block_inputs(model, samples)
+    types, by_type = layer_types(model), inputs.by_type
     for i, block in enumerate(blocks):
+        if by_type is not None:
+            inputs = BlockInputs(inputs.hidden, by_type[types[i]], by_type)
         yield i, block, inputs
         inputs = run_block(block, inputs)
 
