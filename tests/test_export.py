@@ -203,3 +203,20 @@ def test_cli_export_tp_warning(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not split across tp=3" in err
     assert main(["export", str(tmp_path / "ckpt"), "--format", "awq", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_cli_quantize_stream_exports(tiny_dir, tmp_path, capsys):
+    """--stream with --format writes the target format (through a lowbit checkpoint that is then removed),
+    equal to exporting the streamed checkpoint; a scheme the format cannot hold leaves nothing behind."""
+    from lowbit.cli import main
+    args = ["--quiet", "quantize", str(tiny_dir), "--stream", "--bits", "4", "--group-size", "32", "--asym"]
+    assert main(args + ["--out", str(tmp_path / "ck")]) == 0
+    assert main(args + ["--format", "awq", "--out", str(tmp_path / "awq")]) == 0
+    assert "(awq), quantized block by block" in capsys.readouterr().out
+    assert json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
+    a, b = _qmods(lowbit.load_model(tmp_path / "ck").model), _qmods(lowbit.load_model(tmp_path / "awq").model)
+    assert set(a) == set(b) and all(torch.equal(a[n].dequantized_weight(), b[n].dequantized_weight()) for n in a)
+    assert main(["--quiet", "quantize", str(tiny_dir), "--stream", "--bits", "3", "--group-size", "32",
+                 "--format", "awq", "--out", str(tmp_path / "bad")]) == 2
+    assert "AWQ cannot hold" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["awq", "ck"]
