@@ -4,6 +4,8 @@ GPTQ/AWQ tensors decode by an independent reading of their specifications to low
 cleanly."""
 
 import json
+import os
+import subprocess
 
 import pytest
 import torch
@@ -220,3 +222,62 @@ def test_cli_quantize_stream_exports(tiny_dir, tmp_path, capsys):
                  "--format", "awq", "--out", str(tmp_path / "bad")]) == 2
     assert "AWQ cannot hold" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["awq", "ck"]
+
+
+GPTQ_VENV = os.environ.get("LOWBIT_GPTQ_VENV", "/tmp/gptq-venv")   # torch 2.13.0, transformers 5.24, GPTQModel 7.6
+_FOREIGN_PROBE = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+d, names = sys.argv[1], sys.argv[2].split(",")
+m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, device_map="cpu")
+w = {n: m.get_submodule(n).dequantize_weight().T for n in names if hasattr(m.get_submodule(n), "dequantize_weight")}
+with torch.no_grad():
+    logits = m(torch.arange(3, 35).reshape(1, 32)).logits
+torch.save({"weights": w, "logits": logits}, d + "/probe.pt")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_gptq_awq_real_loader(tiny_dir, tmp_path, fmt):
+    """transformers' own GPTQ/AWQ loading (optimum + GPTQModel 7.6 on CPU, in a separate environment since
+    GPTQModel would replace this one's numpy): GPTQModel's dequantization (float16 arithmetic) equals lowbit's
+    weights rounded to float16; its CPU kernel (aten int4pack matmul in bfloat16) gives logits within bfloat16
+    rounding of lowbit's float32 ones. Mixed GPTQ recipes are not checked: that path ignores `dynamic`."""
+    python = os.path.join(GPTQ_VENV, "bin", "python")
+    if not os.path.isfile(python):
+        pytest.skip(f"no GPTQModel environment at {GPTQ_VENV} (LOWBIT_GPTQ_VENV)")
+    q = _quantized(tiny_dir, lowbit.RTN(bits=4, group_size=32, symmetric=False))
+    out, _ = export(q, fmt, tmp_path / fmt)
+    mine = _qmods(q.model)
+    subprocess.run([python, "-c", _FOREIGN_PROBE, str(out), ",".join(mine)], check=True, capture_output=True)
+    probe = torch.load(out / "probe.pt")
+    if fmt == "gptq":
+        assert set(probe["weights"]) == set(mine)
+        for n, m in mine.items():
+            assert torch.equal(probe["weights"][n], m.dequantized_weight(torch.float32).half()), n
+    q.model.float()
+    with torch.no_grad():
+        a = q.model(IDS).logits
+    assert (a - probe["logits"]).abs().max() <= 2**-7 * a.abs().max()
+
+
+PEER_WORK = os.environ.get("LOWBIT_PEER_WORK", "/tmp/lowbit-peers")   # benchmarks/export_peers.py's outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
+def test_peer_checkpoint_loads(method):
+    """llm-compressor's oneshot output (written by benchmarks/export_peers.py in its own environment) loads in
+    lowbit, kept packed, and its logits on a held-out window match those of the peer's own loader
+    (transformers + compressed-tensors, float32) up to lowbit's float16 scales."""
+    out = os.path.join(PEER_WORK, f"llm-compressor-{method}")
+    if not os.path.isfile(os.path.join(out, "peer_logits.pt")):
+        pytest.skip(f"no llm-compressor {method} output in {PEER_WORK}: run benchmarks/export_peers.py")
+    q = lowbit.load(out)
+    assert _qmods(q.model)
+    window = torch.load(os.path.join(PEER_WORK, "ids.pt"))["window"]
+    theirs = torch.load(os.path.join(out, "peer_logits.pt"))
+    with torch.no_grad():
+        mine = q.model(window.unsqueeze(0)).logits[0].float()
+    assert (mine - theirs).abs().max() <= 2**-6 * theirs.abs().max()
