@@ -207,6 +207,7 @@ def test_cli_export_tp_warning(tiny_dir, tmp_path, capsys):
     assert main(["export", str(tmp_path / "ckpt"), "--format", "awq", "--out", str(tmp_path / "o")]) == 2
 
 
+@pytest.mark.slow   # two streamed quantizations and a failing third
 def test_cli_quantize_stream_exports(tiny_dir, tmp_path, capsys):
     """--stream with --format writes the target format (through a lowbit checkpoint that is then removed),
     equal to exporting the streamed checkpoint; a scheme the format cannot hold leaves nothing behind."""
