@@ -6,6 +6,7 @@ transformers + compressed-tensors, and its logits on one window are compared wit
 llm-compressor 0.14 pins transformers <= 5.17, so it runs in its own virtual environment (torch 2.13.0 as here):
 
     python benchmarks/export_peers.py --setup [--venv /tmp/lc-venv]     # pip installs llmcompressor there
+    python benchmarks/export_peers.py --setup-gptq    # GPTQModel 7.6 venv for the slow GPTQ/AWQ loader tests
     python benchmarks/export_peers.py [--calib 16] [--windows 10] [--methods gptq,awq,smoothquant]
 
 Each quantization runs in a child process (the peer's in its venv, lowbit's in this one) that reports its wall
@@ -32,9 +33,15 @@ GROUP = 64
 METHODS = ("gptq", "awq", "smoothquant")
 
 
-def setup(venv: Path) -> None:
+GPTQ_VENV = Path(os.environ.get("LOWBIT_GPTQ_VENV", "/tmp/gptq-venv"))
+# transformers' own GPTQ/AWQ loading on CPU: GPTQModel 7.6 is the newest that sits beside torch 2.13.0 (7.7 needs
+# torch >= 2.14.1); it is built from source and would replace the main environment's numpy, hence its own venv
+GPTQ_PACKAGES = ["torch==2.13.0", "transformers==5.24.0", "gptqmodel==7.6.0", "optimum", "accelerate"]
+
+
+def setup(venv: Path, packages=("torch==2.13.0", "llmcompressor==0.14.0.1")) -> None:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "torch==2.13.0", "llmcompressor==0.14.0.1"], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", *packages], check=True)
 
 
 # the peer's side: runs in llm-compressor's venv, imports nothing from lowbit ----------------------------------
@@ -126,6 +133,8 @@ def run_child(python: str, role: str, method: str, model_dir: Path, ids_file: Pa
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--setup", action="store_true", help="create the peer venv (pip install llmcompressor)")
+    ap.add_argument("--setup-gptq", action="store_true",
+                    help=f"create {GPTQ_VENV} (LOWBIT_GPTQ_VENV) with GPTQModel for tests/test_export.py's slow checks")
     ap.add_argument("--venv", type=Path, default=VENV)
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--calib", type=int, default=16, help="calibration windows of 512 tokens")
@@ -141,6 +150,8 @@ def main() -> None:
         return lowbit_worker(*args.lowbit_worker)
     if args.setup:
         return setup(args.venv)
+    if args.setup_gptq:
+        return setup(GPTQ_VENV, GPTQ_PACKAGES)
     peer_python = args.venv / "bin" / "python"
     if not peer_python.is_file():
         sys.exit(f"no peer venv at {args.venv}: run with --setup first")
