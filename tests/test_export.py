@@ -247,7 +247,7 @@ def test_gptq_awq_real_loader(tiny_dir, tmp_path, fmt):
     rounding of lowbit's float32 ones. Mixed GPTQ recipes are not checked: that path ignores `dynamic`."""
     python = os.path.join(GPTQ_VENV, "bin", "python")
     if not os.path.isfile(python):
-        pytest.skip(f"no GPTQModel environment at {GPTQ_VENV} (LOWBIT_GPTQ_VENV)")
+        pytest.skip(f"no GPTQModel environment at {GPTQ_VENV}: benchmarks/export_peers.py --setup-gptq")
     q = _quantized(tiny_dir, lowbit.RTN(bits=4, group_size=32, symmetric=False))
     out, _ = export(q, fmt, tmp_path / fmt)
     mine = _qmods(q.model)
