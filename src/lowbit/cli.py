@@ -187,10 +187,28 @@ def _quantize_streamed(args, scheme) -> int:
     from .recipes import Recipe
     path = resolve_source(args.model)
     recipe = Recipe.from_file(args.recipe, scheme, arch_for(read_config(path)).blocks) if args.recipe else scheme
-    out = quantize_streamed(path, args.out, recipe, calibration=args.calib_text, calib_samples=args.calib_samples,
-                            calib_seqlen=args.calib_seqlen, seed=args.seed, dtype=_DTYPES[args.dtype],
-                            base=source_name(args.model), overwrite=args.overwrite, progress=not args.quiet)
-    print(f"wrote {out} block by block ({len(list(out.glob('model-block-*.safetensors')))} block shards)")
+    kw = dict(calibration=args.calib_text, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+              seed=args.seed, dtype=_DTYPES[args.dtype], base=source_name(args.model), progress=not args.quiet)
+    if args.format == "lowbit":
+        out = quantize_streamed(path, args.out, recipe, overwrite=args.overwrite, **kw)
+        print(f"wrote {out} block by block ({len(list(out.glob('model-block-*.safetensors')))} block shards)")
+        return 0
+    # another format: stream into a lowbit checkpoint beside --out, then export it (packed, it fits in memory
+    # where the float model did not); the intermediate checkpoint is removed either way
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .export import export
+    tmp = Path(tempfile.mkdtemp(prefix=".lowbit-stream-", dir=Path(args.out).resolve().parent))
+    try:
+        ckpt = quantize_streamed(path, tmp / "ckpt", recipe, **kw)
+        out, warns = export(ckpt, args.format, args.out, overwrite=args.overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for w in warns:
+        print(f"lowbit: warning: {w}", file=sys.stderr)
+    print(f"wrote {out} ({args.format}), quantized block by block")
     return 0
 
 

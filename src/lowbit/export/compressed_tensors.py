@@ -26,6 +26,13 @@ cast them to the serving dtype; float16 serving keeps them exact).
 
 Module selection: one config group per distinct scheme. A checkpoint with a single scheme targets "Linear" and
 lists every unquantized Linear in `ignore`; a mixed one lists exact module names as each group's targets.
+
+Loading with transformers 5.24 (compressed-tensors 0.20.1), as checked on CPU: its dequantize path
+(`run_compressed=False`) decodes every dense module with the first config group's scheme, right for a
+single-scheme directory and wrong for a mixed one; its compressed path (`run_compressed=True`, then decompress)
+matches per module but rejects packed asymmetric zero points (its meta initialisation does not pack them). So a
+mixed recipe loads there when its groups are symmetric; with asymmetric groups it decodes exactly through
+compressed-tensors' own matching and compressors (and in vLLM, which matches per module).
 """
 
 from __future__ import annotations
