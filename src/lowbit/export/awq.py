@@ -17,7 +17,7 @@ import torch
 
 from ..errors import LowbitError
 from ..formats import IntSpec, QuantizedTensor
-from .hf_dir import (cannot_hold, float_tensors, pack_int32, quantized_modules, tp_warnings, unpack_int32,
+from .hf_dir import (cannot_hold, off_marlin, float_tensors, pack_int32, quantized_modules, tp_warnings, unpack_int32,
                      unsigned_codes, write_model_dir)
 
 NAME = "AWQ"
@@ -59,11 +59,7 @@ def encode(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
 
 def fast_kernel(name, m, k, n) -> str | None:
     """vLLM's awq_marlin: groups of 32/64/128, a shard with in_features % 128 == 0 and out_features % 64 == 0."""
-    if m.spec.group_size not in (32, 64, 128):
-        return f"group size {m.spec.group_size}: off vLLM's AWQ Marlin kernel (32, 64, 128)"
-    if k % 128 or n % 64:
-        return f"shard [{n}, {k}] is not a multiple of [64, 128]: off the Marlin kernel (slower AWQ GEMM)"
-    return None
+    return off_marlin(4, m.spec.group_size, k, n, groups_ok=(32, 64, 128), engine="vLLM's AWQ Marlin kernel")
 
 
 def export(model, tokenizer, out, *, overwrite: bool = False, tp: int | None = None) -> tuple:

@@ -45,7 +45,7 @@ import torch
 from ..errors import LowbitError
 from ..formats import FloatSpec, IntSpec, QuantizedTensor
 from ..formats.act import ActSpec
-from .hf_dir import (cannot_hold, float_tensors, pack_int32, quantized_modules, tp_warnings, unpack_int32,
+from .hf_dir import (cannot_hold, float_tensors, off_marlin, pack_int32, quantized_modules, tp_warnings, unpack_int32,
                      unsigned_codes, write_model_dir)
 
 NAME = "compressed-tensors"
@@ -130,12 +130,7 @@ def fast_kernel(name, m, k, n) -> str | None:
     or per channel, and a GPU's shard with in_features % 128 == 0 and out_features % 64 == 0."""
     spec = m.spec
     if isinstance(spec, IntSpec) and m.act is None:
-        if spec.bits not in (4, 8):
-            return f"{spec.bits}-bit weights: vLLM's pack-quantized kernels take 4 and 8 bits only"
-        if spec.group_size not in (-1, 32, 64, 128):
-            return f"group size {spec.group_size}: vLLM's Marlin kernels take 32, 64, 128 or per channel"
-        if k % 128 or n % 64:
-            return f"shard [{n}, {k}] is not a multiple of [64, 128]: off the Marlin kernel (slower fallback)"
+        return off_marlin(spec.bits, spec.group_size, k, n)
     return None
 
 

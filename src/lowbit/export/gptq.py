@@ -26,7 +26,7 @@ import torch
 
 from ..errors import LowbitError
 from ..formats import IntSpec, QuantizedTensor
-from .hf_dir import (cannot_hold, float_tensors, pack_int32, quantized_modules, tp_warnings, unpack_int32,
+from .hf_dir import (cannot_hold, float_tensors, off_marlin, pack_int32, quantized_modules, tp_warnings, unpack_int32,
                      unsigned_codes, write_model_dir)
 
 NAME = "GPTQ"
@@ -83,14 +83,7 @@ def quantization_config(model, specs: dict[str, IntSpec], blocks: str) -> dict:
 def fast_kernel(name, m, k, n) -> str | None:
     """vLLM's gptq_marlin: 4 or 8 bits, groups of 32/64/128 or per channel, a shard with in_features % 128 == 0
     and out_features % 64 == 0 (else the exllama kernel, 4/8 bits, or the slower triton/torch paths)."""
-    spec = m.spec
-    if spec.bits not in (4, 8):
-        return f"{spec.bits}-bit: off vLLM's Marlin kernels (4 and 8 bits)"
-    if spec.group_size not in (-1, 32, 64, 128):
-        return f"group size {spec.group_size}: off vLLM's Marlin kernels (32, 64, 128, per channel)"
-    if k % 128 or n % 64:
-        return f"shard [{n}, {k}] is not a multiple of [64, 128]: off the Marlin kernel (slower fallback)"
-    return None
+    return off_marlin(m.spec.bits, m.spec.group_size, k, n)
 
 
 def export(model, tokenizer, out, *, overwrite: bool = False, tp: int | None = None) -> tuple:

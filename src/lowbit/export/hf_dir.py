@@ -35,6 +35,20 @@ def quantized_modules(model: torch.nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def off_marlin(bits: int, group_size: int, k: int, n: int, *, bits_ok=(4, 8), groups_ok=(-1, 32, 64, 128),
+               engine: str = "vLLM's Marlin kernels") -> str | None:
+    """Why a [n, k] shard of a `bits`-bit, `group_size` weight falls off vLLM's Marlin-family kernels (None if it
+    does not): they take `bits_ok` widths and `groups_ok` groups, and a shard whose in_features is a multiple of
+    128 and out_features of 64."""
+    if bits not in bits_ok:
+        return f"{bits}-bit: off {engine} ({', '.join(map(str, bits_ok))} bits)"
+    if group_size not in groups_ok:
+        return f"group size {group_size}: off {engine} ({', '.join('per channel' if g == -1 else str(g) for g in groups_ok)})"
+    if k % 128 or n % 64:
+        return f"shard [{n}, {k}] is not a multiple of [64, 128]: off {engine} (a slower fallback)"
+    return None
+
+
 def float_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor that is not a quantized weight (embeddings, norms, biases, unquantized Linears), tied
     aliases once (HF loaders re-tie them from the config)."""
