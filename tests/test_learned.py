@@ -102,7 +102,7 @@ def test_bad_settings_are_one_clear_error():
         lowbit.Learned(iters=0)
     with pytest.raises(lowbit.LowbitError, match="learned init"):
         lowbit.Learned(init="fp8")
-    with pytest.raises(lowbit.LowbitError, match="learned stores integer weights, not fp8"):
+    with pytest.raises(lowbit.LowbitError, match=r"learned stores integer weights \(or a GGUF type\), not fp8"):
         lowbit.config_for("learned", FloatSpec("e4m3"))
     w = torch.randn(4, 64)
     with pytest.raises(lowbit.LowbitError, match="learned rounding trains integer formats"):
