@@ -56,6 +56,10 @@ def main() -> None:
     ap.add_argument("--method-targets", default="gptq:5.46,6.27;awq:5.46,6.27",
                     help="targets per method where fewer than --targets are wanted (method:t1,t2;...)")
     ap.add_argument("--llama-types", default="Q2_K,Q3_K_M,Q4_0,Q4_K_M,Q5_K_M,Q6_K,Q8_0")
+    ap.add_argument("--formats", default="Q2_K,Q3_K,Q4_0,Q4_K,Q5_0,Q5_K,Q6_K,Q8_0",
+                    help="the allocator's candidates. The default model's weights sit exactly on a Q4_1 grid (it "
+                         "ships as Q4_1), so Q4_1 (and Q5_1, which can hold that grid) would reproduce them without "
+                         "error and say nothing about quality per byte: they are left out unless named")
     ap.add_argument("--windows", type=int, default=24)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--fisher-windows", type=int, default=16)
@@ -86,7 +90,7 @@ def main() -> None:
     calib = calibration_ids(None, tok, args.calib_samples, 512, 0)
     imp = collect_importance(base, calib)
     imp_seconds = time.perf_counter() - t0
-    sens = measure_sensitivity(base, calib[: args.fisher_windows], formats="gguf",
+    sens = measure_sensitivity(base, calib[: args.fisher_windows], formats=args.formats,
                                overhead_bytes=gguf_overhead_bytes(base, planned_tensors(base, arch_for(base)), src),
                                importance=imp)
     print(f"sensitivity: {sens.seconds:.0f} s, importance: {imp_seconds:.0f} s, peak RSS "
