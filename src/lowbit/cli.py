@@ -51,7 +51,7 @@ def cmd_quantize(args) -> int:
     else:
         recipe = Recipe.from_file(args.recipe, scheme, blocks) if args.recipe else recipe_for(scheme, blocks)
     plan = recipe.plan(loaded.model)  # fail on shapes before any work
-    imatrix = imatrix or _imatrix_for(args, loaded, plan)
+    imatrix = imatrix or _imatrix_for(args, loaded)
     model = quantize(loaded.model, recipe, calibration=args.calib_text, tokenizer=loaded.tokenizer,
                      calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
                      dtype=_DTYPES[args.dtype], progress=not args.quiet, imatrix=imatrix)
@@ -102,7 +102,7 @@ def _budget_recipe(args, loaded, scheme):
     from .config import RTN
     from .data import calibration_ids
     from .models import arch_for
-    from .models.importance import collect_importance, load_importance
+    from .models.importance import collect_importance
     from .plan import candidate_formats, measure_sensitivity, planned_tensors, write_rules
     from .recipes import Recipe
 
@@ -114,12 +114,7 @@ def _budget_recipe(args, loaded, scheme):
         scheme = scheme.replace(importance=True)
     model = loaded.model
     ids = calibration_ids(args.calib_text, loaded.tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
-    if args.imatrix and os.path.exists(args.imatrix):
-        imp = load_importance(args.imatrix)
-    else:
-        imp = collect_importance(model, ids)
-        if args.imatrix:
-            imp.save(args.imatrix)
+    imp = _imatrix_for(args, loaded, ids) or collect_importance(model, ids)
     overhead, norm_bytes = 0, 2
     if gguf_out:
         from .export.gguf import gguf_overhead_bytes
@@ -139,17 +134,17 @@ def _budget_recipe(args, loaded, scheme):
     return Recipe.from_rules(alloc.rules(), scheme, arch_for(model).blocks), imp
 
 
-def _imatrix_for(args, loaded, plan):
-    """--imatrix FILE: read it if it exists, else measure importance on the calibration text and write it."""
+def _imatrix_for(args, loaded, ids=None):
+    """--imatrix FILE: read it if it exists, else measure importance on the calibration text (the windows `ids`
+    when already cut) and write it."""
     if not args.imatrix:
         return None
-    import os
-
     from .data import calibration_ids
     from .models.importance import collect_importance, load_importance
     if os.path.exists(args.imatrix):
         return load_importance(args.imatrix)
-    ids = calibration_ids(args.calib_text, loaded.tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
+    if ids is None:
+        ids = calibration_ids(args.calib_text, loaded.tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
     imp = collect_importance(loaded.model, ids)
     imp.save(args.imatrix)
     print(f"wrote {args.imatrix}: importance of {len(imp.values)} Linear modules over {imp.tokens} tokens")
