@@ -1,6 +1,8 @@
 """llama.cpp's CPU arithmetic in lowbit (lowbit.eval.ggml_arith): activation rounding per vec_dot type, by hand
 on blocks whose results are known, and end to end against llama.cpp's own logits on a GGUF file lowbit wrote."""
 
+import copy
+
 import pytest
 import torch
 
@@ -51,6 +53,30 @@ def test_q8_k_blocks():
     assert out[0, 256].item() == torch.tensor(127.0) * (1 / (torch.tensor(127.0) / torch.tensor(1e-3)))
     with pytest.raises(LowbitError, match="multiple of 256"):
         quantize_activations(torch.randn(1, 576), "Q8_K")
+
+
+@pytest.mark.parametrize("vdt,block,size,d_at,d_type,qs_at", [("Q8_0", 32, 34, 0, "float16", 2),
+                                                                ("Q8_1", 32, 36, 0, "float16", 4),
+                                                                ("Q8_K", 256, 292, 0, "float32", 4)])
+def test_matches_ggml_row_quantizers(vdt, block, size, d_at, d_type, qs_at):
+    """Bit for bit against the quantize_row_* functions of the ggml-cpu library llama-cpp-python ships."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+    import os
+    import numpy as np
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cpu.so"))
+    fn = getattr(lib, f"quantize_row_{vdt.lower()[:-1]}{vdt[-1]}")
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    torch.manual_seed(0)
+    x = (torch.randn(32, 1536) * torch.rand(32, 1) * 5).numpy()
+    x[3, :256] = 0
+    out = np.zeros(x.size // block * size, dtype=np.uint8)
+    fn(x.ctypes.data, out.ctypes.data, x.size)
+    blocks = out.reshape(-1, size)
+    width = 2 if d_type == "float16" else 4
+    d = blocks[:, d_at:d_at + width].copy().view(d_type).astype(np.float32)
+    ref = (blocks[:, qs_at:qs_at + block].view(np.int8).astype(np.float32) * d).reshape(x.shape)
+    assert np.array_equal(quantize_activations(torch.from_numpy(x), vdt).numpy(), ref)
 
 
 def test_float_types():
@@ -113,3 +139,15 @@ def test_agrees_with_llama_cpp(base, mixed, eval_ids, tmp_path):
     print(kld)
     off = {k: abs(kld[k] / kld["llama.cpp"] - 1) for k in ("float32", "emulated")}
     assert off["emulated"] < 0.04 and off["float32"] > 2 * off["emulated"]
+
+
+def test_evaluate_option(base, mixed, tokenizer):
+    ref = truncated(base, 2).float()
+    kw = dict(tokenizer=tokenizer, base=ref, max_windows=1, ctx=128, speed=False, progress=False)
+    plain = lowbit.evaluate(mixed, **kw)
+    half = copy.deepcopy(mixed).bfloat16()
+    ours = lowbit.evaluate(half, arithmetic="llama.cpp", **kw)
+    assert ours["arithmetic"] == "llama.cpp" and ours["kld"] != plain["kld"]
+    assert half.model.norm.weight.dtype == torch.bfloat16   # given back in its own dtype
+    with pytest.raises(LowbitError, match="arithmetic must be"):
+        lowbit.evaluate(mixed, arithmetic="ggml", **kw)
