@@ -400,6 +400,6 @@ def _number_check(target_bpw) -> None:
         raise LowbitError(f"target bits per weight must be a positive number, got {target_bpw!r}")
 
 
-__all__ = ["Option", "KEEP", "LOWBIT_FORMATS", "TWO_LEVEL_FORMATS", "candidate_formats", "fits", "fisher_diagonal", "rtn_error",
-           "sensitivity", "allocate", "options_for", "predicted_kld", "Allocation", "Sensitivity", "planned_tensors",
-           "measure_sensitivity", "plan_budget", "importance_error", "write_rules"]
+__all__ = ["Option", "KEEP", "LOWBIT_FORMATS", "TWO_LEVEL_FORMATS", "candidate_formats", "fits", "fisher_diagonal",
+           "rtn_error", "sensitivity", "allocate", "options_for", "predicted_kld", "Allocation", "Sensitivity",
+           "planned_tensors", "measure_sensitivity", "plan_budget", "importance_error", "write_rules"]

@@ -14,7 +14,7 @@ things lowbit's reference path keeps in float32:
                         d = 1 / iscale in float32 (quantize_row_q8_K_ref and the AVX2 repacked form, which
                         agree), x̂ = code · d.
                   F16   F16 weights: inputs rounded to f16; F32 weights: inputs as they are.
-                The dot of those codes with the weight's codes is Σ blocks (d_w·d_x)·Σ q_w·q_x, which equals ŵ·x̂
+                The dot of those codes with the weight's codes, Σ blocks (d_w·d_x)·Σ q_w·q_x, equals ŵ·x̂
                 up to float32 summation order, so a float matmul of the dequantized weight with x̂ reproduces it.
   KV cache      K and V are stored as f16 (llama.cpp's default cache type); the score matmul K·Q runs on f16
                 (Q is converted to K's type, f16), softmax in float32, and the probabilities are converted to

@@ -201,7 +201,8 @@ class IntSpec(WeightFormat):
         g, sb = self.num_groups(in_features), self.super_block_for(in_features)
         nb = -(-g * self.scale_bits // 8)
         d = scales[:, nb:].contiguous().view(SCALE_DTYPE).float()          # [N, S]
-        return d.repeat_interleave(sb // self.group_size, dim=1) * unpack_scale_codes(scales[:, :nb], g, self.scale_bits)
+        sc = unpack_scale_codes(scales[:, :nb], g, self.scale_bits)
+        return d.repeat_interleave(sb // self.group_size, dim=1) * sc
 
     # fixed grids (formats.base.Grid): one group of columns at a time ------------------------------------
     def grid_width(self, in_features: int) -> int:
@@ -335,8 +336,9 @@ def two_level_qparams(w: torch.Tensor, spec: IntSpec, importance: torch.Tensor |
     lo = None if z1 is None else (spec.qmin - z1.float()) * s1.float()    # the range's low end, as chosen
     per = spec.super_block_for(w.shape[1]) // spec.group_size
     top = (1 << spec.scale_bits) - 1
-    d = (target.reshape(n, G // per, per).amax(-1) / top).to(SCALE_DTYPE)
-    d = torch.where(d.float() > 0, d, torch.ones_like(d))   # all-zero super-block: any d; its codes give 0
+    dmax = target.reshape(n, G // per, per).amax(-1) / top
+    # an all-zero super-block takes d = 1 (its codes dequantize to 0 whatever d is); tiny ones the least f16
+    d = torch.where(dmax > 0, dmax.clamp(min=2**-24), 1.0).to(SCALE_DTYPE)
     df = d.float().repeat_interleave(per, dim=1)
     imp = torch.ones_like(wg) if importance is None else _grouped(importance.float().expand(n, -1), spec)
     low = torch.floor(target / df).clamp(1, top)
