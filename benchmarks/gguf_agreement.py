@@ -116,7 +116,8 @@ def main() -> None:
                 with ggml_arithmetic(model, float_type=ft, kv_type=kv):
                     add((label, "lowbit, llama.cpp arithmetic"), model(ids[None]).logits[0, :-1])
         count += len(target)
-        print(f"window {w + 1}/{len(windows)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"window {w + 1}/{len(windows)} ({time.perf_counter() - t0:.0f} s): KLD so far "
+              + "; ".join(f"{k[0]} / {k[1]} {s['kld'] / count:.5f}" for k, s in sums.items()), flush=True)
 
     rows = [{"file": label, "runtime": rt, "kld": s["kld"] / count, "ppl": math.exp(s["nll"] / count),
              "top1": s["top1"] / count} for (label, rt), s in sums.items()]
