@@ -2,8 +2,9 @@
 per parameter, for llama.cpp's own types (made by `llama_model_quantize`) and for lowbit's size-budget
 allocator (`--target-bpw`) with RTN + importance, GPTQ and AWQ, written as GGUF files. Every file, llama.cpp's
 and lowbit's, is evaluated by llama.cpp itself on the same token windows; lowbit's files are also evaluated
-by lowbit (same weights, another runtime) to show the two agree. The allocator's predicted KLD is recorded
-beside the measured one.
+by lowbit (same weights, another runtime): with lowbit's float32 arithmetic, and with llama.cpp's
+(lowbit.eval.ggml_arith: activations rounded to each weight type's vec_dot type, f16 KV cache), which is what
+must agree with llama.cpp's own measurement. The allocator's predicted KLD is recorded beside the measured one.
 
     pip install llama-cpp-python      # builds llama.cpp from source (several minutes on 2 cores)
     python benchmarks/gguf_quality.py [--targets 4.5,5.46,6.27] [--methods rtn,gptq,awq] [--windows 24]
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 import lowbit
 from lowbit.data import calibration_ids, load_text, token_windows
 from lowbit.eval import environment, peak_rss_bytes
+from lowbit.eval.ggml_arith import ggml_arithmetic
 from lowbit.export.gguf import gguf_overhead_bytes, write_gguf
 from lowbit.models.importance import collect_importance
 from lowbit.models.sources import default_model_path
@@ -107,7 +109,8 @@ def main() -> None:
             loaded = lowbit.load("default")
             recipe = lowbit.Recipe.from_rules(alloc.rules(), METHODS[method]())
             t1 = time.perf_counter()
-            lowbit.quantize(loaded, recipe, calibration=calib, imatrix=imp, progress=False)
+            # float32: the norms go into the file as they are, and lowbit's runtime computes as llama.cpp does
+            lowbit.quantize(loaded, recipe, calibration=calib, imatrix=imp, dtype=torch.float32, progress=False)
             secs = time.perf_counter() - t1
             label = f"lowbit {method} @{target:g}"
             path = tmp / f"lowbit-{method}-{target:g}.gguf"
@@ -121,8 +124,9 @@ def main() -> None:
 
     llms = {k: llama_cpp.Llama(model_path=str(v["path"]), n_ctx=args.ctx, logits_all=True, n_threads=2,
                                n_threads_batch=2, n_batch=args.ctx, verbose=False) for k, v in files.items()}
-    sums = {k: {"nll": 0.0, "kld": 0.0, "top1": 0} for k in list(files) + [f"{k} (lowbit runtime)"
-                                                                          for k in lowbit_models]}
+    runtimes = (" (lowbit runtime)", " (lowbit runtime, llama.cpp arithmetic)")
+    sums = {k: {"nll": 0.0, "kld": 0.0, "top1": 0} for k in list(files) + [k + r for k in lowbit_models
+                                                                          for r in runtimes]}
     count = 0
     t2 = time.perf_counter()
     for w, ids in enumerate(windows):
@@ -142,15 +146,19 @@ def main() -> None:
             add(k, F.log_softmax(torch.from_numpy(np.array(llm.scores[: len(ids) - 1], dtype=np.float32)), -1))
         for k, m in lowbit_models.items():
             with torch.no_grad():
-                add(f"{k} (lowbit runtime)", F.log_softmax(m(ids[None]).logits[0, :-1].float(), -1))
+                add(k + runtimes[0], F.log_softmax(m(ids[None]).logits[0, :-1].float(), -1))
+                with ggml_arithmetic(m):
+                    add(k + runtimes[1], F.log_softmax(m(ids[None]).logits[0, :-1].float(), -1))
         count += len(target)
         print(f"window {w + 1}/{len(windows)} ({time.perf_counter() - t2:.0f} s)", flush=True)
 
     rows = []
     for k, s in sums.items():
-        f = files.get(k) or files[k.removesuffix(" (lowbit runtime)")]
+        f = files.get(k) or files[k.split(" (lowbit runtime")[0]]
         size = f["path"].stat().st_size
-        rows.append({"name": k, "runtime": "lowbit" if k.endswith("(lowbit runtime)") else "llama.cpp",
+        runtime = ("llama.cpp" if k in files else "lowbit" if k.endswith(runtimes[0])
+                   else "lowbit, llama.cpp arithmetic")
+        rows.append({"name": k, "runtime": runtime,
                      "kind": f["kind"], "file_bytes": size, "bits_per_weight": 8 * size / n_params,
                      "ppl": math.exp(s["nll"] / count), "kld": s["kld"] / count, "top1": s["top1"] / count,
                      **{x: f[x] for x in ("target_bpw", "predicted_kld", "quantize_seconds", "plan", "type")

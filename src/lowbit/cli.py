@@ -263,7 +263,7 @@ def cmd_eval(args) -> int:
         check_output(args.json, overwrite=True)   # an unwritable --json is found before minutes of evaluation
     loaded = load_model(args.model, kernel=args.kernel)
     r = evaluate(loaded, base=args.base or "recorded", text=args.text, ctx=args.ctx, max_windows=args.max_windows,
-                 speed=not args.no_speed, progress=not args.quiet, engine=args.engine)
+                 speed=not args.no_speed, progress=not args.quiet, engine=args.engine, arithmetic=args.arithmetic)
     r["model"] = str(args.model)
     base_src = r["base"]
     print(f"model        {args.model}")
@@ -505,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base", default=None, help="base model for KLD/top-1 (default: the checkpoint's; none to skip)")
     e.add_argument("--kernel", default="auto")
     e.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    e.add_argument("--arithmetic", choices=("torch", "llama.cpp"), default="torch",
+                   help="llama.cpp: measure quality as llama.cpp's CPU backend computes the model's GGUF file "
+                        "(activations rounded per weight type, f16 KV cache; float32 otherwise)")
     _add_engine_arg(e)
     e.add_argument("--json", help="also write the results to this JSON file")
     e.set_defaults(func=cmd_eval)

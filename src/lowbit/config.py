@@ -105,21 +105,25 @@ class QuantConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class IntWeightConfig(QuantConfig):
-    """Methods whose integer weight format the user chooses: lowbit's own (bits, group_size, symmetric) or,
-    with `gguf_type` (e.g. "Q4_K"), a GGUF block type (then bits, group size and symmetry do not apply)."""
+    """Methods whose integer weight format the user chooses: lowbit's own (bits, group_size, symmetric, and
+    scale_bits / super_block for two-level scales, see formats.intq) or, with `gguf_type` (e.g. "Q4_K"), a GGUF
+    block type (then bits, group size and symmetry do not apply)."""
 
-    format_fields: ClassVar[tuple[str, ...]] = ("bits", "group_size", "symmetric", "gguf_type")
+    format_fields: ClassVar[tuple[str, ...]] = ("bits", "group_size", "symmetric", "scale_bits", "super_block",
+                                                "gguf_type")
     bits: int = 4
     group_size: int = 64
     symmetric: bool = True
     gguf_type: str | None = None
+    scale_bits: int | None = None
+    super_block: int = 256
 
     def __post_init__(self):
         if self.gguf_type is not None:
             if not isinstance(self.gguf_type, str):
                 raise LowbitError(f"gguf_type must be a GGUF type name, got {self.gguf_type!r}")
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            own = {f: getattr(self, f) for f in ("bits", "group_size", "symmetric")}
+            own = {f: getattr(self, f) for f in ("bits", "group_size", "symmetric", "scale_bits", "super_block")}
             if any(v != defaults[f] for f, v in own.items()):
                 raise LowbitError(f"gguf_type={self.gguf_type} fixes the format; bits, group_size and symmetric "
                                   f"do not apply (got {own})")
@@ -129,7 +133,7 @@ class IntWeightConfig(QuantConfig):
     def spec(self) -> IntSpec | GGUFSpec:
         if self.gguf_type is not None:
             return GGUFSpec(self.gguf_type)
-        return IntSpec(self.bits, self.group_size, self.symmetric)
+        return IntSpec(self.bits, self.group_size, self.symmetric, self.scale_bits, self.super_block)
 
     def fit_shape(self, shape: tuple[int, int]) -> "IntWeightConfig | None":
         """This configuration for an [N, K] weight: a GGUF type whose block does not divide K becomes the type
@@ -355,7 +359,8 @@ def config_for(method: str, spec: WeightFormat | None = None, kernel: str = "aut
     elif issubclass(cls, IntWeightConfig) and spec is not None:
         if not isinstance(spec, IntSpec):
             raise LowbitError(f"{method} stores integer weights (or a GGUF type), not {spec.name}")
-        fields.update(bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric)
+        fields.update(bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric,
+                      scale_bits=spec.scale_bits, super_block=spec.super_block)
     try:
         return cls(**fields)
     except TypeError as e:  # a dataclass refusing a field we did not list: a programming error upstream

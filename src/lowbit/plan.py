@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -58,16 +59,22 @@ class Option:
 
 LOWBIT_FORMATS = tuple(IntSpec(b, g, s) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128) for s in (True, False)
                        if not (b == 8 and not s))
+# two-level scales (formats.intq): groups of 32 and 16 for the price of larger ones, one super-scale per row so
+# that any row length divisible by the group fits
+TWO_LEVEL_FORMATS = tuple(IntSpec(b, g, s, 6, -1) for b in (2, 3, 4, 5, 6) for g in (16, 32) for s in (True, False))
 
 
 def candidate_formats(formats: str | list) -> list[WeightFormat]:
     """"gguf": every GGUF block type; "lowbit": lowbit's integer formats (2..8 bits, groups of 32/64/128);
+    "lowbit+two-level": those and TWO_LEVEL_FORMATS;
     or a list (or comma-separated names): GGUF type names (Q4_K) and integer format names (int4_g64_asym)."""
     if isinstance(formats, str):
         if formats == "gguf":
             return [GGUFSpec(t) for t in GGUF_TYPES]
         if formats == "lowbit":
             return list(LOWBIT_FORMATS)
+        if formats == "lowbit+two-level":
+            return list(LOWBIT_FORMATS + TWO_LEVEL_FORMATS)
         formats = [f.strip() for f in formats.split(",") if f.strip()]
     out = []
     for f in formats:
@@ -77,18 +84,22 @@ def candidate_formats(formats: str | list) -> list[WeightFormat]:
     return out
 
 
+INT_NAME = re.compile(r"int(\d)_(?:g(\d+)|(pc))_(sym|asym)(?:_s(\d)(r|x\d+)?)?")   # IntSpec.name
+
+
 def _format_named(name: str) -> WeightFormat:
     if name.upper() in GGUF_TYPES:
         return GGUFSpec(name.upper())
-    parts = name.lower().split("_")
-    try:
-        if len(parts) == 3 and parts[0].startswith("int") and parts[2] in ("sym", "asym"):
-            group = -1 if parts[1] == "pc" else int(parts[1].removeprefix("g"))
-            return IntSpec(int(parts[0][3:]), group, parts[2] == "sym")
-    except ValueError:
-        pass
-    raise LowbitError(f"unknown format {name!r}: give a GGUF type ({', '.join(GGUF_TYPES)}) or an integer "
-                      "format such as int4_g64_asym (bits, group size or pc, sym or asym)")
+    m = INT_NAME.fullmatch(name.lower())
+    if m is None:
+        raise LowbitError(f"unknown format {name!r}: give a GGUF type ({', '.join(GGUF_TYPES)}) or an integer "
+                          "format such as int4_g64_asym (bits, group size or pc, sym or asym) or int4_g32_sym_s6 "
+                          "(6-bit two-level scales, super-blocks of 256; _s6r: one super-scale per row)")
+    bits, group, pc, sym, sb, where = m.groups()
+    if sb is None:
+        return IntSpec(int(bits), -1 if pc else int(group), sym == "sym")
+    return IntSpec(int(bits), -1 if pc else int(group), sym == "sym", int(sb),
+                   256 if where is None else -1 if where == "r" else int(where[1:]))
 
 
 def fits(spec: WeightFormat, shape: tuple[int, int]) -> bool:
@@ -264,7 +275,9 @@ class Allocation:
                     out.append({"match": n, "gguf_type": o.spec.type})
                 else:
                     out.append({"match": n, "bits": o.spec.bits, "group_size": o.spec.group_size,
-                                "symmetric": o.spec.symmetric})
+                                "symmetric": o.spec.symmetric,
+                                **({"scale_bits": o.spec.scale_bits, "super_block": o.spec.super_block}
+                                   if o.spec.two_level else {})})
         return out
 
     def summary(self) -> list[tuple[str, int, int, float]]:
@@ -387,6 +400,6 @@ def _number_check(target_bpw) -> None:
         raise LowbitError(f"target bits per weight must be a positive number, got {target_bpw!r}")
 
 
-__all__ = ["Option", "KEEP", "LOWBIT_FORMATS", "candidate_formats", "fits", "fisher_diagonal", "rtn_error",
-           "sensitivity", "allocate", "options_for", "predicted_kld", "Allocation", "Sensitivity", "planned_tensors",
-           "measure_sensitivity", "plan_budget", "importance_error", "write_rules"]
+__all__ = ["Option", "KEEP", "LOWBIT_FORMATS", "TWO_LEVEL_FORMATS", "candidate_formats", "fits", "fisher_diagonal",
+           "rtn_error", "sensitivity", "allocate", "options_for", "predicted_kld", "Allocation", "Sensitivity",
+           "planned_tensors", "measure_sensitivity", "plan_budget", "importance_error", "write_rules"]

@@ -68,7 +68,8 @@ class Rule:
 
 # "kind" and "fmt" appear in recorded recipes (a format's own fields); a rule file needs only the others
 _RULE_KEYS = {"match", "keep", "method", "bits", "group_size", "symmetric", "kernel", "options", "kind", "fmt",
-              "gguf_type", "type"}
+              "gguf_type", "type", "scale_bits", "super_block"}
+_INT_KEYS = ("bits", "group_size", "symmetric", "scale_bits", "super_block")   # an integer format's fields
 
 
 def _rule_config(r: dict, base: QuantConfig, where: str) -> QuantConfig:
@@ -86,14 +87,14 @@ def _rule_config(r: dict, base: QuantConfig, where: str) -> QuantConfig:
         spec = GGUFSpec(r.get("gguf_type", r.get("type")))
     elif r.get("kind", "int") != "int":   # a recorded non-integer format: its method fixes it
         pass
-    elif isinstance(base, IntWeightConfig) and base.gguf_type is not None and not any(
-            k in r for k in ("bits", "group_size", "symmetric")):
+    elif isinstance(base, IntWeightConfig) and base.gguf_type is not None and not any(k in r for k in _INT_KEYS):
         spec = base.spec
-    elif any(k in r for k in ("bits", "group_size", "symmetric")) or isinstance(base, IntWeightConfig):
+    elif any(k in r for k in _INT_KEYS) or isinstance(base, IntWeightConfig):
         if base_int.gguf_type is not None:   # integer fields over a GGUF base start from the plain defaults
             base_int = RTN()
         spec = IntSpec(r.get("bits", base_int.bits), r.get("group_size", base_int.group_size),
-                       r.get("symmetric", base_int.symmetric))
+                       r.get("symmetric", base_int.symmetric), r.get("scale_bits", base_int.scale_bits),
+                       r.get("super_block", base_int.super_block))
     kernel = r.get("kernel", base.kernel)
     merged = {**(base.options() if method == base.method else {}), **options}
     return config_for(method, spec, kernel, merged)

@@ -56,6 +56,8 @@ def ste_clamp(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 def check_trainable(spec: WeightFormat) -> IntSpec:
     if not isinstance(spec, IntSpec):
         raise LowbitError(f"learned rounding trains integer formats (int2..int8), not {spec.name}")
+    if spec.two_level:
+        raise LowbitError(f"learned rounding trains float16 group scales, not the two-level scales of {spec.name}")
     return spec
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from ..data import load_text, token_windows
 from .quality import evaluate_quality
 from .size import weight_stats
@@ -13,13 +15,14 @@ from .system import environment, peak_rss_bytes, rss_bytes
 
 def evaluate(model, tokenizer=None, base="recorded", *, text: str | None = None, ctx: int = 512,
              max_windows: int | None = None, speed: bool = True, progress: bool = True,
-             engine: str = "compiled") -> dict:
+             engine: str = "compiled", arithmetic: str = "torch") -> dict:
     """Evaluate one model on held-out text. Keys: ppl, kld, top1 (None without a base), base, bytes,
     bits_per_weight, seconds, and more detail (sizes, speeds, memory, environment).
 
     model: a torch model (with `tokenizer`), a `Loaded`, or a source ("default", a directory, a GGUF file,
     a lowbit checkpoint). base: a float torch model, a source, "recorded" (the base a lowbit checkpoint
-    records, if any) or None (no base: perplexity only).
+    records, if any) or None (no base: perplexity only). arithmetic "llama.cpp": quality is measured in float32
+    with llama.cpp's rounding (eval.ggml_arith), what llama.cpp itself measures on the model's GGUF file.
     """
     import os
 
@@ -45,7 +48,16 @@ def evaluate(model, tokenizer=None, base="recorded", *, text: str | None = None,
         base = None
     windows = token_windows(tokenizer, load_text(text, "evaluation"), ctx, max_windows)
     check_vocabulary(model, windows)
-    q = evaluate_quality({"model": model}, windows, base=base, progress=progress)["model"]
+    if arithmetic not in ("torch", "llama.cpp"):
+        raise LowbitError(f"arithmetic must be torch or llama.cpp, got {arithmetic!r}")
+    if arithmetic == "llama.cpp":   # in float32 (a 16-bit model goes back to its dtype after: exact)
+        from .ggml_arith import ggml_arithmetic
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        with ggml_arithmetic(model.float()):
+            q = evaluate_quality({"model": model}, windows, base=base, progress=progress)["model"]
+        model.to(dtype)
+    else:
+        q = evaluate_quality({"model": model}, windows, base=base, progress=progress)["model"]
     result = {
         "ppl": q["ppl"],
         "kld": q.get("kld"),
@@ -56,6 +68,7 @@ def evaluate(model, tokenizer=None, base="recorded", *, text: str | None = None,
         "windows": int(windows.shape[0]),
         "text": text or "pydoc",
         "base": base_name if base_name is not None else (None if base is None else "given"),
+        "arithmetic": arithmetic,
     }
     if speed:
         result["decode_tokens_per_s"] = decode_speed(model, tokenizer, engine=engine)

@@ -15,12 +15,13 @@ What goes in the file:
     tensors    Hugging Face names mapped to GGUF's (token_embd, blk.N.attn_q, ..., output_norm, output) with
                gguf's TensorNameMap. Tensors in a GGUF block format (formats.gguf) are written as their
                stored bytes with their GGML type: lowbit's qweight is GGUF's row layout already. Float tensors:
-               1-D (norms, biases) F32 as llama.cpp keeps them, 2-D F16. A tied lm_head (the very embedding
-               tensor, or a quantized head byte-identical to the quantized embedding) is not written: llama.cpp
-               reads `output` from token_embd when it is absent. For llama and mistral, llama.cpp keeps the
-               rows of attn_q / attn_k in its own rotary order (pairs of halves interleaved per head), while
-               transformers stores (and restores on loading a GGUF) the split-halves order; the rows are
-               permuted back here, which for a block format is a permutation of whole stored rows.
+               1-D (norms, biases) F32 as llama.cpp keeps them, 2-D F16 (F32 with `float_type`). A tied
+               lm_head (the very embedding tensor, or a quantized head byte-identical to the quantized
+               embedding) is not written: llama.cpp reads `output` from token_embd when it is absent. For
+               llama and mistral, llama.cpp keeps the rows of attn_q / attn_k in its own rotary order (pairs
+               of halves interleaved per head), while transformers stores (and restores on loading a GGUF)
+               the split-halves order; the rows are permuted back here, which for a block format is a
+               permutation of whole stored rows.
     layout     header, metadata, tensor infos, then each tensor's data at an offset aligned to
                general.alignment (32 unless the source sets it), each padded to it.
 
@@ -161,7 +162,8 @@ def _rotary_rows(n_rows: int, n_head: int) -> torch.Tensor:
     return torch.arange(n_rows).reshape(n_head, 2, n_rows // n_head // 2).transpose(1, 2).reshape(-1)
 
 
-def _entries(model: torch.nn.Module, gguf_arch: str, types: dict[str, str] | None = None) -> list[_Entry]:
+def _entries(model: torch.nn.Module, gguf_arch: str, types: dict[str, str] | None = None,
+             float_type: str = "F16") -> list[_Entry]:
     import gguf
     arch = arch_for(model.config)
     cfg = model.config
@@ -191,7 +193,7 @@ def _entries(model: torch.nn.Module, gguf_arch: str, types: dict[str, str] | Non
                                   f"it to a GGUF type instead (e.g. {_suggest(value.spec, shape)})")
             t = value.spec.type
         else:
-            t = "F32" if len(shape) == 1 else "F16"
+            t = "F32" if len(shape) == 1 else float_type
         rows = None
         if gguf_arch in ROTARY_PERMUTED and name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias",
                                                            "attn_k.bias")):
@@ -364,7 +366,7 @@ def _tokenizer_from_hf(writer, path: Path, n_vocab: int) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # the file
 
-def _plan(model_or_loaded, source, types: dict[str, str] | None):
+def _plan(model_or_loaded, source, types: dict[str, str] | None, float_type: str = "F16"):
     """A GGUFWriter holding the metadata and tensor infos (no file yet), and the tensors in file order."""
     import gguf
     model, loaded_from = _model_of(model_or_loaded)
@@ -379,7 +381,7 @@ def _plan(model_or_loaded, source, types: dict[str, str] | None):
         raise LowbitError(f"source {path} is neither a GGUF file nor a model directory")
     # GGUFWriter wrote general.architecture for the name it was made with; keep the one the metadata says
     writer.kv_data[0][gguf.Keys.General.ARCHITECTURE] = gguf.GGUFValue(gguf_arch, gguf.GGUFValueType.STRING)
-    entries = _entries(model, gguf_arch, types)
+    entries = _entries(model, gguf_arch, types, float_type)
     # where the source has them (or last): the file's main type and the block formats' version
     kv = writer.kv_data[0]
     kv[gguf.Keys.General.FILE_TYPE] = gguf.GGUFValue(_file_type(entries), gguf.GGUFValueType.UINT32)
@@ -440,15 +442,20 @@ def gguf_overhead_bytes(model_or_loaded, names: list[str], source=None) -> int:
     return as_f16 - sum(2 * model.get_submodule(n).weight.numel() for n in names) + 32 * len(names)
 
 
-def write_gguf(model_or_loaded, out_path: str | os.PathLike, *, source=None, overwrite: bool = False) -> Path:
+def write_gguf(model_or_loaded, out_path: str | os.PathLike, *, source=None, overwrite: bool = False,
+               float_type: str = "F16") -> Path:
     """Write the model as a GGUF file at `out_path` (see the module docstring for what goes in). `source` is
     the GGUF file or Hugging Face directory the model came from (default: where a Loaded was loaded from, or
-    the base its quantization record names). The file appears only when complete. Returns its path."""
+    the base its quantization record names). `float_type`: F16 (default) or F32 for the 2-D tensors kept in
+    float (an F32 file of the float model is llama.cpp's own reference for it). The file appears only when
+    complete. Returns its path."""
+    if float_type not in FLOAT_TYPES:
+        raise LowbitError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
     out = Path(out_path)
     check_output(out, overwrite)
     if out.is_dir():
         raise LowbitError(f"output {out} is a directory, not a file")
-    writer, entries = _plan(model_or_loaded, source, None)
+    writer, entries = _plan(model_or_loaded, source, None, float_type)
     expected = _size(writer)
     with atomic_file(out, overwrite) as part:
         try:

@@ -112,7 +112,7 @@ class CpuInt4Kernel(Kernel):
         n, k = qt.shape
         gk = _kernel_group(qt.spec, k)
         codes = qt.codes()
-        s = qt.scales.float()
+        s = qt.spec.group_scales(qt.scales, k)   # two-level scales are decoded once, here
         z = qt.zeros.float() if qt.zeros is not None else torch.full_like(s, float(qt.spec.implicit_zero))
         if qt.spec.bits < 4:
             codes = codes + self._shift(qt.spec, qt.zeros, k)

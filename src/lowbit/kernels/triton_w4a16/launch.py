@@ -160,6 +160,8 @@ class TritonW4A16Kernel(Kernel):
             return "weight-only: no activation quantization"
         if not isinstance(spec, IntSpec) or spec.bits != 4:
             return "needs 4-bit integer weights"
+        if spec.two_level:
+            return "needs float16 group scales (not two-level)"
         if k % CHUNK:
             return f"needs in_features divisible by {CHUNK} (got {k})"
         if spec.group_size != -1 and k % spec.group_size:
