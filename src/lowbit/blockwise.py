@@ -15,8 +15,8 @@ from torch import nn
 
 from dataclasses import dataclass, field
 
-from .algorithms import (Hessian, apply_clip, fake_quantize, gptq_quantize_updated, quantize_rtn, search_alpha, search_clip,
-                         search_scale, smoothing_factors, top_fraction_dims)
+from .algorithms import (Hessian, apply_clip, factor_hessian, fake_quantize, gptq_quantize_updated, quantize_rtn,
+                         search_alpha, search_clip, search_scale, smoothing_factors, top_fraction_dims)
 from .algorithms.learned import LearnedLinear, check_trainable, make_optimizer
 from .config import W8_SPEC, config_for
 from .formats import IntSpec, QuantizedTensor
@@ -86,10 +86,14 @@ def gptq_round(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) ->
         H = Hessian(block.get_submodule(names[0]).in_features)
         for x in _inputs(block, inspect, calls):
             H.add(x)
+        factors = {}   # one factorization per setting serves every Linear reading this input
         for n in names:
             c = plan[n]
-            qt, u = gptq_quantize_updated(block.get_submodule(n).weight.detach(), H.H, c.spec,
-                                          block_size=c.block_size, damp=c.damp, act_order=c.act_order,
+            key = (c.damp, c.act_order)
+            if key not in factors:
+                factors[key] = factor_hessian(H.H, c.damp, c.act_order)
+            qt, u = gptq_quantize_updated(block.get_submodule(n).weight.detach(), factors[key], c.spec,
+                                          block_size=c.block_size, act_order=c.act_order,
                                           weighted_grid=c.weighted_grid)
             out[n] = (u, _set(block, n, qt))
     return out
