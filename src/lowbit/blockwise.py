@@ -3,8 +3,9 @@
 A driver receives the block, the block's calibration inputs and its plan (Linear name inside the block ->
 scheme); it returns a `Quantized` (weight, and for W8A8 schemes how activations are quantized) for each planned
 Linear and leaves that Linear's weight set to the dequantized values, so that what runs next (other groups of
-this block) sees the quantized weights; the block is swapped to QuantLinear modules before it produces the
-next block's inputs. Methods that calibrate capture the inputs of each group of Linears through the group's `inspect`
+this block, and the next block's inputs, computed from these float weights for weight-only schemes) sees the
+quantized weights; schemes that quantize activations are swapped to QuantLinear modules at once, so that the
+next block's inputs carry their activation rounding (lowbit.quantize does the swapping). Methods that calibrate capture the inputs of each group of Linears through the group's `inspect`
 module (see models.arch).
 """
 
