@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=16, help="calibration windows of 512 tokens")
     ap.add_argument("--windows", type=int, default=10, help="held-out evaluation windows of 512 tokens")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--tools", default="llm-compressor,lowbit",
+                    help="which tools to run; rows of the others already in --out are kept")
     ap.add_argument("--out", default="benchmarks/results/export_peers.json")
     ap.add_argument("--peer-worker", nargs=4, metavar=("METHOD", "MODEL", "IDS", "OUT"))
     ap.add_argument("--lowbit-worker", nargs=4, metavar=("METHOD", "MODEL", "IDS", "OUT"))
@@ -172,9 +174,19 @@ def main() -> None:
     ids_file = args.work / "ids.pt"
     torch.save({"calib": calibration_ids(None, base.tokenizer, args.calib, SEQLEN, 0), "window": windows[0]}, ids_file)
 
-    rows = []
+    tools = args.tools.split(",")
+    kept = json.loads(Path(args.out).read_text())["rows"] if Path(args.out).is_file() else []
+    rows = [r for r in kept if r["tool"] not in tools]
+
+    def record(**extra) -> None:
+        order = [(t, m) for m in METHODS for t in ("llm-compressor", "lowbit")]
+        rows.sort(key=lambda r: order.index((r["tool"], r["method"])) if (r["tool"], r["method"]) in order else 99)
+        Path(args.out).write_text(json.dumps({"environment": environment(), "calibration_windows": args.calib,
+                                              "eval_windows": args.windows, "seqlen": SEQLEN, **extra,
+                                              "rows": rows}, indent=2, default=str))
+
     for method in args.methods.split(","):
-        for tool in ("llm-compressor", "lowbit"):
+        for tool in [t for t in ("llm-compressor", "lowbit") if t in tools]:
             out = args.work / f"{tool}-{method}"
             role, python = ("peer", str(peer_python)) if tool == "llm-compressor" else ("lowbit", sys.executable)
             info = run_child(python, role, method, model_dir, ids_file, out)
@@ -189,25 +201,26 @@ def main() -> None:
                     theirs = torch.load(out / "peer_logits.pt")
                     row["max_abs_dlogit_vs_peer_loader"] = (mine - theirs).abs().max().item()
                     row["peer_logit_absmax"] = theirs.abs().max().item()
-            rows.append(row)
+            row["load_average_1min"] = os.getloadavg()[0]   # a loaded machine makes the seconds meaningless
+            rows[:] = [r for r in rows if (r["tool"], r["method"]) != (tool, method)] + [row]
             print(json.dumps(row), flush=True)
+            record(partial="run in progress")   # each row is kept at once: a run takes tens of minutes
     with torch.no_grad():
         ppl_base = evaluate(base, base=None, max_windows=args.windows, speed=False, progress=False)["ppl"]
-    result = {"environment": environment(), "calibration_windows": args.calib, "eval_windows": args.windows,
-              "seqlen": SEQLEN, "base_ppl": ppl_base, "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
-    env = result["environment"]
+    record(base_ppl=ppl_base)
+    env = environment()
     print(f"\nmachine: {env}\ncalibration {args.calib} x {SEQLEN} tokens, evaluation {args.windows} x {SEQLEN} "
           f"held-out tokens, base ppl {ppl_base:.3f}\n")
-    print("| tool | method | ppl | KLD | top-1 | calib s | peak RSS GiB | max abs dlogit lowbit vs peer loader |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| tool | method | ppl | KLD | top-1 | bits/weight | calib s | load | peak RSS GiB | max abs dlogit vs peer loader |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['tool']} | {r['method']} | failed: {r['error'][:80]} | | | | | |")
             continue
         d = r.get("max_abs_dlogit_vs_peer_loader")
         print(f"| {r['tool']} | {r['method']} | {r['ppl']:.3f} | {r['kld']:.4f} | {r['top1']:.3f} | "
-              f"{r['seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | {'' if d is None else f'{d:.2e}'} |")
+              f"{r['bits_per_weight']:.2f} | {r['seconds']:.0f} | {r.get('load_average_1min', float('nan')):.1f} | "
+              f"{r['peak_rss_bytes'] / 2**30:.2f} | {'' if d is None else f'{d:.2e}'} |")
 
 
 if __name__ == "__main__":

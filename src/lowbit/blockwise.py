@@ -3,8 +3,9 @@
 A driver receives the block, the block's calibration inputs and its plan (Linear name inside the block ->
 scheme); it returns a `Quantized` (weight, and for W8A8 schemes how activations are quantized) for each planned
 Linear and leaves that Linear's weight set to the dequantized values, so that what runs next (other groups of
-this block) sees the quantized weights; the block is swapped to QuantLinear modules before it produces the
-next block's inputs. Methods that calibrate capture the inputs of each group of Linears through the group's `inspect`
+this block, and the next block's inputs, computed from these float weights for weight-only schemes) sees the
+quantized weights; schemes that quantize activations are swapped to QuantLinear modules at once, so that the
+next block's inputs carry their activation rounding (lowbit.quantize does the swapping). Methods that calibrate capture the inputs of each group of Linears through the group's `inspect`
 module (see models.arch).
 """
 
@@ -15,8 +16,8 @@ from torch import nn
 
 from dataclasses import dataclass, field
 
-from .algorithms import (Hessian, apply_clip, fake_quantize, gptq_quantize_updated, quantize_rtn, search_alpha, search_clip,
-                         search_scale, smoothing_factors, top_fraction_dims)
+from .algorithms import (Hessian, apply_clip, factor_hessian, fake_quantize, gptq_quantize_updated, quantize_rtn,
+                         search_alpha, search_clip, search_scale, smoothing_factors, top_fraction_dims)
 from .algorithms.learned import LearnedLinear, check_trainable, make_optimizer
 from .config import W8_SPEC, config_for
 from .formats import IntSpec, QuantizedTensor
@@ -86,10 +87,14 @@ def gptq_round(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) ->
         H = Hessian(block.get_submodule(names[0]).in_features)
         for x in _inputs(block, inspect, calls):
             H.add(x)
+        factors = {}   # one factorization per setting serves every Linear reading this input
         for n in names:
             c = plan[n]
-            qt, u = gptq_quantize_updated(block.get_submodule(n).weight.detach(), H.H, c.spec,
-                                          block_size=c.block_size, damp=c.damp, act_order=c.act_order,
+            key = (c.damp, c.act_order)
+            if key not in factors:
+                factors[key] = factor_hessian(H.H, c.damp, c.act_order)
+            qt, u = gptq_quantize_updated(block.get_submodule(n).weight.detach(), factors[key], c.spec,
+                                          block_size=c.block_size, act_order=c.act_order,
                                           weighted_grid=c.weighted_grid)
             out[n] = (u, _set(block, n, qt))
     return out

@@ -105,9 +105,11 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
         steps = ((i, block, None) for i, block in enumerate(blocks))
     else:
         steps = iterate_blocks(model, calibration)
-    done, feeds = None, {}
+    done, feeds, pending = None, {}, []
     reset_counts(model)
-    for i, block, inputs in steps:  # the next block's inputs are computed after this block is swapped
+    for i, block, inputs in steps:  # the previous block's outputs, this block's inputs, are computed by now
+        _swap_all(model, pending)
+        pending = []
         if done is not None and release is not None:
             release(*done)
         prefix = f"{arch.blocks}.{i}."
@@ -127,10 +129,18 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
             block_imp = None if importance is None else {
                 n[len(prefix):]: v for n, v in importance.items() if n.startswith(prefix)}
             for rel, q in quantize_block(block, inputs, block_plan, block_arch, block_imp).items():
-                _swap(model, prefix + rel, q, block_plan[rel].kernel)
+                if inputs is not None and q.act is None:
+                    # weight-only: the next block's inputs come from this block's dequantized weights in
+                    # float32 (exactly the quantized model; the packed CPU kernels would round the activations
+                    # to bfloat16 and are 2x slower than a dense matmul on 512-token windows), then it is swapped
+                    block.get_submodule(rel).weight.data = q.qt.dequantize(block.get_submodule(rel).weight.dtype)
+                    pending.append((prefix + rel, q, block_plan[rel].kernel))
+                else:   # activation quantization must shape the next block's inputs: swapped at once
+                    _swap(model, prefix + rel, q, block_plan[rel].kernel)
         reset_counts(block)    # what is counted next is the block's one pass over the calibration set
         done = (i, block)
         bar.update()
+    _swap_all(model, pending)
     if done is not None and release is not None:
         release(*done)
     bar.close()
@@ -197,6 +207,11 @@ def cast_unquantized(module: nn.Module, dtype: torch.dtype) -> None:
             for p in mod.parameters(recurse=False):
                 if p.is_floating_point():
                     p.data = p.data.to(dtype)
+
+
+def _swap_all(model: nn.Module, pending: list) -> None:
+    for name, q, kernel in pending:
+        _swap(model, name, q, kernel)
 
 
 def _swap(model: nn.Module, name: str, q: Quantized, kernel: str) -> None:
