@@ -251,20 +251,51 @@ def test_quantized_engine_generates_the_reference_tokens(family, tokenizer):
 
     from lowbit.engine import Engine
     from lowbit.models.arch import has_engine
-    if family == "gemma3_text":
-        model = _tiny_gemma3()
-    else:
-        from transformers import AutoConfig, AutoModelForCausalLM
-        cfg = AutoConfig.for_model(
-            "qwen3_moe", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=512, num_experts=4,
-            num_experts_per_tok=2, moe_intermediate_size=64, mlp_only_layers=[1], pad_token_id=0)
-        torch.manual_seed(3)
-        model = AutoModelForCausalLM.from_config(cfg).eval()
+    model = _tiny_gemma3() if family == "gemma3_text" else _tiny_qwen3_moe()
     assert has_engine(model.config)
     model = lowbit.quantize(model, lowbit.RTN(bits=4, group_size=16), progress=False)
     x = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     assert torch.equal(Engine(model, compile=False).generate(x, 64)["tokens"], reference_tokens(model, x, 64))
+
+
+def _tiny_qwen3_moe():
+    """Three layers, the middle one a dense MLP (mlp_only_layers), four experts of which two per token."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model(
+        "qwen3_moe", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=512, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=64, mlp_only_layers=[1], pad_token_id=0)
+    torch.manual_seed(3)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.slow
+def test_moe_compiled_decode_is_one_graph_bit_equal_to_eager():
+    """Qwen3-MoE quantized with AWQ (the experts' gate/up have no producer to fold into: their scales run
+    inside the QuantLinears): the compiled decode step (routing as ExpertList.dense) has no graph break, its
+    logits equal the eager engine's bit for bit, and 64 greedy tokens equal transformers' generate."""
+    from test_engine import reference_tokens
+
+    from lowbit.engine import Engine
+    from lowbit.nn.qlinear import input_scale_of
+    model = _tiny_qwen3_moe()
+    model = lowbit.quantize(model, lowbit.AWQ(bits=4, group_size=16, n_grid=5), progress=False,
+                            calibration=torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(2)))
+    assert input_scale_of(model.model.layers[0].mlp.experts[1].up_proj) is not None
+    x = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    eager, compiled = Engine(model, compile=False), Engine(model, compile=True)
+    torch._dynamo.utils.counters.clear()
+    tokens = compiled.generate(x, 64)["tokens"]
+    assert compiled.compile and not torch._dynamo.utils.counters["graph_break"]
+    assert torch.equal(tokens, reference_tokens(model, x, 64))
+    assert torch.equal(eager.generate(x, 64)["tokens"], tokens)
+    for e in (eager, compiled):
+        e.reserve(40)
+        e.prefill(x)
+    for i in range(4):
+        la, ta = eager.decode(tokens[i].view(1, 1), 8 + i)
+        lb, tb = compiled.decode(tokens[i].view(1, 1), 8 + i)
+        assert torch.equal(la, lb) and torch.equal(ta, tb)
 
 
 def test_blocks_run_with_their_own_layer_types_inputs():

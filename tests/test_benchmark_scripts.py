@@ -50,3 +50,14 @@ def test_architectures_benchmark_quick(tmp_path):
     rows = {row["method"]: row for row in data["rows"]}
     assert data["meta"]["model_type"] == "gemma3_text" and set(rows) == {"base (float32)", "rtn", "gptq", "awq"}
     assert rows["base (float32)"]["kld"] < 1e-6 and all(rows[m]["kld"] > 0 for m in ("rtn", "gptq", "awq"))
+
+
+@pytest.mark.slow
+def test_engine_overhead_benchmark_quick(tmp_path):
+    out = tmp_path / "overhead.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine_overhead.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [row["family"] for row in data["rows"]] == ["llama", "gemma3_text", "qwen3_moe"]
+    assert all(row["step_us"] > row["linears_us"] > 0 for row in data["raw"])

@@ -7,6 +7,11 @@ this block, and the next block's inputs, computed from these float weights for w
 quantized weights; schemes that quantize activations are swapped to QuantLinear modules at once, so that the
 next block's inputs carry their activation rounding (lowbit.quantize does the swapping). Methods that calibrate capture the inputs of each group of Linears through the group's `inspect`
 module (see models.arch).
+
+AWQ and SmoothQuant fold their per-channel scales into each group's producer where models.arch (or discovery)
+names one; a group listed in `arch.fallbacks` (no exact fold exists) is scaled inside its Linears instead: the
+weights multiplied by s, the inputs divided by s in the Linear itself (nn.qlinear.scale_inputs), and that scale
+travels into the QuantLinear (`input_scale`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from .formats.act import ActSpec, fake_quantize_act
 from .models.arch import Arch
 from .models.calibration import BlockInputs, capture_calls, first_input, first_output
 from .models.discovery import fold_scale
+from .nn.qlinear import INPUT_SCALE, input_scale_of, scale_inputs
 
 Plan = dict  # name inside the block -> its configuration (lowbit.config)
 
@@ -54,7 +60,8 @@ def _set(block: nn.Module, name: str, qt: QuantizedTensor, act: ActSpec | None =
          act_state: dict | None = None) -> Quantized:
     lin = block.get_submodule(name)
     lin.weight.data = qt.dequantize(lin.weight.dtype)
-    return Quantized(qt, act, act_state or {})
+    s = input_scale_of(lin)   # a group scaled inside its Linears (see scale_group)
+    return Quantized(qt, act, {**(act_state or {}), **({} if s is None else {INPUT_SCALE: s.clone()})})
 
 
 def _inputs(block: nn.Module, inspect: str, calls) -> list[torch.Tensor]:
@@ -113,6 +120,26 @@ def _producer_width(block: nn.Module, producer: str | None) -> int | None:
     return p.weight.shape[0]
 
 
+def scalable(block: nn.Module, arch: Arch, producer: str | None, linears, names, K: int) -> bool:
+    """Whether a calibrating method may scale this group: all its Linears planned, and either a producer of
+    matching width to fold into or a fallback group (scaled inside its Linears)."""
+    if list(names) != list(linears):
+        return False
+    return _producer_width(block, producer) == K or producer is None and tuple(linears) in arch.fallbacks
+
+
+def scale_group(block: nn.Module, producer: str | None, lins: list[nn.Module], s: torch.Tensor, arch: Arch) -> None:
+    """Multiply the group's weights by s per input channel and divide its input by s: in the producer where
+    there is one, else inside each Linear. The block computes the same function."""
+    for lin in lins:
+        lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
+    if producer is None:
+        for lin in lins:
+            scale_inputs(lin, s)
+    else:
+        _fold_into_producer(block, producer, s, arch)
+
+
 def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> list[torch.Tensor]:
     """AWQ's first phase: search each group's channel scales and fold them in (the block's function is
     unchanged). A group is scaled when all its Linears are planned for AWQ and its producer's width matches.
@@ -126,7 +153,7 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
         lins = [block.get_submodule(n) for n in names]
         K = lins[0].in_features
         X = torch.cat([x.reshape(-1, K) for x in _inputs(block, inspect, calls[inspect])]).float()
-        if list(names) == list(linears) and _producer_width(block, producer) == K:
+        if scalable(block, arch, producer, linears, names, K):
             sample = calls[inspect][: cfg.search_samples]
             with torch.no_grad():
                 ref = [first_output(mod(*a, **kw)).float() for a, kw in sample]
@@ -142,8 +169,8 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
 
             _alpha, s, _errors = search_scale(X.abs().mean(0), originals, cfg.spec, output_error, cfg.n_grid)
             for lin, w in zip(lins, originals):
-                lin.weight.data = (w.float() * s).to(w.dtype)
-            _fold_into_producer(block, producer, s, arch)
+                lin.weight.data = w
+            scale_group(block, producer, lins, s, arch)
             X = X / s
         group_inputs.append(X)
     return group_inputs
@@ -193,7 +220,7 @@ def smooth_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) 
         X = _group_inputs(block, calls, inspect, K)
         act = ActSpec("int8", sch.act_granularity)
         smooth = all(plan[n].method == "w8a8-smooth" for n in names)
-        if smooth and list(names) == list(linears) and _producer_width(block, producer) == K:
+        if smooth and scalable(block, arch, producer, linears, names, K):
             x_absmax = X.abs().amax(dim=0)
             w_absmax = torch.stack([lin.weight.detach().float().abs().amax(dim=0) for lin in lins]).amax(dim=0)
             if sch.alpha is None:
@@ -201,9 +228,7 @@ def smooth_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) 
                                       sch.search_samples)
             else:
                 s = smoothing_factors(x_absmax, w_absmax, sch.alpha)
-            for lin in lins:
-                lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
-            _fold_into_producer(block, producer, s, arch)
+            scale_group(block, producer, lins, s, arch)
             X = X / s
         result.append((names, X, act))
     return result

@@ -70,6 +70,12 @@ def cmd_quantize(args) -> int:
     for sch in plan.values():
         counts[sch.name] = counts.get(sch.name, 0) + 1
     print(f"quantized {len(plan)} Linear modules: " + ", ".join(f"{n} x{c}" for n, c in counts.items()))
+    unfolded = model.lowbit.get("fold_fallbacks", [])
+    if unfolded:   # discovered layouts: where a scale could not be folded into the producer exactly
+        scaled = any(getattr(m, "input_scale", None) is not None for m in model.modules())
+        print(f"no exact fold for {len(unfolded)} Linear groups"
+              + (" (their scales run inside the quantized Linears)" if scaled else "") + ": "
+              + ", ".join("+".join(g) for g in unfolded[:6]) + (", ..." if len(unfolded) > 6 else ""))
     fb = model.lowbit.get("gguf_fallbacks", {})
     if fb:
         pairs: dict[str, int] = {}

@@ -105,7 +105,7 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
         steps = ((i, block, None) for i, block in enumerate(blocks))
     else:
         steps = iterate_blocks(model, calibration)
-    done, feeds, pending = None, {}, []
+    done, feeds, pending, planned = None, {}, [], set()
     reset_counts(model)
     for i, block, inputs in steps:  # the previous block's outputs, this block's inputs, are computed by now
         _swap_all(model, pending)
@@ -118,6 +118,7 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
             materialize(i, block)
             for rel in block_plan:
                 _check_finite(model, prefix + rel)
+        planned.update(block_plan)
         block_arch = arch
         if arch.discovered and inputs is not None and block_plan:   # same Linears, same groups: discovered once
             sig = tuple(n for n, m in block.named_modules() if isinstance(m, nn.Linear))
@@ -173,8 +174,9 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
         model.lowbit["unstacked_experts"] = unstacked
         if calibration is not None:
             model.lowbit["expert_tokens"] = {"routed": routed_counts(model), "all_experts": all_experts}
-    if feeds:
-        model.lowbit["fold_fallbacks"] = sorted({n for a in feeds.values() for g in a.fallbacks for n in g})
+    if feeds:   # groups of planned Linears with no exact fold: AWQ / SmoothQuant scale them inside the Linears
+        model.lowbit["fold_fallbacks"] = sorted(list(g) for g in {g for a in feeds.values() for g in a.fallbacks
+                                                                  if planned.intersection(g)})
     if fallbacks:
         model.lowbit["gguf_fallbacks"] = fallbacks
     return model

@@ -21,6 +21,7 @@ from transformers.activations import ACT2FN
 
 from ..errors import LowbitError
 from ..models.arch import arch_for
+from ..models.moe import ExpertList
 from ..nn.fuse import fuse_linears
 from ..nn.qembedding import QuantEmbedding
 from ..nn.qlinear import QuantLinear
@@ -101,9 +102,13 @@ class DecoderBlock(nn.Module):
         self.qkv, self.qkv_sizes = _fused([get(names.q), get(names.k), get(names.v)], fuse)
         self.o = get(names.o)
         dense = not names.moe or hasattr(get(names.moe), names.gate.rpartition(".")[2])   # dense layers of MoE models
-        # a mixture-of-experts layer runs as the model's own module: routing picks experts per token, which
-        # no fused matmul expresses; its Linears (or QuantLinears) are the same either way
+        # a mixture-of-experts layer: a prompt runs the model's own module (routing picks experts per token,
+        # which no fused matmul expresses); a decoded token runs its router and, for unstacked experts,
+        # ExpertList.dense, whose shapes do not depend on the routing, so the decode step stays one graph
         self.moe = None if dense else get(names.moe)
+        experts = None if dense else getattr(self.moe, names.moe_experts, None)
+        self.experts = experts if isinstance(experts, ExpertList) else None
+        self.router = None if self.experts is None else getattr(self.moe, names.moe_router)
         if dense:
             self.gate_up, self.gate_up_sizes = _fused([get(names.gate), get(names.up)], fuse)
             self.down = get(names.down)
@@ -114,6 +119,13 @@ class DecoderBlock(nn.Module):
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
+
+    def _moe(self, x, one_token: bool):
+        if not one_token or self.experts is None:
+            return self.moe(x)
+        flat = x.view(-1, x.shape[-1])
+        _logits, weights, index = self.router(flat)
+        return self.experts.dense(flat, index, weights).view_as(x)
 
     def _heads(self, t, n):
         return t.view(t.shape[0], t.shape[1], n, self.head_dim)
@@ -150,7 +162,7 @@ class DecoderBlock(nn.Module):
         h = h + self.attn_out_norm(self.o(a))
         x = self.post_norm(h)
         if self.moe is not None:
-            return h + self.mlp_out_norm(self.moe(x))
+            return h + self.mlp_out_norm(self._moe(x, one_token=visible is not None))
         g, u = self.gate_up(x).split(self.gate_up_sizes, dim=-1)
         return h + self.mlp_out_norm(self.down(self.act(g) * u))
 

@@ -139,7 +139,7 @@ def fast_kernel(name, m, k, n) -> str | None:
 
 def export(model, tokenizer, out, *, overwrite: bool = False, tp: int | None = None) -> tuple:
     """Write `model` (quantized by lowbit) as a compressed-tensors directory; returns (path, warnings)."""
-    qmods = quantized_modules(model)
+    qmods = quantized_modules(model, "compressed-tensors")
     schemes = {name: scheme_for(name, m) for name, m in qmods.items()}
     warns = tp_warnings(model, tp, group_of=lambda m: getattr(m.spec, "group_size", -1), fast_kernel=fast_kernel)
     tensors = float_tensors(model)

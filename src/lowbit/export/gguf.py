@@ -47,6 +47,7 @@ from ..models.arch import arch_for
 from ..models.hf import Loaded
 from ..models.sources import is_lowbit_checkpoint, resolve_source
 from ..nn import QuantEmbedding, QuantLinear
+from .hf_dir import check_no_input_scales
 
 # model_type -> GGUF architecture (llama.cpp converts Mistral checkpoints to its llama architecture)
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -137,6 +138,7 @@ def _tensor_source(model: torch.nn.Module, arch) -> dict[str, QuantizedTensor | 
     """Hugging Face tensor name -> what is stored for it, in the model's order; tied copies left out."""
     items: dict[str, QuantizedTensor | torch.Tensor] = {}
     quantized = {}
+    check_no_input_scales({n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}, "GGUF")
     for name, mod in model.named_modules():
         if isinstance(mod, (QuantLinear, QuantEmbedding)):
             quantized[name] = mod.quantized_tensor()

@@ -92,7 +92,7 @@ def export(model, tokenizer, out, *, overwrite: bool = False, tp: int | None = N
     """Write `model` (quantized by lowbit) as a GPTQ v1 directory; returns (path, warnings)."""
     from ..models.arch import arch_for
     blocks = arch_for(model.config).blocks
-    qmods = quantized_modules(model)
+    qmods = quantized_modules(model, NAME)
     if not qmods:
         raise LowbitError("the model has no quantized modules to export")
     specs = {}

@@ -26,13 +26,26 @@ from ..io.atomic import atomic_dir
 from ..io.safetensors import INDEX, write_safetensors
 from ..models.hf import hf_config_dict, unique_state_dict
 from ..nn import QuantLinear
+from ..nn.qlinear import input_scale_of
 
 MAX_SHARD_BYTES = 2 * 1024**3
 ROW_PARALLEL = ("o_proj", "down_proj")   # split along in_features under tensor parallelism; the rest along rows
 
 
-def quantized_modules(model: torch.nn.Module) -> dict[str, QuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+def quantized_modules(model: torch.nn.Module, fmt: str = "this format") -> dict[str, QuantLinear]:
+    """The model's QuantLinears, refused when one divides its input by a per-channel scale (see nn.qlinear):
+    no exported format has a place for that scale."""
+    qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    check_no_input_scales(qmods, fmt)
+    return qmods
+
+
+def check_no_input_scales(modules: dict, fmt: str) -> None:
+    scaled = [n for n, m in modules.items() if input_scale_of(m) is not None]
+    if scaled:
+        raise LowbitError(f"{fmt} cannot hold {scaled[0]} ({len(scaled)} Linears): it divides its input by a "
+                          "per-channel scale (AWQ/SmoothQuant where no exact fold into a producer exists), which "
+                          "the format has no place for; save a lowbit checkpoint, or quantize with gptq or rtn")
 
 
 def off_marlin(bits: int, group_size: int, k: int, n: int, *, bits_ok=(4, 8), groups_ok=(-1, 32, 64, 128),

@@ -14,8 +14,8 @@ directly; `qk_norm` is set where queries and keys are RMS-normalized per head be
 
 The table is an override: any other transformers decoder-only causal LM gets its Arch from the model's own
 structure (models.discovery), with `discovered` set and `feeds` found per block on calibration inputs.
-`fold_offset` names producers whose weight acts as (1 + w) (Gemma's RMSNorm); `fallbacks` the groups whose
-producer cannot take a folded scale exactly.
+`fold_offset` names producers whose weight acts as (1 + w) (Gemma's RMSNorm); `fallbacks` the groups (their
+Linears) with no exact fold, which AWQ and SmoothQuant scale inside the quantized Linears instead.
 """
 
 from __future__ import annotations
@@ -37,7 +37,11 @@ class DecoderNames:
     norm_offset: every RMSNorm of the model multiplies by (1 + w); layer_types: config.layer_types says which
     layers attend only to the last config.sliding_window positions ("sliding_attention") and which rotary
     table each layer uses (the model's rotary module takes the layer type); moe: a block whose module of this
-    name has no `gate` / `up` Linears is a mixture-of-experts layer, called whole (router and experts)."""
+    name has no `gate` / `up` Linears is a mixture-of-experts layer: its `moe_router` child, called on
+    [tokens, hidden], returns (logits, weights [tokens, k], expert indices [tokens, k]) as transformers'
+    top-k routers do, and its `moe_experts` child takes (hidden, indices, weights). A prompt runs the layer
+    whole; a decoded token runs the router and, where the experts are an ExpertList (models.moe, as lowbit
+    quantizes them), ExpertList.dense, which compiles into the decode step's graph."""
 
     input_norm: str = "input_layernorm"
     q: str = "self_attn.q_proj"
@@ -55,6 +59,8 @@ class DecoderNames:
     norm_offset: bool = False
     layer_types: bool = False
     moe: str | None = None
+    moe_router: str = "gate"
+    moe_experts: str = "experts"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ module whose output it is, else a Linear of the same parent module run earlier w
 folding a per-channel scale into it is exact: checked numerically, by folding random scales into a float32
 copy of the block and comparing the block's outputs. A norm's weight is tried as a plain multiplier (w / s)
 and as Gemma's (1 + w) ((1 + w) / s - 1); a Linear producer has its output rows divided. Groups without an
-exact fold keep producer None (calibration methods then do not scale them) and are listed in `fallbacks`.
+exact fold (none tried was exact, or no module made the input: a residual stream, a post-norm's output, a
+split group) keep producer None and are listed in `fallbacks`: calibration methods scale them inside the
+quantized Linears instead (x / s before the matmul, nn.qlinear.scale_inputs).
 """
 
 from __future__ import annotations
@@ -234,12 +236,12 @@ def discover_feeds(block: nn.Module, hidden: torch.Tensor, kwargs: dict, max_can
                     break
             if producer:
                 break
-        if producer is None and candidates:
-            fallbacks.append(tuple(names))
         if offset:
             offsets.append(producer)
         for linears, inspect in parts:   # a group split for lack of a common inspect module keeps no producer
             feeds.append((producer if len(parts) == 1 else None, tuple(linears), inspect))
+            if feeds[-1][0] is None:
+                fallbacks.append(tuple(linears))
     return tuple(feeds), tuple(offsets), tuple(fallbacks)
 
 

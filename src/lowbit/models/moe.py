@@ -11,6 +11,10 @@ Hessians and saved like any other Linear. The router is not touched: it stays in
 Experts that calibration text rarely reaches can be calibrated on every token (`route_all_experts`): each
 expert then runs on all tokens, and the layer's output still uses only the routed ones, so the next block's
 inputs are unchanged. `ExpertList.routed` counts the tokens the router sent to each expert.
+
+`ExpertList.dense` is the same layer with static shapes, for a compiled decode step (lowbit.engine): every
+expert runs on every token and is weighted by a dense [tokens, experts] matrix of routing weights, zero where
+not routed; for one token it is bit-equal to the routed loop.
 """
 
 from __future__ import annotations
@@ -61,6 +65,18 @@ class ExpertList(nn.ModuleList):
             else:
                 continue
             out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+        return out
+
+    def dense(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """forward's result with no data-dependent shape: each expert's output times its routing weight (zero
+        where not routed), added in expert order. For one token this is bit-equal to forward: the routed experts
+        are added in the same order, and adding an exact zero changes nothing. It costs every expert's matmuls
+        instead of the top k: the price of a decode step compiled into one graph (measured in BENCHMARKS.md)."""
+        weights = torch.zeros(hidden.shape[0], len(self), dtype=top_k_weights.dtype, device=hidden.device)
+        weights = weights.scatter(1, top_k_index, top_k_weights)
+        out = torch.zeros_like(hidden)
+        for e, expert in enumerate(self):
+            out = out + (expert(hidden) * weights[:, e, None]).to(out.dtype)
         return out
 
 

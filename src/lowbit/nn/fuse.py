@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..formats import QuantizedTensor
-from .qlinear import QuantLinear
+from .qlinear import INPUT_SCALE, QuantLinear, input_scale_of
 
 
 def _bias_cat(mods: list[nn.Module]) -> torch.Tensor | None:
@@ -19,7 +19,8 @@ def _bias_cat(mods: list[nn.Module]) -> torch.Tensor | None:
 
 def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
     """One module whose output is torch.cat([m(x) for m in mods], -1), computed as a single matmul, or None
-    when the modules cannot share one (different formats, kernels, or per-layer activation state).
+    when the modules cannot share one (different formats, kernels, per-layer activation state, or input
+    scales that differ).
 
     Every output column is still the dot product of x with the same row of the same stored weight, so the
     result equals the separate calls as long as the kernel treats output columns independently; tests check
@@ -37,9 +38,13 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
         return out
     if all(isinstance(m, QuantLinear) for m in mods):
         first = mods[0]
-        if any(m.spec != first.spec or m.kernel.name != first.kernel.name or m.act is not None or m.act_state()
-               or m.in_features != first.in_features for m in mods):
+        s = input_scale_of(first)
+        if any(m.spec != first.spec or m.kernel.name != first.kernel.name or m.act is not None
+               or set(m.act_state()) - {INPUT_SCALE} or m.in_features != first.in_features
+               or (input_scale_of(m) is None) != (s is None) or s is not None and not torch.equal(input_scale_of(m), s)
+               for m in mods):
             return None
         qt = QuantizedTensor.concat_rows([m.quantized_tensor() for m in mods])
-        return QuantLinear(qt, _bias_cat(mods), kernel=first.kernel.name)
+        return QuantLinear(qt, _bias_cat(mods), kernel=first.kernel.name,
+                           act_state=None if s is None else {INPUT_SCALE: s})
     return None

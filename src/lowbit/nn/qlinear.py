@@ -1,4 +1,12 @@
-"""QuantLinear: a drop-in for torch.nn.Linear that holds a quantized weight and calls a kernel."""
+"""QuantLinear: a drop-in for torch.nn.Linear that holds a quantized weight and calls a kernel.
+
+A QuantLinear may carry a per-input-channel scale s ([in_features], float32, `input_scale`): it then computes
+(x / s) Ŵᵀ + b, its weight having been multiplied by s before quantization. That is how AWQ and SmoothQuant
+scale a group of Linears whose input comes from no module a scale folds into exactly (a post-norm between
+producer and consumer, a residual stream, an activation): the division runs here, before the kernel, so every
+kernel and the engine run it unchanged. `divide_input` is the one definition of that rounding (x / s in float32,
+cast back), shared with `scale_inputs`, which gives a float Linear the same behaviour during calibration.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,32 @@ from ..formats import QuantizedTensor
 from ..formats.act import ActSpec
 from ..kernels import select_kernel
 
-ACT_STATE_KEYS = ("act_scale", "outlier_idx")
+INPUT_SCALE = "input_scale"
+ACT_STATE_KEYS = ("act_scale", "outlier_idx", INPUT_SCALE)
+
+
+def divide_input(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x / s over the last dimension, computed in float32 and cast back to x's dtype."""
+    return (x.float() / s).to(x.dtype)
+
+
+def _divide_hook(module: nn.Module, args):
+    return (divide_input(args[0], module.input_scale),) + tuple(args[1:])
+
+
+def scale_inputs(linear: nn.Linear, s: torch.Tensor) -> None:
+    """Make a float Linear, whose weight the caller multiplied by s per input channel, compute (x / s) Wᵀ + b:
+    the function is unchanged, and quantizing the scaled weight then carries s into the QuantLinear (see
+    `input_scale_of`). Scaling again composes (the scales multiply)."""
+    old = input_scale_of(linear)
+    if old is None:
+        linear.register_forward_pre_hook(_divide_hook)
+    linear.register_buffer(INPUT_SCALE, (s.float() if old is None else old * s.float()).clone(), persistent=False)
+
+
+def input_scale_of(module: nn.Module) -> torch.Tensor | None:
+    """The per-input-channel scale a Linear or QuantLinear divides its input by, or None."""
+    return module._buffers.get(INPUT_SCALE)
 
 
 class QuantLinear(nn.Module):
@@ -40,6 +73,9 @@ class QuantLinear(nn.Module):
         return dict(self._buffers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self._buffers.get(INPUT_SCALE)
+        if s is not None:
+            x = divide_input(x, s)
         return self.kernel.linear(x, self._packed, self.spec, (self.out_features, self.in_features), self.bias,
                                   self.act)
 
@@ -47,7 +83,7 @@ class QuantLinear(nn.Module):
         return self.kernel.restore(self._packed, self.spec, (self.out_features, self.in_features))
 
     def act_state(self) -> dict[str, torch.Tensor]:
-        """The activation tensors a checkpoint stores besides the weight (see formats.act)."""
+        """The activation tensors a checkpoint stores besides the weight (see formats.act), and the input scale."""
         return {k: self._buffers[k] for k in ACT_STATE_KEYS if self._buffers.get(k) is not None}
 
     def high_precision_fraction(self) -> dict | None:
