@@ -12,7 +12,7 @@ matmuls (norms, rotary, cache writes, attention, routing) — Python work per to
 Sizes are chosen so that the matmul work per layer is the same for every family: the MoE layer's experts
 (moe_intermediate_size = intermediate_size / experts) together are as wide as the dense MLP.
 
-    python benchmarks/engine_overhead.py                       # about 3 minutes on 2 cores
+    python benchmarks/engine_overhead.py                       # about 6 minutes on 2 cores
     python benchmarks/engine_overhead.py --quick --out DIR     # seconds: keeps the script alive
 """
 
