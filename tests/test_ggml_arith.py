@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import lowbit
 from lowbit.errors import LowbitError
@@ -87,9 +88,15 @@ def test_float_types():
         quantize_activations(x, "Q9_9")
 
 
+
+def as_float32(model):
+    """The model in float32. nn.Module's own cast: transformers refuses .float() on a model it loaded from a
+    quantized GGUF file, although the weights it holds are plain float tensors."""
+    return nn.Module.float(model)
+
 @pytest.fixture(scope="module")
 def mixed(base):
-    return lowbit.quantize(truncated(base, 2).float(), lowbit.Recipe.from_rules(MIX, lowbit.RTN()),
+    return lowbit.quantize(as_float32(truncated(base, 2)), lowbit.Recipe.from_rules(MIX, lowbit.RTN()),
                            dtype=torch.float32, progress=False)
 
 
@@ -105,7 +112,7 @@ def test_context_restores_the_model(mixed, eval_ids):
 
 
 def test_refuses_what_gguf_cannot_store(base):
-    m = truncated(base, 1).float()
+    m = as_float32(truncated(base, 1))
     m.model.layers[0].mlp.up_proj = QuantLinear(IntSpec(4, 64, True).quantize(m.model.layers[0].mlp.up_proj.weight))
     before = m.lm_head.weight.detach().clone()
     with pytest.raises(LowbitError, match="GGUF has no type"):
@@ -113,7 +120,7 @@ def test_refuses_what_gguf_cannot_store(base):
             pass
     assert torch.equal(m.lm_head.weight, before) and not m.model.layers[0].mlp.down_proj._forward_pre_hooks
     with pytest.raises(LowbitError, match="float32"):
-        with ggml_arithmetic(m.bfloat16()):
+        with ggml_arithmetic(nn.Module.bfloat16(m)):
             pass
 
 
@@ -130,7 +137,7 @@ def test_agrees_with_llama_cpp(base, mixed, eval_ids, tmp_path):
     llm.eval(ids.tolist())
     theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
     with torch.no_grad():
-        ref = truncated(base, 2).float()(ids[None]).logits[0].log_softmax(-1)
+        ref = as_float32(truncated(base, 2))(ids[None]).logits[0].log_softmax(-1)
         plain = mixed(ids[None]).logits[0]
         with ggml_arithmetic(mixed):
             emulated = mixed(ids[None]).logits[0]
@@ -142,10 +149,10 @@ def test_agrees_with_llama_cpp(base, mixed, eval_ids, tmp_path):
 
 
 def test_evaluate_option(base, mixed, tokenizer):
-    ref = truncated(base, 2).float()
+    ref = as_float32(truncated(base, 2))
     kw = dict(tokenizer=tokenizer, base=ref, max_windows=1, ctx=128, speed=False, progress=False)
     plain = lowbit.evaluate(mixed, **kw)
-    half = copy.deepcopy(mixed).bfloat16()
+    half = nn.Module.bfloat16(copy.deepcopy(mixed))
     ours = lowbit.evaluate(half, arithmetic="llama.cpp", **kw)
     assert ours["arithmetic"] == "llama.cpp" and ours["kld"] != plain["kld"]
     assert half.model.norm.weight.dtype == torch.bfloat16   # given back in its own dtype

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import torch
+from torch import nn
 
 from ..data import load_text, token_windows
 from .quality import evaluate_quality
@@ -53,9 +54,11 @@ def evaluate(model, tokenizer=None, base="recorded", *, text: str | None = None,
     if arithmetic == "llama.cpp":   # in float32 (a 16-bit model goes back to its dtype after: exact)
         from .ggml_arith import ggml_arithmetic
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        with ggml_arithmetic(model.float()):
+        # nn.Module's own casts: transformers refuses .float()/.to(dtype) on a model it loaded from a quantized
+        # GGUF file, although what it holds are plain float tensors
+        with ggml_arithmetic(nn.Module.float(model)):
             q = evaluate_quality({"model": model}, windows, base=base, progress=progress)["model"]
-        model.to(dtype)
+        nn.Module.to(model, dtype)
     else:
         q = evaluate_quality({"model": model}, windows, base=base, progress=progress)["model"]
     result = {
