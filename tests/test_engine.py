@@ -327,7 +327,8 @@ def test_host_kv_cache_gives_the_same_tokens_and_logits(bits, key_group):
     assert type(layout).__name__ == ("ChannelKeyKVCache" if key_group else "StaticKVCache")
 
 
-@pytest.mark.parametrize("bits,key_group", [(8, None), (4, None), (4, "auto"), (4, 16)])
+# (4, 16): half a minute of compiling for a path (4, "auto") also takes
+@pytest.mark.parametrize("bits,key_group", [(8, None), (4, None), (4, "auto"), pytest.param(4, 16, marks=pytest.mark.slow)])
 def test_compiled_engine_with_quantized_cache_equals_eager(bits, key_group):
     model = _tiny_model("llama")
     ids = torch.randint(0, 256, (1, 6))

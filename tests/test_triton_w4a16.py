@@ -287,6 +287,7 @@ def test_imports_without_triton():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+@pytest.mark.slow   # a benchmark script's quick mode, as in test_benchmark_scripts.py
 def test_gpu_benchmark_quick_mode_runs(tmp_path):
     out = tmp_path / "bench"
     env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
