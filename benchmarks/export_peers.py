@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=10, help="held-out evaluation windows of 512 tokens")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--tools", default="llm-compressor,lowbit",
-                    help="which tools to run; rows of the others already in --out are kept")
+                    help="which tools to run; rows already in --out that are not rerun are kept")
     ap.add_argument("--out", default="benchmarks/results/export_peers.json")
     ap.add_argument("--peer-worker", nargs=4, metavar=("METHOD", "MODEL", "IDS", "OUT"))
     ap.add_argument("--lowbit-worker", nargs=4, metavar=("METHOD", "MODEL", "IDS", "OUT"))
@@ -176,7 +176,8 @@ def main() -> None:
 
     tools = args.tools.split(",")
     kept = json.loads(Path(args.out).read_text())["rows"] if Path(args.out).is_file() else []
-    rows = [r for r in kept if r["tool"] not in tools]
+    rerun = {(t, m) for t in tools for m in args.methods.split(",")}
+    rows = [r for r in kept if (r["tool"], r["method"]) not in rerun]
 
     def record(**extra) -> None:
         order = [(t, m) for m in METHODS for t in ("llm-compressor", "lowbit")]
