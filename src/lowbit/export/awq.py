@@ -43,8 +43,6 @@ def check_module(name: str, m) -> IntSpec:
         what = spec.name + ("" if m.act is None else f" with {m.act.dtype} activations")
         raise cannot_hold(NAME, name, what, "AWQ holds 4-bit integer weights only: use gptq or compressed-tensors "
                                             "(pack-quantized) for other bit widths, compressed-tensors for W8A8/FP8")
-    if spec.two_level:
-        raise cannot_hold(NAME, name, spec, "AWQ stores float16 group scales: quantize with one-level scales")
     if spec.group_size == -1:
         raise cannot_hold(NAME, name, spec, "AWQ needs a group size (32, 64, 128): use gptq or compressed-tensors "
                                             "for per-channel scales")

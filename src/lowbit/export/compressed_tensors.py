@@ -73,9 +73,6 @@ def scheme_for(name: str, m) -> tuple[str, dict]:
         raise cannot_hold(NAME, name, "LLM.int8() outlier decomposition",
                           "no compressed-tensors scheme keeps outlier dimensions in high precision: "
                           "use w8a8-smooth or w8a8-naive (int-quantized)")
-    if isinstance(spec, IntSpec) and spec.two_level:
-        raise cannot_hold(NAME, name, spec, "compressed-tensors stores float group scales: quantize with "
-                                            "one-level scales")
     if isinstance(spec, IntSpec):
         if act is None:
             return "pack-quantized", {"weights": _weight_args(spec), "input_activations": None}

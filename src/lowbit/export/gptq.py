@@ -39,8 +39,6 @@ def check_module(name: str, m) -> IntSpec:
     if not isinstance(spec, IntSpec) or m.act is not None:
         raise cannot_hold(NAME, name, f"{spec.name}{'' if m.act is None else ' with ' + m.act.dtype + ' activations'}",
                           "GPTQ holds weight-only integer formats: use compressed-tensors for W8A8 and FP8")
-    if spec.two_level:
-        raise cannot_hold(NAME, name, spec, "GPTQ stores float16 group scales: quantize with one-level scales")
     if spec.bits not in BITS:
         raise cannot_hold(NAME, name, spec, f"GPTQ holds {', '.join(map(str, BITS))} bits: use compressed-tensors "
                                             f"(pack-quantized) for {spec.bits} bits")

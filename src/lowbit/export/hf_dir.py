@@ -33,10 +33,14 @@ ROW_PARALLEL = ("o_proj", "down_proj")   # split along in_features under tensor 
 
 
 def quantized_modules(model: torch.nn.Module, fmt: str = "this format") -> dict[str, QuantLinear]:
-    """The model's QuantLinears, refused when one divides its input by a per-channel scale (see nn.qlinear):
-    no exported format has a place for that scale."""
+    """The model's QuantLinears, refused when one divides its input by a per-channel scale (see nn.qlinear) or
+    has two-level scales: no exported format has a place for either."""
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     check_no_input_scales(qmods, fmt)
+    for name, m in qmods.items():   # none of the formats stores quantized group scales
+        if getattr(m.spec, "two_level", False):
+            raise cannot_hold(fmt, name, m.spec, f"{fmt} stores one float scale per group: quantize with one-level "
+                                                 "scales")
     return qmods
 
 
