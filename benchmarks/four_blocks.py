@@ -1,13 +1,14 @@
-"""GPTQ W4 g64 symmetric on the first 4 blocks of the default model: lowbit's grids against the number
-llm-compressor's GPTQ reached on the same protocol (KLD 0.0293, recorded; llm-compressor is not run here).
+"""GPTQ W4 g64 symmetric on the first 4 blocks of the default model, lowbit against llm-compressor in the same run.
 
-    python benchmarks/four_blocks.py [--calib 16] [--windows 10] [--dtype bfloat16]
+    python benchmarks/four_blocks.py [--calib 16] [--windows 10] [--peer-venv /tmp/lc-venv]
 
 Protocol: the default model cut to its first 4 blocks (then its final norm and tied head), float32 = the base;
 16 calibration windows of 512 tokens (seed 0) and 10 held-out windows of 512; every Linear of the 4 blocks
-quantized by GPTQ (damp 0.01, block 128, true-sequential, no act-order) to 4-bit groups of 64, symmetric.
-Rows: the step absmax/7 lowbit used before 0.1.0 (codes 1..15), the full-code step absmax/7.5, each with and
-without the Hessian-weighted grid fit (weighted_grid).
+quantized by GPTQ (damp 0.01, block 128) to 4-bit groups of 64, symmetric, everything else float32. lowbit's
+rows vary the two choices that matter here: column order (act_order, static groups) and the Hessian-weighted
+grid fit. llm-compressor (its venv, see benchmarks/export_peers.py --setup) runs `oneshot` with GPTQModifier
+on the same windows, in its defaults (which order columns by activation, "static"); its output directory is
+evaluated by lowbit's loader of compressed-tensors checkpoints against the same base.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,9 +26,8 @@ import torch
 import lowbit
 from lowbit.data import calibration_ids, load_text, token_windows
 from lowbit.eval import environment, evaluate_quality
-from lowbit.formats import IntSpec
 
-LLM_COMPRESSOR_KLD = 0.0293   # recorded: llm-compressor 0.14 GPTQ W4 g64 symmetric, same protocol
+HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
@@ -33,7 +35,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--calib", type=int, default=16)
     ap.add_argument("--windows", type=int, default=10)
-    ap.add_argument("--dtype", default="bfloat16", help="activations/unquantized dtype of the quantized model")
+    ap.add_argument("--peer-venv", type=Path, default=Path("/tmp/lc-venv"))
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     loaded = lowbit.load("default")
@@ -43,35 +45,50 @@ def main() -> None:
     base.config.num_hidden_layers = args.blocks
     calib = calibration_ids(None, tok, args.calib, 512, 0)
     windows = token_windows(tok, load_text(None, "evaluation"), 512, args.windows)
-    dtype = getattr(torch, args.dtype)
-    divisor = IntSpec.sym_divisor
     rows = {}
-    for grid, div in (("absmax/7 (before 0.1.0)", 7.0), ("absmax/7.5 (full code)", 7.5)):
+
+    def add(label: str, model, secs: float) -> None:
+        q = evaluate_quality({"m": model.eval()}, windows, base=base, progress=False)["m"]
+        rows[label] = {"kld": q["kld"], "top1": q["top1"], "quantize_seconds": secs}
+        print(f"{label}: KLD {q['kld']:.4f}, top-1 {100 * q['top1']:.2f}% ({secs:.0f} s)", flush=True)
+
+    for act_order in (False, True):
         for wg in (False, True):
-            IntSpec.sym_divisor = property(lambda self, d=div: d if self.bits == 4 else divisor.fget(self))
-            try:
-                model = copy.deepcopy(base)
-                t0 = time.perf_counter()
-                lowbit.quantize(model, lowbit.Recipe.default(lowbit.GPTQ(bits=4, group_size=64, symmetric=True,
-                                                                         weighted_grid=wg)),
-                                calibration=calib, dtype=dtype, progress=False)
-                secs = time.perf_counter() - t0
-            finally:
-                IntSpec.sym_divisor = divisor
-            q = evaluate_quality({"m": model.eval()}, windows, base=base, progress=False)["m"]
-            label = f"GPTQ W4 g64 sym, step {grid}, weighted_grid={wg}"
-            rows[label] = {"kld": q["kld"], "ppl": q["ppl"], "top1": q["top1"], "quantize_seconds": secs}
-            print(f"{label}: KLD {q['kld']:.4f}, PPL {q['ppl']:.3f}, top-1 {100 * q['top1']:.2f}% ({secs:.0f} s)",
-                  flush=True)
+            model = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            cfg = lowbit.GPTQ(bits=4, group_size=64, symmetric=True, act_order=act_order, weighted_grid=wg)
+            lowbit.quantize(model, lowbit.Recipe.default(cfg), calibration=calib, dtype=torch.float32,
+                            progress=False)
+            add(f"lowbit GPTQ, act_order={act_order}, weighted_grid={wg}", model, time.perf_counter() - t0)
+
+    peer_python = args.peer_venv / "bin" / "python"
+    if peer_python.is_file():
+        with tempfile.TemporaryDirectory(prefix="lowbit-four-blocks-") as tmp:
+            tmp = Path(tmp)
+            base.save_pretrained(tmp / "base")
+            tok.save_pretrained(tmp / "base")
+            torch.save({"calib": calib, "window": windows[0]}, tmp / "ids.pt")
+            r = subprocess.run([str(peer_python), str(HERE / "export_peers.py"), "--peer-worker", "gptq",
+                                str(tmp / "base"), str(tmp / "ids.pt"), str(tmp / "peer")],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                info = json.loads(r.stdout.strip().splitlines()[-1])
+                peer = lowbit.load(tmp / "peer").model.float()
+                add(f"llm-compressor {info['llmcompressor']} GPTQ (its defaults)", peer, info["seconds"])
+            else:
+                print("llm-compressor failed:", (r.stderr.strip().splitlines() or ["?"])[-1])
+    else:
+        print(f"no llm-compressor venv at {args.peer_venv}: its row is skipped")
+
     meta = {"blocks": args.blocks, "calib_windows": args.calib, "eval_windows": int(windows.shape[0]),
-            "dtype": args.dtype, "llm_compressor_kld_recorded": LLM_COMPRESSOR_KLD, **environment()}
+            **environment()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "four_blocks.json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=2, default=str))
-    print(f"\n| GPTQ W4 g64 sym, first {args.blocks} blocks | KLD | vs llm-compressor {LLM_COMPRESSOR_KLD} |")
-    print("|---|---|---|")
+    print(f"\n| GPTQ W4 g64 sym, first {args.blocks} blocks | KLD | top-1 | quantize s |")
+    print("|---|---|---|---|")
     for k, r in rows.items():
-        print(f"| {k} | {r['kld']:.4f} | {r['kld'] / LLM_COMPRESSOR_KLD:.2f}x |")
+        print(f"| {k} | {r['kld']:.4f} | {100 * r['top1']:.2f}% | {r['quantize_seconds']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -404,12 +404,13 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help=f"tokens per calibration window (default {CALIB_SEQLEN})")
     c.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows")
     g = p.add_argument_group("gptq")
-    g.add_argument("--act-order", action="store_const", const=True, default=None,
-                   help="columns by decreasing Hessian diagonal (static groups)")
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"columns by decreasing Hessian diagonal, static groups (default: {GPTQ.act_order})")
     g.add_argument("--damp", type=_fraction, default=None,
                    help=f"diagonal dampening, fraction of its mean ({GPTQ.damp})")
-    g.add_argument("--weighted-grid", action="store_const", const=True, default=None,
-                   help="fit each group's scales weighting its columns by the Hessian's diagonal")
+    g.add_argument("--weighted-grid", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"fit each group's scales weighting its columns by the Hessian's diagonal "
+                        f"(default: {GPTQ.weighted_grid})")
     g.add_argument("--block-size", type=_positive, default=None, help=f"columns per lazy update block ({GPTQ.block_size})")
     g.add_argument("--no-true-sequential", dest="true_sequential", action="store_const", const=False, default=None,
                    help="all Hessians from the unquantized block")

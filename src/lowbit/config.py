@@ -172,9 +172,13 @@ class GPTQ(IntWeightConfig):
     calibrates: ClassVar[bool] = True
     block_size: int = 128          # columns per lazy batch update
     damp: float = 0.01             # added to the Hessian's diagonal, as a fraction of its mean
-    act_order: bool = False        # columns by decreasing Hessian diagonal, with static groups
+    # columns by decreasing Hessian diagonal, with static groups; and each group's grid fitted weighting its
+    # columns by that diagonal. Both on by default: on the first 4 blocks of the default model (W4 g64 sym,
+    # 16 calibration windows) they take KLD from 0.061 to 0.039, level with llm-compressor 0.14, whose GPTQ
+    # orders columns the same way by default (benchmarks/four_blocks.py)
+    act_order: bool = True
     true_sequential: bool = True   # each group's Hessian from inputs of the already-quantized groups
-    weighted_grid: bool = False    # fit each group's grid weighting its columns by the Hessian's diagonal
+    weighted_grid: bool = True     # fit each group's grid weighting its columns by the Hessian's diagonal
 
     def __post_init__(self):
         super().__post_init__()
