@@ -81,6 +81,11 @@ class QuantConfig:
     def needs_calibration(self) -> bool:
         return self.calibrates
 
+    @property
+    def needs_block_inputs(self) -> bool:
+        """Whether the method reads each block's calibration inputs (not only statistics gathered beforehand)."""
+        return self.needs_calibration
+
     def options(self) -> dict:
         """The method's own settings (everything but the format and the kernel)."""
         skip = set(self.format_fields) | {"kernel"}
@@ -162,6 +167,10 @@ class RTN(IntWeightConfig):
     @property
     def needs_calibration(self) -> bool:
         return self.importance
+
+    @property
+    def needs_block_inputs(self) -> bool:   # importance is collected in one pass before the blocks are rounded
+        return False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -101,7 +101,8 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
     _untie_if_split(model, arch, plan)
     blocks = model.get_submodule(arch.blocks)
     bar = tqdm(total=len(blocks), desc="quantize", unit="block", disable=not progress)
-    if calibration is None:
+    if calibration is None or not any(s.needs_block_inputs for s in plan.values()):
+        # round-to-nearest (importance included) reads no block inputs: the blocks need no calibration pass
         steps = ((i, block, None) for i, block in enumerate(blocks))
     else:
         steps = iterate_blocks(model, calibration)
