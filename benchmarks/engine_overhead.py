@@ -57,8 +57,9 @@ def linear_work(blocks, hidden: int, inter: int):
                 out += [b.gate_up(x), b.down(xi)]
             else:
                 out.append(b.router(x.view(1, -1))[0])
+                out.append(b.experts_gate_up(x))       # every expert's gate/up, one matmul as the engine runs it
                 for e in b.experts:
-                    out += [e.gate_proj(x), e.up_proj(x), e.down_proj(xi[..., :e.down_proj.in_features])]
+                    out.append(e.down_proj(xi[..., :e.down_proj.in_features]))
         return out
     return run
 
