@@ -31,6 +31,7 @@ from lowbit.data import calibration_ids, load_text, token_windows
 from lowbit.eval import environment, peak_rss_bytes
 from lowbit.eval.ggml_arith import ggml_arithmetic
 from lowbit.export.gguf import gguf_overhead_bytes, write_gguf
+from lowbit.io.atomic import save_figure
 from lowbit.models.importance import collect_importance
 from lowbit.models.sources import default_model_path
 from lowbit.plan import measure_sensitivity, planned_tensors
@@ -201,10 +202,7 @@ def plot(path: Path, rows: list[dict], meta: dict) -> None:
     ax.set_title(f"SmolLM2-135M, {meta['eval_tokens']} held-out tokens, all measured by llama.cpp")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

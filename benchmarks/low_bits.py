@@ -214,6 +214,7 @@ def main() -> None:
 
 
 def plot(path: Path, rows: list[dict]) -> None:
+    from lowbit.io.atomic import save_figure
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -229,10 +230,7 @@ def plot(path: Path, rows: list[dict]) -> None:
     ax.set_ylabel("KL divergence vs float model")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.io.atomic import atomic_write_text
+from lowbit.io.atomic import atomic_write_text, save_figure
 
 # fp32: the default model saved as a Hugging Face directory and opened lazily (streamed blocks never loaded);
 # int4: a lowbit checkpoint loaded (packed weights only), then its streamed blocks written to disk shards
@@ -175,11 +174,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
     fig.suptitle("RSS while decoding (dashed: budget + interpreter overhead)", fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main() -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..export.atomic import atomic_write_text
+from ..io.atomic import atomic_write_text, save_figure
 from ..models.arch import arch_for
 from ..formats.act import ActSpec
 
@@ -132,11 +132,7 @@ def plot_outliers(result: dict, path: Path, top: int = 32) -> None:
         fig.colorbar(im, ax=ax, shrink=0.7)
     fig.suptitle(f"Activation outliers (threshold {result['threshold']}, {result['tokens']} tokens): "
                  f"largest |x| = {result['max_abs']:.1f}")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def write_outliers(result: dict, out: Path) -> None:

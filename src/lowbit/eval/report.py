@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..export.atomic import atomic_write_text
+from ..io.atomic import atomic_write_text, save_figure
 
 COLUMNS = [  # (header, key, format)
     ("method", "label", "{}"),
@@ -83,8 +83,4 @@ def plot_tradeoff(path: Path, rows: list[dict]) -> None:
     ax_kld.set_title("Quality vs size: KL divergence")
     for ax in (ax_ppl, ax_kld):
         ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

@@ -154,3 +154,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise LowbitError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Write a matplotlib figure as a PNG at `path`, atomically (a renamed temporary file), and close it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise LowbitError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+        import matplotlib.pyplot as plt
+        plt.close(fig)
