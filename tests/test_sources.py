@@ -15,6 +15,10 @@ def test_gguf_load_without_cache_equals_cached(default_loaded):
     text = load_text(None, "evaluation")[:5000]
     assert fresh.tokenizer(text)["input_ids"] == cached.tokenizer(text)["input_ids"]
     assert fresh.model.config.num_hidden_layers == 30 and fresh.model.config.hidden_size == 576
+    # a first (uncached) load is a plain float model like a cached one: casts and saving are not refused
+    assert getattr(fresh.model, "hf_quantizer", None) is None
+    fresh.model.float()
+    fresh.model.to(torch.bfloat16)
 
 
 def test_default_text_split_is_deterministic_and_disjoint():

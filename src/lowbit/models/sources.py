@@ -175,6 +175,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache: bool) -> Loaded:
     except Exception as e:  # transformers' GGUF path raises many types for bad files
         raise LowbitError(f"cannot load GGUF file {path}: {str(e).splitlines()[0]}") from None
     arch_for(model)
+    # transformers flags a GGUF-loaded model as quantized although its weights are plain float tensors by now;
+    # the flag makes .float()/.to(dtype)/save_pretrained refuse, so a first load would behave unlike a cached one
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
     model.eval()
     if cache:
         _write_hf_dir(model, tokenizer, cached)
