@@ -164,6 +164,21 @@ def test_eval_on_a_text_file(capsys, tmp_path):
     assert r["windows"] == 2 and r["text"] == str(t) and r["ppl"] > 1
 
 
+def test_eval_of_a_gguf_file_reports_the_file_size(capsys, tmp_path):
+    """transformers loads a GGUF dequantized to float; the report still gives the file's own bits per weight."""
+    import os
+    path = default_model_path()
+    code, stdout, _ = run(capsys, "eval", path, "--ctx", "64", "--max-windows", "1", "--no-speed",
+                          "--json", tmp_path / "r.json")
+    assert code == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["bits_per_weight"] == 32.0   # what ran: float32
+    assert r["file_bytes"] == os.path.getsize(path)
+    assert r["file_bits_per_weight"] == pytest.approx(8 * os.path.getsize(path) / r["weights"])
+    assert 4.5 < r["file_bits_per_weight"] < 6   # Q4_1 blocks and a Q8_0 embedding
+    assert f"{r['file_bits_per_weight']:.3f} bits/weight (loaded dequantized to float)" in stdout
+
+
 def test_generate_kv_cache_options(capsys, tiny_dir):
     code, out, err = run(capsys, "generate", tiny_dir, "--prompt", "Python is", "--max-new-tokens", "4",
                          "--kv-bits", "4", "--engine", "eager")

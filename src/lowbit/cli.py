@@ -280,6 +280,12 @@ def cmd_eval(args) -> int:
     qb = r["quantized_bits_per_weight"]
     print(f"weights      {r['bytes'] / 1e6:.1f} MB stored, {r['bits_per_weight']:.3f} bits/weight"
           + (f" (quantized layers {qb:.3f} bits/weight; resident {100 * r['quantized_fp32_ratio']:.1f}% of fp32)" if qb else ""))
+    if str(args.model).endswith(".gguf") and os.path.isfile(args.model):
+        # transformers dequantizes a GGUF file to float on load, so what was evaluated holds 32 bits per weight;
+        # the file's own size is what a user compares (llama.cpp runs the file as it is)
+        size = os.path.getsize(args.model)
+        r["file_bytes"], r["file_bits_per_weight"] = size, 8 * size / r["weights"]
+        print(f"file         {size / 1e6:.1f} MB, {r['file_bits_per_weight']:.3f} bits/weight (loaded dequantized to float)")
     if not args.no_speed:
         print(f"speed        decode {r['decode_tokens_per_s']:.1f} tok/s, prefill {r['prefill_tokens_per_s']:.0f} tok/s"
               f" ({args.engine} engine)")
