@@ -9,6 +9,7 @@ the quantization_config says with which scheme.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,6 +75,18 @@ def _module_parts(method: str, qcfg: dict, name: str, module, t: dict, shape):
     return awq.decode(name, t, qcfg, shape), None, {}
 
 
+def _warn_once_per_kind(caught) -> None:
+    """The format decoders warn per module ("NAME: what happened"); a model has hundreds of modules, so each
+    kind of warning is repeated once, with the first module's name and how many more it concerns."""
+    kinds: dict[str, list[str]] = {}
+    for w in caught:
+        name, _, what = str(w.message).partition(": ")
+        kinds.setdefault(what or name, []).append(name)
+    for what, names in kinds.items():
+        more = f" (and {len(names) - 1} more modules)" if len(names) > 1 else ""
+        warnings.warn(f"{names[0]}{more}: {what}" if what != names[0] else what, stacklevel=3)
+
+
 def load_foreign(path: str | Path, dtype: torch.dtype = torch.float32, kernel: str = "auto") -> Loaded:
     """Load a compressed-tensors, GPTQ or AWQ directory into a model with lowbit QuantLinears; what stays
     unquantized gets the dtype its config.json names (else `dtype`)."""
@@ -94,6 +107,8 @@ def load_foreign(path: str | Path, dtype: torch.dtype = torch.float32, kernel: s
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     modules = {}
     with contextlib.ExitStack() as stack:
+        caught = stack.enter_context(warnings.catch_warnings(record=True))
+        warnings.simplefilter("always")
         where = _open(path, stack)
         names = set(where)
         for name, mod in list(model.named_modules()):
@@ -114,6 +129,7 @@ def load_foreign(path: str | Path, dtype: torch.dtype = torch.float32, kernel: s
         if not modules:
             raise LowbitError(f"{path} declares {method} quantization but stores no quantized module")
         rest = {k: where[k].get_tensor(k) for k in names}
+    _warn_once_per_kind(caught)
     rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in rest.items()}
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     tied = getattr(config, "tie_word_embeddings", False) and f"{arch.lm_head}.weight" in missing
