@@ -2,7 +2,7 @@
 model, with torchao's QAT as the peer, all in one run and evaluated the same way by lowbit.
 
     python benchmarks/low_bits.py [--bits 4,3,2] [--methods rtn,gptq,awq,learned,qat,torchao-qat]
-                                  [--qat-steps 150,600] [--qat-init awq] [--windows 24]
+                                  [--qat-steps 150,600] [--qat-init best] [--qat-train scales] [--windows 24]
     pip install torchao==0.18.0   # the peer row; skipped with a note when torchao is absent
 
 Every row is asymmetric groups of 64 (`--group-size`) on every Linear of the decoder blocks; the embedding and
@@ -12,7 +12,10 @@ perplexity, top-1 agreement). Calibration and training text: the default text's 
 windows for every method.
 
 - rtn, gptq, awq, learned: lowbit.quantize with the method's defaults (learned starts from `--learned-init`).
-- qat: lowbit.train.qat from `--qat-init`, distilled on the float model's logits, for each of `--qat-steps`.
+- qat: lowbit.train.qat distilled on the float model's logits, for each of `--qat-steps`, starting from the
+  checkpoint of the best row of this run at the same bits (`--qat-init best`; or a method, calibrated on the
+  same windows as its row), training the group scales with the codes frozen (`--qat-train scales`, Adam at
+  `--qat-lr`) or the latent weights (`--qat-train weights`).
 - torchao-qat: torchao's QATConfig (IntxFakeQuantizeConfig, the same bits/groups/asymmetry) on the same
   Linears, trained from the float weights with the same loss, text, steps, batch and learning rate; its
   fake-quantized weights are then written as a float checkpoint, which is exactly what its `convert` step
@@ -63,8 +66,11 @@ def row_worker(method: str, bits: int, args, out: Path) -> dict:
     elif method.startswith("qat@"):
         from lowbit.train import qat
         steps = int(method.split("@")[1])
-        loaded = qat("default", lowbit.RTN(bits=bits, group_size=args.group_size, symmetric=False),
-                     init=args.qat_init, steps=steps, lr=args.lr, batch=1, seqlen=SEQLEN, windows=args.qat_windows,
+        loaded = lowbit.load("default")
+        init = args.qat_start or args.qat_init    # the best row's own checkpoint, or a method calibrated as above
+        loaded = qat(loaded, lowbit.RTN(bits=bits, group_size=args.group_size, symmetric=False), init=init,
+                     steps=steps, lr=args.qat_lr, batch=1, seqlen=SEQLEN, windows=args.qat_windows,
+                     train=args.qat_train, calibration=calibration_ids(None, loaded.tokenizer, args.calib, 512, 0),
                      progress=False)
         extra = {"final_loss": loaded.model.lowbit["qat"]["losses"][-1]}
     else:   # torchao-qat@steps
@@ -138,10 +144,14 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,gptq,awq,learned,qat,torchao-qat")
     ap.add_argument("--calib", type=int, default=64, help="post-training calibration windows of 512 tokens")
     ap.add_argument("--learned-init", default="awq")
-    ap.add_argument("--qat-init", default="awq")
+    ap.add_argument("--qat-init", default="best",
+                    help="best: train from the lowest-KLD row of this run at the same bits; or rtn/gptq/awq/learned")
+    ap.add_argument("--qat-train", default="scales", choices=["scales", "weights"])
+    ap.add_argument("--qat-lr", type=float, default=1e-4)
+    ap.add_argument("--qat-start", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--qat-steps", default="150,600")
     ap.add_argument("--qat-windows", type=int, default=256, help=f"training windows of {SEQLEN} tokens")
-    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--lr", type=float, default=1e-5, help="torchao's QAT learning rate (Adam on the weights)")
     ap.add_argument("--windows", type=int, default=24, help="held-out evaluation windows of 512 tokens")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--row", nargs=3, metavar=("METHOD", "BITS", "DIR"), help=argparse.SUPPRESS)
@@ -175,15 +185,26 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     passthrough = ["--group-size", str(args.group_size), "--calib", str(args.calib), "--learned-init",
-                   args.learned_init, "--qat-init", args.qat_init, "--qat-windows", str(args.qat_windows),
-                   "--lr", str(args.lr)]
+                   args.learned_init, "--qat-windows", str(args.qat_windows), "--lr", str(args.lr),
+                   "--qat-train", args.qat_train, "--qat-lr", str(args.qat_lr)]
     with tempfile.TemporaryDirectory(prefix="lowbit-low-bits-") as tmp:
         for bits in map(int, args.bits.split(",")):
             for method in methods:
                 d = Path(tmp) / f"{method}-{bits}"
-                r = subprocess.run([sys.executable, __file__, *passthrough, "--row", method, str(bits), str(d)],
+                extra, row = [], {"method": method, "bits": bits}
+                if method.startswith("qat@"):
+                    init = args.qat_init
+                    if init == "best":
+                        done = [r for r in rows if r["bits"] == bits and "kld" in r and "@" not in r["method"]]
+                        init = min(done, key=lambda r: r["kld"])["method"] if done else "rtn"
+                    if init not in ("rtn", "gptq", "awq", "learned"):
+                        raise SystemExit(f"--qat-init: {init!r} is not a method")
+                    start = Path(tmp) / f"{init}-{bits}"
+                    extra = ["--qat-start", str(start)] if start.exists() else ["--qat-init", init]
+                    row["qat_start"] = init
+                r = subprocess.run([sys.executable, __file__, *passthrough, *extra, "--row", method, str(bits), str(d)],
                                    capture_output=True, text=True)
-                row = {"method": method, "bits": bits, "load_average_1min": os.getloadavg()[0]}
+                row["load_average_1min"] = os.getloadavg()[0]
                 if r.returncode != 0:
                     row["error"] = (r.stderr.strip().splitlines() or ["failed"])[-1]
                 else:
@@ -196,7 +217,8 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 meta = {"group_size": args.group_size, "eval_windows": int(windows.shape[0]),
                         "calib_windows": args.calib, "qat_windows": args.qat_windows, "qat_seqlen": SEQLEN,
-                        "lr": args.lr, "qat_init": args.qat_init, "learned_init": args.learned_init,
+                        "lr": args.lr, "qat_lr": args.qat_lr, "qat_train": args.qat_train,
+                        "qat_init": args.qat_init, "learned_init": args.learned_init,
                         **environment()}
                 (out / "low_bits.json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=2, default=str))
     with torch.no_grad():

@@ -37,9 +37,13 @@ Plan = dict  # name inside the block -> its configuration (lowbit.config)
 
 @dataclass
 class Quantized:
+    """qt: the packed weight; act / act_state: how activations are quantized (W8A8 schemes). source: the float
+    weight the codes were rounded from (after any scaling folded into it; GPTQ: its error-updated weight),
+    where quantization-aware training starts its trainable weights (lowbit.train)."""
     qt: QuantizedTensor
     act: ActSpec | None = None
     act_state: dict = field(default_factory=dict)
+    source: torch.Tensor | None = None
 
 
 def linear_groups(arch: Arch, plan: Plan):
@@ -57,11 +61,14 @@ def linear_groups(arch: Arch, plan: Plan):
 
 
 def _set(block: nn.Module, name: str, qt: QuantizedTensor, act: ActSpec | None = None,
-         act_state: dict | None = None) -> Quantized:
+         act_state: dict | None = None, source: torch.Tensor | None = None) -> Quantized:
+    """Write the dequantized weights into the block's Linear; the float weights they replace (or `source`)
+    travel on in the Quantized."""
     lin = block.get_submodule(name)
+    source = lin.weight.detach() if source is None else source
     lin.weight.data = qt.dequantize(lin.weight.dtype)
     s = input_scale_of(lin)   # a group scaled inside its Linears (see scale_group)
-    return Quantized(qt, act, {**(act_state or {}), **({} if s is None else {INPUT_SCALE: s.clone()})})
+    return Quantized(qt, act, {**(act_state or {}), **({} if s is None else {INPUT_SCALE: s.clone()})}, source)
 
 
 def _inputs(block: nn.Module, inspect: str, calls) -> list[torch.Tensor]:
@@ -103,7 +110,7 @@ def gptq_round(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) ->
             qt, u = gptq_quantize_updated(block.get_submodule(n).weight.detach(), factors[key], c.spec,
                                           block_size=c.block_size, act_order=c.act_order,
                                           weighted_grid=c.weighted_grid)
-            out[n] = (u, _set(block, n, qt))
+            out[n] = (u, _set(block, n, qt, source=u))
     return out
 
 
@@ -336,7 +343,8 @@ def _learn(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dic
     else:
         start = {n: (block.get_submodule(n).weight.detach().float(), c.spec.quantize(block.get_submodule(n).weight.detach()))
                  for n, c in plan.items()}
-    return {n: _set(block, n, qt) for n, qt in train_rounding(block, windows, targets, start, cfg).items()}
+    return {n: _set(block, n, qt, source=start[n][0])
+            for n, qt in train_rounding(block, windows, targets, start, cfg).items()}
 
 
 def train_rounding(block: nn.Module, windows: list[tuple], targets: list[torch.Tensor],

@@ -35,7 +35,7 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
              dtype: torch.dtype = torch.bfloat16, progress: bool = True,
              materialize: Callable[[int, nn.Module], None] | None = None,
              release: Callable[[int, nn.Module], None] | None = None, all_experts: bool = False,
-             imatrix=None):
+             imatrix=None, float_weights: dict | None = None):
     """Quantize a model: `lowbit.quantize(model, lowbit.GPTQ(bits=4, group_size=64), tokenizer=tok)`.
 
     model: a torch model (quantized in place and returned), or a source — "default", a Hugging Face
@@ -55,6 +55,8 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
     (lowbit.models.importance) or an `Importance`; None: measured on the calibration text with the float model.
     A GGUF type that does not fit a Linear's rows is replaced by llama.cpp's fallback type; the replacements
     are recorded in `model.lowbit["gguf_fallbacks"]`.
+    float_weights: a dict to fill with name -> the float32 weight each quantized Linear of the blocks was rounded
+    from (after scales folded into it; GPTQ: its error-updated weight): where lowbit.train starts training.
     Records what was done in `model.lowbit` (saved with the checkpoint).
     """
     if isinstance(model, (str, os.PathLike)):
@@ -62,7 +64,8 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
     if isinstance(model, Loaded):
         quantize(model.model, config, calibration=calibration, tokenizer=tokenizer or model.tokenizer,
                  calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, dtype=dtype, progress=progress,
-                 materialize=materialize, release=release, all_experts=all_experts, imatrix=imatrix)
+                 materialize=materialize, release=release, all_experts=all_experts, imatrix=imatrix,
+                 float_weights=float_weights)
         return model
     if not isinstance(model, nn.Module):
         raise LowbitError(f"quantize takes a torch model, a Loaded or a model source, got {type(model).__name__}")
@@ -131,6 +134,8 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
             block_imp = None if importance is None else {
                 n[len(prefix):]: v for n, v in importance.items() if n.startswith(prefix)}
             for rel, q in quantize_block(block, inputs, block_plan, block_arch, block_imp).items():
+                if float_weights is not None and q.source is not None:
+                    float_weights[prefix + rel] = q.source.detach().float().clone()
                 if inputs is not None and q.act is None:
                     # weight-only: the next block's inputs come from this block's dequantized weights in
                     # float32 (exactly the quantized model; the packed CPU kernels would round the activations

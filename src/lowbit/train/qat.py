@@ -33,10 +33,16 @@ from ..data import CALIB_SAMPLES, calibration_ids
 from ..errors import LowbitError
 from ..models import Loaded, load_model
 from ..offload.activations import offload_activations
-from ..quantize import quantize
-from .fakequant import FakeQuantLinear, convert, prepare
+from ..models.sources import is_lowbit_checkpoint, source_name
+from ..nn import QuantLinear
+from ..quantize import cast_unquantized, quantize
+from .fakequant import TRAINABLE, FakeQuantLinear, convert, prepare
 
 INITS = ("rtn", "gptq", "awq", "learned")
+# Adam's peak learning rate by what trains. Measured on the default model, W3 g64 from GPTQ, 60 steps of one
+# 256-token window (KLD of the start 0.292 on 8 held-out windows): scales 1e-5 -> 0.257, 3e-5 0.240, 1e-4 0.227,
+# 3e-4 0.246; latent weights 1e-5 -> 0.269 (0.247 with the range factors at 1e-3).
+DEFAULT_LR = {"scales": 1e-4, "weights": 1e-5}
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -67,30 +73,55 @@ def _save_state(path: Path, state: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def qat(model="default", config: QuantConfig | None = None, *, init: str = "rtn", steps: int = 100,
-        lr: float = 1e-5, batch: int = 1, seqlen: int = 256, text=None, windows: int = CALIB_SAMPLES,
-        generated: int = 0, tokenizer=None, seed: int = 0, checkpointing: bool = True, offload: bool = False,
-        learn_scales: bool = True, state: str | os.PathLike | None = None, save_every: int = 25,
-        resume: bool = False, kernel: str = "auto", progress: bool = True,
+def _check_same_model(teacher: torch.nn.Module, student: torch.nn.Module) -> None:
+    """The start checkpoint must quantize the teacher: the same Linears with the same shapes."""
+    def shapes(m):
+        return {n: (x.out_features, x.in_features) for n, x in m.named_modules()
+                if isinstance(x, (torch.nn.Linear, QuantLinear))}
+    a, b = shapes(teacher), shapes(student)
+    if a != b:
+        diff = sorted(set(a.items()) ^ set(b.items()))[0][0]
+        raise LowbitError(f"the QAT start is not a quantization of this model: its Linear {diff} differs")
+
+
+def qat(model="default", config: QuantConfig | None = None, *, init="rtn", steps: int = 100,
+        lr: float | None = None, batch: int = 1, seqlen: int = 256, text=None, windows: int = CALIB_SAMPLES,
+        generated: int = 0, calibration=None, tokenizer=None, seed: int = 0, checkpointing: bool = True,
+        offload: bool = False, learn_scales: bool = True, train: str = "scales",
+        state: str | os.PathLike | None = None, save_every: int = 25, resume: bool = False, kernel: str = "auto",
+        progress: bool = True,
         callback: Callable[[int, float], None] | None = None) -> Loaded:
     """Quantization-aware training; returns a `Loaded` whose model holds packed QuantLinear modules (save it with
     lowbit.save). `lowbit.train.qat("default", lowbit.RTN(bits=3, group_size=64, symmetric=False), steps=200)`.
 
     config: the integer format (an integer-weight configuration: its bits, group size, symmetry; default RTN
     INT4 g64); init: the post-training method that gives the start (rtn, gptq, awq, learned — with their
-    defaults, calibrated on `text`). text: the training text (as lowbit.data.calibration_ids: None = the default
+    defaults, calibrated on `calibration`), or a quantized checkpoint of the same model (a lowbit checkpoint's
+    path or a `Loaded`; its integer-format Linears train, `config` is not used, and its latent weights start on
+    the grid, since the float weights it was rounded from are not in it). text: the training text (as lowbit.data.calibration_ids: None = the default
     text's calibration half), cut into `windows` windows of `seqlen` tokens; generated: extra windows sampled
-    from the float model. Each step trains on `batch` windows. callback(step, loss) runs after every step.
+    from the float model. Each step trains on `batch` windows; lr: Adam's learning rate at the first step
+    (None: DEFAULT_LR for what trains), decaying linearly to 0. calibration: what the start's method calibrates
+    on (anything lowbit.quantize takes; None: the training windows). callback(step, loss) runs after every step.
+    train: "scales" (the start's codes frozen, group scales trained: better at a given number of steps on the
+    default model) or "weights" (latent weights starting where the start was rounded from, and range factors
+    when learn_scales); see lowbit.train.fakequant.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise LowbitError(f"QAT steps must be a positive integer, got {steps!r}")
-    if init not in INITS:
-        raise LowbitError(f"QAT init must be one of {', '.join(INITS)}, got {init!r}")
+    from_checkpoint = isinstance(init, Loaded) or isinstance(init, (str, os.PathLike)) and str(init) not in INITS
+    if from_checkpoint and not isinstance(init, Loaded) and not is_lowbit_checkpoint(Path(init)):
+        raise LowbitError(f"QAT init must be one of {', '.join(INITS)} or a lowbit checkpoint, got {str(init)!r}")
+    if not from_checkpoint and init not in INITS:
+        raise LowbitError(f"QAT init must be one of {', '.join(INITS)} or a lowbit checkpoint, got {init!r}")
     for v, what in ((batch, "batch"), (seqlen, "sequence length"), (save_every, "save_every")):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise LowbitError(f"QAT {what} must be a positive integer, got {v!r}")
     if isinstance(generated, bool) or not isinstance(generated, int) or generated < 0:
         raise LowbitError(f"QAT generated windows must be a non-negative integer, got {generated!r}")
+    if train not in TRAINABLE:
+        raise LowbitError(f"QAT trains one of {', '.join(TRAINABLE)}, got {train!r}")
+    lr = DEFAULT_LR[train] if lr is None else lr
     if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr > 0):
         raise LowbitError(f"QAT lr must be positive, got {lr!r}")
     config = config or config_for("rtn")
@@ -106,11 +137,20 @@ def qat(model="default", config: QuantConfig | None = None, *, init: str = "rtn"
     if generated:
         data = torch.cat([data, generated_windows(teacher, tokenizer, generated, data.shape[1], seed)])
 
-    student = copy.deepcopy(teacher)
-    quantize(student, config_for(init, config.spec), calibration=data, tokenizer=tokenizer, dtype=torch.float32,
-             progress=progress)
+    starts: dict = {}
+    if from_checkpoint:
+        student = (init if isinstance(init, Loaded) else load_model(init, kernel=kernel)).model
+        _check_same_model(teacher, student)
+        cast_unquantized(student, torch.float32)
+    else:
+        student = copy.deepcopy(teacher)
+        quantize(student, config_for(init, config.spec), calibration=data if calibration is None else calibration,
+                 tokenizer=tokenizer, dtype=torch.float32, progress=progress, float_weights=starts)
     record = dict(student.lowbit)
-    names = prepare(student, learn_scales)
+    names = prepare(student, learn_scales, starts, train)
+    del starts
+    if not names:
+        raise LowbitError("the start has no Linear in an integer format with float16 group scales to train")
     trainable = [p for n in names for p in student.get_submodule(n).q.parameters() if p.requires_grad]
     for p in student.parameters():   # embeddings, norms and the head stay as they are
         p.requires_grad_(False)
@@ -143,6 +183,8 @@ def qat(model="default", config: QuantConfig | None = None, *, init: str = "rtn"
             loss = distillation_loss(student(ids, use_cache=False).logits, target)
             opt.zero_grad()
             loss.backward()
+        for group in opt.param_groups:   # linear decay to 0, a function of the step alone (resumable)
+            group["lr"] = lr * (1 - step / steps)
         opt.step()
         for m in student.modules():
             if isinstance(m, FakeQuantLinear):
@@ -164,8 +206,10 @@ def qat(model="default", config: QuantConfig | None = None, *, init: str = "rtn"
     convert(student, kernel)
     for p in student.parameters():
         p.requires_grad_(False)
+    if from_checkpoint:
+        init = source_name(init.source if isinstance(init, Loaded) else init)
     record["qat"] = {"init": init, "steps": steps, "lr": lr, "batch": batch, "seqlen": int(data.shape[1]),
-                     "windows": n, "generated": generated, "learn_scales": learn_scales, "seed": seed,
+                     "windows": n, "generated": generated, "learn_scales": learn_scales, "train": train, "seed": seed,
                      "losses": [round(x, 6) for x in losses]}
     student.lowbit = record
     return Loaded(student, tokenizer, loaded.source)
