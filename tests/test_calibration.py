@@ -53,3 +53,53 @@ def test_calibration_in_every_accepted_form(tokenizer, tmp_path):
             calibration_ids(bad, None if message == "needs a tokenizer" else tokenizer, n=2, seqlen=16)
     with pytest.raises(LowbitError, match="calibration samples must be a positive integer"):
         calibration_ids(docs, tokenizer, n=0, seqlen=16)
+
+
+def test_input_summary_keeps_what_the_searches_read(tiny_dir):
+    """summarize_inputs against the inputs capture_calls keeps in full: same statistics, the clip search's
+    token subsample, the first calls."""
+    import lowbit
+    from lowbit.algorithms import search_clip
+    from lowbit.models.calibration import capture_calls, first_input, summarize_inputs
+    model = lowbit.load_model(tiny_dir).model
+    samples = torch.randint(0, 1000, (4, 256))                 # 1024 tokens: 512 times a power of two
+    inputs = capture_block_inputs(model, samples)
+    block = model.model.layers[0]
+    names = {"self_attn": 64, "mlp.down_proj": 128}
+    full = capture_calls(block, inputs, list(names))
+    summary = summarize_inputs(block, inputs, names, keep=2, n_tokens=512)
+    for name, K in names.items():
+        X = torch.cat([first_input(block.get_submodule(name), a, kw).reshape(-1, K) for a, kw in full[name]]).float()
+        S = summary[name]
+        assert S.tokens == X.shape[0] == 1024
+        torch.testing.assert_close(S.abs_mean, X.abs().mean(0), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(S.sq_mean, X.pow(2).mean(0), rtol=1e-5, atol=1e-7)
+        assert S.sample.shape[0] <= 1024 and torch.equal(S.sample[::S.sample.shape[0] // 512][:512], X[::2][:512])
+        assert len(S.calls) == 2 and all(torch.equal(first_input(block.get_submodule(name), *c),
+                                                     first_input(block.get_submodule(name), *f))
+                                         for c, f in zip(S.calls, full[name]))
+    W = block.mlp.down_proj.weight.detach()
+    spec = lowbit.IntSpec(3, 32, False)
+    X = torch.cat([first_input(block.mlp.down_proj, a, kw).reshape(-1, 128) for a, kw in full["mlp.down_proj"]])
+    assert torch.equal(search_clip(W, summary["mlp.down_proj"].sample, spec), search_clip(W, X, spec))
+
+
+def test_input_summary_sample_spreads_over_any_token_count():
+    from lowbit.models.calibration import BlockInputs, summarize_inputs
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(1, 1)
+
+        def forward(self, h):
+            return self.lin(h)
+
+    hidden, start = [], 0
+    for n in (5, 7, 3, 11, 9, 2):                       # 37 tokens in uneven calls, rows numbered
+        hidden.append(torch.arange(start, start + n, dtype=torch.float32).reshape(1, n, 1))
+        start += n
+    S = summarize_inputs(Block(), BlockInputs(hidden, [{}] * len(hidden)), {"lin": 1}, keep=0, n_tokens=8)["lin"]
+    assert S.tokens == 37 and S.calls == []
+    assert torch.equal(S.sample.squeeze(1), torch.arange(0, 37, 4, dtype=torch.float32))   # 10 rows <= 16
+    torch.testing.assert_close(S.abs_mean, torch.tensor([18.0]))

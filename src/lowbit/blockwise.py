@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .algorithms import (Hessian, apply_clip, factor_hessian, fake_quantize, gptq_quantize_updated, quantize_rtn,
                          search_alpha, search_clip, search_scale, smoothing_factors, top_fraction_dims)
@@ -28,11 +28,12 @@ from .config import W8_SPEC, config_for
 from .formats import IntSpec, QuantizedTensor
 from .formats.act import ActSpec, fake_quantize_act
 from .models.arch import Arch
-from .models.calibration import BlockInputs, capture_calls, first_input, first_output
+from .models.calibration import BlockInputs, InputSummary, capture_calls, first_input, first_output, summarize_inputs
 from .models.discovery import fold_scale
 from .nn.qlinear import INPUT_SCALE, input_scale_of, scale_inputs
 
 Plan = dict  # name inside the block -> its configuration (lowbit.config)
+CLIP_TOKENS = 512   # tokens AWQ's clip search scores each candidate bound on (spread over the calibration set)
 
 
 @dataclass
@@ -147,21 +148,24 @@ def scale_group(block: nn.Module, producer: str | None, lins: list[nn.Module], s
         _fold_into_producer(block, producer, s, arch)
 
 
-def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> list[torch.Tensor]:
+def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> list[InputSummary]:
     """AWQ's first phase: search each group's channel scales and fold them in (the block's function is
     unchanged). A group is scaled when all its Linears are planned for AWQ and its producer's width matches.
-    Returns each group's inputs ([tokens, K], already divided by the scales) for the clip search."""
+    Returns each group's input summary (its statistics and token sample already divided by the scales) for the
+    clip search. One pass over the calibration set keeps only what the searches read (summarize_inputs), not
+    every group's inputs."""
     groups = list(linear_groups(arch, plan))
-    calls = capture_calls(block, inputs, [g[3] for g in groups])
-    group_inputs = []
+    keep = max(plan[names[0]].search_samples for _p, _l, names, _i in groups)
+    widths = {inspect: block.get_submodule(names[0]).in_features for _p, _l, names, inspect in groups}
+    summaries = summarize_inputs(block, inputs, widths, keep, CLIP_TOKENS)
+    out = []
     for producer, linears, names, inspect in groups:
         cfg = plan[names[0]]
         mod = block.get_submodule(inspect)
         lins = [block.get_submodule(n) for n in names]
-        K = lins[0].in_features
-        X = torch.cat([x.reshape(-1, K) for x in _inputs(block, inspect, calls[inspect])]).float()
-        if scalable(block, arch, producer, linears, names, K):
-            sample = calls[inspect][: cfg.search_samples]
+        S = summaries[inspect]
+        if S.tokens and scalable(block, arch, producer, linears, names, lins[0].in_features):
+            sample = S.calls[: cfg.search_samples]
             with torch.no_grad():
                 ref = [first_output(mod(*a, **kw)).float() for a, kw in sample]
             originals = [lin.weight.data.clone() for lin in lins]
@@ -174,13 +178,13 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
                               for (a, kw), r in zip(sample, ref))
                 return err / sum(r.numel() for r in ref)
 
-            _alpha, s, _errors = search_scale(X.abs().mean(0), originals, cfg.spec, output_error, cfg.n_grid)
+            _alpha, s, _errors = search_scale(S.abs_mean, originals, cfg.spec, output_error, cfg.n_grid)
             for lin, w in zip(lins, originals):
                 lin.weight.data = w
             scale_group(block, producer, lins, s, arch)
-            X = X / s
-        group_inputs.append(X)
-    return group_inputs
+            S = replace(S, abs_mean=S.abs_mean / s, sq_mean=S.sq_mean / s.pow(2), sample=S.sample / s)
+        out.append(replace(S, calls=[]))
+    return out
 
 
 def awq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
@@ -192,18 +196,18 @@ def awq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> 
 def awq_round(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, tuple[torch.Tensor, QuantizedTensor]]:
     """AWQ's two phases without writing the result back: per Linear, its scaled float weight and its
     clipped round-to-nearest quantization (the scales are folded into the producers)."""
-    group_inputs = awq_scale_block(block, inputs, plan, arch)
+    summaries = awq_scale_block(block, inputs, plan, arch)
     out = {}
-    for (_p, _l, names, _i), X in zip(linear_groups(arch, plan), group_inputs):
+    for (_p, _l, names, _i), S in zip(linear_groups(arch, plan), summaries):
         for n in names:
             W = block.get_submodule(n).weight.detach().float()
             cfg = plan[n]
+            clip = cfg.clip and n not in arch.no_clip and S.tokens > 0
             if not isinstance(cfg.spec, IntSpec):   # GGUF types: their own search, weighted by mean x²
-                imp = X.pow(2).mean(0) if cfg.clip and n not in arch.no_clip else None
-                out[n] = (W, cfg.spec.quantize(W, imp))
+                out[n] = (W, cfg.spec.quantize(W, S.sq_mean if clip else None))
                 continue
-            clipped = apply_clip(W, search_clip(W, X, cfg.spec, cfg.n_grid), cfg.spec) \
-                if cfg.clip and n not in arch.no_clip else W
+            clipped = apply_clip(W, search_clip(W, S.sample, cfg.spec, cfg.n_grid, n_tokens=CLIP_TOKENS), cfg.spec) \
+                if clip else W
             out[n] = (W, quantize_rtn(clipped, cfg.spec))
     return out
 

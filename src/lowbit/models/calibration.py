@@ -136,3 +136,94 @@ def capture_calls(block: nn.Module, inputs: BlockInputs, names: list[str]) -> di
         for handle in handles:
             handle.remove()
     return calls
+
+
+@dataclass
+class InputSummary:
+    """What a scale search needs of one module's inputs over the whole calibration set, without keeping them
+    all (they are most of AWQ's memory: every group's inputs for every window).
+
+    calls     the first `keep` calls' (args, kwargs): candidates are scored by running the module on these
+    abs_mean  [K] float32: mean |x| per input channel over every token
+    sq_mean   [K] float32: mean x² per input channel over every token
+    sample    [≤ 2·n_tokens, K] float32: every 2^k-th token over all calls in order, with the smallest k that
+              leaves at most 2·n_tokens of them (for a token count of n_tokens times a power of two this is a
+              superset of every (count // n_tokens)-th token, which the clip search picks)
+    tokens    how many tokens were seen
+    """
+
+    calls: list
+    abs_mean: torch.Tensor
+    sq_mean: torch.Tensor
+    sample: torch.Tensor
+    tokens: int
+
+
+class _Summarizer:
+    def __init__(self, keep: int, n_tokens: int):
+        self.keep, self.cap = keep, 2 * n_tokens
+        self.calls, self.parts, self.kept = [], [], 0
+        self.stride, self.tokens = 1, 0
+        self.abs_sum = self.sq_sum = None
+
+    def add(self, args: tuple, kwargs: dict, x: torch.Tensor) -> None:
+        if len(self.calls) < self.keep:
+            self.calls.append((args, dict(kwargs)))
+        x = x.reshape(-1, x.shape[-1]).float()
+        if self.abs_sum is None:
+            self.abs_sum = torch.zeros(x.shape[1], dtype=torch.float64)
+            self.sq_sum = torch.zeros(x.shape[1], dtype=torch.float64)
+        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
+        self.sq_sum += x.pow(2).sum(0, dtype=torch.float64)
+        first = (-self.tokens) % self.stride            # the first row of x at a global multiple of the stride
+        part = x[first::self.stride].clone()
+        self.tokens += x.shape[0]
+        self.parts.append(part)
+        self.kept += part.shape[0]
+        while self.kept > self.cap:                     # halve: keep global multiples of twice the stride
+            parts, offset = [], 0
+            for p in self.parts:
+                parts.append(p[offset % 2::2])
+                offset += p.shape[0]
+            self.parts, self.stride = parts, self.stride * 2
+            self.kept = sum(p.shape[0] for p in parts)
+
+    def summary(self, width: int) -> InputSummary:
+        n = max(self.tokens, 1)
+        zero = torch.zeros(width)
+        return InputSummary(self.calls, zero if self.abs_sum is None else (self.abs_sum / n).float(),
+                            zero if self.sq_sum is None else (self.sq_sum / n).float(),
+                            torch.cat(self.parts) if self.parts else torch.zeros(0, width), self.tokens)
+
+
+@torch.no_grad()
+def summarize_inputs(block: nn.Module, inputs: BlockInputs, widths: dict[str, int], keep: int,
+                     n_tokens: int) -> dict[str, InputSummary]:
+    """capture_calls' pass over the calibration set, keeping for each named module (name -> its input width)
+    only an InputSummary."""
+    names = list(widths)
+    acc = {n: _Summarizer(keep, n_tokens) for n in names}
+    seen: set[str] = set()
+    handles = []
+
+    def make_hook(name):
+        def hook(module, args, kwargs):
+            acc[name].add(args, kwargs, first_input(module, args, kwargs))
+            seen.add(name)
+            if len(seen) == len(names):
+                raise _Stop
+        return hook
+
+    for n in names:
+        handles.append(block.get_submodule(n).register_forward_pre_hook(make_hook(n), with_kwargs=True))
+    try:
+        for h, kw in zip(inputs.hidden, inputs.kwargs):
+            seen.clear()
+            try:
+                block(h, **kw)
+            except _Stop:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: a.summary(widths[n]) for n, a in acc.items()}
