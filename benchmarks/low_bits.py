@@ -22,7 +22,8 @@ windows for every method.
   would pack (torchao's int-x packed layouts have no CPU kernel for 2/3 bits to evaluate with).
 
 Writes OUT/low_bits.json and OUT/low_bits.png (KLD against wall time of calibration + training) and prints a
-markdown table.
+markdown table. Rows of an earlier run in OUT are kept unless this run measures the same bits and method, so
+the bit widths can be run one at a time (each row records its date, machine and settings).
 """
 
 from __future__ import annotations
@@ -184,6 +185,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    settings = {"group_size": args.group_size, "eval_windows": int(windows.shape[0]), "calib_windows": args.calib,
+                "qat_windows": args.qat_windows, "qat_seqlen": SEQLEN, "torchao_lr": args.lr,
+                "qat_lr": args.qat_lr, "qat_train": args.qat_train, "qat_init": args.qat_init,
+                "learned_init": args.learned_init}
+    earlier = load_rows(out / "low_bits.json")
     passthrough = ["--group-size", str(args.group_size), "--calib", str(args.calib), "--learned-init",
                    args.learned_init, "--qat-windows", str(args.qat_windows), "--lr", str(args.lr),
                    "--qat-train", args.qat_train, "--qat-lr", str(args.qat_lr)]
@@ -205,6 +211,8 @@ def main() -> None:
                 r = subprocess.run([sys.executable, __file__, *passthrough, *extra, "--row", method, str(bits), str(d)],
                                    capture_output=True, text=True)
                 row["load_average_1min"] = os.getloadavg()[0]
+                row["date"] = time.strftime("%Y-%m-%d")
+                row["settings"] = settings
                 if r.returncode != 0:
                     row["error"] = (r.stderr.strip().splitlines() or ["failed"])[-1]
                 else:
@@ -213,26 +221,44 @@ def main() -> None:
                     with torch.no_grad():
                         q = evaluate_quality({"m": model}, windows, base=base, progress=False)["m"]
                     row.update(kld=q["kld"], ppl=q["ppl"], top1=q["top1"])
+                row["machine"] = environment()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                meta = {"group_size": args.group_size, "eval_windows": int(windows.shape[0]),
-                        "calib_windows": args.calib, "qat_windows": args.qat_windows, "qat_seqlen": SEQLEN,
-                        "lr": args.lr, "qat_lr": args.qat_lr, "qat_train": args.qat_train,
-                        "qat_init": args.qat_init, "learned_init": args.learned_init,
-                        **environment()}
-                (out / "low_bits.json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=2, default=str))
+                merged = merge_rows(earlier, rows)
+                (out / "low_bits.json").write_text(json.dumps({"rows": merged}, indent=2, default=str))
+    rows = merge_rows(earlier, rows)
     with torch.no_grad():
         base_ppl = evaluate_quality({"b": base}, windows, base=None, progress=False)["b"]["ppl"]
     plot(out / "low_bits.png", rows)
     print(f"\nbase perplexity {base_ppl:.3f}; {environment()}\n")
-    print("| bits | method | KLD | PPL | top-1 | wall s | peak RSS GiB | load |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| bits | method | KLD | PPL | top-1 | wall s | peak RSS GiB | load | date |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['bits']} | {r['method']} | failed: {r['error'][:100]} | | | | | |")
+            print(f"| {r['bits']} | {r['method']} | failed: {r['error'][:100]} | | | | | | {r.get('date', '')} |")
             continue
         print(f"| {r['bits']} | {r['method']} | {r['kld']:.4f} | {r['ppl']:.2f} | {100 * r['top1']:.2f}% | "
-              f"{r['seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['load_average_1min']:.1f} |")
+              f"{r['seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['load_average_1min']:.1f} | "
+              f"{r.get('date', '')} |")
+
+
+def load_rows(path: Path) -> list[dict]:
+    """The rows of an earlier run's results (older files kept one run's settings in "meta")."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    meta = data.get("meta", {})
+    return [{**r, "machine": r.get("machine", {k: meta[k] for k in ("cpu", "cores", "torch") if k in meta}),
+             "settings": r.get("settings", {k: v for k, v in meta.items() if k not in ("cpu", "cores", "torch")})}
+            for r in data.get("rows", [])]
+
+
+def merge_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """Earlier rows, each replaced by this run's row of the same bits and method; sorted by bits (high first)
+    in the order methods were run. Each row keeps its own date, machine and settings."""
+    ran = {(r["bits"], r["method"]) for r in new}
+    rows = [r for r in earlier if (r["bits"], r["method"]) not in ran] + new
+    return sorted(rows, key=lambda r: -r["bits"])
 
 
 def plot(path: Path, rows: list[dict]) -> None:

@@ -332,3 +332,34 @@ def test_unsupported_models_fail_with_one_line_and_write_nothing(config, message
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "unsupported architecture" in err[0] and message in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_awq_rounds_an_expert_no_calibration_token_reached(tokenizer):
+    """An expert the router never picks on the calibration text has no inputs to search scales or clipping on:
+    it is rounded to nearest, the others are calibrated, and nothing fails."""
+    model = tiny("qwen3_moe", tokenizer)
+    reference = copy.deepcopy(model)
+    never = 3
+
+    def no_expert_3(router, args, out):   # the router as it is, with one expert's logit pushed down
+        logits = out[0].clone()
+        logits[:, never] = -1e4
+        top, idx = torch.topk(torch.softmax(logits.float(), dim=-1), router.top_k, dim=-1)
+        if router.norm_topk_prob:
+            top = top / top.sum(-1, keepdim=True)
+        return logits, top.to(logits.dtype), idx
+
+    for m in (model, reference):
+        for layer in m.model.layers:
+            layer.mlp.gate.register_forward_hook(no_expert_3)
+    lowbit.quantize(model, lowbit.AWQ(bits=4, group_size=16), calibration=ids(2, 16, seed=1), progress=False)
+    routed = model.lowbit["expert_tokens"]["routed"]
+    assert all(c[never] == 0 and sum(c) > 0 for c in routed.values()), routed
+    unstack_experts(reference)
+    for i, layer in enumerate(model.model.layers):
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(layer.mlp.experts[never], p)
+            w = getattr(reference.model.layers[i].mlp.experts[never], p).weight.detach().float()
+            rtn = lowbit.IntSpec(4, 16, True).quantize(w)
+            assert lin.quantized_tensor().same_as(rtn), (i, p)     # plain round-to-nearest of its own weights
+    assert torch.isfinite(logits(model, ids(2, 16))).all()

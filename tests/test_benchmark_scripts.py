@@ -60,3 +60,21 @@ def test_engine_overhead_benchmark_quick(tmp_path):
     data = json.loads(out.read_text())
     assert [row["family"] for row in data["rows"]] == ["llama", "gemma3_text", "qwen3_moe"]
     assert all(row["step_us"] > row["linears_us"] > 0 for row in data["raw"])
+
+
+@pytest.mark.slow
+def test_low_bits_benchmark_runs_bit_widths_one_at_a_time(tmp_path):
+    def run(*args):
+        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "low_bits.py"), "--windows", "2",
+                            "--qat-steps", "2", "--out", str(tmp_path), *args], capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads((tmp_path / "low_bits.json").read_text())["rows"]
+
+    first = run("--bits", "3", "--methods", "rtn,qat")
+    assert [(r["bits"], r["method"]) for r in first] == [(3, "rtn"), (3, "qat@2")]
+    assert first[1]["qat_start"] == "rtn" and first[1]["kld"] < first[0]["kld"]   # trained from the RTN row
+    rows = run("--bits", "2", "--methods", "rtn")
+    assert [(r["bits"], r["method"]) for r in rows] == [(3, "rtn"), (3, "qat@2"), (2, "rtn")]
+    assert rows[:2] == first and all(r["date"] and r["settings"]["group_size"] == 64 for r in rows)
+    assert (tmp_path / "low_bits.png").stat().st_size > 0
