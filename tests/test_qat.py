@@ -194,3 +194,13 @@ def test_qat_starts_from_a_saved_checkpoint(tiny_dir, tmp_path):
     ckpt2 = lowbit.save(lowbit.quantize(other, FMT, progress=False), tmp_path / "other", tok)
     with pytest.raises(lowbit.LowbitError, match="not a quantization of this model: its Linear model.layers.0.mlp"):
         qat(tiny_dir, init=ckpt2, steps=1, **SMALL)
+
+
+def test_cli_qat_from_a_checkpoint(tiny_dir, tmp_path, capsys):
+    from lowbit.cli import main
+    start = lowbit.save(lowbit.quantize(lowbit.load_model(tiny_dir), FMT, progress=False), tmp_path / "rtn")
+    assert main(["--quiet", "qat", str(tiny_dir), "--init", str(start), "--steps", "2", "--seqlen", "32",
+                 "--windows", "4", "--out", str(tmp_path / "q")]) == 0
+    assert lowbit.load(tmp_path / "q").model.lowbit["qat"]["init"] == str(start)
+    assert main(["--quiet", "qat", str(tiny_dir), "--init", "nonsense", "--steps", "2", "--out", str(tmp_path / "r")]) == 2
+    assert "or a lowbit checkpoint" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -559,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bits", type=int, default=4, choices=list(SUPPORTED_BITS))
     t.add_argument("--group-size", type=int, default=64, help="columns per scale group; -1 = per channel")
     t.add_argument("--asym", action="store_true", help="asymmetric (with zero points); default symmetric")
-    t.add_argument("--init", default="rtn", choices=["rtn", "gptq", "awq", "learned"], help="start from (rtn)")
+    t.add_argument("--init", default="rtn",
+                   help="start from: rtn (default), gptq, awq, learned, or a lowbit checkpoint quantized from MODEL")
     t.add_argument("--steps", type=_positive, required=True)
     t.add_argument("--train", default="scales", choices=["scales", "weights"],
                    help="what trains: group scales with the codes frozen (default), or latent weights and ranges")
