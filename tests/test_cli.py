@@ -179,6 +179,19 @@ def test_eval_of_a_gguf_file_reports_the_file_size(capsys, tmp_path):
     assert f"{r['file_bits_per_weight']:.3f} bits/weight (loaded dequantized to float)" in stdout
 
 
+def test_generate_streams_tokens_while_the_step_compiles(capsys, tiny_dir):
+    code, out, err = run(capsys, "generate", tiny_dir, "--prompt", "Python is", "--max-new-tokens", "6")
+    assert code == 0 and out.strip()
+    assert "first after" in err and "eager while the step compiled" in err
+    import lowbit
+    loaded = lowbit.load(tiny_dir)
+    want = lowbit.generate(loaded.model, loaded.tokenizer, "Python is", 6, engine="eager")["text"]
+    assert out.rstrip("\n") == want
+    code, out2, err = run(capsys, "generate", tiny_dir, "--prompt", "Python is", "--max-new-tokens", "6",
+                          "--wait-compile")
+    assert code == 0 and out2 == out and "compiled engine" in err
+
+
 def test_generate_kv_cache_options(capsys, tiny_dir):
     code, out, err = run(capsys, "generate", tiny_dir, "--prompt", "Python is", "--max-new-tokens", "4",
                          "--kv-bits", "4", "--engine", "eager")

@@ -103,6 +103,34 @@ def test_compiled_step_equals_eager(bits):
         assert torch.equal(la, lb) and torch.equal(ta, tb)
 
 
+def test_background_compilation_decodes_eagerly_then_switches_with_the_same_tokens():
+    model = quantized(_tiny_model("llama"), bits=4, group_size=32)
+    ids = torch.randint(0, 256, (1, 5))
+    want = Engine(model, compile=False).generate(ids, 24)["tokens"]
+    engine = Engine(model, compile=True, background=True)
+    seen = []
+
+    def on_token(tok):
+        seen.append(int(tok))
+        if len(seen) == 5:        # the first 4 decode steps ran eagerly; from here on the compiled step runs
+            engine.wait_compiled()
+
+    r = engine.generate(ids, 24, on_token=on_token)
+    assert torch.equal(r["tokens"], want) and seen == want.tolist()
+    assert r["eager_tokens"] == 4 and r["compiled_tokens_per_s"] > 0 and engine.compile_seconds > 0
+    again = engine.generate(ids, 24)
+    assert again["eager_tokens"] == 0 and torch.equal(again["tokens"], want)
+    longer = torch.randint(0, 256, (1, 300))       # a new bucket compiles in the background again
+    r = engine.generate(longer, 8)
+    engine.wait_compiled()
+    assert r["eager_tokens"] >= 1 and torch.equal(r["tokens"], Engine(model, compile=False).generate(longer, 8)["tokens"])
+
+
+def test_a_quantized_cache_compiles_in_front():
+    engine = Engine(_tiny_model("llama"), compile=True, background=True, kv_bits=4)
+    assert not engine.background
+
+
 def test_cache_buckets_grow_and_limit(fresh):
     model = _tiny_model("llama")
     engine = Engine(model, compile=False)

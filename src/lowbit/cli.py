@@ -367,14 +367,31 @@ def cmd_generate(args) -> int:
         if streamed.plan.streamed and engine == "compiled":
             print("streaming blocks: the engine runs eagerly (weights are swapped in around each block)",
                   file=sys.stderr)
-    try:
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:   # tokens are printed as they come; the decode step compiles in the background meanwhile
         r = generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
-                     engine=engine, kv_bits=args.kv_bits, kv_offload=args.kv_offload, kv_keys=args.kv_keys)
+                     engine=engine, kv_bits=args.kv_bits, kv_offload=args.kv_offload, kv_keys=args.kv_keys,
+                     stream=None if engine == "hf" else show, background=args.background)
     finally:
         if streamed is not None:
             streamed.close(remove_store=not args.keep_offload)
-    print(r["text"])
+    print(r["text"] if engine == "hf" else "")
     speed = r["decode_tokens_per_s"]
+    if "eager_tokens" in r and r["eager_tokens"]:
+        rate = r["compiled_tokens_per_s"]
+        done = "still compiling" if r["compile_seconds"] is None else f"compiled in {r['compile_seconds']:.1f} s"
+        how = (f"{r['eager_tokens']} tokens eager while the step compiled ({done}), "
+               f"then {_fmt(rate, '.1f')} tok/s compiled" if rate else f"all eager while the step compiled ({done})")
+        print(f"[{r['new_tokens']} tokens, {r['seconds']:.2f} s, first after {r['prefill_seconds']:.2f} s; {how}]",
+              file=sys.stderr)
+        if r["compile_seconds"] is None:
+            print("[finishing the compilation for the next run; Ctrl-C skips it]", file=sys.stderr)
+            from .eval.speed import wait_compiled
+            wait_compiled(loaded.model)
+        return 0
     compiled = f", compiled in {r['compile_seconds']:.1f} s" if r.get("compile_seconds") else ""
     print(f"[{r['new_tokens']} tokens, {r['seconds']:.2f} s, decode {_fmt(speed, '.1f')} tok/s, "
           f"{r['engine']} engine{compiled}]", file=sys.stderr)
@@ -587,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_positive, default=64)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--kernel", default="auto")
+    g.add_argument("--wait-compile", dest="background", action="store_false",
+                   help="compile the decode step before the first token (for timing) instead of decoding eagerly "
+                        "while it compiles in the background")
     g.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="weight budget (e.g. 300MB, 2GB): decoder blocks that do not fit are streamed, the next "
                         "one read while the current one computes")

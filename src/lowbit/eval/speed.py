@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 import weakref
+from typing import Callable
 
 import torch
 
@@ -34,6 +35,13 @@ def engine_for(model, engine: str = "compiled", kv_bits: int | None = None, kv_o
         cache[key] = Engine(model, compile=engine == "compiled", kv_bits=kv_bits, kv_offload=kv_offload,
                             kv_key_group=_key_group(kv_keys, kv_bits, kv_offload))
     return cache[key]
+
+
+def wait_compiled(model) -> None:
+    """Wait for any background compilation of the model's engines (its result lands in inductor's cache, so
+    the next run starts compiled)."""
+    for e in _ENGINES.get(model, {}).values():
+        e.wait_compiled()
 
 
 def _key_group(kv_keys: str, kv_bits: int | None, kv_offload: bool):
@@ -73,12 +81,16 @@ def _eos_ids(model, tokenizer) -> list[int]:
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = False,
              engine: str = "compiled", kv_bits: int | None = None, kv_offload: bool = False,
-             kv_keys: str = "auto") -> dict:
+             kv_keys: str = "auto", stream: Callable[[str], None] | None = None,
+             background: bool = False) -> dict:
     """Greedy continuation of `prompt`; returns text, token counts, and timings.
 
     decode_tokens_per_s excludes the prompt's forward pass, which is timed on its own (prefill). With a lowbit
     engine, compile_seconds is the one-time cost of compiling (or loading) the decode step, not counted in
-    the speeds.
+    the speeds. stream(text) receives the continuation piece by piece as tokens are decoded (lowbit engines).
+    background=True (compiled engine): no wait for the compiler — tokens are decoded eagerly while it compiles
+    in a thread, then by the compiled step (see lowbit.engine.Engine); eager_tokens says how many were eager,
+    compiled_tokens_per_s is the rate of the others, and compile_seconds is the compiler's own time.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise LowbitError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -103,18 +115,25 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
         raise LowbitError("a quantized or host-memory KV cache needs a lowbit engine (--engine compiled or eager)")
     if engine != "hf":
         e = engine_for(model, engine, kv_bits, kv_offload, kv_keys)
-        compile_s = e.warmup() if e.compile else 0.0
+        e.wait_compiled()
+        e.background = bool(background and e.compile and kv_bits is None)
+        compile_s = e.warmup() if e.compile and not e.background else 0.0
         t0 = time.perf_counter()
-        r = e.generate(ids, max_new_tokens, eos_token_id=_eos_ids(model, tokenizer))
+        r = e.generate(ids, max_new_tokens, eos_token_id=_eos_ids(model, tokenizer),
+                       on_token=None if stream is None else _text_stream(tokenizer, stream))
         total_s = time.perf_counter() - t0
         new = r["tokens"]
-        return {
+        out = {
             "text": tokenizer.decode(new, skip_special_tokens=True), "tokens": new.tolist(),
             "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()),
             "prefill_seconds": r["prefill_seconds"], "seconds": total_s,
             "decode_tokens_per_s": r["decode_tokens_per_s"], "tokens_per_s": new.numel() / total_s,
             "engine": engine if e.compile or engine == "eager" else "eager", "compile_seconds": compile_s,
         }
+        if e.background:
+            out.update(eager_tokens=r["eager_tokens"], compiled_tokens_per_s=r["compiled_tokens_per_s"],
+                       compile_seconds=e.compile_seconds if r["eager_tokens"] else 0.0)
+        return out
     t0 = time.perf_counter()
     model(ids, use_cache=False)
     prefill_s = time.perf_counter() - t0
@@ -133,6 +152,23 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
         "tokens_per_s": new.numel() / total_s,
         "engine": "hf",
     }
+
+
+def _text_stream(tokenizer, stream: Callable[[str], None]) -> Callable[[torch.Tensor], None]:
+    """on_token for Engine.generate: hands `stream` each new piece of the decoded text (a piece that ends in an
+    incomplete character waits for the next token)."""
+    ids: list[int] = []
+    shown = [""]
+
+    def on_token(tok: torch.Tensor) -> None:
+        ids.append(int(tok))
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(shown[0]):
+            return
+        if len(text) > len(shown[0]):
+            stream(text[len(shown[0]):])
+            shown[0] = text
+    return on_token
 
 
 def _median(xs):
