@@ -78,3 +78,12 @@ def test_low_bits_benchmark_runs_bit_widths_one_at_a_time(tmp_path):
     assert [(r["bits"], r["method"]) for r in rows] == [(3, "rtn"), (3, "qat@2"), (2, "rtn")]
     assert rows[:2] == first and all(r["date"] and r["settings"]["group_size"] == 64 for r in rows)
     assert (tmp_path / "low_bits.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_cold_start_benchmark_quick(tmp_path):
+    out = tmp_path / "cold"
+    run_quick("cold_start.py", out, timeout=1200)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["run"] for r in data["rows"]][0].startswith("background") and data["meta"]["same_text_every_run"]
+    assert all(0 < r["first_token_s"] <= r["text_done_s"] <= r["exit_s"] for r in data["rows"])

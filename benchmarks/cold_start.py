@@ -1,0 +1,95 @@
+"""How long a user waits for the first token of `lowbit generate` on a checkpoint nothing has compiled before.
+
+A checkpoint of the default model (RTN INT4 g64) is written once; then `lowbit generate CKPT` runs as a fresh
+process, each time with its own empty inductor cache (TORCHINDUCTOR_CACHE_DIR) unless said otherwise:
+
+- background (the default): tokens decode eagerly while the step compiles in a thread;
+- --wait-compile: the step compiles before the first token (the behaviour before background compilation);
+- warm: background again, on the cache the first run filled (the next run of the same checkpoint).
+
+For each: seconds from the process start to the first byte of generated text on stdout, to the end of the
+text, and to the process exit (a cold background run finishes the compilation for the next run before it
+exits), plus what the command reports (tokens decoded eagerly, compiled decode rate).
+
+    python benchmarks/cold_start.py [--new-tokens 64] [--out benchmarks/results/cold_start]
+    python benchmarks/cold_start.py --quick --out DIR      # a few tokens: keeps the script alive
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "The history of the Python language"
+
+
+def timed_run(ckpt: Path, cache: Path, new_tokens: int, extra: list[str]) -> dict:
+    """Run lowbit generate; time the first stdout byte, the end of stdout and the exit."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "lowbit.cli", "generate", str(ckpt), "--prompt", PROMPT,
+           "--max-new-tokens", str(new_tokens), *extra]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first = p.stdout.read(1)
+    t_first = time.perf_counter() - t0
+    text = first + p.stdout.read()
+    t_text = time.perf_counter() - t0
+    err = p.stderr.read().decode()
+    p.wait()
+    t_exit = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"lowbit generate failed: {err.strip().splitlines()[-1] if err.strip() else p.returncode}")
+    report = [line for line in err.splitlines() if line.startswith("[") and "tokens" in line]
+    return {"first_token_s": t_first, "text_done_s": t_text, "exit_s": t_exit, "report": report[-1] if report else "",
+            "text": text.decode(errors="replace").strip()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--out", default="benchmarks/results/cold_start")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.new_tokens = 4
+
+    import lowbit
+    from lowbit.eval import environment
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lowbit-cold-") as tmp:
+        tmp = Path(tmp)
+        loaded = lowbit.quantize(lowbit.load("default"), lowbit.RTN(bits=4, group_size=64), progress=False)
+        ckpt = lowbit.save(loaded, tmp / "ckpt")
+        del loaded
+        runs = [("background, cold cache", "cold-a", []),
+                ("--wait-compile, cold cache", "cold-b", ["--wait-compile"]),
+                ("background, warm cache", "cold-a", [])]
+        rows = []
+        for name, cache, extra in runs:
+            r = timed_run(ckpt, tmp / cache, args.new_tokens, extra)
+            rows.append({"run": name, "load_average_1min": os.getloadavg()[0], **r})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "text"}), flush=True)
+        shutil.rmtree(tmp / "cold-a", ignore_errors=True)
+    same = len({r["text"] for r in rows}) == 1
+    meta = {"new_tokens": args.new_tokens, "prompt": PROMPT, "same_text_every_run": same, **environment()}
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=2))
+    lines = [f"{meta['cpu']}, {meta['cores']} cores, torch {meta['torch']}; {args.new_tokens} new tokens; "
+             f"same text in every run: {same}", "",
+             "| run | first token s | text done s | exit s | reported |", "|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['first_token_s']:.1f} | {r['text_done_s']:.1f} | {r['exit_s']:.1f} | "
+              f"{r['report'].strip('[]')} |" for r in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
