@@ -204,3 +204,19 @@ def test_cli_qat_from_a_checkpoint(tiny_dir, tmp_path, capsys):
     assert lowbit.load(tmp_path / "q").model.lowbit["qat"]["init"] == str(start)
     assert main(["--quiet", "qat", str(tiny_dir), "--init", "nonsense", "--steps", "2", "--out", str(tmp_path / "r")]) == 2
     assert "or a lowbit checkpoint" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_qat_trains_a_recipe_checkpoint_keeping_each_modules_format(tiny_dir, tmp_path):
+    """Mixed precision: a recipe picks each module's format (and leaves some float); QAT from that checkpoint
+    trains every integer Linear in its own format, and what the recipe kept float stays float."""
+    recipe = lowbit.Recipe.from_rules([{"match": "*.mlp.down_proj", "method": "rtn", "bits": 8, "group_size": 32},
+                                       {"match": "*.self_attn.o_proj", "keep": True}],
+                                      lowbit.Learned(bits=2, group_size=32, symmetric=False, iters=2))
+    start = lowbit.quantize(lowbit.load_model(tiny_dir), recipe, progress=False, calib_samples=4, calib_seqlen=32)
+    ckpt = lowbit.save(start, tmp_path / "mixed")
+    model = qat(tiny_dir, init=ckpt, steps=2, lr=1e-3, kernel="reference", **SMALL).model
+    layer = model.model.layers[0]
+    assert layer.mlp.down_proj.spec.bits == 8 and layer.self_attn.q_proj.spec.bits == 2
+    assert not isinstance(layer.self_attn.o_proj, lowbit.nn.QuantLinear)
+    before = lowbit.load(ckpt).model.model.layers[0].self_attn.q_proj.quantized_tensor()
+    assert not layer.self_attn.q_proj.quantized_tensor().same_as(before)          # trained
