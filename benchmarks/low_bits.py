@@ -7,7 +7,8 @@ model, with torchao's QAT as the peer, all in one run and evaluated the same way
 
 Every row is asymmetric groups of 64 (`--group-size`) on every Linear of the decoder blocks; the embedding and
 head stay as they are. Each row runs in a child process that reports its wall time and peak resident memory
-(ru_maxrss), then lowbit evaluates its output against the float model on the same held-out windows (KLD,
+(ru_maxrss; for the post-training rows also the peak above the resident size just before quantizing, the
+method's own memory, where Linux lets the peak be reset), then lowbit evaluates its output against the float model on the same held-out windows (KLD,
 perplexity, top-1 agreement). Calibration and training text: the default text's calibration half, the same
 windows for every method.
 
@@ -53,6 +54,27 @@ def config(method: str, bits: int, group: int, learned_init: str):
     return lowbit.Learned(init=learned_init, **common)
 
 
+def status_bytes(field: str) -> int | None:
+    """A field of /proc/self/status in bytes (Linux), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith(field + ":"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def reset_peak_rss() -> int | None:
+    """Reset the process's peak-RSS mark (Linux: clear_refs 5) so that VmHWM then reads the peak of what follows;
+    returns the RSS now, or None where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return status_bytes("VmRSS")
+
+
 def row_worker(method: str, bits: int, args, out: Path) -> dict:
     import torch
 
@@ -61,9 +83,12 @@ def row_worker(method: str, bits: int, args, out: Path) -> dict:
     t0 = time.perf_counter()
     if method in ("rtn", "gptq", "awq", "learned"):
         loaded = lowbit.load("default")
+        calibration = calibration_ids(None, loaded.tokenizer, args.calib, 512, 0)
+        before = reset_peak_rss()
         lowbit.quantize(loaded, lowbit.Recipe.default(config(method, bits, args.group_size, args.learned_init)),
-                        calibration=calibration_ids(None, loaded.tokenizer, args.calib, 512, 0), progress=False)
-        extra = {}
+                        calibration=calibration, progress=False)
+        peak = status_bytes("VmHWM")
+        extra = {} if before is None or peak is None else {"rss_before_bytes": before, "method_peak_rss_bytes": peak}
     elif method.startswith("qat@"):
         from lowbit.train import qat
         steps = int(method.split("@")[1])
@@ -231,14 +256,16 @@ def main() -> None:
         base_ppl = evaluate_quality({"b": base}, windows, base=None, progress=False)["b"]["ppl"]
     plot(out / "low_bits.png", rows)
     print(f"\nbase perplexity {base_ppl:.3f}; {environment()}\n")
-    print("| bits | method | KLD | PPL | top-1 | wall s | peak RSS GiB | load | date |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| bits | method | KLD | PPL | top-1 | wall s | peak RSS GiB | method's own GiB | load | date |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['bits']} | {r['method']} | failed: {r['error'][:100]} | | | | | | {r.get('date', '')} |")
+            print(f"| {r['bits']} | {r['method']} | failed: {r['error'][:100]} | | | | | | | {r.get('date', '')} |")
             continue
+        own = (f"{(r['method_peak_rss_bytes'] - r['rss_before_bytes']) / 2**30:.2f}"
+               if "method_peak_rss_bytes" in r else "")
         print(f"| {r['bits']} | {r['method']} | {r['kld']:.4f} | {r['ppl']:.2f} | {100 * r['top1']:.2f}% | "
-              f"{r['seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['load_average_1min']:.1f} | "
+              f"{r['seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | {own} | {r['load_average_1min']:.1f} | "
               f"{r.get('date', '')} |")
 
 
