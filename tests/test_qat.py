@@ -43,6 +43,24 @@ def test_latent_start_keeps_the_codes_and_sits_where_the_float_weight_does():
         start_latent(qt, w[:8])
 
 
+def test_low_rank_adapters_train_and_merge_before_rounding():
+    torch.manual_seed(0)
+    w = 0.1 * torch.randn(8, 64)
+    qt = lowbit.IntSpec(3, 32, False).quantize(w)
+    m = FakeQuantLinear(qt, start=w, train="lora", rank=4)
+    assert m.quantized().same_as(qt)                      # B = 0: exactly the start
+    m(torch.randn(5, 64)).pow(2).sum().backward()
+    assert m.lora_b.grad.abs().sum() > 0 and m.q.a_hi.grad.abs().sum() > 0
+    assert not m.q.w0.requires_grad and not m.q.v.requires_grad
+    with torch.no_grad():
+        m.lora_b.normal_(0, 0.05)
+    assert m.quantized().same_as(m.q.quantized((m.lora_b @ m.lora_a).detach()))   # W + B·A, then rounded
+    torch.testing.assert_close(m.quantized().dequantize(torch.float32), m(torch.eye(64)).T.detach(), rtol=0, atol=1e-6)
+    assert not m.quantized().same_as(qt)
+    with pytest.raises(lowbit.LowbitError, match="rank must be an integer in 1..8"):
+        FakeQuantLinear(qt, train="lora", rank=9)
+
+
 def test_scales_only_training_never_changes_a_code():
     torch.manual_seed(0)
     qt = lowbit.IntSpec(2, 32, False).quantize(0.1 * torch.randn(8, 64))
@@ -86,7 +104,7 @@ def test_quantize_reports_the_float_weights_it_rounded(tiny_dir, method):
         assert not torch.equal(w, qt.dequantize(torch.float32))
 
 
-@pytest.mark.parametrize("train", ["weights", "scales"])
+@pytest.mark.parametrize("train", ["weights", "scales", "lora"])
 def test_packed_logits_equal_fake_quant_logits_after_training(tiny_dir, train):
     trained = qat(tiny_dir, FMT, steps=3, lr=1e-3, train=train, kernel="reference", **SMALL)
     assert trained.model.lowbit["qat"]["train"] == train
@@ -200,8 +218,9 @@ def test_cli_qat_from_a_checkpoint(tiny_dir, tmp_path, capsys):
     from lowbit.cli import main
     start = lowbit.save(lowbit.quantize(lowbit.load_model(tiny_dir), FMT, progress=False), tmp_path / "rtn")
     assert main(["--quiet", "qat", str(tiny_dir), "--init", str(start), "--steps", "2", "--seqlen", "32",
-                 "--windows", "4", "--out", str(tmp_path / "q")]) == 0
-    assert lowbit.load(tmp_path / "q").model.lowbit["qat"]["init"] == str(start)
+                 "--windows", "4", "--train", "lora", "--rank", "4", "--out", str(tmp_path / "q")]) == 0
+    rec = lowbit.load(tmp_path / "q").model.lowbit["qat"]
+    assert rec["init"] == str(start) and rec["train"] == "lora" and rec["rank"] == 4
     assert main(["--quiet", "qat", str(tiny_dir), "--init", "nonsense", "--steps", "2", "--out", str(tmp_path / "r")]) == 2
     assert "or a lowbit checkpoint" in capsys.readouterr().err and not (tmp_path / "r").exists()
 

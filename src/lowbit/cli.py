@@ -172,7 +172,7 @@ def cmd_qat(args) -> int:
         raise LowbitError(f"--resume: no training state {state} to continue from")
     loaded = qat(args.model, config, init=args.init, steps=args.steps, lr=args.lr, batch=args.batch,
                  seqlen=args.seqlen, text=args.text, windows=args.windows, generated=args.generated, seed=args.seed,
-                 checkpointing=args.checkpointing, train=args.train, state=state, save_every=args.save_every,
+                 checkpointing=args.checkpointing, train=args.train, rank=args.rank, state=state, save_every=args.save_every,
                  resume=args.resume, kernel=args.kernel, progress=not args.quiet)
     out = save(loaded, args.out, base=source_name(args.model), overwrite=args.overwrite or args.resume)
     state.unlink(missing_ok=True)
@@ -579,10 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", default="rtn",
                    help="start from: rtn (default), gptq, awq, learned, or a lowbit checkpoint quantized from MODEL")
     t.add_argument("--steps", type=_positive, required=True)
-    t.add_argument("--train", default="scales", choices=["scales", "weights"],
-                   help="what trains: group scales with the codes frozen (default), or latent weights and ranges")
+    t.add_argument("--train", default="scales", choices=["scales", "weights", "lora"],
+                   help="what trains: group scales with the codes frozen (default), latent weights and ranges "
+                        "(full fine-tuning), or low-rank adapters and ranges, merged before rounding")
+    t.add_argument("--rank", type=_positive, default=16, help="the adapters' rank with --train lora")
     t.add_argument("--lr", type=float, default=None, help="Adam's first learning rate, decaying linearly to 0 "
-                   "(default: 1e-4 training scales, 1e-5 training weights)")
+                   "(default: 1e-4 training scales or adapters, 1e-5 training weights)")
     t.add_argument("--batch", type=_positive, default=1, help="windows per step")
     t.add_argument("--seqlen", type=_positive, default=256, help="tokens per window")
     t.add_argument("--text", default=None, help="training text: pydoc (default: its calibration half), a file, or hf:...")

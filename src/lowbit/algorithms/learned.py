@@ -100,21 +100,23 @@ class LearnedLinear(nn.Module):
         s = s + (s.half().float() - s).detach()     # stored precision forward, plain gradient backward
         return s, z
 
-    def _codes(self, s, z) -> torch.Tensor:
-        x = self.w0 / s.unsqueeze(-1) + z.unsqueeze(-1) + self.v
+    def _codes(self, s, z, delta: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.w0 if delta is None else self.w0 + delta.reshape(self.w0.shape)
+        x = w / s.unsqueeze(-1) + z.unsqueeze(-1) + self.v
         return ste_clamp(ste_round(x), self.spec.qmin, self.spec.qmax)
 
-    def weight(self) -> torch.Tensor:
-        """The fake-quantized weight [N, K] (float32), differentiable in v and the range factors."""
+    def weight(self, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """The fake-quantized weight [N, K] (float32), differentiable in v, the range factors and `delta` (an
+        [N, K] change of the weights before rounding: low-rank adapters, lowbit.train)."""
         s, z = self.qparams()
-        w = (self._codes(s, z) - z.unsqueeze(-1)) * s.unsqueeze(-1)
+        w = (self._codes(s, z, delta) - z.unsqueeze(-1)) * s.unsqueeze(-1)
         return w.reshape(w.shape[0], -1)
 
     @torch.no_grad()
-    def quantized(self) -> QuantizedTensor:
-        """The packed result; dequantizes to exactly `weight()`."""
+    def quantized(self, delta: torch.Tensor | None = None) -> QuantizedTensor:
+        """The packed result; dequantizes to exactly `weight(delta)`."""
         s, z = self.qparams()
-        codes = self._codes(s, z).reshape(s.shape[0], -1).to(torch.int32)
+        codes = self._codes(s, z, delta).reshape(s.shape[0], -1).to(torch.int32)
         zeros = None if self.spec.symmetric else z.to(self.spec.code_dtype)
         return QuantizedTensor.from_codes(codes, s.half(), zeros, self.spec)
 

@@ -12,6 +12,10 @@ Two things can train (`train=`):
   boundary, so small learning rates change no code at all.)
 - "scales": the integer codes stay frozen and only each group's scale trains, Ŵ = (q − z)·s (EfficientQAT's
   end-to-end stage, Chen et al. 2024): far fewer trainable values, no code can flip on a noisy gradient.
+- "lora": the latent weights stay frozen and a low-rank change B·A (rank `rank`; B starts at zero) trains
+  beside the range factors, Ŵ = fake-quantized(W + B·A): the adapters are merged into the weights before
+  rounding, so the packed result has no adapter left, and the optimizer keeps state for r·(N + K) values per
+  Linear instead of N·K.
 
 Ŵ equals, bit for bit, what `quantized()` packs (scales are rounded to float16 in the forward pass, as stored),
 so a converted model computes what the trained one did.
@@ -28,7 +32,8 @@ from ..errors import LowbitError
 from ..formats import QuantizedTensor
 from ..nn import QuantLinear, set_submodule
 
-TRAINABLE = ("weights", "scales")
+TRAINABLE = ("weights", "scales", "lora")
+LORA_RANK = 16
 CELL = 0.5 - 2**-8   # how far (in steps) a latent weight may start from its code's grid point: inside its cell
 
 
@@ -79,22 +84,35 @@ class FrozenCodes(nn.Module):
 
 class FakeQuantLinear(nn.Module):
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None, learn_scales: bool = True,
-                 start: torch.Tensor | None = None, train: str = "weights"):
+                 start: torch.Tensor | None = None, train: str = "weights", rank: int = LORA_RANK):
         super().__init__()
         check_trainable(qt.spec)
         if train not in TRAINABLE:
             raise LowbitError(f"QAT trains one of {', '.join(TRAINABLE)}, got {train!r}")
-        self.out_features, self.in_features = qt.shape
+        self.out_features, self.in_features = N, K = qt.shape
         self.q = FrozenCodes(qt) if train == "scales" else \
-            LearnedLinear(start_latent(qt, start), qt, learn_range=learn_scales, train_weight=True)
+            LearnedLinear(start_latent(qt, start), qt, learn_range=learn_scales, train_weight=train == "weights")
+        self.lora_a = self.lora_b = None
+        if train == "lora":
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(N, K):
+                raise LowbitError(f"the adapters' rank must be an integer in 1..{min(N, K)}, got {rank!r}")
+            self.lora_a = nn.Parameter(torch.randn(rank, K) / K ** 0.5)   # B·A = 0 at the start: B is zero
+            self.lora_b = nn.Parameter(torch.zeros(N, rank))
+            self.q.v.requires_grad_(False)      # the latent weights and offsets stay; only B·A and the ranges train
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    def _delta(self) -> torch.Tensor | None:
+        return None if self.lora_a is None else self.lora_b @ self.lora_a
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.q.weight().to(x.dtype), b)
+        w = self.q.weight() if self.lora_a is None else self.q.weight(self._delta())
+        return F.linear(x, w.to(x.dtype), b)
 
     def quantized(self) -> QuantizedTensor:
-        return self.q.quantized()
+        """The packed result (adapters merged before rounding)."""
+        with torch.no_grad():
+            return self.q.quantized() if self.lora_a is None else self.q.quantized(self._delta())
 
 
 def trainable(spec) -> bool:
@@ -106,7 +124,7 @@ def trainable(spec) -> bool:
 
 
 def prepare(model: nn.Module, learn_scales: bool = True, starts: dict | None = None,
-            train: str = "weights") -> list[str]:
+            train: str = "weights", rank: int = LORA_RANK) -> list[str]:
     """Replace every QuantLinear holding a trainable format (integers with float16 group scales) by a
     FakeQuantLinear starting from its values (and from starts[name], the float weights it was rounded from,
     where given); returns the names replaced. Other QuantLinears stay packed and frozen."""
@@ -114,7 +132,8 @@ def prepare(model: nn.Module, learn_scales: bool = True, starts: dict | None = N
     starts = starts or {}
     for n in names:
         m = model.get_submodule(n)
-        set_submodule(model, n, FakeQuantLinear(m.quantized_tensor(), m.bias, learn_scales, starts.get(n), train))
+        set_submodule(model, n, FakeQuantLinear(m.quantized_tensor(), m.bias, learn_scales, starts.get(n), train,
+                                                rank))
     return names
 
 

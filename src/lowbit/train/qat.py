@@ -36,16 +36,16 @@ from ..offload.activations import offload_activations
 from ..models.sources import is_lowbit_checkpoint, source_name
 from ..nn import QuantLinear
 from ..quantize import cast_unquantized, quantize
-from .fakequant import TRAINABLE, FakeQuantLinear, convert, prepare
+from .fakequant import LORA_RANK, TRAINABLE, FakeQuantLinear, convert, prepare
 
 INITS = ("rtn", "gptq", "awq", "learned")
 # Adam's peak learning rate by what trains. Measured on the default model, W3 g64 from GPTQ, 60 steps of one
 # 256-token window (KLD of the start 0.292 on 8 held-out windows): scales 1e-5 -> 0.257, 3e-5 0.240, 1e-4 0.227,
 # 3e-4 0.246; latent weights 1e-5 -> 0.269 (0.247 with the range factors at 1e-3).
-DEFAULT_LR = {"scales": 1e-4, "weights": 1e-5}
-# Training weights, the range factors (in [0.5, 1], relative) learn at this multiple of the weights' rate: at the
+DEFAULT_LR = {"scales": 1e-4, "weights": 1e-5, "lora": 1e-4}
+# The range factors (in [0.5, 1], relative) learn at this multiple of the rate (1e-3 at the defaults): at the
 # weights' own rate they move ~1e-5 per step, far slower than a group scale trained directly.
-RANGE_LR_FACTOR = 100
+RANGE_LR_FACTOR = {"scales": 1.0, "weights": 100.0, "lora": 10.0}
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ def _check_same_model(teacher: torch.nn.Module, student: torch.nn.Module) -> Non
 def qat(model="default", config: QuantConfig | None = None, *, init="rtn", steps: int = 100,
         lr: float | None = None, batch: int = 1, seqlen: int = 256, text=None, windows: int = CALIB_SAMPLES,
         generated: int = 0, calibration=None, tokenizer=None, seed: int = 0, checkpointing: bool = True,
-        offload: bool = False, learn_scales: bool = True, train: str = "scales",
+        offload: bool = False, learn_scales: bool = True, train: str = "scales", rank: int = LORA_RANK,
         state: str | os.PathLike | None = None, save_every: int = 25, resume: bool = False, kernel: str = "auto",
         progress: bool = True,
         callback: Callable[[int, float], None] | None = None) -> Loaded:
@@ -107,8 +107,9 @@ def qat(model="default", config: QuantConfig | None = None, *, init="rtn", steps
     (None: DEFAULT_LR for what trains), decaying linearly to 0. calibration: what the start's method calibrates
     on (anything lowbit.quantize takes; None: the training windows). callback(step, loss) runs after every step.
     train: "scales" (the start's codes frozen, group scales trained: better at a given number of steps on the
-    default model) or "weights" (latent weights starting where the start was rounded from, and range factors
-    when learn_scales); see lowbit.train.fakequant.
+    default model), "weights" (full fine-tuning of latent weights starting where the start was rounded from,
+    and range factors when learn_scales) or "lora" (low-rank adapters of rank `rank` on frozen latent weights,
+    merged before rounding); see lowbit.train.fakequant.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise LowbitError(f"QAT steps must be a positive integer, got {steps!r}")
@@ -150,18 +151,19 @@ def qat(model="default", config: QuantConfig | None = None, *, init="rtn", steps
         quantize(student, config_for(init, config.spec), calibration=data if calibration is None else calibration,
                  tokenizer=tokenizer, dtype=torch.float32, progress=progress, float_weights=starts)
     record = dict(student.lowbit)
-    names = prepare(student, learn_scales, starts, train)
+    names = prepare(student, learn_scales, starts, train, rank)
     del starts
     if not names:
         raise LowbitError("the start has no Linear in an integer format with float16 group scales to train")
-    trainable = [p for n in names for p in student.get_submodule(n).q.parameters() if p.requires_grad]
+    trainable = [p for n in names for k, p in student.get_submodule(n).named_parameters()
+                 if p.requires_grad and k != "bias"]
     for p in student.parameters():   # embeddings, norms and the head stay as they are
         p.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
     ranges = {id(p) for n in names for k, p in student.get_submodule(n).q.named_parameters() if k in ("a_lo", "a_hi")}
     opt = torch.optim.Adam([{"params": [p for p in trainable if id(p) not in ranges], "lr": lr},
-                            {"params": [p for p in trainable if id(p) in ranges], "lr": lr * RANGE_LR_FACTOR}])
+                            {"params": [p for p in trainable if id(p) in ranges], "lr": lr * RANGE_LR_FACTOR[train]}])
     peak = [g["lr"] for g in opt.param_groups]
     if checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -215,7 +217,8 @@ def qat(model="default", config: QuantConfig | None = None, *, init="rtn", steps
     if from_checkpoint:
         init = source_name(init.source if isinstance(init, Loaded) else init)
     record["qat"] = {"init": init, "steps": steps, "lr": lr, "batch": batch, "seqlen": int(data.shape[1]),
-                     "windows": n, "generated": generated, "learn_scales": learn_scales, "train": train, "seed": seed,
+                     "windows": n, "generated": generated, "learn_scales": learn_scales, "train": train,
+                     **({"rank": rank} if train == "lora" else {}), "seed": seed,
                      "losses": [round(x, 6) for x in losses]}
     student.lowbit = record
     return Loaded(student, tokenizer, loaded.source)
