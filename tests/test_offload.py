@@ -453,3 +453,49 @@ def test_offload_directory_is_reused_replaced_or_removed(tiny_dir, tmp_path, cap
     (tmp_path / "theirs" / "notes.txt").write_text("x")
     code = main(["generate", str(src), *args[:-1], str(tmp_path / "theirs")])
     assert code == 2 and (tmp_path / "theirs" / "notes.txt").exists()   # not lowbit's: never touched
+
+
+def _tiny_moe_dir(tokenizer_dir, root, family):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    cfg = AutoConfig.for_model(
+        family, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=16, vocab_size=1000, max_position_embeddings=256, num_experts=4,
+        num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(root)
+    return root
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_mixture_of_experts_streams_and_quantizes_block_by_block(tiny_dir, tmp_path, family):
+    """transformers writes experts one Linear each (qwen: gate/up/down_proj, mixtral: w1/w3/w2) and stacks them
+    in memory; streamed blocks are read in lowbit's per-expert layout, so streaming gives the logits of the
+    model held whole, and streamed quantization quantizes every expert as in memory."""
+    import lowbit
+    from lowbit.models.moe import ExpertList, unstack_experts
+    from lowbit.offload import open_streamed, quantize_streamed
+    src = _tiny_moe_dir(tiny_dir, tmp_path / "src", family)
+    full = lowbit.load_model(src).model
+    ids = torch.randint(3, 1000, (1, 20))
+    stacked = _logits(full, ids)
+    unstack_experts(full)
+    want = _logits(full, ids)
+    torch.testing.assert_close(want, stacked, rtol=0, atol=1e-5)    # the routed loop sums in another order
+    per_block = sum(p.numel() * p.element_size() for p in full.model.layers[0].parameters())
+    fixed = sum(p.numel() * p.element_size() for n, p in full.named_parameters() if ".layers." not in n)
+    loaded, sm = open_streamed(src, fixed + 2.5 * per_block, dtype=torch.float32)
+    try:
+        assert sm.plan.streamed == [0, 1, 2, 3]
+        assert torch.equal(_logits(loaded.model, ids), want)
+    finally:
+        sm.close()
+    scheme = lowbit.GPTQ(bits=4, group_size=32, symmetric=False)
+    calib = torch.randint(3, 1000, (4, 32))
+    mem = lowbit.quantize(lowbit.load_model(src).model, scheme, calibration=calib, progress=False)
+    out = quantize_streamed(src, tmp_path / "q", scheme, calibration=calib, progress=False)
+    q = lowbit.load_model(out).model
+    experts = q.model.layers[2].mlp.experts
+    assert isinstance(experts, ExpertList) and isinstance(experts[3].down_proj, lowbit.nn.QuantLinear)
+    assert torch.equal(_logits(q, ids), _logits(mem, ids))

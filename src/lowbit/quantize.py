@@ -25,7 +25,8 @@ from .models.arch import arch_for
 from .models.calibration import iterate_blocks
 from .models.discovery import discover_feeds
 from .models.importance import collect_importance, load_importance
-from .models.moe import reset_counts, route_all_experts, routed_counts, router_names, unstack_experts
+from .models.moe import (expert_lists, reset_counts, route_all_experts, routed_counts, router_names,
+                         unstack_experts)
 from .nn import QuantEmbedding, QuantLinear, set_submodule
 from .recipes import Recipe
 
@@ -72,7 +73,9 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise LowbitError(f"dtype must be a torch floating-point dtype, got {dtype!r}")
     arch = arch_for(model)
-    unstacked = unstack_experts(model) if materialize is None else []   # streamed blocks keep stacked experts
+    if materialize is None:   # streamed blocks are read in the layout their files have (offload.lazy)
+        unstack_experts(model)
+    unstacked = list(expert_lists(model))
     recipe = recipe_for(config, arch.blocks)
     fallbacks: dict = {}
     plan = recipe.plan(model, fallbacks)

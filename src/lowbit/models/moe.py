@@ -20,6 +20,7 @@ not routed; for one token it is bit-equal to the routed loop.
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 from torch import nn
@@ -102,6 +103,20 @@ def unstack_experts(model: nn.Module) -> list[str]:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, ExpertList(experts))
     return names
+
+
+# How checkpoints on disk name one expert's Linears, where transformers stacks them in memory: per expert
+# "experts.E.gate_proj/up_proj/down_proj" (Qwen-MoE, ExpertMLP's own names) or "experts.E.w1/w3/w2" (Mixtral).
+_FILE_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_PER_EXPERT = re.compile(r"(.*\.experts\.\d+\.)(\w+)(\.weight)$")
+
+
+def per_expert_name(name: str) -> str | None:
+    """A tensor name that stores one expert's Linear, as ExpertList names it; None for any other tensor."""
+    m = _PER_EXPERT.match(name)
+    if m is None or m.group(2) not in {*_FILE_NAMES, *_FILE_NAMES.values()}:
+        return None
+    return m.group(1) + _FILE_NAMES.get(m.group(2), m.group(2)) + m.group(3)
 
 
 def router_names(model: nn.Module, blocks: str) -> list[str]:

@@ -19,6 +19,7 @@ from ..errors import LowbitError
 from ..io.safetensors import check_safetensors, read_header, read_index, tensor_names
 from ..models.arch import arch_for
 from ..models.hf import Loaded, read_config
+from ..models.moe import per_expert_name, unstack_experts
 from ..nn.surgery import module_tensors, placeholder_like, rebuild_meta_buffers, set_tensors
 from .planner import budget_bytes, plan_offload
 from .reader import BufferPool, ReadPlan
@@ -129,16 +130,26 @@ def meta_model(path: Path, dtype: torch.dtype, resident_blocks) -> tuple[nn.Modu
     config = AutoConfig.from_pretrained(str(path))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # names as the files store them -> names in the model: transformers' own renamings for the family (Mixtral:
+    # block_sparse_moe -> mlp), and experts stored one Linear each while the model stacks them in memory get
+    # lowbit's per-expert layout (models.moe), read in its terms
+    rename = checkpoint_renaming(config)
+    renamed = {n: rename(n) for n in index}
+    if any(per_expert_name(n) for n in renamed.values()) and unstack_experts(model):
+        renamed = {n: per_expert_name(r) or r for n, r in renamed.items()}
+    index = {renamed[n]: f for n, f in index.items()}
+    block_of = _block_names(index, arch.blocks)
     resident = set(resident_blocks)
     state: dict[str, torch.Tensor] = {}
     for f in sorted(set(index.values())):
         with safe_open(str(f), framework="pt") as h:
-            for name in h.keys():
+            for stored in h.keys():
+                name = renamed.get(stored, stored)
                 blk = block_of.get(name)
                 if blk is None or blk[0] in resident:
                     # kept as read (memory-mapped when the dtype already matches): copying here would hold
                     # every resident tensor twice for a moment, and the budget is about that peak
-                    t = h.get_tensor(name)
+                    t = h.get_tensor(stored)
                     state[name] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
     on_disk = {i for i, _ in block_of.values()} - resident
     expected = [k for k in model.state_dict() if not _tied(model, k)
@@ -151,9 +162,10 @@ def meta_model(path: Path, dtype: torch.dtype, resident_blocks) -> tuple[nn.Modu
         model.tie_weights()
     rebuild_meta_buffers(model, config)
     files = {i: {} for i in on_disk}
+    stored_as = {v: k for k, v in renamed.items()}
     for name, (i, local) in block_of.items():
         if i in files:
-            files[i][local] = (index[name], name)
+            files[i][local] = (index[name], stored_as.get(name, name))
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -177,6 +189,19 @@ def open_streamed(path: str | Path, budget: int | str, dtype: torch.dtype = torc
                                 if t.is_meta})
     sm = install_streaming(model, plan, SafetensorsStore(files, dtype), blocks)
     return Loaded(model, tokenizer, str(path)), sm
+
+
+def checkpoint_renaming(config):
+    """str -> str: the tensor renamings transformers applies when it loads this family's checkpoints (its weight
+    conversion table; converters that merge tensors are not applied), or the identity where it has none."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+        renamings = [t for t in get_checkpoint_conversion_mapping(config.model_type) or []
+                     if isinstance(t, WeightRenaming)]
+    except (ImportError, AttributeError, TypeError):   # another transformers version: names are taken as stored
+        return lambda name: name
+    return (lambda name: apply_renamings(name, renamings)) if renamings else (lambda name: name)
 
 
 def _tied(model, key: str) -> bool:
