@@ -62,6 +62,7 @@ def main() -> None:
 
     import lowbit
     from lowbit.eval import environment
+    from lowbit.eval.report import write_results
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,14 +82,11 @@ def main() -> None:
         shutil.rmtree(tmp / "cold-a", ignore_errors=True)
     same = len({r["text"] for r in rows}) == 1
     meta = {"new_tokens": args.new_tokens, "prompt": PROMPT, "same_text_every_run": same, **environment()}
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=2))
-    lines = [f"{meta['cpu']}, {meta['cores']} cores, torch {meta['torch']}; {args.new_tokens} new tokens; "
-             f"same text in every run: {same}", "",
-             "| run | first token s | text done s | exit s | reported |", "|---|---|---|---|---|"]
-    lines += [f"| {r['run']} | {r['first_token_s']:.1f} | {r['text_done_s']:.1f} | {r['exit_s']:.1f} | "
-              f"{r['report'].strip('[]')} |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_results(
+        out, rows, meta, f"{meta['cpu']}, {meta['cores']} cores, torch {meta['torch']}; {args.new_tokens} new "
+        f"tokens; same text in every run: {same}", ["run", "first token s", "text done s", "exit s", "reported"],
+        [[r["run"], f"{r['first_token_s']:.1f}", f"{r['text_done_s']:.1f}", f"{r['exit_s']:.1f}",
+          r["report"].strip("[]")] for r in rows]))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def main() -> None:
         print(json.dumps(row(args.row[0], args.row[1] == "1", args.steps)))
         return
     from lowbit.eval import environment
+    from lowbit.eval.report import write_results
     rows = []
     for train in ("scales", "weights", "lora"):
         for ckpt in (True, False):
@@ -63,15 +64,12 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     meta = environment()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=2))
-    lines = [f"{meta['cpu']}, {meta['cores']} cores, torch {meta['torch']}; W3 g64 from RTN, one 256-token window "
-             f"per step, {args.steps} steps", "",
-             "| trains | activation checkpointing | peak RSS GiB | step s |", "|---|---|---|---|"]
-    lines += [f"| {r['train']} | {'on' if r['checkpointing'] else 'off'} | {r['peak_rss_bytes'] / 2**30:.2f} | "
-              f"{r['step_seconds']:.2f} |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_results(
+        out, rows, meta, f"{meta['cpu']}, {meta['cores']} cores, torch {meta['torch']}; W3 g64 from RTN, one "
+        f"256-token window per step, {args.steps} steps",
+        ["trains", "activation checkpointing", "peak RSS GiB", "step s"],
+        [[r["train"], "on" if r["checkpointing"] else "off", f"{r['peak_rss_bytes'] / 2**30:.2f}",
+          f"{r['step_seconds']:.2f}"] for r in rows]))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,18 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_results(out: str | Path, rows: list[dict], meta: dict, caption: str, headers: list[str],
+                  cells: list[list[str]]) -> str:
+    """A benchmark's record: OUT.json ({"rows", "meta"}) and OUT.md (the caption, then one table row per entry of
+    `cells`), both written atomically; returns the markdown."""
+    out = Path(out)
+    text = "\n".join([caption, "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+                     + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"rows": rows, "meta": meta}, indent=2, default=str))
+    atomic_write_text(out.with_suffix(".md"), text)
+    return text
+
+
 def write_report(out: Path, rows: list[dict], meta: dict, title: str = "lowbit compare") -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = [f"# {title}", "", markdown_table(rows), ""]

@@ -112,12 +112,19 @@ def capture_calls(block: nn.Module, inputs: BlockInputs, names: list[str]) -> di
     """Run the block on every sample and record, for each named submodule, the (args, kwargs) it was called
     with. Once every named module has been reached, the rest of the block is skipped."""
     calls: dict[str, list] = {n: [] for n in names}
+    _run_with_hooks(block, inputs, names, lambda name, module, args, kwargs: calls[name].append((args, dict(kwargs))))
+    return calls
+
+
+def _run_with_hooks(block: nn.Module, inputs: BlockInputs, names: list[str], on_call) -> None:
+    """Run the block on every sample with on_call(name, module, args, kwargs) before each named submodule runs;
+    once every named module has been reached, the rest of the block is skipped."""
     seen: set[str] = set()
     handles = []
 
     def make_hook(name):
         def hook(module, args, kwargs):
-            calls[name].append((args, dict(kwargs)))
+            on_call(name, module, args, kwargs)
             seen.add(name)
             if len(seen) == len(names):
                 raise _Stop
@@ -135,7 +142,6 @@ def capture_calls(block: nn.Module, inputs: BlockInputs, names: list[str]) -> di
     finally:
         for handle in handles:
             handle.remove()
-    return calls
 
 
 @dataclass
@@ -201,29 +207,7 @@ def summarize_inputs(block: nn.Module, inputs: BlockInputs, widths: dict[str, in
                      n_tokens: int) -> dict[str, InputSummary]:
     """capture_calls' pass over the calibration set, keeping for each named module (name -> its input width)
     only an InputSummary."""
-    names = list(widths)
-    acc = {n: _Summarizer(keep, n_tokens) for n in names}
-    seen: set[str] = set()
-    handles = []
-
-    def make_hook(name):
-        def hook(module, args, kwargs):
-            acc[name].add(args, kwargs, first_input(module, args, kwargs))
-            seen.add(name)
-            if len(seen) == len(names):
-                raise _Stop
-        return hook
-
-    for n in names:
-        handles.append(block.get_submodule(n).register_forward_pre_hook(make_hook(n), with_kwargs=True))
-    try:
-        for h, kw in zip(inputs.hidden, inputs.kwargs):
-            seen.clear()
-            try:
-                block(h, **kw)
-            except _Stop:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    acc = {n: _Summarizer(keep, n_tokens) for n in widths}
+    _run_with_hooks(block, inputs, list(widths),
+                    lambda name, module, args, kwargs: acc[name].add(args, kwargs, first_input(module, args, kwargs)))
     return {n: a.summary(widths[n]) for n, a in acc.items()}
