@@ -7,8 +7,8 @@ process, each time with its own empty inductor cache (TORCHINDUCTOR_CACHE_DIR) u
 - --wait-compile: the step compiles before the first token (the behaviour before background compilation);
 - warm: background again, on the cache the first run filled (the next run of the same checkpoint).
 
-For each: seconds from the process start to the first byte of generated text on stdout, to the end of the
-text, and to the process exit (a cold background run finishes the compilation for the next run before it
+For each: seconds from the process start to the first byte of generated text on stdout, to its last byte,
+and to the process exit (a cold background run finishes the compilation for the next run before it
 exits), plus what the command reports (tokens decoded eagerly, compiled decode rate).
 
     python benchmarks/cold_start.py [--new-tokens 64] [--out benchmarks/results/cold_start]
@@ -31,18 +31,25 @@ PROMPT = "The history of the Python language"
 
 
 def timed_run(ckpt: Path, cache: Path, new_tokens: int, extra: list[str]) -> dict:
-    """Run lowbit generate; time the first stdout byte, the end of stdout and the exit."""
+    """Run lowbit generate; time the first and the last stdout byte and the exit."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "lowbit.cli", "generate", str(ckpt), "--prompt", PROMPT,
            "--max-new-tokens", str(new_tokens), *extra]
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    first = p.stdout.read(1)
-    t_first = time.perf_counter() - t0
-    text = first + p.stdout.read()
-    t_text = time.perf_counter() - t0
-    err = p.stderr.read().decode()
+    err_file = tempfile.TemporaryFile()     # not a pipe: a full stderr pipe would stall the child
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, env=env)
+    chunks, t_first, t_text = [], None, None
+    while True:     # the time of the first and of the last byte of text (the process may stay on to compile)
+        chunk = os.read(p.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        t_text = time.perf_counter() - t0
+        t_first = t_text if t_first is None else t_first
+        chunks.append(chunk)
+    text = b"".join(chunks)
     p.wait()
+    err_file.seek(0)
+    err = err_file.read().decode(errors="replace")
     t_exit = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"lowbit generate failed: {err.strip().splitlines()[-1] if err.strip() else p.returncode}")

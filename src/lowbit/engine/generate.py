@@ -122,7 +122,7 @@ class Engine:
         self._step = self._decode_step
         if compile:
             self._step = torch.compile(_own_code(self._decode_step), dynamic=False, options=_inductor_options())
-        # background compilation runs the compiled step once on the cache's last slot, which decoding writes
+        # background compilation runs the compiled step once on the cache's next-to-last slot, which decoding writes
         # before it ever reads; a quantized cache keeps per-group state across slots, so it compiles in front
         self.background = compile and background and kv_bits is None
         self._compiled_sizes: set[int] = set()
@@ -145,11 +145,13 @@ class Engine:
             self.decoder.resize(size)
 
     def _compile_in_background(self) -> None:
-        """Thread body: compile the step for the current bucket by running it once on the last cache slot."""
+        """Thread body: compile the step for the current bucket by running it once near the cache's end."""
         size, t0 = self.decoder.max_len, time.perf_counter()
         try:
             with torch.no_grad(), _aten_reductions():
-                last = size - 1
+                # not the last slot: a visible length equal to the cache's would be traced as the same size,
+                # and the graph would then be guarded to that length alone (every real step recompiling)
+                last = size - 2
                 visible = self.decoder.positions[:last + 1]
                 torch._dynamo.maybe_mark_dynamic(visible, 0)
                 token = torch.zeros(1, 1, dtype=torch.long, device=self.decoder.positions.device)
