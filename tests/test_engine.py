@@ -129,6 +129,30 @@ def test_background_compilation_decodes_eagerly_then_switches_with_the_same_toke
     assert r["eager_tokens"] >= 1 and torch.equal(r["tokens"], Engine(model, compile=False).generate(longer, 8)["tokens"])
 
 
+def test_a_background_compilation_that_fails_runs_eagerly_or_raises_when_strict(monkeypatch):
+    model = _tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 5))
+    want = Engine(model, compile=False).generate(ids, 8)["tokens"]
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    engine = Engine(model, compile=True, background=True)
+    engine._step = broken
+    engine.generate(ids, 2)          # its one decode step starts the (failing) compilation and runs eagerly
+    engine.wait_compiled()
+    with pytest.raises(RuntimeError, match="no compiler here"):     # LOWBIT_STRICT_COMPILE=1 (conftest)
+        engine.generate(ids, 8)
+    monkeypatch.setenv("LOWBIT_STRICT_COMPILE", "")
+    engine = Engine(model, compile=True, background=True)
+    engine._step = broken
+    engine.generate(ids, 2)
+    engine.wait_compiled()
+    with pytest.warns(UserWarning, match="compiling the decode step failed .*no compiler here.*running eagerly"):
+        r = engine.generate(ids, 8)
+    assert torch.equal(r["tokens"], want) and not engine.compile
+
+
 def test_a_quantized_cache_compiles_in_front():
     engine = Engine(_tiny_model("llama"), compile=True, background=True, kv_bits=4)
     assert not engine.background

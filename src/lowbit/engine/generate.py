@@ -173,8 +173,7 @@ class Engine:
             return False
         if self._compile_error is not None:
             e, self._compile_error = self._compile_error, None
-            warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {str(e)[:200]}); running eagerly")
-            self.compile, self._step = False, self._decode_step
+            self._run_eagerly_after(e)
             return True
         if self._compiler is None or not self._compiler.is_alive():
             self.compile_seconds = None
@@ -188,6 +187,17 @@ class Engine:
         """Run the prompt ids ([1, T]) from position 0; fills the cache, returns the last logits [1, vocab]."""
         t = ids.shape[1]
         return self.decoder(ids, self.decoder.positions[:t])
+
+    def _run_eagerly_after(self, e: Exception) -> None:
+        """Compiling the step failed (here or in the background): say where and run eagerly from now on, unless
+        LOWBIT_STRICT_COMPILE asks for the error itself."""
+        if os.environ.get("LOWBIT_STRICT_COMPILE"):
+            raise e
+        import traceback
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {str(e)[:200]} at "
+                      f"{Path(where.filename).name}:{where.lineno}); running eagerly")
+        self.compile, self._step = False, self._decode_step
 
     @torch.no_grad()
     def decode(self, token: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,13 +213,9 @@ class Engine:
             with _aten_reductions():
                 out = self._step(token, self.decoder.positions[pos:pos + 1], visible)
         except Exception as e:  # noqa: BLE001 - a model the compiler cannot handle still runs, eagerly
-            if self._compiled_once or os.environ.get("LOWBIT_STRICT_COMPILE"):
+            if self._compiled_once:
                 raise
-            import traceback
-            where = traceback.extract_tb(e.__traceback__)[-1]
-            warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {str(e)[:200]} at "
-                          f"{Path(where.filename).name}:{where.lineno}); running eagerly")
-            self.compile, self._step = False, self._decode_step
+            self._run_eagerly_after(e)
             return self.decode(token, pos)
         self._compiled_once = True
         return out
