@@ -206,8 +206,8 @@ def awq_round(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> 
             if not isinstance(cfg.spec, IntSpec):   # GGUF types: their own search, weighted by mean x²
                 out[n] = (W, cfg.spec.quantize(W, S.sq_mean if clip else None))
                 continue
-            clipped = apply_clip(W, search_clip(W, S.sample, cfg.spec, cfg.n_grid, n_tokens=CLIP_TOKENS), cfg.spec) \
-                if clip else W
+            bounds = search_clip(W, S.sample, cfg.spec, cfg.n_grid, n_tokens=CLIP_TOKENS) if clip else None
+            clipped = W if bounds is None else apply_clip(W, bounds, cfg.spec)
             out[n] = (W, quantize_rtn(clipped, cfg.spec))
     return out
 

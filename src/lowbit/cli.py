@@ -172,8 +172,8 @@ def cmd_qat(args) -> int:
         raise LowbitError(f"--resume: no training state {state} to continue from")
     loaded = qat(args.model, config, init=args.init, steps=args.steps, lr=args.lr, batch=args.batch,
                  seqlen=args.seqlen, text=args.text, windows=args.windows, generated=args.generated, seed=args.seed,
-                 checkpointing=args.checkpointing, train=args.train, rank=args.rank, state=state, save_every=args.save_every,
-                 resume=args.resume, kernel=args.kernel, progress=not args.quiet)
+                 checkpointing=args.checkpointing, train=args.train, rank=args.rank, state=state,
+                 save_every=args.save_every, resume=args.resume, kernel=args.kernel, progress=not args.quiet)
     out = save(loaded, args.out, base=source_name(args.model), overwrite=args.overwrite or args.resume)
     state.unlink(missing_ok=True)
     losses = loaded.model.lowbit["qat"]["losses"]
@@ -380,7 +380,7 @@ def cmd_generate(args) -> int:
             streamed.close(remove_store=not args.keep_offload)
     print(r["text"] if engine == "hf" else "")
     speed = r["decode_tokens_per_s"]
-    if "eager_tokens" in r and r["eager_tokens"]:
+    if r.get("eager_tokens"):
         rate = r["compiled_tokens_per_s"]
         done = "still compiling" if r["compile_seconds"] is None else f"compiled in {r['compile_seconds']:.1f} s"
         how = (f"{r['eager_tokens']} tokens eager while the step compiled ({done}), "

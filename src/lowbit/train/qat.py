@@ -101,8 +101,8 @@ def qat(model="default", config: QuantConfig | None = None, *, init="rtn", steps
     INT4 g64); init: the post-training method that gives the start (rtn, gptq, awq, learned — with their
     defaults, calibrated on `calibration`), or a quantized checkpoint of the same model (a lowbit checkpoint's
     path or a `Loaded`; its integer-format Linears train, `config` is not used, and its latent weights start on
-    the grid, since the float weights it was rounded from are not in it). text: the training text (as lowbit.data.calibration_ids: None = the default
-    text's calibration half), cut into `windows` windows of `seqlen` tokens; generated: extra windows sampled
+    the grid, since the float weights it was rounded from are not in it). text: the training text (as
+    lowbit.data.calibration_ids: None = the default text's calibration half), cut into `windows` windows of `seqlen` tokens; generated: extra windows sampled
     from the float model. Each step trains on `batch` windows; lr: Adam's learning rate at the first step
     (None: DEFAULT_LR for what trains), decaying linearly to 0. calibration: what the start's method calibrates
     on (anything lowbit.quantize takes; None: the training windows). callback(step, loss) runs after every step.
@@ -161,9 +161,11 @@ def qat(model="default", config: QuantConfig | None = None, *, init="rtn", steps
         p.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
-    ranges = {id(p) for n in names for k, p in student.get_submodule(n).q.named_parameters() if k in ("a_lo", "a_hi")}
+    ranges = {id(p) for n in names for k, p in student.get_submodule(n).q.named_parameters()
+              if k in ("a_lo", "a_hi")}
     opt = torch.optim.Adam([{"params": [p for p in trainable if id(p) not in ranges], "lr": lr},
-                            {"params": [p for p in trainable if id(p) in ranges], "lr": lr * RANGE_LR_FACTOR[train]}])
+                            {"params": [p for p in trainable if id(p) in ranges],
+                             "lr": lr * RANGE_LR_FACTOR[train]}])
     peak = [g["lr"] for g in opt.param_groups]
     if checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
