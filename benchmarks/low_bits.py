@@ -8,8 +8,8 @@ model, with torchao's QAT as the peer, all in one run and evaluated the same way
 Every row is asymmetric groups of 64 (`--group-size`) on every Linear of the decoder blocks; the embedding and
 head stay as they are. Each row runs in a child process that reports its wall time and peak resident memory
 (ru_maxrss; for the post-training rows also the peak above the resident size just before quantizing, the
-method's own memory, where Linux lets the peak be reset), then lowbit evaluates its output against the float model on the same held-out windows (KLD,
-perplexity, top-1 agreement). Calibration and training text: the default text's calibration half, the same
+method's own memory, sampled by lowbit.eval.memory.PeakRSS), then lowbit evaluates its output against the
+float model on the same held-out windows (KLD, perplexity, top-1 agreement). Calibration and training text: the default text's calibration half, the same
 windows for every method.
 
 - rtn, gptq, awq, learned: lowbit.quantize with the method's defaults (learned starts from `--learned-init`).
@@ -54,49 +54,29 @@ def config(method: str, bits: int, group: int, learned_init: str):
     return lowbit.Learned(init=learned_init, **common)
 
 
-def status_bytes(field: str) -> int | None:
-    """A field of /proc/self/status in bytes (Linux), else None."""
-    try:
-        with open("/proc/self/status") as f:
-            line = next(line for line in f if line.startswith(field + ":"))
-        return int(line.split()[1]) * 1024
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-def reset_peak_rss() -> int | None:
-    """Reset the process's peak-RSS mark (Linux: clear_refs 5) so that VmHWM then reads the peak of what follows;
-    returns the RSS now, or None where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    return status_bytes("VmRSS")
-
-
 def row_worker(method: str, bits: int, args, out: Path) -> dict:
     import torch
 
     import lowbit
     from lowbit.data import calibration_ids
+    from lowbit.eval.memory import PeakRSS
     t0 = time.perf_counter()
     if method in ("rtn", "gptq", "awq", "learned"):
         loaded = lowbit.load("default")
         calibration = calibration_ids(None, loaded.tokenizer, args.calib, 512, 0)
-        before = reset_peak_rss()
-        lowbit.quantize(loaded, lowbit.Recipe.default(config(method, bits, args.group_size, args.learned_init)),
-                        calibration=calibration, progress=False)
-        peak = status_bytes("VmHWM")
-        extra = {} if before is None or peak is None else {"rss_before_bytes": before, "method_peak_rss_bytes": peak}
+        with PeakRSS() as mem:
+            lowbit.quantize(loaded, lowbit.Recipe.default(config(method, bits, args.group_size, args.learned_init)),
+                            calibration=calibration, progress=False)
+        extra = {"rss_before_bytes": mem.start_bytes, "method_peak_rss_bytes": mem.peak_bytes}
     elif method.startswith("qat@"):
         from lowbit.train import qat
         steps = int(method.split("@")[1])
         loaded = lowbit.load("default")
         init = args.qat_start or args.qat_init    # the best row's own checkpoint, or a method calibrated as above
+        calibration = None if args.qat_start else calibration_ids(None, loaded.tokenizer, args.calib, 512, 0)
         loaded = qat(loaded, lowbit.RTN(bits=bits, group_size=args.group_size, symmetric=False), init=init,
                      steps=steps, lr=args.qat_lr, batch=1, seqlen=SEQLEN, windows=args.qat_windows,
-                     train=args.qat_train, calibration=calibration_ids(None, loaded.tokenizer, args.calib, 512, 0),
+                     train=args.qat_train, calibration=calibration,
                      progress=False)
         extra = {"final_loss": loaded.model.lowbit["qat"]["losses"][-1]}
     else:   # torchao-qat@steps
