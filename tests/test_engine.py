@@ -108,18 +108,20 @@ def test_background_compilation_decodes_eagerly_then_switches_with_the_same_toke
     ids = torch.randint(0, 256, (1, 5))
     want = Engine(model, compile=False).generate(ids, 24)["tokens"]
     engine = Engine(model, compile=True, background=True)
-    seen, graphs = [], []
+    seen, graphs, eager = [], [], []
     from torch._dynamo.utils import counters
 
     def on_token(tok):
         seen.append(int(tok))
-        if len(seen) == 5:        # the first 4 decode steps ran eagerly; from here on the compiled step runs
+        if len(seen) == 5:        # the first decode steps ran eagerly (all 4 unless a warm cache was faster)
             engine.wait_compiled()
             graphs.append(counters["stats"]["unique_graphs"])
+            eager.append(engine.eager_steps)
 
     r = engine.generate(ids, 24, on_token=on_token)
     assert torch.equal(r["tokens"], want) and seen == want.tolist()
-    assert r["eager_tokens"] == 4 and r["compiled_tokens_per_s"] > 0 and engine.compile_seconds > 0
+    assert 1 <= eager[0] <= 4 and r["eager_tokens"] == eager[0]     # from the wait on, only the compiled step
+    assert r["compiled_tokens_per_s"] > 0 and engine.compile_seconds > 0
     again = engine.generate(ids, 24)
     assert again["eager_tokens"] == 0 and torch.equal(again["tokens"], want)
     assert counters["stats"]["unique_graphs"] == graphs[0]   # the graph compiled in the background serves every step
