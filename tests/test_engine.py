@@ -145,7 +145,7 @@ def test_a_background_compilation_that_fails_runs_eagerly_or_raises_when_strict(
     engine.wait_compiled()
     with pytest.raises(RuntimeError, match="no compiler here"):     # LOWBIT_STRICT_COMPILE=1 (conftest)
         engine.generate(ids, 8)
-    monkeypatch.setenv("LOWBIT_STRICT_COMPILE", "")
+    monkeypatch.setenv("LOWBIT_STRICT_COMPILE", "0")    # "0" means off, as an empty value does
     engine = Engine(model, compile=True, background=True)
     engine._step = broken
     engine.generate(ids, 2)

@@ -3,7 +3,7 @@ import torch
 
 from lowbit import IntSpec, LowbitError
 from lowbit.algorithms import quantize_rtn
-from lowbit.kernels import KERNELS, select_kernel
+from lowbit.kernels import KERNELS, native, select_kernel
 from lowbit.nn import QuantLinear
 
 REF = KERNELS["reference"]
@@ -13,32 +13,36 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+INT4_AUTO = "native-int4" if native.available() and native.isa() > 0 else "cpu-int4"
+
+
 @pytest.mark.parametrize("spec,kernel", [
     (IntSpec(8, -1, True), "cpu-int8"),
-    (IntSpec(4, 32, True), "cpu-int4"),
-    (IntSpec(4, 64, True), "cpu-int4"),
-    (IntSpec(4, 64, False), "cpu-int4"),
-    (IntSpec(4, 128, False), "cpu-int4"),
-    (IntSpec(4, -1, True), "cpu-int4"),
-    (IntSpec(4, -1, False), "cpu-int4"),
-    (IntSpec(3, 64, False), "cpu-int4"),
-    (IntSpec(2, 32, True), "cpu-int4"),
+    (IntSpec(4, 32, True), INT4_AUTO),
+    (IntSpec(4, 64, True), INT4_AUTO),
+    (IntSpec(4, 64, False), INT4_AUTO),
+    (IntSpec(4, 128, False), INT4_AUTO),
+    (IntSpec(4, -1, True), INT4_AUTO),
+    (IntSpec(4, -1, False), INT4_AUTO),
+    (IntSpec(3, 64, False), INT4_AUTO),
+    (IntSpec(2, 32, True), INT4_AUTO),
 ], ids=lambda x: getattr(x, "name", x))
 def test_fast_kernel_matches_reference_and_restores_exactly(spec, kernel):
     torch.manual_seed(0)
     w = torch.randn(96, 256)
     qt = quantize_rtn(w, spec)
-    k = select_kernel(spec, qt.shape)
-    assert k.name == kernel
-    packed = k.prepare(qt)
-    back = k.restore(packed, spec, qt.shape)
-    assert torch.equal(back.qweight, qt.qweight) and torch.equal(back.scales, qt.scales)
-    for m in (1, 7, 64):
-        x = torch.randn(m, 256)
-        ref = REF.linear(x, REF.prepare(qt), spec, qt.shape, None)
-        out = k.linear(x, packed, spec, qt.shape, None)
-        assert out.dtype == x.dtype and out.shape == ref.shape
-        assert _rel(out, ref) < 1e-2  # bfloat16 activations and scales inside the ATen kernels
+    assert select_kernel(spec, qt.shape).name == kernel
+    names = [kernel] + (["cpu-int4"] if kernel == "native-int4" else [])
+    for k in (KERNELS[name] for name in names):
+        packed = k.prepare(qt)
+        back = k.restore(packed, spec, qt.shape)
+        assert torch.equal(back.qweight, qt.qweight) and torch.equal(back.scales, qt.scales)
+        for m in (1, 7, 64):
+            x = torch.randn(m, 256)
+            ref = REF.linear(x, REF.prepare(qt), spec, qt.shape, None)
+            out = k.linear(x, packed, spec, qt.shape, None)
+            assert out.dtype == x.dtype and out.shape == ref.shape
+            assert _rel(out, ref) < 1e-2  # bfloat16 activations (and scales inside the ATen kernels)
 
 
 def test_real_layers_of_default_model(base):
@@ -54,7 +58,7 @@ def test_real_layers_of_default_model(base):
 
 def test_auto_falls_back_to_reference_and_forcing_an_unsupported_kernel_fails():
     spec = IntSpec(4, 32, True)
-    assert select_kernel(spec, (100, 64)).name == "reference"  # N not a multiple of 16
+    assert select_kernel(spec, (100, 96)).name == "reference"  # N not a multiple of 16, K not one of 64
     assert select_kernel(IntSpec(8, 32, True), (64, 64)).name == "reference"  # grouped int8
     with pytest.raises(LowbitError, match="cannot run"):
         select_kernel(spec, (100, 64), prefer="cpu-int4")

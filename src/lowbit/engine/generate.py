@@ -190,8 +190,8 @@ class Engine:
 
     def _run_eagerly_after(self, e: Exception) -> None:
         """Compiling the step failed (here or in the background): say where and run eagerly from now on, unless
-        LOWBIT_STRICT_COMPILE asks for the error itself."""
-        if os.environ.get("LOWBIT_STRICT_COMPILE"):
+        LOWBIT_STRICT_COMPILE (any value but empty or 0) asks for the error itself."""
+        if os.environ.get("LOWBIT_STRICT_COMPILE", "").strip() not in ("", "0"):
             raise e
         import traceback
         where = traceback.extract_tb(e.__traceback__)[-1]

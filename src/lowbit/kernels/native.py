@@ -1,0 +1,133 @@
+"""lowbit's native CPU kernels (csrc/*.cpp): built once from source with the system's C++ compiler, then loaded
+as PyTorch operators (`torch.ops.lowbit.*`) that the compiled engine calls like any ATen op.
+
+    python -m lowbit.kernels.native          # build (scripts/setup.sh runs this), or say why it cannot
+
+The library goes to a cache directory keyed by the sources, the PyTorch version and the compiler
+(`$LOWBIT_NATIVE_DIR`, default `~/.cache/lowbit/native`), so rebuilding happens only when one of them changes.
+Nothing is built implicitly at run time: without the library the PyTorch kernels run, and `load()` says why.
+One library serves every CPU: each kernel picks its instruction set (AVX-512 BF16, AVX-512, AVX2, portable)
+when it runs, from what the CPU reports.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCES = ("int4_gemm.cpp",)
+_CSRC = Path(__file__).with_name("csrc")
+
+
+def _compiler() -> str | None:
+    for cxx in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if cxx and shutil.which(cxx):
+            return shutil.which(cxx)
+    return None
+
+
+def library_path(cxx: str | None = None) -> Path:
+    """Where the library for these sources, this PyTorch and this compiler lives (built or not)."""
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update((_CSRC / name).read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(str(cxx or _compiler()).encode())
+    root = Path(os.environ.get("LOWBIT_NATIVE_DIR") or Path.home() / ".cache" / "lowbit" / "native")
+    return root / h.hexdigest()[:16] / "lowbit_native.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the sources into the cache (a no-op when the library is there). Raises RuntimeError with the
+    compiler's own message when it cannot."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
+    out = library_path(cxx)
+    if out.exists():
+        return out
+    from torch.utils import cpp_extension
+    out.parent.mkdir(parents=True, exist_ok=True)
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-DTORCH_API_INCLUDE_EXTENSION_H",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    libs = [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch", "-ltorch_cpu"]
+    rpath = [f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()]
+    # written beside the target and renamed into place: a killed build never leaves a library half-written
+    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so.tmp", delete=False) as tmp:
+        partial = Path(tmp.name)
+    try:
+        cmd = [cxx, *flags, *includes, *(str(_CSRC / s) for s in SOURCES), "-o", str(partial), *libs, *rpath]
+        r = subprocess.run(cmd, capture_output=not verbose, text=True)
+        if r.returncode != 0:
+            err = (r.stderr or "").strip().splitlines()
+            first = next((line for line in err if "error" in line), err[0] if err else "failed")
+            raise RuntimeError(f"compiling lowbit's native kernels failed: {first}")
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> str | None:
+    """Load the built library into torch.ops.lowbit; None when loaded, else the reason it is not."""
+    if os.environ.get("LOWBIT_NATIVE", "1").strip() in ("0", ""):
+        return "LOWBIT_NATIVE=0 turns lowbit's native kernels off"
+    path = library_path()
+    if not path.exists():
+        return "lowbit's native kernels are not built (python -m lowbit.kernels.native builds them)"
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as e:
+        return f"lowbit's native kernels did not load: {str(e)[:200]}"
+    _register_fake()
+    return None
+
+
+def available() -> bool:
+    return load() is None
+
+
+@functools.lru_cache(maxsize=1)
+def isa() -> int:
+    """The instruction-set path the native kernels take on this CPU: 3 AVX-512 BF16, 2 AVX-512, 1 AVX2,
+    0 portable."""
+    return int(torch.ops.lowbit.int4_gemm_isa())
+
+
+ISA_NAMES = {3: "avx512-bf16", 2: "avx512", 1: "avx2", 0: "portable"}
+
+
+def _register_fake() -> None:
+    """Output shapes for tracing (torch.compile): the kernels' results are float32 [M, N]."""
+    @torch.library.register_fake("lowbit::int4_gemm")
+    def _(x, wpack, scales, offsets, group_size, isa=-1):
+        return x.new_empty((x.shape[0], wpack.shape[0]), dtype=torch.float32)
+
+
+def main() -> int:
+    try:
+        path = build(verbose="-v" in sys.argv)
+    except RuntimeError as e:
+        print(f"lowbit: {e}; the PyTorch kernels will be used instead", file=sys.stderr)
+        return 1
+    reason = load()
+    if reason:
+        print(f"lowbit: {reason}", file=sys.stderr)
+        return 1
+    print(f"lowbit native kernels: {path.name} built, path {ISA_NAMES[isa()]} on this CPU")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

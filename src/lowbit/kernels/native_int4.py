@@ -1,0 +1,100 @@
+"""native-int4 — lowbit's own CPU kernel (csrc/int4_gemm.cpp) for integer weights of 2 to 4 bits, any group
+size that is a multiple of 32 (64 and up: of 64) dividing in_features, per channel, symmetric or with zero
+points, in_features a multiple of 64.
+
+    resident: wpack   uint8 [N, K // 2] — each row in chunks of 64 columns: byte j of chunk c holds the code of
+                      column 64c + j in its low nibble and of column 64c + 32 + j in its high nibble (one 32-byte
+                      load gives two vectors of 32 consecutive columns; see the C++ source),
+              kscales float32 [N, G] — the group scales s (two-level scales decoded once, here),
+              offsets float32 [N, G] — z · s, so that (q − z) · s = q · s − offset,
+              scales / zeros — the storage tensors (small), kept so that `restore` is exact.
+
+Few rows of activations (decode) run the native kernel: activations rounded to bfloat16, float32 products and
+sums, no weight ever dequantized to memory. Many rows (prefill) dequantize the weight once per call and run a
+dense matmul, in bfloat16 where the CPU has native bfloat16 arithmetic (where a dense bfloat16 matmul is 3-4x a
+float32 one) and in float32 elsewhere: at 512 rows the dequantization is a small fraction of the matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import IntSpec, QuantizedTensor
+from . import native
+from .base import Kernel
+
+# Above this many activation rows the dense path runs (the native kernel re-reads the packed rows every 4
+# activation rows, the dense one reads a dequantized copy once).
+DENSE_FROM_ROWS = 16
+
+
+def pack_chunks(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] (values 0..15, K % 64 == 0) -> wpack uint8 [N, K // 2] in the layout above."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).reshape(n, k // 64, 2, 32)
+    return (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_chunks(wpack: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_chunks: uint8 codes [N, K]."""
+    n, half = wpack.shape
+    b = wpack.reshape(n, half // 32, 1, 32)
+    return torch.cat([b & 15, b >> 4], dim=2).reshape(n, half * 2)
+
+
+class NativeInt4Kernel(Kernel):
+    name = "native-int4"
+
+    def unsupported(self, spec, shape, device, act=None):
+        n, k = shape
+        if device.type != "cpu" or act is not None:
+            return "runs weight-only on CPU only"
+        if not isinstance(spec, IntSpec) or spec.bits > 4:
+            return "needs weights of at most 4 bits"
+        if k % 64:
+            return f"needs in_features divisible by 64 (got {k})"
+        g = spec.group_size_for(k)
+        if g % 32 or (g > 32 and g % 64):
+            return f"needs groups of 32 or a multiple of 64 (got {g})"
+        reason = native.load()
+        if reason:
+            return reason
+        if native.isa() == 0:
+            return "this CPU has no AVX2: the portable path is slower than PyTorch's kernels"
+        return None
+
+    def prepare(self, qt):
+        n, k = qt.shape
+        # decided here, outside any traced code: the CPU does not change while the process runs
+        self.dense_dtype = torch.bfloat16 if native.isa() == 3 else torch.float32
+        s = qt.spec.group_scales(qt.scales, k).float()
+        z = qt.zeros.float() if qt.zeros is not None else torch.full_like(s, float(qt.spec.implicit_zero))
+        out = {"wpack": pack_chunks(qt.codes()), "kscales": s.contiguous(), "offsets": (z * s).contiguous(),
+               "scales": qt.scales}
+        if qt.zeros is not None:
+            out["zeros"] = qt.zeros
+        return out
+
+    def restore(self, packed, spec, shape):
+        return QuantizedTensor.from_codes(unpack_chunks(packed["wpack"]), packed["scales"], packed.get("zeros"),
+                                          spec)
+
+    def linear(self, x, packed, spec, shape, bias, act=None):
+        n, k = shape
+        x2 = x.reshape(-1, k)
+        if x2.shape[0] < DENSE_FROM_ROWS:
+            group = k // packed["kscales"].shape[1]
+            y = torch.ops.lowbit.int4_gemm(x2, packed["wpack"], packed["kscales"], packed["offsets"], group)
+        else:
+            y = F.linear(x2.to(self.dense_dtype), self.dense(packed, shape).to(self.dense_dtype)).float()
+        y = y.to(x.dtype).reshape(*x.shape[:-1], n)
+        return y if bias is None else y + bias
+
+    @staticmethod
+    def dense(packed, shape) -> torch.Tensor:
+        """The weight dequantized, float32 [N, K]."""
+        n, k = shape
+        g = packed["kscales"].shape[1]
+        q = unpack_chunks(packed["wpack"]).reshape(n, g, k // g).float()
+        return (q * packed["kscales"][..., None] - packed["offsets"][..., None]).reshape(n, k)

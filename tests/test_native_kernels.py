@@ -1,0 +1,108 @@
+"""lowbit's native CPU kernel (csrc/int4_gemm.cpp) against the reference kernel: every instruction-set path
+this CPU has, odd shapes and group tails, real layers, the compiled engine, and the fallback without it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowbit import IntSpec
+from lowbit.algorithms import quantize_rtn
+from lowbit.formats import QuantizedTensor
+from lowbit.kernels import KERNELS, native, select_kernel
+from lowbit.kernels.native_int4 import DENSE_FROM_ROWS, pack_chunks, unpack_chunks
+from lowbit.nn import QuantLinear
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=str(native.load()))
+REF = KERNELS["reference"]
+NATIVE = KERNELS["native-int4"]
+
+
+def test_layout_round_trips_and_puts_columns_where_documented():
+    codes = torch.randint(0, 16, (5, 192), dtype=torch.uint8)
+    wpack = pack_chunks(codes)
+    assert wpack.shape == (5, 96) and torch.equal(unpack_chunks(wpack), codes)
+    # byte j of chunk c: column 64c + j low, 64c + 32 + j high
+    assert wpack[2, 32 + 7] == codes[2, 64 + 7] | (codes[2, 96 + 7] << 4)
+
+
+@pytest.mark.parametrize("m,n,k,group", [(1, 1536, 576, 64), (1, 33, 64, 32), (3, 100, 576, 32),
+                                         (5, 77, 1536, 128), (9, 17, 192, 192), (2, 8, 256, 256)])
+def test_every_path_equals_exact_float_math(m, n, k, group):
+    """Every instruction-set path against float64 math on the same bfloat16-rounded activations: the codes
+    are exact and every sum float32, so the only difference is float32 rounding."""
+    g = torch.Generator().manual_seed(m * n + k)
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    s = torch.rand(n, k // group, generator=g) * 0.1
+    z = torch.randint(0, 16, (n, k // group), generator=g).float()
+    x = torch.randn(m, k, generator=g) * 3
+    w = ((codes.double().view(n, -1, group) - z.double()[..., None]) * s.double()[..., None]).reshape(n, k)
+    want = x.to(torch.bfloat16).double() @ w.t()
+    for isa in range(native.isa() + 1):
+        y = torch.ops.lowbit.int4_gemm(x, pack_chunks(codes), s, (z * s).contiguous(), group, isa)
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        err = ((y.double() - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-5, (native.ISA_NAMES[isa], err)
+    with pytest.raises(RuntimeError, match="lacks the instructions"):
+        torch.ops.lowbit.int4_gemm(x, pack_chunks(codes), s, (z * s).contiguous(), group, native.isa() + 1)
+
+
+def test_bad_shapes_are_refused_with_a_clear_message():
+    codes = torch.randint(0, 16, (4, 64))
+    s = torch.ones(4, 2)
+    with pytest.raises(RuntimeError, match="multiple of 32 dividing K"):
+        torch.ops.lowbit.int4_gemm(torch.randn(1, 64), pack_chunks(codes), s, s, 48)
+    with pytest.raises(RuntimeError, match="K must be a multiple of 64"):
+        torch.ops.lowbit.int4_gemm(torch.randn(1, 32), torch.zeros(4, 16, dtype=torch.uint8), s, s, 32)
+    with pytest.raises(RuntimeError, match=r"\[N, K / group_size\]"):
+        torch.ops.lowbit.int4_gemm(torch.randn(1, 64), pack_chunks(codes), s[:, :1], s[:, :1], 32)
+
+
+@pytest.mark.parametrize("spec", [IntSpec(4, 64, False), IntSpec(4, 32, True), IntSpec(3, 64, False),
+                                  IntSpec(2, 64, True), IntSpec(4, -1, False),
+                                  IntSpec(4, 64, False, scale_bits=6, super_block=192)],
+                         ids=lambda s: s.name)
+def test_real_layers_match_reference_decode_and_prefill(base, spec):
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.29.mlp.down_proj"):
+        w = base.get_submodule(name).weight.detach()
+        qt = quantize_rtn(w, spec)
+        assert select_kernel(spec, qt.shape).name == "native-int4"
+        packed = NATIVE.prepare(qt)
+        back = NATIVE.restore(packed, spec, qt.shape)
+        assert torch.equal(back.qweight, qt.qweight) and torch.equal(back.scales, qt.scales)
+        dense = qt.dequantize(torch.float32)
+        for rows in (1, 4, DENSE_FROM_ROWS - 1, DENSE_FROM_ROWS, 100):
+            x = torch.randn(rows, w.shape[1])
+            want = torch.nn.functional.linear(x.to(torch.bfloat16).float(), dense)
+            got = NATIVE.linear(x, packed, spec, qt.shape, None)
+            err = ((got - want).norm() / want.norm()).item()
+            assert err < (1e-5 if rows < DENSE_FROM_ROWS else 1e-2), (rows, err)
+
+
+def test_bfloat16_inputs_and_bias():
+    w = torch.randn(48, 128)
+    b = torch.randn(48)
+    q = QuantLinear(quantize_rtn(w, IntSpec(4, 64, False)), bias=b)
+    assert q.kernel.name == "native-int4"
+    x = torch.randn(2, 3, 128)
+    ref = torch.nn.functional.linear(x.to(torch.bfloat16).float(), q.dequantized_weight(), b)
+    assert torch.allclose(q(x), ref, atol=1e-4, rtol=1e-4)
+    y16 = q.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert y16.dtype == torch.bfloat16 and y16.shape == (2, 3, 48)
+
+
+def test_compiled_call_equals_eager():
+    q = QuantLinear(quantize_rtn(torch.randn(64, 192), IntSpec(4, 64, False)))
+    x = torch.randn(1, 192)
+    f = torch.compile(lambda t: q(t) * 2, fullgraph=True)
+    assert torch.equal(f(x), q(x) * 2)
+
+
+def test_without_the_library_the_pytorch_kernel_runs():
+    code = ("import torch; from lowbit import IntSpec; from lowbit.kernels import select_kernel;"
+            "print(select_kernel(IntSpec(4, 64, True), (96, 256)).name)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, LOWBIT_NATIVE="0"))
+    assert r.stdout.strip() == "cpu-int4", r.stderr
