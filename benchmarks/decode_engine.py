@@ -32,6 +32,7 @@ from lowbit.export.atomic import atomic_write_text
 from lowbit.engine import Engine
 from lowbit.eval import decode_speed, environment, prefill_speed
 from lowbit.eval.speed import engine_for
+from lowbit.eval.system import memory_bandwidth
 
 PROMPT = "The history of the Python language"
 
@@ -41,24 +42,6 @@ def loadavg() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "n/a"
-
-
-def memory_bandwidth(mib: int = 512, repeats: int = 7) -> dict:
-    """Median GB/s of a large tensor copy (bytes read + bytes written) and of a sum (bytes read)."""
-    n = mib * 2**20 // 4
-    src, dst = torch.rand(n), torch.empty(n)
-    dst.copy_(src)
-    copy_t, read_t = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        copy_t.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        src.sum()
-        read_t.append(time.perf_counter() - t0)
-    nbytes = n * 4
-    return {"copy_gb_s": 2 * nbytes / statistics.median(copy_t) / 1e9,
-            "read_gb_s": nbytes / statistics.median(read_t) / 1e9, "buffer_mib": mib}
 
 
 def bytes_per_token(model) -> int:

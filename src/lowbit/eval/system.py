@@ -40,5 +40,43 @@ def environment() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_features": cpu_features(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+# the instruction-set extensions that decide which CPU kernel is fastest (a model name such as "Intel(R) Xeon(R)
+# Processor" does not say which generation a machine is)
+_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
+
+
+def cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    return " ".join(f for f in _FEATURES if f in flags)
+
+
+def memory_bandwidth(mib: int = 512, repeats: int = 7) -> dict:
+    """Median GB/s of a large tensor copy (bytes read + bytes written) and of a sum (bytes read), with the
+    threads torch uses."""
+    import statistics
+    import time
+
+    import torch
+    n = mib * 2**20 // 4
+    src, dst = torch.rand(n), torch.empty(n)
+    dst.copy_(src)
+    copy_t, read_t = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        copy_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        src.sum()
+        read_t.append(time.perf_counter() - t0)
+    nbytes = n * 4
+    return {"copy_gb_s": 2 * nbytes / statistics.median(copy_t) / 1e9,
+            "read_gb_s": nbytes / statistics.median(read_t) / 1e9, "buffer_mib": mib}

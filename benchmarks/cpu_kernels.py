@@ -1,0 +1,146 @@
+"""Per-kernel speed on the default model's real shapes: microseconds per call and GB/s of resident weight bytes
+read, at one row of activations (decode) and at 512 rows (prefill), against the machine's read bandwidth.
+
+Shapes are the engine's own matmuls of one SmolLM2-135M block (fused q/k/v 576→960, o 576→576, fused gate/up
+576→3072, down 1536→576) and the lm_head (576→49152). Every kernel runs the same quantized weights
+(RTN, asymmetric groups of 64; INT8 symmetric per channel) through `QuantLinear`'s kernel call:
+
+  native-int4 — lowbit's own kernel (csrc/int4_gemm.cpp), once per instruction-set path this CPU has;
+  cpu-int4 / cpu-int8 — PyTorch's packed ATen kernels (bfloat16 activations);
+  dense fp32 / bf16 — torch.nn.functional.linear on the dequantized weight.
+
+Each figure is the median of --repeats timings of a loop that cycles through enough copies of the weight that
+they do not fit the last-level cache (--cold-mib), so the weights stream from memory as in a real decode step.
+
+    python benchmarks/cpu_kernels.py                     # about 2 minutes on 2 cores
+    python benchmarks/cpu_kernels.py --quick --out DIR   # seconds: keeps the script alive
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit import IntSpec
+from lowbit.algorithms import quantize_rtn
+from lowbit.eval import environment
+from lowbit.eval.system import memory_bandwidth
+from lowbit.io.atomic import atomic_write_text
+from lowbit.kernels import KERNELS, native
+
+SHAPES = {"qkv 576→960": (960, 576), "o 576→576": (576, 576), "gate_up 576→3072": (3072, 576),
+          "down 1536→576": (576, 1536), "lm_head 576→49152": (49152, 576)}
+
+
+def resident_bytes(packed: dict) -> int:
+    """What a call reads: every resident tensor except the storage copies kept only for `restore`."""
+    return sum(t.numel() * t.element_size() for k, t in packed.items() if k not in ("scales", "zeros")
+               or k == "scales" and "kscales" not in packed and "scale_zeros" not in packed)
+
+
+def time_calls(fns: list, rows: int, k: int, calls: int, repeats: int) -> float:
+    """Median µs per call, cycling through the weight copies in fns."""
+    x = torch.randn(rows, k)
+    for f in fns[:2]:
+        f(x)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(calls):
+            fns[i % len(fns)](x)
+        ts.append((time.perf_counter() - t0) / calls)
+    return statistics.median(ts) * 1e6
+
+
+def variants(w: torch.Tensor):
+    """(name, make) for every kernel that runs this weight here; make() prepares a fresh copy of the kernel's
+    resident tensors and returns (weight bytes a call reads, call(x))."""
+    n, k = w.shape
+    q4 = quantize_rtn(w, IntSpec(4, 64, False))
+    q8 = quantize_rtn(w, IntSpec(8, -1, True))
+    out = []
+
+    def kernel_call(name, qt, isa=None):
+        kern = KERNELS[name]
+        packed = kern.prepare(qt)
+        if isa is None:
+            return resident_bytes(packed), lambda x: kern.linear(x, packed, qt.spec, qt.shape, None)
+        g = k // packed["kscales"].shape[1]
+        op = torch.ops.lowbit.int4_gemm
+        return resident_bytes(packed), lambda x: (op(x, packed["wpack"], packed["kscales"], packed["offsets"], g, isa)
+                                                  if x.shape[0] == 1 else kern.linear(x, packed, qt.spec, qt.shape, None))
+
+    if native.available():
+        for isa in range(native.isa(), 0, -1):
+            out.append((f"native-int4 ({native.ISA_NAMES[isa]})", lambda isa=isa: kernel_call("native-int4", q4, isa)))
+    for name, qt in (("cpu-int4", q4), ("cpu-int8", q8)):
+        if KERNELS[name].unsupported(qt.spec, qt.shape, torch.device("cpu")) is None:
+            out.append((f"{name} (ATen)", lambda name=name, qt=qt: kernel_call(name, qt)))
+    for dtype in (torch.float32, torch.bfloat16):
+        def dense(dtype=dtype):
+            wd = q4.dequantize(torch.float32).to(dtype)
+            return wd.numel() * wd.element_size(), lambda x: torch.nn.functional.linear(x.to(dtype), wd)
+        out.append((f"dense {str(dtype).split('.')[-1]}", dense))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small shapes, few calls: checks the script runs")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cold-mib", type=int, default=256, help="weight copies per kernel: at least this many MiB")
+    ap.add_argument("--out", default="benchmarks/results/cpu_kernels", help="writes OUT.md and OUT.json")
+    args = ap.parse_args()
+    shapes = {"o 128→128": (128, 128), "down 256→128": (128, 256)} if args.quick else SHAPES
+    calls = {1: 20 if args.quick else 400, 512: 2 if args.quick else 10}
+    bw = memory_bandwidth(16 if args.quick else 512)
+    env = {**environment(), "native_path": native.ISA_NAMES[native.isa()] if native.available() else native.load()}
+    torch.manual_seed(0)
+    rows = []
+    for shape_name, (n, k) in shapes.items():
+        w = torch.randn(n, k) * 0.02
+        for name, make in variants(w):
+            nbytes, first = make()
+            # independent copies, each call reading the next one, as successive layers do
+            copies = max(1, min(64, args.cold_mib * 2**20 // max(nbytes, 1)))
+            fns = [first] + [make()[1] for _ in range(copies - 1)]
+            for m in (1, 512):
+                if m == 512 and "lm_head" in shape_name:
+                    continue
+                us = time_calls(fns, m, k, calls[m] if nbytes < 2**25 else max(2, calls[m] // 8), args.repeats)
+                rows.append({"shape": shape_name, "kernel": name, "rows": m, "us": us,
+                             "weight_bytes": nbytes, "gb_s": nbytes / us / 1e3})
+                print(json.dumps(rows[-1]), flush=True)
+    table = render(rows, bw, env)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.with_suffix(".md"), table)
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"machine": env, "bandwidth": bw, "rows": rows},
+                                                           indent=2, default=str))
+    return 0
+
+
+def render(rows: list[dict], bw: dict, env: dict) -> str:
+    lines = [f"{env['cpu']} ({env['cpu_features']}), {env['torch_threads']} threads, torch {env['torch']}; "
+             f"native path: {env['native_path']}; memory read {bw['read_gb_s']:.1f} GB/s, copy {bw['copy_gb_s']:.1f} GB/s",
+             "", "| shape | kernel | weight MB | µs at 1 row | GB/s at 1 row | of read bandwidth | µs at 512 rows |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["rows"] != 1:
+            continue
+        pre = next((p["us"] for p in rows if p["rows"] == 512 and p["shape"] == r["shape"]
+                    and p["kernel"] == r["kernel"]), None)
+        lines.append(f"| {r['shape']} | {r['kernel']} | {r['weight_bytes'] / 1e6:.2f} | {r['us']:.1f} | "
+                     f"{r['gb_s']:.1f} | {100 * r['gb_s'] / bw['read_gb_s']:.0f}% | "
+                     f"{'' if pre is None else f'{pre:.0f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
