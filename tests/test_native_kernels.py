@@ -1,4 +1,4 @@
-"""lowbit's native CPU kernel (csrc/int4_gemm.cpp) against the reference kernel: every instruction-set path
+"""lowbit's native CPU kernel (csrc/cpu_gemm.cpp) against the reference kernel: every instruction-set path
 this CPU has, odd shapes and group tails, real layers, the compiled engine, and the fallback without it."""
 
 import os
@@ -18,6 +18,7 @@ from lowbit.nn import QuantLinear
 pytestmark = pytest.mark.skipif(not native.available(), reason=str(native.load()))
 REF = KERNELS["reference"]
 NATIVE = KERNELS["native-int4"]
+NATIVE8 = KERNELS["native-int8"]
 
 
 def test_layout_round_trips_and_puts_columns_where_documented():
@@ -47,6 +48,51 @@ def test_every_path_equals_exact_float_math(m, n, k, group):
         assert err < 1e-5, (native.ISA_NAMES[isa], err)
     with pytest.raises(RuntimeError, match="lacks the instructions"):
         torch.ops.lowbit.int4_gemm(x, pack_chunks(codes), s, (z * s).contiguous(), group, native.isa() + 1)
+
+
+@pytest.mark.parametrize("m,n,k,group", [(1, 1536, 576, 576), (1, 33, 32, 32), (3, 100, 576, 64),
+                                         (6, 77, 1536, 96)])
+def test_int8_every_path_equals_exact_float_math(m, n, k, group):
+    g = torch.Generator().manual_seed(m * n + k)
+    codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    s = torch.rand(n, k // group, generator=g) * 0.01
+    z = torch.randint(-5, 5, (n, k // group), generator=g).float()
+    x = torch.randn(m, k, generator=g) * 3
+    w = ((codes.double().view(n, -1, group) - z.double()[..., None]) * s.double()[..., None]).reshape(n, k)
+    want = x.to(torch.bfloat16).double() @ w.t()
+    for isa in range(native.isa() + 1):
+        y = torch.ops.lowbit.int8_gemm(x, codes, s, (z * s).contiguous(), group, isa)
+        err = ((y.double() - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-5, (native.ISA_NAMES[isa], err)
+
+
+@pytest.mark.parametrize("spec", [IntSpec(8, -1, True), IntSpec(8, 64, True), IntSpec(8, 32, False)],
+                         ids=lambda s: s.name)
+def test_int8_real_layers_match_reference_and_keep_the_storage(base, spec):
+    w = base.get_submodule("model.layers.3.mlp.down_proj").weight.detach()
+    qt = quantize_rtn(w, spec)
+    assert select_kernel(spec, qt.shape).name == "native-int8"
+    packed = NATIVE8.prepare(qt)
+    assert packed["qweight"].data_ptr() == qt.qweight.data_ptr()      # the codes are not copied
+    back = NATIVE8.restore(packed, spec, qt.shape)
+    assert torch.equal(back.qweight, qt.qweight) and torch.equal(back.scales, qt.scales)
+    dense = qt.dequantize(torch.float32)
+    for rows in (1, 5, 64):
+        x = torch.randn(rows, w.shape[1])
+        want = torch.nn.functional.linear(x.to(torch.bfloat16).float(), dense)
+        err = ((NATIVE8.linear(x, packed, spec, qt.shape, None) - want).norm() / want.norm()).item()
+        assert err < (1e-5 if rows < DENSE_FROM_ROWS else 1e-2), (rows, err)
+
+
+def test_dequantize_equals_the_python_formula_bit_for_bit():
+    for group in (32, 64, 192):
+        qt = quantize_rtn(torch.randn(40, 192), IntSpec(4, group, False))
+        packed = NATIVE.prepare(qt)
+        want = NATIVE.dense(packed, qt.shape)
+        for dtype in (torch.float32, torch.bfloat16):
+            got = torch.ops.lowbit.int4_dequant(packed["wpack"], packed["kscales"], packed["offsets"], group, dtype)
+            assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+        assert torch.allclose(want, qt.dequantize(torch.float32), rtol=0, atol=1e-6)
 
 
 def test_bad_shapes_are_refused_with_a_clear_message():
@@ -106,3 +152,6 @@ def test_without_the_library_the_pytorch_kernel_runs():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=dict(os.environ, LOWBIT_NATIVE="0"))
     assert r.stdout.strip() == "cpu-int4", r.stderr
+    r = subprocess.run([sys.executable, "-c", code.replace("IntSpec(4, 64, True)", "IntSpec(8, -1, True)")],
+                       capture_output=True, text=True, env=dict(os.environ, LOWBIT_NATIVE="0"))
+    assert r.stdout.strip() == "cpu-int8", r.stderr

@@ -11,15 +11,18 @@ from ..formats import IntSpec
 from .base import Kernel
 from .cpu import CpuInt4Kernel, CpuInt8Kernel
 from .native_int4 import NativeInt4Kernel
+from .native_int8 import NativeInt8Kernel
 from .reference import ReferenceKernel
 from .triton_w4a16 import TritonW4A16Kernel
 from .w8a8 import Fp8Kernel, Int8ActKernel, LlmInt8Kernel
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (ReferenceKernel(), CpuInt8Kernel(), CpuInt4Kernel(),
-                                                  NativeInt4Kernel(), Int8ActKernel(), LlmInt8Kernel(),
-                                                  Fp8Kernel(), TritonW4A16Kernel())}
+                                                  NativeInt4Kernel(), NativeInt8Kernel(), Int8ActKernel(),
+                                                  LlmInt8Kernel(), Fp8Kernel(), TritonW4A16Kernel())}
 # tried in this order by "auto"; the reference kernel is the last resort
-_AUTO_ORDER = ("triton-w4a16", "cpu-int8", "native-int4", "cpu-int4", "w8a8-int8", "llm-int8", "fp8", "reference")
+# (native-* only where lowbit's native library is built: scripts/setup.sh)
+_AUTO_ORDER = ("triton-w4a16", "native-int8", "cpu-int8", "native-int4", "cpu-int4", "w8a8-int8", "llm-int8", "fp8",
+               "reference")
 
 
 def select_kernel(spec: IntSpec, shape: tuple[int, int], device: torch.device | str = "cpu",

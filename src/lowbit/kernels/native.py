@@ -1,7 +1,7 @@
 """lowbit's native CPU kernels (csrc/*.cpp): built once from source with the system's C++ compiler, then loaded
 as PyTorch operators (`torch.ops.lowbit.*`) that the compiled engine calls like any ATen op.
 
-    python -m lowbit.kernels.native          # build (scripts/setup.sh runs this), or say why it cannot
+    python -m lowbit.kernels          # build (scripts/setup.sh runs this), or say why it cannot
 
 The library goes to a cache directory keyed by the sources, the PyTorch version and the compiler
 (`$LOWBIT_NATIVE_DIR`, default `~/.cache/lowbit/native`), so rebuilding happens only when one of them changes.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("int4_gemm.cpp",)
+SOURCES = ("cpu_gemm.cpp",)        # compiled; every file in csrc/ is part of the cache key
 _CSRC = Path(__file__).with_name("csrc")
 
 
@@ -38,8 +38,8 @@ def _compiler() -> str | None:
 def library_path(cxx: str | None = None) -> Path:
     """Where the library for these sources, this PyTorch and this compiler lives (built or not)."""
     h = hashlib.sha256()
-    for name in SOURCES:
-        h.update((_CSRC / name).read_bytes())
+    for f in sorted(_CSRC.iterdir()):
+        h.update(f.name.encode() + f.read_bytes())
     h.update(torch.__version__.encode())
     h.update(str(cxx or _compiler()).encode())
     root = Path(os.environ.get("LOWBIT_NATIVE_DIR") or Path.home() / ".cache" / "lowbit" / "native")
@@ -85,7 +85,7 @@ def load() -> str | None:
         return "LOWBIT_NATIVE=0 turns lowbit's native kernels off"
     path = library_path()
     if not path.exists():
-        return "lowbit's native kernels are not built (python -m lowbit.kernels.native builds them)"
+        return "lowbit's native kernels are not built (python -m lowbit.kernels builds them)"
     try:
         torch.ops.load_library(str(path))
     except OSError as e:
@@ -102,7 +102,7 @@ def available() -> bool:
 def isa() -> int:
     """The instruction-set path the native kernels take on this CPU: 3 AVX-512 BF16, 2 AVX-512, 1 AVX2,
     0 portable."""
-    return int(torch.ops.lowbit.int4_gemm_isa())
+    return int(torch.ops.lowbit.cpu_isa())
 
 
 ISA_NAMES = {3: "avx512-bf16", 2: "avx512", 1: "avx2", 0: "portable"}
@@ -110,9 +110,17 @@ ISA_NAMES = {3: "avx512-bf16", 2: "avx512", 1: "avx2", 0: "portable"}
 
 def _register_fake() -> None:
     """Output shapes for tracing (torch.compile): the kernels' results are float32 [M, N]."""
-    @torch.library.register_fake("lowbit::int4_gemm")
-    def _(x, wpack, scales, offsets, group_size, isa=-1):
-        return x.new_empty((x.shape[0], wpack.shape[0]), dtype=torch.float32)
+    for op in ("lowbit::int4_gemm", "lowbit::int8_gemm"):
+        torch.library.register_fake(op)(_gemm_shape)
+    torch.library.register_fake("lowbit::int4_dequant")(_dequant_shape)
+
+
+def _gemm_shape(x, w, scales, offsets, group_size, isa=-1):
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+def _dequant_shape(wpack, scales, offsets, group_size, dtype):
+    return wpack.new_empty((wpack.shape[0], wpack.shape[1] * 2), dtype=dtype)
 
 
 def main() -> int:
@@ -127,7 +135,3 @@ def main() -> int:
         return 1
     print(f"lowbit native kernels: {path.name} built, path {ISA_NAMES[isa()]} on this CPU")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""native-int4 — lowbit's own CPU kernel (csrc/int4_gemm.cpp) for integer weights of 2 to 4 bits, any group
+"""native-int4 — lowbit's own CPU kernel (csrc/cpu_gemm.cpp) for integer weights of 2 to 4 bits, any group
 size that is a multiple of 32 (64 and up: of 64) dividing in_features, per channel, symmetric or with zero
 points, in_features a multiple of 64.
 
@@ -87,7 +87,9 @@ class NativeInt4Kernel(Kernel):
             group = k // packed["kscales"].shape[1]
             y = torch.ops.lowbit.int4_gemm(x2, packed["wpack"], packed["kscales"], packed["offsets"], group)
         else:
-            y = F.linear(x2.to(self.dense_dtype), self.dense(packed, shape).to(self.dense_dtype)).float()
+            w = torch.ops.lowbit.int4_dequant(packed["wpack"], packed["kscales"], packed["offsets"],
+                                              k // packed["kscales"].shape[1], self.dense_dtype)
+            y = F.linear(x2.to(self.dense_dtype), w).float()
         y = y.to(x.dtype).reshape(*x.shape[:-1], n)
         return y if bias is None else y + bias
 

@@ -1,0 +1,380 @@
+// lowbit's native CPU matmuls for integer weights: y = x · Wᵀ with W = (q − z) · s per group.
+//   int4_gemm: codes of 2 to 4 bits, two per byte in the chunked layout below.
+//   int8_gemm: signed 8-bit codes, one per byte, row-major: the storage layout itself, so nothing is repacked.
+//
+// Why a kernel of our own: with one row of activations (decode) PyTorch's packed int4 kernel streams about
+// 20 GB/s of weights on these machines, a third of what memory delivers; the work per weight here is a few
+// vector instructions, so a single row runs at memory speed.
+//
+// int4 layout (written by lowbit.kernels.native_int4, documented there too):
+//   wpack   uint8 [N, K/2]: each row in chunks of 64 columns (32 bytes); byte j of chunk c holds the code of
+//           column 64c + j in its low nibble and of column 64c + 32 + j in its high nibble, so that one
+//           32-byte load yields two vectors of 32 consecutive columns each. K must be a multiple of 64.
+//   scales  float32 [N, G], G = K / group_size, group_size a multiple of 32 dividing K.
+//   offsets float32 [N, G]: z · s, so that (q − z) · s = q · s − offset.
+// Then  y[m, n] = Σ_g s[n, g] · Σ_{k∈g} q[n, k] · x[m, k]  −  Σ_g offset[n, g] · Σ_{k∈g} x[m, k].
+//
+// Arithmetic: activations are rounded to bfloat16 (as PyTorch's packed kernels do), every product and sum is
+// float32. The codes are small integers, exact in bfloat16. The order of the float32 sums differs between the
+// instruction-set paths, so they agree to float32 rounding, not bit for bit; each path is deterministic.
+//
+// int8: wq int8 [N, K], K a multiple of 32, groups as above (per channel: one group of K); offsets z · s.
+//
+// Paths, chosen at run time by what the CPU has (cpu_isa tells which; `isa` forces one, for tests):
+//   3  AVX-512 BF16: int4 codes → bfloat16 through a 16-entry table (vpermw), 32 products per vdpbf16ps;
+//      int8 as path 2 (widening int8 to bfloat16 costs more instructions than the float32 products save).
+//   2  AVX-512F/BW: codes → float32, 16 products per FMA.
+//   1  AVX2 + FMA: codes → float32, 8 products per FMA.
+//   0  portable C++.
+// The inner loops (cpu_gemm_tiles.inc) are written once and expanded per instruction set.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 64;   // int4: columns per 32-byte chunk
+
+struct Problem {
+  const uint16_t* xb;   // [M, K] bfloat16 bits
+  const float* xf;      // [M, K] the same values as float32
+  const float* xsum;    // [M, G] Σ x over each group (of the bfloat16 values, in float32)
+  const uint8_t* w;     // int4: [N, K/2] chunked; int8: [N, K] int8
+  const float* s;       // [N, G]
+  const float* off;     // [N, G]
+  float* y;             // [M, N]
+  int64_t M, N, K, G, gs;
+};
+
+// Output rows n .. n+nr−1 of activation row m: out[i] holds Σ_g s · Σ q·x; the offset term is subtracted here.
+inline void finish(const Problem& p, int64_t n, int64_t m, int nr, const float* out) {
+  const float* xs = p.xsum + m * p.G;
+  for (int i = 0; i < nr; ++i) {
+    const float* off = p.off + (n + i) * p.G;
+    float o = 0.f;
+    for (int64_t g = 0; g < p.G; ++g) o += off[g] * xs[g];
+    p.y[m * p.N + n + i] = out[i] - o;
+  }
+}
+
+// ---- portable C++ -------------------------------------------------------------------------------------------
+
+namespace portable {
+void int4_rows(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < p.M; ++m) {
+      const uint8_t* w = p.w + n * (p.K / 2);
+      const float* x = p.xf + m * p.K;
+      float total = 0.f;
+      for (int64_t g = 0; g < p.G; ++g) {
+        float dot = 0.f;
+        for (int64_t k = g * p.gs; k < (g + 1) * p.gs; ++k) {
+          const int64_t j = k % kChunk;
+          const uint8_t b = w[(k / kChunk) * 32 + (j & 31)];
+          dot += static_cast<float>(j < 32 ? (b & 15) : (b >> 4)) * x[k];
+        }
+        total += p.s[n * p.G + g] * dot;
+      }
+      finish(p, n, m, 1, &total);
+    }
+}
+
+void int8_rows(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < p.M; ++m) {
+      const int8_t* w = reinterpret_cast<const int8_t*>(p.w) + n * p.K;
+      const float* x = p.xf + m * p.K;
+      float total = 0.f;
+      for (int64_t g = 0; g < p.G; ++g) {
+        float dot = 0.f;
+        for (int64_t k = g * p.gs; k < (g + 1) * p.gs; ++k) dot += static_cast<float>(w[k]) * x[k];
+        total += p.s[n * p.G + g] * dot;
+      }
+      finish(p, n, m, 1, &total);
+    }
+}
+}  // namespace portable
+
+// ---- AVX2 + FMA -----------------------------------------------------------------------------------------------
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+inline float reduce8(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+inline __m256i codes8(const uint8_t* b) {   // 8 bytes → 8 int32 lanes
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)));
+}
+#define VEC __m256
+#define VZERO() _mm256_setzero_ps()
+#define VSET1(f) _mm256_set1_ps(f)
+#define VADD(a, b) _mm256_add_ps(a, b)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VREDUCE(v) reduce8(v)
+#define XROW(p, m) ((p).xf + (m) * (p).K)
+#define INT4_HALVES(bytes, x, lo, hi)                                                                   \
+  for (int j = 0; j < 32; j += 8) {                                                                     \
+    const __m256i v = codes8((bytes) + j);                                                              \
+    lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))),                 \
+                         _mm256_loadu_ps((x) + j), lo);                                                 \
+    hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), _mm256_loadu_ps((x) + 32 + j), hi); \
+  }
+#define INT8_STEP(w, x, acc)                                                                            \
+  for (int j = 0; j < 32; j += 8)                                                                       \
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(                                       \
+                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>((w) + j)))),            \
+                          _mm256_loadu_ps((x) + j), acc);
+#include "cpu_gemm_tiles.inc"
+#undef VEC
+#undef VZERO
+#undef VSET1
+#undef VADD
+#undef VFMA
+#undef VREDUCE
+#undef XROW
+#undef INT4_HALVES
+#undef INT8_STEP
+}  // namespace avx2
+#pragma GCC pop_options
+
+// ---- AVX-512F/BW ----------------------------------------------------------------------------------------------
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw")
+namespace avx512 {
+#define VEC __m512
+#define VZERO() _mm512_setzero_ps()
+#define VSET1(f) _mm512_set1_ps(f)
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VREDUCE(v) _mm512_reduce_add_ps(v)
+#define XROW(p, m) ((p).xf + (m) * (p).K)
+#define INT4_HALVES(bytes, x, lo, hi)                                                                   \
+  for (int j = 0; j < 32; j += 16) {                                                                    \
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>((bytes) + j))); \
+    lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))),                 \
+                         _mm512_loadu_ps((x) + j), lo);                                                 \
+    hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), _mm512_loadu_ps((x) + 32 + j), hi); \
+  }
+#define INT8_STEP(w, x, acc)                                                                            \
+  for (int j = 0; j < 32; j += 16)                                                                      \
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(                                       \
+                              _mm_loadu_si128(reinterpret_cast<const __m128i*>((w) + j)))),            \
+                          _mm512_loadu_ps((x) + j), acc);
+#include "cpu_gemm_tiles.inc"
+#undef INT4_HALVES
+#undef INT8_STEP
+#undef XROW
+}  // namespace avx512
+
+// ---- AVX-512 BF16 (int4 only; int8 runs the AVX-512 path) --------------------------------------------------------
+
+#pragma GCC target("avx512f,avx512bw,avx512bf16")
+namespace avx512bf16 {
+// bfloat16 bits of 0.0 .. 15.0 (exact), looked up by the 16-bit lanes' code with vpermw
+alignas(64) const uint16_t kCodeTable[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+                                             0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+// One 32-byte chunk widened once to 16-bit lanes serves both halves.
+#define XROW(p, m) ((p).xb + (m) * (p).K)
+#define INT4_HALVES(bytes, x, lo, hi)                                                                   \
+  {                                                                                                     \
+    const __m512i table = _mm512_load_si512(kCodeTable);                                               \
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes))); \
+    lo = _mm512_dpbf16_ps(lo, (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, _mm512_set1_epi16(15)), table), \
+                          (__m512bh)_mm512_loadu_si512((x)));                                          \
+    hi = _mm512_dpbf16_ps(hi, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table),      \
+                          (__m512bh)_mm512_loadu_si512((x) + 32));                                     \
+  }
+#include "cpu_gemm_tiles.inc"   // INT8_STEP undefined: int8 takes the AVX-512 path
+#undef VEC
+#undef VZERO
+#undef VSET1
+#undef VADD
+#undef VFMA
+#undef VREDUCE
+#undef XROW
+#undef INT4_HALVES
+#undef INT8_STEP
+}  // namespace avx512bf16
+#pragma GCC pop_options
+
+struct Activations {
+  const uint16_t* xb;
+  const float* xf;
+  const float* xsum;
+};
+
+// The activations as every path reads them, prepared in plain loops (a handful of ATen ops here would cost as
+// much as the matmul itself at one row): bfloat16 bits, the same values in float32, and their group sums.
+// The buffer is per thread and reused, so a decode step allocates nothing here.
+Activations prepare_activations(const at::Tensor& x, int64_t G, int64_t group_size) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const at::Tensor xc = x.contiguous();
+  thread_local std::vector<float> buf;
+  buf.resize(static_cast<size_t>(M * K + M * G + (M * K + 1) / 2 + 16));
+  float* xf = buf.data();
+  float* xsum = xf + M * K;
+  uint16_t* xb = reinterpret_cast<uint16_t*>(xsum + M * G);
+  const bool is_f32 = xc.scalar_type() == at::kFloat;
+  const float* x32 = is_f32 ? xc.data_ptr<float>() : nullptr;
+  const at::BFloat16* x16 = is_f32 ? nullptr : xc.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < M * K; ++i) {
+    const float v = is_f32 ? x32[i] : static_cast<float>(x16[i]);
+    const at::BFloat16 b(v);   // round to nearest even, as a cast to bfloat16 does
+    xb[i] = b.x;
+    xf[i] = static_cast<float>(b);
+  }
+  for (int64_t i = 0; i < M * G; ++i) {
+    float t = 0.f;
+    for (int64_t k = 0; k < group_size; ++k) t += xf[i * group_size + k];
+    xsum[i] = t;
+  }
+  return {xb, xf, xsum};
+}
+
+int64_t best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")) return 3;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+  return 0;
+}
+
+void check_common(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                  const at::Tensor& offsets) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && scales.dim() == 2 && offsets.dim() == 2, op,
+              ": x [M, K], weights [N, ·], scales and offsets [N, G]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && offsets.scalar_type() == at::kFloat, op,
+              ": scales and offsets must be float32");
+}
+
+int64_t resolve_isa(const char* op, int64_t isa) {
+  const int64_t have = best_isa();
+  if (isa < 0) return have;
+  TORCH_CHECK(isa <= have, op, ": this CPU lacks the instructions of path ", isa);
+  return isa;
+}
+
+template <class Rows>
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& offsets,
+               int64_t group_size, Rows rows) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group_size;
+  TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && offsets.sizes() == scales.sizes(),
+              "scales and offsets must be [N, K / group_size]");
+  const Activations a = prepare_activations(x, G, group_size);
+  const at::Tensor wc = w.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const Problem p{a.xb, a.xf, a.xsum, static_cast<const uint8_t*>(wc.data_ptr()), s.data_ptr<float>(),
+                  off.data_ptr<float>(), y.data_ptr<float>(), M, N, K, G, group_size};
+  // Rows of W are independent: split them across threads in runs long enough to amortize the hand-off.
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { rows(p, n0, n1); });
+  return y;
+}
+
+at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& wpack, const at::Tensor& scales,
+                     const at::Tensor& offsets, int64_t group_size, int64_t isa) {
+  check_common("int4_gemm", x, wpack, scales, offsets);
+  TORCH_CHECK(wpack.scalar_type() == at::kByte, "int4_gemm: wpack must be uint8");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(K % kChunk == 0 && wpack.size(1) * 2 == K, "int4_gemm: K must be a multiple of 64 and wpack [N, K/2]");
+  TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0, "int4_gemm: group_size must be a multiple of 32 dividing K");
+  TORCH_CHECK(group_size == 32 || group_size % kChunk == 0, "int4_gemm: groups above 32 must be multiples of 64");
+  switch (resolve_isa("int4_gemm", isa)) {
+    case 3: return run(x, wpack, scales, offsets, group_size, avx512bf16::int4_rows);
+    case 2: return run(x, wpack, scales, offsets, group_size, avx512::int4_rows);
+    case 1: return run(x, wpack, scales, offsets, group_size, avx2::int4_rows);
+    default: return run(x, wpack, scales, offsets, group_size, portable::int4_rows);
+  }
+}
+
+at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& offsets,
+                     int64_t group_size, int64_t isa) {
+  check_common("int8_gemm", x, wq, scales, offsets);
+  TORCH_CHECK(wq.scalar_type() == at::kChar, "int8_gemm: wq must be int8");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(K % 32 == 0 && wq.size(1) == K, "int8_gemm: K must be a multiple of 32 and wq [N, K]");
+  TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0, "int8_gemm: group_size must be a multiple of 32 dividing K");
+  switch (resolve_isa("int8_gemm", isa)) {
+    case 3:
+    case 2: return run(x, wq, scales, offsets, group_size, avx512::int8_rows);
+    case 1: return run(x, wq, scales, offsets, group_size, avx2::int8_rows);
+    default: return run(x, wq, scales, offsets, group_size, portable::int8_rows);
+  }
+}
+
+// The weight dequantized, [N, K] float32 or bfloat16 (for the dense prefill path): (q − z) · s computed as
+// q · s − offset in float32, then rounded once to the output type. Plain loops over 32 bytes at a time, which
+// the compiler vectorizes for each instruction set through target_clones.
+template <class Out>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void dequant_rows(const uint8_t* w, const float* s, const float* off, Out* out, int64_t n0, int64_t n1, int64_t K,
+                  int64_t G, int64_t gs) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * (K / 2);
+    Out* o = out + n * K;
+    for (int64_t c = 0; c < K / kChunk; ++c) {
+      const int64_t glo = (c * kChunk) / gs, ghi = (c * kChunk + 32) / gs;
+      const float slo = s[n * G + glo], olo = off[n * G + glo], shi = s[n * G + ghi], ohi = off[n * G + ghi];
+      for (int j = 0; j < 32; ++j) {
+        const uint8_t b = wr[c * 32 + j];
+        o[c * kChunk + j] = static_cast<Out>(static_cast<float>(b & 15) * slo - olo);
+        o[c * kChunk + 32 + j] = static_cast<Out>(static_cast<float>(b >> 4) * shi - ohi);
+      }
+    }
+  }
+}
+
+at::Tensor int4_dequant(const at::Tensor& wpack, const at::Tensor& scales, const at::Tensor& offsets,
+                        int64_t group_size, at::ScalarType dtype) {
+  TORCH_CHECK(wpack.scalar_type() == at::kByte && wpack.dim() == 2, "int4_dequant: wpack must be uint8 [N, K/2]");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && offsets.scalar_type() == at::kFloat,
+              "int4_dequant: scales and offsets must be float32");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int4_dequant: dtype must be float32 or bfloat16");
+  const int64_t N = wpack.size(0), K = wpack.size(1) * 2;
+  TORCH_CHECK(K % kChunk == 0 && group_size % 32 == 0 && K % group_size == 0,
+              "int4_dequant: K must be a multiple of 64 and group_size a multiple of 32 dividing K");
+  const int64_t G = K / group_size;
+  TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && offsets.sizes() == scales.sizes(),
+              "int4_dequant: scales and offsets must be [N, K / group_size]");
+  const at::Tensor w = wpack.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
+  at::Tensor out = at::empty({N, K}, wpack.options().dtype(dtype));
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    if (dtype == at::kFloat)
+      dequant_rows(w.data_ptr<uint8_t>(), s.data_ptr<float>(), off.data_ptr<float>(), out.data_ptr<float>(), n0,
+                   n1, K, G, group_size);
+    else
+      dequant_rows(w.data_ptr<uint8_t>(), s.data_ptr<float>(), off.data_ptr<float>(), out.data_ptr<at::BFloat16>(),
+                   n0, n1, K, G, group_size);
+  });
+  return out;
+}
+
+int64_t cpu_isa() { return best_isa(); }
+
+}  // namespace
+
+TORCH_LIBRARY(lowbit, m) {
+  m.def("int4_gemm(Tensor x, Tensor wpack, Tensor scales, Tensor offsets, int group_size, int isa=-1) -> Tensor");
+  m.def("int8_gemm(Tensor x, Tensor wq, Tensor scales, Tensor offsets, int group_size, int isa=-1) -> Tensor");
+  m.def("int4_dequant(Tensor wpack, Tensor scales, Tensor offsets, int group_size, ScalarType dtype) -> Tensor");
+  m.def("cpu_isa() -> int", &cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("int4_gemm", &int4_gemm);
+  m.impl("int8_gemm", &int8_gemm);
+  m.impl("int4_dequant", &int4_dequant);
+}
