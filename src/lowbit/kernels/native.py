@@ -133,5 +133,5 @@ def main() -> int:
     if reason:
         print(f"lowbit: {reason}", file=sys.stderr)
         return 1
-    print(f"lowbit native kernels: {path.name} built, path {ISA_NAMES[isa()]} on this CPU")
+    print(f"lowbit native kernels: {path.name} built; this CPU offers the {ISA_NAMES[isa()]} path")
     return 0

@@ -2,9 +2,10 @@
 //   int4_gemm: codes of 2 to 4 bits, two per byte in the chunked layout below.
 //   int8_gemm: signed 8-bit codes, one per byte, row-major: the storage layout itself, so nothing is repacked.
 //
-// Why a kernel of our own: with one row of activations (decode) PyTorch's packed int4 kernel streams about
-// 20 GB/s of weights on these machines, a third of what memory delivers; the work per weight here is a few
-// vector instructions, so a single row runs at memory speed.
+// Why a kernel of our own: with one row of activations (decode) PyTorch's packed kernels read the weights well
+// below memory speed, and its int4 layout needs out_features % 16 == 0 and a second copy for grouped int8.
+// Here the work per weight is a few vector instructions on tiles of 4 output rows
+// (benchmarks/cpu_kernels.py measures both on the default model's shapes).
 //
 // int4 layout (written by lowbit.kernels.native_int4, documented there too):
 //   wpack   uint8 [N, K/2]: each row in chunks of 64 columns (32 bytes); byte j of chunk c holds the code of
@@ -16,13 +17,14 @@
 //
 // Arithmetic: activations are rounded to bfloat16 (as PyTorch's packed kernels do), every product and sum is
 // float32. The codes are small integers, exact in bfloat16. The order of the float32 sums differs between the
-// instruction-set paths, so they agree to float32 rounding, not bit for bit; each path is deterministic.
+// instruction-set paths, so they agree to float32 rounding, not bit for bit; each path is deterministic (and
+// independent of the thread count: every output is summed by one thread in a fixed order).
 //
 // int8: wq int8 [N, K], K a multiple of 32, groups as above (per channel: one group of K); offsets z · s.
 //
 // Paths, chosen at run time by what the CPU has (cpu_isa tells which; `isa` forces one, for tests):
-//   3  AVX-512 BF16: int4 codes → bfloat16 through a 16-entry table (vpermw), 32 products per vdpbf16ps;
-//      int8 as path 2 (widening int8 to bfloat16 costs more instructions than the float32 products save).
+//   3  AVX-512 BF16: int4 codes → bfloat16 (128 + q, by one OR), 32 products per vdpbf16ps; only when asked for
+//      (see int4_gemm); int8 as path 2 (widening int8 to bfloat16 costs more instructions than it saves).
 //   2  AVX-512F/BW: codes → float32, 16 products per FMA.
 //   1  AVX2 + FMA: codes → float32, 8 products per FMA.
 //   0  portable C++.
@@ -123,6 +125,7 @@ inline __m256i codes8(const uint8_t* b) {   // 8 bytes → 8 int32 lanes
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define VREDUCE(v) reduce8(v)
 #define XROW(p, m) ((p).xf + (m) * (p).K)
+#define CODE_BIAS 0.f
 #define INT4_HALVES(bytes, x, lo, hi)                                                                   \
   for (int j = 0; j < 32; j += 8) {                                                                     \
     const __m256i v = codes8((bytes) + j);                                                              \
@@ -145,6 +148,7 @@ inline __m256i codes8(const uint8_t* b) {   // 8 bytes → 8 int32 lanes
 #undef XROW
 #undef INT4_HALVES
 #undef INT8_STEP
+#undef CODE_BIAS
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -160,6 +164,7 @@ namespace avx512 {
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VREDUCE(v) _mm512_reduce_add_ps(v)
 #define XROW(p, m) ((p).xf + (m) * (p).K)
+#define CODE_BIAS 0.f
 #define INT4_HALVES(bytes, x, lo, hi)                                                                   \
   for (int j = 0; j < 32; j += 16) {                                                                    \
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>((bytes) + j))); \
@@ -176,24 +181,26 @@ namespace avx512 {
 #undef INT4_HALVES
 #undef INT8_STEP
 #undef XROW
+#undef CODE_BIAS
 }  // namespace avx512
 
 // ---- AVX-512 BF16 (int4 only; int8 runs the AVX-512 path) --------------------------------------------------------
 
 #pragma GCC target("avx512f,avx512bw,avx512bf16")
 namespace avx512bf16 {
-// bfloat16 bits of 0.0 .. 15.0 (exact), looked up by the 16-bit lanes' code with vpermw
-alignas(64) const uint16_t kCodeTable[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
-                                             0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+// A code q becomes the bfloat16 number 128 + q by setting the bits of 128 (0x4300) above it: 128 + q is exact
+// in bfloat16 (8 significant bits) for q < 128, so one OR replaces a table lookup. The sums then hold
+// Σ (128 + q) · x, and the tile subtracts 128 · s · Σ x with the offsets (CODE_BIAS).
 // One 32-byte chunk widened once to 16-bit lanes serves both halves.
 #define XROW(p, m) ((p).xb + (m) * (p).K)
+#define CODE_BIAS 128.f
 #define INT4_HALVES(bytes, x, lo, hi)                                                                   \
   {                                                                                                     \
-    const __m512i table = _mm512_load_si512(kCodeTable);                                               \
     const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes))); \
-    lo = _mm512_dpbf16_ps(lo, (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, _mm512_set1_epi16(15)), table), \
+    const __m512i bias = _mm512_set1_epi16(0x4300);                                                     \
+    lo = _mm512_dpbf16_ps(lo, (__m512bh)_mm512_ternarylogic_epi32(v, _mm512_set1_epi16(15), bias, 0xEA),  \
                           (__m512bh)_mm512_loadu_si512((x)));                                          \
-    hi = _mm512_dpbf16_ps(hi, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table),      \
+    hi = _mm512_dpbf16_ps(hi, (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), bias),                 \
                           (__m512bh)_mm512_loadu_si512((x) + 32));                                     \
   }
 #include "cpu_gemm_tiles.inc"   // INT8_STEP undefined: int8 takes the AVX-512 path
@@ -206,6 +213,7 @@ alignas(64) const uint16_t kCodeTable[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4
 #undef XROW
 #undef INT4_HALVES
 #undef INT8_STEP
+#undef CODE_BIAS
 }  // namespace avx512bf16
 #pragma GCC pop_options
 
@@ -292,7 +300,10 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& wpack, const at::Ten
   TORCH_CHECK(K % kChunk == 0 && wpack.size(1) * 2 == K, "int4_gemm: K must be a multiple of 64 and wpack [N, K/2]");
   TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0, "int4_gemm: group_size must be a multiple of 32 dividing K");
   TORCH_CHECK(group_size == 32 || group_size % kChunk == 0, "int4_gemm: groups above 32 must be multiples of 64");
-  switch (resolve_isa("int4_gemm", isa)) {
+  // By default AVX-512 CPUs take the float32 path (2) for int4: on an Intel Xeon with AMX (Sapphire Rapids class)
+  // it measured 5-10% faster than the bfloat16 one (3), which also loses precision to the code bias (about
+  // 1e-5 relative against 1e-7). Path 3 stays available to measure on other CPUs.
+  switch (isa < 0 ? std::min<int64_t>(best_isa(), 2) : resolve_isa("int4_gemm", isa)) {
     case 3: return run(x, wpack, scales, offsets, group_size, avx512bf16::int4_rows);
     case 2: return run(x, wpack, scales, offsets, group_size, avx512::int4_rows);
     case 1: return run(x, wpack, scales, offsets, group_size, avx2::int4_rows);
