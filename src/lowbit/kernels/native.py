@@ -57,7 +57,7 @@ def build(verbose: bool = False) -> Path:
         return out
     from torch.utils import cpp_extension
     out.parent.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-DTORCH_API_INCLUDE_EXTENSION_H",
+    flags = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-DTORCH_API_INCLUDE_EXTENSION_H",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     libs = [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch", "-ltorch_cpu"]

@@ -182,6 +182,33 @@ namespace avx512 {
 #undef INT8_STEP
 #undef XROW
 #undef CODE_BIAS
+
+// 16 columns of a 32-byte int4 chunk as float32 values q · s − offset (high: the high nibbles).
+inline __m512 dequant16(const uint8_t* bytes, bool high, float s, float off) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m512i q = high ? _mm512_srli_epi32(v, 4) : _mm512_and_si512(v, _mm512_set1_epi32(15));
+  return _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(s)), _mm512_set1_ps(off));
+}
+
+// Rows n0..n1 of the dequantized weight; Store(out + k, values) writes 16 columns.
+template <class Store>
+inline void dequant_rows(const Problem& p, int64_t n0, int64_t n1, Store store) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = p.w + n * (p.K / 2);
+    const float *s = p.s + n * p.G, *off = p.off + n * p.G;
+    for (int64_t c = 0; c < p.K / kChunk; ++c) {
+      const int64_t glo = (c * kChunk) / p.gs, ghi = (c * kChunk + 32) / p.gs;
+      for (int j = 0; j < 32; j += 16) {
+        store(n * p.K + c * kChunk + j, dequant16(w + c * 32 + j, false, s[glo], off[glo]));
+        store(n * p.K + c * kChunk + 32 + j, dequant16(w + c * 32 + j, true, s[ghi], off[ghi]));
+      }
+    }
+  }
+}
+
+void dequant_f32(const Problem& p, float* out, int64_t n0, int64_t n1) {
+  dequant_rows(p, n0, n1, [out](int64_t i, __m512 v) { _mm512_storeu_ps(out + i, v); });
+}
 }  // namespace avx512
 
 // ---- AVX-512 BF16 (int4 only; int8 runs the AVX-512 path) --------------------------------------------------------
@@ -214,6 +241,13 @@ namespace avx512bf16 {
 #undef INT4_HALVES
 #undef INT8_STEP
 #undef CODE_BIAS
+
+void dequant_bf16(const Problem& p, at::BFloat16* out, int64_t n0, int64_t n1) {
+  // the float32 values rounded to nearest even, 16 at a time, as a cast to bfloat16 rounds them
+  avx512::dequant_rows(p, n0, n1, [out](int64_t i, __m512 v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(v));
+  });
+}
 }  // namespace avx512bf16
 #pragma GCC pop_options
 
@@ -327,8 +361,8 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor
 }
 
 // The weight dequantized, [N, K] float32 or bfloat16 (for the dense prefill path): (q − z) · s computed as
-// q · s − offset in float32, then rounded once to the output type. Plain loops over 32 bytes at a time, which
-// the compiler vectorizes for each instruction set through target_clones.
+// q · s − offset in float32 (a product, then a difference), then rounded once to the output type. AVX-512 CPUs
+// run the loops above; elsewhere plain loops that the compiler vectorizes through target_clones.
 template <class Out>
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void dequant_rows(const uint8_t* w, const float* s, const float* off, Out* out, int64_t n0, int64_t n1, int64_t K,
@@ -362,8 +396,15 @@ at::Tensor int4_dequant(const at::Tensor& wpack, const at::Tensor& scales, const
               "int4_dequant: scales and offsets must be [N, K / group_size]");
   const at::Tensor w = wpack.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
   at::Tensor out = at::empty({N, K}, wpack.options().dtype(dtype));
+  const Problem p{nullptr, nullptr, nullptr, w.data_ptr<uint8_t>(), s.data_ptr<float>(), off.data_ptr<float>(),
+                  nullptr, 0, N, K, G, group_size};
+  const int64_t isa = best_isa();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    if (dtype == at::kFloat)
+    if (dtype == at::kFloat && isa >= 2)
+      avx512::dequant_f32(p, out.data_ptr<float>(), n0, n1);
+    else if (dtype == at::kBFloat16 && isa == 3)
+      avx512bf16::dequant_bf16(p, out.data_ptr<at::BFloat16>(), n0, n1);
+    else if (dtype == at::kFloat)
       dequant_rows(w.data_ptr<uint8_t>(), s.data_ptr<float>(), off.data_ptr<float>(), out.data_ptr<float>(), n0,
                    n1, K, G, group_size);
     else
