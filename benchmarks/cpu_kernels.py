@@ -5,7 +5,8 @@ Shapes are the engine's own matmuls of one SmolLM2-135M block (fused q/k/v 576�
 576→3072, down 1536→576) and the lm_head (576→49152). Every kernel runs the same quantized weights
 (RTN, asymmetric groups of 64; INT8 symmetric per channel) through `QuantLinear`'s kernel call:
 
-  native-int4 — lowbit's own kernel (csrc/int4_gemm.cpp), once per instruction-set path this CPU has;
+  native-int4 — lowbit's own kernel (csrc/cpu_gemm.cpp), once per instruction-set path this CPU has;
+  native-int8 — the same for INT8 per channel (its default path);
   cpu-int4 / cpu-int8 — PyTorch's packed ATen kernels (bfloat16 activations);
   dense fp32 / bf16 — torch.nn.functional.linear on the dequantized weight.
 
@@ -78,6 +79,8 @@ def variants(w: torch.Tensor):
     if native.available():
         for isa in range(native.isa(), 0, -1):
             out.append((f"native-int4 ({native.ISA_NAMES[isa]})", lambda isa=isa: kernel_call("native-int4", q4, isa)))
+    if native.available():
+        out.append(("native-int8", lambda: kernel_call("native-int8", q8)))
     for name, qt in (("cpu-int4", q4), ("cpu-int8", q8)):
         if KERNELS[name].unsupported(qt.spec, qt.shape, torch.device("cpu")) is None:
             out.append((f"{name} (ATen)", lambda name=name, qt=qt: kernel_call(name, qt)))

@@ -95,6 +95,19 @@ def test_dequantize_equals_the_python_formula_bit_for_bit():
         assert torch.allclose(want, qt.dequantize(torch.float32), rtol=0, atol=1e-6)
 
 
+def test_dense_prefill_path_equals_a_dense_matmul_across_tiles():
+    """Many rows: the weight is dequantized a tile of rows at a time (here 5000 rows of 576: two tiles)."""
+    qt = quantize_rtn(torch.randn(5000, 576), IntSpec(4, 64, False))
+    packed = NATIVE.prepare(qt)
+    x = torch.randn(20, 576)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.ops.lowbit.int4_dequant(packed["wpack"], packed["kscales"], packed["offsets"], 64, dtype)
+        want = torch.nn.functional.linear(x.to(dtype), w).float()
+        got = torch.ops.lowbit.int4_dense_linear(x, packed["wpack"], packed["kscales"], packed["offsets"], 64, dtype)
+        assert got.dtype == torch.float32 and got.shape == (20, 5000)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_bad_shapes_are_refused_with_a_clear_message():
     codes = torch.randint(0, 16, (4, 64))
     s = torch.ones(4, 2)

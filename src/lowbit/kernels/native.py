@@ -113,10 +113,15 @@ def _register_fake() -> None:
     for op in ("lowbit::int4_gemm", "lowbit::int8_gemm"):
         torch.library.register_fake(op)(_gemm_shape)
     torch.library.register_fake("lowbit::int4_dequant")(_dequant_shape)
+    torch.library.register_fake("lowbit::int4_dense_linear")(_dense_shape)
 
 
 def _gemm_shape(x, w, scales, offsets, group_size, isa=-1):
     return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+def _dense_shape(x, wpack, scales, offsets, group_size, dtype):
+    return x.new_empty((x.shape[0], wpack.shape[0]), dtype=torch.float32)
 
 
 def _dequant_shape(wpack, scales, offsets, group_size, dtype):

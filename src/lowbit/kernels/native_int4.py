@@ -10,15 +10,14 @@ points, in_features a multiple of 64.
               scales / zeros — the storage tensors (small), kept so that `restore` is exact.
 
 Few rows of activations (decode) run the native kernel: activations rounded to bfloat16, float32 products and
-sums, no weight ever dequantized to memory. Many rows (prefill) dequantize the weight once per call and run a
-dense matmul, in bfloat16 where the CPU has native bfloat16 arithmetic (where a dense bfloat16 matmul is 3-4x a
-float32 one) and in float32 elsewhere: at 512 rows the dequantization is a small fraction of the matmul.
+sums, no weight ever dequantized to memory. Many rows (prefill) dequantize the weight a tile of rows at a time
+into a small per-thread buffer and run ATen's dense matmul on it, in bfloat16 where the CPU has native bfloat16
+arithmetic (there a dense bfloat16 matmul is 3-5x a float32 one) and in float32 elsewhere.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..formats import IntSpec, QuantizedTensor
 from . import native
@@ -87,9 +86,8 @@ class NativeInt4Kernel(Kernel):
             group = k // packed["kscales"].shape[1]
             y = torch.ops.lowbit.int4_gemm(x2, packed["wpack"], packed["kscales"], packed["offsets"], group)
         else:
-            w = torch.ops.lowbit.int4_dequant(packed["wpack"], packed["kscales"], packed["offsets"],
-                                              k // packed["kscales"].shape[1], self.dense_dtype)
-            y = F.linear(x2.to(self.dense_dtype), w).float()
+            y = torch.ops.lowbit.int4_dense_linear(x2, packed["wpack"], packed["kscales"], packed["offsets"],
+                                                   k // packed["kscales"].shape[1], self.dense_dtype)
         y = y.to(x.dtype).reshape(*x.shape[:-1], n)
         return y if bias is None else y + bias
 

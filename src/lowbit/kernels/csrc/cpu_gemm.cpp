@@ -382,8 +382,8 @@ void dequant_rows(const uint8_t* w, const float* s, const float* off, Out* out, 
   }
 }
 
-at::Tensor int4_dequant(const at::Tensor& wpack, const at::Tensor& scales, const at::Tensor& offsets,
-                        int64_t group_size, at::ScalarType dtype) {
+void check_dequant(const at::Tensor& wpack, const at::Tensor& scales, const at::Tensor& offsets, int64_t group_size,
+                   at::ScalarType dtype) {
   TORCH_CHECK(wpack.scalar_type() == at::kByte && wpack.dim() == 2, "int4_dequant: wpack must be uint8 [N, K/2]");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && offsets.scalar_type() == at::kFloat,
               "int4_dequant: scales and offsets must be float32");
@@ -391,27 +391,65 @@ at::Tensor int4_dequant(const at::Tensor& wpack, const at::Tensor& scales, const
   const int64_t N = wpack.size(0), K = wpack.size(1) * 2;
   TORCH_CHECK(K % kChunk == 0 && group_size % 32 == 0 && K % group_size == 0,
               "int4_dequant: K must be a multiple of 64 and group_size a multiple of 32 dividing K");
-  const int64_t G = K / group_size;
-  TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && offsets.sizes() == scales.sizes(),
+  TORCH_CHECK(scales.size(0) == N && scales.size(1) == K / group_size && offsets.sizes() == scales.sizes(),
               "int4_dequant: scales and offsets must be [N, K / group_size]");
-  const at::Tensor w = wpack.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
-  at::Tensor out = at::empty({N, K}, wpack.options().dtype(dtype));
-  const Problem p{nullptr, nullptr, nullptr, w.data_ptr<uint8_t>(), s.data_ptr<float>(), off.data_ptr<float>(),
-                  nullptr, 0, N, K, G, group_size};
+}
+
+// Rows n0..n1 of the dequantized weight into out (row n0 first), across threads.
+void dequant_into(const Problem& p, int64_t n0, int64_t n1, at::ScalarType dtype, void* out) {
   const int64_t isa = best_isa();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    if (dtype == at::kFloat && isa >= 2)
-      avx512::dequant_f32(p, out.data_ptr<float>(), n0, n1);
-    else if (dtype == at::kBFloat16 && isa == 3)
-      avx512bf16::dequant_bf16(p, out.data_ptr<at::BFloat16>(), n0, n1);
-    else if (dtype == at::kFloat)
-      dequant_rows(w.data_ptr<uint8_t>(), s.data_ptr<float>(), off.data_ptr<float>(), out.data_ptr<float>(), n0,
-                   n1, K, G, group_size);
-    else
-      dequant_rows(w.data_ptr<uint8_t>(), s.data_ptr<float>(), off.data_ptr<float>(), out.data_ptr<at::BFloat16>(),
-                   n0, n1, K, G, group_size);
+  at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) {
+    if (dtype == at::kFloat) {
+      float* o = static_cast<float*>(out) - n0 * p.K;
+      if (isa >= 2) avx512::dequant_f32(p, o, a, b);
+      else dequant_rows(p.w, p.s, p.off, o, a, b, p.K, p.G, p.gs);
+    } else {
+      at::BFloat16* o = static_cast<at::BFloat16*>(out) - n0 * p.K;
+      if (isa == 3) avx512bf16::dequant_bf16(p, o, a, b);
+      else dequant_rows(p.w, p.s, p.off, o, a, b, p.K, p.G, p.gs);
+    }
   });
+}
+
+Problem weight_problem(const at::Tensor& w, const at::Tensor& s, const at::Tensor& off, int64_t group_size) {
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  return Problem{nullptr, nullptr, nullptr, w.data_ptr<uint8_t>(), s.data_ptr<float>(), off.data_ptr<float>(),
+                 nullptr, 0, N, K, K / group_size, group_size};
+}
+
+at::Tensor int4_dequant(const at::Tensor& wpack, const at::Tensor& scales, const at::Tensor& offsets,
+                        int64_t group_size, at::ScalarType dtype) {
+  check_dequant(wpack, scales, offsets, group_size, dtype);
+  const at::Tensor w = wpack.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
+  const Problem p = weight_problem(w, s, off, group_size);
+  at::Tensor out = at::empty({p.N, p.K}, wpack.options().dtype(dtype));
+  dequant_into(p, 0, p.N, dtype, out.data_ptr());
   return out;
+}
+
+// y = x · Wᵀ (float32 [M, N]) for many rows of x: the weight is dequantized a tile of rows at a time into a
+// buffer kept by the thread (at most about 4 MB, so it stays in cache for its matmul and a call neither
+// page-faults a fresh allocation nor holds a whole dequantized matrix) and multiplied in `dtype` by ATen.
+at::Tensor int4_dense_linear(const at::Tensor& x, const at::Tensor& wpack, const at::Tensor& scales,
+                             const at::Tensor& offsets, int64_t group_size, at::ScalarType dtype) {
+  check_dequant(wpack, scales, offsets, group_size, dtype);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == wpack.size(1) * 2, "int4_dense_linear: x must be [M, K]");
+  const at::Tensor w = wpack.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
+  const Problem p = weight_problem(w, s, off, group_size);
+  const int64_t elem = dtype == at::kFloat ? 4 : 2;
+  const int64_t tile = std::max<int64_t>(64, ((int64_t(4) << 20) / (p.K * elem)) / 64 * 64);
+  thread_local std::vector<uint8_t> buf;
+  buf.resize(static_cast<size_t>(std::min(tile, p.N) * p.K * elem + 64));
+  void* ws = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+  const at::Tensor xd = x.to(dtype).contiguous();
+  at::Tensor y = at::empty({x.size(0), p.N}, x.options().dtype(at::kFloat));
+  for (int64_t n0 = 0; n0 < p.N; n0 += tile) {
+    const int64_t n1 = std::min(p.N, n0 + tile);
+    dequant_into(p, n0, n1, dtype, ws);
+    const at::Tensor wt = at::from_blob(ws, {n1 - n0, p.K}, x.options().dtype(dtype));
+    y.narrow(1, n0, n1 - n0).copy_(at::mm(xd, wt.t()));
+  }
+  return y;
 }
 
 int64_t cpu_isa() { return best_isa(); }
@@ -422,6 +460,8 @@ TORCH_LIBRARY(lowbit, m) {
   m.def("int4_gemm(Tensor x, Tensor wpack, Tensor scales, Tensor offsets, int group_size, int isa=-1) -> Tensor");
   m.def("int8_gemm(Tensor x, Tensor wq, Tensor scales, Tensor offsets, int group_size, int isa=-1) -> Tensor");
   m.def("int4_dequant(Tensor wpack, Tensor scales, Tensor offsets, int group_size, ScalarType dtype) -> Tensor");
+  m.def("int4_dense_linear(Tensor x, Tensor wpack, Tensor scales, Tensor offsets, int group_size, "
+        "ScalarType dtype) -> Tensor");
   m.def("cpu_isa() -> int", &cpu_isa);
 }
 
@@ -429,4 +469,5 @@ TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("int4_gemm", &int4_gemm);
   m.impl("int8_gemm", &int8_gemm);
   m.impl("int4_dequant", &int4_dequant);
+  m.impl("int4_dense_linear", &int4_dense_linear);
 }
