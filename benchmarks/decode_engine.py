@@ -137,10 +137,13 @@ def tiny_model():
     return LlamaForCausalLM(cfg).eval()
 
 
-def quantized(model, bits: int, group_size: int, head: bool):
+def quantized(model, bits: int, group_size: int, head: bool, kernels: str = "auto"):
+    """kernels: "auto" (lowbit's native kernels where built), or "aten" (PyTorch's packed ones)."""
     import copy
-    scheme = lowbit.config_for("rtn", lowbit.IntSpec(bits, group_size, True))
-    rules = [{"match": "lm_head", "bits": 8, "group_size": -1}] if head else []
+    kernel = {"auto": "auto", "aten": "cpu-int4" if bits == 4 else "cpu-int8"}[kernels]
+    scheme = lowbit.config_for("rtn", lowbit.IntSpec(bits, group_size, True), kernel=kernel)
+    head_kernel = "cpu-int8" if kernels == "aten" else "auto"
+    rules = [{"match": "lm_head", "bits": 8, "group_size": -1, "kernel": head_kernel}] if head else []
     recipe = lowbit.Recipe.from_rules(rules, scheme) if rules else lowbit.Recipe.default(scheme)
     return lowbit.quantize(copy.deepcopy(model), recipe, progress=False)
 
@@ -193,12 +196,14 @@ def main() -> int:
                 hf_row("bf16", bf16, tok, window, args, copy_bw)]
         rows.append(lowbit_row("fp32", base, tok, window, args, copy_bw))
         rows.append(lowbit_row("bf16", bf16, tok, window, args, copy_bw))
-        for name, bits, gs, head in (("INT8 per channel (lm_head bf16)", 8, -1, False),
-                                     ("INT8 per channel + INT8 lm_head", 8, -1, True),
-                                     ("INT4 g64 (lm_head bf16)", 4, 64, False),
-                                     ("INT4 g64 + INT8 lm_head", 4, 64, True)):
+        for name, bits, gs, head, kernels in (("INT8 per channel (lm_head bf16)", 8, -1, False, "auto"),
+                                              ("INT8 per channel + INT8 lm_head", 8, -1, True, "auto"),
+                                              ("INT8 per channel + INT8 lm_head, ATen kernels", 8, -1, True, "aten"),
+                                              ("INT4 g64 (lm_head bf16)", 4, 64, False, "auto"),
+                                              ("INT4 g64 + INT8 lm_head", 4, 64, True, "auto"),
+                                              ("INT4 g64 + INT8 lm_head, ATen kernels", 4, 64, True, "aten")):
             print(f"measuring {name}", file=sys.stderr, flush=True)
-            rows.append(lowbit_row(name, quantized(base, bits, gs, head), tok, window, args, copy_bw))
+            rows.append(lowbit_row(name, quantized(base, bits, gs, head, kernels), tok, window, args, copy_bw))
         if not args.no_llamacpp:
             try:
                 rows += llamacpp_rows(tok, window, args, copy_bw)
@@ -212,7 +217,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = (f"Machine: {env.get('cpu', 'n/a')}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
-              f"memory copy {bw['copy_gb_s']:.1f} GB/s (read+write), read {bw['read_gb_s']:.1f} GB/s; "
+              f"CPU features {env.get('cpu_features', 'n/a')}; memory copy {bw['copy_gb_s']:.1f} GB/s (read+write), read {bw['read_gb_s']:.1f} GB/s; "
               f"load average before {before}, after {meta['loadavg_after']}; {args.tokens} new tokens, "
               f"median of {args.repeats}.\n\n")
     atomic_write_text(out.with_suffix(".md"), header + md + "\n")
