@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -169,8 +170,15 @@ def main() -> int:
     ap.add_argument("--engine", default="compiled", choices=["compiled", "eager"])
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/decode_engine", help="writes OUT.md and OUT.json")
+    ap.add_argument("--llamacpp-child", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.llamacpp_child is not None:   # llama.cpp's rows, in a process of their own (see below)
+        from lowbit.data import load_text, token_windows
+        tok = lowbit.load_model("default").tokenizer
+        window = token_windows(tok, load_text(None, "evaluation"), 512, 1)[0]
+        print(json.dumps(llamacpp_rows(tok, window, args, args.llamacpp_child)))
+        return 0
     before = loadavg()
     bw = memory_bandwidth(64 if args.quick else 512)
     copy_bw = bw["copy_gb_s"] * 1e9
@@ -205,10 +213,15 @@ def main() -> int:
             print(f"measuring {name}", file=sys.stderr, flush=True)
             rows.append(lowbit_row(name, quantized(base, bits, gs, head, kernels), tok, window, args, copy_bw))
         if not args.no_llamacpp:
-            try:
-                rows += llamacpp_rows(tok, window, args, copy_bw)
-            except ImportError as e:
-                print(f"llama.cpp rows skipped: {e}", file=sys.stderr)
+            # a child process: a crash inside llama.cpp (it segfaulted in eval on an Intel Xeon with AMX) must
+            # not lose the rows measured above
+            r = subprocess.run([sys.executable, __file__, "--llamacpp-child", str(copy_bw), "--tokens",
+                                str(args.tokens), "--repeats", str(args.repeats)], capture_output=True, text=True)
+            if r.returncode == 0:
+                rows += json.loads(r.stdout.strip().splitlines()[-1])
+            else:
+                why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+                print(f"llama.cpp rows skipped: {why} (exit status {r.returncode})", file=sys.stderr)
     md = table(rows, bw["copy_gb_s"])
     env = environment()
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "prompt": PROMPT, "new_tokens": args.tokens,

@@ -269,22 +269,36 @@ def merge_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
 
 
 def plot(path: Path, rows: list[dict]) -> None:
+    """KLD against wall time: one color per method, one marker per bit width; a method's QAT rows at several
+    step counts are joined by a line."""
     from lowbit.io.atomic import save_figure
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from matplotlib.lines import Line2D
     ok = [r for r in rows if "kld" in r]
+    kinds = ["rtn", "gptq", "awq", "learned", "qat", "torchao-qat"]
+    kinds += sorted({r["method"].split("@")[0] for r in ok} - set(kinds))
+    color = {k: f"C{i}" for i, k in enumerate(kinds)}
+    marker = {4: "o", 3: "s", 2: "^"}
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     for bits in sorted({r["bits"] for r in ok}, reverse=True):
-        for kind in sorted({r["method"].split("@")[0] for r in ok if r["bits"] == bits}):
+        for kind in kinds:
             pts = sorted((r["seconds"], r["kld"]) for r in ok if r["bits"] == bits and r["method"].split("@")[0] == kind)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=f"W{bits} {kind}")
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker.get(bits, "D"), color=color[kind],
+                        linestyle="-" if len(pts) > 1 else "none", markersize=7)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("wall time of calibration + training (s, 2 cores)")
     ax.set_ylabel("KL divergence vs float model")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    handles = [Line2D([], [], color=color[k], marker="o", linestyle="none", label=k) for k in kinds
+               if any(r["method"].split("@")[0] == k for r in ok)]
+    handles += [Line2D([], [], color="gray", marker=m, linestyle="none", label=f"W{b} g64")
+                for b, m in marker.items() if any(r["bits"] == b for r in ok)]
+    ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
     save_figure(fig, path, dpi=120)
 
 

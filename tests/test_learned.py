@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.algorithms.learned import CLIP_MIN, LearnedLinear, ste_round
+from lowbit.algorithms.learned import CLIP_MIN, GridLearnedLinear, LearnedLinear, learner_for, ste_round
 from lowbit.blockwise import gptq_round, train_rounding
-from lowbit.formats import FloatSpec, IntSpec, QuantizedTensor
+from lowbit.formats import FloatSpec, GGUFSpec, IntSpec, QuantizedTensor
 from lowbit.formats.intq import quantize_codes
 from lowbit.models.arch import arch_for
 from lowbit.models.calibration import first_output
@@ -95,6 +95,42 @@ def test_learned_block_error_against_rtn_and_gptq_from_the_same_start(base, firs
            "learned-gptq": _block_error(block, windows, ref, train_rounding(block, windows, ref, gptq, cfg))}
     assert err["learned-rtn"] < 0.85 * err["rtn"], err
     assert err["learned-gptq"] <= err["gptq"], err
+
+
+@pytest.mark.parametrize("spec", [GGUFSpec("Q4_0"), GGUFSpec("Q5_1"),
+                                  IntSpec(3, 32, False, scale_bits=6, super_block=192)], ids=lambda s: s.name)
+def test_learned_rounding_on_fixed_grids_cuts_the_block_error_and_packs_exactly(base, first_last_inputs, spec):
+    """Formats with quantized scales (GGUF types; two-level integer scales) train the rounding on the grids
+    their quantizer fits: the trained weights are exactly what the packed result dequantizes to, no code moves
+    more than one step from round-to-nearest on that grid, and the block's output error falls below RTN's."""
+    block, inputs = base.model.layers[0], first_last_inputs[0]
+    windows = list(zip(inputs.hidden, inputs.kwargs))[:4]
+    with torch.no_grad():
+        ref = [first_output(block(h, **kw)) for h, kw in windows]
+    names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    rtn = {n: (block.get_submodule(n).weight.detach().float(), spec.quantize(block.get_submodule(n).weight.detach()))
+           for n in names}
+    out = train_rounding(block, windows, ref, rtn, lowbit.Learned(iters=20, **_format_fields(spec)))
+    err = {"rtn": _block_error(block, windows, ref, {n: s[1] for n, s in rtn.items()}),
+           "learned": _block_error(block, windows, ref, out)}
+    assert err["learned"] < 0.8 * err["rtn"], err
+    w0, start = rtn["mlp.down_proj"]
+    learner = learner_for(w0, start)
+    assert isinstance(learner, GridLearnedLinear)
+    at_start = learner.quantized().dequantize(torch.float32)
+    with torch.no_grad():
+        learner.v.uniform_(-0.7, 0.7)
+        learner.project()
+    trained = learner.quantized()
+    assert trained.spec == spec and torch.equal(trained.dequantize(torch.float32), learner.weight())
+    step = learner.step.abs().max()
+    assert ((trained.dequantize(torch.float32) - at_start).abs() <= learner.step.abs() * 1.0001 + 1e-7).all(), step
+
+
+def _format_fields(spec):
+    return {"gguf_type": spec.type} if isinstance(spec, GGUFSpec) else {
+        "bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric, "scale_bits": spec.scale_bits,
+        "super_block": spec.super_block}
 
 
 def test_bad_settings_are_one_clear_error():

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from .algorithms import (Hessian, apply_clip, factor_hessian, fake_quantize, gptq_quantize_updated, quantize_rtn,
                          search_alpha, search_clip, search_scale, smoothing_factors, top_fraction_dims)
-from .algorithms.learned import LearnedLinear, check_trainable, make_optimizer
+from .algorithms.learned import check_learnable, learner_for, make_optimizer
 from .config import W8_SPEC, config_for
 from .formats import IntSpec, QuantizedTensor
 from .formats.act import ActSpec, fake_quantize_act
@@ -327,7 +327,7 @@ def learned_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch)
     out = {}
     by_settings: dict[tuple, Plan] = {}
     for n, c in plan.items():
-        check_trainable(c.spec)
+        check_learnable(c.spec)
         by_settings.setdefault(tuple(sorted(c.options().items())), {})[n] = c
     for sub in by_settings.values():
         out.update(_learn(block, inputs, sub, arch))
@@ -355,7 +355,7 @@ def train_rounding(block: nn.Module, windows: list[tuple], targets: list[torch.T
                    start: dict[str, tuple[torch.Tensor, QuantizedTensor]], cfg) -> dict[str, QuantizedTensor]:
     """Learned rounding of the Linears in `start` (name -> (start weights, start quantization)) so that the
     block's outputs on `windows` ((hidden, kwargs) pairs) approach `targets`; settings from `cfg` (Learned)."""
-    learners = {n: LearnedLinear(w, qt, cfg.learn_range) for n, (w, qt) in start.items()}
+    learners = {n: learner_for(w, qt, cfg.learn_range) for n, (w, qt) in start.items()}
     lr = cfg.lr or 1.0 / cfg.iters
     opt, sched = make_optimizer(list(learners.values()), cfg.optimizer, lr, lr * cfg.range_lr_factor, cfg.iters)
     frozen = [p for p in block.parameters() if p.requires_grad]
@@ -366,13 +366,17 @@ def train_rounding(block: nn.Module, windows: list[tuple], targets: list[torch.T
     def weights():
         return {f"{n}.weight": m.weight().to(block.get_submodule(n).weight.dtype) for n, m in learners.items()}
 
+    def start_weights():
+        return {f"{n}.weight": qt.dequantize(torch.float32).to(block.get_submodule(n).weight.dtype)
+                for n, (_, qt) in start.items()}
+
     def loss_of(k: int, w: dict) -> torch.Tensor:
         h, kw = windows[k]
         return (first_output(torch.func.functional_call(block, w, (h,), kw)).float() - targets[k]).pow(2).mean()
 
     check = order[: LEARNED_CHECK_WINDOWS].tolist()
     with torch.no_grad():
-        start_error = sum(loss_of(k, weights()).item() for k in check)
+        start_error = sum(loss_of(k, start_weights()).item() for k in check)
     try:
         with torch.enable_grad():
             for step in range(cfg.iters):
@@ -390,10 +394,7 @@ def train_rounding(block: nn.Module, windows: list[tuple], targets: list[torch.T
             p.requires_grad_(True)
     with torch.no_grad():
         if check and sum(loss_of(k, weights()).item() for k in check) >= start_error:   # training made it worse: keep the start
-            for m in learners.values():
-                m.v.zero_()
-                m.a_lo.fill_(1.0)
-                m.a_hi.fill_(1.0)
+            return {n: qt for n, (_, qt) in start.items()}
     return {n: m.quantized() for n, m in learners.items()}
 
 

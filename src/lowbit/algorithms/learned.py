@@ -20,6 +20,12 @@ or Adam.
 
 Scales are rounded to float16 inside the forward pass, as they are stored, so the weights trained are exactly
 the weights `quantized()` packs.
+
+Formats whose scales are themselves quantized (GGUF block types such as Q4_0 or Q4_K, two-level integer
+scales) train on fixed grids instead (`GridLearnedLinear`): each block of the format's `grid_width` columns keeps
+the grid its quantizer fits to W0 (formats.base.Grid: values step · (q − zero) − offset), and only the offsets v
+train, with the same ±0.5 bound; the codes are packed on exactly those grids, so the result is a valid block of
+the format whose dequantization equals the trained weights.
 """
 
 from __future__ import annotations
@@ -54,11 +60,32 @@ def ste_clamp(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 
 def check_trainable(spec: WeightFormat) -> IntSpec:
+    """The formats whose group scales train (LearnedLinear, and quantization-aware training)."""
     if not isinstance(spec, IntSpec):
         raise LowbitError(f"learned rounding trains integer formats (int2..int8), not {spec.name}")
     if spec.two_level:
         raise LowbitError(f"learned rounding trains float16 group scales, not the two-level scales of {spec.name}")
     return spec
+
+
+def has_grid(spec: WeightFormat) -> bool:
+    """Whether the format exposes fixed grids (GridLearnedLinear trains on them)."""
+    return type(spec).fit_grid is not WeightFormat.fit_grid
+
+
+def check_learnable(spec: WeightFormat) -> None:
+    """One clear error for formats learned rounding cannot train (those without a grid, such as FP8)."""
+    if not (isinstance(spec, IntSpec) or has_grid(spec)):
+        raise LowbitError(f"learned rounding trains integer formats (int2..int8) and GGUF types, not {spec.name}")
+
+
+def learner_for(w0: torch.Tensor, start: QuantizedTensor, learn_range: bool = True) -> nn.Module:
+    """The learned rounding of one Linear: group scales and offsets for one-level integer formats, offsets on
+    fixed grids for formats with quantized scales."""
+    check_learnable(start.spec)
+    if isinstance(start.spec, IntSpec) and not start.spec.two_level:
+        return LearnedLinear(w0, start, learn_range)
+    return GridLearnedLinear(w0, start)
 
 
 class LearnedLinear(nn.Module):
@@ -119,6 +146,48 @@ class LearnedLinear(nn.Module):
         codes = self._codes(s, z, delta).reshape(s.shape[0], -1).to(torch.int32)
         zeros = None if self.spec.symmetric else z.to(self.spec.code_dtype)
         return QuantizedTensor.from_codes(codes, s.half(), zeros, self.spec)
+
+
+class GridLearnedLinear(nn.Module):
+    """Learned rounding on the format's fixed grids (see the module docstring): only the offsets v train."""
+
+    def __init__(self, w0: torch.Tensor, start: QuantizedTensor):
+        super().__init__()
+        spec = start.spec
+        N, K = w0.shape
+        g = spec.grid_width(K)
+        self.spec = spec
+        self.grids = [spec.fit_grid(w0[:, j * g:(j + 1) * g].float()) for j in range(K // g)]
+        self.lo, self.hi = self.grids[0].lo, self.grids[0].hi
+        self.register_buffer("step", torch.cat([gr.step for gr in self.grids], 1).float())
+        self.register_buffer("zero", torch.cat([gr.zero.float().expand(N, g) for gr in self.grids], 1).contiguous())
+        self.register_buffer("offset", torch.cat([gr.offset for gr in self.grids], 1).float())
+        self.w0 = nn.Parameter(w0.detach().float().clone(), requires_grad=False)
+        self.v = nn.Parameter(torch.zeros(N, K))
+        # no range to learn: the grids are fixed (kept so that optimizers and resets treat every learner alike)
+        self.a_lo = nn.Parameter(torch.ones(1), requires_grad=False)
+        self.a_hi = nn.Parameter(torch.ones(1), requires_grad=False)
+
+    @torch.no_grad()
+    def project(self) -> None:
+        self.v.clamp_(-0.5, 0.5)
+
+    def _codes(self) -> torch.Tensor:
+        flat = self.step == 0      # an all-zero block: its one value, −offset
+        safe = torch.where(flat, torch.ones_like(self.step), self.step)
+        q = ste_clamp(ste_round((self.w0 + self.offset) / safe + self.zero + self.v), self.lo, self.hi)
+        return torch.where(flat, self.zero.clamp(self.lo, self.hi), q)
+
+    def weight(self, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """The fake-quantized weight [N, K] (float32), evaluated as the format dequantizes (Grid.values)."""
+        if delta is not None:
+            raise LowbitError(f"{self.spec.name}: only the rounding trains on a fixed grid")
+        return self.step * (self._codes() - self.zero) - self.offset
+
+    @torch.no_grad()
+    def quantized(self, delta: torch.Tensor | None = None) -> QuantizedTensor:
+        """The packed result on the grids; dequantizes to exactly `weight()`."""
+        return self.spec.from_grids(self._codes().to(torch.int32), self.grids)
 
 
 class SignSGD(torch.optim.Optimizer):
