@@ -1,6 +1,6 @@
-"""native-int4 — lowbit's own CPU kernel (csrc/cpu_gemm.cpp) for integer weights of 2 to 4 bits, any group
-size that is a multiple of 32 (64 and up: of 64) dividing in_features, per channel, symmetric or with zero
-points, in_features a multiple of 64.
+"""lowbit's native kernels (csrc/cpu_gemm.cpp): NativeKernel, what they share, and native-int4, for integer
+weights of 2 to 4 bits, any group size that is a multiple of 32 (64 and up: of 64) dividing in_features, per
+channel, symmetric or with zero points, in_features a multiple of 64.
 
     resident: wpack   uint8 [N, K // 2] — each row in chunks of 64 columns: byte j of chunk c holds the code of
                       column 64c + j in its low nibble and of column 64c + 32 + j in its high nibble (one 32-byte
@@ -42,20 +42,13 @@ def unpack_chunks(wpack: torch.Tensor) -> torch.Tensor:
     return torch.cat([b & 15, b >> 4], dim=2).reshape(n, half * 2)
 
 
-class NativeInt4Kernel(Kernel):
-    name = "native-int4"
+class NativeKernel(Kernel):
+    """What lowbit's native kernels share: where they run, their float32 scales and offsets, and the switch
+    between the native kernel (few rows) and the dense path (many rows)."""
 
-    def unsupported(self, spec, shape, device, act=None):
-        n, k = shape
+    def native_unsupported(self, device, act) -> str | None:
         if device.type != "cpu" or act is not None:
             return "runs weight-only on CPU only"
-        if not isinstance(spec, IntSpec) or spec.bits > 4:
-            return "needs weights of at most 4 bits"
-        if k % 64:
-            return f"needs in_features divisible by 64 (got {k})"
-        g = spec.group_size_for(k)
-        if g % 32 or (g > 32 and g % 64):
-            return f"needs groups of 32 or a multiple of 64 (got {g})"
         reason = native.load()
         if reason:
             return reason
@@ -63,33 +56,59 @@ class NativeInt4Kernel(Kernel):
             return "this CPU has no AVX2: the portable path is slower than PyTorch's kernels"
         return None
 
-    def prepare(self, qt):
-        n, k = qt.shape
+    def scale_tensors(self, qt, implicit_zero: float) -> dict[str, torch.Tensor]:
+        """kscales s and offsets z · s (float32 [N, G]), with the storage tensors kept for `restore`."""
         # decided here, outside any traced code: the CPU does not change while the process runs
         self.dense_dtype = torch.bfloat16 if native.isa() == 3 else torch.float32
-        s = qt.spec.group_scales(qt.scales, k).float()
-        z = qt.zeros.float() if qt.zeros is not None else torch.full_like(s, float(qt.spec.implicit_zero))
-        out = {"wpack": pack_chunks(qt.codes()), "kscales": s.contiguous(), "offsets": (z * s).contiguous(),
-               "scales": qt.scales}
+        s = qt.spec.group_scales(qt.scales, qt.shape[1]).float()
+        z = qt.zeros.float() if qt.zeros is not None else torch.full_like(s, implicit_zero)
+        out = {"kscales": s.contiguous(), "offsets": (z * s).contiguous(), "scales": qt.scales}
         if qt.zeros is not None:
             out["zeros"] = qt.zeros
         return out
+
+    def linear(self, x, packed, spec, shape, bias, act=None):
+        n, k = shape
+        x2 = x.reshape(-1, k)
+        group = k // packed["kscales"].shape[1]
+        y = self.rows(x2, packed, group) if x2.shape[0] < DENSE_FROM_ROWS else self.many_rows(x2, packed, group)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], n)
+        return y if bias is None else y + bias
+
+    def rows(self, x2, packed, group) -> torch.Tensor:
+        raise NotImplementedError
+
+    def many_rows(self, x2, packed, group) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NativeInt4Kernel(NativeKernel):
+    name = "native-int4"
+
+    def unsupported(self, spec, shape, device, act=None):
+        n, k = shape
+        if not isinstance(spec, IntSpec) or spec.bits > 4:
+            return "needs weights of at most 4 bits"
+        if k % 64:
+            return f"needs in_features divisible by 64 (got {k})"
+        g = spec.group_size_for(k)
+        if g % 32 or (g > 32 and g % 64):
+            return f"needs groups of 32 or a multiple of 64 (got {g})"
+        return self.native_unsupported(device, act)
+
+    def prepare(self, qt):
+        return {"wpack": pack_chunks(qt.codes()), **self.scale_tensors(qt, float(qt.spec.implicit_zero))}
 
     def restore(self, packed, spec, shape):
         return QuantizedTensor.from_codes(unpack_chunks(packed["wpack"]), packed["scales"], packed.get("zeros"),
                                           spec)
 
-    def linear(self, x, packed, spec, shape, bias, act=None):
-        n, k = shape
-        x2 = x.reshape(-1, k)
-        if x2.shape[0] < DENSE_FROM_ROWS:
-            group = k // packed["kscales"].shape[1]
-            y = torch.ops.lowbit.int4_gemm(x2, packed["wpack"], packed["kscales"], packed["offsets"], group)
-        else:
-            y = torch.ops.lowbit.int4_dense_linear(x2, packed["wpack"], packed["kscales"], packed["offsets"],
-                                                   k // packed["kscales"].shape[1], self.dense_dtype)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], n)
-        return y if bias is None else y + bias
+    def rows(self, x2, packed, group):
+        return torch.ops.lowbit.int4_gemm(x2, packed["wpack"], packed["kscales"], packed["offsets"], group)
+
+    def many_rows(self, x2, packed, group):
+        return torch.ops.lowbit.int4_dense_linear(x2, packed["wpack"], packed["kscales"], packed["offsets"], group,
+                                                  self.dense_dtype)
 
     @staticmethod
     def dense(packed, shape) -> torch.Tensor:

@@ -16,53 +16,32 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import IntSpec, QuantizedTensor
-from . import native
-from .base import Kernel
-from .native_int4 import DENSE_FROM_ROWS
+from .native_int4 import NativeKernel
 
 
-class NativeInt8Kernel(Kernel):
+class NativeInt8Kernel(NativeKernel):
     name = "native-int8"
 
     def unsupported(self, spec, shape, device, act=None):
         n, k = shape
-        if device.type != "cpu" or act is not None:
-            return "runs weight-only on CPU only"
         if not isinstance(spec, IntSpec) or spec.bits != 8:
             return "needs 8-bit weights"
         if k % 32 or spec.group_size_for(k) % 32:
             return f"needs in_features and groups divisible by 32 (got {k}, {spec.group_size_for(k)})"
-        reason = native.load()
-        if reason:
-            return reason
-        if native.isa() == 0:
-            return "this CPU has no AVX2: the portable path is slower than PyTorch's kernels"
-        return None
+        return self.native_unsupported(device, act)
 
     def prepare(self, qt):
-        n, k = qt.shape
-        self.dense_dtype = torch.bfloat16 if native.isa() == 3 else torch.float32
-        s = qt.spec.group_scales(qt.scales, k).float()
-        z = qt.zeros.float() if qt.zeros is not None else torch.zeros_like(s)
-        out = {"qweight": qt.qweight.contiguous(), "kscales": s.contiguous(), "offsets": (z * s).contiguous(),
-               "scales": qt.scales}
-        if qt.zeros is not None:
-            out["zeros"] = qt.zeros
-        return out
+        return {"qweight": qt.qweight.contiguous(), **self.scale_tensors(qt, 0.0)}
 
     def restore(self, packed, spec, shape):
         return QuantizedTensor(spec, shape, packed["qweight"], packed["scales"], packed.get("zeros"))
 
-    def linear(self, x, packed, spec, shape, bias, act=None):
-        n, k = shape
-        x2 = x.reshape(-1, k)
-        if x2.shape[0] < DENSE_FROM_ROWS:
-            group = k // packed["kscales"].shape[1]
-            y = torch.ops.lowbit.int8_gemm(x2, packed["qweight"], packed["kscales"], packed["offsets"], group)
-        else:
-            y = F.linear(x2.to(self.dense_dtype), self.dense(packed, shape).to(self.dense_dtype)).float()
-        y = y.to(x.dtype).reshape(*x.shape[:-1], n)
-        return y if bias is None else y + bias
+    def rows(self, x2, packed, group):
+        return torch.ops.lowbit.int8_gemm(x2, packed["qweight"], packed["kscales"], packed["offsets"], group)
+
+    def many_rows(self, x2, packed, group):
+        w = self.dense(packed, (packed["qweight"].shape[0], x2.shape[1])).to(self.dense_dtype)
+        return F.linear(x2.to(self.dense_dtype), w).float()
 
     @staticmethod
     def dense(packed, shape) -> torch.Tensor:
