@@ -202,14 +202,17 @@ def make_fixtures(root: Path, tokenizer) -> Fixtures:
 
 
 def streaming_budget(model) -> int:
-    """Bytes of everything outside the blocks plus 2.5 blocks: the planner must stream some blocks."""
-    from lowbit.export.checkpoint import checkpoint_tensors
-    fixed = block = 0
-    for name, t in checkpoint_tensors(model)[0].items():   # what is stored: packed weights, tied ones once
-        if name.startswith("model.layers.0."):
-            block += t.nbytes
-        elif not name.startswith("model.layers."):
-            fixed += t.nbytes
+    """Bytes of everything outside the blocks plus 2.5 blocks, counted as the offload planner counts them (the
+    tensors the kernels keep resident, which may exceed what is stored): the planner must stream some blocks."""
+    blocks = model.model.layers
+    tensors = lambda m: list(m.parameters()) + list(m.buffers())   # noqa: E731
+    block = sum(t.numel() * t.element_size() for t in tensors(blocks[0]))
+    inside = {t.data_ptr() for t in tensors(blocks)}
+    seen, fixed = set(), 0
+    for t in tensors(model):
+        if t.data_ptr() not in inside and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            fixed += t.numel() * t.element_size()
     return int(fixed + 2.5 * block)
 
 

@@ -20,7 +20,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from lowbit import IntSpec, LowbitError  # noqa: E402
 from lowbit.algorithms import quantize_rtn  # noqa: E402
-from lowbit.kernels import KERNELS, select_kernel  # noqa: E402
+from lowbit.kernels import KERNELS, native, select_kernel  # noqa: E402
 from lowbit.kernels import triton_w4a16 as tw  # noqa: E402
 from lowbit.kernels.triton_w4a16 import Mode  # noqa: E402
 from lowbit.kernels.triton_w4a16.launch import tile_counters  # noqa: E402
@@ -269,10 +269,11 @@ def test_unsupported_reasons(monkeypatch):
 
 def test_automatic_selection_on_cpu_is_unchanged(monkeypatch):
     spec = IntSpec(4, 64, True)
-    assert select_kernel(spec, (96, 256)).name == "cpu-int4"  # interpreter on: never picked automatically
+    cpu = "native-int4" if native.available() and native.isa() > 0 else "cpu-int4"   # the CPU kernel auto picks
+    assert select_kernel(spec, (96, 256)).name == cpu  # interpreter on: never picked automatically
     assert select_kernel(spec, (96, 256), prefer="triton-w4a16").name == "triton-w4a16"
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert select_kernel(spec, (96, 256)).name == "cpu-int4"
+    assert select_kernel(spec, (96, 256)).name == cpu
     with pytest.raises(LowbitError, match="cannot run"):
         select_kernel(spec, (96, 256), prefer="triton-w4a16")
 
@@ -282,7 +283,7 @@ def test_imports_without_triton():
             "import torch\nfrom lowbit import IntSpec\nfrom lowbit.kernels import KERNELS, select_kernel\n"
             "k = KERNELS['triton-w4a16']\n"
             "assert k.unsupported(IntSpec(4, 64, True), (64, 256), torch.device('cpu')) == 'triton is not installed'\n"
-            "assert select_kernel(IntSpec(4, 64, True), (64, 256)).name == 'cpu-int4'\n")
+            "assert select_kernel(IntSpec(4, 64, True), (64, 256)).name in ('cpu-int4', 'native-int4')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
 
