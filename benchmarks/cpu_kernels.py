@@ -5,8 +5,9 @@ Shapes are the engine's own matmuls of one SmolLM2-135M block (fused q/k/v 576�
 576→3072, down 1536→576) and the lm_head (576→49152). Every kernel runs the same quantized weights
 (RTN, asymmetric groups of 64; INT8 symmetric per channel) through `QuantLinear`'s kernel call:
 
-  native-int4 — lowbit's own kernel (csrc/cpu_gemm.cpp), once per instruction-set path this CPU has;
-  native-int8 — the same for INT8 per channel (its default path);
+  native-int4 — lowbit's own kernel (csrc/cpu_gemm.cpp): with int8 activations on VNNI (the default where the
+                CPU has it), then once per float32 instruction-set path this CPU has;
+  native-int8 — the same for INT8 per channel (int8 activations where VNNI exists, and the float32 path);
   cpu-int4 / cpu-int8 — PyTorch's packed ATen kernels (bfloat16 activations);
   dense fp32 / bf16 — torch.nn.functional.linear on the dequantized weight.
 
@@ -66,21 +67,29 @@ def variants(w: torch.Tensor):
     q8 = quantize_rtn(w, IntSpec(8, -1, True))
     out = []
 
-    def kernel_call(name, qt, isa=None):
+    def kernel_call(name, qt, one_row=None):
+        """one_row(x, packed, group): the call for one row of activations (a given path), else the kernel's."""
         kern = KERNELS[name]
         packed = kern.prepare(qt)
-        if isa is None:
+        if one_row is None:
             return resident_bytes(packed), lambda x: kern.linear(x, packed, qt.spec, qt.shape, None)
         g = k // packed["kscales"].shape[1]
-        op = torch.ops.lowbit.int4_gemm
-        return resident_bytes(packed), lambda x: (op(x, packed["wpack"], packed["kscales"], packed["offsets"], g, isa)
-                                                  if x.shape[0] == 1 else kern.linear(x, packed, qt.spec, qt.shape, None))
+        return resident_bytes(packed), lambda x: (one_row(x, packed, g) if x.shape[0] == 1
+                                                  else kern.linear(x, packed, qt.spec, qt.shape, None))
 
     if native.available():
+        ops = torch.ops.lowbit
+        if native.vnni():
+            out.append(("native-int4 (avx512-vnni, int8 activations)", lambda: kernel_call(
+                "native-int4", q4, lambda x, p, g: ops.int4_gemm_q8(x, p["wpack"], p["kscales"], p["offsets"], g))))
         for isa in range(native.isa(), 0, -1):
-            out.append((f"native-int4 ({native.ISA_NAMES[isa]})", lambda isa=isa: kernel_call("native-int4", q4, isa)))
-    if native.available():
-        out.append(("native-int8", lambda: kernel_call("native-int8", q8)))
+            out.append((f"native-int4 ({native.ISA_NAMES[isa]})", lambda isa=isa: kernel_call(
+                "native-int4", q4, lambda x, p, g: ops.int4_gemm(x, p["wpack"], p["kscales"], p["offsets"], g, isa))))
+        if native.vnni():
+            out.append(("native-int8 (avx512-vnni, int8 activations)", lambda: kernel_call(
+                "native-int8", q8, lambda x, p, g: ops.int8_gemm_q8(x, p["qweight"], p["kscales"], p["offsets"], g))))
+        out.append(("native-int8 (float32)", lambda: kernel_call(
+            "native-int8", q8, lambda x, p, g: ops.int8_gemm(x, p["qweight"], p["kscales"], p["offsets"], g))))
     for name, qt in (("cpu-int4", q4), ("cpu-int8", q8)):
         if KERNELS[name].unsupported(qt.spec, qt.shape, torch.device("cpu")) is None:
             out.append((f"{name} (ATen)", lambda name=name, qt=qt: kernel_call(name, qt)))

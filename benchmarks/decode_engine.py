@@ -4,13 +4,16 @@ Same machine, same run, same model and prompt for every row:
   - transformers eager `generate`, float32 and bfloat16 (the reference path);
   - lowbit's engine (compiled decode step) on float32, bfloat16, INT8 and INT4 models, with the lm_head kept in
     bfloat16 (lowbit's default recipe) and with the lm_head quantized too (as llama.cpp does);
-  - llama.cpp (llama-cpp-python) with the shipped GGUF requantized to Q8_0 and Q4_0.
+  - llama.cpp with the shipped GGUF requantized to Q8_0, Q4_0 and Q4_K_M: natively with `--llama-bench PATH`
+    (its own tg128 / pp512 benchmark, no Python in its loop; benchmarks/build_llama_bench.sh builds it), or
+    else through llama-cpp-python (Q8_0 and Q4_0, one `eval` per token).
 Each lowbit row also checks that its 64 greedy tokens equal transformers' generate on the same model.
 
 The bound: a decode step must read every weight it multiplies once (the whole tied embedding too, as the
 lm_head). Bytes read per token over the measured memory bandwidth is the fastest any engine can decode.
 
-    python benchmarks/decode_engine.py                  # full run (about 10 minutes on 2 cores)
+    python benchmarks/decode_engine.py --llama-bench "$(bash benchmarks/build_llama_bench.sh)"   # full run
+    python benchmarks/decode_engine.py                  # full run through llama-cpp-python (about 10 minutes)
     python benchmarks/decode_engine.py --quick --out DIR  # tiny random model, seconds: keeps the script alive
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,6 +38,7 @@ from lowbit.engine import Engine
 from lowbit.eval import decode_speed, environment, prefill_speed
 from lowbit.eval.speed import engine_for
 from lowbit.eval.system import memory_bandwidth
+from lowbit.kernels import native
 
 PROMPT = "The history of the Python language"
 
@@ -130,6 +135,30 @@ def llamacpp_rows(tok, window, args, bw) -> list[dict]:
     return rows
 
 
+def llama_bench_rows(bench: Path, tokens: int, repeats: int, bw) -> list[dict]:
+    """llama.cpp's own benchmark: tg`tokens` (decode) and pp512 (prefill) with 2 threads, on files made from the
+    shipped GGUF by llama-quantize (beside llama-bench)."""
+    from gguf import GGUFReader
+    from lowbit.models.sources import default_model_path
+    tmp = Path(tempfile.mkdtemp(prefix="lowbit-llamabench-"))
+    rows = []
+    for t in ("Q8_0", "Q4_0", "Q4_K_M"):
+        path = tmp / f"model-{t}.gguf"
+        subprocess.run([str(bench.with_name("llama-quantize")), "--allow-requantize", str(default_model_path()),
+                        str(path), t], check=True, capture_output=True)
+        r = subprocess.run([str(bench), "-m", str(path), "-t", str(torch.get_num_threads()), "-p", "512", "-n",
+                            str(tokens), "-r", str(repeats), "-o", "json"], check=True, capture_output=True,
+                           text=True)
+        res = json.loads(r.stdout)
+        speed = {("pp" if x["n_prompt"] else "tg"): x["avg_ts"] for x in res}
+        nbytes = sum(int(x.n_bytes) for x in GGUFReader(str(path)).tensors)  # tied token_embd read as output
+        rows.append({"name": f"llama.cpp {t}", "engine": f"llama-bench (build {res[0]['build_commit']})",
+                     "decode_tokens_per_s": speed["tg"], "prefill_tokens_per_s": speed["pp"],
+                     "bytes_per_token": nbytes, "bound_tokens_per_s": bw / nbytes})
+        path.unlink()
+    return rows
+
+
 def tiny_model():
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
@@ -169,6 +198,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engine", default="compiled", choices=["compiled", "eager"])
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--llama-bench", type=Path, default=None,
+                    help="llama.cpp's llama-bench binary (llama-quantize beside it): llama.cpp measured natively")
     ap.add_argument("--out", default="benchmarks/results/decode_engine", help="writes OUT.md and OUT.json")
     ap.add_argument("--llamacpp-child", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -204,15 +235,29 @@ def main() -> int:
                 hf_row("bf16", bf16, tok, window, args, copy_bw)]
         rows.append(lowbit_row("fp32", base, tok, window, args, copy_bw))
         rows.append(lowbit_row("bf16", bf16, tok, window, args, copy_bw))
+        q8 = "native kernels: int8 activations in decode" if native.available() and native.vnni() else None
         for name, bits, gs, head, kernels in (("INT8 per channel (lm_head bf16)", 8, -1, False, "auto"),
                                               ("INT8 per channel + INT8 lm_head", 8, -1, True, "auto"),
+                                              ("INT8 per channel + INT8 lm_head", 8, -1, True, "float"),
                                               ("INT8 per channel + INT8 lm_head, ATen kernels", 8, -1, True, "aten"),
                                               ("INT4 g64 (lm_head bf16)", 4, 64, False, "auto"),
                                               ("INT4 g64 + INT8 lm_head", 4, 64, True, "auto"),
+                                              ("INT4 g64 + INT8 lm_head", 4, 64, True, "float"),
                                               ("INT4 g64 + INT8 lm_head, ATen kernels", 4, 64, True, "aten")):
+            if kernels == "float":   # the native kernels' float32 decode path, where int8 activations are the default
+                if q8 is None:
+                    continue
+                name += ", native float32 decode (LOWBIT_NATIVE_Q8=0)"
+            elif kernels == "auto" and q8:
+                name += f" ({q8})"
             print(f"measuring {name}", file=sys.stderr, flush=True)
-            rows.append(lowbit_row(name, quantized(base, bits, gs, head, kernels), tok, window, args, copy_bw))
-        if not args.no_llamacpp:
+            os.environ["LOWBIT_NATIVE_Q8"] = "0" if kernels == "float" else "1"   # read when weights are packed
+            model = quantized(base, bits, gs, head, "auto" if kernels == "float" else kernels)
+            rows.append(lowbit_row(name, model, tok, window, args, copy_bw))
+            os.environ.pop("LOWBIT_NATIVE_Q8")
+        if args.llama_bench is not None:
+            rows += llama_bench_rows(args.llama_bench, args.tokens, max(args.repeats, 5), copy_bw)
+        elif not args.no_llamacpp:
             # a child process: a crash inside llama.cpp (it segfaulted in eval on an Intel Xeon with AMX) must
             # not lose the rows measured above
             r = subprocess.run([sys.executable, __file__, "--llamacpp-child", str(copy_bw), "--tokens",

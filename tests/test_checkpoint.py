@@ -49,7 +49,10 @@ def test_reference_kernel_checkpoint_matches_fast_kernel_closely(fresh, tokenize
     lowbit.save_checkpoint(q, tokenizer, tmp_path / "c")
     ref = lowbit.load_checkpoint(tmp_path / "c", kernel="reference").model
     assert ref.model.layers[0].mlp.up_proj.kernel.name == "reference"
-    ids = torch.randint(0, 49152, (1, 16))
+    # real text: on random token ids the logits are nearly flat and their argmax flips on rounding noise
+    ids = tokenizer("The default model's weights sit on a grid of four bits; quantizing them again with groups "
+                    "of sixty-four columns costs a little", return_tensors="pt")["input_ids"]
+    assert ids.shape[1] >= 16
     with torch.no_grad():
         a, b = q(ids).logits.float(), ref(ids).logits.float()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9

@@ -12,7 +12,8 @@ from lowbit import IntSpec
 from lowbit.algorithms import quantize_rtn
 from lowbit.formats import QuantizedTensor
 from lowbit.kernels import KERNELS, native, select_kernel
-from lowbit.kernels.native_int4 import DENSE_FROM_ROWS, pack_chunks, unpack_chunks
+from lowbit.kernels.base import DENSE_FROM_ROWS
+from lowbit.kernels.native_int4 import pack_chunks, unpack_chunks
 from lowbit.nn import QuantLinear
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=str(native.load()))
@@ -50,6 +51,60 @@ def test_every_path_equals_exact_float_math(m, n, k, group):
         torch.ops.lowbit.int4_gemm(x, pack_chunks(codes), s, (z * s).contiguous(), group, native.isa() + 1)
 
 
+def round_int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """What the VNNI kernels multiply: each row in blocks of `block` columns, d = max|x| / 127, x ≈ d · a with
+    a = round-to-even(x / d) (float64 of the rounded values)."""
+    m, k = x.shape
+    b = x.reshape(m, k // block, block)
+    d = b.abs().amax(-1, keepdim=True) / 127
+    a = torch.where(d > 0, torch.round(b / torch.where(d > 0, d, torch.ones_like(d))), torch.zeros_like(b))
+    return (a.double() * d.double()).reshape(m, k)
+
+
+vnni = pytest.mark.skipif(not native.available() or not native.vnni(), reason="this CPU has no AVX-512 VNNI")
+
+
+@vnni
+@pytest.mark.parametrize("m,n,k,group", [(1, 1536, 576, 64), (1, 33, 64, 32), (3, 100, 576, 32),
+                                         (5, 77, 1536, 128), (9, 17, 192, 192), (2, 8, 256, 256),
+                                         (1, 64, 576, 576), (2, 20, 640, 64), (1, 24, 320, 160)])
+def test_int8_activation_kernels_equal_exact_math_on_the_rounded_activations(m, n, k, group):
+    """int4_gemm_q8 / int8_gemm_q8: activations rounded to int8 per block (64 columns for int4, 32 for int8),
+    integer dot products, float32 scale sums: equal to float64 math on the rounded activations to float32
+    rounding, for every scale mode (per channel, groups spanning a step, pairs, groups of 32) and K tails."""
+    g = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=g) * 3
+    x[0, 5] = 40.0    # an outlier channel: its block's scale, not the others'
+    s = torch.rand(n, k // group, generator=g) * 0.1
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    z = torch.randint(0, 16, (n, k // group), generator=g).float()
+    w = ((codes.double().view(n, -1, group) - z.double()[..., None]) * s.double()[..., None]).reshape(n, k)
+    if k % 64 == 0:
+        want = round_int8_blocks(x, 64) @ w.t()
+        got = torch.ops.lowbit.int4_gemm_q8(x, pack_chunks(codes), s, (z * s).contiguous(), group)
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+    c8 = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    z8 = torch.randint(-5, 5, (n, k // group), generator=g).float()
+    w8 = ((c8.double().view(n, -1, group) - z8.double()[..., None]) * s.double()[..., None]).reshape(n, k)
+    want8 = round_int8_blocks(x, 32) @ w8.t()
+    got8 = torch.ops.lowbit.int8_gemm_q8(x, c8, s, (z8 * s).contiguous(), group)
+    assert ((got8.double() - want8).abs().max() / want8.abs().max()).item() < 1e-5
+    # and what the rounding costs against the unrounded activations (the outlier's block rounds coarsely)
+    exact = x.double() @ w8.t()
+    assert ((got8.double() - exact).norm() / exact.norm()).item() < 5e-2
+
+
+@vnni
+def test_zero_and_bfloat16_activations():
+    codes = torch.randint(0, 16, (16, 128))
+    s = torch.rand(16, 2) * 0.1
+    zero = torch.zeros(1, 128)
+    assert torch.equal(torch.ops.lowbit.int4_gemm_q8(zero, pack_chunks(codes), s, s, 64), torch.zeros(1, 16))
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    got = torch.ops.lowbit.int4_gemm_q8(x, pack_chunks(codes), s, s, 64)
+    assert torch.allclose(got, torch.ops.lowbit.int4_gemm_q8(x.float(), pack_chunks(codes), s, s, 64))
+
+
 @pytest.mark.parametrize("m,n,k,group", [(1, 1536, 576, 576), (1, 33, 32, 32), (3, 100, 576, 64),
                                          (6, 77, 1536, 96)])
 def test_int8_every_path_equals_exact_float_math(m, n, k, group):
@@ -79,9 +134,11 @@ def test_int8_real_layers_match_reference_and_keep_the_storage(base, spec):
     dense = qt.dequantize(torch.float32)
     for rows in (1, 5, 64):
         x = torch.randn(rows, w.shape[1])
-        want = torch.nn.functional.linear(x.to(torch.bfloat16).float(), dense)
+        decode = rows < DENSE_FROM_ROWS
+        seen = round_int8_blocks(x, 32).float() if decode and NATIVE8.q8 else x.to(torch.bfloat16).float()
+        want = torch.nn.functional.linear(seen, dense)
         err = ((NATIVE8.linear(x, packed, spec, qt.shape, None) - want).norm() / want.norm()).item()
-        assert err < (1e-5 if rows < DENSE_FROM_ROWS else 1e-2), (rows, err)
+        assert err < (1e-5 if decode else 1e-2), (rows, err)
 
 
 def test_dequantize_equals_the_python_formula_bit_for_bit():
@@ -106,6 +163,50 @@ def test_dense_prefill_path_equals_a_dense_matmul_across_tiles():
         got = torch.ops.lowbit.int4_dense_linear(x, packed["wpack"], packed["kscales"], packed["offsets"], 64, dtype)
         assert got.dtype == torch.float32 and got.shape == (20, 5000)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("n,k,group", [(80, 128, 32), (112, 576, 64), (5040, 576, 64), (192, 1536, 256)])
+def test_prefill_on_pytorchs_int4_layout_equals_exact_float_math(n, k, group):
+    """lowbit::int4pack_dense_linear reads aten._convert_weight_to_int4pack_for_cpu's layout (blocks of 64
+    rows and a last block of 16/32/48, several tiles for 5040 rows): against float64 math on the same codes,
+    scales and offsets."""
+    g = torch.Generator().manual_seed(n + k)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
+    sz = (torch.rand(k // group, n, 2, generator=g) * 0.1).to(torch.bfloat16)
+    wpack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    s, o = sz[..., 0].double().t().repeat_interleave(group, 1), sz[..., 1].double().t().repeat_interleave(group, 1)
+    w = (codes.double() - 8) * s + o
+    x = torch.randn(DENSE_FROM_ROWS + 3, k, generator=g)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        want = x.to(dtype).double() @ w.t()
+        got = torch.ops.lowbit.int4pack_dense_linear(x, wpack, sz, group, dtype)
+        assert got.dtype == torch.float32 and got.shape == (x.shape[0], n)
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < tol, (dtype, err)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        torch.ops.lowbit.int4pack_dense_linear(x, wpack, sz[:, :16], group, torch.float32)
+
+
+@pytest.mark.parametrize("spec", [IntSpec(4, 64, False), IntSpec(3, 64, False), IntSpec(4, -1, True)],
+                         ids=lambda s: s.name)
+def test_pytorchs_int4_kernel_prefills_through_the_native_library(base, spec):
+    """cpu-int4: few rows run ATen's kernel, many rows lowbit's dense path on the same packed tensors; both
+    agree with the reference kernel to bfloat16 rounding, and the compiled call equals the eager one."""
+    cpu4 = KERNELS["cpu-int4"]
+    w = base.get_submodule("model.layers.3.mlp.down_proj").weight.detach()
+    qt = quantize_rtn(w, spec)
+    packed = cpu4.prepare(qt)
+    assert cpu4.dense_dtype == (torch.bfloat16 if native.isa() == 3 else torch.float32)
+    dense = qt.dequantize(torch.float32)
+    for rows in (1, DENSE_FROM_ROWS - 1, DENSE_FROM_ROWS, 200):
+        x = torch.randn(rows, w.shape[1])
+        want = torch.nn.functional.linear(x, dense)
+        err = ((cpu4.linear(x, packed, spec, qt.shape, None) - want).norm() / want.norm()).item()
+        assert err < 1e-2, (rows, err)
+    q = QuantLinear(qt, kernel="cpu-int4")
+    x = torch.randn(1, 40, w.shape[1])
+    f = torch.compile(lambda t: q(t) * 2, fullgraph=True)
+    assert torch.equal(f(x), q(x) * 2)
 
 
 def test_bad_shapes_are_refused_with_a_clear_message():
@@ -134,26 +235,28 @@ def test_real_layers_match_reference_decode_and_prefill(base, spec):
         dense = qt.dequantize(torch.float32)
         for rows in (1, 4, DENSE_FROM_ROWS - 1, DENSE_FROM_ROWS, 100):
             x = torch.randn(rows, w.shape[1])
-            want = torch.nn.functional.linear(x.to(torch.bfloat16).float(), dense)
+            decode = rows < DENSE_FROM_ROWS
+            seen = round_int8_blocks(x, 64).float() if decode and NATIVE.q8 else x.to(torch.bfloat16).float()
+            want = torch.nn.functional.linear(seen, dense)
             got = NATIVE.linear(x, packed, spec, qt.shape, None)
             err = ((got - want).norm() / want.norm()).item()
-            assert err < (1e-5 if rows < DENSE_FROM_ROWS else 1e-2), (rows, err)
+            assert err < (1e-5 if decode else 1e-2), (rows, err)
 
 
 def test_bfloat16_inputs_and_bias():
     w = torch.randn(48, 128)
     b = torch.randn(48)
-    q = QuantLinear(quantize_rtn(w, IntSpec(4, 64, False)), bias=b)
-    assert q.kernel.name == "native-int4"
+    q = QuantLinear(quantize_rtn(w, IntSpec(4, 64, False)), bias=b, kernel="native-int4")
     x = torch.randn(2, 3, 128)
-    ref = torch.nn.functional.linear(x.to(torch.bfloat16).float(), q.dequantized_weight(), b)
+    seen = round_int8_blocks(x.reshape(6, 128), 64).float() if NATIVE.q8 else x.to(torch.bfloat16).float()
+    ref = torch.nn.functional.linear(seen.reshape(2, 3, 128), q.dequantized_weight(), b)
     assert torch.allclose(q(x), ref, atol=1e-4, rtol=1e-4)
     y16 = q.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert y16.dtype == torch.bfloat16 and y16.shape == (2, 3, 48)
 
 
 def test_compiled_call_equals_eager():
-    q = QuantLinear(quantize_rtn(torch.randn(64, 192), IntSpec(4, 64, False)))
+    q = QuantLinear(quantize_rtn(torch.randn(64, 192), IntSpec(4, 64, False)), kernel="native-int4")
     x = torch.randn(1, 192)
     f = torch.compile(lambda t: q(t) * 2, fullgraph=True)
     assert torch.equal(f(x), q(x) * 2)

@@ -11,6 +11,11 @@ import torch
 
 from ..formats import IntSpec, QuantizedTensor
 
+# CPU kernels with a packed path for few rows of activations (decode) switch to a dense one (a dequantized tile
+# of the weight at a time, then a dense matmul) from this many rows: the packed kernels re-read the packed
+# weight every few rows, the dense path reads a dequantized copy once.
+DENSE_FROM_ROWS = 16
+
 
 class Kernel:
     name = "base"

@@ -16,6 +16,8 @@ cpu-int4 — `aten._weight_int4pack_mm_for_cpu`, 2-, 3- and 4-bit codes (all fit
     offset (8 − z) · s nearly cancelling (q − 8) · s would cost precision that such coarse grids cannot spare.
     `restore` inverts ATen's nibble order with a permutation found by probing the conversion itself
     (see `_int4pack_order`), so no second copy of the codes is kept.
+    Few rows run ATen's kernel; many rows (prefill) dequantize the same layout a tile at a time in lowbit's native
+    library (`lowbit::int4pack_dense_linear`, whose source documents the nibble order) where it is built.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import math
 import torch
 
 from ..formats import IntSpec, QuantizedTensor
-from .base import Kernel
+from . import native
+from .base import DENSE_FROM_ROWS, Kernel
 
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 
@@ -108,7 +111,14 @@ class CpuInt4Kernel(Kernel):
             return f"needs groups of {'/'.join(map(str, INT4_KERNEL_GROUPS))} dividing in_features={k}"
         return None
 
+    # Many rows (prefill) run lowbit's native dense path on this same layout where the native library is built
+    # (ATen's own matmul for many rows is several times slower than a dense one); decided in prepare, outside
+    # any traced code: bfloat16 where the CPU has native bfloat16 arithmetic, float32 elsewhere.
+    dense_dtype: torch.dtype | None = None
+
     def prepare(self, qt):
+        if native.available():
+            self.dense_dtype = torch.bfloat16 if native.isa() == 3 else torch.float32
         n, k = qt.shape
         gk = _kernel_group(qt.spec, k)
         codes = qt.codes()
@@ -144,5 +154,10 @@ class CpuInt4Kernel(Kernel):
 
     def linear(self, x, packed, spec, shape, bias, act=None):
         gk = packed["wpack"].shape[1] * 2 // packed["scale_zeros"].shape[0]
+        if self.dense_dtype is not None and x.numel() >= DENSE_FROM_ROWS * shape[1]:
+            y = torch.ops.lowbit.int4pack_dense_linear(x.reshape(-1, shape[1]), packed["wpack"],
+                                                       packed["scale_zeros"], gk, self.dense_dtype)
+            y = y.to(x.dtype).reshape(*x.shape[:-1], shape[0])
+            return y if bias is None else y + bias
         fn = lambda x2: torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed["wpack"], gk, packed["scale_zeros"])
         return _matmul_2d(x, fn, shape[0], bias)

@@ -105,6 +105,19 @@ def isa() -> int:
     return int(torch.ops.lowbit.cpu_isa())
 
 
+def vnni() -> bool:
+    """Whether the native kernels decode on int8 activations (int4_gemm_q8 / int8_gemm_q8: activations rounded to
+    int8 per block, integer dot products): where the CPU has AVX-512 VNNI, unless LOWBIT_NATIVE_Q8=0 asks for
+    the float32 path (activations rounded to bfloat16 only). Process-wide: read whenever a native kernel packs
+    weights, and every native layer follows the latest reading, so set it before loading or quantizing."""
+    return os.environ.get("LOWBIT_NATIVE_Q8", "1") != "0" and _cpu_vnni()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_vnni() -> bool:
+    return bool(torch.ops.lowbit.cpu_vnni())
+
+
 ISA_NAMES = {3: "avx512-bf16", 2: "avx512", 1: "avx2", 0: "portable"}
 
 
@@ -112,8 +125,11 @@ def _register_fake() -> None:
     """Output shapes for tracing (torch.compile): the kernels' results are float32 [M, N]."""
     for op in ("lowbit::int4_gemm", "lowbit::int8_gemm"):
         torch.library.register_fake(op)(_gemm_shape)
+    for op in ("lowbit::int4_gemm_q8", "lowbit::int8_gemm_q8"):
+        torch.library.register_fake(op)(_gemm_shape)
     torch.library.register_fake("lowbit::int4_dequant")(_dequant_shape)
     torch.library.register_fake("lowbit::int4_dense_linear")(_dense_shape)
+    torch.library.register_fake("lowbit::int4pack_dense_linear")(_int4pack_dense_shape)
 
 
 def _gemm_shape(x, w, scales, offsets, group_size, isa=-1):
@@ -121,6 +137,10 @@ def _gemm_shape(x, w, scales, offsets, group_size, isa=-1):
 
 
 def _dense_shape(x, wpack, scales, offsets, group_size, dtype):
+    return x.new_empty((x.shape[0], wpack.shape[0]), dtype=torch.float32)
+
+
+def _int4pack_dense_shape(x, wpack, scale_zeros, group_size, dtype):
     return x.new_empty((x.shape[0], wpack.shape[0]), dtype=torch.float32)
 
 

@@ -9,8 +9,10 @@ channel, symmetric or with zero points, in_features a multiple of 64.
               offsets float32 [N, G] — z · s, so that (q − z) · s = q · s − offset,
               scales / zeros — the storage tensors (small), kept so that `restore` is exact.
 
-Few rows of activations (decode) run the native kernel: activations rounded to bfloat16, float32 products and
-sums, no weight ever dequantized to memory. Many rows (prefill) dequantize the weight a tile of rows at a time
+Few rows of activations (decode) run the native kernel, no weight ever dequantized to memory: where the CPU
+has AVX-512 VNNI, activations rounded to int8 in blocks of 32 columns and integer dot products (as llama.cpp
+decodes; `lowbit::int4_gemm_q8`, documented in csrc/cpu_gemm_q8.inc), elsewhere activations rounded to
+bfloat16 with float32 products and sums (`lowbit::int4_gemm`). Many rows (prefill) dequantize the weight a tile of rows at a time
 into a small per-thread buffer and run ATen's dense matmul on it, in bfloat16 where the CPU has native bfloat16
 arithmetic (there a dense bfloat16 matmul is 3-5x a float32 one) and in float32 elsewhere.
 """
@@ -21,11 +23,7 @@ import torch
 
 from ..formats import IntSpec, QuantizedTensor
 from . import native
-from .base import Kernel
-
-# Above this many activation rows the dense path runs (the native kernel re-reads the packed rows every 4
-# activation rows, the dense one reads a dequantized copy once).
-DENSE_FROM_ROWS = 16
+from .base import DENSE_FROM_ROWS, Kernel
 
 
 def pack_chunks(codes: torch.Tensor) -> torch.Tensor:
@@ -46,6 +44,9 @@ class NativeKernel(Kernel):
     """What lowbit's native kernels share: where they run, their float32 scales and offsets, and the switch
     between the native kernel (few rows) and the dense path (many rows)."""
 
+    q8 = False                       # decode on int8 activations (set in prepare: where the CPU has VNNI)
+    dense_dtype = torch.float32      # the dense path's matmul dtype (set in prepare)
+
     def native_unsupported(self, device, act) -> str | None:
         if device.type != "cpu" or act is not None:
             return "runs weight-only on CPU only"
@@ -60,6 +61,7 @@ class NativeKernel(Kernel):
         """kscales s and offsets z · s (float32 [N, G]), with the storage tensors kept for `restore`."""
         # decided here, outside any traced code: the CPU does not change while the process runs
         self.dense_dtype = torch.bfloat16 if native.isa() == 3 else torch.float32
+        self.q8 = native.vnni()
         s = qt.spec.group_scales(qt.scales, qt.shape[1]).float()
         z = qt.zeros.float() if qt.zeros is not None else torch.full_like(s, implicit_zero)
         out = {"kscales": s.contiguous(), "offsets": (z * s).contiguous(), "scales": qt.scales}
@@ -104,7 +106,8 @@ class NativeInt4Kernel(NativeKernel):
                                           spec)
 
     def rows(self, x2, packed, group):
-        return torch.ops.lowbit.int4_gemm(x2, packed["wpack"], packed["kscales"], packed["offsets"], group)
+        op = torch.ops.lowbit.int4_gemm_q8 if self.q8 else torch.ops.lowbit.int4_gemm
+        return op(x2, packed["wpack"], packed["kscales"], packed["offsets"], group)
 
     def many_rows(self, x2, packed, group):
         return torch.ops.lowbit.int4_dense_linear(x2, packed["wpack"], packed["kscales"], packed["offsets"], group,

@@ -6,8 +6,9 @@ of a multiple of 32 dividing in_features, symmetric or with zero points, in_feat
               offsets float32 [N, G] — z · s, so that (q − z) · s = q · s − offset,
               scales / zeros — the storage tensors (small), kept so that `restore` is exact.
 
-Few rows of activations (decode) run the native kernel (activations rounded to bfloat16, float32 products and
-sums); many rows (prefill) dequantize once per call and run a dense matmul, as native-int4 does.
+Few rows of activations (decode) run the native kernel (where the CPU has AVX-512 VNNI: activations rounded to
+int8 in blocks of 32 and integer dot products, `lowbit::int8_gemm_q8`; elsewhere activations rounded to bfloat16,
+float32 products and sums); many rows (prefill) dequantize once per call and run a dense matmul, as native-int4 does.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class NativeInt8Kernel(NativeKernel):
         return QuantizedTensor(spec, shape, packed["qweight"], packed["scales"], packed.get("zeros"))
 
     def rows(self, x2, packed, group):
-        return torch.ops.lowbit.int8_gemm(x2, packed["qweight"], packed["kscales"], packed["offsets"], group)
+        op = torch.ops.lowbit.int8_gemm_q8 if self.q8 else torch.ops.lowbit.int8_gemm
+        return op(x2, packed["qweight"], packed["kscales"], packed["offsets"], group)
 
     def many_rows(self, x2, packed, group):
         w = self.dense(packed, (packed["qweight"].shape[0], x2.shape[1])).to(self.dense_dtype)

@@ -22,6 +22,10 @@
 //
 // int8: wq int8 [N, K], K a multiple of 32, groups as above (per channel: one group of K); offsets z · s.
 //
+// int4_gemm_q8 / int8_gemm_q8 (decode where the CPU has AVX-512 VNNI, cpu_vnni tells): the same layouts, with
+// the activations rounded to int8 per block and integer dot products (cpu_gemm_q8.inc documents the math).
+// int4pack_dense_linear: prefill for PyTorch's own int4 layout (documented where it is defined, below).
+//
 // Paths, chosen at run time by what the CPU has (cpu_isa tells which; `isa` forces one, for tests):
 //   3  AVX-512 BF16: int4 codes → bfloat16 (128 + q, by one OR), 32 products per vdpbf16ps; only when asked for
 //      (see int4_gemm); int8 as path 2 (widening int8 to bfloat16 costs more instructions than it saves).
@@ -36,6 +40,7 @@
 
 #include <immintrin.h>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -43,6 +48,10 @@
 namespace {
 
 constexpr int64_t kChunk = 64;   // int4: columns per 32-byte chunk
+// Every path reads the weight rows this many rows ahead with software prefetches: from memory (weights larger
+// than the caches, as in decoding) the hardware prefetchers alone left the kernels waiting (the VNNI path read
+// 13 GB/s from memory without them, 20 with them, on an Intel Xeon whose plain reads reach 29).
+constexpr int64_t kPrefetch = 16;
 
 struct Problem {
   const uint16_t* xb;   // [M, K] bfloat16 bits
@@ -430,29 +439,156 @@ at::Tensor int4_dequant(const at::Tensor& wpack, const at::Tensor& scales, const
 // y = x · Wᵀ (float32 [M, N]) for many rows of x: the weight is dequantized a tile of rows at a time into a
 // buffer kept by the thread (at most about 4 MB, so it stays in cache for its matmul and a call neither
 // page-faults a fresh allocation nor holds a whole dequantized matrix) and multiplied in `dtype` by ATen.
+// The tiling shared by the dense paths: dequant(n0, n1, buffer) writes output rows n0..n1 of the weight into
+// the buffer, as [n1 − n0, K] (row-major) or, with `k_major`, as [K, n1 − n0]; tiles start at multiples of 64.
+template <class Dequant>
+at::Tensor tiled_linear(const at::Tensor& x, int64_t N, int64_t K, at::ScalarType dtype, bool k_major,
+                        Dequant dequant) {
+  const int64_t elem = dtype == at::kFloat ? 4 : 2;
+  const int64_t tile = std::max<int64_t>(64, ((int64_t(4) << 20) / (K * elem)) / 64 * 64);
+  thread_local std::vector<uint8_t> buf;
+  buf.resize(static_cast<size_t>(std::min(tile, N) * K * elem + 64));
+  void* ws = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+  const at::Tensor xd = x.to(dtype).contiguous();
+  at::Tensor y = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
+  for (int64_t n0 = 0; n0 < N; n0 += tile) {
+    const int64_t n1 = std::min(N, n0 + tile);
+    dequant(n0, n1, ws);
+    const at::Tensor wt = k_major ? at::from_blob(ws, {K, n1 - n0}, x.options().dtype(dtype))
+                                  : at::from_blob(ws, {n1 - n0, K}, x.options().dtype(dtype)).t();
+    y.narrow(1, n0, n1 - n0).copy_(at::mm(xd, wt));
+  }
+  return y;
+}
+
 at::Tensor int4_dense_linear(const at::Tensor& x, const at::Tensor& wpack, const at::Tensor& scales,
                              const at::Tensor& offsets, int64_t group_size, at::ScalarType dtype) {
   check_dequant(wpack, scales, offsets, group_size, dtype);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == wpack.size(1) * 2, "int4_dense_linear: x must be [M, K]");
   const at::Tensor w = wpack.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
   const Problem p = weight_problem(w, s, off, group_size);
-  const int64_t elem = dtype == at::kFloat ? 4 : 2;
-  const int64_t tile = std::max<int64_t>(64, ((int64_t(4) << 20) / (p.K * elem)) / 64 * 64);
-  thread_local std::vector<uint8_t> buf;
-  buf.resize(static_cast<size_t>(std::min(tile, p.N) * p.K * elem + 64));
-  void* ws = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
-  const at::Tensor xd = x.to(dtype).contiguous();
-  at::Tensor y = at::empty({x.size(0), p.N}, x.options().dtype(at::kFloat));
-  for (int64_t n0 = 0; n0 < p.N; n0 += tile) {
-    const int64_t n1 = std::min(p.N, n0 + tile);
+  return tiled_linear(x, p.N, p.K, dtype, false, [&](int64_t n0, int64_t n1, void* ws) {
     dequant_into(p, n0, n1, dtype, ws);
-    const at::Tensor wt = at::from_blob(ws, {n1 - n0, p.K}, x.options().dtype(dtype));
-    y.narrow(1, n0, n1 - n0).copy_(at::mm(xd, wt.t()));
+  });
+}
+
+// ---- PyTorch's CPU int4 layout (aten._convert_weight_to_int4pack_for_cpu), for its prefill -----------------------
+// PyTorch's own GEMV on this layout is the fastest decode kernel where the CPU has AVX-512 BF16, but its matmul
+// for many rows is several times slower than a dense one; this dequantizes it a tile at a time instead.
+//   wpack       uint8 [N, K/2]: output rows in blocks of 64; for each column k a block holds 32 bytes, byte j
+//               = row j (low nibble) | row j + 32 (high nibble). A last block of T < 64 rows (T % 16 == 0) holds
+//               T/2 bytes per column, byte j = row 2j (low) | row 2j + 1 (high). Blocks follow each other.
+//   scale_zeros bfloat16 [K / group_size, N, 2]: scale s and offset o per group and row; w = (q − 8) · s + o.
+template <class Out>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void dequant_int4pack_block(const uint8_t* w, const at::BFloat16* sz, Out* out, int64_t rows, int64_t ld,
+                            int64_t N, int64_t K, int64_t gs) {
+  // one block of `rows` output rows starting at row n (w and sz already point at it), written k-major:
+  // out[k * ld + r] for r < rows
+  float s[64], o[64];
+  const int64_t bytes = rows / 2;
+  for (int64_t k = 0; k < K; ++k) {
+    if (k % gs == 0) {
+      const at::BFloat16* g = sz + (k / gs) * N * 2;
+      for (int64_t r = 0; r < rows; ++r) {
+        s[r] = static_cast<float>(g[2 * r]);
+        o[r] = static_cast<float>(g[2 * r + 1]) - 8.f * s[r];
+      }
+    }
+    const uint8_t* b = w + k * bytes;
+    Out* d = out + k * ld;
+    if (rows == 64) {
+      for (int j = 0; j < 32; ++j) {
+        d[j] = static_cast<Out>(static_cast<float>(b[j] & 15) * s[j] + o[j]);
+        d[j + 32] = static_cast<Out>(static_cast<float>(b[j] >> 4) * s[j + 32] + o[j + 32]);
+      }
+    } else {
+      for (int64_t j = 0; j < bytes; ++j) {
+        d[2 * j] = static_cast<Out>(static_cast<float>(b[j] & 15) * s[2 * j] + o[2 * j]);
+        d[2 * j + 1] = static_cast<Out>(static_cast<float>(b[j] >> 4) * s[2 * j + 1] + o[2 * j + 1]);
+      }
+    }
   }
+}
+
+at::Tensor int4pack_dense_linear(const at::Tensor& x, const at::Tensor& wpack, const at::Tensor& scale_zeros,
+                                 int64_t group_size, at::ScalarType dtype) {
+  TORCH_CHECK(wpack.scalar_type() == at::kByte && wpack.dim() == 2, "int4pack_dense_linear: wpack must be uint8 [N, K/2]");
+  TORCH_CHECK(scale_zeros.scalar_type() == at::kBFloat16 && scale_zeros.dim() == 3 && scale_zeros.size(2) == 2,
+              "int4pack_dense_linear: scale_zeros must be bfloat16 [K / group_size, N, 2]");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int4pack_dense_linear: dtype must be float32 or bfloat16");
+  const int64_t N = wpack.size(0), K = wpack.size(1) * 2;
+  TORCH_CHECK(N % 16 == 0 && group_size > 0 && K % group_size == 0 && scale_zeros.size(0) == K / group_size &&
+              scale_zeros.size(1) == N, "int4pack_dense_linear: shapes do not match PyTorch's int4 layout");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "int4pack_dense_linear: x must be [M, K]");
+  const at::Tensor w = wpack.contiguous(), sz = scale_zeros.contiguous();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const at::BFloat16* szp = sz.data_ptr<at::BFloat16>();
+  return tiled_linear(x, N, K, dtype, true, [&](int64_t n0, int64_t n1, void* ws) {
+    const int64_t cols = n1 - n0;
+    at::parallel_for(0, (cols + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n = n0 + b * 64, rows = std::min<int64_t>(64, N - n);
+        const uint8_t* wb = wp + n * (K / 2);   // every earlier block holds 32 bytes per row pair
+        if (dtype == at::kFloat)
+          dequant_int4pack_block(wb, szp + n * 2, static_cast<float*>(ws) + b * 64, rows, cols, N, K, group_size);
+        else
+          dequant_int4pack_block(wb, szp + n * 2, static_cast<at::BFloat16*>(ws) + b * 64, rows, cols, N, K,
+                                 group_size);
+      }
+    });
+  });
+}
+
+// ---- int8 activations on integer dot products (AVX-512 VNNI): cpu_gemm_q8.inc -------------------------------------
+
+#include "cpu_gemm_q8.inc"
+
+bool has_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+}
+
+template <bool Int4>
+at::Tensor run_q8(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                  const at::Tensor& offsets, int64_t group_size) {
+  TORCH_CHECK(has_vnni(), op, ": this CPU lacks AVX-512 VNNI");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group_size;
+  TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && offsets.sizes() == scales.sizes(),
+              "scales and offsets must be [N, K / group_size]");
+  const Q8Activations qa = avx512vnni::quantize_activations(x, G, group_size, Int4);
+  const at::Tensor wc = w.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const Problem p{nullptr, nullptr, nullptr, static_cast<const uint8_t*>(wc.data_ptr()), s.data_ptr<float>(),
+                  off.data_ptr<float>(), y.data_ptr<float>(), M, N, K, G, group_size};
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { avx512vnni::rows<Int4>(p, qa, n0, n1); });
   return y;
 }
 
+at::Tensor int4_gemm_q8(const at::Tensor& x, const at::Tensor& wpack, const at::Tensor& scales,
+                        const at::Tensor& offsets, int64_t group_size) {
+  check_common("int4_gemm_q8", x, wpack, scales, offsets);
+  TORCH_CHECK(wpack.scalar_type() == at::kByte, "int4_gemm_q8: wpack must be uint8");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(K % kChunk == 0 && wpack.size(1) * 2 == K, "int4_gemm_q8: K must be a multiple of 64 and wpack [N, K/2]");
+  TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0,
+              "int4_gemm_q8: group_size must be a multiple of 32 dividing K");
+  return run_q8<true>("int4_gemm_q8", x, wpack, scales, offsets, group_size);
+}
+
+at::Tensor int8_gemm_q8(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                        const at::Tensor& offsets, int64_t group_size) {
+  check_common("int8_gemm_q8", x, wq, scales, offsets);
+  TORCH_CHECK(wq.scalar_type() == at::kChar, "int8_gemm_q8: wq must be int8");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(K % 32 == 0 && wq.size(1) == K, "int8_gemm_q8: K must be a multiple of 32 and wq [N, K]");
+  TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0,
+              "int8_gemm_q8: group_size must be a multiple of 32 dividing K");
+  return run_q8<false>("int8_gemm_q8", x, wq, scales, offsets, group_size);
+}
+
 int64_t cpu_isa() { return best_isa(); }
+bool cpu_vnni() { return has_vnni(); }
 
 }  // namespace
 
@@ -462,7 +598,12 @@ TORCH_LIBRARY(lowbit, m) {
   m.def("int4_dequant(Tensor wpack, Tensor scales, Tensor offsets, int group_size, ScalarType dtype) -> Tensor");
   m.def("int4_dense_linear(Tensor x, Tensor wpack, Tensor scales, Tensor offsets, int group_size, "
         "ScalarType dtype) -> Tensor");
+  m.def("int4pack_dense_linear(Tensor x, Tensor wpack, Tensor scale_zeros, int group_size, ScalarType dtype) "
+        "-> Tensor");
+  m.def("int4_gemm_q8(Tensor x, Tensor wpack, Tensor scales, Tensor offsets, int group_size) -> Tensor");
+  m.def("int8_gemm_q8(Tensor x, Tensor wq, Tensor scales, Tensor offsets, int group_size) -> Tensor");
   m.def("cpu_isa() -> int", &cpu_isa);
+  m.def("cpu_vnni() -> bool", &cpu_vnni);
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
@@ -470,4 +611,7 @@ TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("int8_gemm", &int8_gemm);
   m.impl("int4_dequant", &int4_dequant);
   m.impl("int4_dense_linear", &int4_dense_linear);
+  m.impl("int4pack_dense_linear", &int4pack_dense_linear);
+  m.impl("int4_gemm_q8", &int4_gemm_q8);
+  m.impl("int8_gemm_q8", &int8_gemm_q8);
 }
