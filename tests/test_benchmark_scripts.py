@@ -87,3 +87,11 @@ def test_cold_start_benchmark_quick(tmp_path):
     data = json.loads(out.with_suffix(".json").read_text())
     assert [r["run"] for r in data["rows"]][0].startswith("background") and data["meta"]["same_text_every_run"]
     assert all(0 < r["first_token_s"] <= r["text_done_s"] <= r["exit_s"] for r in data["rows"])
+
+
+@pytest.mark.slow
+def test_calibration_time_benchmark_quick(tmp_path):
+    out = tmp_path / "calib"
+    run_quick("calibration_time.py", out, timeout=900)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["gptq"] and rows[0]["seconds"] > 0 and rows[0]["kld"] > 0
