@@ -12,6 +12,13 @@ matmuls (norms, rotary, cache writes, attention, routing) — Python work per to
 Sizes are chosen so that the matmul work per layer is the same for every family: the MoE layer's experts
 (moe_intermediate_size = intermediate_size / experts) together are as wide as the dense MLP.
 
+Two more columns separate the engine's own cost from the arithmetic a family adds. "Python functions per step"
+counts the Python frames entered by one compiled decode step (sys.setprofile), at both depths: equal counts mean
+no Python work per layer, equal across families no Python work llama avoids. The row "gemma3_text, llama's ops"
+is Gemma 3 with the operations llama lacks taken out of the engine's blocks (q/k norms, the norms on each
+branch's output, GeGLU replaced by SiLU; not a model anyone runs): what is left of Gemma's per-layer cost then is
+what the engine spends on its structure (sliding and global layers, two rotary tables, (1 + w) norms).
+
     python benchmarks/engine_overhead.py                       # about 6 minutes on 2 cores
     python benchmarks/engine_overhead.py --quick --out DIR     # seconds: keeps the script alive
 """
@@ -21,9 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import lowbit
@@ -31,7 +40,7 @@ from lowbit.engine import Engine
 from lowbit.eval import environment
 from lowbit.io.atomic import atomic_write_text
 
-FAMILIES = ("llama", "gemma3_text", "qwen3_moe")
+FAMILIES = ("llama", "gemma3_text", "qwen3_moe", "gemma3_text, llama's ops")
 
 
 def tiny_model(family: str, layers: int, hidden: int, inter: int, experts: int = 4) -> torch.nn.Module:
@@ -64,6 +73,28 @@ def linear_work(blocks, hidden: int, inter: int):
     return run
 
 
+def without_llamas_missing_ops(engine) -> None:
+    """Take Gemma's q/k norms and branch-output norms out of the engine's blocks and run SiLU instead of GeGLU."""
+    for b in engine.decoder.blocks:
+        b.q_norm = b.k_norm = None
+        b.attn_out_norm, b.mlp_out_norm, b.act = nn.Identity(), nn.Identity(), nn.SiLU()
+
+
+def python_frames(fn) -> int:
+    """Python functions entered while fn() runs (calls into C builtins not counted)."""
+    frames = 0
+
+    def count(frame, event, arg):
+        nonlocal frames
+        frames += event == "call"
+    sys.setprofile(count)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return frames
+
+
 def median_step(fn, steps: int, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -78,14 +109,17 @@ def median_step(fn, steps: int, repeats: int) -> float:
 
 @torch.no_grad()
 def measure(family: str, layers: int, args) -> dict:
-    model = tiny_model(family, layers, args.hidden, args.inter)
+    model = tiny_model(family.split(",")[0], layers, args.hidden, args.inter)
     engine = Engine(model, compile=True)
+    if family.endswith("llama's ops"):
+        without_llamas_missing_ops(engine)
     prompt = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(0))
     engine.generate(prompt, 8)                           # compiles
     engine.reserve(8 + args.steps + 1)
     tok = engine.prefill(prompt).argmax(-1, keepdim=True)
     median_step(lambda i: engine.decode(tok, 8 + i), args.steps, 1)   # any recompilation (window crossed) first
     step = median_step(lambda i: engine.decode(tok, 8 + i), args.steps, args.repeats)
+    frames = python_frames(lambda: engine.decode(tok, 8 + args.steps))
     blocks = engine.decoder.blocks
     fn = torch.compile(linear_work(blocks, args.hidden, args.inter), dynamic=False, options={"cpp_wrapper": True})
     x = torch.randn(1, 1, args.hidden)
@@ -93,7 +127,8 @@ def measure(family: str, layers: int, args) -> dict:
     xi = torch.randn(1, 1, args.inter)
     median_step(lambda i: fn(x, xa, xi), args.steps, 1)
     lin = median_step(lambda i: fn(x, xa, xi), args.steps, args.repeats)
-    return {"family": family, "layers": layers, "step_us": 1e6 * step, "linears_us": 1e6 * lin}
+    return {"family": family, "layers": layers, "step_us": 1e6 * step, "linears_us": 1e6 * lin,
+            "python_frames": frames}
 
 
 def main() -> None:
@@ -116,16 +151,19 @@ def main() -> None:
         per_step = (b["step_us"] - a["step_us"]) / (hi - lo)
         per_lin = (b["linears_us"] - a["linears_us"]) / (hi - lo)
         rows.append({"family": f, "step_us": {lo: a["step_us"], hi: b["step_us"]}, "layer_step_us": per_step,
-                     "layer_linears_us": per_lin, "layer_overhead_us": per_step - per_lin})
+                     "layer_linears_us": per_lin, "layer_overhead_us": per_step - per_lin,
+                     "python_frames": {lo: a["python_frames"], hi: b["python_frames"]}})
     env = environment()
     lines = [f"Tiny models, hidden {args.hidden}, MLP width {args.inter} (MoE: 4 experts x {args.inter // 4}, top-2, "
              f"all run by the compiled step), 4 heads / 2 KV heads, INT4 g64; decode step median over "
              f"{args.steps} tokens, best of {args.repeats}; per layer = difference between {lo} and {hi} layers.", "",
              f"| family | step, {lo} layers (µs) | step, {hi} layers (µs) | per layer (µs) | its Linears alone (µs) "
-             "| per layer beyond the Linears (µs) |", "|---|---|---|---|---|---|"]
+             f"| per layer beyond the Linears (µs) | Python functions per step, {lo} / {hi} layers |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['family']} | {r['step_us'][lo]:.0f} | {r['step_us'][hi]:.0f} | {r['layer_step_us']:.1f} | "
-                     f"{r['layer_linears_us']:.1f} | {r['layer_overhead_us']:.1f} |")
+                     f"{r['layer_linears_us']:.1f} | {r['layer_overhead_us']:.1f} | "
+                     f"{r['python_frames'][lo]} / {r['python_frames'][hi]} |")
     lines += ["", f"CPU: {env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}"]
     report = "\n".join(lines)
     print(report)

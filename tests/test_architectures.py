@@ -363,3 +363,49 @@ def test_awq_rounds_an_expert_no_calibration_token_reached(tokenizer):
             rtn = lowbit.IntSpec(4, 16, True).quantize(w)
             assert lin.quantized_tensor().same_as(rtn), (i, p)     # plain round-to-nearest of its own weights
     assert torch.isfinite(logits(model, ids(2, 16))).all()
+
+
+def _python_calls_per_decode_step(model_type: str, layers: int) -> int:
+    """Python functions entered during one compiled decode step of an INT4 model (calls into C builtins are not
+    counted: torch's generated wrapper makes one isinstance check per graph input, that is per weight tensor)."""
+    import sys
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowbit.engine import Engine
+    cfg = AutoConfig.for_model(
+        model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, pad_token_id=0,
+        **({"sliding_window": 8} if model_type == "gemma3_text" else {}))
+    torch.manual_seed(0)
+    model = lowbit.quantize(AutoModelForCausalLM.from_config(cfg).eval(), lowbit.RTN(bits=4, group_size=16),
+                            progress=False)
+    engine = Engine(model, compile=True, background=False)
+    x = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    engine.reserve(16)
+    with torch.no_grad():
+        tok = engine.prefill(x).argmax(-1, keepdim=True)
+        engine.decode(tok, 12)                   # compiles (past the window of 8: every layer type is exercised)
+        engine.decode(tok, 13)
+        calls = 0
+
+        def count(frame, event, arg):
+            nonlocal calls
+            calls += event == "call"
+        sys.setprofile(count)
+        try:
+            engine.decode(tok, 14)
+        finally:
+            sys.setprofile(None)
+    return calls
+
+
+def test_decode_step_does_the_same_python_work_for_every_family_and_depth():
+    """The compiled decode step of Gemma 3 (sandwich norms, q/k norms, sliding and global layers) and of
+    Qwen3-MoE (routing, every expert) makes exactly the Python calls llama's makes, at one layer and at two:
+    no Python work per layer or per token that llama avoids (what each layer costs beyond that is compiled
+    code: benchmarks/engine_overhead.py)."""
+    counts = {(f, n): _python_calls_per_decode_step(f, n)
+              for f, n in [("llama", 1), ("llama", 2), ("gemma3_text", 2), ("qwen3_moe", 2)]}
+    assert len(set(counts.values())) == 1, counts
