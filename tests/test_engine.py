@@ -392,3 +392,23 @@ def test_compiled_engine_with_quantized_cache_equals_eager(bits, key_group):
     a = Engine(model, compile=False, kv_bits=bits, kv_key_group=key_group).generate(ids, 40)["tokens"]
     b = Engine(model, compile=True, kv_bits=bits, kv_key_group=key_group).generate(ids, 40)["tokens"]
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 16, 60, 64, 136, 576, 1000, 1024])
+def test_mean_of_squares_in_atens_order_equals_atens_mean_eager_and_compiled(n):
+    """The explicit-addition mean(x²) the compiled norms use, against ATen's own mean: bit for bit, eager and
+    compiled, over widths with scalar tails, fewer than 4 vectors, and rows long enough for the 16-row levels."""
+    import platform
+
+    from lowbit.engine.reduction import aten_width, mean_of_squares
+    width = aten_width(n)
+    if width is None:
+        assert platform.machine() not in ("x86_64", "AMD64"), "ATen's x86 sum order is not reproduced"
+        pytest.skip("this ATen build sums in an order engine.reduction does not reproduce")
+    g = torch.Generator().manual_seed(n + 1)
+    x = torch.randn(3, 2, n, generator=g) * torch.exp(4 * torch.randn(3, 2, n, generator=g))
+    ref = x.pow(2).mean(-1, keepdim=True)
+    assert torch.equal(mean_of_squares(x, width), ref)
+    if n in (60, 576):
+        compiled = torch.compile(lambda t: mean_of_squares(t, width), dynamic=False)
+        assert torch.equal(compiled(x), ref)

@@ -271,3 +271,34 @@ def test_without_the_library_the_pytorch_kernel_runs():
     r = subprocess.run([sys.executable, "-c", code.replace("IntSpec(4, 64, True)", "IntSpec(8, -1, True)")],
                        capture_output=True, text=True, env=dict(os.environ, LOWBIT_NATIVE="0"))
     assert r.stdout.strip() == "cpu-int8", r.stderr
+
+
+def test_fake_kernels_give_the_real_output_shapes(monkeypatch):
+    """The compiled engine trusts these shapes without run-time size asserts (engine.generate): every native op,
+    called as the kernels call it at decode and prefill sizes, against its fake (meta) registration."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "lowbit" and args:    # not the CPU-feature queries
+                self.calls.setdefault(func, (args, kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    specs = [(IntSpec(4, 64, False), "native-int4"), (IntSpec(4, 32, True), "native-int4"),
+             (IntSpec(8, -1, True), "native-int8"), (IntSpec(4, 64, False), "cpu-int4")]
+    rec = Record()
+    vnni = native.vnni()
+    for q8 in ("1", "0"):    # int8 activations (where the CPU has VNNI), then float32 ones
+        monkeypatch.setenv("LOWBIT_NATIVE_Q8", q8)
+        with rec, torch.no_grad():
+            for spec, kernel in specs:
+                q = QuantLinear(quantize_rtn(torch.randn(96, 192), spec), kernel=kernel)
+                for rows in (1, 3, DENSE_FROM_ROWS, 40):
+                    q(torch.randn(rows, 192))
+    assert len(rec.calls) == 4 + 2 * vnni, list(rec.calls)
+    for op, (args, kwargs) in rec.calls.items():
+        torch.library.opcheck(op, args, kwargs, test_utils="test_faketensor")

@@ -27,6 +27,7 @@ from ..nn.qembedding import QuantEmbedding
 from ..nn.qlinear import QuantLinear
 from ..offload.runtime import streaming_of
 from .cache import ChannelKeyKVCache, HostKVCache, StaticKVCache
+from .reduction import aten_width, mean_of_squares
 
 
 class RMSNorm(nn.Module):
@@ -37,11 +38,20 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.source = norm
         self.eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+        # in a compiled step, mean(x²) as explicit additions in ATen's order where they reproduce it (about
+        # 2.6 µs less per norm and token than calling ATen's kernel from the graph; see engine.reduction)
+        n = norm.weight.shape[-1] if norm.weight.numel() else 0
+        self.width = aten_width(n) if n else None
+
+    def mean_of_squares(self, x):
+        if self.width is not None and torch.compiler.is_compiling():
+            return mean_of_squares(x, self.width)
+        return x.pow(2).mean(-1, keepdim=True)
 
     def forward(self, x):
         dtype = x.dtype
         x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = x * torch.rsqrt(self.mean_of_squares(x) + self.eps)
         return self.source.weight * x.to(dtype)
 
 
@@ -50,7 +60,7 @@ class OffsetRMSNorm(RMSNorm):
 
     def forward(self, x):
         y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = y * torch.rsqrt(self.mean_of_squares(y) + self.eps)
         return (y * (1.0 + self.source.weight.float())).type_as(x)
 
 
