@@ -6,6 +6,7 @@ calibrated on the outputs of the already-quantized blocks before it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import replace
@@ -22,7 +23,7 @@ from .data import CALIB_SAMPLES, CALIB_SEQLEN, calibration_ids
 from .errors import LowbitError
 from .models import Loaded, load_model
 from .models.arch import arch_for
-from .models.calibration import iterate_blocks
+from .models.calibration import ReuseFinishedParts, iterate_blocks
 from .models.discovery import discover_feeds
 from .models.importance import collect_importance, load_importance
 from .models.moe import (expert_lists, reset_counts, route_all_experts, routed_counts, router_names,
@@ -114,42 +115,46 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
         steps = iterate_blocks(model, calibration)
     done, feeds, pending, planned = None, {}, [], set()
     reset_counts(model)
-    for i, block, inputs in steps:  # the previous block's outputs, this block's inputs, are computed by now
-        _swap_all(model, pending)
-        pending = []
-        if done is not None and release is not None:
-            release(*done)
-        prefix = f"{arch.blocks}.{i}."
-        block_plan = {n[len(prefix):]: s for n, s in plan.items() if n.startswith(prefix)}
-        if materialize is not None:
-            materialize(i, block)
-            for rel in block_plan:
-                _check_finite(model, prefix + rel)
-        planned.update(block_plan)
-        block_arch = arch
-        if arch.discovered and inputs is not None and block_plan:   # same Linears, same groups: discovered once
-            sig = tuple(n for n, m in block.named_modules() if isinstance(m, nn.Linear))
-            if sig not in feeds:
-                f, offsets, unfolded = discover_feeds(block, inputs.hidden[0], inputs.kwargs[0])
-                feeds[sig] = replace(arch, feeds=f, fold_offset=offsets, fallbacks=unfolded)
-            block_arch = feeds[sig]
-        with route_all_experts(model, all_experts):
-            block_imp = None if importance is None else {
-                n[len(prefix):]: v for n, v in importance.items() if n.startswith(prefix)}
-            for rel, q in quantize_block(block, inputs, block_plan, block_arch, block_imp).items():
-                if float_weights is not None and q.source is not None:
-                    float_weights[prefix + rel] = q.source.detach().float().clone()
-                if inputs is not None and q.act is None:
-                    # weight-only: the next block's inputs come from this block's dequantized weights in
-                    # float32 (exactly the quantized model; the packed CPU kernels would round the activations
-                    # to bfloat16 and are 2x slower than a dense matmul on 512-token windows), then it is swapped
-                    block.get_submodule(rel).weight.data = q.qt.dequantize(block.get_submodule(rel).weight.dtype)
-                    pending.append((prefix + rel, q, block_plan[rel].kernel))
-                else:   # activation quantization must shape the next block's inputs: swapped at once
-                    _swap(model, prefix + rel, q, block_plan[rel].kernel)
-        reset_counts(block)    # what is counted next is the block's one pass over the calibration set
-        done = (i, block)
-        bar.update()
+    with contextlib.ExitStack() as reuse:
+        for i, block, inputs in steps:  # the previous block's outputs, this block's inputs, are computed by now
+            reuse.close()          # the previous block is done with (its outputs are computed)
+            _swap_all(model, pending)
+            pending = []
+            if done is not None and release is not None:
+                release(*done)
+            prefix = f"{arch.blocks}.{i}."
+            block_plan = {n[len(prefix):]: s for n, s in plan.items() if n.startswith(prefix)}
+            if materialize is not None:
+                materialize(i, block)
+                for rel in block_plan:
+                    _check_finite(model, prefix + rel)
+            planned.update(block_plan)
+            block_arch = arch
+            if arch.discovered and inputs is not None and block_plan:   # same Linears, same groups: discovered once
+                sig = tuple(n for n, m in block.named_modules() if isinstance(m, nn.Linear))
+                if sig not in feeds:
+                    f, offsets, unfolded = discover_feeds(block, inputs.hidden[0], inputs.kwargs[0])
+                    feeds[sig] = replace(arch, feeds=f, fold_offset=offsets, fallbacks=unfolded)
+                block_arch = feeds[sig]
+            if inputs is not None and any(getattr(c, "true_sequential", False) for c in block_plan.values()):
+                reuse.enter_context(ReuseFinishedParts(block))   # GPTQ's repeated passes over this block
+            with route_all_experts(model, all_experts):
+                block_imp = None if importance is None else {
+                    n[len(prefix):]: v for n, v in importance.items() if n.startswith(prefix)}
+                for rel, q in quantize_block(block, inputs, block_plan, block_arch, block_imp).items():
+                    if float_weights is not None and q.source is not None:
+                        float_weights[prefix + rel] = q.source.detach().float().clone()
+                    if inputs is not None and q.act is None:
+                        # weight-only: the next block's inputs come from this block's dequantized weights in
+                        # float32 (exactly the quantized model; the packed CPU kernels would round the activations
+                        # to bfloat16 and are 2x slower than a dense matmul on 512-token windows), then it is swapped
+                        block.get_submodule(rel).weight.data = q.qt.dequantize(block.get_submodule(rel).weight.dtype)
+                        pending.append((prefix + rel, q, block_plan[rel].kernel))
+                    else:   # activation quantization must shape the next block's inputs: swapped at once
+                        _swap(model, prefix + rel, q, block_plan[rel].kernel)
+            reset_counts(block)    # what is counted next is the block's one pass over the calibration set
+            done = (i, block)
+            bar.update()
     _swap_all(model, pending)
     if done is not None and release is not None:
         release(*done)
