@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 
 import torch
@@ -38,6 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import lowbit
 from lowbit.engine import Engine
 from lowbit.eval import environment
+from lowbit.eval.speed import python_frames
 from lowbit.io.atomic import atomic_write_text
 
 FAMILIES = ("llama", "gemma3_text", "qwen3_moe", "gemma3_text, llama's ops")
@@ -80,21 +80,6 @@ def without_llamas_missing_ops(engine) -> None:
     for b in engine.decoder.blocks:
         b.q_norm = b.k_norm = None
         b.attn_out_norm, b.mlp_out_norm, b.act = nn.Identity(), nn.Identity(), nn.SiLU()
-
-
-def python_frames(fn) -> int:
-    """Python functions entered while fn() runs (calls into C builtins not counted)."""
-    frames = 0
-
-    def count(frame, event, arg):
-        nonlocal frames
-        frames += event == "call"
-    sys.setprofile(count)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return frames
 
 
 def median_step(fn, steps: int, repeats: int) -> float:

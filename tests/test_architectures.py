@@ -368,11 +368,10 @@ def test_awq_rounds_an_expert_no_calibration_token_reached(tokenizer):
 def _python_calls_per_decode_step(model_type: str, layers: int) -> int:
     """Python functions entered during one compiled decode step of an INT4 model (calls into C builtins are not
     counted: torch's generated wrapper makes one isinstance check per graph input, that is per weight tensor)."""
-    import sys
-
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lowbit.engine import Engine
+    from lowbit.eval.speed import python_frames
     cfg = AutoConfig.for_model(
         model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256, num_experts=4,
@@ -388,17 +387,7 @@ def _python_calls_per_decode_step(model_type: str, layers: int) -> int:
         tok = engine.prefill(x).argmax(-1, keepdim=True)
         engine.decode(tok, 12)                   # compiles (past the window of 8: every layer type is exercised)
         engine.decode(tok, 13)
-        calls = 0
-
-        def count(frame, event, arg):
-            nonlocal calls
-            calls += event == "call"
-        sys.setprofile(count)
-        try:
-            engine.decode(tok, 14)
-        finally:
-            sys.setprofile(None)
-    return calls
+        return python_frames(lambda: engine.decode(tok, 14))
 
 
 def test_decode_step_does_the_same_python_work_for_every_family_and_depth():

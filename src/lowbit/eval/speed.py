@@ -219,3 +219,20 @@ def prefill_speed(model, window: torch.Tensor, repeats: int = 3, engine: str = "
         model(ids, use_cache=False)
         speeds.append(ids.shape[1] / (time.perf_counter() - t0))
     return _median(speeds)
+
+
+def python_frames(fn: Callable[[], object]) -> int:
+    """How many Python functions are entered while fn() runs (calls into C builtins are not counted): the
+    Python work of one call, e.g. of a compiled decode step, which should not grow with the model's depth."""
+    frames = 0
+
+    def count(frame, event, arg):
+        nonlocal frames
+        frames += event == "call"
+    previous = sys.getprofile()
+    sys.setprofile(count)
+    try:
+        fn()
+    finally:
+        sys.setprofile(previous)
+    return frames
