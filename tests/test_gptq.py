@@ -195,3 +195,7 @@ def test_reused_parts_rerun_when_their_weights_or_inputs_change():
         assert torch.equal(block(h, scale=2.0), block.part[0](h * 2.0))     # other inputs: rerun
         block.part[0].weight.data = block.part[0].weight.detach() + 1       # new values: rerun
         assert torch.equal(block(h, scale=2.0), block.part[0](h * 2.0))
+    block, h = Block(), torch.randn(2, 4)
+    with torch.no_grad(), ReuseFinishedParts(block, max_bytes=0):           # nothing may be kept: all rerun
+        y = block(h)
+        assert torch.equal(block(h), y) and block.runs == 2
