@@ -44,7 +44,8 @@ class RMSNorm(nn.Module):
         self.width = aten_width(n) if n else None
 
     def mean_of_squares(self, x):
-        if self.width is not None and torch.compiler.is_compiling():
+        # ATen's CPU order only: on a GPU the reference sums in CUDA's order, so ATen's kernel is called there
+        if self.width is not None and x.device.type == "cpu" and torch.compiler.is_compiling():
             return mean_of_squares(x, self.width)
         return x.pow(2).mean(-1, keepdim=True)
 
