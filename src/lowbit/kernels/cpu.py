@@ -118,7 +118,7 @@ class CpuInt4Kernel(Kernel):
 
     def prepare(self, qt):
         if native.available():
-            self.dense_dtype = torch.bfloat16 if native.isa() == 3 else torch.float32
+            self.dense_dtype = native.dense_dtype()
         n, k = qt.shape
         gk = _kernel_group(qt.spec, k)
         codes = qt.codes()

@@ -105,6 +105,12 @@ def isa() -> int:
     return int(torch.ops.lowbit.cpu_isa())
 
 
+def dense_dtype() -> torch.dtype:
+    """The dtype the dense (many-row) paths multiply in: bfloat16 where the CPU has native bfloat16 arithmetic
+    (the AVX-512 BF16 path; there a dense bfloat16 matmul is 3-5x a float32 one), float32 elsewhere."""
+    return torch.bfloat16 if isa() == 3 else torch.float32
+
+
 def vnni() -> bool:
     """Whether the native kernels decode on int8 activations (int4_gemm_q8 / int8_gemm_q8: activations rounded to
     int8 per block, integer dot products): where the CPU has AVX-512 VNNI, unless LOWBIT_NATIVE_Q8=0 asks for
@@ -123,9 +129,7 @@ ISA_NAMES = {3: "avx512-bf16", 2: "avx512", 1: "avx2", 0: "portable"}
 
 def _register_fake() -> None:
     """Output shapes for tracing (torch.compile): the kernels' results are float32 [M, N]."""
-    for op in ("lowbit::int4_gemm", "lowbit::int8_gemm"):
-        torch.library.register_fake(op)(_gemm_shape)
-    for op in ("lowbit::int4_gemm_q8", "lowbit::int8_gemm_q8"):
+    for op in ("lowbit::int4_gemm", "lowbit::int8_gemm", "lowbit::int4_gemm_q8", "lowbit::int8_gemm_q8"):
         torch.library.register_fake(op)(_gemm_shape)
     torch.library.register_fake("lowbit::int4_dequant")(_dequant_shape)
     torch.library.register_fake("lowbit::int4_dense_linear")(_dense_shape)

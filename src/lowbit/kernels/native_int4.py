@@ -10,11 +10,11 @@ channel, symmetric or with zero points, in_features a multiple of 64.
               scales / zeros — the storage tensors (small), kept so that `restore` is exact.
 
 Few rows of activations (decode) run the native kernel, no weight ever dequantized to memory: where the CPU
-has AVX-512 VNNI, activations rounded to int8 in blocks of 32 columns and integer dot products (as llama.cpp
+has AVX-512 VNNI, activations rounded to int8 in blocks of 64 columns and integer dot products (as llama.cpp
 decodes; `lowbit::int4_gemm_q8`, documented in csrc/cpu_gemm_q8.inc), elsewhere activations rounded to
-bfloat16 with float32 products and sums (`lowbit::int4_gemm`). Many rows (prefill) dequantize the weight a tile of rows at a time
-into a small per-thread buffer and run ATen's dense matmul on it, in bfloat16 where the CPU has native bfloat16
-arithmetic (there a dense bfloat16 matmul is 3-5x a float32 one) and in float32 elsewhere.
+bfloat16 with float32 products and sums (`lowbit::int4_gemm`). Many rows (prefill) dequantize the weight a tile
+of rows at a time into a small per-thread buffer and run ATen's dense matmul on it, in `native.dense_dtype()`
+(bfloat16 where the CPU has native bfloat16 arithmetic, float32 elsewhere).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class NativeKernel(Kernel):
     def scale_tensors(self, qt, implicit_zero: float) -> dict[str, torch.Tensor]:
         """kscales s and offsets z · s (float32 [N, G]), with the storage tensors kept for `restore`."""
         # decided here, outside any traced code: the CPU does not change while the process runs
-        self.dense_dtype = torch.bfloat16 if native.isa() == 3 else torch.float32
+        self.dense_dtype = native.dense_dtype()
         self.q8 = native.vnni()
         s = qt.spec.group_scales(qt.scales, qt.shape[1]).float()
         z = qt.zeros.float() if qt.zeros is not None else torch.full_like(s, implicit_zero)
