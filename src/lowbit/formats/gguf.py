@@ -63,6 +63,10 @@ as in llama.cpp). These follow the C code's algorithm but not its float summatio
 byte-compared with llama.cpp. A channel of importance 0 is floored at 1e-9 of the mean (formats.base.
 check_importance) so that an all-silent block still gets a scale.
 
+Speed: the two inner searches, make_qx and make_qkx2, run as lowbit's native ops where its library is built
+(`native_search`; kernels/csrc/gguf_search.cpp performs the same float32 operations in the same order, so the
+bytes are identical, 20-100x faster). The tensor code here is their reference and the fallback.
+
 Fixed grids (`fit_grid` / `from_grids`, see formats.base.Grid): the fields the quantizer above chooses for one
 block of columns, exposed as w = step·(q − zero) − offset per sub-block (step = d·sc, offset = dmin·mn for the
 affine types; zero 8 / 16 / 4 / 32 for Q4_0 / Q5_0 / Q3_K / Q6_K), so that GPTQ can round column by column on
@@ -208,14 +212,29 @@ def _wrap_int8(v: torch.Tensor) -> torch.Tensor:
     return ((v + 128) & 0xFF) - 128
 
 
+def native_search(x: torch.Tensor) -> bool:
+    """Whether the searches below run as lowbit's native ops (kernels/csrc/gguf_search.cpp) for rows x: where the
+    library is built, for float32 rows of up to 64 values on the CPU. Those perform the same float32 operations
+    in the same order as the tensor code here, so the results are bit-identical (tests/test_gguf_search.py);
+    the tensor code is the reference and the fallback (LOWBIT_NATIVE=0 selects it)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or not 1 <= x.shape[1] <= 64:
+        return False
+    from ..kernels import native
+    return native.available()
+
+
 def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """make_qkx2_quants for rows x [S, n] with weights w: (scale [S], min [S] (positive: w ≈ scale·L − min),
     codes L [S, n] in [0, nmax]). Trial iscale = (nmax + rmin + rdelta·is) / (max − min) for is = 0..nstep,
     each fitted by weighted least squares; a trial that lowers the error replaces scale, min and codes, and the
     trials after it are taken relative to that new min, as in llama.cpp."""
-    lo = x.amin(dim=1)
-    hi = x.amax(dim=1)
+    if native_search(x):
+        return torch.ops.lowbit.gguf_make_qkx2(x, w.float(), nmax, rmin, rdelta, nstep, use_mad)
+    # the first smallest and largest value, as llama.cpp's strict-comparison scans find them: a row of zeros of
+    # both signs keeps the sign of its first one, which an all-zero block's stored min carries
+    lo = x.gather(1, x.argmin(dim=1, keepdim=True)).squeeze(1)
+    hi = x.gather(1, x.argmax(dim=1, keepdim=True)).squeeze(1)
     sum_w, sum_x = w[:, 0], w[:, 0] * x[:, 0]
     for i in range(1, x.shape[1]):
         sum_w = sum_w + w[:, i]
@@ -265,9 +284,11 @@ def _make_qx(x: torch.Tensor, nmax: int, w: torch.Tensor | None = None) -> tuple
     """make_qx_quants with weights w (default x², as Q6_K): (scale [S], codes [S, n] in [0, 2·nmax)) with
     w ≈ scale·(L − nmax). The first fit maps the largest |x| to −nmax; 18 trial scales −(nmax ± 0.1·k)/max,
     k = 1..9, replace it in turn when their least-squares fit explains more of x."""
+    w = x * x if w is None else w
+    if native_search(x):
+        return torch.ops.lowbit.gguf_make_qx(x, w.float(), nmax)
     big = _signed_absmax(x)
     zero_rows = big.abs() < _f32(GROUP_MAX_EPS, big)
-    w = x * x if w is None else w
 
     def fit(iscale):   # iscale [S, T] -> codes [S, T, n] (signed) and their least-squares sums [S, T]
         lv = _nearest_int(iscale[..., None] * x[:, None, :]).clamp(-nmax, nmax - 1)

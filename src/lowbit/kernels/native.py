@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("cpu_gemm.cpp",)        # compiled; every file in csrc/ is part of the cache key
+SOURCES = ("cpu_gemm.cpp", "gguf_search.cpp")   # compiled; every file in csrc/ is part of the cache key
 _CSRC = Path(__file__).with_name("csrc")
 
 
@@ -57,7 +57,9 @@ def build(verbose: bool = False) -> Path:
         return out
     from torch.utils import cpp_extension
     out.parent.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-DTORCH_API_INCLUDE_EXTENSION_H",
+    # -ffp-contract=off: no a·b + c contracted into one rounding (gguf_search reproduces float32 sums exactly)
+    flags = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off",
+             "-DTORCH_API_INCLUDE_EXTENSION_H",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     libs = [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch", "-ltorch_cpu"]
