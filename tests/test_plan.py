@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lowbit.errors import LowbitError
 from lowbit.formats import GGUFSpec, IntSpec
 from lowbit.plan import (KEEP, Option, allocate, candidate_formats, fisher_diagonal, plan_budget, planned_tensors,
-                         predicted_kld, sensitivity)
+                         predicted_kld, sample_tokens, sensitivity)
 
 
 def _tiny(vocab=24, seed=0):
@@ -61,6 +61,18 @@ def test_fisher_predicts_the_kl_of_a_small_weight_change():
         predicted = 0.5 * float(fisher[i, j]) * eps ** 2
         assert measured > 0
         assert 0.75 < predicted / measured < 1.33, (i, j, predicted, measured)
+
+
+def test_sampled_tokens_follow_their_distribution():
+    """Frequencies within 5 standard errors of p, never a token of probability 0, rows that do not sum to 1
+    taken as proportions."""
+    p = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3], [0.0, 0.0, 0.0, 0.0, 2.0], [1.0, 0.0, 0.0, 0.0, 1.0]])
+    n = 40000
+    y = sample_tokens(p.repeat_interleave(n, 0), torch.Generator().manual_seed(0)).reshape(3, n)
+    freq = torch.stack([torch.bincount(r, minlength=5) for r in y]).double() / n
+    want = (p / p.sum(1, keepdim=True)).double()
+    assert torch.all(freq[want == 0] == 0)
+    assert torch.all((freq - want).abs() <= 5 * (want * (1 - want) / n).sqrt() + 1e-12)
 
 
 def test_fisher_leaves_gradients_as_they_were():

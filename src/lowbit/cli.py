@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -108,8 +109,8 @@ def _budget_recipe(args, loaded, scheme):
     from .config import RTN
     from .data import calibration_ids
     from .models import arch_for
-    from .models.importance import collect_importance
-    from .plan import candidate_formats, measure_sensitivity, planned_tensors, write_rules
+    from .models.importance import ImportanceHooks, collect_importance
+    from .plan import candidate_formats, fisher_diagonal, measure_sensitivity, planned_tensors, write_rules
     from .recipes import Recipe
 
     gguf_out = args.format == "gguf"
@@ -119,18 +120,32 @@ def _budget_recipe(args, loaded, scheme):
     if isinstance(scheme, RTN):
         scheme = scheme.replace(importance=True)
     model = loaded.model
+    start = time.perf_counter()
     ids = calibration_ids(args.calib_text, loaded.tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
-    imp = _imatrix_for(args, loaded, ids) or collect_importance(model, ids)
+    names = planned_tensors(model, arch_for(model))
+    fisher_ids = ids[: args.fisher_samples]
+    if args.imatrix and os.path.exists(args.imatrix):
+        imp = _imatrix_for(args, loaded)
+        fisher = fisher_diagonal(model, fisher_ids, names, seed=args.seed, progress=not args.quiet)
+    else:
+        # importance over all calibration windows, the Fisher pass's forwards counting for its first ones
+        hooks = ImportanceHooks(model)
+        with hooks:
+            fisher = fisher_diagonal(model, fisher_ids, names, seed=args.seed, progress=not args.quiet)
+        imp = collect_importance(model, ids[len(fisher_ids):], into=hooks, progress=not args.quiet)
+        if args.imatrix:
+            imp.save(args.imatrix)
+            print(f"wrote {args.imatrix}: importance of {len(imp.values)} Linear modules over {imp.tokens} tokens")
     overhead, norm_bytes = 0, 2
     if gguf_out:
         from .export.gguf import gguf_overhead_bytes
-        overhead, norm_bytes = gguf_overhead_bytes(model, planned_tensors(model, arch_for(model)), loaded.source), 4
-    sens = measure_sensitivity(model, ids[: args.fisher_samples], formats=formats, overhead_bytes=overhead,
-                               norm_bytes=norm_bytes, importance=imp, seed=args.seed, progress=not args.quiet)
+        overhead, norm_bytes = gguf_overhead_bytes(model, names, loaded.source), 4
+    sens = measure_sensitivity(model, fisher_ids, formats=formats, overhead_bytes=overhead, norm_bytes=norm_bytes,
+                               importance=imp, seed=args.seed, progress=not args.quiet, fisher=fisher)
     alloc = sens.allocate(args.target_bpw)
     print(f"plan for {args.target_bpw:g} bits/weight: {alloc.bits_per_weight:.3f} planned "
           f"({alloc.total_bytes / 1e6:.2f} MB), predicted KLD {alloc.predicted_kld:.4f}, measured in "
-          f"{alloc.seconds:.0f} s")
+          f"{time.perf_counter() - start:.0f} s")
     print("  format   tensors      MB   predicted KLD")
     for label, n, nbytes, loss in alloc.summary():
         print(f"  {label:<8} {n:>7} {nbytes / 1e6:>7.2f}   {loss:.5f}")
