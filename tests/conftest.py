@@ -15,6 +15,18 @@ torch.manual_seed(0)
 os.environ.setdefault("LOWBIT_STRICT_COMPILE", "1")   # a compiled engine that fails must fail the test, not go eager
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """What lowbit keeps between runs (eval.base_cache) goes to a temporary directory, not the user's cache."""
+    before = os.environ.get("LOWBIT_EVAL_CACHE_DIR")
+    os.environ["LOWBIT_EVAL_CACHE_DIR"] = str(tmp_path_factory.mktemp("lowbit-cache"))
+    yield
+    if before is None:
+        os.environ.pop("LOWBIT_EVAL_CACHE_DIR", None)
+    else:
+        os.environ["LOWBIT_EVAL_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def default_loaded():
     """The default model (SmolLM2-135M-Instruct, dequantized from its GGUF) in float32, loaded once."""

@@ -277,3 +277,29 @@ def test_llama_cpp_runs_the_file(base, source, tmp_path, eval_ids):
     print(f"llama.cpp vs lowbit on {len(ids)} tokens: KLD {kld:.3g}, max |dlogit| "
           f"{(theirs - ours).abs().max().item():.3g}")
     assert kld < 1e-2 and math.isfinite(kld)
+
+
+def test_a_gguf_file_loads_with_one_parse_and_the_same_result(two_blocks, tmp_path, monkeypatch):
+    """gguf-py's reader is built once per load (transformers asks for it three times) and the model and
+    tokenizer are those of a load that builds it every time; gguf-py's own names are restored afterwards."""
+    import contextlib
+
+    from lowbit.models import sources
+    path = write_gguf(two_blocks, tmp_path / "m.gguf", source=default_model_path())
+    built = []
+    real = gguf.GGUFReader
+
+    def counting(*a, **kw):
+        built.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    once = lowbit.load_model(path, cache=False)
+    assert len(built) == 1 and gguf.GGUFReader is counting
+    monkeypatch.setattr(sources, "_gguf_parsed_once", contextlib.nullcontext)
+    every = lowbit.load_model(path, cache=False)
+    assert len(built) > 2
+    a, b = once.model.state_dict(), every.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert once.model.config.to_dict() == every.model.config.to_dict()
+    text = "def f(x):\n    return x ** 2  # squares"
+    assert once.tokenizer(text)["input_ids"] == every.tokenizer(text)["input_ids"]

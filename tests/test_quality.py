@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import lowbit
 from lowbit.eval import evaluate_quality
 
-from conftest import quantized
+from conftest import quantized, truncated
 
 
 def reference_quality(base_logits, logits, targets) -> dict:
@@ -106,3 +106,56 @@ def test_generate_returns_text(fresh, tokenizer):
     assert r["new_tokens"] >= 1 and isinstance(r["text"], str)
     ref = lowbit.generate(q, tokenizer, "The capital of France is", max_new_tokens=8, engine="hf")
     assert ref["engine"] == "hf" and ref["tokens"] == r["tokens"] and ref["text"] == r["text"]
+
+
+def body_calls(model) -> list:
+    """Counts the runs of the model's decoder blocks (what the base cache skips)."""
+    calls = []
+    model.model.layers[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    return calls
+
+
+def test_the_base_pass_is_kept_and_gives_the_same_numbers(base, eval_ids, tmp_path, monkeypatch):
+    """A second evaluation against the same base on the same windows runs the base's body for window 0 only
+    (the check) and reports exactly what a run without the cache reports; the model's forward is left intact."""
+    from lowbit.eval.base_cache import cache_dir
+    monkeypatch.setenv("LOWBIT_EVAL_CACHE_DIR", str(tmp_path))
+    b = truncated(base, 2)
+    model = quantized(truncated(base, 2), bits=4, group_size=64)
+    want = evaluate_quality({"q": model}, eval_ids, base=b, progress=False, base_cache=False)
+    calls = body_calls(b)
+    first = evaluate_quality({"q": model}, eval_ids, base=b, progress=False)
+    assert len(calls) == len(eval_ids) and len(list(cache_dir().glob("*.safetensors"))) == 1
+    calls.clear()
+    second = evaluate_quality({"q": model}, eval_ids, base=b, progress=False)
+    assert len(calls) == 1
+    assert first == want and second == want
+    assert "forward" not in vars(b.model)
+
+
+def test_a_base_cache_that_does_not_match_is_recomputed(base, eval_ids, tmp_path, monkeypatch):
+    """A damaged file, or one whose window 0 differs from what this base computes, is not used: every window
+    runs in full, the numbers are unchanged and the file is rewritten. LOWBIT_EVAL_CACHE=0 keeps nothing."""
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.eval.base_cache import cache_dir
+    monkeypatch.setenv("LOWBIT_EVAL_CACHE_DIR", str(tmp_path))
+    b = truncated(base, 2)
+    model = quantized(truncated(base, 2), bits=4, group_size=64)
+    want = evaluate_quality({"q": model}, eval_ids, base=b, progress=False)
+    (path,) = cache_dir().glob("*.safetensors")
+    good = path.read_bytes()
+    states = load_file(str(path))
+    states["w0"] = states["w0"] * 1.001
+    save_file(states, str(path))
+    for content in (None, good[: len(good) // 2], b"not a safetensors file"):
+        if content is not None:
+            path.write_bytes(content)
+        calls = body_calls(b)
+        assert evaluate_quality({"q": model}, eval_ids, base=b, progress=False) == want
+        assert len(calls) == len(eval_ids) and path.read_bytes() == good
+        b.model.layers[0]._forward_pre_hooks.clear()
+    monkeypatch.setenv("LOWBIT_EVAL_CACHE", "0")
+    path.unlink()
+    assert evaluate_quality({"q": model}, eval_ids, base=b, progress=False) == want
+    assert not list(cache_dir().glob("*"))
