@@ -95,3 +95,10 @@ def test_calibration_time_benchmark_quick(tmp_path):
     run_quick("calibration_time.py", out, timeout=900)
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["gptq"] and rows[0]["seconds"] > 0 and rows[0]["kld"] > 0
+
+
+def test_gguf_search_benchmark_quick(tmp_path):
+    out = tmp_path / "gguf_search"
+    run_quick("gguf_search.py", out, timeout=600)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(rows) == 10 and all(r["same_bytes"] and r["native_s"] > 0 for r in rows)
