@@ -159,3 +159,14 @@ def test_a_base_cache_that_does_not_match_is_recomputed(base, eval_ids, tmp_path
     path.unlink()
     assert evaluate_quality({"q": model}, eval_ids, base=b, progress=False) == want
     assert not list(cache_dir().glob("*"))
+
+
+def test_the_base_among_the_compared_models_runs_once_per_window(base, eval_ids):
+    """Its row comes from the base's own pass and equals that of an identical copy run separately."""
+    b = truncated(base, 2)
+    twin = copy.deepcopy(b)
+    calls = body_calls(b)
+    got = evaluate_quality({"base": b}, eval_ids, base=b, progress=False, base_cache=False)
+    assert len(calls) == len(eval_ids)
+    want = evaluate_quality({"base": twin}, eval_ids, base=b, progress=False, base_cache=False)
+    assert got == want and got["base"]["kld"] == 0 and got["base"]["top1"] == 1

@@ -3,7 +3,8 @@
 Windows are non-overlapping; every position but the last of each window predicts the next token. KL divergence
 is KL(P_base ‖ P_model) per predicted position, averaged, in nats (the direction llama.cpp reports).
 Several models are evaluated in lockstep: the base runs once per window however many models are compared, and each
-compared model runs too, the base itself included when it is one of them, so that its row is measured, not assumed.
+compared model runs too. When the base itself is one of them, its row is computed from that same pass (its
+perplexity measured, its KL divergence 0 and agreement 100% by computation, not assumed).
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ def evaluate_quality(models: dict[str, torch.nn.Module], windows: torch.Tensor, 
         if base is not None:
             logits = cache.logits(i, ids) if cache is not None else base(ids, use_cache=False).logits
             base_lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            base_p = base_lp.exp()                     # once per window, however many models
             base_top = base_lp.max(dim=-1).indices     # the first largest, as argmax, in half the time
         for name, model in models.items():
-            lp = _log_probs(model, ids)
+            # the base as one of the compared models: its pass is the one just run (the same computation)
+            lp = base_lp if model is base else _log_probs(model, ids)
             s = sums[name]
             s["nll"] -= lp.gather(-1, target.unsqueeze(-1)).sum().item()
             if base_lp is not None:
-                s["kld"] += (base_lp.exp() * (base_lp - lp)).sum().item()
+                s["kld"] += (base_p * (base_lp - lp)).sum().item()
                 s["top1"] += (base_top == lp.max(dim=-1).indices).sum().item()
         count += target.numel()
     if cache is not None:
