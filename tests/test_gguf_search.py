@@ -1,5 +1,5 @@
 """The native GGUF searches (kernels/csrc/gguf_search.cpp) against the tensor code they replace
-(formats.gguf._make_qx, _make_qkx2): bit-identical scales, mins and codes on awkward rows, and identical bytes for
+(formats.gguf._make_qx, _make_qkx2, _make_qp): bit-identical scales, mins and codes on awkward rows, and identical bytes for
 every GGUF type, with and without importance, on real weights of the default model."""
 
 import pytest
@@ -71,6 +71,17 @@ def test_make_qkx2_is_bit_identical(case, tensor_code):
     with tensor_code:
         ref = gguf_module._make_qkx2(x, w, nmax, *search)
     assert all(same_bits(a, b) for a, b in zip(got[:2], ref[:2])) and torch.equal(got[2], ref[2])
+
+
+@pytest.mark.parametrize("n,nmax", [(8, 63), (16, 15)])
+def test_make_qp_is_bit_identical(n, nmax, tensor_code):
+    """Sub-block scales and mins (non-negative, some rows all zero) weighted by sub-block importance."""
+    x = awkward_rows(1001, n, seed=5).abs()
+    w = torch.rand(1001, n, generator=torch.Generator().manual_seed(6)).pow(3) * 50
+    scale, codes = gguf_module._make_qp(x, nmax, w)
+    with tensor_code:
+        ref_scale, ref_codes = gguf_module._make_qp(x, nmax, w)
+    assert same_bits(scale, ref_scale) and torch.equal(codes, ref_codes)
 
 
 @pytest.mark.parametrize("t", [t for t in GGUF_TYPES if t != "Q8_0"])

@@ -63,7 +63,7 @@ as in llama.cpp). These follow the C code's algorithm but not its float summatio
 byte-compared with llama.cpp. A channel of importance 0 is floored at 1e-9 of the mean (formats.base.
 check_importance) so that an all-silent block still gets a scale.
 
-Speed: the two inner searches, make_qx and make_qkx2, run as lowbit's native ops where its library is built
+Speed: the inner searches, make_qx, make_qkx2 and make_qp, run as lowbit's native ops where its library is built
 (`native_search`; kernels/csrc/gguf_search.cpp performs the same float32 operations in the same order, so the
 bytes are identical, 20-100x faster). The tensor code here is their reference and the fallback.
 
@@ -348,6 +348,8 @@ def _make_qp(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor,
     scale, weighted by w [S, n] (the sub-blocks' total importance): (scale [S], codes [S, n]). The scale
     1/iscale with iscale = (nmax + 0.1·k)/max, k = -4..4, of least weighted error is kept, then up to 5 passes
     move single codes to their least-squares optimum while that improves the fit."""
+    if native_search(x):
+        return torch.ops.lowbit.gguf_make_qp(x, w.float(), nmax)
     big = _max_from_zero(x)
     zero_rows = big < _f32(GROUP_MAX_EPS, big)
     big = torch.where(zero_rows, torch.ones_like(big), big)
@@ -355,8 +357,9 @@ def _make_qp(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor,
     def codes_for(iscale):
         return _nearest_int(iscale[:, None] * x).clamp(0, nmax)
 
-    def mse(iscale, codes):
-        return (w * (x - (1 / iscale)[:, None] * codes.float()).pow(2)).sum(1)
+    def mse(iscale, codes):   # Σ (w·diff)·diff left to right, as the C loop sums it
+        diff = x - (1 / iscale)[:, None] * codes.float()
+        return _ordered_sum((w * diff) * diff)
 
     iscale = _f32(nmax, big) / big
     best = mse(iscale, codes_for(iscale))
@@ -367,7 +370,7 @@ def _make_qp(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor,
         best = torch.minimum(err, best)
     codes = codes_for(iscale)
     lf = codes.float()
-    sumlx, suml2 = (w * x * lf).sum(1), (w * lf * lf).sum(1)
+    sumlx, suml2 = _ordered_sum(torch.stack([w * x * lf, w * lf * lf]))
     for _ in range(5):
         for i in range(x.shape[1]):
             wi, xi, li = w[:, i], x[:, i], codes[:, i].float()
@@ -780,8 +783,9 @@ _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6
 
 @contextlib.contextmanager
 def _one_thread():
-    """The k-quant searches are thousands of small tensor ops in sequence: handing each to a thread pool costs
-    more than it saves (and far more when other processes hold the cores), so they run on one thread."""
+    """The k-quant searches as tensor code are thousands of small tensor ops in sequence: handing each to a
+    thread pool costs more than it saves (and far more when other processes hold the cores), so they run on one
+    thread. The native searches split their rows across the threads instead."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -910,7 +914,7 @@ class GGUFSpec(WeightFormat):
         kquant = bt.block_size == QK_K
         step = _KQUANT_CHUNK if kquant else max(1, blocks.shape[0])
         out = []
-        with _one_thread() if kquant else contextlib.nullcontext():
+        with _one_thread() if kquant and not native_search(blocks[:1, :64]) else contextlib.nullcontext():
             for s in range(0, blocks.shape[0], step):
                 part = slice(s, s + step)
                 f = bt.quantize(blocks[part], None if qw is None else qw[part],
@@ -933,7 +937,7 @@ class GGUFSpec(WeightFormat):
         if importance is not None:
             qw = check_importance(importance, bt.block_size).expand(x.shape[0], -1)
             sigma2 = (x * x).mean(1)
-        with _one_thread() if bt.block_size == QK_K else contextlib.nullcontext():
+        with _one_thread() if bt.block_size == QK_K and not native_search(x[:1, :64]) else contextlib.nullcontext():
             f = bt.quantize(x, qw, sigma2)
         if not all(torch.isfinite(f[h].float()).all() for h in bt.half_fields):
             raise LowbitError(f"weights too large for {self.type}'s float16 block scales")
