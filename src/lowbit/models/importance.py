@@ -139,12 +139,16 @@ class ImportanceHooks:
         self.sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in self.mods.items()}
         self.counts = dict.fromkeys(self.mods, 0)
         self._handles: list = []
+        self._last: tuple | None = None   # (input, its Σx²): q/k/v and gate/up are handed the same tensor
 
     def _hook_for(self, name):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            self.sums[name] += x.pow(2).sum(0).cpu()
-            self.counts[name] += x.shape[0]
+            x = args[0]
+            if self._last is None or self._last[0] is not x or self._last[1] != x._version:
+                flat = x.detach().reshape(-1, x.shape[-1]).double()
+                self._last = (x, x._version, flat.pow(2).sum(0).cpu(), flat.shape[0])
+            self.sums[name] += self._last[2]
+            self.counts[name] += self._last[3]
         return hook
 
     def __enter__(self) -> "ImportanceHooks":
@@ -155,6 +159,7 @@ class ImportanceHooks:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._last = None
 
     def importance(self) -> Importance:
         values = {n: (self.sums[n] / self.counts[n]).float() for n in self.mods if self.counts[n]}
