@@ -1,5 +1,5 @@
 """The native GGUF searches (kernels/csrc/gguf_search.cpp) against the tensor code they replace
-(formats.gguf._make_qx, _make_qkx2, _make_qp): bit-identical scales, mins and codes on awkward rows, and identical bytes for
+(formats.gguf._make_qx, _make_qkx2, _make_qp, _make_q3): bit-identical scales, mins and codes on awkward rows, and identical bytes for
 every GGUF type, with and without importance, on real weights of the default model."""
 
 import pytest
@@ -71,6 +71,14 @@ def test_make_qkx2_is_bit_identical(case, tensor_code):
     with tensor_code:
         ref = gguf_module._make_qkx2(x, w, nmax, *search)
     assert all(same_bits(a, b) for a, b in zip(got[:2], ref[:2])) and torch.equal(got[2], ref[2])
+
+
+def test_make_q3_is_bit_identical(tensor_code):
+    x = awkward_rows(1001, 16, seed=7)
+    scale, codes = gguf_module._make_q3(x, 4)
+    with tensor_code:
+        ref_scale, ref_codes = gguf_module._make_q3(x, 4)
+    assert same_bits(scale, ref_scale) and torch.equal(codes, ref_codes)
 
 
 @pytest.mark.parametrize("n,nmax", [(8, 63), (16, 15)])

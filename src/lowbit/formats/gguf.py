@@ -63,7 +63,7 @@ as in llama.cpp). These follow the C code's algorithm but not its float summatio
 byte-compared with llama.cpp. A channel of importance 0 is floored at 1e-9 of the mean (formats.base.
 check_importance) so that an all-silent block still gets a scale.
 
-Speed: the inner searches, make_qx, make_qkx2 and make_qp, run as lowbit's native ops where its library is built
+Speed: the inner searches, make_qx, make_qkx2, make_qp and make_q3, run as lowbit's native ops where its library is built
 (`native_search`; kernels/csrc/gguf_search.cpp performs the same float32 operations in the same order, so the
 bytes are identical, 20-100x faster). The tensor code here is their reference and the fallback.
 
@@ -316,6 +316,8 @@ def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """make_q3_quants with refinement (Q3_K): (scale [S], codes [S, n] in [0, 2·nmax)). Starting from the
     absmax fit, up to 5 passes try each code at its own least-squares optimum given the others and keep it when
     the weighted fit (weights x²) improves; codes update one at a time, so later ones see earlier changes."""
+    if native_search(x):
+        return torch.ops.lowbit.gguf_make_q3(x, nmax)
     big = _signed_absmax(x)
     zero_rows = big.abs() < _f32(GROUP_MAX_EPS, big)
     w = x * x

@@ -2,6 +2,7 @@
 //   gguf_make_qx   = formats.gguf._make_qx   (llama.cpp's make_qx_quants: Q4_0/Q5_0/Q3_K under importance, Q6_K)
 //   gguf_make_qkx2 = formats.gguf._make_qkx2 (make_qkx2_quants: Q2_K/Q4_K/Q5_K, Q4_1/Q5_1 under importance)
 //   gguf_make_qp   = formats.gguf._make_qp   (make_qp_quants: Q2_K/Q4_K/Q5_K sub-block scales under importance)
+//   gguf_make_q3   = formats.gguf._make_q3   (make_q3_quants: Q3_K without importance)
 // The Python functions are the reference and the documentation of the algorithms; these perform the same float32
 // operations in the same order (sums left to right, no fused multiply-add, llama.cpp's nearest_int bit for bit),
 // so their results are bit-identical to them (tests/test_gguf_search.py checks it). Why they exist: written with
@@ -143,6 +144,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gguf_make_qkx2(const at::Tensor& 
   return {scale, min, codes};
 }
 
+std::tuple<at::Tensor, at::Tensor> gguf_make_q3(const at::Tensor& x, int64_t nmax) {
+  check_rows("gguf_make_q3", x, x);
+  TORCH_CHECK(nmax >= 1 && nmax <= 128, "gguf_make_q3: nmax must be in 1..128");
+  const at::Tensor xc = x.contiguous();
+  const int64_t S = x.size(0);
+  at::Tensor scale = at::empty({S}, x.options());
+  at::Tensor codes = at::empty({S, x.size(1)}, x.options().dtype(at::kInt));
+  const QxArgs a{xc.data_ptr<float>(), nullptr, scale.data_ptr<float>(), codes.data_ptr<int32_t>(), S,
+                 static_cast<int>(x.size(1)), static_cast<int>(nmax)};
+  const int isa = search_isa();
+  const int64_t tiles = (S + kLanes - 1) / kLanes;
+  at::parallel_for(0, tiles, kGrain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (isa == 2) avx512::q3_tile(a, t * kLanes);
+      else if (isa == 1) avx2::q3_tile(a, t * kLanes);
+      else baseline::q3_tile(a, t * kLanes);
+    }
+  });
+  return {scale, codes};
+}
+
 std::tuple<at::Tensor, at::Tensor> gguf_make_qp(const at::Tensor& x, const at::Tensor& w, int64_t nmax) {
   check_rows("gguf_make_qp", x, w);
   TORCH_CHECK(nmax >= 1 && nmax <= 255, "gguf_make_qp: nmax must be in 1..255");
@@ -171,10 +193,12 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   m.def("gguf_make_qkx2(Tensor x, Tensor w, int nmax, float rmin, float rdelta, int nstep, bool use_mad) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("gguf_make_qp(Tensor x, Tensor w, int nmax) -> (Tensor, Tensor)");
+  m.def("gguf_make_q3(Tensor x, int nmax) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("gguf_make_qx", &gguf_make_qx);
   m.impl("gguf_make_qkx2", &gguf_make_qkx2);
   m.impl("gguf_make_qp", &gguf_make_qp);
+  m.impl("gguf_make_q3", &gguf_make_q3);
 }
