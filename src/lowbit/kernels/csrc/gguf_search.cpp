@@ -30,7 +30,7 @@ namespace {
 constexpr int kLanes = 16;    // rows searched together
 constexpr int kMaxN = 64;     // longest row (block) searched
 
-struct QxArgs {        // gguf_make_qx
+struct QxArgs {        // gguf_make_qx, gguf_make_q3 (no w), gguf_make_qp
   const float* x;
   const float* w;
   float* scale;        // [S]
@@ -49,15 +49,6 @@ struct Qkx2Args {      // gguf_make_qkx2
   int n, nmax, nstep;
   float rmin, rdelta;
   bool use_mad;
-};
-
-struct QpArgs {        // gguf_make_qp
-  const float* x;
-  const float* w;
-  float* scale;        // [S]
-  int32_t* codes;      // [S, n]
-  int64_t rows;
-  int n, nmax;
 };
 
 #define GGUF_SEARCH_NS avx512
@@ -97,25 +88,45 @@ void check_rows(const char* op, const at::Tensor& x, const at::Tensor& w) {
 // tiles of 16 rows per task: small enough to share 2 cores evenly on the smallest tensors
 constexpr int64_t kGrain = 4;
 
-std::tuple<at::Tensor, at::Tensor> gguf_make_qx(const at::Tensor& x, const at::Tensor& w, int64_t nmax) {
-  check_rows("gguf_make_qx", x, w);
-  TORCH_CHECK(nmax >= 1 && nmax <= 128, "gguf_make_qx: nmax must be in 1..128");
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+// every tile of a.rows rows across the threads, with the instruction set's version of the search
+template <class Args>
+void search_tiles(const Args& a, void (*wide)(const Args&, int64_t), void (*mid)(const Args&, int64_t),
+                  void (*base)(const Args&, int64_t)) {
+  const int isa = search_isa();
+  const auto tile = isa == 2 ? wide : isa == 1 ? mid : base;
+  at::parallel_for(0, (a.rows + kLanes - 1) / kLanes, kGrain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) tile(a, t * kLanes);
+  });
+}
+
+using QxTile = void (*)(const QxArgs&, int64_t);
+
+// (scale [S], codes [S, n]) of a search over the rows of x, weighted by w where the search takes weights
+std::tuple<at::Tensor, at::Tensor> scale_and_codes(const char* op, const at::Tensor& x, const at::Tensor* w,
+                                                   int64_t nmax, int64_t top, QxTile wide, QxTile mid,
+                                                   QxTile base) {
+  check_rows(op, x, w != nullptr ? *w : x);
+  TORCH_CHECK(nmax >= 1 && nmax <= top, op, ": nmax must be in 1..", top);
+  const at::Tensor xc = x.contiguous(), wc = w != nullptr ? w->contiguous() : xc;
   const int64_t S = x.size(0);
   at::Tensor scale = at::empty({S}, x.options());
   at::Tensor codes = at::empty({S, x.size(1)}, x.options().dtype(at::kInt));
   const QxArgs a{xc.data_ptr<float>(), wc.data_ptr<float>(), scale.data_ptr<float>(), codes.data_ptr<int32_t>(), S,
                  static_cast<int>(x.size(1)), static_cast<int>(nmax)};
-  const int isa = search_isa();
-  const int64_t tiles = (S + kLanes - 1) / kLanes;
-  at::parallel_for(0, tiles, kGrain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      if (isa == 2) avx512::qx_tile(a, t * kLanes);
-      else if (isa == 1) avx2::qx_tile(a, t * kLanes);
-      else baseline::qx_tile(a, t * kLanes);
-    }
-  });
+  search_tiles(a, wide, mid, base);
   return {scale, codes};
+}
+
+std::tuple<at::Tensor, at::Tensor> gguf_make_qx(const at::Tensor& x, const at::Tensor& w, int64_t nmax) {
+  return scale_and_codes("gguf_make_qx", x, &w, nmax, 128, avx512::qx_tile, avx2::qx_tile, baseline::qx_tile);
+}
+
+std::tuple<at::Tensor, at::Tensor> gguf_make_q3(const at::Tensor& x, int64_t nmax) {
+  return scale_and_codes("gguf_make_q3", x, nullptr, nmax, 128, avx512::q3_tile, avx2::q3_tile, baseline::q3_tile);
+}
+
+std::tuple<at::Tensor, at::Tensor> gguf_make_qp(const at::Tensor& x, const at::Tensor& w, int64_t nmax) {
+  return scale_and_codes("gguf_make_qp", x, &w, nmax, 255, avx512::qp_tile, avx2::qp_tile, baseline::qp_tile);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gguf_make_qkx2(const at::Tensor& x, const at::Tensor& w, int64_t nmax,
@@ -132,58 +143,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gguf_make_qkx2(const at::Tensor& 
   const Qkx2Args a{xc.data_ptr<float>(), wc.data_ptr<float>(), scale.data_ptr<float>(), min.data_ptr<float>(),
                    codes.data_ptr<int32_t>(), S, static_cast<int>(x.size(1)), static_cast<int>(nmax),
                    static_cast<int>(nstep), static_cast<float>(rmin), static_cast<float>(rdelta), use_mad};
-  const int isa = search_isa();
-  const int64_t tiles = (S + kLanes - 1) / kLanes;
-  at::parallel_for(0, tiles, kGrain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      if (isa == 2) avx512::qkx2_tile(a, t * kLanes);
-      else if (isa == 1) avx2::qkx2_tile(a, t * kLanes);
-      else baseline::qkx2_tile(a, t * kLanes);
-    }
-  });
+  search_tiles(a, avx512::qkx2_tile, avx2::qkx2_tile, baseline::qkx2_tile);
   return {scale, min, codes};
-}
-
-std::tuple<at::Tensor, at::Tensor> gguf_make_q3(const at::Tensor& x, int64_t nmax) {
-  check_rows("gguf_make_q3", x, x);
-  TORCH_CHECK(nmax >= 1 && nmax <= 128, "gguf_make_q3: nmax must be in 1..128");
-  const at::Tensor xc = x.contiguous();
-  const int64_t S = x.size(0);
-  at::Tensor scale = at::empty({S}, x.options());
-  at::Tensor codes = at::empty({S, x.size(1)}, x.options().dtype(at::kInt));
-  const QxArgs a{xc.data_ptr<float>(), nullptr, scale.data_ptr<float>(), codes.data_ptr<int32_t>(), S,
-                 static_cast<int>(x.size(1)), static_cast<int>(nmax)};
-  const int isa = search_isa();
-  const int64_t tiles = (S + kLanes - 1) / kLanes;
-  at::parallel_for(0, tiles, kGrain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      if (isa == 2) avx512::q3_tile(a, t * kLanes);
-      else if (isa == 1) avx2::q3_tile(a, t * kLanes);
-      else baseline::q3_tile(a, t * kLanes);
-    }
-  });
-  return {scale, codes};
-}
-
-std::tuple<at::Tensor, at::Tensor> gguf_make_qp(const at::Tensor& x, const at::Tensor& w, int64_t nmax) {
-  check_rows("gguf_make_qp", x, w);
-  TORCH_CHECK(nmax >= 1 && nmax <= 255, "gguf_make_qp: nmax must be in 1..255");
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
-  const int64_t S = x.size(0);
-  at::Tensor scale = at::empty({S}, x.options());
-  at::Tensor codes = at::empty({S, x.size(1)}, x.options().dtype(at::kInt));
-  const QpArgs a{xc.data_ptr<float>(), wc.data_ptr<float>(), scale.data_ptr<float>(), codes.data_ptr<int32_t>(), S,
-                 static_cast<int>(x.size(1)), static_cast<int>(nmax)};
-  const int isa = search_isa();
-  const int64_t tiles = (S + kLanes - 1) / kLanes;
-  at::parallel_for(0, tiles, kGrain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      if (isa == 2) avx512::qp_tile(a, t * kLanes);
-      else if (isa == 1) avx2::qp_tile(a, t * kLanes);
-      else baseline::qp_tile(a, t * kLanes);
-    }
-  });
-  return {scale, codes};
 }
 
 }  // namespace
