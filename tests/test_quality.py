@@ -170,3 +170,17 @@ def test_the_base_among_the_compared_models_runs_once_per_window(base, eval_ids)
     assert len(calls) == len(eval_ids)
     want = evaluate_quality({"base": twin}, eval_ids, base=b, progress=False, base_cache=False)
     assert got == want and got["base"]["kld"] == 0 and got["base"]["top1"] == 1
+
+
+def test_the_base_cache_keeps_its_directory_bounded(tmp_path, monkeypatch):
+    """Beyond the directory's limit the least recently used files go, never the one just written."""
+    import os
+
+    from lowbit.eval import base_cache
+    monkeypatch.setattr(base_cache, "MAX_TOTAL_BYTES", 2500)
+    for i, name in enumerate(["old", "mid", "new"]):
+        f = tmp_path / f"{name}.safetensors"
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (1000 + i, 1000 + i))
+    base_cache._trim(tmp_path, keep=tmp_path / "old.safetensors")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["new.safetensors", "old.safetensors"]

@@ -14,7 +14,8 @@ by a hash of the base's parameters and configuration, the token windows, torch's
 
 Where: `cache_dir()` (default ~/.cache/lowbit/eval), one safetensors file per base and text, written
 through a temporary file (a killed run leaves none behind). LOWBIT_EVAL_CACHE=0 turns the cache off; bases whose
-hidden states would take more than 2 GiB are not kept.
+hidden states would take more than 2 GiB are not kept, and beyond 8 GiB in all the least recently used files are
+removed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-MAX_BYTES = 2 << 30
+MAX_BYTES = 2 << 30          # a base whose states would take more is not kept
+MAX_TOTAL_BYTES = 8 << 30    # the directory: the least recently used files go first beyond this
 
 
 def cache_dir() -> Path:
@@ -125,6 +127,9 @@ class BaseCache:
                                 torch.equal(self._replay(ids, kept.to(hidden.dtype)), logits))
                 if not self.trusted:
                     self.kept = {}
+                else:
+                    with contextlib.suppress(OSError):   # recently used: the last to be removed
+                        os.utime(self.path)
             self.new[i] = hidden.float()
             return logits
         if i not in self.kept:
@@ -146,6 +151,19 @@ class BaseCache:
             from ..io.atomic import atomic_file
             with atomic_file(self.path, overwrite=True) as tmp:
                 save_file({f"w{i}": t.contiguous() for i, t in states.items()}, str(tmp))
+            _trim(self.path.parent, keep=self.path)
+
+
+def _trim(folder: Path, keep: Path) -> None:
+    """Remove the least recently used files beyond MAX_TOTAL_BYTES (never `keep`)."""
+    others = sorted((f for f in folder.glob("*.safetensors") if f != keep), key=lambda f: f.stat().st_mtime,
+                    reverse=True)
+    total = keep.stat().st_size if keep.exists() else 0
+    for f in others:
+        total += f.stat().st_size
+        if total > MAX_TOTAL_BYTES:
+            with contextlib.suppress(OSError):
+                f.unlink()
 
 
 def _enabled() -> bool:
