@@ -172,15 +172,20 @@ def test_the_base_among_the_compared_models_runs_once_per_window(base, eval_ids)
     assert got == want and got["base"]["kld"] == 0 and got["base"]["top1"] == 1
 
 
-def test_the_base_cache_keeps_its_directory_bounded(tmp_path, monkeypatch):
-    """Beyond the directory's limit the least recently used files go, never the one just written."""
+def test_cache_directories_stay_bounded(tmp_path):
+    """Beyond the limit the least recently used entries (files or directories) go, never the one just written
+    and never a temporary one being written."""
     import os
 
-    from lowbit.eval import base_cache
-    monkeypatch.setattr(base_cache, "MAX_TOTAL_BYTES", 2500)
-    for i, name in enumerate(["old", "mid", "new"]):
+    from lowbit.io.lru import trim
+    for i, name in enumerate(["old", "mid", "new", ".tmp-1"]):
         f = tmp_path / f"{name}.safetensors"
         f.write_bytes(b"x" * 1000)
         os.utime(f, (1000 + i, 1000 + i))
-    base_cache._trim(tmp_path, keep=tmp_path / "old.safetensors")
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["new.safetensors", "old.safetensors"]
+    d = tmp_path / "olddir"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"x" * 1000)
+    os.utime(d, (999, 999))
+    removed = trim(tmp_path, 2500, keep=tmp_path / "old.safetensors")
+    assert sorted(p.name for p in removed) == ["mid.safetensors", "olddir"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == [".tmp-1.safetensors", "new.safetensors", "old.safetensors"]

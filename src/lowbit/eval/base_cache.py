@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..io.lru import touch, trim
+
 MAX_BYTES = 2 << 30          # a base whose states would take more is not kept
 MAX_TOTAL_BYTES = 8 << 30    # the directory: the least recently used files go first beyond this
 
@@ -128,8 +130,7 @@ class BaseCache:
                 if not self.trusted:
                     self.kept = {}
                 else:
-                    with contextlib.suppress(OSError):   # recently used: the last to be removed
-                        os.utime(self.path)
+                    touch(self.path)   # recently used: the last to be removed
             self.new[i] = hidden.float()
             return logits
         if i not in self.kept:
@@ -151,19 +152,8 @@ class BaseCache:
             from ..io.atomic import atomic_file
             with atomic_file(self.path, overwrite=True) as tmp:
                 save_file({f"w{i}": t.contiguous() for i, t in states.items()}, str(tmp))
-            _trim(self.path.parent, keep=self.path)
+            trim(self.path.parent, MAX_TOTAL_BYTES, keep=self.path)
 
-
-def _trim(folder: Path, keep: Path) -> None:
-    """Remove the least recently used files beyond MAX_TOTAL_BYTES (never `keep`)."""
-    others = sorted((f for f in folder.glob("*.safetensors") if f != keep), key=lambda f: f.stat().st_mtime,
-                    reverse=True)
-    total = keep.stat().st_size if keep.exists() else 0
-    for f in others:
-        total += f.stat().st_size
-        if total > MAX_TOTAL_BYTES:
-            with contextlib.suppress(OSError):
-                f.unlink()
 
 
 def _enabled() -> bool:

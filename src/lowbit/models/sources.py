@@ -19,6 +19,7 @@ import torch
 
 from ..errors import LowbitError
 from ..io.atomic import atomic_dir
+from ..io.lru import touch, trim
 from ..io.safetensors import check_safetensors, write_safetensors
 from .arch import arch_for
 from .hf import Loaded, hf_config_dict, read_config, unique_state_dict
@@ -186,11 +187,15 @@ def _gguf_parsed_once():
         gguf.GGUFReader, gguf.get_tensor_name_map = make_reader, make_map
 
 
+GGUF_CACHE_BYTES = 8 << 30   # float copies of GGUF files kept in all; the least recently used go first beyond
+
+
 def _load_gguf(path: Path, dtype: torch.dtype, cache: bool) -> Loaded:
     cached = gguf_cache_dir(path)
     if cache and (cached / "config.json").is_file():
         loaded = _load_hf_dir(cached, dtype)
         loaded.source = str(path)
+        touch(cached)
         return loaded
     from transformers import AutoModelForCausalLM, AutoTokenizer
     with _gguf_parsed_once():
@@ -218,5 +223,6 @@ def _write_hf_dir(model, tokenizer, out: Path) -> None:
             write_safetensors(tensors, tmp / "model.safetensors")   # a full disk: an OSError, caught as below
             (tmp / "config.json").write_text(json.dumps(hf_config_dict(model), indent=2, default=str))
             tokenizer.save_pretrained(str(tmp))
+        trim(out.parent, GGUF_CACHE_BYTES, keep=out)
     except LowbitError:
         pass  # a cache we cannot write is not an error
