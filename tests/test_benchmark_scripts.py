@@ -102,3 +102,10 @@ def test_gguf_search_benchmark_quick(tmp_path):
     run_quick("gguf_search.py", out, timeout=600)
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert len(rows) == 10 and all(r["same_bytes"] and r["native_s"] > 0 for r in rows)
+
+
+def test_calibration_memory_benchmark_quick(tmp_path):
+    out = tmp_path / "calibration_memory"
+    run_quick("calibration_memory.py", out, timeout=600)
+    row = json.loads(out.with_suffix(".json").read_text())["row"]
+    assert row["peak_mib"] >= row["rss_before_mib"] > 0 and row["seconds"] > 0
