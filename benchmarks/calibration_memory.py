@@ -10,7 +10,6 @@ peak is the kernel's VmHWM, reset through /proc/self/clear_refs before quantizin
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 import lowbit
 from lowbit.eval import environment
-from lowbit.io.atomic import atomic_write_text
+from lowbit.eval.report import write_results
 
 CONFIGS = {"gptq": lambda: lowbit.GPTQ(bits=4, group_size=64), "awq": lambda: lowbit.AWQ(bits=4, group_size=64)}
 
@@ -53,15 +52,12 @@ def main() -> int:
            "method_peak_gib": round((peak - before) / 2**20, 3), "seconds": round(seconds, 1),
            "calibration": "4 x 64 tokens, 2 blocks" if args.quick else "64 x 512 tokens"}
     env = environment()
-    md = (f"{env.get('cpu')}, {torch.get_num_threads()} threads, torch {torch.__version__}\n\n"
-          "| method (W4 g64) | calibration | resident before, MiB | peak, MiB | method's own peak, GiB | seconds |\n"
-          "|---|---|---|---|---|---|\n"
-          f"| {row['method']} | {row['calibration']} | {row['rss_before_mib']} | {row['peak_mib']} | "
-          f"{row['method_peak_gib']} | {row['seconds']} |\n")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".md"), md)
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"machine": env, "row": row}, indent=2, default=str))
+    md = write_results(args.out, [row], env, f"{env.get('cpu')}, {torch.get_num_threads()} threads, torch "
+                       f"{torch.__version__}",
+                       ["method (W4 g64)", "calibration", "resident before, MiB", "peak, MiB",
+                        "method's own peak, GiB", "seconds"],
+                       [[str(row[k]) for k in ("method", "calibration", "rss_before_mib", "peak_mib",
+                                               "method_peak_gib", "seconds")]])
     print(md)
     return 0
 

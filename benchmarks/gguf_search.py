@@ -11,15 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
 import lowbit
 from lowbit.eval import environment
+from lowbit.eval.report import write_results
 from lowbit.formats import GGUF_TYPES, GGUFSpec
 from lowbit.formats import gguf as gguf_module
-from lowbit.io.atomic import atomic_write_text
 from lowbit.kernels import native
 
 
@@ -58,15 +57,13 @@ def main() -> int:
                      "speedup": round(slow / fast, 1), "same_bytes": bool(torch.equal(got, ref))})
         print(json.dumps(rows[-1]), flush=True)
     env = environment()
-    md = (f"{env.get('cpu')} ({env.get('cpu_features')}), {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; native library {'built' if native.available() else 'absent'}; importance-weighted"
-          "\n\n| type | weight | native ops, s | tensor code, s | speed-up | same bytes |\n|---|---|---|---|---|---|\n"
-          + "".join(f"| {r['type']} | {r['shape'][0]}x{r['shape'][1]} | {r['native_s']} | {r['tensor_s']} | "
-                    f"{r['speedup']}x | {r['same_bytes']} |\n" for r in rows))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".md"), md)
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"machine": env, "rows": rows}, indent=2, default=str))
+    md = write_results(args.out, rows, env,
+                       f"{env.get('cpu')} ({env.get('cpu_features')}), {torch.get_num_threads()} threads, torch "
+                       f"{torch.__version__}; native library {'built' if native.available() else 'absent'}; "
+                       "importance-weighted",
+                       ["type", "weight", "native ops, s", "tensor code, s", "speed-up", "same bytes"],
+                       [[r["type"], f"{r['shape'][0]}x{r['shape'][1]}", str(r["native_s"]), str(r["tensor_s"]),
+                         f"{r['speedup']}x", str(r["same_bytes"])] for r in rows])
     print(md)
     return 0 if all(r["same_bytes"] for r in rows) else 1
 

@@ -107,5 +107,5 @@ def test_gguf_search_benchmark_quick(tmp_path):
 def test_calibration_memory_benchmark_quick(tmp_path):
     out = tmp_path / "calibration_memory"
     run_quick("calibration_memory.py", out, timeout=600)
-    row = json.loads(out.with_suffix(".json").read_text())["row"]
+    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert row["peak_mib"] >= row["rss_before_mib"] > 0 and row["seconds"] > 0
