@@ -189,3 +189,18 @@ def test_cache_directories_stay_bounded(tmp_path):
     removed = trim(tmp_path, 2500, keep=tmp_path / "old.safetensors")
     assert sorted(p.name for p in removed) == ["mid.safetensors", "olddir"]
     assert sorted(f.name for f in tmp_path.iterdir()) == [".tmp-1.safetensors", "new.safetensors", "old.safetensors"]
+
+
+def test_evaluate_says_whether_the_base_pass_was_reused(base, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_EVAL_CACHE_DIR", str(tmp_path))
+    b = truncated(base, 2)
+    model = quantized(truncated(base, 2), bits=4, group_size=64)
+    runs = [lowbit.evaluate(model, tokenizer, base=b, ctx=64, max_windows=3, speed=False, progress=False)
+            for _ in range(2)]
+    assert [r["base_pass"] for r in runs] == ["kept", "reused"]
+    assert all(runs[1][k] == runs[0][k] for k in ("ppl", "kld", "top1"))
+    monkeypatch.setenv("LOWBIT_EVAL_CACHE", "0")
+    assert lowbit.evaluate(model, tokenizer, base=b, ctx=64, max_windows=3, speed=False,
+                           progress=False)["base_pass"] == "off"
+    assert lowbit.evaluate(model, tokenizer, base=None, ctx=64, max_windows=3, speed=False,
+                           progress=False)["base_pass"] is None

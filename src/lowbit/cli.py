@@ -290,7 +290,10 @@ def cmd_eval(args) -> int:
     print(f"model        {args.model}")
     print(f"text         {r['text']}: {r['windows']} windows of {r['ctx']} tokens, {r['eval_tokens']} predicted")
     print(f"perplexity   {r['ppl']:.4f}")
-    print(f"KLD vs base  {_fmt(r['kld'], '.5f')}   (base: {base_src or 'none'})")
+    passes = {"reused": "its pass over these windows reused from an earlier run, window 0 checked",
+              "kept": "its pass kept for the next run", "off": "its pass not kept"}
+    print(f"KLD vs base  {_fmt(r['kld'], '.5f')}   (base: {base_src or 'none'}"
+          + (f"; {passes[r['base_pass']]})" if r.get("base_pass") else ")"))
     print(f"top-1 agree  {_fmt(None if r['top1'] is None else 100 * r['top1'], '.2f')}%")
     qb = r["quantized_bits_per_weight"]
     print(f"weights      {r['bytes'] / 1e6:.1f} MB stored, {r['bits_per_weight']:.3f} bits/weight"

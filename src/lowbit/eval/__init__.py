@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..data import load_text, token_windows
+from .base_cache import BaseCache
 from .quality import evaluate_quality
 from .size import weight_stats
 from .speed import check_vocabulary, decode_speed, generate, prefill_speed
@@ -18,7 +19,8 @@ def evaluate(model, tokenizer=None, base="recorded", *, text: str | None = None,
              max_windows: int | None = None, speed: bool = True, progress: bool = True,
              engine: str = "compiled", arithmetic: str = "torch") -> dict:
     """Evaluate one model on held-out text. Keys: ppl, kld, top1 (None without a base), base, bytes,
-    bits_per_weight, seconds, and more detail (sizes, speeds, memory, environment).
+    bits_per_weight, seconds, base_pass (eval.base_cache: "reused", "kept" or "off"), and more detail (sizes,
+    speeds, memory, environment).
 
     model: a torch model (with `tokenizer`), a `Loaded`, or a source ("default", a directory, a GGUF file,
     a lowbit checkpoint). base: a float torch model, a source, "recorded" (the base a lowbit checkpoint
@@ -51,16 +53,17 @@ def evaluate(model, tokenizer=None, base="recorded", *, text: str | None = None,
     check_vocabulary(model, windows)
     if arithmetic not in ("torch", "llama.cpp"):
         raise LowbitError(f"arithmetic must be torch or llama.cpp, got {arithmetic!r}")
+    cache = BaseCache(base, windows) if base is not None else False
     if arithmetic == "llama.cpp":   # in float32 (a 16-bit model goes back to its dtype after: exact)
         from .ggml_arith import ggml_arithmetic
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         # nn.Module's own casts: transformers refuses .float()/.to(dtype) on a model it loaded from a quantized
         # GGUF file, although what it holds are plain float tensors
         with ggml_arithmetic(nn.Module.float(model)):
-            q = evaluate_quality({"model": model}, windows, base=base, progress=progress)["model"]
+            q = evaluate_quality({"model": model}, windows, base=base, progress=progress, base_cache=cache)["model"]
         nn.Module.to(model, dtype)
     else:
-        q = evaluate_quality({"model": model}, windows, base=base, progress=progress)["model"]
+        q = evaluate_quality({"model": model}, windows, base=base, progress=progress, base_cache=cache)["model"]
     result = {
         "ppl": q["ppl"],
         "kld": q.get("kld"),
@@ -72,6 +75,7 @@ def evaluate(model, tokenizer=None, base="recorded", *, text: str | None = None,
         "text": text or "pydoc",
         "base": base_name if base_name is not None else (None if base is None else "given"),
         "arithmetic": arithmetic,
+        "base_pass": cache.state if cache else None,   # eval.base_cache: reused, kept or off
     }
     if speed:
         result["decode_tokens_per_s"] = decode_speed(model, tokenizer, engine=engine)

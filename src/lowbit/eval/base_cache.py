@@ -139,6 +139,14 @@ class BaseCache:
             return logits
         return self._replay(ids, self.kept[i].to(self.dtype))
 
+    @property
+    def state(self) -> str:
+        """"reused" (the kept pass, checked on window 0), "kept" (computed now and kept for the next run),
+        "off" (not kept: turned off, too large, or a model the replay does not cover)."""
+        if self.parts is None:
+            return "off"
+        return "reused" if self.trusted else "kept"
+
     def close(self) -> None:
         """Write the kept and the new states (all windows, or nothing) when something was computed."""
         if self.parts is None or not self.new or (self.trusted and len(self.new) == 1):

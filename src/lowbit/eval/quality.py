@@ -26,12 +26,14 @@ def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_quality(models: dict[str, torch.nn.Module], windows: torch.Tensor, base: torch.nn.Module | None = None,
-                     progress: bool = True, base_cache: bool = True) -> dict[str, dict]:
+                     progress: bool = True, base_cache: bool | BaseCache = True) -> dict[str, dict]:
     """For each named model: ppl, and (when a base is given) kld and top1 against it. base_cache: the base's
-    pass may come from what an earlier run kept (eval.base_cache: the same logits, bit for bit)."""
+    pass may come from what an earlier run kept (eval.base_cache: the same logits, bit for bit); a BaseCache
+    of these windows to read what became of it afterwards."""
     sums = {name: {"nll": 0.0, "kld": 0.0, "top1": 0} for name in models}
     count = 0
-    cache = BaseCache(base, windows) if base is not None and base_cache else None
+    cache = base_cache if isinstance(base_cache, BaseCache) else (
+        BaseCache(base, windows) if base is not None and base_cache else None)
     for i, ids in enumerate(tqdm(windows, desc="evaluate", unit="window", disable=not progress)):
         ids = ids.unsqueeze(0)
         target = ids[:, 1:]
