@@ -45,7 +45,7 @@ def tensor_code(monkeypatch):
     """Run the searches as tensor code (the reference) inside the `with` block."""
     class Switch:
         def __enter__(self):
-            monkeypatch.setattr(gguf_module, "native_search", lambda x: False)
+            monkeypatch.setattr(gguf_module, "native_searches", lambda x: False)
 
         def __exit__(self, *exc):
             monkeypatch.undo()

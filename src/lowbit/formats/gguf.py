@@ -63,9 +63,9 @@ as in llama.cpp). These follow the C code's algorithm but not its float summatio
 byte-compared with llama.cpp. A channel of importance 0 is floored at 1e-9 of the mean (formats.base.
 check_importance) so that an all-silent block still gets a scale.
 
-Speed: the inner searches, make_qx, make_qkx2, make_qp and make_q3, run as lowbit's native ops where its library is built
-(`native_search`; kernels/csrc/gguf_search.cpp performs the same float32 operations in the same order, so the
-bytes are identical, 20-100x faster). The tensor code here is their reference and the fallback.
+Speed: the inner searches, make_qx, make_qkx2, make_qp and make_q3, run as lowbit's native ops where its
+library is built (`native_search`; kernels/csrc/gguf_search.cpp performs the same float32 operations in the same
+order, so the bytes are identical, 20-100x faster). The tensor code here is their reference and the fallback.
 
 Fixed grids (`fit_grid` / `from_grids`, see formats.base.Grid): the fields the quantizer above chooses for one
 block of columns, exposed as w = step·(q − zero) − offset per sub-block (step = d·sc, offset = dmin·mn for the
@@ -212,15 +212,21 @@ def _wrap_int8(v: torch.Tensor) -> torch.Tensor:
     return ((v + 128) & 0xFF) - 128
 
 
-def native_search(x: torch.Tensor) -> bool:
-    """Whether the searches below run as lowbit's native ops (kernels/csrc/gguf_search.cpp) for rows x: where the
-    library is built, for float32 rows of up to 64 values on the CPU. Those perform the same float32 operations
-    in the same order as the tensor code here, so the results are bit-identical (tests/test_gguf_search.py);
-    the tensor code is the reference and the fallback (LOWBIT_NATIVE=0 selects it)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or not 1 <= x.shape[1] <= 64:
+def native_searches(x: torch.Tensor) -> bool:
+    """Whether lowbit's native searches (kernels/csrc/gguf_search.cpp) serve tensors like x: float32 on the
+    CPU, where the library is built."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     from ..kernels import native
     return native.available()
+
+
+def native_search(x: torch.Tensor) -> bool:
+    """Whether the searches below run as lowbit's native ops for rows x (`native_searches`, rows of up to 64
+    values). Those perform the same float32 operations in the same order as the tensor code here, so the
+    results are bit-identical (tests/test_gguf_search.py); the tensor code is the reference and the fallback
+    (LOWBIT_NATIVE=0 selects it)."""
+    return x.dim() == 2 and 1 <= x.shape[1] <= 64 and native_searches(x)
 
 
 def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
@@ -784,10 +790,13 @@ _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6
 
 
 @contextlib.contextmanager
-def _one_thread():
-    """The k-quant searches as tensor code are thousands of small tensor ops in sequence: handing each to a
-    thread pool costs more than it saves (and far more when other processes hold the cores), so they run on one
-    thread. The native searches split their rows across the threads instead."""
+def _search_threads(x: torch.Tensor):
+    """The threads the k-quant searches of blocks x run on. As tensor code they are thousands of small tensor ops
+    in sequence: handing each to a thread pool costs more than it saves (and far more when other processes hold
+    the cores), so they run on one thread. The native searches split their rows across all of them."""
+    if native_searches(x):
+        yield
+        return
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -916,7 +925,7 @@ class GGUFSpec(WeightFormat):
         kquant = bt.block_size == QK_K
         step = _KQUANT_CHUNK if kquant else max(1, blocks.shape[0])
         out = []
-        with _one_thread() if kquant and not native_search(blocks[:1, :64]) else contextlib.nullcontext():
+        with _search_threads(blocks) if kquant else contextlib.nullcontext():
             for s in range(0, blocks.shape[0], step):
                 part = slice(s, s + step)
                 f = bt.quantize(blocks[part], None if qw is None else qw[part],
@@ -939,7 +948,7 @@ class GGUFSpec(WeightFormat):
         if importance is not None:
             qw = check_importance(importance, bt.block_size).expand(x.shape[0], -1)
             sigma2 = (x * x).mean(1)
-        with _one_thread() if bt.block_size == QK_K and not native_search(x[:1, :64]) else contextlib.nullcontext():
+        with _search_threads(x) if bt.block_size == QK_K else contextlib.nullcontext():
             f = bt.quantize(x, qw, sigma2)
         if not all(torch.isfinite(f[h].float()).all() for h in bt.half_fields):
             raise LowbitError(f"weights too large for {self.type}'s float16 block scales")
