@@ -134,8 +134,7 @@ def _budget_recipe(args, loaded, scheme):
             fisher = fisher_diagonal(model, fisher_ids, names, seed=args.seed, progress=not args.quiet)
         imp = collect_importance(model, ids[len(fisher_ids):], into=hooks, progress=not args.quiet)
         if args.imatrix:
-            imp.save(args.imatrix)
-            print(f"wrote {args.imatrix}: importance of {len(imp.values)} Linear modules over {imp.tokens} tokens")
+            _save_imatrix(args.imatrix, imp)
     overhead, norm_bytes = 0, 2
     if gguf_out:
         from .export.gguf import gguf_overhead_bytes
@@ -155,21 +154,23 @@ def _budget_recipe(args, loaded, scheme):
     return Recipe.from_rules(alloc.rules(), scheme, arch_for(model).blocks), imp
 
 
-def _imatrix_for(args, loaded, ids=None):
-    """--imatrix FILE: read it if it exists, else measure importance on the calibration text (the windows `ids`
-    when already cut) and write it."""
+def _imatrix_for(args, loaded):
+    """--imatrix FILE: read it if it exists, else measure importance on the calibration text and write it."""
     if not args.imatrix:
         return None
     from .data import calibration_ids
     from .models.importance import collect_importance, load_importance
     if os.path.exists(args.imatrix):
         return load_importance(args.imatrix)
-    if ids is None:
-        ids = calibration_ids(args.calib_text, loaded.tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
+    ids = calibration_ids(args.calib_text, loaded.tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
     imp = collect_importance(loaded.model, ids)
-    imp.save(args.imatrix)
-    print(f"wrote {args.imatrix}: importance of {len(imp.values)} Linear modules over {imp.tokens} tokens")
+    _save_imatrix(args.imatrix, imp)
     return imp
+
+
+def _save_imatrix(path, imp) -> None:
+    imp.save(path)
+    print(f"wrote {path}: importance of {len(imp.values)} Linear modules over {imp.tokens} tokens")
 
 
 def cmd_qat(args) -> int:

@@ -348,10 +348,11 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, *, formats="ggu
                         norm_bytes: int = 4, keep: bool = True, error=rtn_error, importance=None, seed: int = 0,
                         progress: bool = True, fisher: dict[str, torch.Tensor] | None = None) -> Sensitivity:
     """The options of every tensor of `planned_tensors`. windows: calibration token ids [n, T] for the Fisher
-    estimate (8 × 512 is plenty: on the default model 16 gave plans of the same measured KLD). overhead_bytes: what the output spends besides tensors (a GGUF file's
-    header, metadata and alignment); tensors outside the plan are counted at `norm_bytes` per value for
-    vectors (GGUF stores norms as F32) and 2 for matrices. importance (lowbit.models.importance.Importance):
-    measure each tensor's error with the importance-weighted quantizer (a tied embedding takes the lm_head's).
+    estimate (8 × 512 is plenty: on the default model 16 gave plans of the same measured KLD). overhead_bytes:
+    what the output spends besides tensors (a GGUF file's header, metadata and alignment); tensors outside the
+    plan are counted at `norm_bytes` per value for vectors (GGUF stores norms as F32) and 2 for matrices.
+    importance (lowbit.models.importance.Importance): measure each tensor's error with the importance-weighted
+    quantizer (a tied embedding takes the lm_head's).
     fisher: `fisher_diagonal(model, windows, planned_tensors(...))` when already computed."""
     from .models.arch import arch_for
 

@@ -54,16 +54,19 @@ def evaluate(model, tokenizer=None, base="recorded", *, text: str | None = None,
     if arithmetic not in ("torch", "llama.cpp"):
         raise LowbitError(f"arithmetic must be torch or llama.cpp, got {arithmetic!r}")
     cache = BaseCache(base, windows) if base is not None else False
+
+    def quality() -> dict:
+        return evaluate_quality({"model": model}, windows, base=base, progress=progress, base_cache=cache)["model"]
     if arithmetic == "llama.cpp":   # in float32 (a 16-bit model goes back to its dtype after: exact)
         from .ggml_arith import ggml_arithmetic
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         # nn.Module's own casts: transformers refuses .float()/.to(dtype) on a model it loaded from a quantized
         # GGUF file, although what it holds are plain float tensors
         with ggml_arithmetic(nn.Module.float(model)):
-            q = evaluate_quality({"model": model}, windows, base=base, progress=progress, base_cache=cache)["model"]
+            q = quality()
         nn.Module.to(model, dtype)
     else:
-        q = evaluate_quality({"model": model}, windows, base=base, progress=progress, base_cache=cache)["model"]
+        q = quality()
     result = {
         "ppl": q["ppl"],
         "kld": q.get("kld"),

@@ -133,11 +133,7 @@ class BaseCache:
                     touch(self.path)   # recently used: the last to be removed
             self.new[i] = hidden.float()
             return logits
-        if i not in self.kept:
-            logits, hidden = self._full(ids)
-            self.new[i] = hidden.float()
-            return logits
-        return self._replay(ids, self.kept[i].to(self.dtype))
+        return self._replay(ids, self.kept[i].to(self.dtype))   # trusted: every window is kept (checked on load)
 
     @property
     def state(self) -> str:
@@ -148,20 +144,16 @@ class BaseCache:
         return "reused" if self.trusted else "kept"
 
     def close(self) -> None:
-        """Write the kept and the new states (all windows, or nothing) when something was computed."""
-        if self.parts is None or not self.new or (self.trusted and len(self.new) == 1):
-            return
-        states = {**self.kept, **self.new} if self.trusted else self.new
-        if len(states) != self.windows.shape[0]:
+        """Write the states computed now when they are new (not the kept ones) and cover every window."""
+        if self.parts is None or self.trusted or len(self.new) != self.windows.shape[0]:
             return
         with contextlib.suppress(Exception):   # a cache that cannot be written is only slower next time
             from safetensors.torch import save_file
 
             from ..io.atomic import atomic_file
             with atomic_file(self.path, overwrite=True) as tmp:
-                save_file({f"w{i}": t.contiguous() for i, t in states.items()}, str(tmp))
+                save_file({f"w{i}": t.contiguous() for i, t in self.new.items()}, str(tmp))
             trim(self.path.parent, MAX_TOTAL_BYTES, keep=self.path)
-
 
 
 def _enabled() -> bool:

@@ -18,10 +18,9 @@ from tqdm.auto import tqdm
 from .base_cache import BaseCache
 
 
-@torch.no_grad()
-def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
-    logits = model(ids, use_cache=False).logits[:, :-1].float()
-    return F.log_softmax(logits, dim=-1)
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the next token at every position but the last, in float32."""
+    return F.log_softmax(logits[:, :-1].float(), dim=-1)
 
 
 @torch.no_grad()
@@ -39,13 +38,12 @@ def evaluate_quality(models: dict[str, torch.nn.Module], windows: torch.Tensor, 
         target = ids[:, 1:]
         base_lp = None
         if base is not None:
-            logits = cache.logits(i, ids) if cache is not None else base(ids, use_cache=False).logits
-            base_lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            base_lp = _log_probs(cache.logits(i, ids) if cache is not None else base(ids, use_cache=False).logits)
             base_p = base_lp.exp()                     # once per window, however many models
             base_top = base_lp.max(dim=-1).indices     # the first largest, as argmax, in half the time
         for name, model in models.items():
             # the base as one of the compared models: its pass is the one just run (the same computation)
-            lp = base_lp if model is base else _log_probs(model, ids)
+            lp = base_lp if model is base else _log_probs(model(ids, use_cache=False).logits)
             s = sums[name]
             s["nll"] -= lp.gather(-1, target.unsqueeze(-1)).sum().item()
             if base_lp is not None:

@@ -139,7 +139,8 @@ class ImportanceHooks:
         self.sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in self.mods.items()}
         self.counts = dict.fromkeys(self.mods, 0)
         self._handles: list = []
-        self._last: tuple | None = None   # (input, its Σx²): q/k/v and gate/up are handed the same tensor
+        # (input, its version, its Σx², its rows) of the last input seen: q/k/v and gate/up share one tensor
+        self._last: tuple | None = None
 
     def _hook_for(self, name):
         def hook(module, args):
