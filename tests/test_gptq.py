@@ -5,7 +5,7 @@ import lowbit
 from lowbit import IntSpec, LowbitError
 from lowbit.algorithms import Hessian, factor_hessian, gptq_quantize, quantize_rtn
 from lowbit.data import calibration_samples, load_text
-from lowbit.formats import choose_qparams
+from lowbit.formats import GGUFSpec, choose_qparams
 from lowbit.models.calibration import capture_calls, first_input
 
 from conftest import truncated
@@ -124,14 +124,16 @@ def test_hessian_float32_products_match_float64_and_the_factor_matches_the_paper
     activations over many samples. factor_hessian's single-Cholesky U equals the paper's
     chol(inv(H), upper) to float32 rounding, with and without act-order."""
     torch.manual_seed(0)
-    K = 96
-    xs = [torch.randn(256, K) * torch.logspace(-2, 1, K) for _ in range(6)]
-    H = Hessian(K)
-    for x in xs:
-        H.add(x)
-    X = torch.cat(xs).double()
-    ref = 2 * X.T @ X / X.shape[0]
-    assert ((H.H - ref).abs().max() / ref.abs().max()).item() < 1e-6
+    for K in (1000, 96):   # three tiles of the Gram product (mirrored into an exactly symmetric H), then one
+        xs = [torch.randn(256, K) * torch.logspace(-2, 1, K) for _ in range(6)]
+        H = Hessian(K)
+        assert len(H.tiles) == (3 if K == 1000 else 1)
+        for x in xs:
+            H.add(x)
+        X = torch.cat(xs).double()
+        ref = 2 * X.T @ X / X.shape[0]
+        assert ((H.H - ref).abs().max() / ref.abs().max()).item() < 1e-6
+        assert torch.equal(H.H, H.H.T)
     for act_order in (False, True):
         f = factor_hessian(ref, damp=0.01, act_order=act_order)
         Hp = ref[f.perm][:, f.perm] + 0.01 * ref.diag().mean() * torch.eye(K, dtype=ref.dtype)
@@ -199,3 +201,32 @@ def test_reused_parts_rerun_when_their_weights_or_inputs_change():
     with torch.no_grad(), ReuseFinishedParts(block, max_bytes=0):           # nothing may be kept: all rerun
         y = block(h)
         assert torch.equal(block(h), y) and block.runs == 2
+
+
+@pytest.mark.parametrize("spec", [IntSpec(4, 64, True), IntSpec(3, -1, False), GGUFSpec("Q4_K"), GGUFSpec("Q6_K"),
+                                  GGUFSpec("Q4_0")], ids=lambda s: s.name)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_native_column_loop_is_bit_identical_to_the_reference(spec, act_order, monkeypatch):
+    """kernels/csrc/gptq_columns.cpp against round_columns' tensor code: the same codes, stored parameters and
+    error-updated weights, bit for bit, on rows that are not a multiple of the kernel's 16-row tasks, 2.5
+    blocks of columns, an all-zero row (zero steps), a dead input and heavy tails."""
+    from lowbit.algorithms import gptq as gptq_module
+    from lowbit.kernels import native
+    if not native.available():
+        pytest.skip(native.load())
+    torch.manual_seed(3)
+    N, K = 77, 320 if spec.kind != "gguf" or spec.type.endswith("_0") else 512
+    W = torch.randn(N, K) * torch.rand(N, 1) * 3
+    W[5] = 0
+    W[9, :40] *= 50
+    X = torch.randn(1024, K) * torch.logspace(-1, 0.7, K)
+    X[:, 7] = 0
+    H = Hessian(K)
+    H.add(X)
+    f = factor_hessian(H.H, 0.01, act_order)
+    qn, un = gptq_module.gptq_quantize_updated(W, f, spec, act_order=act_order)
+    monkeypatch.setattr(gptq_module, "_native", lambda x: False)
+    qr, ur = gptq_module.gptq_quantize_updated(W, f, spec, act_order=act_order)
+    assert torch.equal(un, ur)
+    assert torch.equal(qn.dequantize(), qr.dequantize())
+    assert all(torch.equal(a, b) for a, b in zip(qn.tensors().values(), qr.tensors().values()))

@@ -71,17 +71,25 @@ class Grid:
     params: dict
 
     def round(self, w: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest grid point of column c for the values w [N]: (codes int32 [N], their values float32 [N]).
-        A zero step (an all-zero sub-block) leaves one value, −offset."""
-        step, zero = self.step[:, c].double(), self.zero[..., c].double()
-        off = self.offset[:, c].double()
-        safe = torch.where(step == 0, torch.ones_like(step), step)
-        q = torch.round((w.double() + off) / safe + zero).clamp(self.lo, self.hi)
-        q = torch.where(step == 0, zero.expand_as(q).clamp(self.lo, self.hi), q)
-        return q.to(torch.int32), self.values(q, c)
+        """Nearest grid point of column c for the values w [N]: (codes int32 [N], their values float32 [N])."""
+        return round_to_grid(w, self.step[:, c], self.zero[..., c], self.offset[:, c], self.lo, self.hi)
 
-    def values(self, q: torch.Tensor, c: int) -> torch.Tensor:
-        return self.step[:, c] * (q.float() - self.zero[..., c]) - self.offset[:, c]
+    def columns(self, c0: int, c1: int, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(step, zero, offset) of columns c0..c1-1, each float32 [rows, c1 - c0] (zero broadcast over rows)."""
+        return (self.step[:, c0:c1], self.zero[..., c0:c1].expand(rows, c1 - c0), self.offset[:, c0:c1])
+
+
+def round_to_grid(w: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, offset: torch.Tensor, lo: int,
+                  hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest point of the grid step·(q − zero) − offset, q in [lo, hi], for each value of w (all float32,
+    same shape): (codes int32, their values float32). The code is found in float64 (so that (w + offset) /
+    step is exact enough to pick the nearest point), the value in float32 in the order above, as the formats
+    dequantize. A zero step (an all-zero sub-block) leaves one value, −offset."""
+    s, z = step.double(), zero.double()
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    q = torch.round((w.double() + offset.double()) / safe + z).clamp(lo, hi)
+    q = torch.where(s == 0, z.expand_as(q).clamp(lo, hi), q)
+    return q.to(torch.int32), step * (q.float() - zero) - offset
 
 
 class WeightFormat:

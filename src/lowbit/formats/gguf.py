@@ -215,10 +215,8 @@ def _wrap_int8(v: torch.Tensor) -> torch.Tensor:
 def native_searches(x: torch.Tensor) -> bool:
     """Whether lowbit's native searches (kernels/csrc/gguf_search.cpp) serve tensors like x: float32 on the
     CPU, where the library is built."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
     from ..kernels import native
-    return native.available()
+    return native.serves(x)
 
 
 def native_search(x: torch.Tensor) -> bool:

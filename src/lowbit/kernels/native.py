@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("cpu_gemm.cpp", "gguf_search.cpp")   # compiled; every file in csrc/ is part of the cache key
+SOURCES = ("cpu_gemm.cpp", "gguf_search.cpp", "gptq_columns.cpp")   # compiled; every file in csrc/ is part of the cache key
 _CSRC = Path(__file__).with_name("csrc")
 
 
@@ -98,6 +98,12 @@ def load() -> str | None:
 
 def available() -> bool:
     return load() is None
+
+
+def serves(x: torch.Tensor) -> bool:
+    """Whether the library's float32 routines (the GGUF searches, GPTQ's column loop) take tensors like x:
+    float32 on the CPU, with the library loaded."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and available()
 
 
 @functools.lru_cache(maxsize=1)
