@@ -6,7 +6,9 @@ from lowbit import IntSpec, LowbitError
 from lowbit.algorithms import Hessian, factor_hessian, gptq_quantize, quantize_rtn
 from lowbit.data import calibration_samples, load_text
 from lowbit.formats import GGUFSpec, choose_qparams
-from lowbit.models.calibration import capture_calls, first_input
+from lowbit import blockwise
+from lowbit.models.calibration import BlockInputs, capture_calls, first_input
+from lowbit.models.paused import OutOfOrder, PausedForwards
 
 from conftest import truncated
 
@@ -155,6 +157,8 @@ def test_reusing_finished_parts_gives_the_same_gptq_and_runs_attention_half_as_o
     samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=3, seqlen=64, seed=5)
     scheme = lowbit.GPTQ(bits=4, group_size=64)
     runs, calls = [], []
+    monkeypatch.setattr(blockwise, "PausedForwards", _NeverPaused)   # passes over the block, as without greenlet
+    monkeypatch.setattr(q, "paused_available", lambda: False)
     for reuse in (ReuseFinishedParts, lambda block: contextlib.nullcontext()):
         monkeypatch.setattr(q, "ReuseFinishedParts", reuse)
         model = truncated(base, 2)
@@ -170,6 +174,79 @@ def test_reusing_finished_parts_gives_the_same_gptq_and_runs_attention_half_as_o
     # k_proj runs per sample and block in the o, gate/up and down captures and the outputs' pass (the q/k/v
     # capture stops at q_proj); reused from the gate/up capture on
     assert calls == [2 * 2 * 3, 4 * 2 * 3]
+
+
+class _NeverPaused(PausedForwards):
+    def calls(self, k):
+        self.close()
+        raise OutOfOrder("passes instead")
+
+
+def test_paused_forwards_give_the_same_gptq_as_passes_and_run_each_linear_once(base, tokenizer, monkeypatch):
+    """GPTQ's true-sequential groups from one paused forward per sample (models.paused): the codes, scales and
+    the next blocks' inputs (the quantized model's logits) are those of passes over the block, and k_proj runs
+    once per sample and block instead of 4 times."""
+    samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=3, seqlen=64, seed=5)
+    ids = samples[:1]
+    runs, calls, logits = [], [], []
+    for paused in (PausedForwards, _NeverPaused):
+        monkeypatch.setattr(blockwise, "PausedForwards", paused)
+        model = truncated(base, 2)
+        counter = [0]
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.register_forward_pre_hook(lambda *a: counter.__setitem__(0, counter[0] + 1))
+        m = lowbit.quantize(model, lowbit.Recipe.default(lowbit.GPTQ(bits=4, group_size=64)), calibration=samples,
+                            progress=False)
+        runs.append({n: b.clone() for n, b in m.named_buffers() if n.endswith(("wpack", "scales", "zeros"))})
+        calls.append(counter[0])
+        with torch.no_grad():
+            logits.append(m(ids).logits)
+    assert runs[0].keys() == runs[1].keys() and len(runs[0]) > 0
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert torch.equal(logits[0], logits[1])
+    # passes: the o, gate/up and down captures and the outputs' pass (no reused parts: quantize sets them up
+    # only where the forwards cannot be paused)
+    assert calls == [1 * 2 * 3, 4 * 2 * 3]
+
+
+def test_paused_forwards_stop_when_a_block_calls_its_groups_out_of_order():
+    """A block that runs group b before group a: asking for a's inputs stops every forward (OutOfOrder, no
+    thread left) so the caller can fall back to passes; in order, the calls and outputs are the block's."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, h):
+            return self.a(self.b(h))
+
+    torch.manual_seed(0)
+    block = Block()
+    inputs = BlockInputs([torch.randn(2, 4) for _ in range(3)], [{} for _ in range(3)])
+    with PausedForwards(block, inputs, [("a", ["a"]), ("b", ["b"])]) as p:
+        with pytest.raises(OutOfOrder, match="b"):
+            p.calls(0)
+        assert p.forwards == [None] * 3 and not p.handles   # every forward unwound, the hooks removed
+    assert torch.is_grad_enabled()
+    with PausedForwards(block, inputs, [("b", ["b"]), ("a", ["a"])]) as p:
+        assert all(torch.equal(a[0], h) for (a, _kw), h in zip(p.calls(0), inputs.hidden))
+        block.b.weight.data = block.b.weight.detach() * 2      # "quantized" between the groups
+        assert all(torch.equal(a[0], block.b(h)) for (a, _kw), h in zip(p.calls(1), inputs.hidden))
+        block.a.weight.data = block.a.weight.detach() * 3
+        assert all(torch.equal(y, block(h)) for y, h in zip(p.outputs(), inputs.hidden))
+    with PausedForwards(block, inputs, [("b", ["b"]), ("a", ["a"])]) as p:
+        p.calls(0)
+        forwards = list(p.forwards)
+    assert all(g.dead for g in forwards) and torch.is_grad_enabled()   # left paused: unwound on exit
+
+
+def test_without_greenlet_gptq_falls_back_to_passes(monkeypatch):
+    from lowbit.models import paused
+    monkeypatch.setattr(paused, "greenlet", None)
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with PausedForwards(block, BlockInputs([torch.randn(2, 4)], [{}]), [("0", ["0"])]) as p:
+        with pytest.raises(OutOfOrder, match="greenlet"):
+            p.calls(0)
 
 
 def test_reused_parts_rerun_when_their_weights_or_inputs_change():
@@ -230,3 +307,29 @@ def test_native_column_loop_is_bit_identical_to_the_reference(spec, act_order, m
     assert torch.equal(un, ur)
     assert torch.equal(qn.dequantize(), qr.dequantize())
     assert all(torch.equal(a, b) for a, b in zip(qn.tensors().values(), qr.tensors().values()))
+
+
+@pytest.mark.parametrize("spec", [IntSpec(4, 64, True), IntSpec(4, 64, False), IntSpec(3, -1, False),
+                                  IntSpec(8, 32, True), IntSpec(4, 32, False, scale_bits=6), GGUFSpec("Q4_0")],
+                         ids=lambda s: s.name)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fit_grids_at_once_equal_fit_grid_per_group(spec, weighted):
+    """A format's fit_grids (IntSpec: every group in one search) gives the grids fit_grid gives each slice,
+    bit for bit, importance floors included (a group of near-zero importance beside large ones)."""
+    torch.manual_seed(4)
+    W = torch.randn(40, 256) * torch.rand(40, 1)
+    W[3] = 0
+    imp = torch.rand(256) * 10
+    imp[64:96] = 1e-30
+    imp[100] = 0
+    g = spec.grid_width(256)
+    at_once = spec.fit_grids(W, imp if weighted else None)
+    one_by_one = [spec.fit_grid(W[:, j:j + g], imp[j:j + g] if weighted else None) for j in range(0, 256, g)]
+    assert len(at_once) == len(one_by_one) == 256 // g
+    for a, b in zip(at_once, one_by_one):
+        assert (a.lo, a.hi) == (b.lo, b.hi)
+        for f in ("step", "zero", "offset"):
+            assert torch.equal(getattr(a, f).expand_as(getattr(b, f)), getattr(b, f)), f
+        assert a.params.keys() == b.params.keys()
+        assert all((a.params[k] is None and b.params[k] is None) or torch.equal(torch.as_tensor(a.params[k]), torch.as_tensor(b.params[k]))
+                   for k in a.params)

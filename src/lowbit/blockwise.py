@@ -16,6 +16,8 @@ travels into the QuantLinear (`input_scale`).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -30,6 +32,7 @@ from .formats.act import ActSpec, fake_quantize_act
 from .models.arch import Arch
 from .models.calibration import BlockInputs, InputSummary, capture_calls, first_input, first_output, summarize_inputs
 from .models.discovery import fold_scale
+from .models.paused import OutOfOrder, PausedForwards
 from .nn.qlinear import INPUT_SCALE, input_scale_of, scale_inputs
 
 Plan = dict  # name inside the block -> its configuration (lowbit.config)
@@ -96,9 +99,26 @@ def gptq_round(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) ->
     groups = list(linear_groups(arch, plan))
     sequential = all(s.true_sequential for s in plan.values())
     upfront = None if sequential else capture_calls(block, inputs, [g[3] for g in groups])
+    with contextlib.ExitStack() as stack:
+        # true-sequential: one forward per sample, paused before each group (models.paused); passes over the
+        # block from its start (capture_calls) where the block does not call its groups in order
+        paused = stack.enter_context(PausedForwards(block, inputs, [(g[3], g[2]) for g in groups])) if sequential else None
+        out = _gptq_groups(block, inputs, plan, groups, paused, upfront)
+        if paused is not None and inputs.keep_outputs and paused.turn == len(groups):
+            with contextlib.suppress(OutOfOrder):
+                inputs.outputs = paused.outputs()
+    return out
+
+
+def _gptq_groups(block, inputs, plan, groups, paused, upfront) -> dict[str, tuple[torch.Tensor, Quantized]]:
     out = {}
-    for _producer, _linears, names, inspect in groups:
-        calls = capture_calls(block, inputs, [inspect])[inspect] if sequential else upfront[inspect]
+    for k, (_producer, _linears, names, inspect) in enumerate(groups):
+        calls = None
+        if paused is not None and not paused.abort:
+            with contextlib.suppress(OutOfOrder):
+                calls = paused.calls(k)
+        if calls is None:
+            calls = upfront[inspect] if upfront is not None else capture_calls(block, inputs, [inspect])[inspect]
         H = Hessian(block.get_submodule(names[0]).in_features)
         for x in _inputs(block, inspect, calls):
             H.add(x)

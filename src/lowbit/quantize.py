@@ -26,6 +26,7 @@ from .models.arch import arch_for
 from .models.calibration import ReuseFinishedParts, iterate_blocks
 from .models.discovery import discover_feeds
 from .models.importance import collect_importance, load_importance
+from .models.paused import available as paused_available
 from .models.moe import (expert_lists, reset_counts, route_all_experts, routed_counts, router_names,
                          unstack_experts)
 from .nn import QuantEmbedding, QuantLinear, set_submodule
@@ -136,8 +137,13 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
                     f, offsets, unfolded = discover_feeds(block, inputs.hidden[0], inputs.kwargs[0])
                     feeds[sig] = replace(arch, feeds=f, fold_offset=offsets, fallbacks=unfolded)
                 block_arch = feeds[sig]
-            if inputs is not None and any(getattr(c, "true_sequential", False) for c in block_plan.values()):
-                reuse.enter_context(ReuseFinishedParts(block))   # GPTQ's repeated passes over this block
+            if inputs is not None:
+                # GPTQ alone in a dense block leaves it as its paused forwards (models.paused) end: their outputs
+                # are the next block's inputs (a router's counts come from a separate pass)
+                inputs.keep_outputs = not expert_lists(block) and all(c.method == "gptq" for c in block_plan.values())
+            if (inputs is not None and any(getattr(c, "true_sequential", False) for c in block_plan.values())
+                    and not (inputs.keep_outputs and paused_available())):
+                reuse.enter_context(ReuseFinishedParts(block))   # passes over this block repeat its parts
             with route_all_experts(model, all_experts):
                 block_imp = None if importance is None else {
                     n[len(prefix):]: v for n, v in importance.items() if n.startswith(prefix)}

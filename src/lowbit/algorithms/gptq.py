@@ -130,8 +130,7 @@ def gptq_quantize_updated(W: torch.Tensor, factor: Factor, spec: WeightFormat, *
 
     grids = [None] * G
     if act_order:  # static groups: parameters from the original weights, group-contiguous
-        for j in range(G):
-            grids[j] = fit(W[:, j * g:(j + 1) * g], j)
+        grids = spec.fit_grids(W, diag if weighted_grid else None)
         if len({(gr.lo, gr.hi) for gr in grids}) > 1:
             raise ValueError(f"{spec.name}: grids of one tensor with different code ranges")
         # every column's grid in the loop's (permuted) order, so that a block's columns are one slice

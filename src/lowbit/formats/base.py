@@ -147,6 +147,13 @@ class WeightFormat:
         weights of the columns), as a Grid."""
         raise NotImplementedError(f"{self.name} has no fixed grid for column-by-column rounding")
 
+    def fit_grids(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> list[Grid]:
+        """fit_grid for every `grid_width` columns of w ([N, K]; importance: [K]), in order: the same grids,
+        which a format may fit all at once."""
+        g = self.grid_width(w.shape[1])
+        return [self.fit_grid(w[:, j:j + g], None if importance is None else importance[j:j + g])
+                for j in range(0, w.shape[1], g)]
+
     def from_grids(self, codes: torch.Tensor, grids: list[Grid]) -> "QuantizedTensor":
         """Codes [N, K] chosen on `grids` (one per `grid_width` columns, in order) -> the stored tensor."""
         raise NotImplementedError(f"{self.name} has no fixed grid for column-by-column rounding")

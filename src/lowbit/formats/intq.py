@@ -226,6 +226,29 @@ class IntSpec(WeightFormat):
         step = s.float().expand(-1, w.shape[1])
         return Grid(step, zf, torch.zeros_like(step), self.qmin, self.qmax, {"scales": s, "zeros": z})
 
+    def fit_grids(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> list[Grid]:
+        if self.two_level:
+            return super().fit_grids(w, importance)
+        # every group at once: the same operations per group as fit_grid on each slice (tests/test_gptq.py),
+        # importance's floor (check_importance) taken per group as there
+        n, k = w.shape
+        g = self.grid_width(k)
+        spec = IntSpec(self.bits, g, self.symmetric)
+        if importance is None:
+            s, z = choose_qparams(w, spec)
+        else:
+            check_importance(importance, k)
+            raw = torch.as_tensor(importance).detach().float().reshape(-1, g)
+            floor = (raw.mean(1, keepdim=True).double() * 1e-9 + 1e-30).float()
+            s, z = search_qparams(w, spec, torch.maximum(raw, floor).reshape(-1))
+        grids = []
+        for j in range(k // g):
+            sj, zj = s[:, j:j + 1], None if z is None else z[:, j:j + 1]
+            step = sj.float().expand(-1, g)
+            grids.append(Grid(step, _zero_float(zj, self, sj.float()).expand(-1, g), torch.zeros_like(step),
+                              self.qmin, self.qmax, {"scales": sj, "zeros": zj}))
+        return grids
+
     def from_grids(self, codes: torch.Tensor, grids: list[Grid]) -> QuantizedTensor:
         if self.two_level:   # each grid's stored scales hold one super-block: its codes, then its d
             parts = []

@@ -14,6 +14,7 @@ own type's. The blocks before that are skipped during the capture (their output 
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from dataclasses import dataclass
 from typing import Iterator
@@ -30,6 +31,11 @@ class BlockInputs:
     hidden: list[torch.Tensor]     # one [1, T, H] tensor per calibration sample
     kwargs: list[dict]             # the keyword arguments the model gave the block for that sample
     by_type: dict[str, list[dict]] | None = None   # the same per layer type, where the model has several
+    # set by the caller when the block will be left exactly as its driver leaves it: the driver may then put
+    # the block's outputs on these inputs in `outputs` (GPTQ's paused forwards compute them on the way), and
+    # iterate_blocks takes them instead of running the block again
+    keep_outputs: bool = False
+    outputs: list[torch.Tensor] | None = None
 
 
 class _Stop(Exception):
@@ -115,7 +121,9 @@ class ReuseFinishedParts:
 
     def __init__(self, block: nn.Module, max_bytes: int = 512 << 20):
         self.block = block
-        self.sample = None
+        # the sample being run, per call stack: models.paused runs the samples' forwards interleaved, each in
+        # a greenlet of its own (a context variable is per greenlet and per thread)
+        self.sample = contextvars.ContextVar("sample", default=None)
         self.entries: dict = {}
         self.max_bytes, self.bytes = max_bytes, 0
         self.parts = [(n, m) for n, m in block.named_children() if any(isinstance(x, nn.Linear) for x in m.modules())]
@@ -136,18 +144,19 @@ class ReuseFinishedParts:
         return False
 
     def _enter_block(self, module, args, kwargs):
-        self.sample = id(args[0]) if args else None
+        self.sample.set(id(args[0]) if args else None)
 
     def _reusing(self, name: str, part: nn.Module, forward):
         @functools.wraps(forward)    # its signature stays readable (first_input looks up the first argument)
         def run(*args, **kwargs):
-            key = (name, self.sample)
+            sample = self.sample.get()
+            key = (name, sample)
             entry = self.entries.get(key)
             if entry is not None and _same(entry[0], (args, kwargs)) and _same_params(entry[1], part):
                 return _clone(entry[2])
             out = forward(*args, **kwargs)   # a part stopped midway (capture_calls) raises and records nothing
             size = _nbytes((args, kwargs, out))
-            if self.sample is not None and (entry is not None or self.bytes + size <= self.max_bytes):
+            if sample is not None and (entry is not None or self.bytes + size <= self.max_bytes):
                 params = [(p, p.detach(), p._version) for p in part.parameters()]
                 self.bytes += 0 if entry is not None else size
                 self.entries[key] = (_clone((args, kwargs)), params, _clone(out))
@@ -213,7 +222,7 @@ def iterate_blocks(model: nn.Module, samples: torch.Tensor) -> Iterator[tuple[in
         if by_type is not None:
             inputs = BlockInputs(inputs.hidden, by_type[types[i]], by_type)
         yield i, block, inputs
-        inputs = run_block(block, inputs)
+        inputs = BlockInputs(inputs.outputs, inputs.kwargs) if inputs.outputs is not None else run_block(block, inputs)
 
 
 @torch.no_grad()
