@@ -8,6 +8,9 @@ Shapes are the engine's own matmuls of one SmolLM2-135M block (fused q/k/v 576�
   native-int4 — lowbit's own kernel (csrc/cpu_gemm.cpp): with int8 activations on VNNI (the default where the
                 CPU has it), then once per float32 instruction-set path this CPU has;
   native-int8 — the same for INT8 per channel (int8 activations where VNNI exists, and the float32 path);
+  native-int4 / native-int8 (5- and 6-bit integers, GGUF Q4_0/Q5_0/Q8_0, and Q4_K/Q5_K where in_features is a
+                multiple of 256) — the same kernels on those formats' integer view, and the reference kernel
+                (dequantize every call), which ran them before, for GGUF Q4_0 on the small shapes;
   cpu-int4 / cpu-int8 — PyTorch's packed ATen kernels (bfloat16 activations);
   dense fp32 / bf16 — torch.nn.functional.linear on the dequantized weight.
 
@@ -33,16 +36,21 @@ from lowbit.algorithms import quantize_rtn
 from lowbit.eval import environment
 from lowbit.eval.system import memory_bandwidth
 from lowbit.io.atomic import atomic_write_text
-from lowbit.kernels import KERNELS, native
+from lowbit.formats import GGUFSpec
+from lowbit.kernels import KERNELS, native, select_kernel
 
 SHAPES = {"qkv 576→960": (960, 576), "o 576→576": (576, 576), "gate_up 576→3072": (3072, 576),
           "down 1536→576": (576, 1536), "lm_head 576→49152": (49152, 576)}
 
 
 def resident_bytes(packed: dict) -> int:
-    """What a call reads: every resident tensor except the storage copies kept only for `restore`."""
-    return sum(t.numel() * t.element_size() for k, t in packed.items() if k not in ("scales", "zeros")
-               or k == "scales" and "kscales" not in packed and "scale_zeros" not in packed)
+    """What a call reads: every resident tensor except what is kept only for `restore` (the scales and zeros
+    beside a kernel's own scales; a GGUF type's block fields beside the native kernels' codes)."""
+    def read(k):
+        if k in ("scales", "zeros"):
+            return k == "scales" and "kscales" not in packed and "scale_zeros" not in packed
+        return not k.startswith("field_")
+    return sum(t.numel() * t.element_size() for k, t in packed.items() if read(k))
 
 
 def time_calls(fns: list, rows: int, k: int, calls: int, repeats: int) -> float:
@@ -88,9 +96,18 @@ def variants(w: torch.Tensor):
                 "native-int4", q4, lambda x, p, g: ops.int4_gemm(x, p["wpack"], p["kscales"], p["offsets"], g, isa))))
         if native.vnni():
             out.append(("native-int8 (avx512-vnni, int8 activations)", lambda: kernel_call(
-                "native-int8", q8, lambda x, p, g: ops.int8_gemm_q8(x, p["qweight"], p["kscales"], p["offsets"], g))))
+                "native-int8", q8, lambda x, p, g: ops.int8_gemm_q8(x, p["wq"], p["kscales"], p["offsets"], g))))
         out.append(("native-int8 (float32)", lambda: kernel_call(
-            "native-int8", q8, lambda x, p, g: ops.int8_gemm(x, p["qweight"], p["kscales"], p["offsets"], g))))
+            "native-int8", q8, lambda x, p, g: ops.int8_gemm(x, p["wq"], p["kscales"], p["offsets"], g))))
+        # other integer formats through their integer view (formats.base.IntegerView), each kernel's default path
+        others = [("int5 g64", quantize_rtn(w, IntSpec(5, 64, False))), ("int6 g64", quantize_rtn(w, IntSpec(6, 64, True)))]
+        others += [(f"GGUF {t}", GGUFSpec(t).quantize(w)) for t in ("Q4_0", "Q5_0", "Q8_0")]
+        others += [(f"GGUF {t}", GGUFSpec(t).quantize(w)) for t in ("Q4_K", "Q5_K") if k % 256 == 0]
+        for label, qt in others:
+            kern = select_kernel(qt.spec, qt.shape)
+            out.append((f"{kern.name} ({label})", lambda kern=kern, qt=qt: kernel_call(kern.name, qt)))
+            if label == "GGUF Q4_0" and n * k <= 1 << 21:   # what these formats ran on before: the reference
+                out.append((f"reference ({label})", lambda qt=qt: kernel_call("reference", qt)))
     for name, qt in (("cpu-int4", q4), ("cpu-int8", q8)):
         if KERNELS[name].unsupported(qt.spec, qt.shape, torch.device("cpu")) is None:
             out.append((f"{name} (ATen)", lambda name=name, qt=qt: kernel_call(name, qt)))

@@ -15,6 +15,8 @@ lm_head). Bytes read per token over the measured memory bandwidth is the fastest
     python benchmarks/decode_engine.py --llama-bench "$(bash benchmarks/build_llama_bench.sh)"   # full run
     python benchmarks/decode_engine.py                  # full run through llama-cpp-python (about 10 minutes)
     python benchmarks/decode_engine.py --quick --out DIR  # tiny random model, seconds: keeps the script alive
+    python benchmarks/decode_engine.py --formats Q4_0,Q8_0,int5 --out benchmarks/results/decode_formats
+                                  # formats on their native kernels and on the reference kernel, lowbit rows only
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from transformers import GenerationConfig
 
 import lowbit
 from lowbit.export.atomic import atomic_write_text
+from lowbit.formats import GGUFSpec
 from lowbit.engine import Engine
 from lowbit.eval import decode_speed, environment, prefill_speed
 from lowbit.eval.speed import engine_for
@@ -183,6 +186,15 @@ def quantized(model, bits: int, group_size: int, head: bool, kernels: str = "aut
     return lowbit.quantize(copy.deepcopy(model), recipe, progress=False)
 
 
+def in_format(model, fmt: str, kernel: str):
+    """Every decoder Linear round-to-nearest in `fmt` (a GGUF type such as Q4_0, or int5 / int6: groups of 64),
+    run on `kernel` ("auto", or "reference": what formats without a kernel of their own ran on)."""
+    import copy
+    spec = lowbit.IntSpec(int(fmt[3:]), 64, False) if fmt.startswith("int") else GGUFSpec(fmt)
+    return lowbit.quantize(copy.deepcopy(model), lowbit.Recipe.default(lowbit.config_for("rtn", spec, kernel=kernel)),
+                           progress=False)
+
+
 def table(rows: list[dict], bw: float) -> str:
     lines = ["| model | engine | decode tok/s | prefill tok/s (512) | weight MB read / token | bound tok/s "
              f"(at {bw:.1f} GB/s) | decode / bound | 64 tokens = reference |",
@@ -206,6 +218,9 @@ def main() -> int:
     ap.add_argument("--llama-bench", type=Path, default=None,
                     help="llama.cpp's llama-bench binary (llama-quantize beside it): llama.cpp measured natively")
     ap.add_argument("--out", default="benchmarks/results/decode_engine", help="writes OUT.md and OUT.json")
+    ap.add_argument("--formats", default=None,
+                    help="only lowbit rows for these formats (e.g. Q4_0,Q5_0,Q8_0,int5,int6), each on its native "
+                         "kernel and on the reference kernel")
     ap.add_argument("--llamacpp-child", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -235,11 +250,21 @@ def main() -> int:
         loaded = lowbit.load_model("default")
         base, tok = loaded.model, loaded.tokenizer
         window = token_windows(tok, load_text(None, "evaluation"), 512, 1)[0]
+        if args.formats:
+            rows = []
+            for fmt in args.formats.split(","):
+                for kernel in ("auto", "reference"):
+                    model = in_format(base, fmt, kernel)
+                    used = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
+                    print(f"measuring {fmt} on {', '.join(used)}", file=sys.stderr, flush=True)
+                    rows.append(lowbit_row(f"{fmt} (lm_head bf16), {', '.join(used)}", model, tok, window, args,
+                                           copy_bw))
+            args.no_llamacpp, args.llama_bench = True, None
         bf16 = __import__("copy").deepcopy(base).to(torch.bfloat16)
-        rows = [hf_row("fp32", base, tok, window, args, copy_bw),
+        rows = rows if args.formats else [hf_row("fp32", base, tok, window, args, copy_bw),
                 hf_row("bf16", bf16, tok, window, args, copy_bw)]
-        rows.append(lowbit_row("fp32", base, tok, window, args, copy_bw))
-        rows.append(lowbit_row("bf16", bf16, tok, window, args, copy_bw))
+        rows += [] if args.formats else [lowbit_row("fp32", base, tok, window, args, copy_bw),
+                                         lowbit_row("bf16", bf16, tok, window, args, copy_bw)]
         q8 = "native kernels: int8 activations in decode" if native.available() and native.vnni() else None
         for name, bits, gs, head, kernels in (("INT8 per channel (lm_head bf16)", 8, -1, False, "auto"),
                                               ("INT8 per channel + INT8 lm_head", 8, -1, True, "auto"),
@@ -248,7 +273,8 @@ def main() -> int:
                                               ("INT4 g64 (lm_head bf16)", 4, 64, False, "auto"),
                                               ("INT4 g64 + INT8 lm_head", 4, 64, True, "auto"),
                                               ("INT4 g64 + INT8 lm_head", 4, 64, True, "float"),
-                                              ("INT4 g64 + INT8 lm_head, ATen kernels", 4, 64, True, "aten")):
+                                              ("INT4 g64 + INT8 lm_head, ATen kernels", 4, 64, True, "aten")
+                                              ) if not args.formats else ():
             if kernels == "float":   # the native kernels' float32 decode path, where int8 activations are the default
                 if q8 is None:
                     continue

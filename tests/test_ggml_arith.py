@@ -108,7 +108,9 @@ def test_context_restores_the_model(mixed, eval_ids):
             inside = mixed(ids).logits
         after = mixed(ids).logits
     assert torch.equal(before, after) and not torch.equal(before, inside)
-    assert (inside - before).abs().max() < 1.0
+    # outside, the GGUF layers run lowbit's native kernels (bfloat16 matmuls for many rows where the CPU has
+    # them): close to llama.cpp's arithmetic, not equal
+    assert (inside - before).abs().max() < 0.05 * before.abs().max()
 
 
 def test_refuses_what_gguf_cannot_store(base):

@@ -115,7 +115,7 @@ def test_types_and_size_prediction(two_blocks, base, tmp_path):
     assert t["token_embd.weight"].tensor_type.name == "F16" and t["output.weight"].tensor_type.name == "Q8_0"
     assert t["blk.0.ffn_down.weight"].tensor_type.name == "Q4_K"
     assert t["blk.0.attn_norm.weight"].tensor_type.name == "F32"
-    assert t["blk.0.ffn_down.weight"].data.tobytes() == m.model.layers[0].mlp.down_proj.qweight.numpy().tobytes()
+    assert t["blk.0.ffn_down.weight"].data.tobytes() == m.model.layers[0].mlp.down_proj.quantized_tensor().qweight.numpy().tobytes()
     assert torch.equal(torch.from_numpy(t["token_embd.weight"].data.copy()), base.model.embed_tokens.weight.half())
     assert os.path.getsize(out) == gguf_file_bytes(m, src)
 

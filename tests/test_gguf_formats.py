@@ -272,14 +272,24 @@ def test_fallback_type_follows_llama_cpp():
 
 @pytest.mark.parametrize("t", GGUF_TYPES)
 def test_reference_kernel_and_quant_linear(t):
+    """On the reference kernel a GGUF layer is exactly its dequantized weight's Linear; by default the types
+    with 32-column sub-blocks run on the native kernels (codes of at most 4 bits on native-int4), close to it,
+    and either way the layer gives back its stored bytes exactly."""
+    from lowbit.kernels import native
     spec = GGUFSpec(t)
     w, bias = weights(48, 512), torch.randn(48)
     qt = spec.quantize(w)
-    assert select_kernel(spec, qt.shape, "cpu").name == "reference"
-    layer = QuantLinear(qt, bias)
     x = torch.randn(3, 5, 512)
-    assert torch.equal(layer(x), torch.nn.functional.linear(x, qt.dequantize(), bias))
+    want = torch.nn.functional.linear(x, qt.dequantize(), bias)
+    layer = QuantLinear(qt, bias, kernel="reference")
+    assert torch.equal(layer(x), want)
     assert torch.equal(layer.quantized_tensor().qweight, qt.qweight)
+    auto = QuantLinear(qt, bias)
+    sub, _lo, hi = spec.integer_groups(512)
+    expected = "reference" if sub % 32 or not native.available() else "native-int4" if hi <= 15 else "native-int8"
+    assert auto.kernel.name == expected
+    assert ((auto(x) - want).norm() / want.norm()).item() < 2e-2
+    assert torch.equal(auto.quantized_tensor().qweight, qt.qweight)
 
 
 def test_checkpoint_round_trip(base, tokenizer, tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from lowbit import IntSpec
 from lowbit.algorithms import quantize_rtn
-from lowbit.formats import QuantizedTensor
+from lowbit.formats import GGUFSpec, QuantizedTensor
 from lowbit.kernels import KERNELS, native, select_kernel
 from lowbit.kernels.base import DENSE_FROM_ROWS
 from lowbit.kernels.native_int4 import pack_chunks, unpack_chunks
@@ -128,7 +128,8 @@ def test_int8_real_layers_match_reference_and_keep_the_storage(base, spec):
     qt = quantize_rtn(w, spec)
     assert select_kernel(spec, qt.shape).name == "native-int8"
     packed = NATIVE8.prepare(qt)
-    assert packed["qweight"].data_ptr() == qt.qweight.data_ptr()      # the codes are not copied
+    assert packed["wq"].data_ptr() == qt.qweight.data_ptr()      # the codes are not copied
+    assert "qweight" not in packed
     back = NATIVE8.restore(packed, spec, qt.shape)
     assert torch.equal(back.qweight, qt.qweight) and torch.equal(back.scales, qt.scales)
     dense = qt.dequantize(torch.float32)
@@ -139,6 +140,42 @@ def test_int8_real_layers_match_reference_and_keep_the_storage(base, spec):
         want = torch.nn.functional.linear(seen, dense)
         err = ((NATIVE8.linear(x, packed, spec, qt.shape, None) - want).norm() / want.norm()).item()
         assert err < (1e-5 if decode else 1e-2), (rows, err)
+
+
+@pytest.mark.parametrize("spec", [IntSpec(5, 64, False), IntSpec(6, 64, True), IntSpec(7, 32, True),
+                                  IntSpec(5, 64, False, scale_bits=6, super_block=192), GGUFSpec("Q8_0"), GGUFSpec("Q5_0"),
+                                  GGUFSpec("Q5_1"), GGUFSpec("Q5_K"), GGUFSpec("Q4_0"), GGUFSpec("Q4_1"),
+                                  GGUFSpec("Q4_K")], ids=lambda s: s.name)
+def test_other_integer_formats_run_natively_and_match_reference(base, spec):
+    """5-7-bit integer formats and the GGUF types whose sub-blocks are 32 wide run on the native kernels
+    through their integer view (codes of at most 4 bits on native-int4, else native-int8): the stored tensors
+    come back exactly, and decode and prefill equal the reference's float math on what the kernel sees."""
+    names = ["model.layers.29.mlp.down_proj"] + ([] if getattr(spec, "block_size", 32) == 256 else
+                                                 ["model.layers.0.self_attn.q_proj"])
+    for name in names:
+        w = base.get_submodule(name).weight.detach()
+        qt = spec.quantize(w) if isinstance(spec, GGUFSpec) else quantize_rtn(w, spec)
+        kernel = NATIVE if spec.integer_groups(w.shape[1])[2] <= 15 else NATIVE8
+        assert select_kernel(spec, qt.shape) is kernel
+        packed = kernel.prepare(qt)
+        back = kernel.restore(packed, spec, qt.shape)
+        assert all(torch.equal(a, b) for a, b in zip(back.tensors().values(), qt.tensors().values()))
+        assert back.tensors().keys() == qt.tensors().keys()
+        dense = qt.dequantize(torch.float32)
+        for rows in (1, 5, DENSE_FROM_ROWS, 64):
+            x = torch.randn(rows, w.shape[1])
+            decode = rows < DENSE_FROM_ROWS
+            block = 64 if kernel is NATIVE else 32
+            seen = round_int8_blocks(x, block).float() if decode and kernel.q8 else x.to(torch.bfloat16).float()
+            want = torch.nn.functional.linear(seen, dense)
+            err = ((kernel.linear(x, packed, spec, qt.shape, None) - want).norm() / want.norm()).item()
+            assert err < (1e-5 if decode else 1e-2), (name, rows, err)
+
+
+def test_sixteen_wide_sub_blocks_stay_on_the_reference_kernel():
+    for t in ("Q6_K", "Q3_K", "Q2_K"):
+        assert select_kernel(GGUFSpec(t), (64, 256)).name == "reference"
+        assert "groups of a multiple of 32" in NATIVE8.unsupported(GGUFSpec(t), (64, 256), torch.device("cpu"))
 
 
 def test_dequantize_equals_the_python_formula_bit_for_bit():

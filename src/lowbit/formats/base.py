@@ -92,6 +92,17 @@ def round_to_grid(w: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, offse
     return q.to(torch.int32), step * (q.float() - zero) - offset
 
 
+@dataclass
+class IntegerView:
+    """A stored tensor as integer codes on per-group affine grids, the form native kernels multiply:
+    w[n, k] = scale[n, g]·codes[n, k] − offset[n, g] for the group g = k // width (float32; equal to the
+    format's dequantization up to float32 rounding: (q − z)·s and q·s − z·s round differently)."""
+
+    codes: torch.Tensor     # int32 [N, K]
+    scale: torch.Tensor     # float32 [N, K // width]
+    offset: torch.Tensor    # float32 [N, K // width]
+
+
 class WeightFormat:
     """The protocol every weight format implements (frozen dataclasses in practice, so formats compare and
     hash by value)."""
@@ -157,6 +168,25 @@ class WeightFormat:
     def from_grids(self, codes: torch.Tensor, grids: list[Grid]) -> "QuantizedTensor":
         """Codes [N, K] chosen on `grids` (one per `grid_width` columns, in order) -> the stored tensor."""
         raise NotImplementedError(f"{self.name} has no fixed grid for column-by-column rounding")
+
+    # integer codes on affine groups, for native kernels ------------------------------------------------
+    def integer_groups(self, in_features: int) -> tuple[int, int, int] | None:
+        """(columns per group, lowest code, highest code) when this format's values are integer codes on
+        per-group affine grids (`integer_view`), else None."""
+        return None
+
+    def integer_view(self, qt: "QuantizedTensor") -> IntegerView:
+        raise NotImplementedError(f"{self.name} is not integer codes on affine groups")
+
+    def integer_rest(self, qt: "QuantizedTensor") -> dict[str, torch.Tensor]:
+        """What `from_integer_codes` needs besides the codes to give back qt's stored tensors exactly (a kernel
+        that keeps only the codes keeps these too; small, named so they do not clash with a kernel's tensors)."""
+        raise NotImplementedError(f"{self.name} is not integer codes on affine groups")
+
+    def from_integer_codes(self, codes: torch.Tensor, rest: dict[str, torch.Tensor],
+                           shape: tuple[int, int]) -> "QuantizedTensor":
+        """The stored tensor from its codes (integer_view's) and `integer_rest`: bit for bit the original."""
+        raise NotImplementedError(f"{self.name} is not integer codes on affine groups")
 
     def to_dict(self) -> dict:
         raise NotImplementedError

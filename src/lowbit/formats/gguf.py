@@ -83,7 +83,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LowbitError
-from .base import Grid, WeightFormat, check_importance, register_format
+from .base import Grid, IntegerView, WeightFormat, check_importance, register_format
 from .tensor import QuantizedTensor
 
 QK = 32       # block of the 32-weight types
@@ -420,6 +420,7 @@ class BlockType:
     block_size: int
     type_size: int
     code_range: tuple[int, int]
+    sub: int                       # weights per sub-block (one affine grid: see `affine`)
     half_fields: tuple[str, ...] = ("d",)
 
     def decode(self, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -453,6 +454,7 @@ class _Simple(BlockType):
     """The 32-weight types: an f16 scale d (and f16 min m when asymmetric), 4, 5 or 8-bit codes."""
 
     block_size, bits, asym = QK, 4, False
+    sub = QK
 
     @property
     def type_size(self):
@@ -685,6 +687,7 @@ class Q5_K(_K4):
 
 class Q3_K(BlockType):
     name, block_size, type_size, code_range = "Q3_K", QK_K, 110, (0, 7)
+    sub = 16
 
     @property
     def field_ranges(self):
@@ -735,6 +738,7 @@ class Q3_K(BlockType):
 
 class Q6_K(BlockType):
     name, block_size, type_size, code_range = "Q6_K", QK_K, 210, (0, 63)
+    sub = 16
 
     @property
     def field_ranges(self):
@@ -972,6 +976,35 @@ class GGUFSpec(WeightFormat):
     def dequantize(self, qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         f = self.block.decode(qt.qweight.reshape(-1, self.type_size))
         return self.block.dequantize(f).reshape(qt.shape).to(dtype)
+
+    # integer codes on affine groups (formats.base.IntegerView): one group per sub-block ------------------
+    def integer_groups(self, in_features: int) -> tuple[int, int, int]:
+        return (self.block.sub, *self.block.code_range)
+
+    def integer_view(self, qt: QuantizedTensor) -> IntegerView:
+        n = qt.shape[0]
+        f = self.block.decode(qt.qweight.reshape(-1, self.type_size))
+        step, zero, offset, _sub = self.block.affine(f)   # w = step·(q − zero) − offset per sub-block
+        return IntegerView(f["q"].reshape(n, -1).to(torch.int32), step.reshape(n, -1).contiguous(),
+                           (step * zero + offset).reshape(n, -1).contiguous())
+
+    def integer_rest(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        """The blocks' fields but the codes: float16 scales as they are, sub-block codes in a byte."""
+        ranges, rest = self.block.field_ranges, {}
+        for key, t in self.unpack_fields(qt.qweight).items():
+            if key in ranges and key != "q":
+                lo, hi = ranges[key]
+                t = t.to(torch.uint8 if 0 <= lo and hi <= 255 else torch.int8 if -128 <= lo and hi <= 127 else t.dtype)
+            if key != "q":
+                rest[f"field_{key}"] = t
+        return rest
+
+    def from_integer_codes(self, codes: torch.Tensor, rest: dict[str, torch.Tensor],
+                           shape: tuple[int, int]) -> QuantizedTensor:
+        n, k = shape
+        fields = {key[len("field_"):]: t for key, t in rest.items()}
+        fields["q"] = codes.to(torch.int32).reshape(n, k // self.block_size, self.block_size)
+        return QuantizedTensor(self, shape, self.pack_fields(fields).contiguous())
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "type": self.type}

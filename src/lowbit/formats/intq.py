@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import LowbitError
-from .base import Grid, WeightFormat, check_importance, register_format
+from .base import Grid, IntegerView, WeightFormat, check_importance, register_format
 from .packing import pack_bits, unpack_bits
 from .tensor import QuantizedTensor
 
@@ -203,6 +203,22 @@ class IntSpec(WeightFormat):
         d = scales[:, nb:].contiguous().view(SCALE_DTYPE).float()          # [N, S]
         sc = unpack_scale_codes(scales[:, :nb], g, self.scale_bits)
         return d.repeat_interleave(sb // self.group_size, dim=1) * sc
+
+    # integer codes on affine groups (formats.base.IntegerView) ---------------------------------------------
+    def integer_groups(self, in_features: int) -> tuple[int, int, int]:
+        return self.group_size_for(in_features), self.qmin, self.qmax
+
+    def integer_view(self, qt: QuantizedTensor) -> IntegerView:
+        s = self.group_scales(qt.scales, qt.shape[1]).float()
+        z = qt.zeros.float() if qt.zeros is not None else torch.full_like(s, float(self.implicit_zero))
+        return IntegerView(qt.codes().to(torch.int32), s.contiguous(), (z * s).contiguous())
+
+    def integer_rest(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        return {"scales": qt.scales, **({} if qt.zeros is None else {"zeros": qt.zeros})}
+
+    def from_integer_codes(self, codes: torch.Tensor, rest: dict[str, torch.Tensor],
+                           shape: tuple[int, int]) -> QuantizedTensor:
+        return QuantizedTensor.from_codes(codes.to(self.code_dtype), rest["scales"], rest.get("zeros"), self)
 
     # fixed grids (formats.base.Grid): one group of columns at a time ------------------------------------
     def grid_width(self, in_features: int) -> int:

@@ -21,7 +21,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (ReferenceKernel(), CpuInt8Kern
                                                   LlmInt8Kernel(), Fp8Kernel(), TritonW4A16Kernel())}
 # tried in this order by "auto"; the reference kernel is the last resort
 # (native-* only where lowbit's native library is built: scripts/setup.sh)
-_AUTO_ORDER = ("triton-w4a16", "native-int8", "cpu-int8", "native-int4", "cpu-int4", "w8a8-int8", "llm-int8", "fp8",
+# (native-int4 before native-int8: codes that fit 4 bits are read at 4 bits)
+_AUTO_ORDER = ("triton-w4a16", "native-int4", "native-int8", "cpu-int8", "cpu-int4", "w8a8-int8", "llm-int8", "fp8",
                "reference")
 
 

@@ -1,13 +1,18 @@
-"""lowbit's native kernels (csrc/cpu_gemm.cpp): NativeKernel, what they share, and native-int4, for integer
-weights of 2 to 4 bits, any group size that is a multiple of 32 (64 and up: of 64) dividing in_features, per
-channel, symmetric or with zero points, in_features a multiple of 64.
+"""lowbit's native kernels (csrc/cpu_gemm.cpp): NativeKernel, what they share, and native-int4, for any format
+whose values are codes of 0 to 15 on per-group affine grids (formats.base.IntegerView): integer weights of 2 to
+4 bits (per channel or groups, symmetric or with zero points, two-level scales) and the GGUF types Q4_0, Q4_1
+and Q4_K; groups of 32 columns or a multiple of 64, in_features a multiple of 64.
 
     resident: wpack   uint8 [N, K // 2] — each row in chunks of 64 columns: byte j of chunk c holds the code of
                       column 64c + j in its low nibble and of column 64c + 32 + j in its high nibble (one 32-byte
                       load gives two vectors of 32 consecutive columns; see the C++ source),
-              kscales float32 [N, G] — the group scales s (two-level scales decoded once, here),
-              offsets float32 [N, G] — z · s, so that (q − z) · s = q · s − offset,
-              scales / zeros — the storage tensors (small), kept so that `restore` is exact.
+              kscales float32 [N, G] — the group scales s (two-level scales and GGUF sub-block scales d·sc
+                      decoded once, here),
+              offsets float32 [N, G] — so that w = q · s − offset (integer formats: z · s; GGUF: Q4_0 8·d,
+                      Q4_1 −m, Q4_K dmin·m),
+              for `restore`, exact: an integer format's scales / zeros (its codes come back from wpack); a GGUF
+                      type's block fields other than the codes (field_d, field_scales, ...: float16 scales,
+                      sub-block codes in a byte), packed again with the codes into the same bytes.
 
 Few rows of activations (decode) run the native kernel, no weight ever dequantized to memory: where the CPU
 has AVX-512 VNNI, activations rounded to int8 in blocks of 64 columns and integer dot products (as llama.cpp
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import IntSpec, QuantizedTensor
+from ..formats import QuantizedTensor
 from . import native
 from .base import DENSE_FROM_ROWS, Kernel
 
@@ -57,17 +62,32 @@ class NativeKernel(Kernel):
             return "this CPU has no AVX2: the portable path is slower than PyTorch's kernels"
         return None
 
-    def scale_tensors(self, qt, implicit_zero: float) -> dict[str, torch.Tensor]:
-        """kscales s and offsets z · s (float32 [N, G]), with the storage tensors kept for `restore`."""
+    def groups_unsupported(self, spec, k: int, lo: int, hi: int) -> str | None:
+        """Why the format's integer view (formats.base.IntegerView) does not fit codes in [lo, hi] on groups
+        of a multiple of 32 columns (None: it fits)."""
+        groups = spec.integer_groups(k)
+        if groups is None:
+            return f"{spec.name} is not integer codes on affine groups"
+        g, qmin, qmax = groups
+        if qmin < lo or qmax > hi:
+            return f"needs codes in [{lo}, {hi}] (got [{qmin}, {qmax}])"
+        if g % 32:
+            return f"needs groups of a multiple of 32 columns (got {g})"
+        return None
+
+    OWN = ("wpack", "wq", "kscales", "offsets")   # the kernels' tensors; the rest is kept for `restore`
+
+    def scale_tensors(self, qt) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The codes (int32 [N, K]), and kscales s and offsets (float32 [N, G]) with what the format needs besides
+        the codes to give back its stored tensors (formats.base.WeightFormat.integer_rest)."""
         # decided here, outside any traced code: the CPU does not change while the process runs
         self.dense_dtype = native.dense_dtype()
         self.q8 = native.vnni()
-        s = qt.spec.group_scales(qt.scales, qt.shape[1]).float()
-        z = qt.zeros.float() if qt.zeros is not None else torch.full_like(s, implicit_zero)
-        out = {"kscales": s.contiguous(), "offsets": (z * s).contiguous(), "scales": qt.scales}
-        if qt.zeros is not None:
-            out["zeros"] = qt.zeros
-        return out
+        view = qt.spec.integer_view(qt)
+        return view.codes, {"kscales": view.scale, "offsets": view.offset, **qt.spec.integer_rest(qt)}
+
+    def restore_from(self, packed, spec, shape, codes: torch.Tensor) -> QuantizedTensor:
+        return spec.from_integer_codes(codes, {k: t for k, t in packed.items() if k not in self.OWN}, shape)
 
     def linear(self, x, packed, spec, shape, bias, act=None):
         n, k = shape
@@ -89,21 +109,22 @@ class NativeInt4Kernel(NativeKernel):
 
     def unsupported(self, spec, shape, device, act=None):
         n, k = shape
-        if not isinstance(spec, IntSpec) or spec.bits > 4:
-            return "needs weights of at most 4 bits"
+        reason = self.groups_unsupported(spec, k, 0, 15)
+        if reason:
+            return reason
         if k % 64:
             return f"needs in_features divisible by 64 (got {k})"
-        g = spec.group_size_for(k)
-        if g % 32 or (g > 32 and g % 64):
+        g = spec.integer_groups(k)[0]
+        if g > 32 and g % 64:
             return f"needs groups of 32 or a multiple of 64 (got {g})"
         return self.native_unsupported(device, act)
 
     def prepare(self, qt):
-        return {"wpack": pack_chunks(qt.codes()), **self.scale_tensors(qt, float(qt.spec.implicit_zero))}
+        codes, tensors = self.scale_tensors(qt)
+        return {"wpack": pack_chunks(codes), **tensors}
 
     def restore(self, packed, spec, shape):
-        return QuantizedTensor.from_codes(unpack_chunks(packed["wpack"]), packed["scales"], packed.get("zeros"),
-                                          spec)
+        return self.restore_from(packed, spec, shape, unpack_chunks(packed["wpack"]))
 
     def rows(self, x2, packed, group):
         op = torch.ops.lowbit.int4_gemm_q8 if self.q8 else torch.ops.lowbit.int4_gemm

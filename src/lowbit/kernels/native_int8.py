@@ -1,10 +1,15 @@
-"""native-int8 — lowbit's own CPU kernel (csrc/cpu_gemm.cpp) for 8-bit integer weights: per channel or groups
-of a multiple of 32 dividing in_features, symmetric or with zero points, in_features a multiple of 32.
+"""native-int8 — lowbit's own CPU kernel (csrc/cpu_gemm.cpp) for any format whose values are codes in
+[−128, 127] on per-group affine grids (formats.base.IntegerView), groups of a multiple of 32 columns, in_features
+a multiple of 32: 8-bit integer weights (per channel or groups, symmetric or with zero points), 5- to 7-bit
+integer weights, and the GGUF types Q5_0, Q5_1, Q5_K and Q8_0 (codes that fit 4 bits go to native-int4).
 
-    resident: qweight int8 [N, K] — the storage tensor itself (row-major codes: nothing repacked),
-              kscales float32 [N, G] — the group scales s,
-              offsets float32 [N, G] — z · s, so that (q − z) · s = q · s − offset,
-              scales / zeros — the storage tensors (small), kept so that `restore` is exact.
+    resident: wq      int8 [N, K] — row-major codes; for 8-bit integer weights the storage tensor itself
+                      (nothing repacked), for other formats their codes widened to a byte,
+              kscales float32 [N, G] — the group scales s (GGUF: the sub-block scales),
+              offsets float32 [N, G] — so that w = q · s − offset (integer formats: z · s),
+              for `restore`, exact: an integer format's scales / zeros (its codes come back from wq); a GGUF
+                      type's block fields other than the codes (see native_int4), packed again on restore.
+GGUF's 16-column sub-blocks (Q2_K, Q3_K, Q6_K) do not fit these kernels' groups: they run on the reference kernel.
 
 Few rows of activations (decode) run the native kernel (where the CPU has AVX-512 VNNI: activations rounded to
 int8 in blocks of 32 and integer dot products, `lowbit::int8_gemm_q8`; elsewhere activations rounded to bfloat16,
@@ -16,7 +21,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..formats import IntSpec, QuantizedTensor
 from .native_int4 import NativeKernel
 
 
@@ -25,24 +29,29 @@ class NativeInt8Kernel(NativeKernel):
 
     def unsupported(self, spec, shape, device, act=None):
         n, k = shape
-        if not isinstance(spec, IntSpec) or spec.bits != 8:
-            return "needs 8-bit weights"
-        if k % 32 or spec.group_size_for(k) % 32:
-            return f"needs in_features and groups divisible by 32 (got {k}, {spec.group_size_for(k)})"
+        reason = self.groups_unsupported(spec, k, -128, 127)
+        if reason:
+            return reason
+        if k % 32:
+            return f"needs in_features divisible by 32 (got {k})"
         return self.native_unsupported(device, act)
 
     def prepare(self, qt):
-        return {"qweight": qt.qweight.contiguous(), **self.scale_tensors(qt, 0.0)}
+        codes, tensors = self.scale_tensors(qt)
+        wq = codes.to(torch.int8)
+        if qt.qweight.dtype == torch.int8 and torch.equal(qt.qweight, wq):   # stored as the kernel reads it
+            wq = qt.qweight                                                    # (8-bit integers): no copy
+        return {"wq": wq.contiguous(), **tensors}
 
     def restore(self, packed, spec, shape):
-        return QuantizedTensor(spec, shape, packed["qweight"], packed["scales"], packed.get("zeros"))
+        return self.restore_from(packed, spec, shape, packed["wq"])
 
     def rows(self, x2, packed, group):
         op = torch.ops.lowbit.int8_gemm_q8 if self.q8 else torch.ops.lowbit.int8_gemm
-        return op(x2, packed["qweight"], packed["kscales"], packed["offsets"], group)
+        return op(x2, packed["wq"], packed["kscales"], packed["offsets"], group)
 
     def many_rows(self, x2, packed, group):
-        w = self.dense(packed, (packed["qweight"].shape[0], x2.shape[1])).to(self.dense_dtype)
+        w = self.dense(packed, (packed["wq"].shape[0], x2.shape[1])).to(self.dense_dtype)
         return F.linear(x2.to(self.dense_dtype), w).float()
 
     @staticmethod
@@ -50,5 +59,5 @@ class NativeInt8Kernel(NativeKernel):
         """The weight dequantized, float32 [N, K]."""
         n, k = shape
         g = packed["kscales"].shape[1]
-        q = packed["qweight"].reshape(n, g, k // g).float()
+        q = packed["wq"].reshape(n, g, k // g).float()
         return (q * packed["kscales"][..., None] - packed["offsets"][..., None]).reshape(n, k)
