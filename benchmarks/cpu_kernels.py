@@ -8,9 +8,10 @@ Shapes are the engine's own matmuls of one SmolLM2-135M block (fused q/k/v 576�
   native-int4 — lowbit's own kernel (csrc/cpu_gemm.cpp): with int8 activations on VNNI (the default where the
                 CPU has it), then once per float32 instruction-set path this CPU has;
   native-int8 — the same for INT8 per channel (int8 activations where VNNI exists, and the float32 path);
-  native-int4 / native-int8 (5- and 6-bit integers, GGUF Q4_0/Q5_0/Q8_0, and Q4_K/Q5_K where in_features is a
-                multiple of 256) — the same kernels on those formats' integer view, and the reference kernel
-                (dequantize every call), which ran them before, for GGUF Q4_0 on the small shapes;
+  native-int4 / native-int8 (5- and 6-bit integers, GGUF Q4_0/Q5_0/Q8_0, and Q4_K/Q5_K/Q6_K/Q3_K where
+                in_features is a multiple of 256) — the same kernels on those formats' integer view, and the
+                reference kernel (dequantize every call), which ran them before, for GGUF Q4_0 and Q6_K on the
+                small shapes;
   cpu-int4 / cpu-int8 — PyTorch's packed ATen kernels (bfloat16 activations);
   dense fp32 / bf16 — torch.nn.functional.linear on the dequantized weight.
 
@@ -102,11 +103,11 @@ def variants(w: torch.Tensor):
         # other integer formats through their integer view (formats.base.IntegerView), each kernel's default path
         others = [("int5 g64", quantize_rtn(w, IntSpec(5, 64, False))), ("int6 g64", quantize_rtn(w, IntSpec(6, 64, True)))]
         others += [(f"GGUF {t}", GGUFSpec(t).quantize(w)) for t in ("Q4_0", "Q5_0", "Q8_0")]
-        others += [(f"GGUF {t}", GGUFSpec(t).quantize(w)) for t in ("Q4_K", "Q5_K") if k % 256 == 0]
+        others += [(f"GGUF {t}", GGUFSpec(t).quantize(w)) for t in ("Q4_K", "Q5_K", "Q6_K", "Q3_K") if k % 256 == 0]
         for label, qt in others:
             kern = select_kernel(qt.spec, qt.shape)
             out.append((f"{kern.name} ({label})", lambda kern=kern, qt=qt: kernel_call(kern.name, qt)))
-            if label == "GGUF Q4_0" and n * k <= 1 << 21:   # what these formats ran on before: the reference
+            if label in ("GGUF Q4_0", "GGUF Q6_K") and n * k <= 1 << 21:   # what they ran on before: the reference
                 out.append((f"reference ({label})", lambda qt=qt: kernel_call("reference", qt)))
     for name, qt in (("cpu-int4", q4), ("cpu-int8", q8)):
         if KERNELS[name].unsupported(qt.spec, qt.shape, torch.device("cpu")) is None:

@@ -272,9 +272,9 @@ def test_fallback_type_follows_llama_cpp():
 
 @pytest.mark.parametrize("t", GGUF_TYPES)
 def test_reference_kernel_and_quant_linear(t):
-    """On the reference kernel a GGUF layer is exactly its dequantized weight's Linear; by default the types
-    with 32-column sub-blocks run on the native kernels (codes of at most 4 bits on native-int4), close to it,
-    and either way the layer gives back its stored bytes exactly."""
+    """On the reference kernel a GGUF layer is exactly its dequantized weight's Linear; by default it runs on the
+    native kernels (codes of at most 4 bits in 32-column sub-blocks on native-int4; 16-column sub-blocks only
+    where the CPU has VNNI), close to it, and either way the layer gives back its stored bytes exactly."""
     from lowbit.kernels import native
     spec = GGUFSpec(t)
     w, bias = weights(48, 512), torch.randn(48)
@@ -286,7 +286,10 @@ def test_reference_kernel_and_quant_linear(t):
     assert torch.equal(layer.quantized_tensor().qweight, qt.qweight)
     auto = QuantLinear(qt, bias)
     sub, _lo, hi = spec.integer_groups(512)
-    expected = "reference" if sub % 32 or not native.available() else "native-int4" if hi <= 15 else "native-int8"
+    if not native.available() or sub % 32 and not native.vnni():
+        expected = "reference"            # 16-column sub-blocks: native only on int8 activations (VNNI)
+    else:
+        expected = "native-int4" if hi <= 15 and sub % 32 == 0 else "native-int8"
     assert auto.kernel.name == expected
     assert ((auto(x) - want).norm() / want.norm()).item() < 2e-2
     assert torch.equal(auto.quantized_tensor().qweight, qt.qweight)
@@ -307,4 +310,6 @@ def test_checkpoint_round_trip(base, tokenizer, tmp_path):
     with torch.no_grad():
         assert torch.equal(before, loaded(ids).logits)
     assert loaded.model.layers[0].mlp.up_proj.spec == GGUFSpec("Q5_0")
-    assert loaded.model.layers[1].mlp.down_proj.kernel.name == "reference"
+    from lowbit.kernels import native
+    on_vnni = native.available() and native.vnni()   # Q6_K's 16-column sub-blocks: native on int8 activations
+    assert loaded.model.layers[1].mlp.down_proj.kernel.name == ("native-int8" if on_vnni else "reference")

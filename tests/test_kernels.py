@@ -61,7 +61,7 @@ def test_real_layers_of_default_model(base):
 def test_auto_falls_back_to_reference_and_forcing_an_unsupported_kernel_fails():
     spec = IntSpec(4, 32, True)
     assert select_kernel(IntSpec(4, 16, True), (100, 48)).name == "reference"  # no kernel takes groups of 16
-    assert select_kernel(IntSpec(8, 16, True), (64, 64)).name == "reference"  # int8 in groups of 16
+    assert select_kernel(IntSpec(8, 8, True), (64, 64)).name == "reference"  # int8 in groups of 8
     with pytest.raises(LowbitError, match="cannot run"):
         select_kernel(spec, (100, 64), prefer="cpu-int4")
     with pytest.raises(LowbitError, match="unknown kernel"):

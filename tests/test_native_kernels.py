@@ -172,10 +172,44 @@ def test_other_integer_formats_run_natively_and_match_reference(base, spec):
             assert err < (1e-5 if decode else 1e-2), (name, rows, err)
 
 
-def test_sixteen_wide_sub_blocks_stay_on_the_reference_kernel():
-    for t in ("Q6_K", "Q3_K", "Q2_K"):
-        assert select_kernel(GGUFSpec(t), (64, 256)).name == "reference"
-        assert "groups of a multiple of 32" in NATIVE8.unsupported(GGUFSpec(t), (64, 256), torch.device("cpu"))
+@pytest.mark.parametrize("t", ["Q6_K", "Q3_K", "Q2_K"])
+def test_sixteen_wide_sub_blocks_run_on_int8_activations_where_vnni_exists(base, t, monkeypatch):
+    """GGUF's 16-column sub-blocks: native-int8 with groups of 16 where the CPU has AVX-512 VNNI (decode on int8
+    activations, equal to the float math on the rounded activations; a last 32-column step included), the
+    reference kernel elsewhere; the stored bytes come back exactly."""
+    spec = GGUFSpec(t)
+    if not native.vnni():
+        assert select_kernel(spec, (64, 256)).name == "reference"
+        return
+    w = base.get_submodule("model.layers.29.mlp.down_proj").weight.detach()
+    for qt in (spec.quantize(w), spec.quantize(w[:77, :1280])):   # 1280 = 20 steps of 64 columns... and 256-multiples
+        assert select_kernel(spec, qt.shape) is NATIVE8
+        packed = NATIVE8.prepare(qt)
+        back = NATIVE8.restore(packed, spec, qt.shape)
+        assert torch.equal(back.qweight, qt.qweight)
+        dense = qt.dequantize(torch.float32)
+        for rows in (1, 3, DENSE_FROM_ROWS):
+            x = torch.randn(rows, qt.shape[1])
+            decode = rows < DENSE_FROM_ROWS
+            seen = round_int8_blocks(x, 32).float() if decode else x.to(torch.bfloat16).float()
+            want = torch.nn.functional.linear(seen, dense)
+            err = ((NATIVE8.linear(x, packed, spec, qt.shape, None) - want).norm() / want.norm()).item()
+            # float32 sums of 4x as many group terms, each offset (zero 32 or 4, code bias 128) large against
+            # the result: a few 1e-5 of cancellation, against about 5e-3 that the int8 activations cost
+            assert err < (5e-5 if decode else 1e-2), (rows, err)
+    x = torch.randn(2, 96)     # groups of 16 on a last step of 32 columns: 96 = one step of 64 and one of 32
+    codes = torch.randint(-128, 128, (5, 96), dtype=torch.int8)
+    s, off = torch.rand(5, 6) + 0.5, torch.randn(5, 6)
+    y = torch.ops.lowbit.int8_gemm_q8(x, codes, s, off, 16)
+    wd = codes.float() * s.repeat_interleave(16, 1) - off.repeat_interleave(16, 1)
+    want = torch.nn.functional.linear(round_int8_blocks(x, 32).float(), wd)
+    assert ((y - want).norm() / want.norm()).item() < 1e-5
+    monkeypatch.setattr(NATIVE8, "q8", False)    # without int8 activations: the dense path
+    x = torch.randn(1, w.shape[1])
+    qt = spec.quantize(w)
+    got = NATIVE8.linear(x, NATIVE8.prepare(qt), spec, qt.shape, None)
+    want = torch.nn.functional.linear(x.to(NATIVE8.dense_dtype).float(), qt.dequantize(torch.float32))
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
 def test_dequantize_equals_the_python_formula_bit_for_bit():

@@ -62,16 +62,16 @@ class NativeKernel(Kernel):
             return "this CPU has no AVX2: the portable path is slower than PyTorch's kernels"
         return None
 
-    def groups_unsupported(self, spec, k: int, lo: int, hi: int) -> str | None:
+    def groups_unsupported(self, spec, k: int, lo: int, hi: int, sixteen: bool = False) -> str | None:
         """Why the format's integer view (formats.base.IntegerView) does not fit codes in [lo, hi] on groups
-        of a multiple of 32 columns (None: it fits)."""
+        of a multiple of 32 columns, or of 16 where `sixteen` (None: it fits)."""
         groups = spec.integer_groups(k)
         if groups is None:
             return f"{spec.name} is not integer codes on affine groups"
         g, qmin, qmax = groups
         if qmin < lo or qmax > hi:
             return f"needs codes in [{lo}, {hi}] (got [{qmin}, {qmax}])"
-        if g % 32:
+        if g % 32 and not (g == 16 and sixteen):
             return f"needs groups of a multiple of 32 columns (got {g})"
         return None
 

@@ -582,8 +582,8 @@ at::Tensor int8_gemm_q8(const at::Tensor& x, const at::Tensor& wq, const at::Ten
   TORCH_CHECK(wq.scalar_type() == at::kChar, "int8_gemm_q8: wq must be int8");
   const int64_t K = x.size(1);
   TORCH_CHECK(K % 32 == 0 && wq.size(1) == K, "int8_gemm_q8: K must be a multiple of 32 and wq [N, K]");
-  TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0,
-              "int8_gemm_q8: group_size must be a multiple of 32 dividing K");
+  TORCH_CHECK((group_size % 32 == 0 || group_size == 16) && K % group_size == 0,
+              "int8_gemm_q8: group_size must be 16 or a multiple of 32 dividing K");
   return run_q8<false>("int8_gemm_q8", x, wq, scales, offsets, group_size);
 }
 
