@@ -11,7 +11,8 @@ Shapes are the engine's own matmuls of one SmolLM2-135M block (fused q/k/v 576�
   native-int4 / native-int8 (5- and 6-bit integers, GGUF Q4_0/Q5_0/Q8_0, and Q4_K/Q5_K/Q6_K/Q3_K where
                 in_features is a multiple of 256) — the same kernels on those formats' integer view, and the
                 reference kernel (dequantize every call), which ran them before, for GGUF Q4_0 and Q6_K on the
-                small shapes;
+                small shapes; for the formats whose scales fit 16 bits (symmetric int4, Q4_0, Q8_0), the same
+                again with float32 scales and offsets, as they were resident before;
   cpu-int4 / cpu-int8 — PyTorch's packed ATen kernels (bfloat16 activations);
   dense fp32 / bf16 — torch.nn.functional.linear on the dequantized weight.
 
@@ -76,11 +77,15 @@ def variants(w: torch.Tensor):
     q8 = quantize_rtn(w, IntSpec(8, -1, True))
     out = []
 
-    def kernel_call(name, qt, one_row=None):
-        """one_row(x, packed, group): the call for one row of activations (a given path), else the kernel's."""
+    def kernel_call(name, qt, one_row=None, float32_scales=False):
+        """one_row(x, packed, group): the call for one row of activations (a given path), else the kernel's.
+        float32_scales: the native kernels' scales and offsets widened to float32 (as they were resident before
+        16-bit ones), to show what the narrower ones save in the same run."""
         kern = KERNELS[name]
         # a copy of its own (native-int8 keeps the storage tensor itself: copies would share it and stay cached)
         packed = {key: t.clone() for key, t in kern.prepare(qt).items()}
+        if float32_scales:
+            packed.update(kscales=packed["kscales"].float(), offsets=packed["offsets"].float())
         if one_row is None:
             return resident_bytes(packed), lambda x: kern.linear(x, packed, qt.spec, qt.shape, None)
         g = k // packed["kscales"].shape[1]
@@ -101,12 +106,16 @@ def variants(w: torch.Tensor):
         out.append(("native-int8 (float32)", lambda: kernel_call(
             "native-int8", q8, lambda x, p, g: ops.int8_gemm(x, p["wq"], p["kscales"], p["offsets"], g))))
         # other integer formats through their integer view (formats.base.IntegerView), each kernel's default path
-        others = [("int5 g64", quantize_rtn(w, IntSpec(5, 64, False))), ("int6 g64", quantize_rtn(w, IntSpec(6, 64, True)))]
+        others = [("int4 g64 symmetric", quantize_rtn(w, IntSpec(4, 64, True))),
+                  ("int5 g64", quantize_rtn(w, IntSpec(5, 64, False))), ("int6 g64", quantize_rtn(w, IntSpec(6, 64, True)))]
         others += [(f"GGUF {t}", GGUFSpec(t).quantize(w)) for t in ("Q4_0", "Q5_0", "Q8_0")]
         others += [(f"GGUF {t}", GGUFSpec(t).quantize(w)) for t in ("Q4_K", "Q5_K", "Q6_K", "Q3_K") if k % 256 == 0]
         for label, qt in others:
             kern = select_kernel(qt.spec, qt.shape)
             out.append((f"{kern.name} ({label})", lambda kern=kern, qt=qt: kernel_call(kern.name, qt)))
+            if label in ("int4 g64 symmetric", "GGUF Q4_0", "GGUF Q8_0"):   # their scales fit 16 bits
+                out.append((f"{kern.name} ({label}, float32 scales)",
+                            lambda kern=kern, qt=qt: kernel_call(kern.name, qt, float32_scales=True)))
             if label in ("GGUF Q4_0", "GGUF Q6_K") and n * k <= 1 << 21:   # what they ran on before: the reference
                 out.append((f"reference ({label})", lambda qt=qt: kernel_call("reference", qt)))
     for name, qt in (("cpu-int4", q4), ("cpu-int8", q8)):

@@ -373,3 +373,77 @@ def test_fake_kernels_give_the_real_output_shapes(monkeypatch):
     assert len(rec.calls) == 4 + 2 * vnni, list(rec.calls)
     for op, (args, kwargs) in rec.calls.items():
         torch.library.opcheck(op, args, kwargs, test_utils="test_faketensor")
+
+
+def _every_native_op(x, wpack, wq, group):
+    """Each native op on the same problem, by name, as a function of (scales, offsets)."""
+    ops = torch.ops.lowbit
+    out = {}
+    for isa in range(native.isa() + 1):
+        out[f"int4_gemm isa {isa}"] = lambda s, o, isa=isa: ops.int4_gemm(x, wpack, s, o, group, isa)
+        out[f"int8_gemm isa {isa}"] = lambda s, o, isa=isa: ops.int8_gemm(x, wq, s, o, group, isa)
+    if native.vnni():
+        out["int4_gemm_q8"] = lambda s, o: ops.int4_gemm_q8(x, wpack, s, o, group)
+        out["int8_gemm_q8"] = lambda s, o: ops.int8_gemm_q8(x, wq, s, o, group)
+    for dtype in (torch.float32, torch.bfloat16):
+        out[f"int4_dense_linear {dtype}"] = lambda s, o, dtype=dtype: ops.int4_dense_linear(x, wpack, s, o, group, dtype)
+    out["int4_dequant"] = lambda s, o: ops.int4_dequant(wpack, s, o, group, torch.float32)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,group", [(1, 200, 576, 32), (3, 130, 576, 64), (40, 65, 1536, 64), (1, 7, 640, 640)])
+def test_sixteen_bit_scales_give_the_float32_results_bit_for_bit(dtype, m, n, k, group):
+    # n not a multiple of the 64 rows widened at a time, several runs per thread, a run of 7 rows
+    g = torch.Generator().manual_seed(n)
+    s = (torch.rand(n, k // group, generator=g) * 0.1 + 1e-3).to(dtype)
+    o = (s.float() * 8).to(dtype)
+    o[0, 0] = -0.375   # not a multiple of the scale: offsets are any 16-bit values
+    x = torch.randn(m, k, generator=g)
+    wpack = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    for name, op in _every_native_op(x, wpack, wq, group).items():
+        assert torch.equal(op(s, o), op(s.float(), o.float())), name
+
+
+@vnni
+def test_sixteen_bit_scales_of_sixteen_column_groups():
+    g = torch.Generator().manual_seed(0)
+    s = (torch.rand(50, 32, generator=g) * 0.1).half()
+    o = (torch.rand(50, 32, generator=g) * 0.1).half()
+    wq = torch.randint(-32, 32, (50, 512), dtype=torch.int8, generator=g)
+    x = torch.randn(1, 512, generator=g)
+    assert torch.equal(torch.ops.lowbit.int8_gemm_q8(x, wq, s, o, 16),
+                       torch.ops.lowbit.int8_gemm_q8(x, wq, s.float(), o.float(), 16))
+
+
+def test_scales_and_offsets_of_different_dtypes_are_refused():
+    s = torch.ones(4, 2)
+    with pytest.raises(RuntimeError, match="both the same"):
+        torch.ops.lowbit.int4_gemm(torch.randn(1, 64), torch.zeros(4, 32, dtype=torch.uint8), s, s.half(), 32)
+
+
+@pytest.mark.parametrize("spec,dtype,shared", [
+    (GGUFSpec("Q4_0"), torch.float16, "field_d"), (GGUFSpec("Q8_0"), torch.float16, "field_d"),
+    (IntSpec(4, 64, True), torch.float16, "scales"), (IntSpec(8, -1, True), torch.float16, "scales"),
+    (IntSpec(4, 64, False), torch.float32, None)], ids=lambda v: getattr(v, "name", str(v)))
+def test_resident_scales_are_sixteen_bit_where_exact_and_not_kept_twice(base, spec, dtype, shared):
+    w = base.model.layers[0].self_attn.q_proj.weight.detach()
+    qt = spec.quantize(w)
+    layer = QuantLinear(qt, kernel="auto")
+    assert layer.kernel.name in ("native-int4", "native-int8")
+    b = layer._buffers
+    assert b["kscales"].dtype == b["offsets"].dtype == dtype
+    n, k = w.shape
+    groups = b["kscales"].numel()
+    codes = n * k // (2 if "wpack" in b else 1)
+    resident = sum(t.numel() * t.element_size() for t in b.values())
+    if shared:   # the format's own scales are the kernel's: codes, 16-bit scales and offsets, a 3-number marker
+        assert shared not in b and f"kscales_is_{shared}" in b
+        assert resident == codes + 4 * groups + 8 * b[f"kscales_is_{shared}"].numel()
+    else:
+        assert resident > codes + 8 * groups
+    assert torch.equal(layer.quantized_tensor().qweight, qt.qweight)   # saved exactly as stored
+    x = torch.randn(3, k)
+    assert torch.equal(layer(x), layer.kernel.linear(x, {**b, "kscales": b["kscales"].float(),
+                                                         "offsets": b["offsets"].float()}, spec, (n, k), None))

@@ -6,10 +6,13 @@ and Q4_K; groups of 32 columns or a multiple of 64, in_features a multiple of 64
     resident: wpack   uint8 [N, K // 2] — each row in chunks of 64 columns: byte j of chunk c holds the code of
                       column 64c + j in its low nibble and of column 64c + 32 + j in its high nibble (one 32-byte
                       load gives two vectors of 32 consecutive columns; see the C++ source),
-              kscales float32 [N, G] — the group scales s (two-level scales and GGUF sub-block scales d·sc
+              kscales [N, G] — the group scales s (two-level scales and GGUF sub-block scales d·sc
                       decoded once, here),
-              offsets float32 [N, G] — so that w = q · s − offset (integer formats: z · s; GGUF: Q4_0 8·d,
-                      Q4_1 −m, Q4_K dmin·m),
+              offsets [N, G] — so that w = q · s − offset (integer formats: z · s; GGUF: Q4_0 8·d,
+                      Q4_1 −m, Q4_K dmin·m); both float16 where every value of both is exact in it, else
+                      bfloat16 where exact, else float32 (resident_scales); where kscales equal a tensor
+                      the format keeps for `restore` (GGUF's d, an integer format's scales), that tensor is
+                      not kept twice: `kscales_is_KEY` (int64, its shape) says kscales gives it back,
               for `restore`, exact: an integer format's scales / zeros (its codes come back from wpack); a GGUF
                       type's block fields other than the codes (field_d, field_scales, ...: float16 scales,
                       sub-block codes in a byte), packed again with the codes into the same bytes.
@@ -45,8 +48,25 @@ def unpack_chunks(wpack: torch.Tensor) -> torch.Tensor:
     return torch.cat([b & 15, b >> 4], dim=2).reshape(n, half * 2)
 
 
+SAME = "kscales_is_"   # + a key of the format's rest: that tensor is kscales (this int64 tensor: its shape)
+
+
+def resident_scales(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' scales and offsets in the narrowest dtype that holds every value of both exactly: float16,
+    else bfloat16, else float32 as given. GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and symmetric integer formats with
+    16-bit scales fit 16 bits (a symmetric format's offset is a power of two times its scale); two-level and
+    k-quant sub-block scales (a 16-bit scale times a 6-bit code) and zero points times scales usually do not.
+    The kernels widen 16-bit scales as they read them (csrc/cpu_gemm.cpp, Scales16), so the results are the same
+    bit for bit while a call reads half the bytes of scales."""
+    for dtype in (torch.float16, torch.bfloat16):
+        s, o = scale.to(dtype), offset.to(dtype)
+        if torch.equal(s.float(), scale) and torch.equal(o.float(), offset):
+            return s, o
+    return scale, offset
+
+
 class NativeKernel(Kernel):
-    """What lowbit's native kernels share: where they run, their float32 scales and offsets, and the switch
+    """What lowbit's native kernels share: where they run, their scales and offsets, and the switch
     between the native kernel (few rows) and the dense path (many rows)."""
 
     q8 = False                       # decode on int8 activations (set in prepare: where the CPU has VNNI)
@@ -84,10 +104,23 @@ class NativeKernel(Kernel):
         self.dense_dtype = native.dense_dtype()
         self.q8 = native.vnni()
         view = qt.spec.integer_view(qt)
-        return view.codes, {"kscales": view.scale, "offsets": view.offset, **qt.spec.integer_rest(qt)}
+        rest = qt.spec.integer_rest(qt)
+        scale, offset = resident_scales(view.scale, view.offset)
+        for key, t in rest.items():   # the format's own 16-bit scales (GGUF's d): kept once, as kscales
+            if t.dtype == scale.dtype and t.numel() == scale.numel() and torch.equal(t.reshape(scale.shape), scale):
+                rest = {k: v for k, v in rest.items() if k != key}
+                rest[SAME + key] = torch.tensor(t.shape, dtype=torch.int64)
+                break
+        return view.codes, {"kscales": scale, "offsets": offset, **rest}
 
     def restore_from(self, packed, spec, shape, codes: torch.Tensor) -> QuantizedTensor:
-        return spec.from_integer_codes(codes, {k: t for k, t in packed.items() if k not in self.OWN}, shape)
+        rest = {}
+        for key, t in packed.items():
+            if key.startswith(SAME):
+                rest[key[len(SAME):]] = packed["kscales"].reshape(tuple(t.tolist()))
+            elif key not in self.OWN:
+                rest[key] = t
+        return spec.from_integer_codes(codes, rest, shape)
 
     def linear(self, x, packed, spec, shape, bias, act=None):
         n, k = shape

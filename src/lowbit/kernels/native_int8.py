@@ -6,8 +6,9 @@ integer weights, and the GGUF types Q5_0, Q5_1, Q5_K and Q8_0 (codes that fit 4 
 
     resident: wq      int8 [N, K] — row-major codes; for 8-bit integer weights the storage tensor itself
                       (nothing repacked), for other formats their codes widened to a byte,
-              kscales float32 [N, G] — the group scales s (GGUF: the sub-block scales),
-              offsets float32 [N, G] — so that w = q · s − offset (integer formats: z · s),
+              kscales [N, G] — the group scales s (GGUF: the sub-block scales),
+              offsets [N, G] — so that w = q · s − offset (integer formats: z · s); 16-bit where exact, as
+                      native_int4 keeps them (resident_scales),
               for `restore`, exact: an integer format's scales / zeros (its codes come back from wq); a GGUF
                       type's block fields other than the codes (see native_int4), packed again on restore.
 GGUF's 16-column sub-blocks (Q2_K, Q3_K, Q6_K) run here where the CPU has AVX-512 VNNI (their decode kernel is
