@@ -40,6 +40,7 @@ from lowbit.eval.system import memory_bandwidth
 from lowbit.io.atomic import atomic_write_text
 from lowbit.formats import GGUFSpec
 from lowbit.kernels import KERNELS, native, select_kernel
+from lowbit.kernels.native_int4 import offsets_of
 
 SHAPES = {"qkv 576→960": (960, 576), "o 576→576": (576, 576), "gate_up 576→3072": (3072, 576),
           "down 1536→576": (576, 1536), "lm_head 576→49152": (49152, 576)}
@@ -85,7 +86,7 @@ def variants(w: torch.Tensor):
         # a copy of its own (native-int8 keeps the storage tensor itself: copies would share it and stay cached)
         packed = {key: t.clone() for key, t in kern.prepare(qt).items()}
         if float32_scales:
-            packed.update(kscales=packed["kscales"].float(), offsets=packed["offsets"].float())
+            packed.update(kscales=packed["kscales"].float(), offsets=offsets_of(packed).float())
         if one_row is None:
             return resident_bytes(packed), lambda x: kern.linear(x, packed, qt.spec, qt.shape, None)
         g = k // packed["kscales"].shape[1]

@@ -13,7 +13,7 @@ from lowbit.algorithms import quantize_rtn
 from lowbit.formats import GGUFSpec, QuantizedTensor
 from lowbit.kernels import KERNELS, native, select_kernel
 from lowbit.kernels.base import DENSE_FROM_ROWS
-from lowbit.kernels.native_int4 import pack_chunks, unpack_chunks
+from lowbit.kernels.native_int4 import offsets_of, pack_chunks, unpack_chunks
 from lowbit.nn import QuantLinear
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=str(native.load()))
@@ -423,27 +423,52 @@ def test_scales_and_offsets_of_different_dtypes_are_refused():
         torch.ops.lowbit.int4_gemm(torch.randn(1, 64), torch.zeros(4, 32, dtype=torch.uint8), s, s.half(), 32)
 
 
-@pytest.mark.parametrize("spec,dtype,shared", [
-    (GGUFSpec("Q4_0"), torch.float16, "field_d"), (GGUFSpec("Q8_0"), torch.float16, "field_d"),
-    (IntSpec(4, 64, True), torch.float16, "scales"), (IntSpec(8, -1, True), torch.float16, "scales"),
-    (IntSpec(4, 64, False), torch.float32, None)], ids=lambda v: getattr(v, "name", str(v)))
-def test_resident_scales_are_sixteen_bit_where_exact_and_not_kept_twice(base, spec, dtype, shared):
+@pytest.mark.parametrize("spec,dtype,offsets,shared", [
+    (GGUFSpec("Q4_0"), torch.float16, "multiple", "field_d"), (GGUFSpec("Q8_0"), torch.float16, "multiple", "field_d"),
+    (GGUFSpec("Q4_1"), torch.float16, "16-bit", "field_d"),
+    (IntSpec(4, 64, True), torch.float16, "multiple", "scales"), (IntSpec(8, -1, True), torch.float16, "multiple", "scales"),
+    (IntSpec(4, 64, False), torch.float32, "float32", None)], ids=lambda v: getattr(v, "name", str(v)))
+def test_resident_scales_are_as_narrow_as_exact_and_not_kept_twice(base, spec, dtype, offsets, shared):
     w = base.model.layers[0].self_attn.q_proj.weight.detach()
     qt = spec.quantize(w)
     layer = QuantLinear(qt, kernel="auto")
     assert layer.kernel.name in ("native-int4", "native-int8")
     b = layer._buffers
-    assert b["kscales"].dtype == b["offsets"].dtype == dtype
+    assert b["kscales"].dtype == dtype
     n, k = w.shape
     groups = b["kscales"].numel()
     codes = n * k // (2 if "wpack" in b else 1)
     resident = sum(t.numel() * t.element_size() for t in b.values())
-    if shared:   # the format's own scales are the kernel's: codes, 16-bit scales and offsets, a 3-number marker
-        assert shared not in b and f"kscales_is_{shared}" in b
-        assert resident == codes + 4 * groups + 8 * b[f"kscales_is_{shared}"].numel()
+    marker = 8 * b[f"kscales_is_{shared}"].numel() if shared else 0
+    if offsets == "multiple":   # symmetric: the offsets are c times the scales, c one float
+        assert b["offsets"].shape == (1,) and resident == codes + 2 * groups + 4 + marker
+        assert resident - 4 - marker == sum(t.numel() * t.element_size() for t in (qt.qweight, qt.scales) if t is not None)
+    elif offsets == "16-bit":
+        # Q4_1: offsets −m beside the stored m (kept for `restore`): half a bit per weight above the stored size
+        assert b["offsets"].dtype == dtype and resident == codes + 6 * groups + marker
     else:
-        assert resident > codes + 8 * groups
+        assert b["offsets"].dtype == torch.float32 and resident > codes + 8 * groups
+    if shared:   # the format's own scales are the kernel's, kept once
+        assert shared not in b
     assert torch.equal(layer.quantized_tensor().qweight, qt.qweight)   # saved exactly as stored
     x = torch.randn(3, k)
-    assert torch.equal(layer(x), layer.kernel.linear(x, {**b, "kscales": b["kscales"].float(),
-                                                         "offsets": b["offsets"].float()}, spec, (n, k), None))
+    full = {**b, "kscales": b["kscales"].float(), "offsets": offsets_of(b).float()}
+    assert torch.equal(layer(x), layer.kernel.linear(x, full, spec, (n, k), None))
+    x = torch.randn(DENSE_FROM_ROWS + 1, k)   # the dense path
+    assert torch.equal(layer(x), layer.kernel.linear(x, full, spec, (n, k), None))
+
+
+def test_offsets_as_a_multiple_of_the_scales_equal_the_full_offsets():
+    g = torch.Generator().manual_seed(1)
+    s = (torch.rand(100, 9, generator=g) * 0.1).half()
+    wpack = torch.randint(0, 256, (100, 288), dtype=torch.uint8, generator=g)
+    wq = torch.randint(-128, 128, (100, 576), dtype=torch.int8, generator=g)
+    x = torch.randn(2, 576, generator=g)
+    for c in (8.0, 0.0, -4.0):
+        full = s.float() * c
+        for name, op in _every_native_op(x, wpack, wq, 64).items():
+            assert torch.equal(op(s, torch.tensor([c])), op(s.float(), full)), (name, c)
+    with pytest.raises(RuntimeError, match="power of two"):
+        torch.ops.lowbit.int4_gemm(x, wpack, s, torch.tensor([3.0]), 64)
+    with pytest.raises(RuntimeError, match=r"\[N, K / group_size\]"):   # a multiple needs 16-bit scales
+        torch.ops.lowbit.int4_gemm(x, wpack, s.float(), torch.tensor([8.0]), 64)

@@ -9,8 +9,9 @@ and Q4_K; groups of 32 columns or a multiple of 64, in_features a multiple of 64
               kscales [N, G] — the group scales s (two-level scales and GGUF sub-block scales d·sc
                       decoded once, here),
               offsets [N, G] — so that w = q · s − offset (integer formats: z · s; GGUF: Q4_0 8·d,
-                      Q4_1 −m, Q4_K dmin·m); both float16 where every value of both is exact in it, else
-                      bfloat16 where exact, else float32 (resident_scales); where kscales equal a tensor
+                      Q4_1 −m, Q4_K dmin·m); scales float16 or bfloat16 where exact in it, offsets then
+                      float32 [1] = c where every offset is c · s (symmetric formats), else 16-bit where
+                      exact, else both float32 (resident_scales); where kscales equal a tensor
                       the format keeps for `restore` (GGUF's d, an integer format's scales), that tensor is
                       not kept twice: `kscales_is_KEY` (int64, its shape) says kscales gives it back,
               for `restore`, exact: an integer format's scales / zeros (its codes come back from wpack); a GGUF
@@ -26,6 +27,8 @@ of rows at a time into a small per-thread buffer and run ATen's dense matmul on 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -52,17 +55,31 @@ SAME = "kscales_is_"   # + a key of the format's rest: that tensor is kscales (t
 
 
 def resident_scales(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernels' scales and offsets in the narrowest dtype that holds every value of both exactly: float16,
-    else bfloat16, else float32 as given. GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and symmetric integer formats with
-    16-bit scales fit 16 bits (a symmetric format's offset is a power of two times its scale); two-level and
-    k-quant sub-block scales (a 16-bit scale times a 6-bit code) and zero points times scales usually do not.
-    The kernels widen 16-bit scales as they read them (csrc/cpu_gemm.cpp, Scales16), so the results are the same
-    bit for bit while a call reads half the bytes of scales."""
+    """The kernels' scales and offsets as narrow as they stay exact: scales float16, else bfloat16 where every
+    value is exact in it; offsets then a float32 [1] holding c where every offset is c times its scale (c zero or
+    a power of two: symmetric formats, GGUF's Q4_0/Q5_0 with c = 2^(bits−1), Q8_0 with c = 0), else in the
+    scales' dtype where exact (Q4_1/Q5_1: −m); else both float32 as given. Two-level and k-quant sub-block scales
+    (a 16-bit scale times a 6-bit code) and zero points times scales usually stay float32. The kernels widen
+    16-bit scales as they read them (csrc/cpu_gemm.cpp, Scales16), so the results are the same bit for bit."""
     for dtype in (torch.float16, torch.bfloat16):
-        s, o = scale.to(dtype), offset.to(dtype)
-        if torch.equal(s.float(), scale) and torch.equal(o.float(), offset):
+        s = scale.to(dtype)
+        if not torch.equal(s.float(), scale):
+            continue
+        nonzero = scale.nonzero()
+        c = float(offset[tuple(nonzero[0])] / scale[tuple(nonzero[0])]) if len(nonzero) else 0.0
+        if (c == 0 or math.frexp(c)[0] in (0.5, -0.5)) and torch.equal(s.float() * c, offset):
+            return s, torch.tensor([c], dtype=torch.float32)
+        o = offset.to(dtype)
+        if torch.equal(o.float(), offset):
             return s, o
     return scale, offset
+
+
+def offsets_of(packed: dict) -> torch.Tensor:
+    """The offsets [N, G] of a native kernel's resident tensors, also where they are kept as a multiple of the
+    scales (see resident_scales)."""
+    s, o = packed["kscales"], packed["offsets"]
+    return o if o.shape == s.shape else s.float() * o
 
 
 class NativeKernel(Kernel):
@@ -173,4 +190,4 @@ class NativeInt4Kernel(NativeKernel):
         n, k = shape
         g = packed["kscales"].shape[1]
         q = unpack_chunks(packed["wpack"]).reshape(n, g, k // g).float()
-        return (q * packed["kscales"][..., None] - packed["offsets"][..., None]).reshape(n, k)
+        return (q * packed["kscales"][..., None] - offsets_of(packed)[..., None]).reshape(n, k)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .native_int4 import NativeKernel
+from .native_int4 import NativeKernel, offsets_of
 
 
 class NativeInt8Kernel(NativeKernel):
@@ -67,4 +67,4 @@ class NativeInt8Kernel(NativeKernel):
         n, k = shape
         g = packed["kscales"].shape[1]
         q = packed["wq"].reshape(n, g, k // g).float()
-        return (q * packed["kscales"][..., None] - packed["offsets"][..., None]).reshape(n, k)
+        return (q * packed["kscales"][..., None] - offsets_of(packed)[..., None]).reshape(n, k)

@@ -80,60 +80,64 @@ inline void finish(const Problem& p, int64_t n, int64_t m, int nr, const float* 
 
 // ---- 16-bit scales ----------------------------------------------------------------------------------------------
 // Scales and offsets may be resident as float16 or bfloat16 (lowbit.kernels.native_int4 keeps them so where every
-// value is exact in it: GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 store float16 scales, symmetric integer formats have
-// offsets of a power of two times the scale). The row loops read float32: each run of kWidenRows rows has its
-// scales and offsets widened into a buffer of the thread's (in L1) just before those rows are computed. The
-// widening is exact, so results equal those of float32 scales bit for bit, while a call reads 16 bits per scale.
-// Runs of 16 rows measured best on the default model's shapes (Intel Xeon with AMX): 64 and 256 were slower than
-// float32 scales (the larger bursts of conversions and buffer traffic), 16 equal or a few percent faster; the
-// next run's scales are prefetched while a run computes.
-constexpr int64_t kWidenRows = 16;
+// value is exact in it: GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 store float16 scales, symmetric integer formats 16-bit
+// ones), the offsets of symmetric formats as one number c (every offset is c times its scale; see check_scales).
+// The row loops read float32: each run of kWidenRows rows has its scales and offsets widened (or c · s computed)
+// into a buffer of the thread's (in L1) just before those rows are computed. The widening is exact, so results
+// equal those of float32 scales bit for bit, while the resident bytes are the stored ones.
+// Measured on the default model's shapes (Intel Xeon with AMX): runs of 64 rows with the next run's scales
+// prefetched while a run computes are as fast as float32 scales within this machine's noise (±5%); without the
+// prefetch, reading each run's scales as a burst at its start was 5-10% slower.
+constexpr int64_t kWidenRows = 64;
 
 struct Scales16 {
   const uint16_t* s = nullptr;     // [N, G] float16 or bfloat16 bits; null: the Problem's float32 scales are read
-  const uint16_t* off = nullptr;
+  const uint16_t* off = nullptr;   // [N, G] the same; null: every offset is `per_scale` times its scale
   bool bf16 = false;
+  float per_scale = 0.f;
 };
+
+inline float widen_one(uint16_t bits, bool bf16) {
+  return bf16 ? static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()))
+              : static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
 
 #pragma GCC push_options
 #pragma GCC target("avx512f")
-void widen_avx512(const uint16_t* in, float* out, int64_t count, bool bf16) {
+void widen_avx512(const uint16_t* in, float* out, int64_t count, bool bf16, float times) {
   int64_t i = 0;
+  const __m512 t = _mm512_set1_ps(times);
   for (; i + 16 <= count; i += 16) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i));
-    _mm512_storeu_ps(out + i, bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
-                                   : _mm512_cvtph_ps(h));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(t, bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                                                    : _mm512_cvtph_ps(h)));
   }
-  for (; i < count; ++i)
-    out[i] = bf16 ? static_cast<float>(c10::BFloat16(in[i], c10::BFloat16::from_bits()))
-                  : static_cast<float>(c10::Half(in[i], c10::Half::from_bits()));
+  for (; i < count; ++i) out[i] = times * widen_one(in[i], bf16);
 }
 #pragma GCC target("avx2,f16c")
-void widen_avx2(const uint16_t* in, float* out, int64_t count, bool bf16) {
+void widen_avx2(const uint16_t* in, float* out, int64_t count, bool bf16, float times) {
   int64_t i = 0;
+  const __m256 t = _mm256_set1_ps(times);
   for (; i + 8 <= count; i += 8) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i));
-    _mm256_storeu_ps(out + i, bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-                                   : _mm256_cvtph_ps(h));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(t, bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                                                    : _mm256_cvtph_ps(h)));
   }
-  for (; i < count; ++i)
-    out[i] = bf16 ? static_cast<float>(c10::BFloat16(in[i], c10::BFloat16::from_bits()))
-                  : static_cast<float>(c10::Half(in[i], c10::Half::from_bits()));
+  for (; i < count; ++i) out[i] = times * widen_one(in[i], bf16);
 }
 #pragma GCC pop_options
 
-void widen(const uint16_t* in, float* out, int64_t count, bool bf16) {
+// out = times · in, float32 (exact: times is 1, 0 or a power of two)
+void widen(const uint16_t* in, float* out, int64_t count, bool bf16, float times = 1.f) {
   static const int level = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) return 2;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return 1;
     return 0;
   }();
-  if (level == 2) return widen_avx512(in, out, count, bf16);
-  if (level == 1) return widen_avx2(in, out, count, bf16);
-  for (int64_t i = 0; i < count; ++i)
-    out[i] = bf16 ? static_cast<float>(c10::BFloat16(in[i], c10::BFloat16::from_bits()))
-                  : static_cast<float>(c10::Half(in[i], c10::Half::from_bits()));
+  if (level == 2) return widen_avx512(in, out, count, bf16, times);
+  if (level == 1) return widen_avx2(in, out, count, bf16, times);
+  for (int64_t i = 0; i < count; ++i) out[i] = times * widen_one(in[i], bf16);
 }
 
 // fn(q, r0, r1, base) over rows n0..n1 of p: with float32 scales once, as fn(p, n0, n1, 0); with 16-bit ones per
@@ -149,12 +153,13 @@ void over_rows(const Problem& p, const Scales16& h, int64_t row_bytes, int64_t n
   for (int64_t a = n0; a < n1; a += kWidenRows) {
     const int64_t rows = std::min(n1, a + kWidenRows) - a;
     widen(h.s + a * p.G, s, rows * p.G, h.bf16);
-    widen(h.off + a * p.G, off, rows * p.G, h.bf16);
+    if (h.off != nullptr) widen(h.off + a * p.G, off, rows * p.G, h.bf16);
+    else widen(h.s + a * p.G, off, rows * p.G, h.bf16, h.per_scale);
     // the next run's scales are read while this run computes (as a burst at its start they would wait on memory)
     const int64_t next = std::min(n1, a + 2 * kWidenRows) - (a + rows);
     for (int64_t i = 0; i < next * p.G; i += 32) {
       _mm_prefetch(reinterpret_cast<const char*>(h.s + (a + rows) * p.G + i), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(h.off + (a + rows) * p.G + i), _MM_HINT_T0);
+      if (h.off != nullptr) _mm_prefetch(reinterpret_cast<const char*>(h.off + (a + rows) * p.G + i), _MM_HINT_T0);
     }
     Problem q = p;
     q.w = p.w + a * row_bytes;
@@ -392,10 +397,27 @@ int64_t best_isa() {
   return 0;
 }
 
+// Scales [N, G] and offsets [N, G] of one dtype: float32, float16 or bfloat16; or, with 16-bit scales, offsets
+// float32 [1] = c, meaning every offset is c times its scale (symmetric formats: c = 2^(bits−1), or 0), with c
+// zero or a power of two so that c · s is exact.
 void check_scales(const char* op, const at::Tensor& scales, const at::Tensor& offsets) {
   const auto t = scales.scalar_type();
-  TORCH_CHECK((t == at::kFloat || t == at::kHalf || t == at::kBFloat16) && offsets.scalar_type() == t, op,
-              ": scales and offsets must be float32, float16 or bfloat16, both the same");
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
+              ": scales must be float32, float16 or bfloat16");
+  if (offsets.dim() == 1 && offsets.numel() == 1 && t != at::kFloat) {
+    TORCH_CHECK(offsets.scalar_type() == at::kFloat, op, ": offsets given as a multiple of the scales must be float32 [1]");
+    const float c = *offsets.data_ptr<float>();
+    int e = 0;
+    TORCH_CHECK(c == 0.f || std::frexp(c, &e) == 0.5f || std::frexp(c, &e) == -0.5f, op,
+                ": offsets as a multiple of the scales need a multiple of 0 or a power of two");
+    return;
+  }
+  TORCH_CHECK(offsets.scalar_type() == t, op, ": scales and offsets must be float32, float16 or bfloat16, both the same");
+}
+
+// Offsets [N, G] as the scales, or float32 [1] (see check_scales).
+bool offsets_match(const at::Tensor& scales, const at::Tensor& offsets) {
+  return offsets.sizes() == scales.sizes() || (offsets.dim() == 1 && offsets.numel() == 1 && scales.scalar_type() != at::kFloat);
 }
 
 // The float32 pointer of contiguous scales, or null where they are 16-bit (those go through Scales16).
@@ -403,14 +425,14 @@ const float* float_ptr(const at::Tensor& t) { return t.scalar_type() == at::kFlo
 
 Scales16 scales16(const at::Tensor& s, const at::Tensor& off) {
   if (s.scalar_type() == at::kFloat) return {};
-  return {static_cast<const uint16_t*>(s.data_ptr()), static_cast<const uint16_t*>(off.data_ptr()),
-          s.scalar_type() == at::kBFloat16};
+  const bool multiple = off.scalar_type() == at::kFloat;   // float32 [1]: offsets = c · scales
+  return {static_cast<const uint16_t*>(s.data_ptr()), multiple ? nullptr : static_cast<const uint16_t*>(off.data_ptr()),
+          s.scalar_type() == at::kBFloat16, multiple ? *off.data_ptr<float>() : 0.f};
 }
 
 void check_common(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                   const at::Tensor& offsets) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && scales.dim() == 2 && offsets.dim() == 2, op,
-              ": x [M, K], weights [N, ·], scales and offsets [N, G]");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && scales.dim() == 2, op, ": x [M, K], weights [N, ·], scales [N, G]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
               ": x must be float32 or bfloat16");
   check_scales(op, scales, offsets);
@@ -427,12 +449,12 @@ template <class Rows>
 at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& offsets,
                int64_t group_size, Rows rows) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group_size;
-  TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && offsets.sizes() == scales.sizes(),
+  TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && offsets_match(scales, offsets),
               "scales and offsets must be [N, K / group_size]");
   const Activations a = prepare_activations(x, G, group_size);
   const at::Tensor wc = w.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const Problem p{a.xb, a.xf, a.xsum, static_cast<const uint8_t*>(wc.data_ptr()), float_ptr(s), float_ptr(off),
+  const Problem p{a.xb, a.xf, a.xsum, static_cast<const uint8_t*>(wc.data_ptr()), float_ptr(s), float_ptr(s) ? off.data_ptr<float>() : nullptr,
                   y.data_ptr<float>(), M, N, K, G, group_size};
   const Scales16 h = scales16(s, off);
   // Rows of W are independent: split them across threads in runs long enough to amortize the hand-off.
@@ -506,7 +528,7 @@ void check_dequant(const at::Tensor& wpack, const at::Tensor& scales, const at::
   const int64_t N = wpack.size(0), K = wpack.size(1) * 2;
   TORCH_CHECK(K % kChunk == 0 && group_size % 32 == 0 && K % group_size == 0,
               "int4_dequant: K must be a multiple of 64 and group_size a multiple of 32 dividing K");
-  TORCH_CHECK(scales.size(0) == N && scales.size(1) == K / group_size && offsets.sizes() == scales.sizes(),
+  TORCH_CHECK(scales.size(0) == N && scales.size(1) == K / group_size && offsets_match(scales, offsets),
               "int4_dequant: scales and offsets must be [N, K / group_size]");
 }
 
@@ -530,7 +552,7 @@ void dequant_into(const Problem& p, const Scales16& h, int64_t n0, int64_t n1, a
 
 Problem weight_problem(const at::Tensor& w, const at::Tensor& s, const at::Tensor& off, int64_t group_size) {
   const int64_t N = w.size(0), K = w.size(1) * 2;
-  return Problem{nullptr, nullptr, nullptr, w.data_ptr<uint8_t>(), float_ptr(s), float_ptr(off),
+  return Problem{nullptr, nullptr, nullptr, w.data_ptr<uint8_t>(), float_ptr(s), float_ptr(s) ? off.data_ptr<float>() : nullptr,
                  nullptr, 0, N, K, K / group_size, group_size};
 }
 
@@ -663,12 +685,12 @@ at::Tensor run_q8(const char* op, const at::Tensor& x, const at::Tensor& w, cons
                   const at::Tensor& offsets, int64_t group_size) {
   TORCH_CHECK(has_vnni(), op, ": this CPU lacks AVX-512 VNNI");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group_size;
-  TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && offsets.sizes() == scales.sizes(),
+  TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && offsets_match(scales, offsets),
               "scales and offsets must be [N, K / group_size]");
   const Q8Activations qa = avx512vnni::quantize_activations(x, G, group_size, Int4);
   const at::Tensor wc = w.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const Problem p{nullptr, nullptr, nullptr, static_cast<const uint8_t*>(wc.data_ptr()), float_ptr(s), float_ptr(off),
+  const Problem p{nullptr, nullptr, nullptr, static_cast<const uint8_t*>(wc.data_ptr()), float_ptr(s), float_ptr(s) ? off.data_ptr<float>() : nullptr,
                   y.data_ptr<float>(), M, N, K, G, group_size};
   const Scales16 h = scales16(s, off);
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
