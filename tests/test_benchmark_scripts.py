@@ -109,3 +109,12 @@ def test_calibration_memory_benchmark_quick(tmp_path):
     run_quick("calibration_memory.py", out, timeout=600)
     (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert row["peak_mib"] >= row["rss_before_mib"] > 0 and row["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_resident_bytes_benchmark_quick(tmp_path):
+    out = tmp_path / "resident"
+    run_quick("resident_bytes.py", out, timeout=600)
+    rows = {r["format"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    default = rows["int4 g64 (symmetric, the default)"]
+    assert default["resident_bits"] < default["float32_scales_bits"] and default["resident_bits"] - default["stored_bits"] < 1e-3

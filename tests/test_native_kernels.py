@@ -427,9 +427,10 @@ def test_scales_and_offsets_of_different_dtypes_are_refused():
     (GGUFSpec("Q4_0"), torch.float16, "multiple", "field_d"), (GGUFSpec("Q8_0"), torch.float16, "multiple", "field_d"),
     (GGUFSpec("Q4_1"), torch.float16, "16-bit", "field_d"),
     (IntSpec(4, 64, True), torch.float16, "multiple", "scales"), (IntSpec(8, -1, True), torch.float16, "multiple", "scales"),
-    (IntSpec(4, 64, False), torch.float32, "float32", None)], ids=lambda v: getattr(v, "name", str(v)))
+    (IntSpec(4, 64, False), torch.float16, "zero points", "scales"),
+    (GGUFSpec("Q4_K"), torch.float32, "float32", None)], ids=lambda v: getattr(v, "name", str(v)))
 def test_resident_scales_are_as_narrow_as_exact_and_not_kept_twice(base, spec, dtype, offsets, shared):
-    w = base.model.layers[0].self_attn.q_proj.weight.detach()
+    w = base.model.layers[0].mlp.down_proj.weight.detach()   # 1536 inputs: Q4_K fits
     qt = spec.quantize(w)
     layer = QuantLinear(qt, kernel="auto")
     assert layer.kernel.name in ("native-int4", "native-int8")
@@ -443,6 +444,9 @@ def test_resident_scales_are_as_narrow_as_exact_and_not_kept_twice(base, spec, d
     if offsets == "multiple":   # symmetric: the offsets are c times the scales, c one float
         assert b["offsets"].shape == (1,) and resident == codes + 2 * groups + 4 + marker
         assert resident - 4 - marker == sum(t.numel() * t.element_size() for t in (qt.qweight, qt.scales) if t is not None)
+    elif offsets == "zero points":   # the stored scales and zero points, nothing else
+        assert b["offsets"].dtype == torch.uint8 and "offsets_is_zeros" in b
+        assert resident == codes + 3 * groups + marker + 8 * b["offsets_is_zeros"].numel()
     elif offsets == "16-bit":
         # Q4_1: offsets −m beside the stored m (kept for `restore`): half a bit per weight above the stored size
         assert b["offsets"].dtype == dtype and resident == codes + 6 * groups + marker
@@ -458,7 +462,7 @@ def test_resident_scales_are_as_narrow_as_exact_and_not_kept_twice(base, spec, d
     assert torch.equal(layer(x), layer.kernel.linear(x, full, spec, (n, k), None))
 
 
-def test_offsets_as_a_multiple_of_the_scales_equal_the_full_offsets():
+def test_offsets_as_a_multiple_of_the_scales_or_as_zero_points_equal_the_full_offsets():
     g = torch.Generator().manual_seed(1)
     s = (torch.rand(100, 9, generator=g) * 0.1).half()
     wpack = torch.randint(0, 256, (100, 288), dtype=torch.uint8, generator=g)
@@ -468,6 +472,9 @@ def test_offsets_as_a_multiple_of_the_scales_equal_the_full_offsets():
         full = s.float() * c
         for name, op in _every_native_op(x, wpack, wq, 64).items():
             assert torch.equal(op(s, torch.tensor([c])), op(s.float(), full)), (name, c)
+    z = torch.randint(0, 256, s.shape, dtype=torch.uint8, generator=g)   # zero points
+    for name, op in _every_native_op(x, wpack, wq, 64).items():
+        assert torch.equal(op(s, z), op(s.float(), z.float() * s.float())), name
     with pytest.raises(RuntimeError, match="power of two"):
         torch.ops.lowbit.int4_gemm(x, wpack, s, torch.tensor([3.0]), 64)
     with pytest.raises(RuntimeError, match=r"\[N, K / group_size\]"):   # a multiple needs 16-bit scales

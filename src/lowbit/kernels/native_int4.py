@@ -10,10 +10,11 @@ and Q4_K; groups of 32 columns or a multiple of 64, in_features a multiple of 64
                       decoded once, here),
               offsets [N, G] — so that w = q · s − offset (integer formats: z · s; GGUF: Q4_0 8·d,
                       Q4_1 −m, Q4_K dmin·m); scales float16 or bfloat16 where exact in it, offsets then
-                      float32 [1] = c where every offset is c · s (symmetric formats), else 16-bit where
-                      exact, else both float32 (resident_scales); where kscales equal a tensor
-                      the format keeps for `restore` (GGUF's d, an integer format's scales), that tensor is
-                      not kept twice: `kscales_is_KEY` (int64, its shape) says kscales gives it back,
+                      float32 [1] = c where every offset is c · s (symmetric formats), else uint8 zero
+                      points z where every offset is z · s (asymmetric ones), else 16-bit where exact, else
+                      both float32 (resident_scales); where kscales or offsets equal a tensor the format keeps
+                      for `restore` (GGUF's d, an integer format's scales or zeros), that tensor is not kept
+                      twice: `kscales_is_KEY` / `offsets_is_KEY` (int64, its shape) says which gives it back,
               for `restore`, exact: an integer format's scales / zeros (its codes come back from wpack); a GGUF
                       type's block fields other than the codes (field_d, field_scales, ...: float16 scales,
                       sub-block codes in a byte), packed again with the codes into the same bytes.
@@ -51,14 +52,15 @@ def unpack_chunks(wpack: torch.Tensor) -> torch.Tensor:
     return torch.cat([b & 15, b >> 4], dim=2).reshape(n, half * 2)
 
 
-SAME = "kscales_is_"   # + a key of the format's rest: that tensor is kscales (this int64 tensor: its shape)
+SAME = "_is_"   # kscales_is_KEY / offsets_is_KEY: the format's rest tensor KEY is that one (int64: its shape)
 
 
 def resident_scales(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernels' scales and offsets as narrow as they stay exact: scales float16, else bfloat16 where every
     value is exact in it; offsets then a float32 [1] holding c where every offset is c times its scale (c zero or
-    a power of two: symmetric formats, GGUF's Q4_0/Q5_0 with c = 2^(bits−1), Q8_0 with c = 0), else in the
-    scales' dtype where exact (Q4_1/Q5_1: −m); else both float32 as given. Two-level and k-quant sub-block scales
+    a power of two: symmetric formats, GGUF's Q4_0/Q5_0 with c = 2^(bits−1), Q8_0 with c = 0), else uint8 zero
+    points z where every offset is z times its scale (asymmetric formats), else in the scales' dtype where exact
+    (Q4_1/Q5_1: −m); else both float32 as given. Two-level and k-quant sub-block scales
     (a 16-bit scale times a 6-bit code) and zero points times scales usually stay float32. The kernels widen
     16-bit scales as they read them (csrc/cpu_gemm.cpp, Scales16), so the results are the same bit for bit."""
     for dtype in (torch.float16, torch.bfloat16):
@@ -69,6 +71,9 @@ def resident_scales(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Te
         c = float(offset[tuple(nonzero[0])] / scale[tuple(nonzero[0])]) if len(nonzero) else 0.0
         if (c == 0 or math.frexp(c)[0] in (0.5, -0.5)) and torch.equal(s.float() * c, offset):
             return s, torch.tensor([c], dtype=torch.float32)
+        z = torch.where(scale != 0, offset / torch.where(scale != 0, scale, 1), 0).round()
+        if z.min() >= 0 and z.max() <= 255 and torch.equal(z * s.float(), offset):   # zero points
+            return s, z.to(torch.uint8)
         o = offset.to(dtype)
         if torch.equal(o.float(), offset):
             return s, o
@@ -77,9 +82,9 @@ def resident_scales(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Te
 
 def offsets_of(packed: dict) -> torch.Tensor:
     """The offsets [N, G] of a native kernel's resident tensors, also where they are kept as a multiple of the
-    scales (see resident_scales)."""
+    scales or as zero points (see resident_scales)."""
     s, o = packed["kscales"], packed["offsets"]
-    return o if o.shape == s.shape else s.float() * o
+    return s.float() * o if o.shape != s.shape or o.dtype == torch.uint8 else o
 
 
 class NativeKernel(Kernel):
@@ -122,19 +127,21 @@ class NativeKernel(Kernel):
         self.q8 = native.vnni()
         view = qt.spec.integer_view(qt)
         rest = qt.spec.integer_rest(qt)
-        scale, offset = resident_scales(view.scale, view.offset)
-        for key, t in rest.items():   # the format's own 16-bit scales (GGUF's d): kept once, as kscales
-            if t.dtype == scale.dtype and t.numel() == scale.numel() and torch.equal(t.reshape(scale.shape), scale):
-                rest = {k: v for k, v in rest.items() if k != key}
-                rest[SAME + key] = torch.tensor(t.shape, dtype=torch.int64)
-                break
-        return view.codes, {"kscales": scale, "offsets": offset, **rest}
+        own = dict(zip(("kscales", "offsets"), resident_scales(view.scale, view.offset)))
+        for name, mine in own.items():   # the format's own scales (GGUF's d) or zero points: kept once, here
+            for key, t in rest.items():
+                if t.dtype == mine.dtype and t.numel() == mine.numel() and torch.equal(t.reshape(mine.shape), mine):
+                    rest = {k: v for k, v in rest.items() if k != key}
+                    rest[name + SAME + key] = torch.tensor(t.shape, dtype=torch.int64)
+                    break
+        return view.codes, {**own, **rest}
 
     def restore_from(self, packed, spec, shape, codes: torch.Tensor) -> QuantizedTensor:
         rest = {}
         for key, t in packed.items():
-            if key.startswith(SAME):
-                rest[key[len(SAME):]] = packed["kscales"].reshape(tuple(t.tolist()))
+            mine, same, theirs = key.partition(SAME)
+            if same and mine in ("kscales", "offsets"):
+                rest[theirs] = packed[mine].reshape(tuple(t.tolist()))
             elif key not in self.OWN:
                 rest[key] = t
         return spec.from_integer_codes(codes, rest, shape)

@@ -92,7 +92,8 @@ constexpr int64_t kWidenRows = 64;
 
 struct Scales16 {
   const uint16_t* s = nullptr;     // [N, G] float16 or bfloat16 bits; null: the Problem's float32 scales are read
-  const uint16_t* off = nullptr;   // [N, G] the same; null: every offset is `per_scale` times its scale
+  const uint16_t* off = nullptr;   // [N, G] the same; null: see zeros, else every offset is `per_scale` · its scale
+  const uint8_t* zeros = nullptr;  // [N, G] zero points: every offset is its zero point times its scale
   bool bf16 = false;
   float per_scale = 0.f;
 };
@@ -154,12 +155,16 @@ void over_rows(const Problem& p, const Scales16& h, int64_t row_bytes, int64_t n
     const int64_t rows = std::min(n1, a + kWidenRows) - a;
     widen(h.s + a * p.G, s, rows * p.G, h.bf16);
     if (h.off != nullptr) widen(h.off + a * p.G, off, rows * p.G, h.bf16);
+    else if (h.zeros != nullptr)   // z · s: exact in float32 (a 16-bit scale times a byte)
+      for (int64_t i = 0; i < rows * p.G; ++i) off[i] = static_cast<float>(h.zeros[a * p.G + i]) * s[i];
     else widen(h.s + a * p.G, off, rows * p.G, h.bf16, h.per_scale);
     // the next run's scales are read while this run computes (as a burst at its start they would wait on memory)
     const int64_t next = std::min(n1, a + 2 * kWidenRows) - (a + rows);
     for (int64_t i = 0; i < next * p.G; i += 32) {
       _mm_prefetch(reinterpret_cast<const char*>(h.s + (a + rows) * p.G + i), _MM_HINT_T0);
       if (h.off != nullptr) _mm_prefetch(reinterpret_cast<const char*>(h.off + (a + rows) * p.G + i), _MM_HINT_T0);
+      if (h.zeros != nullptr && i % 64 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(h.zeros + (a + rows) * p.G + i), _MM_HINT_T0);
     }
     Problem q = p;
     q.w = p.w + a * row_bytes;
@@ -399,7 +404,8 @@ int64_t best_isa() {
 
 // Scales [N, G] and offsets [N, G] of one dtype: float32, float16 or bfloat16; or, with 16-bit scales, offsets
 // float32 [1] = c, meaning every offset is c times its scale (symmetric formats: c = 2^(bits−1), or 0), with c
-// zero or a power of two so that c · s is exact.
+// zero or a power of two so that c · s is exact; or, with 16-bit scales, offsets uint8 [N, G]: zero points z,
+// every offset z · s (asymmetric formats).
 void check_scales(const char* op, const at::Tensor& scales, const at::Tensor& offsets) {
   const auto t = scales.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
@@ -412,7 +418,8 @@ void check_scales(const char* op, const at::Tensor& scales, const at::Tensor& of
                 ": offsets as a multiple of the scales need a multiple of 0 or a power of two");
     return;
   }
-  TORCH_CHECK(offsets.scalar_type() == t, op, ": scales and offsets must be float32, float16 or bfloat16, both the same");
+  TORCH_CHECK(offsets.scalar_type() == t || (offsets.scalar_type() == at::kByte && t != at::kFloat), op,
+              ": scales and offsets must be float32, float16 or bfloat16, both the same (or 16-bit scales and uint8 zero points)");
 }
 
 // Offsets [N, G] as the scales, or float32 [1] (see check_scales).
@@ -426,8 +433,11 @@ const float* float_ptr(const at::Tensor& t) { return t.scalar_type() == at::kFlo
 Scales16 scales16(const at::Tensor& s, const at::Tensor& off) {
   if (s.scalar_type() == at::kFloat) return {};
   const bool multiple = off.scalar_type() == at::kFloat;   // float32 [1]: offsets = c · scales
-  return {static_cast<const uint16_t*>(s.data_ptr()), multiple ? nullptr : static_cast<const uint16_t*>(off.data_ptr()),
-          s.scalar_type() == at::kBFloat16, multiple ? *off.data_ptr<float>() : 0.f};
+  const bool zeros = off.scalar_type() == at::kByte;       // uint8 [N, G]: offsets = z · scales
+  return {static_cast<const uint16_t*>(s.data_ptr()),
+          multiple || zeros ? nullptr : static_cast<const uint16_t*>(off.data_ptr()),
+          zeros ? off.data_ptr<uint8_t>() : nullptr, s.scalar_type() == at::kBFloat16,
+          multiple ? *off.data_ptr<float>() : 0.f};
 }
 
 void check_common(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
