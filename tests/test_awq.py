@@ -52,3 +52,41 @@ def test_clip_search_never_worse_than_no_clip(base, first_last_inputs):
     err = lambda w: (Xs @ (quantize_rtn(w, spec).dequantize() - W).T).pow(2).mean()
     assert err(clipped) <= err(W)
     assert (clipped.abs() <= W.abs()).all()
+
+
+def test_next_block_inputs_are_the_float_blocks_outputs_as_the_reference_propagates(base, first_last_inputs):
+    # llm-awq and AutoAWQ pass each block's unquantized outputs on; lowbit's AWQ takes them from its capture
+    # pass (the block then runs once per sample, not twice)
+    from lowbit.models.calibration import BlockInputs
+    inputs = first_last_inputs[0]
+    expected = run_block(base.model.layers[0], inputs).hidden
+    block = copy.deepcopy(base.model.layers[0])
+    mine = BlockInputs(inputs.hidden, inputs.kwargs, keep_outputs=True)
+    awq_block(block, mine, _plan(), arch_for(base.config))
+    assert len(mine.outputs) == len(expected) and all(torch.equal(a, b) for a, b in zip(mine.outputs, expected))
+    quantized = run_block(block, inputs).hidden   # what the quantized block would have given instead
+    assert not any(torch.equal(a, b) for a, b in zip(mine.outputs, quantized))
+
+
+def test_quantize_passes_the_float_outputs_on_for_awq_blocks(base, tokenizer, monkeypatch):
+    import sys
+    import lowbit
+    from conftest import truncated
+    from lowbit.models.calibration import BlockInputs
+    flow = sys.modules["lowbit.quantize"]   # the module (lowbit.quantize is also the function)
+    seen = []
+    real = flow.iterate_blocks
+
+    def spy(model, samples):
+        for i, block, inputs in real(model, samples):
+            seen.append(BlockInputs([h.clone() for h in inputs.hidden], inputs.kwargs))
+            yield i, block, inputs
+    monkeypatch.setattr(flow, "iterate_blocks", spy)
+    model = truncated(base, 2)
+    reference = copy.deepcopy(model)
+    lowbit.quantize(model, lowbit.AWQ(bits=4, group_size=64), tokenizer=tokenizer, calib_samples=4,
+                    calib_seqlen=64, progress=False)
+    assert len(seen) == 2
+    # block 1 was calibrated on the unquantized block 0's outputs
+    expected = run_block(reference.model.layers[0], seen[0]).hidden
+    assert all(torch.equal(a, b) for a, b in zip(seen[1].hidden, expected))

@@ -1,7 +1,8 @@
 """The quantization flow: plan from a recipe, then quantize block by block and swap in QuantLinear modules.
 
 Methods that need calibration data get it through `models.calibration.iterate_blocks`, so each block is
-calibrated on the outputs of the already-quantized blocks before it.
+calibrated on the outputs of the already-quantized blocks before it; AWQ alone in a block passes on that block's
+unquantized outputs instead, as the reference implementations do (blockwise.awq_scale_block).
 """
 
 from __future__ import annotations
@@ -139,8 +140,10 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
                 block_arch = feeds[sig]
             if inputs is not None:
                 # GPTQ alone in a dense block leaves it as its paused forwards (models.paused) end: their outputs
-                # are the next block's inputs (a router's counts come from a separate pass)
-                inputs.keep_outputs = not expert_lists(block) and all(c.method == "gptq" for c in block_plan.values())
+                # are the next block's inputs; AWQ alone passes on the unquantized block's outputs, from its
+                # capture pass (a router's counts come from a separate pass)
+                methods = {c.method for c in block_plan.values()}
+                inputs.keep_outputs = not expert_lists(block) and methods in ({"gptq"}, {"awq"})
             if (inputs is not None and any(getattr(c, "true_sequential", False) for c in block_plan.values())
                     and not (inputs.keep_outputs and paused_available())):
                 reuse.enter_context(ReuseFinishedParts(block))   # passes over this block repeat its parts

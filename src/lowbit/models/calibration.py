@@ -31,9 +31,10 @@ class BlockInputs:
     hidden: list[torch.Tensor]     # one [1, T, H] tensor per calibration sample
     kwargs: list[dict]             # the keyword arguments the model gave the block for that sample
     by_type: dict[str, list[dict]] | None = None   # the same per layer type, where the model has several
-    # set by the caller when the block will be left exactly as its driver leaves it: the driver may then put
-    # the block's outputs on these inputs in `outputs` (GPTQ's paused forwards compute them on the way), and
-    # iterate_blocks takes them instead of running the block again
+    # set by the caller when the driver may decide the next block's inputs: it then puts them in `outputs` and
+    # iterate_blocks takes them instead of running the block again. GPTQ's paused forwards compute the
+    # quantized block's outputs on the way; AWQ's capture pass the unquantized block's, which is what AWQ
+    # passes on (as llm-awq and AutoAWQ do)
     keep_outputs: bool = False
     outputs: list[torch.Tensor] | None = None
 
@@ -234,9 +235,11 @@ def capture_calls(block: nn.Module, inputs: BlockInputs, names: list[str]) -> di
     return calls
 
 
-def _run_with_hooks(block: nn.Module, inputs: BlockInputs, names: list[str], on_call) -> None:
+def _run_with_hooks(block: nn.Module, inputs: BlockInputs, names: list[str], on_call,
+                    outputs: list | None = None) -> None:
     """Run the block on every sample with on_call(name, module, args, kwargs) before each named submodule runs;
-    once every named module has been reached, the rest of the block is skipped."""
+    once every named module has been reached, the rest of the block is skipped, unless `outputs` is given: then
+    the block runs to its end and each sample's output is appended to it."""
     seen: set[str] = set()
     handles = []
 
@@ -244,7 +247,7 @@ def _run_with_hooks(block: nn.Module, inputs: BlockInputs, names: list[str], on_
         def hook(module, args, kwargs):
             on_call(name, module, args, kwargs)
             seen.add(name)
-            if len(seen) == len(names):
+            if len(seen) == len(names) and outputs is None:
                 raise _Stop
         return hook
 
@@ -254,9 +257,11 @@ def _run_with_hooks(block: nn.Module, inputs: BlockInputs, names: list[str], on_
         for h, kw in zip(inputs.hidden, inputs.kwargs):
             seen.clear()
             try:
-                block(h, **kw)
+                y = block(h, **kw)
             except _Stop:
-                pass
+                continue
+            if outputs is not None:
+                outputs.append(y[0] if isinstance(y, tuple) else y)
     finally:
         for handle in handles:
             handle.remove()
@@ -322,10 +327,11 @@ class _Summarizer:
 
 @torch.no_grad()
 def summarize_inputs(block: nn.Module, inputs: BlockInputs, widths: dict[str, int], keep: int,
-                     n_tokens: int) -> dict[str, InputSummary]:
+                     n_tokens: int, outputs: list | None = None) -> dict[str, InputSummary]:
     """capture_calls' pass over the calibration set, keeping for each named module (name -> its input width)
-    only an InputSummary."""
+    only an InputSummary; with `outputs`, the block runs to its end and its outputs are appended there."""
     acc = {n: _Summarizer(keep, n_tokens) for n in widths}
     _run_with_hooks(block, inputs, list(widths),
-                    lambda name, module, args, kwargs: acc[name].add(args, kwargs, first_input(module, args, kwargs)))
+                    lambda name, module, args, kwargs: acc[name].add(args, kwargs, first_input(module, args, kwargs)),
+                    outputs)
     return {n: a.summary(widths[n]) for n, a in acc.items()}
