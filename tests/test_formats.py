@@ -132,3 +132,40 @@ def test_records_without_a_kind_are_integer_formats_and_unknown_kinds_are_refuse
     assert spec_from_dict({"bits": 4, "group_size": 64, "symmetric": True}) == IntSpec(4, 64, True)
     with pytest.raises(LowbitError, match="unknown weight format kind 'q9'"):
         spec_from_dict({"kind": "q9"})
+
+
+@pytest.mark.parametrize("spec", [IntSpec(4, 64, True), IntSpec(4, 64, False), IntSpec(3, -1, False),
+                                  IntSpec(8, 32, True), IntSpec(2, 32, False)], ids=lambda s: s.name)
+def test_weighted_range_search_native_equals_the_tensor_code_bit_for_bit(spec, monkeypatch):
+    from lowbit.formats import intq
+    from lowbit.kernels import native
+    if not native.available():
+        pytest.skip(str(native.load()))
+    g = torch.Generator().manual_seed(spec.bits)
+    w = torch.randn(37, 576, generator=g) * 0.02
+    w[0] = 0                       # an all-zero row: every candidate scale is the floor
+    w[1, :64] *= 50                # heavy tails
+    imp = torch.rand(576, generator=g)
+    imp[5] = 0
+    native_result = intq.search_qparams(w, spec, imp)
+    steps = torch.rand(3, 37, 576 // spec.group_size_for(576), generator=g) * 0.01 + 1e-4
+    zeros = torch.randint(0, 2 ** spec.bits, steps.shape, generator=g).float()
+    wg = w.reshape(37, steps.shape[2], -1)
+    native_errors = intq.grid_errors(wg, imp.reshape(wg.shape[1:]), steps, zeros, spec.qmin, spec.qmax)
+    monkeypatch.setattr(intq, "_native_serves", lambda x: False)
+    tensor_result = intq.search_qparams(w, spec, imp)
+    assert torch.equal(native_result[0], tensor_result[0])
+    assert (native_result[1] is None) == (tensor_result[1] is None)
+    if native_result[1] is not None:
+        assert torch.equal(native_result[1], tensor_result[1])
+    assert torch.equal(native_errors, intq.grid_errors(wg, imp.reshape(wg.shape[1:]), steps, zeros, spec.qmin,
+                                                       spec.qmax))
+
+
+def test_native_grid_errors_sum_as_aten_does():
+    from lowbit.formats.intq import sum_width
+    from lowbit.kernels import native
+    if not native.available():
+        pytest.skip(str(native.load()))
+    for g in (1, 5, 16, 32, 64, 128, 576, 1536, 4096):   # single values, one vector and a tail, the cascade's levels
+        assert sum_width(g) is not None, g

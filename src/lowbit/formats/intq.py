@@ -41,6 +41,7 @@ groups of 32 with 6-bit sub-scales and super-blocks of 256 cost 4 + 6/32 + 16/25
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -326,25 +327,63 @@ def search_qparams(w: torch.Tensor, spec: IntSpec, importance: torch.Tensor) -> 
     unshrunk range is the first candidate and wins ties, so the result is never worse than `choose_qparams`
     under that measure."""
     wg = _grouped(w.float(), spec)
-    imp = _grouped(importance.float().expand(w.shape[0], -1), spec)
-    best = best_s = best_z = None
+    candidates = []
     for r in CLIP_RATIOS:
         if spec.symmetric:
-            s, z = _finish(wg.abs().amax(dim=-1) * r / spec.sym_divisor, None, spec)
+            candidates.append(_finish(wg.abs().amax(dim=-1) * r / spec.sym_divisor, None, spec))
         else:
             lo = wg.amin(dim=-1).clamp(max=0) * r
-            s, z = _finish((wg.amax(dim=-1).clamp(min=0) * r - lo) / (spec.qmax - spec.qmin), lo, spec)
-        sf = s.float().unsqueeze(-1)
-        zf = _zero_float(z, spec, s.float()).unsqueeze(-1)
-        err = (imp * ((torch.round(wg / sf + zf).clamp(spec.qmin, spec.qmax) - zf) * sf - wg).pow(2)).sum(-1)
-        if best is None:
-            best, best_s, best_z = err, s, z
-            continue
+            candidates.append(_finish((wg.amax(dim=-1).clamp(min=0) * r - lo) / (spec.qmax - spec.qmin), lo, spec))
+    steps = torch.stack([s.float() for s, _z in candidates])
+    zeros = torch.stack([_zero_float(z, spec, s.float()) for s, z in candidates])
+    errors = grid_errors(wg, importance.float().reshape(wg.shape[1:]), steps, zeros, spec.qmin, spec.qmax)
+    best, (best_s, best_z) = errors[0], candidates[0]
+    for err, (s, z) in zip(errors[1:], candidates[1:]):
         better = err < best
         best = torch.where(better, err, best)
         best_s = torch.where(better, s, best_s)
         best_z = None if z is None else torch.where(better, z, best_z)
     return best_s, best_z
+
+
+def grid_errors(wg: torch.Tensor, imp: torch.Tensor, steps: torch.Tensor, zeros: torch.Tensor, qmin: int,
+                qmax: int) -> torch.Tensor:
+    """Σ_j imp_j · (ŵ_j − w_j)² per group for each candidate grid: wg [N, G, g] weights, imp [G, g], steps and
+    zeros [R, N, G] (ŵ = (clamp(round(w / s + z), qmin, qmax) − z) · s) -> [R, N, G]. lowbit's native op
+    (kernels/csrc/grid_errors.cpp) where it serves and sums as this ATen does (sum_width): the same float32
+    operations in the same order, bit-identical, reading each group once for all candidates; this tensor code
+    is the reference and the fallback."""
+    width = sum_width(wg.shape[-1]) if _native_serves(wg) else None
+    if width is not None:
+        return torch.ops.lowbit.grid_errors(wg, imp, steps, zeros, float(qmin), float(qmax), width)
+    return _tensor_grid_errors(wg, imp, steps, zeros, qmin, qmax)
+
+
+def _tensor_grid_errors(wg, imp, steps, zeros, qmin, qmax) -> torch.Tensor:
+    return torch.stack([(imp * ((torch.round(wg / sf + zf).clamp(qmin, qmax) - zf) * sf - wg).pow(2)).sum(-1)
+                        for sf, zf in zip(steps.unsqueeze(-1), zeros.unsqueeze(-1))])
+
+
+def _native_serves(x: torch.Tensor) -> bool:
+    from ..kernels import native
+    return native.serves(x)
+
+
+@functools.lru_cache(maxsize=None)
+def sum_width(g: int) -> int | None:
+    """The vector width for which the native grid_errors sums groups of g values exactly as this ATen's
+    `.sum(-1)` does (8 on x86 builds, 4 on 128-bit ones), found on random groups spanning many magnitudes, or
+    None (the tensor code runs)."""
+    gen = torch.Generator().manual_seed(g)
+    wg = torch.randn(5, 3, g, generator=gen) * torch.exp(2 * torch.randn(5, 3, g, generator=gen))
+    imp = torch.rand(3, g, generator=gen)
+    steps = torch.rand(2, 5, 3, generator=gen) + 0.05
+    zeros = torch.randint(0, 16, (2, 5, 3), generator=gen).float()
+    want = _tensor_grid_errors(wg, imp, steps, zeros, 0, 15)
+    for width in (8, 16, 4):
+        if torch.equal(torch.ops.lowbit.grid_errors(wg, imp, steps, zeros, 0.0, 15.0, width), want):
+            return width
+    return None
 
 
 def pack_scale_codes(sc: torch.Tensor, bits: int) -> torch.Tensor:
