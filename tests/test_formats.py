@@ -169,3 +169,12 @@ def test_native_grid_errors_sum_as_aten_does():
         pytest.skip(str(native.load()))
     for g in (1, 5, 16, 32, 64, 128, 576, 1536, 4096):   # single values, one vector and a tail, the cascade's levels
         assert sum_width(g) is not None, g
+
+
+@pytest.mark.parametrize("spec", [IntSpec(4, 64, True), IntSpec(4, 64, False), IntSpec(8, -1, True),
+                                  IntSpec(3, 32, False), IntSpec(8, 32, False), IntSpec(4, 64, True, scale_bits=6)],
+                         ids=lambda s: s.name)
+def test_fake_quantize_equals_quantize_then_dequantize(spec):
+    g = torch.Generator().manual_seed(spec.bits)
+    for w in (torch.randn(30, 512, generator=g) * 0.02, torch.zeros(4, 512), torch.randn(3, 512, generator=g) * 1e-6):
+        assert torch.equal(spec.fake_quantize(w), spec.quantize(w).dequantize(torch.float32))

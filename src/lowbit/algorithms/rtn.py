@@ -12,4 +12,4 @@ def quantize_rtn(weight: torch.Tensor, spec: WeightFormat) -> QuantizedTensor:
 
 def fake_quantize(weight: torch.Tensor, spec: WeightFormat) -> torch.Tensor:
     """Quantize then dequantize (in float32): what the model will compute with, as a float tensor."""
-    return spec.quantize(weight).dequantize(torch.float32)
+    return spec.fake_quantize(weight)

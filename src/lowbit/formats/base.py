@@ -137,6 +137,11 @@ class WeightFormat:
         formats without a search ignore it."""
         raise NotImplementedError
 
+    def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """quantize(w).dequantize() in float32: the values the model will compute with. Formats may skip the
+        packing in between (searches call this many times per weight); the values must be the same."""
+        return self.quantize(w).dequantize(torch.float32)
+
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [N, K] as the format defines them -> the stored `qweight`."""
         raise NotImplementedError

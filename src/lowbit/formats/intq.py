@@ -190,6 +190,16 @@ class IntSpec(WeightFormat):
         scales, zeros = choose_qparams(w, self) if imp is None else search_qparams(w, self, imp)
         return QuantizedTensor.from_codes(quantize_codes(w, scales, zeros, self), scales, zeros, self)
 
+    def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        if self.two_level:
+            return super().fake_quantize(w)
+        # the codes of quantize, dequantized as dequantize does, without packing and unpacking them
+        scales, zeros = choose_qparams(w, self)
+        s = scales.float().unsqueeze(-1)
+        z = _zero_float(zeros, self, scales.float()).unsqueeze(-1)
+        q = torch.round(_grouped(w.float(), self) / s + z).clamp(self.qmin, self.qmax)
+        return ((q - z) * s).reshape(w.shape)
+
     @property
     def one_level(self) -> "IntSpec":
         """The same format with float16 group scales."""
