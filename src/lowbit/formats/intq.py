@@ -195,10 +195,7 @@ class IntSpec(WeightFormat):
             return super().fake_quantize(w)
         # the codes of quantize, dequantized as dequantize does, without packing and unpacking them
         scales, zeros = choose_qparams(w, self)
-        s = scales.float().unsqueeze(-1)
-        z = _zero_float(zeros, self, scales.float()).unsqueeze(-1)
-        q = torch.round(_grouped(w.float(), self) / s + z).clamp(self.qmin, self.qmax)
-        return ((q - z) * s).reshape(w.shape)
+        return dequantize_codes(quantize_codes(w, scales, zeros, self), scales, zeros, self)
 
     @property
     def one_level(self) -> "IntSpec":
@@ -221,8 +218,7 @@ class IntSpec(WeightFormat):
 
     def integer_view(self, qt: QuantizedTensor) -> IntegerView:
         s = self.group_scales(qt.scales, qt.shape[1]).float()
-        z = qt.zeros.float() if qt.zeros is not None else torch.full_like(s, float(self.implicit_zero))
-        return IntegerView(qt.codes().to(torch.int32), s.contiguous(), (z * s).contiguous())
+        return IntegerView(qt.codes().to(torch.int32), s.contiguous(), (_zero_float(qt.zeros, self, s) * s).contiguous())
 
     def integer_rest(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
         return {"scales": qt.scales, **({} if qt.zeros is None else {"zeros": qt.zeros})}

@@ -120,8 +120,9 @@ class NativeKernel(Kernel):
     OWN = ("wpack", "wq", "kscales", "offsets")   # the kernels' tensors; the rest is kept for `restore`
 
     def scale_tensors(self, qt) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The codes (int32 [N, K]), and kscales s and offsets (float32 [N, G]) with what the format needs besides
-        the codes to give back its stored tensors (formats.base.WeightFormat.integer_rest)."""
+        """The codes (int32 [N, K]), and kscales s and offsets [N, G] in their resident form (resident_scales) with
+        what the format needs besides the codes to give back its stored tensors (formats.base.WeightFormat.
+        integer_rest), none of it kept twice."""
         # decided here, outside any traced code: the CPU does not change while the process runs
         self.dense_dtype = native.dense_dtype()
         self.q8 = native.vnni()

@@ -98,7 +98,7 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     out = []
     for h, kw in zip(inputs.hidden, inputs.kwargs):
         y = block(h, **kw)
-        out.append(y[0] if isinstance(y, tuple) else y)
+        out.append(first_output(y))
     return BlockInputs(out, inputs.kwargs)
 
 
@@ -261,7 +261,7 @@ def _run_with_hooks(block: nn.Module, inputs: BlockInputs, names: list[str], on_
             except _Stop:
                 continue
             if outputs is not None:
-                outputs.append(y[0] if isinstance(y, tuple) else y)
+                outputs.append(first_output(y))
     finally:
         for handle in handles:
             handle.remove()

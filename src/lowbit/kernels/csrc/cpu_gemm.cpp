@@ -414,7 +414,7 @@ void check_scales(const char* op, const at::Tensor& scales, const at::Tensor& of
     TORCH_CHECK(offsets.scalar_type() == at::kFloat, op, ": offsets given as a multiple of the scales must be float32 [1]");
     const float c = *offsets.data_ptr<float>();
     int e = 0;
-    TORCH_CHECK(c == 0.f || std::frexp(c, &e) == 0.5f || std::frexp(c, &e) == -0.5f, op,
+    TORCH_CHECK(c == 0.f || std::fabs(std::frexp(c, &e)) == 0.5f, op,
                 ": offsets as a multiple of the scales need a multiple of 0 or a power of two");
     return;
   }
