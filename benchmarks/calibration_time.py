@@ -5,6 +5,7 @@ windows), so that a speed-up can be shown not to change the result.
     python benchmarks/calibration_time.py                          # GPTQ W4 g64: about 3 minutes on 2 cores
     python benchmarks/calibration_time.py --methods gptq,awq --windows 24
     python benchmarks/calibration_time.py --quick --out DIR        # seconds: keeps the script alive
+    python benchmarks/calibration_time.py --methods awq,awq:search_dtype=bfloat16   # settings after a colon
     python benchmarks/calibration_time.py --matmul bf16            # float32 matmuls computed by oneDNN in
                                                                    # bfloat16 (a measurement, not a default)
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -44,10 +46,14 @@ def main() -> int:
     windows = token_windows(tok, load_text(None, "evaluation"), 512, args.windows)
     rows = []
     for method in args.methods.split(","):
+        name, _, settings = method.partition(":")
+        config = CONFIGS[name]()
+        if settings:
+            config = dataclasses.replace(config, **dict(kv.split("=", 1) for kv in settings.split(":")))
         model = copy.deepcopy(base)
         torch.backends.mkldnn.matmul.fp32_precision = args.matmul
         t0 = time.perf_counter()
-        lowbit.quantize(model, CONFIGS[method](), tokenizer=tok, progress=not args.quick, **calib)
+        lowbit.quantize(model, config, tokenizer=tok, progress=not args.quick, **calib)
         seconds = time.perf_counter() - t0
         torch.backends.mkldnn.matmul.fp32_precision = "none"
         q = evaluate_quality({method: model}, windows, base=base, progress=False)[method]

@@ -90,3 +90,100 @@ def test_quantize_passes_the_float_outputs_on_for_awq_blocks(base, tokenizer, mo
     # block 1 was calibrated on the unquantized block 0's outputs
     expected = run_block(reference.model.layers[0], seen[0]).hidden
     assert all(torch.equal(a, b) for a, b in zip(seen[1].hidden, expected))
+
+
+def _scaled_weights(base, inputs, index, search_dtype, norm_gain=1.0):
+    from dataclasses import replace
+    block = copy.deepcopy(base.model.layers[index])
+    with torch.no_grad():
+        block.input_layernorm.weight.mul_(norm_gain)
+        block.post_attention_layernorm.weight.mul_(norm_gain)
+    plan = {n: replace(c, search_dtype=search_dtype) for n, c in _plan().items()}
+    awq_scale_block(block, inputs, plan, arch_for(base.config))
+    return {k: v.clone() for k, v in block.state_dict().items()}
+
+
+@pytest.mark.parametrize("index", [0, 29])
+def test_float16_search_chooses_the_float32_searchs_scales_on_real_blocks(base, first_last_inputs, index):
+    # llm-awq and AutoAWQ search in half precision; float16 keeps 11 bits, enough for every α choice here
+    half = _scaled_weights(base, first_last_inputs[index], index, "float16")
+    full = _scaled_weights(base, first_last_inputs[index], index, "float32")
+    assert half.keys() == full.keys() and all(torch.equal(half[k], full[k]) for k in full)
+    assert half["self_attn.q_proj.weight"].dtype == torch.float32
+
+
+def test_float16_search_beyond_its_range_falls_back_to_float32(base, first_last_inputs):
+    # norms scaled up so that the attention's and MLP's outputs exceed float16's 65504: the search must not
+    # score its candidates on inf
+    from lowbit.models.calibration import capture_calls, first_input
+    gain = 300.0
+    block = copy.deepcopy(base.model.layers[0])
+    with torch.no_grad():
+        block.post_attention_layernorm.weight.mul_(gain)
+    a, kw = capture_calls(block, first_last_inputs[0], ["mlp"])["mlp"][0]
+    assert not copy.deepcopy(block.mlp).half()(first_input(block.mlp, a, kw).half()).isfinite().all()
+    half = _scaled_weights(base, first_last_inputs[0], 0, "float16", norm_gain=gain)
+    full = _scaled_weights(base, first_last_inputs[0], 0, "float32", norm_gain=gain)
+    assert all(torch.equal(half[k], full[k]) for k in full)
+    assert not torch.equal(full["post_attention_layernorm.weight"],
+                           base.model.layers[0].post_attention_layernorm.weight * gain)   # scales were chosen
+
+
+def test_search_dtype_auto(monkeypatch):
+    from lowbit import blockwise
+    monkeypatch.setattr(blockwise, "half_matrix_unit", lambda: True)
+    assert blockwise.search_dtype("auto", torch.zeros(1)) == torch.float16
+    assert blockwise.search_dtype("auto", torch.zeros(1, dtype=torch.bfloat16)) == torch.bfloat16  # the model's own
+    assert blockwise.search_dtype("float32", torch.zeros(1)) == torch.float32
+    monkeypatch.setattr(blockwise, "half_matrix_unit", lambda: False)   # float16 emulated: several times slower
+    assert blockwise.search_dtype("auto", torch.zeros(1)) == torch.float32
+
+
+def test_awq_search_dtype_is_validated():
+    import lowbit
+    from lowbit.errors import LowbitError
+    with pytest.raises(LowbitError, match="search_dtype"):
+        lowbit.AWQ(search_dtype="int8")
+
+
+def test_scale_search_quantizes_a_group_as_one_matrix_with_the_same_values(base):
+    from lowbit.algorithms import fake_quantize, search_scale
+    from lowbit.algorithms.awq import channel_scales
+    attn = base.model.layers[3].self_attn
+    weights = [attn.q_proj.weight.detach(), attn.k_proj.weight.detach(), attn.v_proj.weight.detach()]
+    x_absmean = torch.rand(576) + 0.1
+    seen = []
+    search_scale(x_absmean, weights, IntSpec(4, 64, False), lambda c: seen.append(c) or 0.0, n_grid=3)
+    for i, candidates in enumerate(seen):
+        s = channel_scales(x_absmean, i / 3)
+        for c, w in zip(candidates, weights):
+            assert torch.equal(c, fake_quantize(w.float() * s, IntSpec(4, 64, False)) / s)
+
+
+def test_clip_search_picks_the_bound_of_least_output_error(base, first_last_inputs):
+    # the covariance form is the reference's output error summed in another order: where the two disagree, the
+    # candidates' errors (float64, from the outputs) are equal to rounding
+    from lowbit.algorithms import fake_quantize
+    from lowbit.models.calibration import capture_calls, first_input
+    block = base.model.layers[0]
+    calls = capture_calls(block, first_last_inputs[0], ["mlp.down_proj"])["mlp.down_proj"]
+    X = torch.cat([first_input(block.mlp.down_proj, a, kw).reshape(-1, 1536) for a, kw in calls])[:512]
+    W = block.mlp.down_proj.weight.detach()[:128]
+    spec = IntSpec(4, 64, False)
+    bounds = search_clip(W, X, spec, n_tokens=512)
+    Xg = X.double().reshape(-1, 24, 64)
+    w = W.double().reshape(-1, 24, 64)
+    org = W.abs().reshape(-1, 24, 64).amax(-1)
+    errs = []
+    for i in range(10):
+        m = (org * (1 - i / 20)).unsqueeze(-1)
+        q = fake_quantize(torch.maximum(torch.minimum(W.reshape(-1, 24, 64), m), -m).reshape(-1, 1536), spec)
+        errs.append(torch.einsum("tgk,ngk->ntg", Xg, q.double().reshape(-1, 24, 64) - w).pow(2).mean(1))
+    errs = torch.stack(errs)                                                 # [10, n, G]
+    matches = torch.stack([bounds == org * (1 - i / 20) for i in range(10)])
+    assert matches.any(0).all()
+    chosen = matches.float().argmax(0)                                       # the first candidate it equals
+    best = errs.min(0).values
+    mine = errs.gather(0, chosen.unsqueeze(0))[0]
+    assert (chosen == errs.argmin(0)).float().mean() > 0.99
+    torch.testing.assert_close(mine, best, rtol=1e-5, atol=1e-12)

@@ -17,6 +17,7 @@ travels into the QuantLinear (`input_scale`).
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from .algorithms.learned import check_learnable, learner_for, make_optimizer
 from .config import W8_SPEC, config_for
 from .formats import IntSpec, QuantizedTensor
 from .formats.act import ActSpec, fake_quantize_act
+from .eval.system import half_matrix_unit
 from .models.arch import Arch
 from .models.calibration import BlockInputs, InputSummary, capture_calls, first_input, first_output, summarize_inputs
 from .models.discovery import fold_scale
@@ -177,6 +179,47 @@ def scale_group(block: nn.Module, producer: str | None, lins: list[nn.Module], s
         _fold_into_producer(block, producer, s, arch)
 
 
+def cast_floats(obj, dtype: torch.dtype):
+    """obj with every floating-point tensor in it (through tuples, lists and dicts) cast to dtype."""
+    if torch.is_tensor(obj):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(cast_floats(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: cast_floats(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def search_dtype(name: str, weight: torch.Tensor) -> torch.dtype:
+    """AWQ's scale-search precision: "auto" is the model's own where it is not float32, else float16 where a
+    matrix unit multiplies it natively (CUDA, CPUs with AMX-FP16: there 1.4x faster overall than float32 with
+    the same result on the default model, BENCHMARKS.md), else float32 (where float16 matmuls are emulated,
+    several times slower)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if weight.dtype != torch.float32:
+        return weight.dtype
+    native = weight.device.type == "cuda" or weight.device.type == "cpu" and half_matrix_unit()
+    return torch.float16 if native else torch.float32
+
+
+def search_module(mod: nn.Module, inspect: str, names: list[str], lins: list[nn.Module], calls: list,
+                  dtype: torch.dtype):
+    """What AWQ's scale search runs: the inspected module, the group's Linears in it and the sampled calls, in
+    the search's precision. In the block's own dtype they are the block's own (the candidates are written into
+    its Linears, and the caller restores them); otherwise a copy in dtype. llm-awq and AutoAWQ search in the model's half
+    precision; on CPUs with half-precision matrix units that is several times faster than float32."""
+    def inside(n):   # n's name inside the inspected module, None where it is not in it
+        if not inspect or n == inspect:
+            return n if not inspect else ""
+        return n[len(inspect) + 1:] if n.startswith(inspect + ".") else None
+    inner = [inside(n) for n in names]
+    if dtype == lins[0].weight.dtype or None in inner:
+        return mod, lins, calls
+    half = copy.deepcopy(mod).to(dtype)
+    return half, [half.get_submodule(n) for n in inner], cast_floats(calls, dtype)
+
+
 def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> list[InputSummary]:
     """AWQ's first phase: search each group's channel scales and fold them in (the block's function is
     unchanged). A group is scaled when all its Linears are planned for AWQ and its producer's width matches.
@@ -185,7 +228,8 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
     every group's inputs. Where the caller asks (inputs.keep_outputs), that pass runs to the block's end and its
     outputs, the unquantized block's, become the next block's inputs: llm-awq and AutoAWQ pass those on, and on
     the default model this is both better (KLD 0.199 against 0.211) and 22% faster than running the quantized
-    block again (BENCHMARKS.md)."""
+    block again (BENCHMARKS.md). The search's forwards run in the configuration's search_dtype (search_dtype:
+    float16 where the CPU multiplies it natively)."""
     groups = list(linear_groups(arch, plan))
     keep = max(plan[names[0]].search_samples for _p, _l, names, _i in groups)
     widths = {inspect: block.get_submodule(names[0]).in_features for _p, _l, names, inspect in groups}
@@ -200,16 +244,21 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
         lins = [block.get_submodule(n) for n in names]
         S = summaries[inspect]
         if S.tokens and scalable(block, arch, producer, linears, names, lins[0].in_features):
-            sample = S.calls[: cfg.search_samples]
-            with torch.no_grad():
-                ref = [first_output(mod(*a, **kw)).float() for a, kw in sample]
             originals = [lin.weight.data.clone() for lin in lins]
+            calls = S.calls[: cfg.search_samples]
+            smod, slins, sample = search_module(mod, inspect, names, lins, calls,
+                                                search_dtype(cfg.search_dtype, lins[0].weight))
+            with torch.no_grad():
+                ref = [first_output(smod(*a, **kw)).float() for a, kw in sample]
+                if smod is not mod and not all(r.isfinite().all() for r in ref):   # beyond float16's range
+                    smod, slins, sample = mod, lins, calls
+                    ref = [first_output(smod(*a, **kw)).float() for a, kw in sample]
 
             def output_error(candidates):
-                for lin, c in zip(lins, candidates):
+                for lin, c in zip(slins, candidates):
                     lin.weight.data = c.to(lin.weight.dtype)
                 with torch.no_grad():
-                    err = sum((first_output(mod(*a, **kw)).float() - r).pow(2).sum().item()
+                    err = sum((first_output(smod(*a, **kw)).float() - r).pow(2).sum().item()
                               for (a, kw), r in zip(sample, ref))
                 return err / sum(r.numel() for r in ref)
 

@@ -233,7 +233,8 @@ def _quantize_streamed(args, scheme) -> int:
 _OPTION_ARGS = {
     "gptq": {"act_order": "act_order", "damp": "damp", "block_size": "block_size",
              "true_sequential": "true_sequential", "weighted_grid": "weighted_grid"},
-    "awq": {"n_grid": "awq_grid", "search_samples": "awq_search_samples", "clip": "clip"},
+    "awq": {"n_grid": "awq_grid", "search_samples": "awq_search_samples", "search_dtype": "awq_search_dtype",
+            "clip": "clip"},
     "learned": {"init": "learned_init", "iters": "learned_iters", "batch": "learned_batch", "lr": "learned_lr",
                 "optimizer": "learned_optimizer"},
     "w8a8-smooth": {"alpha": "alpha", "act_granularity": "act_granularity"},
@@ -461,6 +462,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help=f"grid points for the scale and clip searches ({AWQ.n_grid})")
     a.add_argument("--awq-search-samples", type=_positive, default=None,
                    help=f"calibration windows used in the scale search ({AWQ.search_samples})")
+    a.add_argument("--awq-search-dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                   help=f"precision of the scale search's forwards ({AWQ.search_dtype}: float16 where the CPU "
+                        "multiplies it natively, else float32)")
     a.add_argument("--no-clip", dest="clip", action="store_const", const=False, default=None,
                    help="skip the clipping search")
     r = p.add_argument_group("learned (learned rounding per block)")

@@ -206,12 +206,15 @@ class AWQ(IntWeightConfig):
     calibrates: ClassVar[bool] = True
     n_grid: int = 20               # grid points of the scale search and of the clip search
     search_samples: int = 4        # calibration windows used to score the scale search
+    search_dtype: str = "auto"     # the scale search's forwards: auto (float16 where native, else float32), float32,
+                                   # float16 or bfloat16 (llm-awq and AutoAWQ search in the model's half precision)
     clip: bool = True              # search a clipping range per group after scaling
 
     def __post_init__(self):
         super().__post_init__()
         _number(self.n_grid, "AWQ n_grid", 1, integer=True)
         _number(self.search_samples, "AWQ search_samples", 1, integer=True)
+        _choice(self.search_dtype, "AWQ search_dtype", ("auto", "float32", "bfloat16", "float16"))
         _flag(self.clip, "AWQ clip")
 
 

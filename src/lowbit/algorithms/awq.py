@@ -37,10 +37,16 @@ def search_scale(x_absmean: torch.Tensor, weights: list[torch.Tensor], spec: Wei
     (fake-quantized, unscaled) weights and returns the inspected module's output error."""
     errors = []
     best = (float("inf"), 0.0, torch.ones_like(x_absmean))
+    # formats of per-row groups quantize each row on its own, so the group's weights go through as one matrix
+    rows = [w.shape[0] for w in weights] if spec.integer_groups(x_absmean.numel()) is not None else None
+    stacked = torch.cat([w.float() for w in weights]) if rows else None
     for i in range(n_grid):
         alpha = i / n_grid
         s = channel_scales(x_absmean, alpha)
-        candidates = [fake_quantize(w.float() * s, spec) / s for w in weights]
+        if rows:
+            candidates = list((fake_quantize(stacked * s, spec) / s).split(rows))
+        else:
+            candidates = [fake_quantize(w.float() * s, spec) / s for w in weights]
         err = output_error(candidates)
         errors.append(err)
         if err < best[0]:
@@ -51,23 +57,28 @@ def search_scale(x_absmean: torch.Tensor, weights: list[torch.Tensor], spec: Wei
 @torch.no_grad()
 def search_clip(W: torch.Tensor, X: torch.Tensor, spec: IntSpec, n_grid: int = AWQ.n_grid, max_shrink: float = 0.5,
                 n_tokens: int = 512, rows_per_batch: int = 256) -> torch.Tensor:
-    """Per (row, group) clipping bound, float32 [N, G], for W ([N, K]) given inputs X ([tokens, K])."""
+    """Per (row, group) clipping bound, float32 [N, G], for W ([N, K]) given inputs X ([tokens, K]).
+
+    A candidate's error is the mean over tokens of (x_g · (q_g − w_g))² per row and group g, as the reference
+    computes it from the outputs; here as Δ C_g Δᵀ with C_g = the group's mean xᵀx ([g, g], once), which is the
+    same sum in another order and reads g numbers per weight instead of one per token (8x fewer at 512 tokens
+    and groups of 64)."""
     N, K = W.shape
     g = spec.group_size_for(K)
     G = K // g
     X = X.reshape(-1, K).float()
     X = X[:: max(1, X.shape[0] // n_tokens)][:n_tokens].reshape(-1, G, g)  # [T, G, g]
+    C = torch.einsum("tgk,tgl->gkl", X, X) / max(X.shape[0], 1)           # [G, g, g]
     bounds = []
     for r0 in range(0, N, rows_per_batch):
         w = W[r0: r0 + rows_per_batch].float().reshape(-1, G, g)          # [n, G, g]
-        ref = torch.einsum("tgk,ngk->ntg", X, w)
         org_max = w.abs().amax(dim=-1)                                     # [n, G]
         best_max, best_err = org_max.clone(), torch.full_like(org_max, float("inf"))
         for i in range(int(max_shrink * n_grid)):
             max_val = org_max * (1 - i / n_grid)
             clipped = torch.maximum(torch.minimum(w, max_val.unsqueeze(-1)), -max_val.unsqueeze(-1))
-            q = fake_quantize(clipped.reshape(-1, K), spec).reshape(-1, G, g)
-            err = (torch.einsum("tgk,ngk->ntg", X, q) - ref).pow(2).mean(dim=1)  # [n, G]
+            d = fake_quantize(clipped.reshape(-1, K), spec).reshape(-1, G, g) - w
+            err = (torch.einsum("ngk,gkl->ngl", d, C) * d).sum(dim=-1)  # [n, G]
             better = err < best_err
             best_err[better], best_max[better] = err[better], max_val[better]
         bounds.append(best_max)
