@@ -425,7 +425,7 @@ def test_scales_and_offsets_of_different_dtypes_are_refused():
 
 @pytest.mark.parametrize("spec,dtype,offsets,shared", [
     (GGUFSpec("Q4_0"), torch.float16, "multiple", "field_d"), (GGUFSpec("Q8_0"), torch.float16, "multiple", "field_d"),
-    (GGUFSpec("Q4_1"), torch.float16, "16-bit", "field_d"),
+    (GGUFSpec("Q4_1"), torch.float16, "16-bit", "field_d"), (GGUFSpec("Q5_1"), torch.float16, "16-bit", "field_d"),
     (IntSpec(4, 64, True), torch.float16, "multiple", "scales"), (IntSpec(8, -1, True), torch.float16, "multiple", "scales"),
     (IntSpec(4, 64, False), torch.float16, "zero points", "scales"),
     (GGUFSpec("Q4_K"), torch.float32, "float32", None)], ids=lambda v: getattr(v, "name", str(v)))
@@ -448,8 +448,10 @@ def test_resident_scales_are_as_narrow_as_exact_and_not_kept_twice(base, spec, d
         assert b["offsets"].dtype == torch.uint8 and "offsets_is_zeros" in b
         assert resident == codes + 3 * groups + marker + 8 * b["offsets_is_zeros"].numel()
     elif offsets == "16-bit":
-        # Q4_1: offsets −m beside the stored m (kept for `restore`): half a bit per weight above the stored size
-        assert b["offsets"].dtype == dtype and resident == codes + 6 * groups + marker
+        # Q4_1/Q5_1: offsets −m, which give back the stored m (negation is exact): the stored size
+        assert b["offsets"].dtype == dtype and "field_m" not in b and "offsets_is_minus_field_m" in b
+        minus = 8 * b["offsets_is_minus_field_m"].numel()
+        assert resident == codes + 4 * groups + marker + minus
     else:
         assert b["offsets"].dtype == torch.float32 and resident > codes + 8 * groups
     if shared:   # the format's own scales are the kernel's, kept once
@@ -479,3 +481,16 @@ def test_offsets_as_a_multiple_of_the_scales_or_as_zero_points_equal_the_full_of
         torch.ops.lowbit.int4_gemm(x, wpack, s, torch.tensor([3.0]), 64)
     with pytest.raises(RuntimeError, match=r"\[N, K / group_size\]"):   # a multiple needs 16-bit scales
         torch.ops.lowbit.int4_gemm(x, wpack, s.float(), torch.tensor([8.0]), 64)
+
+
+def test_q4_1_mins_of_both_zero_signs_come_back_exactly_and_are_kept_once():
+    # the kernel's offsets are −m; −0.0 and 0.0 compare equal, so the stored m must come back bit for bit
+    g = torch.Generator().manual_seed(3)
+    w = torch.rand(64, 256, generator=g)
+    w[:32, :32] -= w[:32, :32].min()        # a block whose minimum is exactly 0: m = +0.0
+    qt = GGUFSpec("Q4_1").quantize(w)
+    m = qt.spec.integer_rest(qt)["field_m"]
+    assert (m == 0).any()
+    layer = QuantLinear(qt, kernel="auto")
+    assert "field_m" not in layer._buffers and "offsets_is_minus_field_m" in layer._buffers
+    assert torch.equal(layer.quantized_tensor().qweight, qt.qweight)

@@ -14,7 +14,8 @@ and Q4_K; groups of 32 columns or a multiple of 64, in_features a multiple of 64
                       points z where every offset is z · s (asymmetric ones), else 16-bit where exact, else
                       both float32 (resident_scales); where kscales or offsets equal a tensor the format keeps
                       for `restore` (GGUF's d, an integer format's scales or zeros), that tensor is not kept
-                      twice: `kscales_is_KEY` / `offsets_is_KEY` (int64, its shape) says which gives it back,
+                      twice: `kscales_is_KEY` / `offsets_is_KEY` (int64, its shape) says which gives it back
+                      (`offsets_is_minus_KEY`: minus the offsets, Q4_1's m),
               for `restore`, exact: an integer format's scales / zeros (its codes come back from wpack); a GGUF
                       type's block fields other than the codes (field_d, field_scales, ...: float16 scales,
                       sub-block codes in a byte), packed again with the codes into the same bytes.
@@ -53,6 +54,7 @@ def unpack_chunks(wpack: torch.Tensor) -> torch.Tensor:
 
 
 SAME = "_is_"   # kscales_is_KEY / offsets_is_KEY: the format's rest tensor KEY is that one (int64: its shape)
+MINUS = "_is_minus_"   # offsets_is_minus_KEY: KEY is minus the offsets (GGUF Q4_1/Q5_1 keep m, the offsets are −m)
 
 
 def resident_scales(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,22 +131,29 @@ class NativeKernel(Kernel):
         view = qt.spec.integer_view(qt)
         rest = qt.spec.integer_rest(qt)
         own = dict(zip(("kscales", "offsets"), resident_scales(view.scale, view.offset)))
-        for name, mine in own.items():   # the format's own scales (GGUF's d) or zero points: kept once, here
-            for key, t in rest.items():
-                if t.dtype == mine.dtype and t.numel() == mine.numel() and torch.equal(t.reshape(mine.shape), mine):
-                    rest = {k: v for k, v in rest.items() if k != key}
-                    rest[name + SAME + key] = torch.tensor(t.shape, dtype=torch.int64)
-                    break
+        for name, mine in own.items():   # the format's own scales (GGUF's d), zero points or mins: kept once, here
+            found = next(((key, marker, sign) for key, t in rest.items() for marker, sign in ((SAME, 1), (MINUS, -1))
+                          if t.dtype == mine.dtype and t.numel() == mine.numel()
+                          and torch.equal(t.reshape(mine.shape), sign * mine)), None)
+            if found:
+                key, marker, sign = found
+                t = rest.pop(key)
+                # the format's own bits (−0.0 and 0.0 are equal above; `restore` must give back the stored bytes)
+                own[name] = sign * t.reshape(mine.shape)
+                rest[name + marker + key] = torch.tensor(t.shape, dtype=torch.int64)
         return view.codes, {**own, **rest}
 
     def restore_from(self, packed, spec, shape, codes: torch.Tensor) -> QuantizedTensor:
         rest = {}
         for key, t in packed.items():
-            mine, same, theirs = key.partition(SAME)
-            if same and mine in ("kscales", "offsets"):
-                rest[theirs] = packed[mine].reshape(tuple(t.tolist()))
-            elif key not in self.OWN:
-                rest[key] = t
+            for marker, sign in ((MINUS, -1), (SAME, 1)):   # MINUS first: it contains SAME
+                mine, found, theirs = key.partition(marker)
+                if found and mine in ("kscales", "offsets"):
+                    rest[theirs] = sign * packed[mine].reshape(tuple(t.tolist()))
+                    break
+            else:
+                if key not in self.OWN:
+                    rest[key] = t
         return spec.from_integer_codes(codes, rest, shape)
 
     def linear(self, x, packed, spec, shape, bias, act=None):
