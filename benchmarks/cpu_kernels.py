@@ -12,7 +12,8 @@ Shapes are the engine's own matmuls of one SmolLM2-135M block (fused q/k/v 576�
                 in_features is a multiple of 256) — the same kernels on those formats' integer view, and the
                 reference kernel (dequantize every call), which ran them before, for GGUF Q4_0 and Q6_K on the
                 small shapes; for the formats whose scales fit 16 bits (symmetric int4, Q4_0, Q8_0), the same
-                again with float32 scales and offsets, as they were resident before;
+                again with float32 scales and offsets, as they were resident before; for 5-7-bit codes (packed
+                to their width), the same again with a byte per code, as they were resident before;
   cpu-int4 / cpu-int8 — PyTorch's packed ATen kernels (bfloat16 activations);
   dense fp32 / bf16 — torch.nn.functional.linear on the dequantized weight.
 
@@ -41,6 +42,7 @@ from lowbit.io.atomic import atomic_write_text
 from lowbit.formats import GGUFSpec
 from lowbit.kernels import KERNELS, native, select_kernel
 from lowbit.kernels.native_int4 import offsets_of
+from lowbit.kernels.native_int8 import codes_of
 
 SHAPES = {"qkv 576→960": (960, 576), "o 576→576": (576, 576), "gate_up 576→3072": (3072, 576),
           "down 1536→576": (576, 1536), "lm_head 576→49152": (49152, 576)}
@@ -78,15 +80,18 @@ def variants(w: torch.Tensor):
     q8 = quantize_rtn(w, IntSpec(8, -1, True))
     out = []
 
-    def kernel_call(name, qt, one_row=None, float32_scales=False):
+    def kernel_call(name, qt, one_row=None, float32_scales=False, byte_codes=False):
         """one_row(x, packed, group): the call for one row of activations (a given path), else the kernel's.
         float32_scales: the native kernels' scales and offsets widened to float32 (as they were resident before
-        16-bit ones), to show what the narrower ones save in the same run."""
+        16-bit ones), to show what the narrower ones save in the same run. byte_codes: 5-7-bit codes a byte
+        each (as they were resident before they were packed to their width)."""
         kern = KERNELS[name]
         # a copy of its own (native-int8 keeps the storage tensor itself: copies would share it and stay cached)
         packed = {key: t.clone() for key, t in kern.prepare(qt).items()}
         if float32_scales:
             packed.update(kscales=packed["kscales"].float(), offsets=offsets_of(packed).float())
+        if byte_codes and packed.get("wq") is not None and packed["wq"].dtype == torch.uint8:
+            packed["wq"] = codes_of(packed["wq"], k).clone()
         if one_row is None:
             return resident_bytes(packed), lambda x: kern.linear(x, packed, qt.spec, qt.shape, None)
         g = k // packed["kscales"].shape[1]
@@ -117,6 +122,9 @@ def variants(w: torch.Tensor):
             if label in ("int4 g64 symmetric", "GGUF Q4_0", "GGUF Q8_0"):   # their scales fit 16 bits
                 out.append((f"{kern.name} ({label}, float32 scales)",
                             lambda kern=kern, qt=qt: kernel_call(kern.name, qt, float32_scales=True)))
+            if label in ("int5 g64", "int6 g64", "GGUF Q5_0", "GGUF Q5_K", "GGUF Q6_K") and kern.name == "native-int8":
+                out.append((f"{kern.name} ({label}, byte codes)",
+                            lambda kern=kern, qt=qt: kernel_call(kern.name, qt, byte_codes=True)))
             if label in ("GGUF Q4_0", "GGUF Q6_K") and n * k <= 1 << 21:   # what they ran on before: the reference
                 out.append((f"reference ({label})", lambda qt=qt: kernel_call("reference", qt)))
     for name, qt in (("cpu-int4", q4), ("cpu-int8", q8)):

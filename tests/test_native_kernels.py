@@ -360,7 +360,8 @@ def test_fake_kernels_give_the_real_output_shapes(monkeypatch):
             return func(*args, **(kwargs or {}))
 
     specs = [(IntSpec(4, 64, False), "native-int4"), (IntSpec(4, 32, True), "native-int4"),
-             (IntSpec(8, -1, True), "native-int8"), (IntSpec(4, 64, False), "cpu-int4")]
+             (IntSpec(8, -1, True), "native-int8"), (IntSpec(5, 64, True), "native-int8"),   # packed codes
+             (IntSpec(4, 64, False), "cpu-int4")]
     rec = Record()
     vnni = native.vnni()
     for q8 in ("1", "0"):    # int8 activations (where the CPU has VNNI), then float32 ones
@@ -370,9 +371,11 @@ def test_fake_kernels_give_the_real_output_shapes(monkeypatch):
                 q = QuantLinear(quantize_rtn(torch.randn(96, 192), spec), kernel=kernel)
                 for rows in (1, 3, DENSE_FROM_ROWS, 40):
                     q(torch.randn(rows, 192))
-    assert len(rec.calls) == 4 + 2 * vnni, list(rec.calls)
+    assert len(rec.calls) == 5 + 2 * vnni, list(rec.calls)
     for op, (args, kwargs) in rec.calls.items():
         torch.library.opcheck(op, args, kwargs, test_utils="test_faketensor")
+    packed = KERNELS["native-int8"].prepare(quantize_rtn(torch.randn(96, 192), IntSpec(5, 64, True)))["wq"]
+    torch.library.opcheck(torch.ops.lowbit.int8_unpack.default, (packed, 192), {}, test_utils="test_faketensor")
 
 
 def _every_native_op(x, wpack, wq, group):
@@ -438,7 +441,7 @@ def test_resident_scales_are_as_narrow_as_exact_and_not_kept_twice(base, spec, d
     assert b["kscales"].dtype == dtype
     n, k = w.shape
     groups = b["kscales"].numel()
-    codes = n * k // (2 if "wpack" in b else 1)
+    codes = b["wpack"].numel() if "wpack" in b else b["wq"].numel()   # 4 bits, 5-7 bits packed, or a byte
     resident = sum(t.numel() * t.element_size() for t in b.values())
     marker = 8 * b[f"kscales_is_{shared}"].numel() if shared else 0
     if offsets == "multiple":   # symmetric: the offsets are c times the scales, c one float
@@ -494,3 +497,89 @@ def test_q4_1_mins_of_both_zero_signs_come_back_exactly_and_are_kept_once():
     layer = QuantLinear(qt, kernel="auto")
     assert "field_m" not in layer._buffers and "offsets_is_minus_field_m" in layer._buffers
     assert torch.equal(layer.quantized_tensor().qweight, qt.qweight)
+
+
+@pytest.mark.parametrize("bits", [5, 6, 7])
+def test_packed_codes_round_trip_and_sit_where_documented(bits):
+    from lowbit.kernels.native_int8 import codes_of, pack_codes
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2 ** bits, (9, 192), dtype=torch.int64, generator=g)
+    wq = pack_codes(codes, bits)
+    assert wq.dtype == torch.uint8 and wq.shape == (9, 96 + (bits - 4) * 24)   # b bits per weight
+    assert torch.equal(codes_of(wq, 192), codes.to(torch.int8))
+    assert torch.equal(torch.ops.lowbit.int8_unpack(wq, 192, 0), codes.to(torch.int8))   # the portable loop
+    # row 4, column 64·2 + 37: its low nibble in byte 32·2 + 5's high half, bit 4 + j in mask j of chunk 2
+    n, c, i = 4, 2, 37
+    code = int(codes[n, 64 * c + i])
+    assert (int(wq[n, 32 * c + i - 32]) >> 4) == code & 15
+    for j in range(bits - 4):
+        mask = int.from_bytes(bytes(wq[n, 96 + (c * (bits - 4) + j) * 8: 96 + (c * (bits - 4) + j + 1) * 8].tolist()), "little")
+        assert (mask >> i) & 1 == (code >> (4 + j)) & 1
+
+
+@pytest.mark.parametrize("bits", [5, 6, 7])
+@pytest.mark.parametrize("m,n,k,group", [(1, 200, 576, 32), (3, 130, 1536, 64), (40, 7, 640, 640), (2, 70, 256, 16)])
+def test_packed_codes_give_the_byte_codes_results_bit_for_bit(bits, m, n, k, group):
+    # every path and op, rows not a multiple of the 64 unpacked at a time, float32 and 16-bit scales
+    from lowbit.kernels.native_int8 import pack_codes
+    g = torch.Generator().manual_seed(n + bits)
+    codes = torch.randint(0, 2 ** bits, (n, k), dtype=torch.int64, generator=g)
+    wq, packed = codes.to(torch.int8), pack_codes(codes, bits)
+    x = torch.randn(m, k, generator=g)
+    s = (torch.rand(n, k // group, generator=g) * 0.1 + 1e-3).half()
+    for scales, offsets in ((s.float(), torch.randn(n, k // group, generator=g)), (s, torch.tensor([16.0]))):
+        ops = {} if group == 16 else {
+            f"int8_gemm isa {isa}": lambda w, isa=isa: torch.ops.lowbit.int8_gemm(x, w, scales, offsets, group, isa)
+            for isa in range(native.isa() + 1)}
+        if native.vnni():
+            ops["int8_gemm_q8"] = lambda w: torch.ops.lowbit.int8_gemm_q8(x, w, scales, offsets, group)
+        for name, op in ops.items():
+            assert torch.equal(op(packed), op(wq)), name
+
+
+def test_packed_codes_of_a_wrong_width_are_refused():
+    x = torch.randn(1, 128)
+    s = torch.ones(4, 2)
+    with pytest.raises(RuntimeError, match="packed"):
+        torch.ops.lowbit.int8_gemm(x, torch.zeros(4, 70, dtype=torch.uint8), s, s, 64)   # 64 + 6: not b bits
+    with pytest.raises(RuntimeError, match="packed"):
+        torch.ops.lowbit.int8_unpack(torch.zeros(4, 64 + 64, dtype=torch.uint8), 128)    # 8 bits: int8 instead
+
+
+@pytest.mark.parametrize("spec", [GGUFSpec("Q5_0"), GGUFSpec("Q5_1"), GGUFSpec("Q5_K"), GGUFSpec("Q6_K"),
+                                  IntSpec(5, 64, True), IntSpec(6, 64, False), IntSpec(7, 64, True)],
+                         ids=lambda s: s.name)
+def test_five_to_seven_bit_formats_are_resident_at_their_width(base, spec):
+    w = base.get_submodule("model.layers.29.mlp.down_proj").weight.detach()
+    qt = spec.quantize(w) if isinstance(spec, GGUFSpec) else quantize_rtn(w, spec)
+    if select_kernel(spec, qt.shape) is not NATIVE8:
+        pytest.skip("16-column sub-blocks need AVX-512 VNNI")
+    layer = QuantLinear(qt, kernel="auto")
+    bits = spec.integer_groups(w.shape[1])[2].bit_length()
+    assert layer._buffers["wq"].dtype == torch.uint8 and layer._buffers["wq"].numel() * 8 == bits * w.numel()
+    assert all(torch.equal(a, b) for a, b in zip(layer.quantized_tensor().tensors().values(), qt.tensors().values()))
+    ref = QuantLinear(qt, kernel="reference")
+    for rows in (1, DENSE_FROM_ROWS):
+        x = torch.randn(rows, w.shape[1])
+        assert ((layer(x) - ref(x)).norm() / ref(x).norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("bits", [0, 5, 7])
+@pytest.mark.parametrize("n,k,group", [(130, 576, 32), (70, 256, 16), (200, 192, 192), (65, 1536, 64)])
+def test_int8_prefill_equals_a_dense_matmul_of_the_dequantized_weight(bits, n, k, group):
+    # tiles of rows dequantized into the thread's buffer (codes a byte each, or packed): the same values as
+    # dequantizing the whole weight, so in float32 the same products up to the matmul's order
+    from lowbit.kernels.native_int8 import pack_codes
+    g = torch.Generator().manual_seed(n + bits)
+    codes = torch.randint(0, 2 ** (bits or 7), (n, k), dtype=torch.int64, generator=g)
+    wq = pack_codes(codes, bits) if bits else codes.to(torch.int8)
+    s = (torch.rand(n, k // group, generator=g) * 0.1 + 1e-3).half()
+    off = (s.float() * torch.randint(0, 8, s.shape, generator=g)).half()
+    x = torch.randn(DENSE_FROM_ROWS + 5, k, generator=g)
+    wd = codes.float() * s.float().repeat_interleave(group, 1) - off.float().repeat_interleave(group, 1)
+    got = torch.ops.lowbit.int8_dense_linear(x, wq, s, off, group, torch.float32)
+    want = torch.nn.functional.linear(x, wd)
+    assert ((got - want).norm() / want.norm()).item() < 1e-6
+    got16 = torch.ops.lowbit.int8_dense_linear(x, wq, s, off, group, torch.bfloat16)
+    want16 = torch.nn.functional.linear(x.bfloat16(), wd.bfloat16()).float()
+    assert ((got16 - want16).norm() / want16.norm()).item() < 1e-2

@@ -141,7 +141,9 @@ def _register_fake() -> None:
         torch.library.register_fake(op)(_gemm_shape)
     torch.library.register_fake("lowbit::int4_dequant")(_dequant_shape)
     torch.library.register_fake("lowbit::int4_dense_linear")(_dense_shape)
+    torch.library.register_fake("lowbit::int8_dense_linear")(_dense_shape)
     torch.library.register_fake("lowbit::int4pack_dense_linear")(_int4pack_dense_shape)
+    torch.library.register_fake("lowbit::int8_unpack")(_unpack_shape)
 
 
 def _gemm_shape(x, w, scales, offsets, group_size, isa=-1):
@@ -154,6 +156,10 @@ def _dense_shape(x, wpack, scales, offsets, group_size, dtype):
 
 def _int4pack_dense_shape(x, wpack, scale_zeros, group_size, dtype):
     return x.new_empty((x.shape[0], wpack.shape[0]), dtype=torch.float32)
+
+
+def _unpack_shape(wq, K, isa=-1):
+    return wq.new_empty((wq.shape[0], K), dtype=torch.int8)
 
 
 def _dequant_shape(wpack, scales, offsets, group_size, dtype):

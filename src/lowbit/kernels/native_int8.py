@@ -5,7 +5,11 @@ a multiple of 32: 8-bit integer weights (per channel or groups, symmetric or wit
 integer weights, and the GGUF types Q5_0, Q5_1, Q5_K and Q8_0 (codes that fit 4 bits go to native-int4).
 
     resident: wq      int8 [N, K] — row-major codes; for 8-bit integer weights the storage tensor itself
-                      (nothing repacked), for other formats their codes widened to a byte,
+                      (nothing repacked); codes of 5 to 7 bits (0 .. 2^b − 1, K a multiple of 64) packed to b bits
+                      instead: uint8 [N, K/2 + (b − 4)·K/8], per row the low nibbles in native_int4's chunked
+                      layout, then per chunk of 64 columns b − 4 little-endian 64-bit masks, mask j holding bit
+                      4 + j of each column's code (`pack_codes`; the kernels unpack 64 rows at a time into a
+                      buffer of the thread's, csrc/cpu_gemm.cpp); other codes widened to a byte,
               kscales [N, G] — the group scales s (GGUF: the sub-block scales),
               offsets [N, G] — so that w = q · s − offset (integer formats: z · s); 16-bit where exact, as
                       native_int4 keeps them (resident_scales),
@@ -16,16 +20,41 @@ the int8-activation one only); elsewhere they run on the reference kernel.
 
 Few rows of activations (decode) run the native kernel (where the CPU has AVX-512 VNNI: activations rounded to
 int8 in blocks of 32 and integer dot products, `lowbit::int8_gemm_q8`; elsewhere activations rounded to bfloat16,
-float32 products and sums); many rows (prefill) dequantize once per call and run a dense matmul, as native-int4 does.
+float32 products and sums); many rows (prefill) dequantize a tile of rows at a time and run ATen's dense matmul on
+it (`lowbit::int8_dense_linear`), as native-int4 does.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import native
-from .native_int4 import NativeKernel, offsets_of
+from .native_int4 import NativeKernel, offsets_of, pack_chunks
+
+
+def packed_width(qmin: int, qmax: int, k: int) -> int:
+    """b where a format's codes are within 0 .. 2^b − 1 with b 5, 6 or 7 and K a multiple of 64 (they are then
+    packed to b bits), else 0 (kept a byte each)."""
+    if k % 64 or qmin < 0 or qmax < 16 or qmax > 127:
+        return 0
+    return int(qmax).bit_length()
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [N, K] (0 .. 2^bits − 1) -> uint8 [N, K/2 + (bits − 4)·K/8] in the layout above."""
+    n, k = codes.shape
+    c = codes.to(torch.int64)
+    nibbles = pack_chunks(c & 15)
+    weights = (1 << torch.arange(64, dtype=torch.int64))                        # bit i <- column 64c + i
+    planes = [((c.reshape(n, k // 64, 64) >> (4 + j)) & 1) for j in range(bits - 4)]
+    masks = torch.stack([(p * weights).sum(-1) for p in planes], dim=2)         # [N, K/64, bits − 4] int64
+    as_bytes = masks.reshape(n, -1).contiguous().view(torch.uint8)              # little-endian 8 bytes each
+    return torch.cat([nibbles, as_bytes.reshape(n, -1)], dim=1).contiguous()
+
+
+def codes_of(wq: torch.Tensor, k: int) -> torch.Tensor:
+    """The int8 codes [N, K] of a kernel's wq, packed or not."""
+    return torch.ops.lowbit.int8_unpack(wq, k) if wq.dtype == torch.uint8 else wq
 
 
 class NativeInt8Kernel(NativeKernel):
@@ -43,13 +72,17 @@ class NativeInt8Kernel(NativeKernel):
 
     def prepare(self, qt):
         codes, tensors = self.scale_tensors(qt)
+        _g, qmin, qmax = qt.spec.integer_groups(qt.shape[1])
+        bits = packed_width(qmin, qmax, qt.shape[1])
+        if bits:
+            return {"wq": pack_codes(codes, bits), **tensors}
         wq = codes.to(torch.int8)
         if qt.qweight.dtype == torch.int8 and torch.equal(qt.qweight, wq):   # stored as the kernel reads it
             wq = qt.qweight                                                    # (8-bit integers): no copy
         return {"wq": wq.contiguous(), **tensors}
 
     def restore(self, packed, spec, shape):
-        return self.restore_from(packed, spec, shape, packed["wq"])
+        return self.restore_from(packed, spec, shape, codes_of(packed["wq"], shape[1]))
 
     def rows(self, x2, packed, group):
         if group % 32 and not self.q8:   # groups of 16 without int8 activations: the dense path
@@ -58,13 +91,13 @@ class NativeInt8Kernel(NativeKernel):
         return op(x2, packed["wq"], packed["kscales"], packed["offsets"], group)
 
     def many_rows(self, x2, packed, group):
-        w = self.dense(packed, (packed["wq"].shape[0], x2.shape[1])).to(self.dense_dtype)
-        return F.linear(x2.to(self.dense_dtype), w).float()
+        return torch.ops.lowbit.int8_dense_linear(x2, packed["wq"], packed["kscales"], packed["offsets"], group,
+                                                  self.dense_dtype)
 
     @staticmethod
     def dense(packed, shape) -> torch.Tensor:
         """The weight dequantized, float32 [N, K]."""
         n, k = shape
         g = packed["kscales"].shape[1]
-        q = packed["wq"].reshape(n, g, k // g).float()
+        q = codes_of(packed["wq"], k).reshape(n, g, k // g).float()
         return (q * packed["kscales"][..., None] - offsets_of(packed)[..., None]).reshape(n, k)

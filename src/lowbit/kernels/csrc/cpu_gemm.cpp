@@ -22,7 +22,8 @@
 // instruction-set paths, so they agree to float32 rounding, not bit for bit; each path is deterministic (and
 // independent of the thread count: every output is summed by one thread in a fixed order).
 //
-// int8: wq int8 [N, K], K a multiple of 32, groups as above (per channel: one group of K); offsets z · s.
+// int8: wq int8 [N, K], K a multiple of 32, groups as above (per channel: one group of K); offsets z · s. Codes of
+// 5 to 7 bits may instead be packed to their width (uint8 wq; see "5- to 7-bit codes, packed" below).
 //
 // int4_gemm_q8 / int8_gemm_q8 (decode where the CPU has AVX-512 VNNI, cpu_vnni tells): the same layouts, with
 // the activations rounded to int8 per block and integer dot products (cpu_gemm_q8.inc documents the math).
@@ -64,6 +65,8 @@ struct Problem {
   const float* off;     // [N, G]
   float* y;             // [M, N]
   int64_t M, N, K, G, gs;
+  int bits = 0;         // int8 decode on int8 activations: 5-7-bit codes read packed from rows of row_bytes
+  int64_t row_bytes = 0;
 };
 
 // Output rows n .. n+nr−1 of activation row m: out[i] holds Σ_g s · Σ q·x; the offset term is subtracted here.
@@ -141,18 +144,101 @@ void widen(const uint16_t* in, float* out, int64_t count, bool bf16, float times
   for (int64_t i = 0; i < count; ++i) out[i] = times * widen_one(in[i], bf16);
 }
 
-// fn(q, r0, r1, base) over rows n0..n1 of p: with float32 scales once, as fn(p, n0, n1, 0); with 16-bit ones per
-// run of kWidenRows rows, as fn(q, 0, rows, a) where q is p restricted to rows a .. a + rows (weights from row a,
-// float32 scales and offsets in the thread's buffer, outputs from column a; `row_bytes` is one weight row).
+// ---- 5- to 7-bit codes, packed ----------------------------------------------------------------------------------
+// int8_gemm / int8_gemm_q8 also take codes of b = 5, 6 or 7 bits (values 0 .. 2^b − 1) packed to b bits each, as a
+// uint8 wq [N, K/2 + (b − 4) · K/8] (lowbit.kernels.native_int8 writes it): each row holds its low nibbles in the
+// int4 layout (K/2 bytes, chunks of 64 columns; see above), then for each chunk c of 64 columns b − 4 masks of
+// 8 bytes (little-endian 64-bit): bit i of mask j is bit 4 + j of the code of column 64c + i. The row loops read
+// bytes: each run of kWidenRows rows is unpacked into a buffer of the thread's (L2-resident: 64 rows of K bytes)
+// just before it is computed, as 16-bit scales are widened, so every loop is unchanged and the results are those of
+// the same codes unpacked, bit for bit. Resident bytes are then the stored ones (b bits per weight, not 8).
+
+inline int packed_bits(int64_t row_bytes, int64_t K) {   // b for a packed row of row_bytes, 0 where it is not one
+  const int64_t extra = row_bytes - K / 2;
+  if (K % kChunk || extra <= 0 || extra % (K / 8)) return 0;
+  const int64_t b = 4 + extra / (K / 8);
+  return b >= 5 && b <= 7 ? static_cast<int>(b) : 0;
+}
+
+void unpack_row_portable(const uint8_t* src, int8_t* dst, int64_t K, int bits) {
+  const uint8_t* planes = src + K / 2;
+  for (int64_t c = 0; c < K / kChunk; ++c)
+    for (int j = 0; j < 32; ++j) {
+      const uint8_t b = src[c * 32 + j];
+      dst[c * kChunk + j] = static_cast<int8_t>(b & 15);
+      dst[c * kChunk + 32 + j] = static_cast<int8_t>(b >> 4);
+    }
+  for (int64_t c = 0; c < K / kChunk; ++c)
+    for (int j = 0; j < bits - 4; ++j) {
+      uint64_t m;
+      std::memcpy(&m, planes + (c * (bits - 4) + j) * 8, 8);
+      for (int i = 0; i < 64; ++i)
+        dst[c * kChunk + i] = static_cast<int8_t>(dst[c * kChunk + i] | (((m >> i) & 1) << (4 + j)));
+    }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw")
+// one 32-byte load gives both nibble halves; each mask adds 16 << j to its columns (the bits are free, so + is |)
+void unpack_row_avx512(const uint8_t* src, int8_t* dst, int64_t K, int bits) {
+  const uint8_t* planes = src + K / 2;
+  const __m256i low = _mm256_set1_epi8(15);
+  for (int64_t c = 0; c < K / kChunk; ++c) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c * 32));
+    __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low)),
+                                   _mm256_and_si256(_mm256_srli_epi16(b, 4), low), 1);
+    for (int j = 0; j < bits - 4; ++j) {
+      uint64_t m;
+      std::memcpy(&m, planes + (c * (bits - 4) + j) * 8, 8);
+      v = _mm512_mask_add_epi8(v, static_cast<__mmask64>(m), v, _mm512_set1_epi8(static_cast<char>(16 << j)));
+    }
+    _mm512_storeu_si512(dst + c * kChunk, v);
+  }
+}
+#pragma GCC pop_options
+
+// `portable` forces the plain loop (for tests: the AVX-512 one is taken wherever the CPU has it)
+void unpack_rows(const uint8_t* src, int64_t row_bytes, int8_t* dst, int64_t rows, int64_t K, int bits,
+                 bool portable = false) {
+  static const bool has_avx512 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  }();
+  const bool avx512 = has_avx512 && !portable;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (avx512) unpack_row_avx512(src + r * row_bytes, dst + r * K, K, bits);
+    else unpack_row_portable(src + r * row_bytes, dst + r * K, K, bits);
+  }
+}
+
+// fn(q, r0, r1, base) over rows n0..n1 of p: with float32 scales and byte codes once, as fn(p, n0, n1, 0); with
+// 16-bit scales or packed codes (`bits` 5-7) per run of kWidenRows rows, as fn(q, 0, rows, a) where q is p
+// restricted to rows a .. a + rows (weights from row a, or unpacked into the thread's buffer; scales and offsets
+// from row a, or widened into the thread's buffer; outputs from column a; `row_bytes` is one weight row).
 template <class Fn>
-void over_rows(const Problem& p, const Scales16& h, int64_t row_bytes, int64_t n0, int64_t n1, Fn fn) {
-  if (h.s == nullptr) return fn(p, n0, n1, int64_t(0));
+void over_rows(const Problem& p, const Scales16& h, int64_t row_bytes, int64_t n0, int64_t n1, Fn fn, int bits = 0) {
+  if (h.s == nullptr && bits == 0) return fn(p, n0, n1, int64_t(0));
   thread_local std::vector<float> buf;
-  buf.resize(static_cast<size_t>(2 * kWidenRows * p.G));
+  thread_local std::vector<int8_t> codes;
+  if (h.s != nullptr) buf.resize(static_cast<size_t>(2 * kWidenRows * p.G));
+  if (bits != 0) codes.resize(static_cast<size_t>(kWidenRows * p.K));
   float* s = buf.data();
   float* off = s + kWidenRows * p.G;
   for (int64_t a = n0; a < n1; a += kWidenRows) {
     const int64_t rows = std::min(n1, a + kWidenRows) - a;
+    Problem q = p;
+    q.w = p.w + a * row_bytes;
+    q.y = p.y == nullptr ? nullptr : p.y + a;
+    if (bits != 0) {
+      unpack_rows(q.w, row_bytes, codes.data(), rows, p.K, bits);
+      q.w = reinterpret_cast<const uint8_t*>(codes.data());
+    }
+    if (h.s == nullptr) {
+      q.s = p.s + a * p.G;
+      q.off = p.off + a * p.G;
+      fn(q, int64_t(0), rows, a);
+      continue;
+    }
     widen(h.s + a * p.G, s, rows * p.G, h.bf16);
     if (h.off != nullptr) widen(h.off + a * p.G, off, rows * p.G, h.bf16);
     else if (h.zeros != nullptr)   // z · s: exact in float32 (a 16-bit scale times a byte)
@@ -166,11 +252,8 @@ void over_rows(const Problem& p, const Scales16& h, int64_t row_bytes, int64_t n
       if (h.zeros != nullptr && i % 64 == 0)
         _mm_prefetch(reinterpret_cast<const char*>(h.zeros + (a + rows) * p.G + i), _MM_HINT_T0);
     }
-    Problem q = p;
-    q.w = p.w + a * row_bytes;
     q.s = s;
     q.off = off;
-    q.y = p.y == nullptr ? nullptr : p.y + a;
     fn(q, int64_t(0), rows, a);
   }
 }
@@ -457,7 +540,7 @@ int64_t resolve_isa(const char* op, int64_t isa) {
 
 template <class Rows>
 at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& offsets,
-               int64_t group_size, Rows rows) {
+               int64_t group_size, Rows rows, int bits = 0) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group_size;
   TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && offsets_match(scales, offsets),
               "scales and offsets must be [N, K / group_size]");
@@ -469,9 +552,22 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale
   const Scales16 h = scales16(s, off);
   // Rows of W are independent: split them across threads in runs long enough to amortize the hand-off.
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    over_rows(p, h, wc.size(1), n0, n1, [&](const Problem& q, int64_t r0, int64_t r1, int64_t) { rows(q, r0, r1); });
+    over_rows(p, h, wc.size(1), n0, n1, [&](const Problem& q, int64_t r0, int64_t r1, int64_t) { rows(q, r0, r1); },
+              bits);
   });
   return y;
+}
+
+// int8 ops' weights: int8 [N, K] codes (returns 0), or uint8 codes of 5-7 bits packed (returns the bits).
+int int8_codes(const char* op, const at::Tensor& wq, int64_t K) {
+  if (wq.scalar_type() == at::kByte) {
+    const int bits = packed_bits(wq.size(1), K);
+    TORCH_CHECK(bits != 0, op, ": uint8 wq must be 5-7-bit codes packed as [N, K/2 + (bits - 4) * K/8], K a multiple of 64");
+    return bits;
+  }
+  TORCH_CHECK(wq.scalar_type() == at::kChar, op, ": wq must be int8 (or uint8 packed codes)");
+  TORCH_CHECK(K % 32 == 0 && wq.size(1) == K, op, ": K must be a multiple of 32 and wq [N, K]");
+  return 0;
 }
 
 at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& wpack, const at::Tensor& scales,
@@ -496,15 +592,14 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& wpack, const at::Ten
 at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& offsets,
                      int64_t group_size, int64_t isa) {
   check_common("int8_gemm", x, wq, scales, offsets);
-  TORCH_CHECK(wq.scalar_type() == at::kChar, "int8_gemm: wq must be int8");
   const int64_t K = x.size(1);
-  TORCH_CHECK(K % 32 == 0 && wq.size(1) == K, "int8_gemm: K must be a multiple of 32 and wq [N, K]");
+  const int bits = int8_codes("int8_gemm", wq, K);
   TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0, "int8_gemm: group_size must be a multiple of 32 dividing K");
   switch (resolve_isa("int8_gemm", isa)) {
     case 3:
-    case 2: return run(x, wq, scales, offsets, group_size, avx512::int8_rows);
-    case 1: return run(x, wq, scales, offsets, group_size, avx2::int8_rows);
-    default: return run(x, wq, scales, offsets, group_size, portable::int8_rows);
+    case 2: return run(x, wq, scales, offsets, group_size, avx512::int8_rows, bits);
+    case 1: return run(x, wq, scales, offsets, group_size, avx2::int8_rows, bits);
+    default: return run(x, wq, scales, offsets, group_size, portable::int8_rows, bits);
   }
 }
 
@@ -613,6 +708,50 @@ at::Tensor int4_dense_linear(const at::Tensor& x, const at::Tensor& wpack, const
   });
 }
 
+// int8 codes (row-major [·, K], or 5-7-bit packed: unpacked by over_rows first) dequantized as q · s − offset in
+// float32, rounded once to Out, rows n0..n1; groups of any size dividing K (16 included).
+template <class Out>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void dequant8_rows(const int8_t* w, const float* s, const float* off, Out* out, int64_t n0, int64_t n1, int64_t K,
+                   int64_t G, int64_t gs) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t g = 0; g < G; ++g) {
+      const float sg = s[n * G + g], og = off[n * G + g];
+      const int8_t* q = w + n * K + g * gs;
+      Out* o = out + n * K + g * gs;
+      for (int64_t k = 0; k < gs; ++k) o[k] = static_cast<Out>(static_cast<float>(q[k]) * sg - og);
+    }
+}
+
+// Prefill for the int8 layouts (native-int8's many rows): as int4_dense_linear, a tile of rows dequantized at a
+// time into the thread's buffer and multiplied by ATen in dtype.
+at::Tensor int8_dense_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                             const at::Tensor& offsets, int64_t group_size, at::ScalarType dtype) {
+  check_common("int8_dense_linear", x, wq, scales, offsets);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int8_dense_linear: dtype must be float32 or bfloat16");
+  const int64_t K = x.size(1), N = wq.size(0);
+  const int bits = int8_codes("int8_dense_linear", wq, K);
+  TORCH_CHECK(group_size > 0 && K % group_size == 0, "int8_dense_linear: group_size must divide K");
+  const int64_t G = K / group_size;
+  TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && offsets_match(scales, offsets),
+              "int8_dense_linear: scales and offsets must be [N, K / group_size]");
+  const at::Tensor w = wq.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
+  const Problem p{nullptr, nullptr, nullptr, static_cast<const uint8_t*>(w.data_ptr()), float_ptr(s),
+                  float_ptr(s) ? off.data_ptr<float>() : nullptr, nullptr, 0, N, K, G, group_size};
+  const Scales16 h = scales16(s, off);
+  return tiled_linear(x, N, K, dtype, false, [&](int64_t n0, int64_t n1, void* ws) {
+    at::parallel_for(n0, n1, 16, [&](int64_t a0, int64_t b0) {
+      over_rows(p, h, w.size(1), a0, b0, [&](const Problem& q, int64_t a, int64_t b, int64_t base) {
+        const int8_t* codes = reinterpret_cast<const int8_t*>(q.w);
+        if (dtype == at::kFloat)
+          dequant8_rows(codes, q.s, q.off, static_cast<float*>(ws) + (base - n0) * K, a, b, K, G, group_size);
+        else
+          dequant8_rows(codes, q.s, q.off, static_cast<at::BFloat16*>(ws) + (base - n0) * K, a, b, K, G, group_size);
+      }, bits);
+    });
+  });
+}
+
 // ---- PyTorch's CPU int4 layout (aten._convert_weight_to_int4pack_for_cpu), for its prefill -----------------------
 // PyTorch's own GEMV on this layout is the fastest decode kernel where the CPU has AVX-512 BF16, but its matmul
 // for many rows is several times slower than a dense one; this dequantizes it a tile at a time instead.
@@ -692,7 +831,7 @@ bool has_vnni() {
 
 template <bool Int4>
 at::Tensor run_q8(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                  const at::Tensor& offsets, int64_t group_size) {
+                  const at::Tensor& offsets, int64_t group_size, int bits = 0) {
   TORCH_CHECK(has_vnni(), op, ": this CPU lacks AVX-512 VNNI");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group_size;
   TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && offsets_match(scales, offsets),
@@ -700,8 +839,9 @@ at::Tensor run_q8(const char* op, const at::Tensor& x, const at::Tensor& w, cons
   const Q8Activations qa = avx512vnni::quantize_activations(x, G, group_size, Int4);
   const at::Tensor wc = w.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  // packed 5-7-bit codes are unpacked in the loop's registers here (a buffer round trip measured 30-60% slower)
   const Problem p{nullptr, nullptr, nullptr, static_cast<const uint8_t*>(wc.data_ptr()), float_ptr(s), float_ptr(s) ? off.data_ptr<float>() : nullptr,
-                  y.data_ptr<float>(), M, N, K, G, group_size};
+                  y.data_ptr<float>(), M, N, K, G, group_size, bits, wc.size(1)};
   const Scales16 h = scales16(s, off);
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     over_rows(p, h, wc.size(1), n0, n1,
@@ -724,12 +864,28 @@ at::Tensor int4_gemm_q8(const at::Tensor& x, const at::Tensor& wpack, const at::
 at::Tensor int8_gemm_q8(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
                         const at::Tensor& offsets, int64_t group_size) {
   check_common("int8_gemm_q8", x, wq, scales, offsets);
-  TORCH_CHECK(wq.scalar_type() == at::kChar, "int8_gemm_q8: wq must be int8");
   const int64_t K = x.size(1);
-  TORCH_CHECK(K % 32 == 0 && wq.size(1) == K, "int8_gemm_q8: K must be a multiple of 32 and wq [N, K]");
+  const int bits = int8_codes("int8_gemm_q8", wq, K);
   TORCH_CHECK((group_size % 32 == 0 || group_size == 16) && K % group_size == 0,
               "int8_gemm_q8: group_size must be 16 or a multiple of 32 dividing K");
-  return run_q8<false>("int8_gemm_q8", x, wq, scales, offsets, group_size);
+  return run_q8<false>("int8_gemm_q8", x, wq, scales, offsets, group_size, bits);
+}
+
+// Packed 5-7-bit codes (see "5- to 7-bit codes, packed") unpacked to int8 [N, K]: for the dense path and `restore`
+// (isa 0 or 1: the portable loop, as CPUs without AVX-512 take it).
+at::Tensor int8_unpack(const at::Tensor& wq, int64_t K, int64_t isa) {
+  TORCH_CHECK(wq.scalar_type() == at::kByte && wq.dim() == 2, "int8_unpack: wq must be uint8 [N, ·]");
+  const int bits = packed_bits(wq.size(1), K);
+  TORCH_CHECK(bits != 0, "int8_unpack: wq is not 5-7-bit codes packed for K = ", K);
+  const at::Tensor w = wq.contiguous();
+  const int64_t N = w.size(0), row_bytes = w.size(1);
+  at::Tensor out = at::empty({N, K}, w.options().dtype(at::kChar));
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    unpack_rows(src + n0 * row_bytes, row_bytes, dst + n0 * K, n1 - n0, K, bits, isa >= 0 && isa < 2);
+  });
+  return out;
 }
 
 int64_t cpu_isa() { return best_isa(); }
@@ -747,6 +903,9 @@ TORCH_LIBRARY(lowbit, m) {
         "-> Tensor");
   m.def("int4_gemm_q8(Tensor x, Tensor wpack, Tensor scales, Tensor offsets, int group_size) -> Tensor");
   m.def("int8_gemm_q8(Tensor x, Tensor wq, Tensor scales, Tensor offsets, int group_size) -> Tensor");
+  m.def("int8_unpack(Tensor wq, int K, int isa=-1) -> Tensor");
+  m.def("int8_dense_linear(Tensor x, Tensor wq, Tensor scales, Tensor offsets, int group_size, ScalarType dtype) "
+        "-> Tensor");
   m.def("cpu_isa() -> int", &cpu_isa);
   m.def("cpu_vnni() -> bool", &cpu_vnni);
 }
@@ -759,4 +918,6 @@ TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("int4pack_dense_linear", &int4pack_dense_linear);
   m.impl("int4_gemm_q8", &int4_gemm_q8);
   m.impl("int8_gemm_q8", &int8_gemm_q8);
+  m.impl("int8_unpack", &int8_unpack);
+  m.impl("int8_dense_linear", &int8_dense_linear);
 }
