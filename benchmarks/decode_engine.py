@@ -17,11 +17,14 @@ lm_head). Bytes read per token over the measured memory bandwidth is the fastest
     python benchmarks/decode_engine.py --quick --out DIR  # tiny random model, seconds: keeps the script alive
     python benchmarks/decode_engine.py --formats Q4_0,Q8_0,int5 --out benchmarks/results/decode_formats
                                   # formats on their native kernels and on the reference kernel, lowbit rows only
+    python benchmarks/decode_engine.py --formats Q5_0,Q5_0:bytes --kernels auto --out DIR
+                                  # 5-7-bit codes packed (the default) and a byte each, native kernels only
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -31,12 +34,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from unittest import mock
+
 import torch
 from transformers import GenerationConfig
 
 import lowbit
 from lowbit.export.atomic import atomic_write_text
 from lowbit.formats import GGUFSpec
+from lowbit.kernels import native_int8
 from lowbit.engine import Engine
 from lowbit.eval import decode_speed, environment, prefill_speed
 from lowbit.eval.speed import engine_for
@@ -218,6 +224,8 @@ def main() -> int:
     ap.add_argument("--llama-bench", type=Path, default=None,
                     help="llama.cpp's llama-bench binary (llama-quantize beside it): llama.cpp measured natively")
     ap.add_argument("--out", default="benchmarks/results/decode_engine", help="writes OUT.md and OUT.json")
+    ap.add_argument("--kernels", default="auto,reference",
+                    help="with --formats: the kernels each format runs on (auto: its native one)")
     ap.add_argument("--formats", default=None,
                     help="only lowbit rows for these formats (e.g. Q4_0,Q5_0,Q8_0,int5,int6), each on its native "
                          "kernel and on the reference kernel")
@@ -253,9 +261,13 @@ def main() -> int:
         if args.formats:
             rows = []
             for fmt in args.formats.split(","):
-                for kernel in ("auto", "reference"):
-                    model = in_format(base, fmt, kernel)
+                fmt, _, variant = fmt.partition(":")   # "Q5_0:bytes": 5-7-bit codes a byte each, as before packing
+                for kernel in args.kernels.split(","):
+                    with (mock.patch.object(native_int8, "packed_width", lambda *a: 0) if variant == "bytes"
+                          else contextlib.nullcontext()):
+                        model = in_format(base, fmt, kernel)
                     used = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
+                    used += ["byte codes"] if variant == "bytes" else []
                     print(f"measuring {fmt} on {', '.join(used)}", file=sys.stderr, flush=True)
                     rows.append(lowbit_row(f"{fmt} (lm_head bf16), {', '.join(used)}", model, tok, window, args,
                                            copy_bw))
