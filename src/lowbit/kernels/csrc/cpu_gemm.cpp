@@ -401,6 +401,25 @@ inline void dequant_rows(const Problem& p, int64_t n0, int64_t n1, Store store) 
 void dequant_f32(const Problem& p, float* out, int64_t n0, int64_t n1) {
   dequant_rows(p, n0, n1, [out](int64_t i, __m512 v) { _mm512_storeu_ps(out + i, v); });
 }
+
+// The same for int8 codes (row-major [·, K]; groups of a multiple of 16 columns): q · s − offset, 16 at a time.
+template <class Store>
+inline void dequant8_rows(const Problem& p, int64_t n0, int64_t n1, Store store) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = reinterpret_cast<const int8_t*>(p.w) + n * p.K;
+    for (int64_t g = 0; g < p.G; ++g) {
+      const __m512 s = _mm512_set1_ps(p.s[n * p.G + g]), off = _mm512_set1_ps(p.off[n * p.G + g]);
+      for (int64_t k = g * p.gs; k < (g + 1) * p.gs; k += 16) {
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))));
+        store(n * p.K + k, _mm512_sub_ps(_mm512_mul_ps(q, s), off));
+      }
+    }
+  }
+}
+
+void dequant8_f32(const Problem& p, float* out, int64_t n0, int64_t n1) {
+  dequant8_rows(p, n0, n1, [out](int64_t i, __m512 v) { _mm512_storeu_ps(out + i, v); });
+}
 }  // namespace avx512
 
 // ---- AVX-512 BF16 (int4 only; int8 runs the AVX-512 path) --------------------------------------------------------
@@ -437,6 +456,12 @@ namespace avx512bf16 {
 void dequant_bf16(const Problem& p, at::BFloat16* out, int64_t n0, int64_t n1) {
   // the float32 values rounded to nearest even, 16 at a time, as a cast to bfloat16 rounds them
   avx512::dequant_rows(p, n0, n1, [out](int64_t i, __m512 v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(v));
+  });
+}
+
+void dequant8_bf16(const Problem& p, at::BFloat16* out, int64_t n0, int64_t n1) {
+  avx512::dequant8_rows(p, n0, n1, [out](int64_t i, __m512 v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(v));
   });
 }
@@ -739,14 +764,20 @@ at::Tensor int8_dense_linear(const at::Tensor& x, const at::Tensor& wq, const at
   const Problem p{nullptr, nullptr, nullptr, static_cast<const uint8_t*>(w.data_ptr()), float_ptr(s),
                   float_ptr(s) ? off.data_ptr<float>() : nullptr, nullptr, 0, N, K, G, group_size};
   const Scales16 h = scales16(s, off);
+  const int64_t isa = group_size % 16 == 0 ? best_isa() : 0;
   return tiled_linear(x, N, K, dtype, false, [&](int64_t n0, int64_t n1, void* ws) {
     at::parallel_for(n0, n1, 16, [&](int64_t a0, int64_t b0) {
       over_rows(p, h, w.size(1), a0, b0, [&](const Problem& q, int64_t a, int64_t b, int64_t base) {
         const int8_t* codes = reinterpret_cast<const int8_t*>(q.w);
-        if (dtype == at::kFloat)
-          dequant8_rows(codes, q.s, q.off, static_cast<float*>(ws) + (base - n0) * K, a, b, K, G, group_size);
-        else
-          dequant8_rows(codes, q.s, q.off, static_cast<at::BFloat16*>(ws) + (base - n0) * K, a, b, K, G, group_size);
+        if (dtype == at::kFloat) {
+          float* o = static_cast<float*>(ws) + (base - n0) * K;
+          if (isa >= 2) avx512::dequant8_f32(q, o, a, b);
+          else dequant8_rows(codes, q.s, q.off, o, a, b, K, G, group_size);
+        } else {
+          at::BFloat16* o = static_cast<at::BFloat16*>(ws) + (base - n0) * K;
+          if (isa == 3) avx512bf16::dequant8_bf16(q, o, a, b);
+          else dequant8_rows(codes, q.s, q.off, o, a, b, K, G, group_size);
+        }
       }, bits);
     });
   });
