@@ -33,6 +33,7 @@ from .formats.act import ActSpec, fake_quantize_act
 from .eval.system import half_matrix_unit
 from .models.arch import Arch
 from .models.calibration import BlockInputs, InputSummary, capture_calls, first_input, first_output, summarize_inputs
+from .models.calls import cast_floats
 from .models.discovery import fold_scale
 from .models.paused import OutOfOrder, PausedForwards
 from .nn.qlinear import INPUT_SCALE, input_scale_of, scale_inputs
@@ -177,17 +178,6 @@ def scale_group(block: nn.Module, producer: str | None, lins: list[nn.Module], s
             scale_inputs(lin, s)
     else:
         _fold_into_producer(block, producer, s, arch)
-
-
-def cast_floats(obj, dtype: torch.dtype):
-    """obj with every floating-point tensor in it (through tuples, lists and dicts) cast to dtype."""
-    if torch.is_tensor(obj):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(cast_floats(o, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: cast_floats(v, dtype) for k, v in obj.items()}
-    return obj
 
 
 def search_dtype(name: str, weight: torch.Tensor) -> torch.dtype:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
-from .calls import first_input, first_output
+from .calls import cast_floats, first_input, first_output
 
 # query/key projections: AWQ does not clip them (their errors are amplified by the softmax)
 _QK = re.compile(r"(^|\.)(q_proj|k_proj|qkv_proj|query|key|query_key_value|wqkv|Wqkv|c_attn)$")
@@ -130,16 +130,6 @@ def _key(t) -> tuple | None:
     return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
 
 
-def _cast(x, dtype):
-    if isinstance(x, torch.Tensor):
-        return x.to(dtype) if x.is_floating_point() else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_cast(v, dtype) for v in x)
-    if isinstance(x, dict):
-        return {k: _cast(v, dtype) for k, v in x.items()}
-    return x
-
-
 @torch.no_grad()
 def _trace(block: nn.Module, hidden, kwargs):
     """Per Linear its first input key, in call order; per tensor key the innermost module that output it;
@@ -191,7 +181,7 @@ def fold_is_exact(block: nn.Module, hidden, kwargs, producer: str, linears, offs
     """Fold random scales into the producer and the inverse into the consumers of a float32 copy of the block;
     exact when the block's output does not change beyond float rounding."""
     b = copy.deepcopy(block).float()
-    h, kw = _cast(hidden, torch.float32), _cast(kwargs, torch.float32)
+    h, kw = cast_floats(hidden, torch.float32), cast_floats(kwargs, torch.float32)
     ref = first_output(b(h, **kw))
     lins = [b.get_submodule(n) for n in linears]
     g = torch.Generator().manual_seed(0)
