@@ -197,8 +197,8 @@ def search_module(mod: nn.Module, inspect: str, names: list[str], lins: list[nn.
                   dtype: torch.dtype):
     """What AWQ's scale search runs: the inspected module, the group's Linears in it and the sampled calls, in
     the search's precision. In the block's own dtype they are the block's own (the candidates are written into
-    its Linears, and the caller restores them); otherwise a copy in dtype. llm-awq and AutoAWQ search in the model's half
-    precision; on CPUs with half-precision matrix units that is several times faster than float32."""
+    its Linears, and the caller restores them); otherwise a copy in dtype. llm-awq and AutoAWQ search in the
+    model's half precision; on CPUs with half-precision matrix units that is several times faster than float32."""
     def inside(n):   # n's name inside the inspected module, None where it is not in it
         if not inspect or n == inspect:
             return n if not inspect else ""
