@@ -8,8 +8,9 @@ integer weights, and the GGUF types Q5_0, Q5_1, Q5_K and Q8_0 (codes that fit 4 
                       (nothing repacked); codes of 5 to 7 bits (0 .. 2^b − 1, K a multiple of 64) packed to b bits
                       instead: uint8 [N, K/2 + (b − 4)·K/8], per row the low nibbles in native_int4's chunked
                       layout, then per chunk of 64 columns b − 4 little-endian 64-bit masks, mask j holding bit
-                      4 + j of each column's code (`pack_codes`; the kernels unpack 64 rows at a time into a
-                      buffer of the thread's, csrc/cpu_gemm.cpp); other codes widened to a byte,
+                      4 + j of each column's code (`pack_codes`; the decode loop on int8 activations unpacks
+                      them in registers, the other paths 64 rows at a time into a buffer of the thread's,
+                      csrc/cpu_gemm.cpp); other codes widened to a byte,
               kscales [N, G] — the group scales s (GGUF: the sub-block scales),
               offsets [N, G] — so that w = q · s − offset (integer formats: z · s); 16-bit where exact, as
                       native_int4 keeps them (resident_scales),
@@ -29,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .native_int4 import NativeKernel, offsets_of, pack_chunks
+from .native_int4 import NativeKernel, pack_chunks
 
 
 def packed_width(qmin: int, qmax: int, k: int) -> int:
@@ -93,11 +94,3 @@ class NativeInt8Kernel(NativeKernel):
     def many_rows(self, x2, packed, group):
         return torch.ops.lowbit.int8_dense_linear(x2, packed["wq"], packed["kscales"], packed["offsets"], group,
                                                   self.dense_dtype)
-
-    @staticmethod
-    def dense(packed, shape) -> torch.Tensor:
-        """The weight dequantized, float32 [N, K]."""
-        n, k = shape
-        g = packed["kscales"].shape[1]
-        q = codes_of(packed["wq"], k).reshape(n, g, k // g).float()
-        return (q * packed["kscales"][..., None] - offsets_of(packed)[..., None]).reshape(n, k)

@@ -148,10 +148,12 @@ void widen(const uint16_t* in, float* out, int64_t count, bool bf16, float times
 // int8_gemm / int8_gemm_q8 also take codes of b = 5, 6 or 7 bits (values 0 .. 2^b − 1) packed to b bits each, as a
 // uint8 wq [N, K/2 + (b − 4) · K/8] (lowbit.kernels.native_int8 writes it): each row holds its low nibbles in the
 // int4 layout (K/2 bytes, chunks of 64 columns; see above), then for each chunk c of 64 columns b − 4 masks of
-// 8 bytes (little-endian 64-bit): bit i of mask j is bit 4 + j of the code of column 64c + i. The row loops read
-// bytes: each run of kWidenRows rows is unpacked into a buffer of the thread's (L2-resident: 64 rows of K bytes)
-// just before it is computed, as 16-bit scales are widened, so every loop is unchanged and the results are those of
-// the same codes unpacked, bit for bit. Resident bytes are then the stored ones (b bits per weight, not 8).
+// 8 bytes (little-endian 64-bit): bit i of mask j is bit 4 + j of the code of column 64c + i. The decode loop on
+// int8 activations (cpu_gemm_q8.inc) rebuilds each step's 64 code bytes in registers (packed_chunk); the other
+// row loops and the dense path read bytes, each run of kWidenRows rows unpacked into a buffer of the thread's
+// (L2-resident: 64 rows of K bytes) just before it is computed, as 16-bit scales are widened. Either way the
+// loops see the same code bytes, so the results are those of the codes unpacked, bit for bit, while the resident
+// bytes are the stored ones (b bits per weight, not 8).
 
 inline int packed_bits(int64_t row_bytes, int64_t K) {   // b for a packed row of row_bytes, 0 where it is not one
   const int64_t extra = row_bytes - K / 2;
@@ -179,21 +181,24 @@ void unpack_row_portable(const uint8_t* src, int8_t* dst, int64_t K, int bits) {
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw")
-// one 32-byte load gives both nibble halves; each mask adds 16 << j to its columns (the bits are free, so + is |)
-void unpack_row_avx512(const uint8_t* src, int8_t* dst, int64_t K, int bits) {
-  const uint8_t* planes = src + K / 2;
+// The 64 code bytes of columns 64c .. 64c + 63 of a packed row: one 32-byte load gives the low nibbles of both
+// halves, then each mask adds 16 << j to its columns (those bits are clear, so + is |).
+inline __m512i packed_chunk(const uint8_t* row, int64_t K, int64_t c, int bits) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 32));
   const __m256i low = _mm256_set1_epi8(15);
-  for (int64_t c = 0; c < K / kChunk; ++c) {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c * 32));
-    __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low)),
-                                   _mm256_and_si256(_mm256_srli_epi16(b, 4), low), 1);
-    for (int j = 0; j < bits - 4; ++j) {
-      uint64_t m;
-      std::memcpy(&m, planes + (c * (bits - 4) + j) * 8, 8);
-      v = _mm512_mask_add_epi8(v, static_cast<__mmask64>(m), v, _mm512_set1_epi8(static_cast<char>(16 << j)));
-    }
-    _mm512_storeu_si512(dst + c * kChunk, v);
+  __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low)),
+                                 _mm256_and_si256(_mm256_srli_epi16(b, 4), low), 1);
+  const uint8_t* planes = row + K / 2 + c * (bits - 4) * 8;
+  for (int j = 0; j < bits - 4; ++j) {
+    uint64_t m;
+    std::memcpy(&m, planes + j * 8, 8);
+    v = _mm512_mask_add_epi8(v, static_cast<__mmask64>(m), v, _mm512_set1_epi8(static_cast<char>(16 << j)));
   }
+  return v;
+}
+
+void unpack_row_avx512(const uint8_t* src, int8_t* dst, int64_t K, int bits) {
+  for (int64_t c = 0; c < K / kChunk; ++c) _mm512_storeu_si512(dst + c * kChunk, packed_chunk(src, K, c, bits));
 }
 #pragma GCC pop_options
 
