@@ -103,3 +103,33 @@ def test_input_summary_sample_spreads_over_any_token_count():
     assert S.tokens == 37 and S.calls == []
     assert torch.equal(S.sample.squeeze(1), torch.arange(0, 37, 4, dtype=torch.float32))   # 10 rows <= 16
     torch.testing.assert_close(S.abs_mean, torch.tensor([18.0]))
+
+
+def test_release_freed_memory_returns_heap_pages_to_the_os():
+    # Tensors of a few MB come from glibc's heap once its mmap threshold has risen: freeing them keeps their
+    # pages resident until release_freed_memory trims the heap (what keeps AWQ's calibration peak down).
+    import ctypes
+    import pathlib
+    import pytest
+    from lowbit.heap import release_freed_memory
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        pytest.skip("not glibc")
+
+    def rss_mib():
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    M_MMAP_THRESHOLD = -3
+    assert mallopt(M_MMAP_THRESHOLD, 64 << 20)        # as after freeing large blocks: 2 MB tensors on the heap
+    try:
+        big = [torch.ones(512 * 1024) for _ in range(100)]   # 100 x 2 MiB, touched
+        keep = big[1::2]   # every other one stays: the freed ones are holes the heap cannot shrink past
+        del big
+        before = rss_mib()
+        release_freed_memory(collect=False)
+        assert before - rss_mib() > 80, "freed heap pages were not returned"
+        assert all(float(k[-1]) == 1 for k in keep)
+    finally:
+        mallopt(M_MMAP_THRESHOLD, 128 * 1024)

@@ -30,6 +30,7 @@ from .algorithms.learned import check_learnable, learner_for, make_optimizer
 from .config import W8_SPEC, config_for
 from .formats import IntSpec, QuantizedTensor
 from .formats.act import ActSpec, fake_quantize_act
+from .heap import release_freed_memory
 from .eval.system import half_matrix_unit
 from .models.arch import Arch
 from .models.calibration import BlockInputs, InputSummary, capture_calls, first_input, first_output, summarize_inputs
@@ -227,6 +228,7 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
     summaries = summarize_inputs(block, inputs, widths, keep, CLIP_TOKENS, outputs)
     if outputs is not None:
         inputs.outputs = outputs
+    release_freed_memory(collect=False)   # the pass's last temporaries, before the searches allocate theirs
     out = []
     for producer, linears, names, inspect in groups:
         cfg = plan[names[0]]
@@ -258,6 +260,7 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
             scale_group(block, producer, lins, s, arch)
             S = replace(S, abs_mean=S.abs_mean / s, sq_mean=S.sq_mean / s.pow(2), sample=S.sample / s)
         out.append(replace(S, calls=[]))
+        release_freed_memory(collect=False)
     return out
 
 

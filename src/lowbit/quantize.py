@@ -22,6 +22,7 @@ from .blockwise import Quantized, quantize_block
 from .config import RTN, QuantConfig
 from .data import CALIB_SAMPLES, CALIB_SEQLEN, calibration_ids
 from .errors import LowbitError
+from .heap import release_freed_memory
 from .models import Loaded, load_model
 from .models.arch import arch_for
 from .models.calibration import ReuseFinishedParts, iterate_blocks
@@ -153,15 +154,17 @@ def quantize(model, config: QuantConfig | Recipe | None = None, *, calibration=N
                 for rel, q in quantize_block(block, inputs, block_plan, block_arch, block_imp).items():
                     if float_weights is not None and q.source is not None:
                         float_weights[prefix + rel] = q.source.detach().float().clone()
-                    if inputs is not None and q.act is None:
+                    if inputs is not None and q.act is None and inputs.outputs is None:
                         # weight-only: the next block's inputs come from this block's dequantized weights in
                         # float32 (exactly the quantized model; the packed CPU kernels would round the activations
-                        # to bfloat16 and are 2x slower than a dense matmul on 512-token windows), then it is swapped
+                        # to bfloat16 and are 2x slower than a dense matmul on 512-token windows), then it is swapped.
+                        # Where the method has computed them already (AWQ, paused GPTQ), it is swapped at once.
                         block.get_submodule(rel).weight.data = q.qt.dequantize(block.get_submodule(rel).weight.dtype)
                         pending.append((prefix + rel, q, block_plan[rel].kernel))
-                    else:   # activation quantization must shape the next block's inputs: swapped at once
+                    else:   # activation quantization must shape the next block's inputs, or they are known
                         _swap(model, prefix + rel, q, block_plan[rel].kernel)
             reset_counts(block)    # what is counted next is the block's one pass over the calibration set
+            release_freed_memory(collect=False)   # the block's temporaries, before the next block's pass
             done = (i, block)
             bar.update()
     _swap_all(model, pending)

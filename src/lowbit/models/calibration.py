@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..heap import release_freed_memory
 from .arch import arch_for
 from .calls import first_input, first_output  # noqa: F401  (re-exported: drivers import them from here)
 
@@ -235,11 +236,16 @@ def capture_calls(block: nn.Module, inputs: BlockInputs, names: list[str]) -> di
     return calls
 
 
+TRIM_EVERY = 16   # samples between heap trims in a pass that keeps outputs (see _run_with_hooks)
+
+
 def _run_with_hooks(block: nn.Module, inputs: BlockInputs, names: list[str], on_call,
                     outputs: list | None = None) -> None:
     """Run the block on every sample with on_call(name, module, args, kwargs) before each named submodule runs;
     once every named module has been reached, the rest of the block is skipped, unless `outputs` is given: then
-    the block runs to its end and each sample's output is appended to it."""
+    the block runs to its end and each sample's output is appended to it, and every TRIM_EVERY samples the
+    heap's freed pages go back to the OS: the kept outputs land between the samples' freed temporaries, and
+    glibc would keep those pages (AWQ's peak: 0.43-0.51 GiB trimming after the pass only, 0.38 with this)."""
     seen: set[str] = set()
     handles = []
 
@@ -262,6 +268,8 @@ def _run_with_hooks(block: nn.Module, inputs: BlockInputs, names: list[str], on_
                 continue
             if outputs is not None:
                 outputs.append(first_output(y))
+                if len(outputs) % TRIM_EVERY == 0:
+                    release_freed_memory(collect=False)
     finally:
         for handle in handles:
             handle.remove()

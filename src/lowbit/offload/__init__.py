@@ -12,7 +12,8 @@ block prefetched, and activation offloading for training.
 from .activations import OffloadStats, offload_activations
 from .store import DiskStore, RamStore
 from .planner import OffloadPlan, parse_size, plan_offload
-from .runtime import StreamedModel, install_streaming, offload_blocks, release_freed_memory, streaming_of
+from ..heap import release_freed_memory
+from .runtime import StreamedModel, install_streaming, offload_blocks, streaming_of
 from .lazy import SafetensorsStore, open_streamed
 from .load import load_with_budget
 from .quantize_streamed import quantize_streamed

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..heap import release_freed_memory
 from ..models.arch import arch_for
 from ..nn.surgery import TensorSlots, module_tensors, placeholders, set_tensors
 from .planner import OffloadPlan, budget_bytes, plan_offload
@@ -171,18 +172,6 @@ def offload_blocks(model: nn.Module, budget: int | str, offload_dir: str | None 
     del per_block, streamed
     release_freed_memory()
     return install_streaming(model, plan, store, blocks, device)
-
-
-def release_freed_memory() -> None:
-    """Hand memory that was freed back to the operating system. Weight tensors of a few MB come from the C
-    allocator's heap, which keeps freed pages mapped: without this, offloading blocks would not lower RSS."""
-    import ctypes
-    import gc
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):   # not glibc: nothing to do
-        pass
 
 
 def install_streaming(model: nn.Module, plan: OffloadPlan, store, blocks: nn.ModuleList,
