@@ -133,3 +133,33 @@ def test_release_freed_memory_returns_heap_pages_to_the_os():
         assert all(float(k[-1]) == 1 for k in keep)
     finally:
         mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
+def test_column_moments_native_equals_tensor_code_on_real_inputs(base, tokenizer, monkeypatch):
+    # AWQ's input statistics: the native op reads each window once; the means AWQ reads (float32) must be the
+    # tensor code's, bit for bit, on real activations of every group's inputs (wide and narrow, heavy-tailed)
+    import pytest
+    from lowbit.kernels import native
+    from lowbit.models import calibration
+    if not native.available():
+        pytest.skip("native kernels not built")
+    samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=2, seqlen=256, seed=0)
+    names = ["self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj"]
+    for i, block, inputs in iterate_blocks(base, samples):
+        if i not in (0, 7, 29):
+            continue
+        calls = calibration.capture_calls(block, inputs, names)
+        for name in names:
+            mod = block.get_submodule(name)
+            xs = [calibration.first_input(mod, a, kw) for a, kw in calls[name]]
+            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).float()
+            got = calibration.column_moments(x)
+            monkeypatch.setattr(native, "serves", lambda t: False)
+            want = calibration.column_moments(x)
+            monkeypatch.undo()
+            assert torch.equal(got[0], want[0]), name                        # |x| sums: exact in float64
+            torch.testing.assert_close(got[1], want[1], rtol=1e-15, atol=0)  # x² sums: the last bit at most
+            n = x.shape[0]
+            assert torch.equal((got[1] / n).float(), (want[1] / n).float()), name
+    x = torch.randn(37, 130)   # a column count that is not a multiple of the op's 64-column chunks
+    assert torch.equal(calibration.column_moments(x)[0], x.abs().sum(0, dtype=torch.float64))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("cpu_gemm.cpp", "gguf_search.cpp", "gptq_columns.cpp", "grid_errors.cpp")   # compiled; every file in csrc/ is part of the cache key
+SOURCES = ("cpu_gemm.cpp", "column_moments.cpp", "gguf_search.cpp", "gptq_columns.cpp", "grid_errors.cpp")   # compiled; every file in csrc/ is part of the cache key
 _CSRC = Path(__file__).with_name("csrc")
 
 
