@@ -204,3 +204,28 @@ def test_evaluate_says_whether_the_base_pass_was_reused(base, tokenizer, tmp_pat
                            progress=False)["base_pass"] == "off"
     assert lowbit.evaluate(model, tokenizer, base=None, ctx=64, max_windows=3, speed=False,
                            progress=False)["base_pass"] is None
+
+
+def test_reused_buffers_give_the_numbers_of_fresh_tensors(base, eval_ids):
+    # evaluate_quality reuses its per-window buffers; over several windows and two compared models the sums must
+    # be those of the plain expressions on fresh tensors, bit for bit
+    weight = base.lm_head.weight.detach().clone()
+    weight[13] += 0.5
+    models = {"changed": with_lm_head(base, weight), "same": base}
+    windows = eval_ids[:3]
+    got = evaluate_quality(models, windows, base=base, progress=False, base_cache=False)
+    sums = {n: [0.0, 0.0, 0] for n in models}
+    with torch.no_grad():
+        for ids in windows:
+            ids = ids.unsqueeze(0)
+            base_lp = F.log_softmax(base(ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+            for name, model in models.items():
+                lp = F.log_softmax(model(ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+                sums[name][0] -= lp.gather(-1, ids[:, 1:].unsqueeze(-1)).sum().item()
+                sums[name][1] += (base_lp.exp() * (base_lp - lp)).sum().item()
+                sums[name][2] += (base_lp.max(-1).indices == lp.max(-1).indices).sum().item()
+    count = windows[:, 1:].numel()
+    for name, (nll, kld, top1) in sums.items():
+        assert got[name]["ppl"] == math.exp(nll / count), name
+        assert got[name]["kld"] == kld / count and got[name]["top1"] == top1 / count, name
+    assert got["changed"]["kld"] > 0

@@ -12,15 +12,31 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .base_cache import BaseCache
 
 
-def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of the next token at every position but the last, in float32."""
-    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+class Scratch:
+    """Float32 buffers reused from window to window. The per-window tensors are large (511 x 49,152 floats,
+    100 MB, for the default model): allocated afresh, each arrives as new pages the OS must zero and map, which
+    cost about as much as the arithmetic. Reused, the same operations give the same numbers in about half the
+    time (BENCHMARKS.md)."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, shape: torch.Size) -> torch.Tensor:
+        b = self.buffers.get(name)
+        if b is None or b.shape != shape:
+            b = self.buffers[name] = torch.empty(shape, dtype=torch.float32)
+        return b
+
+    def log_probs(self, name: str, logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of the next token at every position but the last, in float32 (the logits cast
+        first, as F.log_softmax(logits.float()))."""
+        x = logits[:, :-1]
+        return torch.log_softmax(x, -1, dtype=torch.float32, out=self(name, x.shape))
 
 
 @torch.no_grad()
@@ -33,21 +49,24 @@ def evaluate_quality(models: dict[str, torch.nn.Module], windows: torch.Tensor, 
     count = 0
     cache = base_cache if isinstance(base_cache, BaseCache) else (
         BaseCache(base, windows) if base is not None and base_cache else None)
+    scratch = Scratch()
     for i, ids in enumerate(tqdm(windows, desc="evaluate", unit="window", disable=not progress)):
         ids = ids.unsqueeze(0)
         target = ids[:, 1:]
         base_lp = None
         if base is not None:
-            base_lp = _log_probs(cache.logits(i, ids) if cache is not None else base(ids, use_cache=False).logits)
-            base_p = base_lp.exp()                     # once per window, however many models
+            base_lp = scratch.log_probs("base", cache.logits(i, ids) if cache is not None
+                                        else base(ids, use_cache=False).logits)
+            base_p = torch.exp(base_lp, out=scratch("p", base_lp.shape))   # once per window, however many models
             base_top = base_lp.max(dim=-1).indices     # the first largest, as argmax, in half the time
         for name, model in models.items():
             # the base as one of the compared models: its pass is the one just run (the same computation)
-            lp = base_lp if model is base else _log_probs(model(ids, use_cache=False).logits)
+            lp = base_lp if model is base else scratch.log_probs("model", model(ids, use_cache=False).logits)
             s = sums[name]
             s["nll"] -= lp.gather(-1, target.unsqueeze(-1)).sum().item()
             if base_lp is not None:
-                s["kld"] += (base_p * (base_lp - lp)).sum().item()
+                terms = torch.sub(base_lp, lp, out=scratch("terms", lp.shape)).mul_(base_p)   # p·(log p − log q)
+                s["kld"] += terms.sum().item()
                 s["top1"] += (base_top == lp.max(dim=-1).indices).sum().item()
         count += target.numel()
     if cache is not None:
