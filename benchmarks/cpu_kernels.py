@@ -83,7 +83,7 @@ def variants(w: torch.Tensor):
     def kernel_call(name, qt, one_row=None, float32_scales=False, byte_codes=False):
         """one_row(x, packed, group): the call for one row of activations (a given path), else the kernel's.
         float32_scales: the native kernels' scales and offsets widened to float32 (as they were resident before
-        16-bit ones), to show what the narrower ones save in the same run. byte_codes: 5-7-bit codes a byte
+        16-bit ones), to show what the narrower ones save in the same run. byte_codes: packed 2-3- or 5-7-bit codes a byte
         each (as they were resident before they were packed to their width)."""
         kern = KERNELS[name]
         # a copy of its own (native-int8 keeps the storage tensor itself: copies would share it and stay cached)
@@ -115,14 +115,15 @@ def variants(w: torch.Tensor):
         others = [("int4 g64 symmetric", quantize_rtn(w, IntSpec(4, 64, True))),
                   ("int5 g64", quantize_rtn(w, IntSpec(5, 64, False))), ("int6 g64", quantize_rtn(w, IntSpec(6, 64, True)))]
         others += [(f"GGUF {t}", GGUFSpec(t).quantize(w)) for t in ("Q4_0", "Q5_0", "Q8_0")]
-        others += [(f"GGUF {t}", GGUFSpec(t).quantize(w)) for t in ("Q4_K", "Q5_K", "Q6_K", "Q3_K") if k % 256 == 0]
+        others += [(f"GGUF {t}", GGUFSpec(t).quantize(w)) for t in ("Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K") if k % 256 == 0]
         for label, qt in others:
             kern = select_kernel(qt.spec, qt.shape)
             out.append((f"{kern.name} ({label})", lambda kern=kern, qt=qt: kernel_call(kern.name, qt)))
             if label in ("int4 g64 symmetric", "GGUF Q4_0", "GGUF Q8_0"):   # their scales fit 16 bits
                 out.append((f"{kern.name} ({label}, float32 scales)",
                             lambda kern=kern, qt=qt: kernel_call(kern.name, qt, float32_scales=True)))
-            if label in ("int5 g64", "int6 g64", "GGUF Q5_0", "GGUF Q5_K", "GGUF Q6_K") and kern.name == "native-int8":
+            if (label in ("int5 g64", "int6 g64", "GGUF Q5_0", "GGUF Q5_K", "GGUF Q6_K", "GGUF Q3_K", "GGUF Q2_K")
+                    and kern.name == "native-int8"):
                 out.append((f"{kern.name} ({label}, byte codes)",
                             lambda kern=kern, qt=qt: kernel_call(kern.name, qt, byte_codes=True)))
             if label in ("GGUF Q4_0", "GGUF Q6_K") and n * k <= 1 << 21:   # what they ran on before: the reference

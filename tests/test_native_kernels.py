@@ -499,25 +499,30 @@ def test_q4_1_mins_of_both_zero_signs_come_back_exactly_and_are_kept_once():
     assert torch.equal(layer.quantized_tensor().qweight, qt.qweight)
 
 
-@pytest.mark.parametrize("bits", [5, 6, 7])
+@pytest.mark.parametrize("bits", [2, 3, 5, 6, 7])
 def test_packed_codes_round_trip_and_sit_where_documented(bits):
     from lowbit.kernels.native_int8 import codes_of, pack_codes
     g = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 2 ** bits, (9, 192), dtype=torch.int64, generator=g)
     wq = pack_codes(codes, bits)
-    assert wq.dtype == torch.uint8 and wq.shape == (9, 96 + (bits - 4) * 24)   # b bits per weight
+    assert wq.dtype == torch.uint8 and wq.shape == (9, bits * 24)   # b bits per weight
     assert torch.equal(codes_of(wq, 192), codes.to(torch.int8))
     assert torch.equal(torch.ops.lowbit.int8_unpack(wq, 192, 0), codes.to(torch.int8))   # the portable loop
-    # row 4, column 64·2 + 37: its low nibble in byte 32·2 + 5's high half, bit 4 + j in mask j of chunk 2
+    # row 4, column 64·2 + 37: (5-7 bits) its low nibble in byte 32·2 + 5's high half, bit 4 + j in mask j of
+    # chunk 2 after the K/2 nibble bytes; (2-3 bits) bit j in mask j of chunk 2 from the row's start
     n, c, i = 4, 2, 37
     code = int(codes[n, 64 * c + i])
-    assert (int(wq[n, 32 * c + i - 32]) >> 4) == code & 15
-    for j in range(bits - 4):
-        mask = int.from_bytes(bytes(wq[n, 96 + (c * (bits - 4) + j) * 8: 96 + (c * (bits - 4) + j + 1) * 8].tolist()), "little")
-        assert (mask >> i) & 1 == (code >> (4 + j)) & 1
+    start, low = (96, 4) if bits > 4 else (0, 0)
+    if bits > 4:
+        assert (int(wq[n, 32 * c + i - 32]) >> 4) == code & 15
+    count = bits - low
+    for j in range(count):
+        at = start + (c * count + j) * 8
+        mask = int.from_bytes(bytes(wq[n, at: at + 8].tolist()), "little")
+        assert (mask >> i) & 1 == (code >> (low + j)) & 1
 
 
-@pytest.mark.parametrize("bits", [5, 6, 7])
+@pytest.mark.parametrize("bits", [2, 3, 5, 6, 7])
 @pytest.mark.parametrize("m,n,k,group", [(1, 200, 576, 32), (3, 130, 1536, 64), (40, 7, 640, 640), (2, 70, 256, 16)])
 def test_packed_codes_give_the_byte_codes_results_bit_for_bit(bits, m, n, k, group):
     # every path and op, rows not a multiple of the 64 unpacked at a time, float32 and 16-bit scales
@@ -546,10 +551,11 @@ def test_packed_codes_of_a_wrong_width_are_refused():
         torch.ops.lowbit.int8_unpack(torch.zeros(4, 64 + 64, dtype=torch.uint8), 128)    # 8 bits: int8 instead
 
 
-@pytest.mark.parametrize("spec", [GGUFSpec("Q5_0"), GGUFSpec("Q5_1"), GGUFSpec("Q5_K"), GGUFSpec("Q6_K"),
+@pytest.mark.parametrize("spec", [GGUFSpec("Q2_K"), GGUFSpec("Q3_K"), GGUFSpec("Q5_0"), GGUFSpec("Q5_1"),
+                                  GGUFSpec("Q5_K"), GGUFSpec("Q6_K"),
                                   IntSpec(5, 64, True), IntSpec(6, 64, False), IntSpec(7, 64, True)],
                          ids=lambda s: s.name)
-def test_five_to_seven_bit_formats_are_resident_at_their_width(base, spec):
+def test_packed_code_formats_are_resident_at_their_width(base, spec):
     w = base.get_submodule("model.layers.29.mlp.down_proj").weight.detach()
     qt = spec.quantize(w) if isinstance(spec, GGUFSpec) else quantize_rtn(w, spec)
     if select_kernel(spec, qt.shape) is not NATIVE8:
@@ -564,7 +570,7 @@ def test_five_to_seven_bit_formats_are_resident_at_their_width(base, spec):
         assert ((layer(x) - ref(x)).norm() / ref(x).norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("bits", [0, 5, 7])
+@pytest.mark.parametrize("bits", [0, 3, 5, 7])
 @pytest.mark.parametrize("n,k,group", [(130, 576, 32), (70, 256, 16), (200, 192, 192), (65, 1536, 64)])
 def test_int8_prefill_equals_a_dense_matmul_of_the_dequantized_weight(bits, n, k, group):
     # tiles of rows dequantized into the thread's buffer (codes a byte each, or packed): the same values as

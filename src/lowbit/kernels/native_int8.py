@@ -8,9 +8,10 @@ integer weights, and the GGUF types Q5_0, Q5_1, Q5_K and Q8_0 (codes that fit 4 
                       (nothing repacked); codes of 5 to 7 bits (0 .. 2^b − 1, K a multiple of 64) packed to b bits
                       instead: uint8 [N, K/2 + (b − 4)·K/8], per row the low nibbles in native_int4's chunked
                       layout, then per chunk of 64 columns b − 4 little-endian 64-bit masks, mask j holding bit
-                      4 + j of each column's code (`pack_codes`; the decode loop on int8 activations unpacks
-                      them in registers, the other paths 64 rows at a time into a buffer of the thread's,
-                      csrc/cpu_gemm.cpp); other codes widened to a byte,
+                      4 + j of each column's code; codes of 2 or 3 bits (GGUF's Q2_K and Q3_K) likewise as
+                      uint8 [N, b·K/8], the masks alone, mask j holding bit j (`pack_codes`; the decode loop on
+                      int8 activations unpacks them in registers, the other paths 64 rows at a time into a
+                      buffer of the thread's, csrc/cpu_gemm.cpp); other codes widened to a byte,
               kscales [N, G] — the group scales s (GGUF: the sub-block scales),
               offsets [N, G] — so that w = q · s − offset (integer formats: z · s); 16-bit where exact, as
                       native_int4 keeps them (resident_scales),
@@ -34,23 +35,27 @@ from .native_int4 import NativeKernel, pack_chunks
 
 
 def packed_width(qmin: int, qmax: int, k: int) -> int:
-    """b where a format's codes are within 0 .. 2^b − 1 with b 5, 6 or 7 and K a multiple of 64 (they are then
-    packed to b bits), else 0 (kept a byte each)."""
-    if k % 64 or qmin < 0 or qmax < 16 or qmax > 127:
+    """b where a format's codes are within 0 .. 2^b − 1 with b 2, 3, 5, 6 or 7 and K a multiple of 64 (they are
+    then packed to b bits), else 0 (kept a byte each)."""
+    b = int(qmax).bit_length()
+    if k % 64 or qmin < 0 or qmax > 127 or b not in (2, 3, 5, 6, 7):
         return 0
-    return int(qmax).bit_length()
+    return b
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes [N, K] (0 .. 2^bits − 1) -> uint8 [N, K/2 + (bits − 4)·K/8] in the layout above."""
+    """codes [N, K] (0 .. 2^bits − 1) -> uint8 [N, K/2 + (bits − 4)·K/8] (5-7 bits) or [N, bits·K/8] (2-3 bits)
+    in the layout above."""
     n, k = codes.shape
     c = codes.to(torch.int64)
-    nibbles = pack_chunks(c & 15)
+    low = 4 if bits > 4 else 0                                                  # the bit the first mask holds
     weights = (1 << torch.arange(64, dtype=torch.int64))                        # bit i <- column 64c + i
-    planes = [((c.reshape(n, k // 64, 64) >> (4 + j)) & 1) for j in range(bits - 4)]
-    masks = torch.stack([(p * weights).sum(-1) for p in planes], dim=2)         # [N, K/64, bits − 4] int64
-    as_bytes = masks.reshape(n, -1).contiguous().view(torch.uint8)              # little-endian 8 bytes each
-    return torch.cat([nibbles, as_bytes.reshape(n, -1)], dim=1).contiguous()
+    planes = [((c.reshape(n, k // 64, 64) >> (low + j)) & 1) for j in range(bits - low)]
+    masks = torch.stack([(p * weights).sum(-1) for p in planes], dim=2)         # [N, K/64, masks] int64
+    as_bytes = masks.reshape(n, -1).contiguous().view(torch.uint8).reshape(n, -1)   # little-endian 8 bytes each
+    if bits < 4:
+        return as_bytes.contiguous()
+    return torch.cat([pack_chunks(c & 15), as_bytes], dim=1).contiguous()
 
 
 def codes_of(wq: torch.Tensor, k: int) -> torch.Tensor:

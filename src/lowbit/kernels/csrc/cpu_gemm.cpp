@@ -144,55 +144,74 @@ void widen(const uint16_t* in, float* out, int64_t count, bool bf16, float times
   for (int64_t i = 0; i < count; ++i) out[i] = times * widen_one(in[i], bf16);
 }
 
-// ---- 5- to 7-bit codes, packed ----------------------------------------------------------------------------------
-// int8_gemm / int8_gemm_q8 also take codes of b = 5, 6 or 7 bits (values 0 .. 2^b − 1) packed to b bits each, as a
-// uint8 wq [N, K/2 + (b − 4) · K/8] (lowbit.kernels.native_int8 writes it): each row holds its low nibbles in the
-// int4 layout (K/2 bytes, chunks of 64 columns; see above), then for each chunk c of 64 columns b − 4 masks of
-// 8 bytes (little-endian 64-bit): bit i of mask j is bit 4 + j of the code of column 64c + i. The decode loop on
-// int8 activations (cpu_gemm_q8.inc) rebuilds each step's 64 code bytes in registers (packed_chunk); the other
-// row loops and the dense path read bytes, each run of kWidenRows rows unpacked into a buffer of the thread's
-// (L2-resident: 64 rows of K bytes) just before it is computed, as 16-bit scales are widened. Either way the
-// loops see the same code bytes, so the results are those of the codes unpacked, bit for bit, while the resident
-// bytes are the stored ones (b bits per weight, not 8).
+// ---- 2-, 3- and 5- to 7-bit codes, packed ------------------------------------------------------------------------
+// int8_gemm / int8_gemm_q8 also take codes of b = 2, 3, 5, 6 or 7 bits (values 0 .. 2^b − 1) packed to b bits each,
+// as a uint8 wq (lowbit.kernels.native_int8 writes it), K a multiple of 64:
+//   b = 5-7: [N, K/2 + (b − 4) · K/8]: each row holds its low nibbles in the int4 layout (K/2 bytes, chunks of 64
+//            columns; see above), then for each chunk c of 64 columns b − 4 masks of 8 bytes (little-endian
+//            64-bit): bit i of mask j is bit 4 + j of the code of column 64c + i;
+//   b = 2-3: [N, b · K/8]: no nibbles, only the masks: for each chunk c, b masks, bit i of mask j being bit j of
+//            the code of column 64c + i (GGUF's Q2_K and Q3_K, whose 16-column sub-blocks run here).
+// The decode loop on int8 activations (cpu_gemm_q8.inc) rebuilds each step's 64 code bytes in registers
+// (packed_chunk); the other row loops and the dense path read bytes, each run of kWidenRows rows unpacked into a
+// buffer of the thread's (L2-resident: 64 rows of K bytes) just before it is computed, as 16-bit scales are
+// widened. Either way the loops see the same code bytes, so the results are those of the codes unpacked, bit for
+// bit, while the resident bytes are the stored ones (b bits per weight, not 8).
+
+constexpr int plane_bit(int bits) { return bits > 4 ? 4 : 0; }          // the code bit held by a row's first mask
+constexpr int plane_count(int bits) { return bits - plane_bit(bits); }  // masks per chunk of 64 columns
+constexpr int64_t planes_at(int64_t K, int bits) { return bits > 4 ? K / 2 : 0; }   // where a row's masks start
 
 inline int packed_bits(int64_t row_bytes, int64_t K) {   // b for a packed row of row_bytes, 0 where it is not one
+  if (K % kChunk) return 0;
+  if (row_bytes == 2 * (K / 8) || row_bytes == 3 * (K / 8)) return static_cast<int>(row_bytes / (K / 8));
   const int64_t extra = row_bytes - K / 2;
-  if (K % kChunk || extra <= 0 || extra % (K / 8)) return 0;
+  if (extra <= 0 || extra % (K / 8)) return 0;
   const int64_t b = 4 + extra / (K / 8);
   return b >= 5 && b <= 7 ? static_cast<int>(b) : 0;
 }
 
 void unpack_row_portable(const uint8_t* src, int8_t* dst, int64_t K, int bits) {
-  const uint8_t* planes = src + K / 2;
+  const uint8_t* planes = src + planes_at(K, bits);
+  const int count = plane_count(bits), low = plane_bit(bits);
+  if (bits > 4)
+    for (int64_t c = 0; c < K / kChunk; ++c)
+      for (int j = 0; j < 32; ++j) {
+        const uint8_t b = src[c * 32 + j];
+        dst[c * kChunk + j] = static_cast<int8_t>(b & 15);
+        dst[c * kChunk + 32 + j] = static_cast<int8_t>(b >> 4);
+      }
+  else
+    std::memset(dst, 0, static_cast<size_t>(K));
   for (int64_t c = 0; c < K / kChunk; ++c)
-    for (int j = 0; j < 32; ++j) {
-      const uint8_t b = src[c * 32 + j];
-      dst[c * kChunk + j] = static_cast<int8_t>(b & 15);
-      dst[c * kChunk + 32 + j] = static_cast<int8_t>(b >> 4);
-    }
-  for (int64_t c = 0; c < K / kChunk; ++c)
-    for (int j = 0; j < bits - 4; ++j) {
+    for (int j = 0; j < count; ++j) {
       uint64_t m;
-      std::memcpy(&m, planes + (c * (bits - 4) + j) * 8, 8);
+      std::memcpy(&m, planes + (c * count + j) * 8, 8);
       for (int i = 0; i < 64; ++i)
-        dst[c * kChunk + i] = static_cast<int8_t>(dst[c * kChunk + i] | (((m >> i) & 1) << (4 + j)));
+        dst[c * kChunk + i] = static_cast<int8_t>(dst[c * kChunk + i] | (((m >> i) & 1) << (low + j)));
     }
 }
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw")
-// The 64 code bytes of columns 64c .. 64c + 63 of a packed row: one 32-byte load gives the low nibbles of both
-// halves, then each mask adds 16 << j to its columns (those bits are clear, so + is |).
+// The 64 code bytes of columns 64c .. 64c + 63 of a packed row: for 5-7 bits one 32-byte load gives the low
+// nibbles of both halves (for 2-3 bits they start at 0), then each mask adds its bit's value to its columns (those
+// bits are clear, so + is |).
 inline __m512i packed_chunk(const uint8_t* row, int64_t K, int64_t c, int bits) {
-  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 32));
-  const __m256i low = _mm256_set1_epi8(15);
-  __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low)),
-                                 _mm256_and_si256(_mm256_srli_epi16(b, 4), low), 1);
-  const uint8_t* planes = row + K / 2 + c * (bits - 4) * 8;
-  for (int j = 0; j < bits - 4; ++j) {
+  __m512i v = _mm512_setzero_si512();
+  if (bits > 4) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 32));
+    const __m256i low = _mm256_set1_epi8(15);
+    v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low)),
+                           _mm256_and_si256(_mm256_srli_epi16(b, 4), low), 1);
+  }
+  const int count = plane_count(bits), low_bit = plane_bit(bits);
+  const uint8_t* planes = row + planes_at(K, bits) + c * count * 8;
+  for (int j = 0; j < count; ++j) {
     uint64_t m;
     std::memcpy(&m, planes + j * 8, 8);
-    v = _mm512_mask_add_epi8(v, static_cast<__mmask64>(m), v, _mm512_set1_epi8(static_cast<char>(16 << j)));
+    v = _mm512_mask_add_epi8(v, static_cast<__mmask64>(m), v,
+                             _mm512_set1_epi8(static_cast<char>(1 << (low_bit + j))));
   }
   return v;
 }
@@ -588,11 +607,11 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale
   return y;
 }
 
-// int8 ops' weights: int8 [N, K] codes (returns 0), or uint8 codes of 5-7 bits packed (returns the bits).
+// int8 ops' weights: int8 [N, K] codes (returns 0), or uint8 codes of 2-3 or 5-7 bits packed (returns the bits).
 int int8_codes(const char* op, const at::Tensor& wq, int64_t K) {
   if (wq.scalar_type() == at::kByte) {
     const int bits = packed_bits(wq.size(1), K);
-    TORCH_CHECK(bits != 0, op, ": uint8 wq must be 5-7-bit codes packed as [N, K/2 + (bits - 4) * K/8], K a multiple of 64");
+    TORCH_CHECK(bits != 0, op, ": uint8 wq must be 2-3- or 5-7-bit codes packed as [N, bits * K/8] or [N, K/2 + (bits - 4) * K/8], K a multiple of 64");
     return bits;
   }
   TORCH_CHECK(wq.scalar_type() == at::kChar, op, ": wq must be int8 (or uint8 packed codes)");
@@ -907,12 +926,12 @@ at::Tensor int8_gemm_q8(const at::Tensor& x, const at::Tensor& wq, const at::Ten
   return run_q8<false>("int8_gemm_q8", x, wq, scales, offsets, group_size, bits);
 }
 
-// Packed 5-7-bit codes (see "5- to 7-bit codes, packed") unpacked to int8 [N, K]: for the dense path and `restore`
+// Packed codes (see "2-, 3- and 5- to 7-bit codes, packed") unpacked to int8 [N, K]: for the dense path and `restore`
 // (isa 0 or 1: the portable loop, as CPUs without AVX-512 take it).
 at::Tensor int8_unpack(const at::Tensor& wq, int64_t K, int64_t isa) {
   TORCH_CHECK(wq.scalar_type() == at::kByte && wq.dim() == 2, "int8_unpack: wq must be uint8 [N, ·]");
   const int bits = packed_bits(wq.size(1), K);
-  TORCH_CHECK(bits != 0, "int8_unpack: wq is not 5-7-bit codes packed for K = ", K);
+  TORCH_CHECK(bits != 0, "int8_unpack: wq is not packed codes for K = ", K);
   const at::Tensor w = wq.contiguous();
   const int64_t N = w.size(0), row_bytes = w.size(1);
   at::Tensor out = at::empty({N, K}, w.options().dtype(at::kChar));
