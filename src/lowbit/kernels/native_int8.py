@@ -2,7 +2,8 @@
 [−128, 127] on per-group affine grids (formats.base.IntegerView), groups of a multiple of 32 columns (or of 16,
 see below), in_features
 a multiple of 32: 8-bit integer weights (per channel or groups, symmetric or with zero points), 5- to 7-bit
-integer weights, and the GGUF types Q5_0, Q5_1, Q5_K and Q8_0 (codes that fit 4 bits go to native-int4).
+integer weights, and the GGUF types Q5_0, Q5_1, Q5_K and Q8_0 (codes that fit 4 bits go to native-int4, except
+2-3-bit codes where the CPU has AVX-512 VNNI: here they are kept at their width, at the same speed per call).
 
     resident: wq      int8 [N, K] — row-major codes; for 8-bit integer weights the storage tensor itself
                       (nothing repacked); codes of 5 to 7 bits (0 .. 2^b − 1, K a multiple of 64) packed to b bits

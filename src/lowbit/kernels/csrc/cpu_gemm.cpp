@@ -155,8 +155,10 @@ void widen(const uint16_t* in, float* out, int64_t count, bool bf16, float times
 // The decode loop on int8 activations (cpu_gemm_q8.inc) rebuilds each step's 64 code bytes in registers
 // (packed_chunk); the other row loops and the dense path read bytes, each run of kWidenRows rows unpacked into a
 // buffer of the thread's (L2-resident: 64 rows of K bytes) just before it is computed, as 16-bit scales are
-// widened. Either way the loops see the same code bytes, so the results are those of the codes unpacked, bit for
-// bit, while the resident bytes are the stored ones (b bits per weight, not 8).
+// widened. Either way the loops see the same code bytes: the float paths give the results of the codes unpacked,
+// bit for bit, and the int8-activation decode the same integer products (it multiplies the packed codes as the
+// unsigned bytes they are, where byte codes are shifted by 128 and the shift taken back afterwards, so its float32
+// sums cancel less), while the resident bytes are the stored ones (b bits per weight, not 8).
 
 constexpr int plane_bit(int bits) { return bits > 4 ? 4 : 0; }          // the code bit held by a row's first mask
 constexpr int plane_count(int bits) { return bits - plane_bit(bits); }  // masks per chunk of 64 columns
