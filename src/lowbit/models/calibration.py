@@ -246,7 +246,8 @@ def _run_with_hooks(block: nn.Module, inputs: BlockInputs, names: list[str], on_
     once every named module has been reached, the rest of the block is skipped, unless `outputs` is given: then
     the block runs to its end and each sample's output is appended to it, and every TRIM_EVERY samples the
     heap's freed pages go back to the OS: the kept outputs land between the samples' freed temporaries, and
-    glibc would keep those pages (AWQ's peak: 0.43-0.51 GiB trimming after the pass only, 0.38 with this)."""
+    glibc would keep those pages (AWQ's peak on the default model: 0.43-0.51 GiB without these trims, the
+    driver's others in place; 0.37-0.43 with them)."""
     seen: set[str] = set()
     handles = []
 
