@@ -11,8 +11,9 @@ Shapes are the engine's own matmuls of one SmolLM2-135M block (fused q/k/v 576�
   native-int4 / native-int8 (5- and 6-bit integers, GGUF Q4_0/Q5_0/Q8_0, and Q4_K/Q5_K/Q6_K/Q3_K where
                 in_features is a multiple of 256) — the same kernels on those formats' integer view, and the
                 reference kernel (dequantize every call), which ran them before, for GGUF Q4_0 and Q6_K on the
-                small shapes; for the formats whose scales fit 16 bits (symmetric int4, Q4_0, Q8_0), the same
-                again with float32 scales and offsets, as they were resident before; for 5-7-bit codes (packed
+                small shapes; for the formats whose scales fit 16 bits (symmetric int4, Q4_0, Q8_0) and the
+                k-quants (sub-block codes and 16-bit super-block scales), the same again with float32 scales and
+                offsets, as they were resident before; for 5-7-bit codes (packed
                 to their width), the same again with a byte per code, as they were resident before;
   cpu-int4 / cpu-int8 — PyTorch's packed ATen kernels (bfloat16 activations);
   dense fp32 / bf16 — torch.nn.functional.linear on the dequantized weight.
@@ -41,7 +42,7 @@ from lowbit.eval.system import memory_bandwidth
 from lowbit.io.atomic import atomic_write_text
 from lowbit.formats import GGUFSpec
 from lowbit.kernels import KERNELS, native, select_kernel
-from lowbit.kernels.native_int4 import offsets_of
+from lowbit.kernels.native_int4 import offsets_of, scales_of
 from lowbit.kernels.native_int8 import codes_of
 
 SHAPES = {"qkv 576→960": (960, 576), "o 576→576": (576, 576), "gate_up 576→3072": (3072, 576),
@@ -88,8 +89,10 @@ def variants(w: torch.Tensor):
         kern = KERNELS[name]
         # a copy of its own (native-int8 keeps the storage tensor itself: copies would share it and stay cached)
         packed = {key: t.clone() for key, t in kern.prepare(qt).items()}
-        if float32_scales:
-            packed.update(kscales=packed["kscales"].float(), offsets=offsets_of(packed).float())
+        if float32_scales:   # (k-quants: d · sc and dmin · m, formed once here)
+            packed.update(kscales=scales_of(packed), offsets=offsets_of(packed).float())
+            packed.pop("kscales_super", None)
+            packed.pop("offsets_super", None)
         if byte_codes and packed.get("wq") is not None and packed["wq"].dtype == torch.uint8:
             packed["wq"] = codes_of(packed["wq"], k).clone()
         if one_row is None:
@@ -119,7 +122,8 @@ def variants(w: torch.Tensor):
         for label, qt in others:
             kern = select_kernel(qt.spec, qt.shape)
             out.append((f"{kern.name} ({label})", lambda kern=kern, qt=qt: kernel_call(kern.name, qt)))
-            if label in ("int4 g64 symmetric", "GGUF Q4_0", "GGUF Q8_0"):   # their scales fit 16 bits
+            if label in ("int4 g64 symmetric", "GGUF Q4_0", "GGUF Q8_0", "GGUF Q4_K", "GGUF Q5_K", "GGUF Q6_K",
+                         "GGUF Q3_K", "GGUF Q2_K"):   # 16-bit scales; the k-quants' codes times 16-bit scales
                 out.append((f"{kern.name} ({label}, float32 scales)",
                             lambda kern=kern, qt=qt: kernel_call(kern.name, qt, float32_scales=True)))
             if (label in ("int5 g64", "int6 g64", "GGUF Q5_0", "GGUF Q5_K", "GGUF Q6_K", "GGUF Q3_K", "GGUF Q2_K")

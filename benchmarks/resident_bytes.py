@@ -5,7 +5,8 @@ stored tensors exactly), in bits per decoder weight.
 Every decoder Linear of the default model is quantized to the format (round-to-nearest) and put on its kernel
 (`QuantLinear`, kernel "auto"). "resident" counts every tensor the layers hold; "stored" the format's own
 tensors (what a checkpoint or GGUF file holds for them). The "float32 scales" column repeats the count with the
-kernels' scales and offsets kept in float32 (how they were resident before 16-bit ones), for comparison.
+kernels' scales and offsets kept in float32 (how they were resident before 16-bit and two-level ones), for
+comparison.
 
     python benchmarks/resident_bytes.py                      # about a minute
     python benchmarks/resident_bytes.py --quick --out DIR    # two formats: keeps the script alive
@@ -29,7 +30,8 @@ FORMATS = {"int4 g64 (symmetric, the default)": dict(bits=4, group_size=64),
            "int4 g64 asymmetric": dict(bits=4, group_size=64, symmetric=False),
            "int8 per channel": dict(bits=8, group_size=-1), "int5 g64": dict(bits=5, group_size=64),
            "int3 g64": dict(bits=3, group_size=64), "int2 g64": dict(bits=2, group_size=64),
-           **{f"GGUF {t}": dict(gguf_type=t) for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q6_K")}}
+           **{f"GGUF {t}": dict(gguf_type=t) for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                                                     "Q6_K")}}
 
 
 def count(model) -> dict:
@@ -49,7 +51,8 @@ def count(model) -> dict:
 def measure(fmt: dict, float32_scales: bool) -> dict:
     model = lowbit.load_model("default").model
     keep = mock.patch.object(native_int4, "resident_scales", lambda s, o: (s, o)) if float32_scales else nullcontext()
-    with keep:
+    flat = mock.patch.object(native_int4, "two_level_scales", lambda s, o, rest: None) if float32_scales else nullcontext()
+    with keep, flat:
         lowbit.quantize(model, lowbit.RTN(**fmt), progress=False)
     return count(model)
 

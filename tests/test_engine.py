@@ -103,6 +103,18 @@ def test_compiled_step_equals_eager(bits):
         assert torch.equal(la, lb) and torch.equal(ta, tb)
 
 
+def test_background_compilation_runs_under_the_callers_compile_settings(monkeypatch):
+    # torch's compile settings are per thread; the native kernels' cache tag (kernels.native) is one of them
+    model = quantized(_tiny_model("llama"), bits=4, group_size=32)
+    engine = Engine(model, compile=True, background=True)
+    seen = []
+    monkeypatch.setattr(engine, "_compile_in_background", lambda: seen.append(torch.compiler.config.cache_key_tag))
+    with torch.compiler.config.patch(cache_key_tag="the-callers-tag"):
+        engine.generate(torch.randint(0, 256, (1, 5)), 4)
+        engine.wait_compiled()
+    assert seen and set(seen) == {"the-callers-tag"}
+
+
 def test_background_compilation_decodes_eagerly_then_switches_with_the_same_tokens():
     model = quantized(_tiny_model("llama"), bits=4, group_size=32)
     ids = torch.randint(0, 256, (1, 5))

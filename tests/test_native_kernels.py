@@ -13,7 +13,7 @@ from lowbit.algorithms import quantize_rtn
 from lowbit.formats import GGUFSpec, QuantizedTensor
 from lowbit.kernels import KERNELS, native, select_kernel
 from lowbit.kernels.base import DENSE_FROM_ROWS
-from lowbit.kernels.native_int4 import offsets_of, pack_chunks, unpack_chunks
+from lowbit.kernels.native_int4 import offsets_of, pack_chunks, scales_of, unpack_chunks
 from lowbit.nn import QuantLinear
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=str(native.load()))
@@ -441,7 +441,9 @@ def test_scales_and_offsets_of_different_dtypes_are_refused():
     (GGUFSpec("Q4_1"), torch.float16, "16-bit", "field_d"), (GGUFSpec("Q5_1"), torch.float16, "16-bit", "field_d"),
     (IntSpec(4, 64, True), torch.float16, "multiple", "scales"), (IntSpec(8, -1, True), torch.float16, "multiple", "scales"),
     (IntSpec(4, 64, False), torch.float16, "zero points", "scales"),
-    (GGUFSpec("Q4_K"), torch.float32, "float32", None)], ids=lambda v: getattr(v, "name", str(v)))
+    (GGUFSpec("Q4_K"), torch.uint8, "two-level", "field_scales"),
+    (GGUFSpec("Q5_K"), torch.uint8, "two-level", "field_scales"),
+    (IntSpec(4, 32, True, 6, 256), torch.float32, "float32", None)], ids=lambda v: getattr(v, "name", str(v)))
 def test_resident_scales_are_as_narrow_as_exact_and_not_kept_twice(base, spec, dtype, offsets, shared):
     w = base.model.layers[0].mlp.down_proj.weight.detach()   # 1536 inputs: Q4_K fits
     qt = spec.quantize(w)
@@ -465,13 +467,22 @@ def test_resident_scales_are_as_narrow_as_exact_and_not_kept_twice(base, spec, d
         assert b["offsets"].dtype == dtype and "field_m" not in b and "offsets_is_minus_field_m" in b
         minus = 8 * b["offsets_is_minus_field_m"].numel()
         assert resident == codes + 4 * groups + marker + minus
-    else:
+    elif offsets == "two-level":
+        # k-quants: the kernels read the stored sub-block codes and super-block scales, nothing else besides
+        # the codes (the stored file packs Q4_K's 6-bit codes tighter: 12 bytes per 256 weights, here 16)
+        assert b["offsets"].dtype == torch.uint8 and "offsets_is_field_mins" in b and "field_d" not in b
+        markers = sum(8 * t.numel() for key, t in b.items() if "_is_" in key)
+        stored_rest = sum(t.numel() * t.element_size() for t in spec.integer_rest(qt).values())
+        assert resident == codes + stored_rest + markers
+        assert resident - markers < qt.qweight.numel() * 1.03
+    else:   # lowbit's two-level integer scales: their codes are packed in the stored tensor, decoded here
         assert b["offsets"].dtype == torch.float32 and resident > codes + 8 * groups
     if shared:   # the format's own scales are the kernel's, kept once
         assert shared not in b
     assert torch.equal(layer.quantized_tensor().qweight, qt.qweight)   # saved exactly as stored
     x = torch.randn(3, k)
-    full = {**b, "kscales": b["kscales"].float(), "offsets": offsets_of(b).float()}
+    full = {**{key: t for key, t in b.items() if not key.endswith("_super")},
+            "kscales": scales_of(b), "offsets": offsets_of(b).float()}
     assert torch.equal(layer(x), layer.kernel.linear(x, full, spec, (n, k), None))
     x = torch.randn(DENSE_FROM_ROWS + 1, k)   # the dense path
     assert torch.equal(layer(x), layer.kernel.linear(x, full, spec, (n, k), None))
@@ -609,3 +620,103 @@ def test_int8_prefill_equals_a_dense_matmul_of_the_dequantized_weight(bits, n, k
     got16 = torch.ops.lowbit.int8_dense_linear(x, wq, s, off, group, torch.bfloat16)
     want16 = torch.nn.functional.linear(x.bfloat16(), wd.bfloat16()).float()
     assert ((got16 - want16).norm() / want16.norm()).item() < 1e-2
+
+
+def _every_op_two_level(x, wpack, wq, group):
+    """Each native op (int8_dense_linear too) as a function of (scales, offsets, scale_super, offset_super)."""
+    ops = torch.ops.lowbit
+    out = {}
+    for isa in range(native.isa() + 1):
+        out[f"int4_gemm isa {isa}"] = lambda *a, isa=isa: ops.int4_gemm(x, wpack, a[0], a[1], group, isa, *a[2:])
+        out[f"int8_gemm isa {isa}"] = lambda *a, isa=isa: ops.int8_gemm(x, wq, a[0], a[1], group, isa, *a[2:])
+    if native.vnni():
+        out["int4_gemm_q8"] = lambda *a: ops.int4_gemm_q8(x, wpack, a[0], a[1], group, *a[2:])
+        out["int8_gemm_q8"] = lambda *a: ops.int8_gemm_q8(x, wq, a[0], a[1], group, *a[2:])
+    for dtype in (torch.float32, torch.bfloat16):
+        out[f"int4_dense_linear {dtype}"] = lambda *a, dtype=dtype: ops.int4_dense_linear(x, wpack, a[0], a[1], group,
+                                                                                          dtype, *a[2:])
+        out[f"int8_dense_linear {dtype}"] = lambda *a, dtype=dtype: ops.int8_dense_linear(x, wq, a[0], a[1], group,
+                                                                                          dtype, *a[2:])
+    out["int4_dequant"] = lambda *a: ops.int4_dequant(wpack, a[0], a[1], group, torch.float32, *a[2:])
+    return out
+
+
+@pytest.mark.parametrize("super_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("codes_dtype", [torch.uint8, torch.int8])
+@pytest.mark.parametrize("m,n,k,group,per_super", [(1, 200, 512, 32, 8), (3, 130, 1536, 32, 8), (2, 65, 512, 64, 4),
+                                                     (1, 33, 768, 32, 8)])
+def test_two_level_scales_give_the_float32_products_bit_for_bit(super_dtype, codes_dtype, m, n, k, group, per_super):
+    # GGUF's k-quants: scale = d · sc per group (d per super-block), offsets c · scale or dmin · m
+    g = torch.Generator().manual_seed(n + k)
+    groups = k // group
+    lo, hi = (0, 64) if codes_dtype == torch.uint8 else (-128, 128)
+    sc = torch.randint(lo, hi, (n, groups), dtype=codes_dtype, generator=g)
+    d = (torch.rand(n, groups // per_super, generator=g) * 0.01 + 1e-4).to(super_dtype)
+    mins = torch.randint(0, 64, (n, groups), dtype=torch.uint8, generator=g)
+    dmin = (torch.rand(n, groups // per_super, generator=g) * 0.01).to(super_dtype)
+    scale = d.float().repeat_interleave(per_super, 1) * sc.float()
+    offset = dmin.float().repeat_interleave(per_super, 1) * mins.float()
+    x = torch.randn(m, k, generator=g)
+    wpack = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    for name, op in _every_op_two_level(x, wpack, wq, group).items():
+        assert torch.equal(op(sc, mins, d, dmin), op(scale, offset)), name
+        assert torch.equal(op(sc, torch.tensor([32.0]), d), op(scale, scale * 32)), name
+    # Q6_K-like 16-column groups: the int8 ops that take them
+    if native.vnni():
+        sc16 = sc.repeat_interleave(2, 1)   # twice the groups under the same super-block scales
+        s16 = d.float().repeat_interleave(2 * per_super, 1) * sc16.float()
+        for op in (torch.ops.lowbit.int8_gemm_q8, lambda *a: torch.ops.lowbit.int8_dense_linear(*a[:5], torch.float32, *a[5:])):
+            assert torch.equal(op(x, wq, sc16, torch.tensor([32.0]), group // 2, d),
+                               op(x, wq, s16, s16 * 32, group // 2))
+
+
+def test_two_level_scales_of_the_wrong_kind_are_refused():
+    x, wpack = torch.randn(1, 512), torch.zeros(4, 256, dtype=torch.uint8)
+    sc, d = torch.ones(4, 16, dtype=torch.uint8), torch.ones(4, 2, dtype=torch.float16)
+    op = torch.ops.lowbit.int4_gemm
+    with pytest.raises(RuntimeError, match="int8 or uint8 codes"):
+        op(x, wpack, sc.half(), torch.tensor([8.0]), 32, -1, d)
+    with pytest.raises(RuntimeError, match="S dividing"):
+        op(x, wpack, sc, torch.tensor([8.0]), 32, -1, torch.ones(4, 3, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="offset_super needs scale_super"):
+        op(x, wpack, d.repeat(1, 8), d.repeat(1, 8), 32, -1, None, d)
+    with pytest.raises(RuntimeError, match="offset_super must be as scale_super"):
+        op(x, wpack, sc, sc, 32, -1, d, d.bfloat16())
+    with pytest.raises(RuntimeError, match="offsets must be float32"):
+        op(x, wpack, sc, sc, 32, -1, d)
+
+
+@pytest.mark.parametrize("t", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_k_quants_are_resident_as_stored_and_compute_as_their_float32_scales(base, t):
+    spec = GGUFSpec(t)
+    w = base.model.layers[0].mlp.down_proj.weight.detach()   # 1536 inputs: every k-quant fits
+    qt = spec.quantize(w)
+    layer = QuantLinear(qt, kernel="auto")
+    if t in ("Q2_K", "Q3_K", "Q6_K") and not native.vnni():
+        pytest.skip("16-column sub-blocks run natively only where the CPU has AVX-512 VNNI")
+    b = layer._buffers
+    assert "kscales_super" in b and not any(key.startswith("field_") for key in b)   # every field kept once
+    own = sum(t.numel() * t.element_size() for key, t in b.items() if "_is_" not in key)
+    rest = sum(t.numel() * t.element_size() for t in spec.integer_rest(qt).values())
+    codes = b["wpack"].numel() if "wpack" in b else b["wq"].numel()
+    multiple = 4 if b["offsets"].shape == (1,) else 0   # Q3_K, Q6_K: offsets c · scale, c one float
+    assert own == codes + rest + multiple
+    # the stored blocks pack sub-block codes to 4 or 6 bits where the kernels keep a byte each: per weight, Q4_K/Q5_K
+    # 2 · 2 bits per 32 columns more, Q3_K 2 bits per 16, Q2_K 2 · 4 bits per 16, Q6_K (int8 codes) nothing
+    extra = {"Q2_K": 0.5, "Q3_K": 0.125, "Q4_K": 0.125, "Q5_K": 0.125, "Q6_K": 0.0}[t]
+    assert (own - multiple) * 8 / w.numel() == spec.bits_per_weight(tuple(w.shape)) + extra
+    assert torch.equal(layer.quantized_tensor().qweight, qt.qweight)   # saved exactly as stored
+    n, k = w.shape
+    full = {**{key: v for key, v in b.items() if not key.endswith("_super")},
+            "kscales": scales_of(b), "offsets": offsets_of(b)}
+    for rows in (1, 5, DENSE_FROM_ROWS + 3):
+        x = torch.randn(rows, k)
+        assert torch.equal(layer(x), layer.kernel.linear(x, full, spec, (n, k), None)), rows
+
+
+def test_compiled_graphs_are_cached_per_build_of_the_kernels():
+    # inductor's on-disk cache does not key graphs by custom ops' schemas: a graph compiled against an older build
+    # would call the ops with that build's arguments; the build's source hash is part of the cache key instead
+    assert native.available()
+    assert f"lowbit-native-{native.library_path().parent.name}" in torch.compiler.config.cache_key_tag.split(",")

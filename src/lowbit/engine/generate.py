@@ -10,6 +10,7 @@ bucket and attention never reads much more cache than it needs.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import os
 import logging
@@ -187,8 +188,11 @@ class Engine:
             return True
         if self._compiler is None or not self._compiler.is_alive():
             self.compile_seconds = None
-            self._compiler = threading.Thread(target=self._compile_in_background, name="lowbit-compile",
-                                              daemon=True)
+            # in a copy of this thread's context: torch's compile settings made here (they are per thread; the
+            # native kernels' cache tag among them, kernels.native) hold for the compilation too
+            context = contextvars.copy_context()
+            self._compiler = threading.Thread(target=context.run, args=(self._compile_in_background,),
+                                              name="lowbit-compile", daemon=True)
             self._compiler.start()
         return True
 

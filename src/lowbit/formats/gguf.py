@@ -449,6 +449,11 @@ class BlockType:
         """Integer fields -> their inclusive range."""
         return {"q": self.code_range}
 
+    # integer fields that GGUFSpec.integer_rest keeps less this bias, the number dequantization subtracts from them
+    # (Q3_K's scale codes, used as code − 32): the kept field times d is then the sub-block's scale, which native
+    # kernels read as it is kept instead of a float32 copy (kernels.native_int4, two-level scales)
+    rest_bias: dict[str, int] = {}
+
 
 class _Simple(BlockType):
     """The 32-weight types: an f16 scale d (and f16 min m when asymmetric), 4, 5 or 8-bit codes."""
@@ -688,6 +693,7 @@ class Q5_K(_K4):
 class Q3_K(BlockType):
     name, block_size, type_size, code_range = "Q3_K", QK_K, 110, (0, 7)
     sub = 16
+    rest_bias = {"scales": 32}
 
     @property
     def field_ranges(self):
@@ -989,12 +995,14 @@ class GGUFSpec(WeightFormat):
                            (step * zero + offset).reshape(n, -1).contiguous())
 
     def integer_rest(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-        """The blocks' fields but the codes: float16 scales as they are, sub-block codes in a byte."""
-        ranges, rest = self.block.field_ranges, {}
+        """The blocks' fields but the codes: float16 scales as they are, sub-block codes in a byte (less the
+        block type's rest_bias)."""
+        ranges, bias, rest = self.block.field_ranges, self.block.rest_bias, {}
         for key, t in self.unpack_fields(qt.qweight).items():
             if key in ranges and key != "q":
-                lo, hi = ranges[key]
-                t = t.to(torch.uint8 if 0 <= lo and hi <= 255 else torch.int8 if -128 <= lo and hi <= 127 else t.dtype)
+                b = bias.get(key, 0)
+                lo, hi = ranges[key][0] - b, ranges[key][1] - b
+                t = (t - b).to(torch.uint8 if 0 <= lo and hi <= 255 else torch.int8 if -128 <= lo and hi <= 127 else t.dtype)
             if key != "q":
                 rest[f"field_{key}"] = t
         return rest
@@ -1002,7 +1010,9 @@ class GGUFSpec(WeightFormat):
     def from_integer_codes(self, codes: torch.Tensor, rest: dict[str, torch.Tensor],
                            shape: tuple[int, int]) -> QuantizedTensor:
         n, k = shape
+        bias = self.block.rest_bias
         fields = {key[len("field_"):]: t for key, t in rest.items()}
+        fields.update({key: fields[key].to(torch.int32) + b for key, b in bias.items() if key in fields})
         fields["q"] = codes.to(torch.int32).reshape(n, k // self.block_size, self.block_size)
         return QuantizedTensor(self, shape, self.pack_fields(fields).contiguous())
 

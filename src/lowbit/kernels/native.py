@@ -93,7 +93,21 @@ def load() -> str | None:
     except OSError as e:
         return f"lowbit's native kernels did not load: {str(e)[:200]}"
     _register_fake()
+    _tag_compile_caches(path)
     return None
+
+
+def _tag_compile_caches(path: Path) -> None:
+    """torch.compile's on-disk graph caches key a compiled graph by its code and settings, not by the schemas of the
+    custom ops it calls: a graph compiled against an older build of these kernels would call this one with that
+    build's arguments (a crash, seen when an op gained arguments). The build's name, a hash of its sources, joins
+    the cache key (torch.compiler.config.cache_key_tag, kept with any tag already set). torch keeps such settings
+    per thread: they hold in the thread that loads the kernels and in threads run in a copy of its context (the
+    engine compiles in the background so)."""
+    tag = f"lowbit-native-{path.parent.name}"
+    cfg = torch.compiler.config
+    if tag not in cfg.cache_key_tag.split(","):
+        cfg.cache_key_tag = ",".join(t for t in (cfg.cache_key_tag, tag) if t)
 
 
 def available() -> bool:
@@ -146,11 +160,11 @@ def _register_fake() -> None:
     torch.library.register_fake("lowbit::int8_unpack")(_unpack_shape)
 
 
-def _gemm_shape(x, w, scales, offsets, group_size, isa=-1):
+def _gemm_shape(x, w, *_args):   # the scales, offsets, group size (isa) and super-block scales
     return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
 
 
-def _dense_shape(x, wpack, scales, offsets, group_size, dtype):
+def _dense_shape(x, wpack, *_args):
     return x.new_empty((x.shape[0], wpack.shape[0]), dtype=torch.float32)
 
 
@@ -162,7 +176,7 @@ def _unpack_shape(wq, K, isa=-1):
     return wq.new_empty((wq.shape[0], K), dtype=torch.int8)
 
 
-def _dequant_shape(wpack, scales, offsets, group_size, dtype):
+def _dequant_shape(wpack, scales, offsets, group_size, dtype, *_supers):
     return wpack.new_empty((wpack.shape[0], wpack.shape[1] * 2), dtype=dtype)
 
 

@@ -6,8 +6,7 @@ and Q4_K; groups of 32 columns or a multiple of 64, in_features a multiple of 64
     resident: wpack   uint8 [N, K // 2] — each row in chunks of 64 columns: byte j of chunk c holds the code of
                       column 64c + j in its low nibble and of column 64c + 32 + j in its high nibble (one 32-byte
                       load gives two vectors of 32 consecutive columns; see the C++ source),
-              kscales [N, G] — the group scales s (two-level scales and GGUF sub-block scales d·sc
-                      decoded once, here),
+              kscales [N, G] — the group scales s (two-level integer scales decoded once, here),
               offsets [N, G] — so that w = q · s − offset (integer formats: z · s; GGUF: Q4_0 8·d,
                       Q4_1 −m, Q4_K dmin·m); scales float16 or bfloat16 where exact in it, offsets then
                       float32 [1] = c where every offset is c · s (symmetric formats), else uint8 zero
@@ -16,6 +15,11 @@ and Q4_K; groups of 32 columns or a multiple of 64, in_features a multiple of 64
                       for `restore` (GGUF's d, an integer format's scales or zeros), that tensor is not kept
                       twice: `kscales_is_KEY` / `offsets_is_KEY` (int64, its shape) says which gives it back
                       (`offsets_is_minus_KEY`: minus the offsets, Q4_1's m),
+              kscales_super, offsets_super [N, S] — GGUF's k-quants (sub-block scale d·sc, offsets dmin·m or
+                      c·d·sc): kscales are then the sub-block codes sc (int8 or uint8 [N, G]) and kscales_super
+                      the super-blocks' float16 d, offsets the codes m (uint8) with offsets_super dmin, or c
+                      (float32 [1]); the kernels form d·sc as they widen a run's scales, exactly
+                      (two_level_scales; all four are the format's own fields, kept once),
               for `restore`, exact: an integer format's scales / zeros (its codes come back from wpack); a GGUF
                       type's block fields other than the codes (field_d, field_scales, ...: float16 scales,
                       sub-block codes in a byte), packed again with the codes into the same bytes.
@@ -63,15 +67,14 @@ def resident_scales(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Te
     a power of two: symmetric formats, GGUF's Q4_0/Q5_0 with c = 2^(bits−1), Q8_0 with c = 0), else uint8 zero
     points z where every offset is z times its scale (asymmetric formats), else in the scales' dtype where exact
     (Q4_1/Q5_1: −m); else both float32 as given. Two-level and k-quant sub-block scales
-    (a 16-bit scale times a 6-bit code) and zero points times scales usually stay float32. The kernels widen
+    (a 16-bit scale times a 6-bit code; see two_level_scales) and zero points times scales usually stay float32. The kernels widen
     16-bit scales as they read them (csrc/cpu_gemm.cpp, Scales16), so the results are the same bit for bit."""
     for dtype in (torch.float16, torch.bfloat16):
         s = scale.to(dtype)
         if not torch.equal(s.float(), scale):
             continue
-        nonzero = scale.nonzero()
-        c = float(offset[tuple(nonzero[0])] / scale[tuple(nonzero[0])]) if len(nonzero) else 0.0
-        if (c == 0 or math.frexp(c)[0] in (0.5, -0.5)) and torch.equal(s.float() * c, offset):
+        c = _power_of_two_multiple(scale, offset)
+        if c is not None:
             return s, torch.tensor([c], dtype=torch.float32)
         z = torch.where(scale != 0, offset / torch.where(scale != 0, scale, 1), 0).round()
         if z.min() >= 0 and z.max() <= 255 and torch.equal(z * s.float(), offset):   # zero points
@@ -82,11 +85,63 @@ def resident_scales(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Te
     return scale, offset
 
 
+def _power_of_two_multiple(scale: torch.Tensor, offset: torch.Tensor) -> float | None:
+    """c where every offset is c times its scale and c is zero or a power of two (c · s is then exact), else None."""
+    nonzero = scale.nonzero()
+    c = float(offset[tuple(nonzero[0])] / scale[tuple(nonzero[0])]) if len(nonzero) else 0.0
+    if (c == 0 or math.frexp(c)[0] in (0.5, -0.5)) and torch.equal(scale * c, offset):
+        return c
+    return None
+
+
+def two_level_scales(scale: torch.Tensor, offset: torch.Tensor, rest: dict[str, torch.Tensor]) -> dict | None:
+    """The kernels' scales and offsets from a format's own tensors (rest) where every scale is a 16-bit scale per
+    super-block times an 8-bit integer code per group (GGUF's k-quants: d · sc), and every offset c times its scale
+    (c zero or a power of two) or likewise a 16-bit scale times a uint8 code (dmin · m): {kscales, kscales_super,
+    offsets, offsets_super} (see the layout above), else None. Exact by construction: each product is compared."""
+    n, g = scale.shape
+
+    def factor(target: torch.Tensor, code_types: tuple, dtype=None):
+        for d in rest.values():
+            per = g // (d.numel() // n) if d.numel() % n == 0 and d.numel() // n else 0
+            if d.dtype not in (torch.float16, torch.bfloat16) or per < 2 or g % per or (dtype and d.dtype != dtype):
+                continue
+            wide = d.reshape(n, -1).float().repeat_interleave(per, dim=1)
+            for c in rest.values():
+                if c.dtype in code_types and c.numel() == n * g and torch.equal(wide * c.reshape(n, g).float(), target):
+                    return c.reshape(n, g), d.reshape(n, -1)
+        return None
+
+    found = factor(scale, (torch.int8, torch.uint8))
+    if found is None:
+        return None
+    out = {"kscales": found[0], "kscales_super": found[1]}
+    c = _power_of_two_multiple(scale, offset)
+    if c is not None:
+        return {**out, "offsets": torch.tensor([c], dtype=torch.float32)}
+    found = factor(offset, (torch.uint8,), dtype=found[1].dtype)
+    if found is None:
+        return None
+    return {**out, "offsets": found[0], "offsets_super": found[1]}
+
+
+def scales_of(packed: dict) -> torch.Tensor:
+    """The group scales [N, G] (float32) of a native kernel's resident tensors, in whichever form they are kept."""
+    s = packed["kscales"]
+    d = packed.get("kscales_super")
+    return s.float() if d is None else d.float().repeat_interleave(s.shape[1] // d.shape[1], dim=1) * s.float()
+
+
 def offsets_of(packed: dict) -> torch.Tensor:
     """The offsets [N, G] of a native kernel's resident tensors, also where they are kept as a multiple of the
-    scales or as zero points (see resident_scales)."""
+    scales, as zero points (see resident_scales) or as codes times super-block scales (two_level_scales)."""
     s, o = packed["kscales"], packed["offsets"]
-    return s.float() * o if o.shape != s.shape or o.dtype == torch.uint8 else o
+    d = packed.get("offsets_super")
+    if d is not None:
+        return d.float().repeat_interleave(o.shape[1] // d.shape[1], dim=1) * o.float()
+    if "kscales_super" in packed or o.shape != s.shape or o.dtype == torch.uint8:
+        return scales_of(packed) * o.float()
+    return o
 
 
 class NativeKernel(Kernel):
@@ -119,21 +174,23 @@ class NativeKernel(Kernel):
             return f"needs groups of a multiple of 32 columns (got {g})"
         return None
 
-    OWN = ("wpack", "wq", "kscales", "offsets")   # the kernels' tensors; the rest is kept for `restore`
+    OWN = ("wpack", "wq", "kscales", "offsets", "kscales_super", "offsets_super")   # the rest is kept for `restore`
 
     def scale_tensors(self, qt) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The codes (int32 [N, K]), and kscales s and offsets [N, G] in their resident form (resident_scales) with
-        what the format needs besides the codes to give back its stored tensors (formats.base.WeightFormat.
-        integer_rest), none of it kept twice."""
+        """The codes (int32 [N, K]), and kscales s and offsets [N, G] in their resident form (two_level_scales,
+        else resident_scales) with what the format needs besides the codes to give back its stored tensors
+        (formats.base.WeightFormat.integer_rest), none of it kept twice."""
         # decided here, outside any traced code: the CPU does not change while the process runs
         self.dense_dtype = native.dense_dtype()
         self.q8 = native.vnni()
         view = qt.spec.integer_view(qt)
         rest = qt.spec.integer_rest(qt)
-        own = dict(zip(("kscales", "offsets"), resident_scales(view.scale, view.offset)))
+        own = (two_level_scales(view.scale, view.offset, rest)
+               or dict(zip(("kscales", "offsets"), resident_scales(view.scale, view.offset))))
         for name, mine in own.items():   # the format's own scales (GGUF's d), zero points or mins: kept once, here
             found = next(((key, marker, sign) for key, t in rest.items() for marker, sign in ((SAME, 1), (MINUS, -1))
                           if t.dtype == mine.dtype and t.numel() == mine.numel()
+                          and (sign == 1 or mine.is_floating_point())
                           and torch.equal(t.reshape(mine.shape), sign * mine)), None)
             if found:
                 key, marker, sign = found
@@ -148,7 +205,7 @@ class NativeKernel(Kernel):
         for key, t in packed.items():
             for marker, sign in ((MINUS, -1), (SAME, 1)):   # MINUS first: it contains SAME
                 mine, found, theirs = key.partition(marker)
-                if found and mine in ("kscales", "offsets"):
+                if found and mine in self.OWN:
                     rest[theirs] = sign * packed[mine].reshape(tuple(t.tolist()))
                     break
             else:
@@ -163,6 +220,11 @@ class NativeKernel(Kernel):
         y = self.rows(x2, packed, group) if x2.shape[0] < DENSE_FROM_ROWS else self.many_rows(x2, packed, group)
         y = y.to(x.dtype).reshape(*x.shape[:-1], n)
         return y if bias is None else y + bias
+
+    @staticmethod
+    def supers(packed) -> tuple:
+        """The ops' trailing arguments: two-level scales' super-block scales, or None."""
+        return packed.get("kscales_super"), packed.get("offsets_super")
 
     def rows(self, x2, packed, group) -> torch.Tensor:
         raise NotImplementedError
@@ -197,12 +259,15 @@ class NativeInt4Kernel(NativeKernel):
         return self.restore_from(packed, spec, shape, unpack_chunks(packed["wpack"]))
 
     def rows(self, x2, packed, group):
-        op = torch.ops.lowbit.int4_gemm_q8 if self.q8 else torch.ops.lowbit.int4_gemm
-        return op(x2, packed["wpack"], packed["kscales"], packed["offsets"], group)
+        if self.q8:
+            return torch.ops.lowbit.int4_gemm_q8(x2, packed["wpack"], packed["kscales"], packed["offsets"], group,
+                                                 *self.supers(packed))
+        return torch.ops.lowbit.int4_gemm(x2, packed["wpack"], packed["kscales"], packed["offsets"], group, -1,
+                                          *self.supers(packed))
 
     def many_rows(self, x2, packed, group):
         return torch.ops.lowbit.int4_dense_linear(x2, packed["wpack"], packed["kscales"], packed["offsets"], group,
-                                                  self.dense_dtype)
+                                                  self.dense_dtype, *self.supers(packed))
 
     @staticmethod
     def dense(packed, shape) -> torch.Tensor:
@@ -210,4 +275,4 @@ class NativeInt4Kernel(NativeKernel):
         n, k = shape
         g = packed["kscales"].shape[1]
         q = unpack_chunks(packed["wpack"]).reshape(n, g, k // g).float()
-        return (q * packed["kscales"][..., None] - offsets_of(packed)[..., None]).reshape(n, k)
+        return (q * scales_of(packed)[..., None] - offsets_of(packed)[..., None]).reshape(n, k)

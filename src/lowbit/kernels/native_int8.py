@@ -15,7 +15,8 @@ integer weights, and the GGUF types Q5_0, Q5_1, Q5_K and Q8_0 (codes that fit 4 
                       buffer of the thread's, csrc/cpu_gemm.cpp); other codes widened to a byte,
               kscales [N, G] — the group scales s (GGUF: the sub-block scales),
               offsets [N, G] — so that w = q · s − offset (integer formats: z · s); 16-bit where exact, as
-                      native_int4 keeps them (resident_scales),
+                      native_int4 keeps them (resident_scales), and the k-quants' (Q2_K, Q3_K, Q5_K, Q6_K) as
+                      their codes and super-block scales (kscales_super, offsets_super; native_int4 documents them),
               for `restore`, exact: an integer format's scales / zeros (its codes come back from wq); a GGUF
                       type's block fields other than the codes (see native_int4), packed again on restore.
 GGUF's 16-column sub-blocks (Q2_K, Q3_K, Q6_K) run here where the CPU has AVX-512 VNNI (their decode kernel is
@@ -94,9 +95,12 @@ class NativeInt8Kernel(NativeKernel):
     def rows(self, x2, packed, group):
         if group % 32 and not self.q8:   # groups of 16 without int8 activations: the dense path
             return self.many_rows(x2, packed, group)
-        op = torch.ops.lowbit.int8_gemm_q8 if self.q8 else torch.ops.lowbit.int8_gemm
-        return op(x2, packed["wq"], packed["kscales"], packed["offsets"], group)
+        if self.q8:
+            return torch.ops.lowbit.int8_gemm_q8(x2, packed["wq"], packed["kscales"], packed["offsets"], group,
+                                                 *self.supers(packed))
+        return torch.ops.lowbit.int8_gemm(x2, packed["wq"], packed["kscales"], packed["offsets"], group, -1,
+                                          *self.supers(packed))
 
     def many_rows(self, x2, packed, group):
         return torch.ops.lowbit.int8_dense_linear(x2, packed["wq"], packed["kscales"], packed["offsets"], group,
-                                                  self.dense_dtype)
+                                                  self.dense_dtype, *self.supers(packed))

@@ -14,7 +14,9 @@
 //   scales  [N, G], G = K / group_size, group_size a multiple of 32 dividing K.
 //   offsets [N, G]: z · s, so that (q − z) · s = q · s − offset.
 //   Scales and offsets are float32, or float16 / bfloat16 where their values are exact in it (the caller
-//   decides; see Scales16 below): resident bytes then stay near the stored ones, and the loops are unchanged.
+//   decides; see Scales16 below), or GGUF k-quants' sub-block codes with 16-bit super-block scales (every op's
+//   optional scale_super / offset_super; see "Two-level scales"): resident bytes then stay near the stored ones,
+//   and the loops are unchanged.
 // Then  y[m, n] = Σ_g s[n, g] · Σ_{k∈g} q[n, k] · x[m, k]  −  Σ_g offset[n, g] · Σ_{k∈g} x[m, k].
 //
 // Arithmetic: activations are rounded to bfloat16 (as PyTorch's packed kernels do), every product and sum is
@@ -46,6 +48,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -95,10 +98,19 @@ constexpr int64_t kWidenRows = 64;
 
 struct Scales16 {
   const uint16_t* s = nullptr;     // [N, G] float16 or bfloat16 bits; null: the Problem's float32 scales are read
+                                   // (unless s_super is set)
   const uint16_t* off = nullptr;   // [N, G] the same; null: see zeros, else every offset is `per_scale` · its scale
-  const uint8_t* zeros = nullptr;  // [N, G] zero points: every offset is its zero point times its scale
+  const uint8_t* zeros = nullptr;  // [N, G] zero points: every offset is its zero point times its scale (with
+                                   // off_super: the codes m of offsets dmin · m)
   bool bf16 = false;
   float per_scale = 0.f;
+  // Two-level scales (GGUF's k-quants, see "Two-level scales" below): scale = d · code, d 16-bit per super-block
+  const uint16_t* s_super = nullptr;    // [N, G / per_super] d; set: `codes` hold the groups' scale codes
+  const int8_t* codes = nullptr;        // [N, G] int8, or uint8 where codes_unsigned
+  bool codes_unsigned = false;
+  const uint16_t* off_super = nullptr;  // [N, G / per_super] dmin: offsets dmin · m, m in `zeros`
+  int64_t per_super = 0;                // groups per super-block
+  bool widened() const { return s != nullptr || s_super != nullptr; }
 };
 
 inline float widen_one(uint16_t bits, bool bf16) {
@@ -142,6 +154,74 @@ void widen(const uint16_t* in, float* out, int64_t count, bool bf16, float times
   if (level == 2) return widen_avx512(in, out, count, bf16, times);
   if (level == 1) return widen_avx2(in, out, count, bf16, times);
   for (int64_t i = 0; i < count; ++i) out[i] = times * widen_one(in[i], bf16);
+}
+
+// ---- Two-level scales ------------------------------------------------------------------------------------------
+// GGUF's k-quants store a group's (sub-block's) scale as a small integer code times a 16-bit scale d per super-block
+// of 256 columns (Q2_K, Q4_K and Q5_K likewise their offsets, dmin · m). Their float32 products are exact (an 11-bit
+// significand times a code of at most 8 bits), so the kernels take the stored pieces and form d · code as they widen
+// a run's scales: the results are those of the float32 products bit for bit, and the resident bytes are the
+// stored ones but for the codes, a byte each where the file packs them to 4 or 6 bits.
+//   scales     int8 or uint8 [N, G]: the codes;      scale_super  float16 / bfloat16 [N, S], G % S == 0: d;
+//   offsets    float32 [1] c (offset = c · scale, as above), or uint8 [N, G] codes m with
+//              offset_super [N, S] (the scale_super's dtype): offset = dmin · m.
+// out[j·per + i] = d[j] · code[j·per + i] for `supers` super-blocks of `per` groups (plain loops, vectorized per
+// instruction set; a division per group to find its super-block made a decode call 3x slower, and an inner loop
+// of a run-time 8 was left scalar: the k-quants' 8 and 16 groups per super-block are compile-time counts here)
+template <int64_t Per, class Code>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void times_codes_of(const float* d, const Code* code, int64_t supers, int64_t per, float* out) {
+  const int64_t n = Per ? Per : per;
+  for (int64_t j = 0; j < supers; ++j)
+    for (int64_t i = 0; i < n; ++i) out[j * n + i] = d[j] * static_cast<float>(code[j * n + i]);
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+// 16 groups per step: one super-block's scale (per 16) or two (per 8) against 16 codes widened to float32
+template <int64_t Per, class Code>
+void times_codes_avx512(const float* d, const Code* code, int64_t supers, float* out) {
+  const int64_t n = supers * Per;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m128i c8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(code + i));
+    const __m512i c = std::is_same_v<Code, uint8_t> ? _mm512_cvtepu8_epi32(c8) : _mm512_cvtepi8_epi32(c8);
+    const __m512 dv = Per == 16 ? _mm512_set1_ps(d[i / 16])
+                                : _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(d[i / 8])),
+                                                                      _mm256_castps_pd(_mm256_set1_ps(d[i / 8 + 1])), 1));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(dv, _mm512_cvtepi32_ps(c)));
+  }
+  for (; i < n; ++i) out[i] = d[i / Per] * static_cast<float>(code[i]);
+}
+#pragma GCC pop_options
+
+template <class Code>
+void times_codes(const float* d, const Code* code, int64_t supers, int64_t per, float* out) {
+  static const bool avx512 = [] { __builtin_cpu_init(); return __builtin_cpu_supports("avx512f"); }();
+  if (avx512 && per == 8) return times_codes_avx512<8>(d, code, supers, out);
+  if (avx512 && per == 16) return times_codes_avx512<16>(d, code, supers, out);
+  if (per == 8) return times_codes_of<8>(d, code, supers, per, out);
+  if (per == 16) return times_codes_of<16>(d, code, supers, per, out);
+  times_codes_of<0>(d, code, supers, per, out);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void times_scalar(float c, const float* in, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = c * in[i];
+}
+
+void widen_two_level(const Scales16& h, int64_t a, int64_t rows, int64_t G, float* s, float* off) {
+  const int64_t S = G / h.per_super;
+  thread_local std::vector<float> super;
+  super.resize(static_cast<size_t>(rows * S));
+  widen(h.s_super + a * S, super.data(), rows * S, h.bf16);
+  if (h.codes_unsigned)
+    times_codes(super.data(), reinterpret_cast<const uint8_t*>(h.codes) + a * G, rows * S, h.per_super, s);
+  else
+    times_codes(super.data(), h.codes + a * G, rows * S, h.per_super, s);
+  if (h.off_super == nullptr) return times_scalar(h.per_scale, s, rows * G, off);   // exact: c is 0 or a power of two
+  widen(h.off_super + a * S, super.data(), rows * S, h.bf16);
+  times_codes(super.data(), h.zeros + a * G, rows * S, h.per_super, off);
 }
 
 // ---- 2-, 3- and 5- to 7-bit codes, packed ------------------------------------------------------------------------
@@ -243,10 +323,10 @@ void unpack_rows(const uint8_t* src, int64_t row_bytes, int8_t* dst, int64_t row
 // from row a, or widened into the thread's buffer; outputs from column a; `row_bytes` is one weight row).
 template <class Fn>
 void over_rows(const Problem& p, const Scales16& h, int64_t row_bytes, int64_t n0, int64_t n1, Fn fn, int bits = 0) {
-  if (h.s == nullptr && bits == 0) return fn(p, n0, n1, int64_t(0));
+  if (!h.widened() && bits == 0) return fn(p, n0, n1, int64_t(0));
   thread_local std::vector<float> buf;
   thread_local std::vector<int8_t> codes;
-  if (h.s != nullptr) buf.resize(static_cast<size_t>(2 * kWidenRows * p.G));
+  if (h.widened()) buf.resize(static_cast<size_t>(2 * kWidenRows * p.G));
   if (bits != 0) codes.resize(static_cast<size_t>(kWidenRows * p.K));
   float* s = buf.data();
   float* off = s + kWidenRows * p.G;
@@ -259,9 +339,26 @@ void over_rows(const Problem& p, const Scales16& h, int64_t row_bytes, int64_t n
       unpack_rows(q.w, row_bytes, codes.data(), rows, p.K, bits);
       q.w = reinterpret_cast<const uint8_t*>(codes.data());
     }
-    if (h.s == nullptr) {
+    if (!h.widened()) {
       q.s = p.s + a * p.G;
       q.off = p.off + a * p.G;
+      fn(q, int64_t(0), rows, a);
+      continue;
+    }
+    const int64_t next = std::min(n1, a + 2 * kWidenRows) - (a + rows);
+    if (h.s_super != nullptr) {
+      widen_two_level(h, a, rows, p.G, s, off);
+      const int64_t S = p.G / h.per_super;   // the next run's pieces, read while this run computes (as below)
+      for (int64_t i = 0; i < next * p.G; i += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(h.codes + (a + rows) * p.G + i), _MM_HINT_T0);
+        if (h.off_super != nullptr) _mm_prefetch(reinterpret_cast<const char*>(h.zeros + (a + rows) * p.G + i), _MM_HINT_T0);
+      }
+      for (int64_t i = 0; i < next * S; i += 32) {
+        _mm_prefetch(reinterpret_cast<const char*>(h.s_super + (a + rows) * S + i), _MM_HINT_T0);
+        if (h.off_super != nullptr) _mm_prefetch(reinterpret_cast<const char*>(h.off_super + (a + rows) * S + i), _MM_HINT_T0);
+      }
+      q.s = s;
+      q.off = off;
       fn(q, int64_t(0), rows, a);
       continue;
     }
@@ -271,7 +368,6 @@ void over_rows(const Problem& p, const Scales16& h, int64_t row_bytes, int64_t n
       for (int64_t i = 0; i < rows * p.G; ++i) off[i] = static_cast<float>(h.zeros[a * p.G + i]) * s[i];
     else widen(h.s + a * p.G, off, rows * p.G, h.bf16, h.per_scale);
     // the next run's scales are read while this run computes (as a burst at its start they would wait on memory)
-    const int64_t next = std::min(n1, a + 2 * kWidenRows) - (a + rows);
     for (int64_t i = 0; i < next * p.G; i += 32) {
       _mm_prefetch(reinterpret_cast<const char*>(h.s + (a + rows) * p.G + i), _MM_HINT_T0);
       if (h.off != nullptr) _mm_prefetch(reinterpret_cast<const char*>(h.off + (a + rows) * p.G + i), _MM_HINT_T0);
@@ -540,10 +636,31 @@ int64_t best_isa() {
 // float32 [1] = c, meaning every offset is c times its scale (symmetric formats: c = 2^(bits−1), or 0), with c
 // zero or a power of two so that c · s is exact; or, with 16-bit scales, offsets uint8 [N, G]: zero points z,
 // every offset z · s (asymmetric formats).
-void check_scales(const char* op, const at::Tensor& scales, const at::Tensor& offsets) {
+using Super = std::optional<at::Tensor>;
+
+void check_scales(const char* op, const at::Tensor& scales, const at::Tensor& offsets, const Super& scale_super = {},
+                  const Super& offset_super = {}) {
   const auto t = scales.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
-              ": scales must be float32, float16 or bfloat16");
+  TORCH_CHECK(scale_super.has_value() || !offset_super.has_value(), op, ": offset_super needs scale_super");
+  if (scale_super.has_value()) {   // two-level scales (see "Two-level scales")
+    const at::Tensor& d = *scale_super;
+    TORCH_CHECK((t == at::kChar || t == at::kByte) && scales.dim() == 2, op,
+                ": with scale_super, scales must be int8 or uint8 codes [N, G]");
+    TORCH_CHECK((d.scalar_type() == at::kHalf || d.scalar_type() == at::kBFloat16) && d.dim() == 2 &&
+                d.size(0) == scales.size(0) && d.size(1) > 0 && scales.size(1) % d.size(1) == 0, op,
+                ": scale_super must be float16 or bfloat16 [N, S] with S dividing the scales' G");
+    if (offset_super.has_value()) {
+      const at::Tensor& dm = *offset_super;
+      TORCH_CHECK(dm.scalar_type() == d.scalar_type() && dm.sizes() == d.sizes(), op,
+                  ": offset_super must be as scale_super");
+      TORCH_CHECK(offsets.scalar_type() == at::kByte && offsets.sizes() == scales.sizes(), op,
+                  ": with offset_super, offsets must be uint8 codes [N, G]");
+      return;
+    }
+  } else {
+    TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
+                ": scales must be float32, float16 or bfloat16");
+  }
   if (offsets.dim() == 1 && offsets.numel() == 1 && t != at::kFloat) {
     TORCH_CHECK(offsets.scalar_type() == at::kFloat, op, ": offsets given as a multiple of the scales must be float32 [1]");
     const float c = *offsets.data_ptr<float>();
@@ -552,6 +669,7 @@ void check_scales(const char* op, const at::Tensor& scales, const at::Tensor& of
                 ": offsets as a multiple of the scales need a multiple of 0 or a power of two");
     return;
   }
+  TORCH_CHECK(!scale_super.has_value(), op, ": with scale_super, offsets must be float32 [1] or come with offset_super");
   TORCH_CHECK(offsets.scalar_type() == t || (offsets.scalar_type() == at::kByte && t != at::kFloat), op,
               ": scales and offsets must be float32, float16 or bfloat16, both the same (or 16-bit scales and uint8 zero points)");
 }
@@ -561,10 +679,24 @@ bool offsets_match(const at::Tensor& scales, const at::Tensor& offsets) {
   return offsets.sizes() == scales.sizes() || (offsets.dim() == 1 && offsets.numel() == 1 && scales.scalar_type() != at::kFloat);
 }
 
-// The float32 pointer of contiguous scales, or null where they are 16-bit (those go through Scales16).
-const float* float_ptr(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t.data_ptr<float>() : nullptr; }
 
-Scales16 scales16(const at::Tensor& s, const at::Tensor& off) {
+Scales16 scales16(const at::Tensor& s, const at::Tensor& off, const at::Tensor& s_super = {},
+                  const at::Tensor& off_super = {}) {
+  if (s_super.defined()) {
+    Scales16 h;
+    h.s_super = static_cast<const uint16_t*>(s_super.data_ptr());
+    h.bf16 = s_super.scalar_type() == at::kBFloat16;
+    h.codes = static_cast<const int8_t*>(s.data_ptr());
+    h.codes_unsigned = s.scalar_type() == at::kByte;
+    h.per_super = s.size(1) / s_super.size(1);
+    if (off_super.defined()) {
+      h.off_super = static_cast<const uint16_t*>(off_super.data_ptr());
+      h.zeros = off.data_ptr<uint8_t>();
+    } else {
+      h.per_scale = *off.data_ptr<float>();
+    }
+    return h;
+  }
   if (s.scalar_type() == at::kFloat) return {};
   const bool multiple = off.scalar_type() == at::kFloat;   // float32 [1]: offsets = c · scales
   const bool zeros = off.scalar_type() == at::kByte;       // uint8 [N, G]: offsets = z · scales
@@ -574,12 +706,25 @@ Scales16 scales16(const at::Tensor& s, const at::Tensor& off) {
           multiple ? *off.data_ptr<float>() : 0.f};
 }
 
+// An op's scales and offsets, contiguous and read through Scales16 (kept here so that they live as long as the call).
+struct ScaleArgs {
+  at::Tensor s, off, s_super, off_super;
+  Scales16 h;
+  ScaleArgs(const at::Tensor& scales, const at::Tensor& offsets, const Super& ss, const Super& os)
+      : s(scales.contiguous()), off(offsets.contiguous()),
+        s_super(ss.has_value() ? ss->contiguous() : at::Tensor()), off_super(os.has_value() ? os->contiguous() : at::Tensor()),
+        h(scales16(s, off, s_super, off_super)) {}
+  // the float32 scales and offsets, or null where Scales16 widens them
+  const float* fs() const { return s.scalar_type() == at::kFloat ? s.data_ptr<float>() : nullptr; }
+  const float* foff() const { return fs() ? off.data_ptr<float>() : nullptr; }
+};
+
 void check_common(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                  const at::Tensor& offsets) {
+                  const at::Tensor& offsets, const Super& ss = {}, const Super& os = {}) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && scales.dim() == 2, op, ": x [M, K], weights [N, ·], scales [N, G]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
               ": x must be float32 or bfloat16");
-  check_scales(op, scales, offsets);
+  check_scales(op, scales, offsets, ss, os);
 }
 
 int64_t resolve_isa(const char* op, int64_t isa) {
@@ -591,16 +736,17 @@ int64_t resolve_isa(const char* op, int64_t isa) {
 
 template <class Rows>
 at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& offsets,
-               int64_t group_size, Rows rows, int bits = 0) {
+               const Super& ss, const Super& os, int64_t group_size, Rows rows, int bits = 0) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group_size;
   TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && offsets_match(scales, offsets),
               "scales and offsets must be [N, K / group_size]");
   const Activations a = prepare_activations(x, G, group_size);
-  const at::Tensor wc = w.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
+  const at::Tensor wc = w.contiguous();
+  const ScaleArgs sa(scales, offsets, ss, os);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const Problem p{a.xb, a.xf, a.xsum, static_cast<const uint8_t*>(wc.data_ptr()), float_ptr(s), float_ptr(s) ? off.data_ptr<float>() : nullptr,
+  const Problem p{a.xb, a.xf, a.xsum, static_cast<const uint8_t*>(wc.data_ptr()), sa.fs(), sa.foff(),
                   y.data_ptr<float>(), M, N, K, G, group_size};
-  const Scales16 h = scales16(s, off);
+  const Scales16& h = sa.h;
   // Rows of W are independent: split them across threads in runs long enough to amortize the hand-off.
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     over_rows(p, h, wc.size(1), n0, n1, [&](const Problem& q, int64_t r0, int64_t r1, int64_t) { rows(q, r0, r1); },
@@ -622,8 +768,8 @@ int int8_codes(const char* op, const at::Tensor& wq, int64_t K) {
 }
 
 at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& wpack, const at::Tensor& scales,
-                     const at::Tensor& offsets, int64_t group_size, int64_t isa) {
-  check_common("int4_gemm", x, wpack, scales, offsets);
+                     const at::Tensor& offsets, int64_t group_size, int64_t isa, const Super& ss, const Super& os) {
+  check_common("int4_gemm", x, wpack, scales, offsets, ss, os);
   TORCH_CHECK(wpack.scalar_type() == at::kByte, "int4_gemm: wpack must be uint8");
   const int64_t K = x.size(1);
   TORCH_CHECK(K % kChunk == 0 && wpack.size(1) * 2 == K, "int4_gemm: K must be a multiple of 64 and wpack [N, K/2]");
@@ -633,24 +779,24 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& wpack, const at::Ten
   // it measured 5-10% faster than the bfloat16 one (3), which also loses precision to the code bias (about
   // 1e-5 relative against 1e-7). Path 3 stays available to measure on other CPUs.
   switch (isa < 0 ? std::min<int64_t>(best_isa(), 2) : resolve_isa("int4_gemm", isa)) {
-    case 3: return run(x, wpack, scales, offsets, group_size, avx512bf16::int4_rows);
-    case 2: return run(x, wpack, scales, offsets, group_size, avx512::int4_rows);
-    case 1: return run(x, wpack, scales, offsets, group_size, avx2::int4_rows);
-    default: return run(x, wpack, scales, offsets, group_size, portable::int4_rows);
+    case 3: return run(x, wpack, scales, offsets, ss, os, group_size, avx512bf16::int4_rows);
+    case 2: return run(x, wpack, scales, offsets, ss, os, group_size, avx512::int4_rows);
+    case 1: return run(x, wpack, scales, offsets, ss, os, group_size, avx2::int4_rows);
+    default: return run(x, wpack, scales, offsets, ss, os, group_size, portable::int4_rows);
   }
 }
 
 at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& offsets,
-                     int64_t group_size, int64_t isa) {
-  check_common("int8_gemm", x, wq, scales, offsets);
+                     int64_t group_size, int64_t isa, const Super& ss, const Super& os) {
+  check_common("int8_gemm", x, wq, scales, offsets, ss, os);
   const int64_t K = x.size(1);
   const int bits = int8_codes("int8_gemm", wq, K);
   TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0, "int8_gemm: group_size must be a multiple of 32 dividing K");
   switch (resolve_isa("int8_gemm", isa)) {
     case 3:
-    case 2: return run(x, wq, scales, offsets, group_size, avx512::int8_rows, bits);
-    case 1: return run(x, wq, scales, offsets, group_size, avx2::int8_rows, bits);
-    default: return run(x, wq, scales, offsets, group_size, portable::int8_rows, bits);
+    case 2: return run(x, wq, scales, offsets, ss, os, group_size, avx512::int8_rows, bits);
+    case 1: return run(x, wq, scales, offsets, ss, os, group_size, avx2::int8_rows, bits);
+    default: return run(x, wq, scales, offsets, ss, os, group_size, portable::int8_rows, bits);
   }
 }
 
@@ -677,9 +823,9 @@ void dequant_rows(const uint8_t* w, const float* s, const float* off, Out* out, 
 }
 
 void check_dequant(const at::Tensor& wpack, const at::Tensor& scales, const at::Tensor& offsets, int64_t group_size,
-                   at::ScalarType dtype) {
+                   at::ScalarType dtype, const Super& ss, const Super& os) {
   TORCH_CHECK(wpack.scalar_type() == at::kByte && wpack.dim() == 2, "int4_dequant: wpack must be uint8 [N, K/2]");
-  check_scales("int4_dequant", scales, offsets);
+  check_scales("int4_dequant", scales, offsets, ss, os);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int4_dequant: dtype must be float32 or bfloat16");
   const int64_t N = wpack.size(0), K = wpack.size(1) * 2;
   TORCH_CHECK(K % kChunk == 0 && group_size % 32 == 0 && K % group_size == 0,
@@ -706,19 +852,20 @@ void dequant_into(const Problem& p, const Scales16& h, int64_t n0, int64_t n1, a
   });
 }
 
-Problem weight_problem(const at::Tensor& w, const at::Tensor& s, const at::Tensor& off, int64_t group_size) {
+Problem weight_problem(const at::Tensor& w, const ScaleArgs& sa, int64_t group_size) {
   const int64_t N = w.size(0), K = w.size(1) * 2;
-  return Problem{nullptr, nullptr, nullptr, w.data_ptr<uint8_t>(), float_ptr(s), float_ptr(s) ? off.data_ptr<float>() : nullptr,
-                 nullptr, 0, N, K, K / group_size, group_size};
+  return Problem{nullptr, nullptr, nullptr, w.data_ptr<uint8_t>(), sa.fs(), sa.foff(), nullptr, 0, N, K, K / group_size,
+                 group_size};
 }
 
 at::Tensor int4_dequant(const at::Tensor& wpack, const at::Tensor& scales, const at::Tensor& offsets,
-                        int64_t group_size, at::ScalarType dtype) {
-  check_dequant(wpack, scales, offsets, group_size, dtype);
-  const at::Tensor w = wpack.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
-  const Problem p = weight_problem(w, s, off, group_size);
+                        int64_t group_size, at::ScalarType dtype, const Super& ss, const Super& os) {
+  check_dequant(wpack, scales, offsets, group_size, dtype, ss, os);
+  const at::Tensor w = wpack.contiguous();
+  const ScaleArgs sa(scales, offsets, ss, os);
+  const Problem p = weight_problem(w, sa, group_size);
   at::Tensor out = at::empty({p.N, p.K}, wpack.options().dtype(dtype));
-  dequant_into(p, scales16(s, off), 0, p.N, dtype, out.data_ptr());
+  dequant_into(p, sa.h, 0, p.N, dtype, out.data_ptr());
   return out;
 }
 
@@ -748,12 +895,14 @@ at::Tensor tiled_linear(const at::Tensor& x, int64_t N, int64_t K, at::ScalarTyp
 }
 
 at::Tensor int4_dense_linear(const at::Tensor& x, const at::Tensor& wpack, const at::Tensor& scales,
-                             const at::Tensor& offsets, int64_t group_size, at::ScalarType dtype) {
-  check_dequant(wpack, scales, offsets, group_size, dtype);
+                             const at::Tensor& offsets, int64_t group_size, at::ScalarType dtype, const Super& ss,
+                             const Super& os) {
+  check_dequant(wpack, scales, offsets, group_size, dtype, ss, os);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == wpack.size(1) * 2, "int4_dense_linear: x must be [M, K]");
-  const at::Tensor w = wpack.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
-  const Problem p = weight_problem(w, s, off, group_size);
-  const Scales16 h = scales16(s, off);
+  const at::Tensor w = wpack.contiguous();
+  const ScaleArgs sa(scales, offsets, ss, os);
+  const Problem p = weight_problem(w, sa, group_size);
+  const Scales16& h = sa.h;
   return tiled_linear(x, p.N, p.K, dtype, false, [&](int64_t n0, int64_t n1, void* ws) {
     dequant_into(p, h, n0, n1, dtype, ws);
   });
@@ -777,8 +926,9 @@ void dequant8_rows(const int8_t* w, const float* s, const float* off, Out* out, 
 // Prefill for the int8 layouts (native-int8's many rows): as int4_dense_linear, a tile of rows dequantized at a
 // time into the thread's buffer and multiplied by ATen in dtype.
 at::Tensor int8_dense_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
-                             const at::Tensor& offsets, int64_t group_size, at::ScalarType dtype) {
-  check_common("int8_dense_linear", x, wq, scales, offsets);
+                             const at::Tensor& offsets, int64_t group_size, at::ScalarType dtype, const Super& ss,
+                             const Super& os) {
+  check_common("int8_dense_linear", x, wq, scales, offsets, ss, os);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int8_dense_linear: dtype must be float32 or bfloat16");
   const int64_t K = x.size(1), N = wq.size(0);
   const int bits = int8_codes("int8_dense_linear", wq, K);
@@ -786,10 +936,11 @@ at::Tensor int8_dense_linear(const at::Tensor& x, const at::Tensor& wq, const at
   const int64_t G = K / group_size;
   TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && offsets_match(scales, offsets),
               "int8_dense_linear: scales and offsets must be [N, K / group_size]");
-  const at::Tensor w = wq.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
-  const Problem p{nullptr, nullptr, nullptr, static_cast<const uint8_t*>(w.data_ptr()), float_ptr(s),
-                  float_ptr(s) ? off.data_ptr<float>() : nullptr, nullptr, 0, N, K, G, group_size};
-  const Scales16 h = scales16(s, off);
+  const at::Tensor w = wq.contiguous();
+  const ScaleArgs sa(scales, offsets, ss, os);
+  const Problem p{nullptr, nullptr, nullptr, static_cast<const uint8_t*>(w.data_ptr()), sa.fs(), sa.foff(), nullptr, 0,
+                  N, K, G, group_size};
+  const Scales16& h = sa.h;
   const int64_t isa = group_size % 16 == 0 ? best_isa() : 0;
   return tiled_linear(x, N, K, dtype, false, [&](int64_t n0, int64_t n1, void* ws) {
     at::parallel_for(n0, n1, 16, [&](int64_t a0, int64_t b0) {
@@ -888,18 +1039,19 @@ bool has_vnni() {
 
 template <bool Int4>
 at::Tensor run_q8(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                  const at::Tensor& offsets, int64_t group_size, int bits = 0) {
+                  const at::Tensor& offsets, const Super& ss, const Super& os, int64_t group_size, int bits = 0) {
   TORCH_CHECK(has_vnni(), op, ": this CPU lacks AVX-512 VNNI");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group_size;
   TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && offsets_match(scales, offsets),
               "scales and offsets must be [N, K / group_size]");
   const Q8Activations qa = avx512vnni::quantize_activations(x, G, group_size, Int4);
-  const at::Tensor wc = w.contiguous(), s = scales.contiguous(), off = offsets.contiguous();
+  const at::Tensor wc = w.contiguous();
+  const ScaleArgs sa(scales, offsets, ss, os);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   // packed 5-7-bit codes are unpacked in the loop's registers here (a buffer round trip measured 30-60% slower)
-  const Problem p{nullptr, nullptr, nullptr, static_cast<const uint8_t*>(wc.data_ptr()), float_ptr(s), float_ptr(s) ? off.data_ptr<float>() : nullptr,
+  const Problem p{nullptr, nullptr, nullptr, static_cast<const uint8_t*>(wc.data_ptr()), sa.fs(), sa.foff(),
                   y.data_ptr<float>(), M, N, K, G, group_size, bits, wc.size(1)};
-  const Scales16 h = scales16(s, off);
+  const Scales16& h = sa.h;
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     over_rows(p, h, wc.size(1), n0, n1,
               [&](const Problem& q, int64_t r0, int64_t r1, int64_t) { avx512vnni::rows<Int4>(q, qa, r0, r1); });
@@ -908,24 +1060,24 @@ at::Tensor run_q8(const char* op, const at::Tensor& x, const at::Tensor& w, cons
 }
 
 at::Tensor int4_gemm_q8(const at::Tensor& x, const at::Tensor& wpack, const at::Tensor& scales,
-                        const at::Tensor& offsets, int64_t group_size) {
-  check_common("int4_gemm_q8", x, wpack, scales, offsets);
+                        const at::Tensor& offsets, int64_t group_size, const Super& ss, const Super& os) {
+  check_common("int4_gemm_q8", x, wpack, scales, offsets, ss, os);
   TORCH_CHECK(wpack.scalar_type() == at::kByte, "int4_gemm_q8: wpack must be uint8");
   const int64_t K = x.size(1);
   TORCH_CHECK(K % kChunk == 0 && wpack.size(1) * 2 == K, "int4_gemm_q8: K must be a multiple of 64 and wpack [N, K/2]");
   TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0,
               "int4_gemm_q8: group_size must be a multiple of 32 dividing K");
-  return run_q8<true>("int4_gemm_q8", x, wpack, scales, offsets, group_size);
+  return run_q8<true>("int4_gemm_q8", x, wpack, scales, offsets, ss, os, group_size);
 }
 
 at::Tensor int8_gemm_q8(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
-                        const at::Tensor& offsets, int64_t group_size) {
-  check_common("int8_gemm_q8", x, wq, scales, offsets);
+                        const at::Tensor& offsets, int64_t group_size, const Super& ss, const Super& os) {
+  check_common("int8_gemm_q8", x, wq, scales, offsets, ss, os);
   const int64_t K = x.size(1);
   const int bits = int8_codes("int8_gemm_q8", wq, K);
   TORCH_CHECK((group_size % 32 == 0 || group_size == 16) && K % group_size == 0,
               "int8_gemm_q8: group_size must be 16 or a multiple of 32 dividing K");
-  return run_q8<false>("int8_gemm_q8", x, wq, scales, offsets, group_size, bits);
+  return run_q8<false>("int8_gemm_q8", x, wq, scales, offsets, ss, os, group_size, bits);
 }
 
 // Packed codes (see "2-, 3- and 5- to 7-bit codes, packed") unpacked to int8 [N, K]: for the dense path and `restore`
@@ -951,18 +1103,23 @@ bool cpu_vnni() { return has_vnni(); }
 }  // namespace
 
 TORCH_LIBRARY(lowbit, m) {
-  m.def("int4_gemm(Tensor x, Tensor wpack, Tensor scales, Tensor offsets, int group_size, int isa=-1) -> Tensor");
-  m.def("int8_gemm(Tensor x, Tensor wq, Tensor scales, Tensor offsets, int group_size, int isa=-1) -> Tensor");
-  m.def("int4_dequant(Tensor wpack, Tensor scales, Tensor offsets, int group_size, ScalarType dtype) -> Tensor");
+  m.def("int4_gemm(Tensor x, Tensor wpack, Tensor scales, Tensor offsets, int group_size, int isa=-1"
+        ", Tensor? scale_super=None, Tensor? offset_super=None) -> Tensor");
+  m.def("int8_gemm(Tensor x, Tensor wq, Tensor scales, Tensor offsets, int group_size, int isa=-1"
+        ", Tensor? scale_super=None, Tensor? offset_super=None) -> Tensor");
+  m.def("int4_dequant(Tensor wpack, Tensor scales, Tensor offsets, int group_size, ScalarType dtype"
+        ", Tensor? scale_super=None, Tensor? offset_super=None) -> Tensor");
   m.def("int4_dense_linear(Tensor x, Tensor wpack, Tensor scales, Tensor offsets, int group_size, "
-        "ScalarType dtype) -> Tensor");
+        "ScalarType dtype, Tensor? scale_super=None, Tensor? offset_super=None) -> Tensor");
   m.def("int4pack_dense_linear(Tensor x, Tensor wpack, Tensor scale_zeros, int group_size, ScalarType dtype) "
         "-> Tensor");
-  m.def("int4_gemm_q8(Tensor x, Tensor wpack, Tensor scales, Tensor offsets, int group_size) -> Tensor");
-  m.def("int8_gemm_q8(Tensor x, Tensor wq, Tensor scales, Tensor offsets, int group_size) -> Tensor");
+  m.def("int4_gemm_q8(Tensor x, Tensor wpack, Tensor scales, Tensor offsets, int group_size"
+        ", Tensor? scale_super=None, Tensor? offset_super=None) -> Tensor");
+  m.def("int8_gemm_q8(Tensor x, Tensor wq, Tensor scales, Tensor offsets, int group_size"
+        ", Tensor? scale_super=None, Tensor? offset_super=None) -> Tensor");
   m.def("int8_unpack(Tensor wq, int K, int isa=-1) -> Tensor");
-  m.def("int8_dense_linear(Tensor x, Tensor wq, Tensor scales, Tensor offsets, int group_size, ScalarType dtype) "
-        "-> Tensor");
+  m.def("int8_dense_linear(Tensor x, Tensor wq, Tensor scales, Tensor offsets, int group_size, ScalarType dtype"
+        ", Tensor? scale_super=None, Tensor? offset_super=None) -> Tensor");
   m.def("cpu_isa() -> int", &cpu_isa);
   m.def("cpu_vnni() -> bool", &cpu_vnni);
 }
