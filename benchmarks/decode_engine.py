@@ -3,7 +3,8 @@
 Same machine, same run, same model and prompt for every row:
   - transformers eager `generate`, float32 and bfloat16 (the reference path);
   - lowbit's engine (compiled decode step) on float32, bfloat16, INT8 and INT4 models, with the lm_head kept in
-    bfloat16 (lowbit's default recipe) and with the lm_head quantized too (as llama.cpp does);
+    bfloat16 (lowbit's default recipe) and with the lm_head quantized too (as llama.cpp does); the quantized
+    models' other parts in float32, and once in bfloat16 (as `lowbit quantize` writes them by default);
   - llama.cpp with the shipped GGUF requantized to Q8_0, Q4_0 and Q4_K_M: natively with `--llama-bench PATH`
     (its own tg128 / pp512 benchmark, no Python in its loop; benchmarks/build_llama_bench.sh builds it), or
     else through llama-cpp-python (Q8_0 and Q4_0, one `eval` per token).
@@ -17,6 +18,8 @@ lm_head). Bytes read per token over the measured memory bandwidth is the fastest
     python benchmarks/decode_engine.py --quick --out DIR  # tiny random model, seconds: keeps the script alive
     python benchmarks/decode_engine.py --formats Q4_0,Q8_0,int5 --out benchmarks/results/decode_formats
                                   # formats on their native kernels and on the reference kernel, lowbit rows only
+    python benchmarks/decode_engine.py --only auto,bf16 --no-llamacpp --out DIR
+                                  # the quantized rows with float32 and with bfloat16 activations, lowbit only
     python benchmarks/decode_engine.py --formats Q5_0,Q5_0:bytes --kernels auto --out DIR
                                   # 5-7-bit codes packed (the default) and a byte each, native kernels only
 """
@@ -223,6 +226,9 @@ def main() -> int:
     ap.add_argument("--llama-bench", type=Path, default=None,
                     help="llama.cpp's llama-bench binary (llama-quantize beside it): llama.cpp measured natively")
     ap.add_argument("--out", default="benchmarks/results/decode_engine", help="writes OUT.md and OUT.json")
+    ap.add_argument("--only", default=None, metavar="KINDS",
+                    help="only these quantized rows (of auto, bf16, float, aten; comma-separated), with the "
+                         "transformers and lowbit float rows")
     ap.add_argument("--kernels", default="auto,reference",
                     help="with --formats: the kernels each format runs on (auto: its native one)")
     ap.add_argument("--formats", default=None,
@@ -277,24 +283,33 @@ def main() -> int:
         rows += [] if args.formats else [lowbit_row("fp32", base, tok, window, args, copy_bw),
                                          lowbit_row("bf16", bf16, tok, window, args, copy_bw)]
         q8 = "native kernels: int8 activations in decode" if native.available() and native.vnni() else None
+        # "bf16": the unquantized parts (norms, embeddings) and so the activations in bfloat16, as `lowbit quantize`
+        # writes checkpoints by default; the other rows keep them in float32
         for name, bits, gs, head, kernels in (("INT8 per channel (lm_head bf16)", 8, -1, False, "auto"),
                                               ("INT8 per channel + INT8 lm_head", 8, -1, True, "auto"),
+                                              ("INT8 per channel + INT8 lm_head", 8, -1, True, "bf16"),
                                               ("INT8 per channel + INT8 lm_head", 8, -1, True, "float"),
                                               ("INT8 per channel + INT8 lm_head, ATen kernels", 8, -1, True, "aten"),
                                               ("INT4 g64 (lm_head bf16)", 4, 64, False, "auto"),
                                               ("INT4 g64 + INT8 lm_head", 4, 64, True, "auto"),
+                                              ("INT4 g64 + INT8 lm_head", 4, 64, True, "bf16"),
                                               ("INT4 g64 + INT8 lm_head", 4, 64, True, "float"),
                                               ("INT4 g64 + INT8 lm_head, ATen kernels", 4, 64, True, "aten")
                                               ) if not args.formats else ():
+            if args.only and kernels not in args.only.split(","):
+                continue
             if kernels == "float":   # the native kernels' float32 decode path, where int8 activations are the default
                 if q8 is None:
                     continue
                 name += ", native float32 decode (LOWBIT_NATIVE_Q8=0)"
-            elif kernels == "auto" and q8:
+            elif kernels in ("auto", "bf16") and q8:
                 name += f" ({q8})"
+            if kernels == "bf16":
+                name += ", bfloat16 activations"
             print(f"measuring {name}", file=sys.stderr, flush=True)
             os.environ["LOWBIT_NATIVE_Q8"] = "0" if kernels == "float" else "1"   # read when weights are packed
-            model = quantized(base, bits, gs, head, "auto" if kernels == "float" else kernels)
+            model = quantized(bf16 if kernels == "bf16" else base, bits, gs, head,
+                              "auto" if kernels in ("float", "bf16") else kernels)
             rows.append(lowbit_row(name, model, tok, window, args, copy_bw))
             os.environ.pop("LOWBIT_NATIVE_Q8")
         if args.llama_bench is not None:

@@ -30,6 +30,9 @@ FORMATS = {"int4 g64 (symmetric, the default)": dict(bits=4, group_size=64),
            "int4 g64 asymmetric": dict(bits=4, group_size=64, symmetric=False),
            "int8 per channel": dict(bits=8, group_size=-1), "int5 g64": dict(bits=5, group_size=64),
            "int3 g64": dict(bits=3, group_size=64), "int2 g64": dict(bits=2, group_size=64),
+           "int4 g32, two-level 6-bit scales per row": dict(bits=4, group_size=32, scale_bits=6, super_block=-1),
+           "int4 g32 asymmetric, two-level 6-bit scales per row": dict(bits=4, group_size=32, symmetric=False,
+                                                                        scale_bits=6, super_block=-1),
            **{f"GGUF {t}": dict(gguf_type=t) for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                                                      "Q6_K")}}
 

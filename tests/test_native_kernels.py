@@ -366,23 +366,30 @@ def test_fake_kernels_give_the_real_output_shapes(monkeypatch):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.namespace == "lowbit" and args:    # not the CPU-feature queries
-                self.calls.setdefault(func, (args, kwargs or {}))
+                key = (func, args[0].dtype, any(a is not None for a in args[6:]))   # two-level scales or not
+                self.calls.setdefault(key, (args, kwargs or {}))
             return func(*args, **(kwargs or {}))
 
-    specs = [(IntSpec(4, 64, False), "native-int4"), (IntSpec(4, 32, True), "native-int4"),
-             (IntSpec(8, -1, True), "native-int8"), (IntSpec(5, 64, True), "native-int8"),   # packed codes
-             (IntSpec(4, 64, False), "cpu-int4")]
+    specs = [(IntSpec(4, 64, False), "native-int4", 192), (IntSpec(4, 32, True), "native-int4", 192),
+             (IntSpec(8, -1, True), "native-int8", 192), (IntSpec(5, 64, True), "native-int8", 192),   # packed codes
+             (GGUFSpec("Q4_K"), "native-int4", 256), (GGUFSpec("Q5_K"), "native-int8", 256),   # two-level scales
+             (IntSpec(4, 64, False), "cpu-int4", 192)]
     rec = Record()
-    vnni = native.vnni()
     for q8 in ("1", "0"):    # int8 activations (where the CPU has VNNI), then float32 ones
         monkeypatch.setenv("LOWBIT_NATIVE_Q8", q8)
+        layers = [(QuantLinear(spec.quantize(torch.randn(96, k)), kernel=kernel), k) for spec, kernel, k in specs]
         with rec, torch.no_grad():
-            for spec, kernel in specs:
-                q = QuantLinear(quantize_rtn(torch.randn(96, 192), spec), kernel=kernel)
+            for q, k in layers:
                 for rows in (1, 3, DENSE_FROM_ROWS, 40):
-                    q(torch.randn(rows, 192))
-    assert len(rec.calls) == 5 + 2 * vnni, list(rec.calls)
-    for op, (args, kwargs) in rec.calls.items():
+                    for dtype in (torch.float32, torch.bfloat16):   # dense paths answer bfloat16 in bfloat16
+                        q(torch.randn(rows, k).to(dtype))
+    names = {op.name() for op, _, _ in rec.calls}
+    want = {"lowbit::int4_gemm", "lowbit::int8_gemm", "lowbit::int4_dense_linear", "lowbit::int8_dense_linear",
+            "lowbit::int4pack_dense_linear"}
+    assert names == want | ({"lowbit::int4_gemm_q8", "lowbit::int8_gemm_q8"} if torch.ops.lowbit.cpu_vnni() else set())
+    assert {dtype for _, dtype, _ in rec.calls} == {torch.float32, torch.bfloat16}
+    assert any(two_level for _, _, two_level in rec.calls)
+    for (op, _, _), (args, kwargs) in rec.calls.items():
         torch.library.opcheck(op, args, kwargs, test_utils="test_faketensor")
     packed = KERNELS["native-int8"].prepare(quantize_rtn(torch.randn(96, 192), IntSpec(5, 64, True)))["wq"]
     torch.library.opcheck(torch.ops.lowbit.int8_unpack.default, (packed, 192), {}, test_utils="test_faketensor")
@@ -443,7 +450,9 @@ def test_scales_and_offsets_of_different_dtypes_are_refused():
     (IntSpec(4, 64, False), torch.float16, "zero points", "scales"),
     (GGUFSpec("Q4_K"), torch.uint8, "two-level", "field_scales"),
     (GGUFSpec("Q5_K"), torch.uint8, "two-level", "field_scales"),
-    (IntSpec(4, 32, True, 6, 256), torch.float32, "float32", None)], ids=lambda v: getattr(v, "name", str(v)))
+    (IntSpec(4, 32, True, 6, 256), torch.uint8, "two-level", "scale_codes"),
+    (IntSpec(4, 32, False, 6, 256), torch.uint8, "two-level", "scale_codes"),
+    (IntSpec(3, 64, False, 4, -1), torch.uint8, "two-level", "scale_codes")], ids=lambda v: getattr(v, "name", str(v)))
 def test_resident_scales_are_as_narrow_as_exact_and_not_kept_twice(base, spec, dtype, offsets, shared):
     w = base.model.layers[0].mlp.down_proj.weight.detach()   # 1536 inputs: Q4_K fits
     qt = spec.quantize(w)
@@ -467,19 +476,21 @@ def test_resident_scales_are_as_narrow_as_exact_and_not_kept_twice(base, spec, d
         assert b["offsets"].dtype == dtype and "field_m" not in b and "offsets_is_minus_field_m" in b
         minus = 8 * b["offsets_is_minus_field_m"].numel()
         assert resident == codes + 4 * groups + marker + minus
-    elif offsets == "two-level":
-        # k-quants: the kernels read the stored sub-block codes and super-block scales, nothing else besides
-        # the codes (the stored file packs Q4_K's 6-bit codes tighter: 12 bytes per 256 weights, here 16)
-        assert b["offsets"].dtype == torch.uint8 and "offsets_is_field_mins" in b and "field_d" not in b
+    else:
+        # k-quants and lowbit's two-level scales: the kernels read the stored sub-block codes and super-block
+        # scales, the zero points or mins, nothing else besides the codes (the stored tensors pack Q4_K's 6-bit
+        # codes tighter: 12 bytes per 256 weights, here 16; lowbit's likewise)
         markers = sum(8 * t.numel() for key, t in b.items() if "_is_" in key)
+        multiple = 4 if b["offsets"].shape == (1,) else 0   # symmetric: offsets c · scale
         stored_rest = sum(t.numel() * t.element_size() for t in spec.integer_rest(qt).values())
-        assert resident == codes + stored_rest + markers
-        assert resident - markers < qt.qweight.numel() * 1.03
-    else:   # lowbit's two-level integer scales: their codes are packed in the stored tensor, decoded here
-        assert b["offsets"].dtype == torch.float32 and resident > codes + 8 * groups
+        assert resident == codes + stored_rest + markers + multiple
+        assert not any(key.startswith("field_") or key in ("scale_codes", "scale_super", "zeros") for key in b)
+        assert resident - markers - multiple <= qt.nbytes * 1.05
     if shared:   # the format's own scales are the kernel's, kept once
         assert shared not in b
-    assert torch.equal(layer.quantized_tensor().qweight, qt.qweight)   # saved exactly as stored
+    back = layer.quantized_tensor()   # saved exactly as stored
+    for key, t in qt.tensors().items():
+        assert torch.equal(back.tensors()[key], t), key
     x = torch.randn(3, k)
     full = {**{key: t for key, t in b.items() if not key.endswith("_super")},
             "kscales": scales_of(b), "offsets": offsets_of(b).float()}
@@ -662,6 +673,7 @@ def test_two_level_scales_give_the_float32_products_bit_for_bit(super_dtype, cod
     for name, op in _every_op_two_level(x, wpack, wq, group).items():
         assert torch.equal(op(sc, mins, d, dmin), op(scale, offset)), name
         assert torch.equal(op(sc, torch.tensor([32.0]), d), op(scale, scale * 32)), name
+        assert torch.equal(op(sc, mins, d), op(scale, mins.float() * scale)), name   # zero points
     # Q6_K-like 16-column groups: the int8 ops that take them
     if native.vnni():
         sc16 = sc.repeat_interleave(2, 1)   # twice the groups under the same super-block scales
@@ -684,7 +696,9 @@ def test_two_level_scales_of_the_wrong_kind_are_refused():
     with pytest.raises(RuntimeError, match="offset_super must be as scale_super"):
         op(x, wpack, sc, sc, 32, -1, d, d.bfloat16())
     with pytest.raises(RuntimeError, match="offsets must be float32"):
-        op(x, wpack, sc, sc, 32, -1, d)
+        op(x, wpack, sc, sc.half(), 32, -1, d)
+    with pytest.raises(RuntimeError, match="zero points must be uint8"):
+        op(x, wpack, sc, sc[:, :8], 32, -1, d)
 
 
 @pytest.mark.parametrize("t", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])

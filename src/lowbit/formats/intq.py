@@ -221,11 +221,27 @@ class IntSpec(WeightFormat):
         return IntegerView(qt.codes().to(torch.int32), s.contiguous(), (_zero_float(qt.zeros, self, s) * s).contiguous())
 
     def integer_rest(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-        return {"scales": qt.scales, **({} if qt.zeros is None else {"zeros": qt.zeros})}
+        """The stored scales (and zero points); two-level ones as their sub-scale codes, a byte each, and their
+        float16 super-scales, which native kernels read as they are (kernels.native_int4.two_level_scales;
+        `from_integer_codes` packs the codes again), unless the stored bit stream's padding is not zero (it then
+        would not come back bit for bit: kept as stored)."""
+        zeros = {} if qt.zeros is None else {"zeros": qt.zeros}
+        if not self.two_level:
+            return {"scales": qt.scales, **zeros}
+        g = self.num_groups(qt.shape[1])
+        nb = -(-g * self.scale_bits // 8)
+        codes = unpack_scale_codes(qt.scales[:, :nb], g, self.scale_bits).to(torch.uint8)
+        if not torch.equal(pack_scale_codes(codes, self.scale_bits), qt.scales[:, :nb]):
+            return {"scales": qt.scales, **zeros}
+        return {"scale_codes": codes, "scale_super": qt.scales[:, nb:].contiguous().view(SCALE_DTYPE), **zeros}
 
     def from_integer_codes(self, codes: torch.Tensor, rest: dict[str, torch.Tensor],
                            shape: tuple[int, int]) -> QuantizedTensor:
-        return QuantizedTensor.from_codes(codes.to(self.code_dtype), rest["scales"], rest.get("zeros"), self)
+        scales = rest.get("scales")
+        if scales is None:   # two-level, as integer_rest gave them
+            d = rest["scale_super"].contiguous().view(torch.uint8)
+            scales = torch.cat([pack_scale_codes(rest["scale_codes"], self.scale_bits), d], dim=1)
+        return QuantizedTensor.from_codes(codes.to(self.code_dtype), scales, rest.get("zeros"), self)
 
     # fixed grids (formats.base.Grid): one group of columns at a time ------------------------------------
     def grid_width(self, in_features: int) -> int:

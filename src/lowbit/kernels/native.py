@@ -150,7 +150,8 @@ ISA_NAMES = {3: "avx512-bf16", 2: "avx512", 1: "avx2", 0: "portable"}
 
 
 def _register_fake() -> None:
-    """Output shapes for tracing (torch.compile): the kernels' results are float32 [M, N]."""
+    """Output shapes for tracing (torch.compile): the kernels' results are [M, N], float32 but where a dense path
+    multiplies activations in their own dtype."""
     for op in ("lowbit::int4_gemm", "lowbit::int8_gemm", "lowbit::int4_gemm_q8", "lowbit::int8_gemm_q8"):
         torch.library.register_fake(op)(_gemm_shape)
     torch.library.register_fake("lowbit::int4_dequant")(_dequant_shape)
@@ -164,12 +165,13 @@ def _gemm_shape(x, w, *_args):   # the scales, offsets, group size (isa) and sup
     return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
 
 
-def _dense_shape(x, wpack, *_args):
-    return x.new_empty((x.shape[0], wpack.shape[0]), dtype=torch.float32)
+def _dense_shape(x, wpack, scales, offsets, group_size, dtype, *_supers):
+    # in the matmul's dtype where the activations are in it (csrc/cpu_gemm.cpp, tiled_linear), else float32
+    return x.new_empty((x.shape[0], wpack.shape[0]), dtype=x.dtype if x.dtype == dtype else torch.float32)
 
 
 def _int4pack_dense_shape(x, wpack, scale_zeros, group_size, dtype):
-    return x.new_empty((x.shape[0], wpack.shape[0]), dtype=torch.float32)
+    return x.new_empty((x.shape[0], wpack.shape[0]), dtype=x.dtype if x.dtype == dtype else torch.float32)
 
 
 def _unpack_shape(wq, K, isa=-1):

@@ -16,9 +16,10 @@ and Q4_K; groups of 32 columns or a multiple of 64, in_features a multiple of 64
                       twice: `kscales_is_KEY` / `offsets_is_KEY` (int64, its shape) says which gives it back
                       (`offsets_is_minus_KEY`: minus the offsets, Q4_1's m),
               kscales_super, offsets_super [N, S] — GGUF's k-quants (sub-block scale d·sc, offsets dmin·m or
-                      c·d·sc): kscales are then the sub-block codes sc (int8 or uint8 [N, G]) and kscales_super
-                      the super-blocks' float16 d, offsets the codes m (uint8) with offsets_super dmin, or c
-                      (float32 [1]); the kernels form d·sc as they widen a run's scales, exactly
+                      c·d·sc), and lowbit's two-level integer scales: kscales are then the sub-block codes sc
+                      (int8 or uint8 [N, G]) and kscales_super the super-blocks' float16 d, offsets the codes m
+                      (uint8) with offsets_super dmin, or zero points (uint8), or c (float32 [1]); the kernels
+                      form d·sc as they widen a run's scales, exactly
                       (two_level_scales; all four are the format's own fields, kept once),
               for `restore`, exact: an integer format's scales / zeros (its codes come back from wpack); a GGUF
                       type's block fields other than the codes (field_d, field_scales, ...: float16 scales,
@@ -55,6 +56,16 @@ def unpack_chunks(wpack: torch.Tensor) -> torch.Tensor:
     n, half = wpack.shape
     b = wpack.reshape(n, half // 32, 1, 32)
     return torch.cat([b & 15, b >> 4], dim=2).reshape(n, half * 2)
+
+
+def packed_width(qmin: int, qmax: int, k: int) -> int:
+    """b where a format's codes are within 0 .. 2^b − 1 with b 2, 3, 5, 6 or 7 and K a multiple of 64: native-int8
+    then keeps them packed to b bits (its layout, native_int8.pack_codes), else 0 (a byte each). Here because
+    native-int4 also asks it: it sends 2-3-bit codes to native-int8 where that packs them."""
+    b = int(qmax).bit_length()
+    if k % 64 or qmin < 0 or qmax > 127 or b not in (2, 3, 5, 6, 7):
+        return 0
+    return b
 
 
 SAME = "_is_"   # kscales_is_KEY / offsets_is_KEY: the format's rest tensor KEY is that one (int64: its shape)
@@ -96,9 +107,10 @@ def _power_of_two_multiple(scale: torch.Tensor, offset: torch.Tensor) -> float |
 
 def two_level_scales(scale: torch.Tensor, offset: torch.Tensor, rest: dict[str, torch.Tensor]) -> dict | None:
     """The kernels' scales and offsets from a format's own tensors (rest) where every scale is a 16-bit scale per
-    super-block times an 8-bit integer code per group (GGUF's k-quants: d · sc), and every offset c times its scale
-    (c zero or a power of two) or likewise a 16-bit scale times a uint8 code (dmin · m): {kscales, kscales_super,
-    offsets, offsets_super} (see the layout above), else None. Exact by construction: each product is compared."""
+    super-block times an 8-bit integer code per group (GGUF's k-quants: d · sc; lowbit's two-level integer scales),
+    and every offset c times its scale (c zero or a power of two), a uint8 zero point times its scale, or a 16-bit
+    scale times a uint8 code (dmin · m): {kscales, kscales_super, offsets, offsets_super} (see the layout above),
+    else None. Exact by construction: each product is compared as the kernels form it."""
     n, g = scale.shape
 
     def factor(target: torch.Tensor, code_types: tuple, dtype=None):
@@ -119,6 +131,9 @@ def two_level_scales(scale: torch.Tensor, offset: torch.Tensor, rest: dict[str, 
     c = _power_of_two_multiple(scale, offset)
     if c is not None:
         return {**out, "offsets": torch.tensor([c], dtype=torch.float32)}
+    for z in rest.values():   # zero points
+        if z.dtype == torch.uint8 and z.numel() == n * g and torch.equal(z.reshape(n, g).float() * scale, offset):
+            return {**out, "offsets": z.reshape(n, g)}
     found = factor(offset, (torch.uint8,), dtype=found[1].dtype)
     if found is None:
         return None
@@ -243,8 +258,8 @@ class NativeInt4Kernel(NativeKernel):
             return reason
         if k % 64:
             return f"needs in_features divisible by 64 (got {k})"
-        g, _qmin, qmax = spec.integer_groups(k)
-        if int(qmax).bit_length() in (2, 3) and native.available() and native.vnni():
+        g, qmin, qmax = spec.integer_groups(k)
+        if packed_width(qmin, qmax, k) in (2, 3) and native.available() and native.vnni():
             # measured on the default model's shapes: the same speed per call, 25-45% fewer bytes (BENCHMARKS.md)
             return "2-3-bit codes go to native-int8, which keeps them at their width where the CPU has AVX-512 VNNI"
         if g > 32 and g % 64:

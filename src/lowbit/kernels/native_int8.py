@@ -33,16 +33,7 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .native_int4 import NativeKernel, pack_chunks
-
-
-def packed_width(qmin: int, qmax: int, k: int) -> int:
-    """b where a format's codes are within 0 .. 2^b − 1 with b 2, 3, 5, 6 or 7 and K a multiple of 64 (they are
-    then packed to b bits), else 0 (kept a byte each)."""
-    b = int(qmax).bit_length()
-    if k % 64 or qmin < 0 or qmax > 127 or b not in (2, 3, 5, 6, 7):
-        return 0
-    return b
+from .native_int4 import NativeKernel, pack_chunks, packed_width
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
