@@ -1002,7 +1002,8 @@ class GGUFSpec(WeightFormat):
             if key in ranges and key != "q":
                 b = bias.get(key, 0)
                 lo, hi = ranges[key][0] - b, ranges[key][1] - b
-                t = (t - b).to(torch.uint8 if 0 <= lo and hi <= 255 else torch.int8 if -128 <= lo and hi <= 127 else t.dtype)
+                small = torch.uint8 if 0 <= lo and hi <= 255 else torch.int8 if -128 <= lo and hi <= 127 else t.dtype
+                t = (t - b).to(small)
             if key != "q":
                 rest[f"field_{key}"] = t
         return rest

@@ -77,9 +77,9 @@ def resident_scales(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Te
     value is exact in it; offsets then a float32 [1] holding c where every offset is c times its scale (c zero or
     a power of two: symmetric formats, GGUF's Q4_0/Q5_0 with c = 2^(bits−1), Q8_0 with c = 0), else uint8 zero
     points z where every offset is z times its scale (asymmetric formats), else in the scales' dtype where exact
-    (Q4_1/Q5_1: −m); else both float32 as given. Two-level and k-quant sub-block scales
-    (a 16-bit scale times a 6-bit code; see two_level_scales) and zero points times scales usually stay float32. The kernels widen
-    16-bit scales as they read them (csrc/cpu_gemm.cpp, Scales16), so the results are the same bit for bit."""
+    (Q4_1/Q5_1: −m); else both float32 as given (two-level and k-quant sub-block scales, a 16-bit scale times a
+    code, go through two_level_scales first). The kernels widen 16-bit scales as they read them (csrc/cpu_gemm.cpp,
+    Scales16), so the results are the same bit for bit."""
     for dtype in (torch.float16, torch.bfloat16):
         s = scale.to(dtype)
         if not torch.equal(s.float(), scale):
