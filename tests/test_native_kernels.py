@@ -734,3 +734,21 @@ def test_compiled_graphs_are_cached_per_build_of_the_kernels():
     # would call the ops with that build's arguments; the build's source hash is part of the cache key instead
     assert native.available()
     assert f"lowbit-native-{native.library_path().parent.name}" in torch.compiler.config.cache_key_tag.split(",")
+
+
+def test_two_level_integer_scales_with_stray_padding_bits_are_kept_as_stored():
+    # 18 groups of 6-bit codes fill 13.5 bytes: the last byte's high nibble is padding, zero as lowbit writes it;
+    # a file with it set must still save back bit for bit (its scales are then decoded once, in float32)
+    spec = IntSpec(4, 32, True, 6, -1)
+    qt = spec.quantize(torch.randn(64, 576))
+    layer = QuantLinear(qt, kernel="auto")
+    assert "kscales_super" in layer._buffers and layer._buffers["kscales"].dtype == torch.uint8
+    scales = qt.scales.clone()
+    scales[:, 13] |= 0xF0
+    crafted = QuantizedTensor(spec, qt.shape, qt.qweight, scales, None)
+    assert torch.equal(crafted.dequantize(), qt.dequantize())   # padding: not part of any code
+    layer = QuantLinear(crafted, kernel="auto")
+    assert "kscales_super" not in layer._buffers and layer._buffers["kscales"].dtype == torch.float32
+    assert torch.equal(layer.quantized_tensor().scales, scales)
+    x = torch.randn(2, 576)
+    assert torch.equal(layer(x), QuantLinear(qt, kernel="auto")(x))
