@@ -452,7 +452,7 @@ def test_scales_and_offsets_of_different_dtypes_are_refused():
     (GGUFSpec("Q5_K"), torch.uint8, "two-level", "field_scales"),
     (IntSpec(4, 32, True, 6, 256), torch.uint8, "two-level", "scale_codes"),
     (IntSpec(4, 32, False, 6, 256), torch.uint8, "two-level", "scale_codes"),
-    (IntSpec(3, 64, False, 4, -1), torch.uint8, "two-level", "scale_codes")], ids=lambda v: getattr(v, "name", str(v)))
+    (IntSpec(4, 64, False, 4, -1), torch.uint8, "two-level", "scale_codes")], ids=lambda v: getattr(v, "name", str(v)))
 def test_resident_scales_are_as_narrow_as_exact_and_not_kept_twice(base, spec, dtype, offsets, shared):
     w = base.model.layers[0].mlp.down_proj.weight.detach()   # 1536 inputs: Q4_K fits
     qt = spec.quantize(w)

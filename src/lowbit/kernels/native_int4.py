@@ -118,9 +118,9 @@ def two_level_scales(scale: torch.Tensor, offset: torch.Tensor, rest: dict[str, 
             per = g // (d.numel() // n) if d.numel() % n == 0 and d.numel() // n else 0
             if d.dtype not in (torch.float16, torch.bfloat16) or per < 2 or g % per or (dtype and d.dtype != dtype):
                 continue
-            wide = d.reshape(n, -1).float().repeat_interleave(per, dim=1)
             for c in rest.values():
-                if c.dtype in code_types and c.numel() == n * g and torch.equal(wide * c.reshape(n, g).float(), target):
+                if (c.dtype in code_types and c.numel() == n * g
+                        and torch.equal(_super_times(d.reshape(n, -1), c.reshape(n, g)), target)):
                     return c.reshape(n, g), d.reshape(n, -1)
         return None
 
@@ -140,11 +140,16 @@ def two_level_scales(scale: torch.Tensor, offset: torch.Tensor, rest: dict[str, 
     return {**out, "offsets": found[0], "offsets_super": found[1]}
 
 
+def _super_times(d: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """d [N, S] (one per super-block) times codes [N, G], float32 [N, G]: a two-level scale or offset."""
+    return d.float().repeat_interleave(codes.shape[1] // d.shape[1], dim=1) * codes.float()
+
+
 def scales_of(packed: dict) -> torch.Tensor:
     """The group scales [N, G] (float32) of a native kernel's resident tensors, in whichever form they are kept."""
     s = packed["kscales"]
     d = packed.get("kscales_super")
-    return s.float() if d is None else d.float().repeat_interleave(s.shape[1] // d.shape[1], dim=1) * s.float()
+    return s.float() if d is None else _super_times(d, s)
 
 
 def offsets_of(packed: dict) -> torch.Tensor:
@@ -153,8 +158,8 @@ def offsets_of(packed: dict) -> torch.Tensor:
     s, o = packed["kscales"], packed["offsets"]
     d = packed.get("offsets_super")
     if d is not None:
-        return d.float().repeat_interleave(o.shape[1] // d.shape[1], dim=1) * o.float()
-    if "kscales_super" in packed or o.shape != s.shape or o.dtype == torch.uint8:
+        return _super_times(d, o)
+    if o.shape != s.shape or o.dtype == torch.uint8:   # c, or zero points (two-level scales' offsets are one of these)
         return scales_of(packed) * o.float()
     return o
 

@@ -216,7 +216,16 @@ void times_zero_points(const uint8_t* z, const float* in, int64_t count, float* 
   for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(z[i]) * in[i];
 }
 
-void widen_two_level(const Scales16& h, int64_t a, int64_t rows, int64_t G, float* s, float* off) {
+// Rows a .. a + rows of h's scales and offsets as float32 into s and off ([rows, G] each): one-level 16-bit ones
+// widened, two-level ones formed as d · code.
+void widen_scales(const Scales16& h, int64_t a, int64_t rows, int64_t G, float* s, float* off) {
+  if (h.s_super == nullptr) {
+    widen(h.s + a * G, s, rows * G, h.bf16);
+    if (h.off != nullptr) widen(h.off + a * G, off, rows * G, h.bf16);
+    else if (h.zeros != nullptr) times_zero_points(h.zeros + a * G, s, rows * G, off);   // exact: 16-bit s times a byte
+    else widen(h.s + a * G, off, rows * G, h.bf16, h.per_scale);
+    return;
+  }
   const int64_t S = G / h.per_super;
   thread_local std::vector<float> super;
   super.resize(static_cast<size_t>(rows * S));
@@ -225,11 +234,30 @@ void widen_two_level(const Scales16& h, int64_t a, int64_t rows, int64_t G, floa
     times_codes(super.data(), reinterpret_cast<const uint8_t*>(h.codes) + a * G, rows * S, h.per_super, s);
   else
     times_codes(super.data(), h.codes + a * G, rows * S, h.per_super, s);
-  // z · s rounds once, as the float32 offsets it stands for were computed (lowbit's asymmetric two-level formats)
-  if (h.off_super == nullptr && h.zeros != nullptr) return times_zero_points(h.zeros + a * G, s, rows * G, off);
-  if (h.off_super == nullptr) return times_scalar(h.per_scale, s, rows * G, off);   // exact: c is 0 or a power of two
-  widen(h.off_super + a * S, super.data(), rows * S, h.bf16);
-  times_codes(super.data(), h.zeros + a * G, rows * S, h.per_super, off);
+  if (h.off_super != nullptr) {
+    widen(h.off_super + a * S, super.data(), rows * S, h.bf16);
+    times_codes(super.data(), h.zeros + a * G, rows * S, h.per_super, off);
+  } else if (h.zeros != nullptr) {
+    // z · s rounds once, as the float32 offsets it stands for were computed (lowbit's asymmetric two-level formats)
+    times_zero_points(h.zeros + a * G, s, rows * G, off);
+  } else {
+    times_scalar(h.per_scale, s, rows * G, off);   // exact: c is 0 or a power of two
+  }
+}
+
+// Rows from .. from + rows of every piece h reads, into L1: the next run's, while this run computes (read as a burst
+// at its start they would wait on memory)
+void prefetch_scales(const Scales16& h, int64_t from, int64_t rows, int64_t G) {
+  const auto fetch = [](const void* at, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(at) + i, _MM_HINT_T0);
+  };
+  const int64_t S = h.s_super != nullptr ? G / h.per_super : 0;
+  if (h.s != nullptr) fetch(h.s + from * G, rows * G * 2);
+  if (h.off != nullptr) fetch(h.off + from * G, rows * G * 2);
+  if (h.zeros != nullptr) fetch(h.zeros + from * G, rows * G);
+  if (h.codes != nullptr) fetch(h.codes + from * G, rows * G);
+  if (h.s_super != nullptr) fetch(h.s_super + from * S, rows * S * 2);
+  if (h.off_super != nullptr) fetch(h.off_super + from * S, rows * S * 2);
 }
 
 // ---- 2-, 3- and 5- to 7-bit codes, packed ------------------------------------------------------------------------
@@ -326,9 +354,9 @@ void unpack_rows(const uint8_t* src, int64_t row_bytes, int8_t* dst, int64_t row
 }
 
 // fn(q, r0, r1, base) over rows n0..n1 of p: with float32 scales and byte codes once, as fn(p, n0, n1, 0); with
-// 16-bit scales or packed codes (`bits` 5-7) per run of kWidenRows rows, as fn(q, 0, rows, a) where q is p
-// restricted to rows a .. a + rows (weights from row a, or unpacked into the thread's buffer; scales and offsets
-// from row a, or widened into the thread's buffer; outputs from column a; `row_bytes` is one weight row).
+// 16-bit or two-level scales or packed codes (`bits` 2-3, 5-7) per run of kWidenRows rows, as fn(q, 0, rows, a)
+// where q is p restricted to rows a .. a + rows (weights from row a, or unpacked into the thread's buffer; scales
+// and offsets from row a, or widened into the thread's buffer; outputs from column a; `row_bytes` is one weight row).
 template <class Fn>
 void over_rows(const Problem& p, const Scales16& h, int64_t row_bytes, int64_t n0, int64_t n1, Fn fn, int bits = 0) {
   if (!h.widened() && bits == 0) return fn(p, n0, n1, int64_t(0));
@@ -353,35 +381,8 @@ void over_rows(const Problem& p, const Scales16& h, int64_t row_bytes, int64_t n
       fn(q, int64_t(0), rows, a);
       continue;
     }
-    const int64_t next = std::min(n1, a + 2 * kWidenRows) - (a + rows);
-    if (h.s_super != nullptr) {
-      widen_two_level(h, a, rows, p.G, s, off);
-      const int64_t S = p.G / h.per_super;   // the next run's pieces, read while this run computes (as below)
-      for (int64_t i = 0; i < next * p.G; i += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(h.codes + (a + rows) * p.G + i), _MM_HINT_T0);
-        if (h.off_super != nullptr) _mm_prefetch(reinterpret_cast<const char*>(h.zeros + (a + rows) * p.G + i), _MM_HINT_T0);
-      }
-      for (int64_t i = 0; i < next * S; i += 32) {
-        _mm_prefetch(reinterpret_cast<const char*>(h.s_super + (a + rows) * S + i), _MM_HINT_T0);
-        if (h.off_super != nullptr) _mm_prefetch(reinterpret_cast<const char*>(h.off_super + (a + rows) * S + i), _MM_HINT_T0);
-      }
-      q.s = s;
-      q.off = off;
-      fn(q, int64_t(0), rows, a);
-      continue;
-    }
-    widen(h.s + a * p.G, s, rows * p.G, h.bf16);
-    if (h.off != nullptr) widen(h.off + a * p.G, off, rows * p.G, h.bf16);
-    else if (h.zeros != nullptr)   // z · s: exact in float32 (a 16-bit scale times a byte)
-      for (int64_t i = 0; i < rows * p.G; ++i) off[i] = static_cast<float>(h.zeros[a * p.G + i]) * s[i];
-    else widen(h.s + a * p.G, off, rows * p.G, h.bf16, h.per_scale);
-    // the next run's scales are read while this run computes (as a burst at its start they would wait on memory)
-    for (int64_t i = 0; i < next * p.G; i += 32) {
-      _mm_prefetch(reinterpret_cast<const char*>(h.s + (a + rows) * p.G + i), _MM_HINT_T0);
-      if (h.off != nullptr) _mm_prefetch(reinterpret_cast<const char*>(h.off + (a + rows) * p.G + i), _MM_HINT_T0);
-      if (h.zeros != nullptr && i % 64 == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(h.zeros + (a + rows) * p.G + i), _MM_HINT_T0);
-    }
+    widen_scales(h, a, rows, p.G, s, off);
+    prefetch_scales(h, a + rows, std::min(n1, a + 2 * kWidenRows) - (a + rows), p.G);
     q.s = s;
     q.off = off;
     fn(q, int64_t(0), rows, a);
