@@ -381,7 +381,11 @@ def cmd_generate(args) -> int:
     engine = args.engine
     if args.offload_dir is not None and args.max_memory is None:
         raise LowbitError("--offload-dir needs --max-memory")
-    loaded, streamed = load_with_budget(args.model, args.max_memory, args.offload_dir, args.kernel)
+    loaded, streamed = load_with_budget(args.model, args.max_memory, args.offload_dir, args.kernel, args.gguf)
+    kept = getattr(loaded.model, "lowbit", {}).get("kept_float") if args.gguf == "blocks" else None
+    if kept:
+        print(f"GGUF blocks: {len(kept)} weights stay float ({', '.join(sorted(set(kept.values())))})",
+              file=sys.stderr)
     if streamed is not None:
         print(streamed.plan.describe(), file=sys.stderr)
         if streamed.plan.streamed and engine == "compiled":
@@ -630,6 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_positive, default=64)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--kernel", default="auto")
+    g.add_argument("--gguf", choices=["blocks", "float"], default="blocks",
+                   help="a GGUF file's quantized weights run as stored, on lowbit's kernels (blocks, the default), "
+                        "or dequantized to float32 (as `lowbit eval` measures quality)")
     g.add_argument("--wait-compile", dest="background", action="store_false",
                    help="compile the decode step before the first token (for timing) instead of decoding eagerly "
                         "while it compiles in the background")

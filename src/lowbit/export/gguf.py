@@ -44,6 +44,7 @@ from ..errors import LowbitError
 from ..formats import GGUF_TYPES, GGUFSpec, QuantizedTensor, fallback_type
 from ..io.atomic import atomic_file, check_output
 from ..models.arch import arch_for
+from ..models.gguf_blocks import ROTARY_PERMUTED, model_arch, rotary_heads, rotary_rows
 from ..models.hf import Loaded
 from ..models.sources import is_lowbit_checkpoint, resolve_source
 from ..nn import QuantEmbedding, QuantLinear
@@ -51,7 +52,6 @@ from .hf_dir import check_no_input_scales
 
 # model_type -> GGUF architecture (llama.cpp converts Mistral checkpoints to its llama architecture)
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-ROTARY_PERMUTED = ("llama",)   # GGUF architectures whose attn_q / attn_k rows are in llama.cpp's rotary order
 FLOAT_TYPES = ("F32", "F16")
 
 
@@ -157,20 +157,13 @@ def _tensor_source(model: torch.nn.Module, arch) -> dict[str, QuantizedTensor | 
     return items
 
 
-def _rotary_rows(n_rows: int, n_head: int) -> torch.Tensor:
-    """Row order that takes transformers' q/k rows (per head: first halves, then second halves of the rotary
-    pairs) to llama.cpp's (per head: the two halves interleaved); the inverse of what transformers applies when
-    it loads a llama GGUF."""
-    return torch.arange(n_rows).reshape(n_head, 2, n_rows // n_head // 2).transpose(1, 2).reshape(-1)
-
-
 def _entries(model: torch.nn.Module, gguf_arch: str, types: dict[str, str] | None = None,
              float_type: str = "F16") -> list[_Entry]:
     import gguf
     arch = arch_for(model.config)
     cfg = model.config
     n_blocks = len(model.get_submodule(arch.blocks))
-    names = gguf.get_tensor_name_map(_model_arch(gguf_arch), n_blocks)
+    names = gguf.get_tensor_name_map(model_arch(gguf_arch), n_blocks)
     types = dict(types or {})
     known = set()
     out = []
@@ -197,23 +190,14 @@ def _entries(model: torch.nn.Module, gguf_arch: str, types: dict[str, str] | Non
         else:
             t = "F32" if len(shape) == 1 else float_type
         rows = None
-        if gguf_arch in ROTARY_PERMUTED and name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias",
-                                                           "attn_k.bias")):
-            heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
-            rows = _rotary_rows(shape[0], heads)
+        heads = rotary_heads(name, cfg) if gguf_arch in ROTARY_PERMUTED else None
+        if heads is not None:
+            rows = rotary_rows(shape[0], heads)
         out.append(_Entry(name, hf_name, t, shape, value, rows))
     unknown = set(types) - known
     if unknown:
         raise LowbitError(f"types names tensors this model does not have: {', '.join(sorted(unknown)[:3])}")
     return out
-
-
-def _model_arch(name: str):
-    import gguf
-    for arch, n in gguf.MODEL_ARCH_NAMES.items():
-        if n == name:
-            return arch
-    raise LowbitError(f"the gguf package does not know the architecture {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -82,8 +82,12 @@ def base_of(source: str | os.PathLike) -> str | None:
 
 
 def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-               cache: bool = True, kernel: str = "auto") -> Loaded:
-    """Load a causal LM. `source`: "default", a Hugging Face directory, a GGUF file, or a lowbit checkpoint."""
+               cache: bool = True, kernel: str = "auto", gguf: str = "float") -> Loaded:
+    """Load a causal LM. `source`: "default", a Hugging Face directory, a GGUF file, or a lowbit checkpoint.
+    gguf: how a GGUF file loads: "float" (every tensor dequantized, what quality is measured on) or "blocks"
+    (its block-format weights kept as stored, on lowbit's kernels: models.gguf_blocks)."""
+    if gguf not in ("float", "blocks"):
+        raise LowbitError(f"gguf must be float or blocks, got {gguf!r}")
     path = resolve_source(source)
     if is_lowbit_checkpoint(path):
         from ..export.checkpoint import load_checkpoint
@@ -95,6 +99,12 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = t
     if path.is_dir():
         loaded = _load_hf_dir(path, dtype)
     elif _is_gguf(path):
+        if gguf == "blocks":   # checked against the float32 weights the blocks decode to, then cast
+            from .gguf_blocks import keep_blocks
+            loaded = _load_gguf(path, torch.float32, cache)
+            check_finite(loaded.model)
+            keep_blocks(loaded, path, kernel).model.to(dtype)
+            return loaded
         loaded = _load_gguf(path, dtype, cache)
     else:
         raise LowbitError(f"not a model: {path} is neither a model directory nor a GGUF file")

@@ -20,16 +20,17 @@ from .runtime import StreamedModel, offload_blocks
 
 def load_with_budget(source: str | os.PathLike, max_memory: int | str | None = None,
                      offload_dir: str | os.PathLike | None = None,
-                     kernel: str = "auto") -> tuple[Loaded, StreamedModel | None]:
+                     kernel: str = "auto", gguf: str = "float") -> tuple[Loaded, StreamedModel | None]:
     """Load `source` ("default", a Hugging Face directory, a GGUF file or a lowbit checkpoint) with at most
     `max_memory` bytes (or '2GB') of weights resident. Returns the loaded model and its streaming state (None
-    without a budget; `.plan.describe()` says what streams). `kernel` applies to lowbit checkpoints."""
+    without a budget; `.plan.describe()` says what streams). `kernel` applies to quantized modules; `gguf`: how a GGUF file
+    loads (load_model's: "float", or "blocks" as stored)."""
     if offload_dir is not None and max_memory is None:
         raise LowbitError("offload_dir needs max_memory (the budget decides which blocks are offloaded)")
     if max_memory is None:
-        return load_model(source, kernel=kernel), None
+        return load_model(source, kernel=kernel, gguf=gguf), None
     path = resolve_source(source)
     if path.is_dir() and not is_lowbit_checkpoint(path) and offload_dir is None:
         return open_streamed(path, max_memory)
-    loaded = load_model(source, kernel=kernel)
+    loaded = load_model(source, kernel=kernel, gguf=gguf)
     return loaded, offload_blocks(loaded.model, max_memory, offload_dir)
