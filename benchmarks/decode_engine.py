@@ -7,7 +7,8 @@ Same machine, same run, same model and prompt for every row:
     models' other parts in float32, and once in bfloat16 (as `lowbit quantize` writes them by default);
   - llama.cpp with the shipped GGUF requantized to Q8_0, Q4_0 and Q4_K_M: natively with `--llama-bench PATH`
     (its own tg128 / pp512 benchmark, no Python in its loop; benchmarks/build_llama_bench.sh builds it), or
-    else through llama-cpp-python (Q8_0 and Q4_0, one `eval` per token).
+    else through llama-cpp-python (Q8_0 and Q4_0, one `eval` per token); with llama-bench, lowbit's engine on
+    each of those very files as well (their blocks kept as stored: the same bytes on both engines).
 Each lowbit row also checks that its 64 greedy tokens equal transformers' generate on the same model.
 
 The bound: a decode step must read every weight it multiplies once (the whole tied embedding too, as the
@@ -63,18 +64,22 @@ def loadavg() -> str:
 
 def bytes_per_token(model) -> int:
     """Weight bytes one decode step reads: every parameter and buffer of the model once, except the embedding
-    table, of which one row is read (unless it is tied to the lm_head, which reads all of it)."""
-    emb = model.get_input_embeddings().weight
+    table, of which one row is read (unless it is tied to the lm_head, which reads all of it). A quantized
+    embedding (QuantEmbedding) counts its stored tensors the same way."""
+    emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    tied = head is not None and getattr(head, "weight", None) is emb
+    table = list(emb.parameters(recurse=False)) + list(emb.buffers(recurse=False))
+    read_by_head = {t.data_ptr() for t in (list(head.parameters()) + list(head.buffers()))} if head is not None else set()
+    tied = any(t.data_ptr() in read_by_head for t in table)
+    skip = set() if tied else {t.data_ptr() for t in table}
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen or (t is emb and not tied):
+        if t.data_ptr() in seen or t.data_ptr() in skip:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     if not tied:
-        total += emb.shape[1] * emb.element_size()
+        total += sum(t.numel() * t.element_size() for t in table) // emb.num_embeddings
     return total
 
 
@@ -151,9 +156,10 @@ def llamacpp_rows(tok, window, args, bw) -> list[dict]:
     return rows
 
 
-def llama_bench_rows(bench: Path, tokens: int, repeats: int, bw) -> list[dict]:
+def llama_bench_rows(bench: Path, args, bw, tok=None, window=None) -> list[dict]:
     """llama.cpp's own benchmark: tg`tokens` (decode) and pp512 (prefill) with 2 threads, on files made from the
-    shipped GGUF by llama-quantize (beside llama-bench)."""
+    shipped GGUF by llama-quantize (beside llama-bench). With a tokenizer and window: lowbit on each very file
+    too (its blocks kept as stored, `load_model(path, gguf="blocks")`), the same bytes on both engines."""
     from gguf import GGUFReader
     from lowbit.models.sources import default_model_path
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-llamabench-"))
@@ -163,14 +169,21 @@ def llama_bench_rows(bench: Path, tokens: int, repeats: int, bw) -> list[dict]:
         subprocess.run([str(bench.with_name("llama-quantize")), "--allow-requantize", str(default_model_path()),
                         str(path), t], check=True, capture_output=True)
         r = subprocess.run([str(bench), "-m", str(path), "-t", str(torch.get_num_threads()), "-p", "512", "-n",
-                            str(tokens), "-r", str(repeats), "-o", "json"], check=True, capture_output=True,
-                           text=True)
+                            str(args.tokens), "-r", str(max(args.repeats, 5)), "-o", "json"], check=True,
+                           capture_output=True, text=True)
         res = json.loads(r.stdout)
         speed = {("pp" if x["n_prompt"] else "tg"): x["avg_ts"] for x in res}
         nbytes = sum(int(x.n_bytes) for x in GGUFReader(str(path)).tensors)  # tied token_embd read as output
         rows.append({"name": f"llama.cpp {t}", "engine": f"llama-bench (build {res[0]['build_commit']})",
                      "decode_tokens_per_s": speed["tg"], "prefill_tokens_per_s": speed["pp"],
                      "bytes_per_token": nbytes, "bound_tokens_per_s": bw / nbytes})
+        if tok is not None:
+            print(f"measuring lowbit on llama.cpp's {t} file", file=sys.stderr, flush=True)
+            model = lowbit.load_model(path, gguf="blocks", cache=False).model
+            kinds = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
+            rows.append(lowbit_row(f"lowbit on llama.cpp's {t} file ({', '.join(kinds)})", model, tok, window,
+                                   args, bw))
+            del model
         path.unlink()
     return rows
 
@@ -225,6 +238,8 @@ def main() -> int:
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--llama-bench", type=Path, default=None,
                     help="llama.cpp's llama-bench binary (llama-quantize beside it): llama.cpp measured natively")
+    ap.add_argument("--no-lowbit-files", action="store_true",
+                    help="with --llama-bench: do not also run lowbit on llama.cpp's files (blocks as stored)")
     ap.add_argument("--out", default="benchmarks/results/decode_engine", help="writes OUT.md and OUT.json")
     ap.add_argument("--only", default=None, metavar="KINDS",
                     help="only these quantized rows (of auto, bf16, float, aten; comma-separated), with the "
@@ -313,7 +328,7 @@ def main() -> int:
             rows.append(lowbit_row(name, model, tok, window, args, copy_bw))
             os.environ.pop("LOWBIT_NATIVE_Q8")
         if args.llama_bench is not None:
-            rows += llama_bench_rows(args.llama_bench, args.tokens, max(args.repeats, 5), copy_bw)
+            rows += llama_bench_rows(args.llama_bench, args, copy_bw, None if args.no_lowbit_files else tok, window)
         elif not args.no_llamacpp:
             # a child process: a crash inside llama.cpp (it segfaulted in eval on an Intel Xeon with AMX) must
             # not lose the rows measured above
