@@ -100,9 +100,19 @@ def test_zero_and_bfloat16_activations():
     s = torch.rand(16, 2) * 0.1
     zero = torch.zeros(1, 128)
     assert torch.equal(torch.ops.lowbit.int4_gemm_q8(zero, pack_chunks(codes), s, s, 64), torch.zeros(1, 16))
-    x = torch.randn(2, 128).to(torch.bfloat16)
+    # bfloat16 rows are read as they are (widened in registers): the same bits as their float32 values give,
+    # for both ops, a non-contiguous input and a tail of 32 columns (int8: K = 160)
+    x = torch.randn(3, 128).to(torch.bfloat16)
     got = torch.ops.lowbit.int4_gemm_q8(x, pack_chunks(codes), s, s, 64)
-    assert torch.allclose(got, torch.ops.lowbit.int4_gemm_q8(x.float(), pack_chunks(codes), s, s, 64))
+    assert torch.equal(got, torch.ops.lowbit.int4_gemm_q8(x.float(), pack_chunks(codes), s, s, 64))
+    wide = torch.randn(3, 256).to(torch.bfloat16)[:, ::2]
+    assert torch.equal(torch.ops.lowbit.int4_gemm_q8(wide, pack_chunks(codes), s, s, 64),
+                       torch.ops.lowbit.int4_gemm_q8(wide.float(), pack_chunks(codes), s, s, 64))
+    c8 = torch.randint(-128, 128, (16, 160), dtype=torch.int8)
+    s8 = torch.rand(16, 5) * 0.1
+    x8 = torch.randn(3, 160).to(torch.bfloat16)
+    assert torch.equal(torch.ops.lowbit.int8_gemm_q8(x8, c8, s8, s8, 32),
+                       torch.ops.lowbit.int8_gemm_q8(x8.float(), c8, s8, s8, 32))
 
 
 @pytest.mark.parametrize("m,n,k,group", [(1, 1536, 576, 576), (1, 33, 32, 32), (3, 100, 576, 64),
