@@ -382,7 +382,7 @@ def cmd_generate(args) -> int:
     if args.offload_dir is not None and args.max_memory is None:
         raise LowbitError("--offload-dir needs --max-memory")
     loaded, streamed = load_with_budget(args.model, args.max_memory, args.offload_dir, args.kernel, args.gguf)
-    kept = getattr(loaded.model, "lowbit", {}).get("kept_float") if args.gguf == "blocks" else None
+    kept = getattr(loaded.model, "lowbit", {}).get("kept_float")   # set by a GGUF file loaded as blocks
     if kept:
         print(f"GGUF blocks: {len(kept)} weights stay float ({', '.join(sorted(set(kept.values())))})",
               file=sys.stderr)

@@ -19,6 +19,8 @@ transform of the architecture this does not model), a type without a lowbit form
 instance) or a float type stays a float weight; the loaded model's `lowbit["kept_float"]` lists each with the
 reason.
 
+`open_gguf` is how lowbit opens any GGUF file it loads (gguf-py's reader, the file checked, one error line).
+
 Memory: the float model is built first and its weights are dropped as they are replaced, so the peak is the
 float model's size plus the file's (fine for the models this runs on CPU; a meta-device build would avoid it).
 """
@@ -66,11 +68,19 @@ def model_arch(name: str):
     raise LowbitError(f"the gguf package does not know the architecture {name!r}")
 
 
-def _architecture(reader, path: Path) -> str:
-    field = reader.fields.get("general.architecture")
-    if field is None:
-        raise LowbitError(f"{path} has no general.architecture")
-    return bytes(field.parts[field.data[0]]).decode()
+def open_gguf(path: str | Path):
+    """gguf-py's reader of the GGUF file at `path` and its architecture name (general.architecture), every
+    tensor's data checked to lie within the file; a damaged file is one LowbitError."""
+    import gguf
+    try:
+        reader = gguf.GGUFReader(str(path))
+        arch = reader.fields["general.architecture"]
+        name = bytes(arch.parts[arch.data[0]]).decode()
+        for t in reader.tensors:  # touching each tensor's data checks that the file covers it
+            _ = t.data.shape
+    except Exception as e:   # the reader raises many types for a damaged file
+        raise LowbitError(f"corrupt or truncated GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return reader, name
 
 
 def _stored(t, rows_order: torch.Tensor | None) -> QuantizedTensor:
@@ -88,11 +98,7 @@ def keep_blocks(loaded: Loaded, path: str | Path, kernel: str = "auto") -> Loade
     import gguf
     path = Path(path)
     model = loaded.model
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:   # the reader raises many types for a damaged file
-        raise LowbitError(f"corrupt or truncated GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    gguf_arch = _architecture(reader, path)
+    reader, gguf_arch = open_gguf(path)
     arch = arch_for(model.config)
     n_blocks = len(model.get_submodule(arch.blocks))
     names = gguf.get_tensor_name_map(model_arch(gguf_arch), n_blocks)

@@ -99,16 +99,14 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = t
     if path.is_dir():
         loaded = _load_hf_dir(path, dtype)
     elif _is_gguf(path):
-        if gguf == "blocks":   # checked against the float32 weights the blocks decode to, then cast
-            from .gguf_blocks import keep_blocks
-            loaded = _load_gguf(path, torch.float32, cache)
-            check_finite(loaded.model)
-            keep_blocks(loaded, path, kernel).model.to(dtype)
-            return loaded
-        loaded = _load_gguf(path, dtype, cache)
+        # blocks: checked against the float32 weights they decode to, then the rest cast to dtype
+        loaded = _load_gguf(path, torch.float32 if gguf == "blocks" else dtype, cache)
     else:
         raise LowbitError(f"not a model: {path} is neither a model directory nor a GGUF file")
     check_finite(loaded.model)
+    if gguf == "blocks" and not path.is_dir():   # a GGUF file (the other sources returned above)
+        from .gguf_blocks import keep_blocks
+        keep_blocks(loaded, path, kernel).model.to(dtype)
     return loaded
 
 
@@ -159,20 +157,6 @@ def gguf_cache_dir(path: Path) -> Path:
     return root / "gguf" / f"{path.stem}-{key}"
 
 
-def _check_gguf(path: Path) -> str:
-    """Parse the GGUF header and tensor table; return its architecture name."""
-    import gguf
-    try:
-        reader = gguf.GGUFReader(str(path))
-        arch = reader.fields["general.architecture"]
-        name = bytes(arch.parts[arch.data[0]]).decode()
-        for t in reader.tensors:  # touching each tensor's data checks that the file covers it
-            _ = t.data.shape
-    except Exception as e:
-        raise LowbitError(f"corrupt or truncated GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return name
-
-
 @contextlib.contextmanager
 def _gguf_parsed_once():
     """While loading one GGUF file: gguf-py's reader built once per file, and its tensor-name map once per
@@ -209,7 +193,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache: bool) -> Loaded:
         return loaded
     from transformers import AutoModelForCausalLM, AutoTokenizer
     with _gguf_parsed_once():
-        _check_gguf(path)   # the architecture is checked once transformers has built the model
+        from .gguf_blocks import open_gguf
+        open_gguf(path)   # the file checked here, its architecture once transformers has built the model
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
