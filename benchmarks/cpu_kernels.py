@@ -103,14 +103,15 @@ def variants(w: torch.Tensor):
 
     if native.available():
         ops = torch.ops.lowbit
-        if native.vnni():
-            out.append(("native-int4 (avx512-vnni, int8 activations)", lambda: kernel_call(
+        q8_name = native.Q8_NAMES[native.q8_level()]
+        if native.q8():
+            out.append((f"native-int4 ({q8_name}, int8 activations)", lambda: kernel_call(
                 "native-int4", q4, lambda x, p, g: ops.int4_gemm_q8(x, p["wpack"], p["kscales"], p["offsets"], g))))
         for isa in range(native.isa(), 0, -1):
             out.append((f"native-int4 ({native.ISA_NAMES[isa]})", lambda isa=isa: kernel_call(
                 "native-int4", q4, lambda x, p, g: ops.int4_gemm(x, p["wpack"], p["kscales"], p["offsets"], g, isa))))
-        if native.vnni():
-            out.append(("native-int8 (avx512-vnni, int8 activations)", lambda: kernel_call(
+        if native.q8():
+            out.append((f"native-int8 ({q8_name}, int8 activations)", lambda: kernel_call(
                 "native-int8", q8, lambda x, p, g: ops.int8_gemm_q8(x, p["wq"], p["kscales"], p["offsets"], g))))
         out.append(("native-int8 (float32)", lambda: kernel_call(
             "native-int8", q8, lambda x, p, g: ops.int8_gemm(x, p["wq"], p["kscales"], p["offsets"], g))))

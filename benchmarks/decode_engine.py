@@ -297,7 +297,7 @@ def main() -> int:
                 hf_row("bf16", bf16, tok, window, args, copy_bw)]
         rows += [] if args.formats else [lowbit_row("fp32", base, tok, window, args, copy_bw),
                                          lowbit_row("bf16", bf16, tok, window, args, copy_bw)]
-        q8 = "native kernels: int8 activations in decode" if native.available() and native.vnni() else None
+        q8 = "native kernels: int8 activations in decode" if native.available() and native.q8() else None
         # "bf16": the unquantized parts (norms, embeddings) and so the activations in bfloat16, as `lowbit quantize`
         # writes checkpoints by default; the other rows keep them in float32
         for name, bits, gs, head, kernels in (("INT8 per channel (lm_head bf16)", 8, -1, False, "auto"),

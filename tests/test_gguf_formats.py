@@ -286,7 +286,7 @@ def test_reference_kernel_and_quant_linear(t):
     assert torch.equal(layer.quantized_tensor().qweight, qt.qweight)
     auto = QuantLinear(qt, bias)
     sub, _lo, hi = spec.integer_groups(512)
-    if not native.available() or sub % 32 and not native.vnni():
+    if not native.available() or sub % 32 and not native.q8():
         expected = "reference"            # 16-column sub-blocks: native only on int8 activations (VNNI)
     else:
         expected = "native-int4" if hi <= 15 and sub % 32 == 0 else "native-int8"
@@ -311,5 +311,5 @@ def test_checkpoint_round_trip(base, tokenizer, tmp_path):
         assert torch.equal(before, loaded(ids).logits)
     assert loaded.model.layers[0].mlp.up_proj.spec == GGUFSpec("Q5_0")
     from lowbit.kernels import native
-    on_vnni = native.available() and native.vnni()   # Q6_K's 16-column sub-blocks: native on int8 activations
+    on_vnni = native.available() and native.q8()   # Q6_K's 16-column sub-blocks: native on int8 activations
     assert loaded.model.layers[1].mlp.down_proj.kernel.name == ("native-int8" if on_vnni else "reference")

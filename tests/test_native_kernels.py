@@ -13,6 +13,7 @@ from lowbit.algorithms import quantize_rtn
 from lowbit.formats import GGUFSpec, QuantizedTensor
 from lowbit.kernels import KERNELS, native, select_kernel
 from lowbit.kernels.base import DENSE_FROM_ROWS
+from lowbit.kernels.cpu import int4pack_block_rows
 from lowbit.kernels.native_int4 import offsets_of, pack_chunks, scales_of, unpack_chunks
 from lowbit.nn import QuantLinear
 
@@ -61,10 +62,11 @@ def round_int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return (a.double() * d.double()).reshape(m, k)
 
 
-vnni = pytest.mark.skipif(not native.available() or not native.vnni(), reason="this CPU has no AVX-512 VNNI")
+q8 = pytest.mark.skipif(not native.available() or not native.q8(), reason="this CPU has neither AVX-512 VNNI nor AVX2")
+Q8_LEVELS = range(1, native.q8_level() + 1) if native.available() else ()   # every int8-activation path this CPU runs
 
 
-@vnni
+@q8
 @pytest.mark.parametrize("m,n,k,group", [(1, 1536, 576, 64), (1, 33, 64, 32), (3, 100, 576, 32),
                                          (5, 77, 1536, 128), (9, 17, 192, 192), (2, 8, 256, 256),
                                          (1, 64, 576, 576), (2, 20, 640, 64), (1, 24, 320, 160)])
@@ -79,22 +81,25 @@ def test_int8_activation_kernels_equal_exact_math_on_the_rounded_activations(m, 
     codes = torch.randint(0, 16, (n, k), generator=g)
     z = torch.randint(0, 16, (n, k // group), generator=g).float()
     w = ((codes.double().view(n, -1, group) - z.double()[..., None]) * s.double()[..., None]).reshape(n, k)
-    if k % 64 == 0:
-        want = round_int8_blocks(x, 64) @ w.t()
-        got = torch.ops.lowbit.int4_gemm_q8(x, pack_chunks(codes), s, (z * s).contiguous(), group)
-        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
     c8 = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    c8[0, :64] = -128    # the extreme codes: AVX2 multiplies |q| by a · sign q, which must not wrap at -128
+    c8[-1, :64] = 127
     z8 = torch.randint(-5, 5, (n, k // group), generator=g).float()
     w8 = ((c8.double().view(n, -1, group) - z8.double()[..., None]) * s.double()[..., None]).reshape(n, k)
     want8 = round_int8_blocks(x, 32) @ w8.t()
-    got8 = torch.ops.lowbit.int8_gemm_q8(x, c8, s, (z8 * s).contiguous(), group)
-    assert ((got8.double() - want8).abs().max() / want8.abs().max()).item() < 1e-5
+    for level in Q8_LEVELS:   # AVX-512 VNNI and AVX2 where the CPU has both
+        if k % 64 == 0:
+            want = round_int8_blocks(x, 64) @ w.t()
+            got = torch.ops.lowbit.int4_gemm_q8(x, pack_chunks(codes), s, (z * s).contiguous(), group, level=level)
+            assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+        got8 = torch.ops.lowbit.int8_gemm_q8(x, c8, s, (z8 * s).contiguous(), group, level=level)
+        assert ((got8.double() - want8).abs().max() / want8.abs().max()).item() < 1e-5
     # and what the rounding costs against the unrounded activations (the outlier's block rounds coarsely)
     exact = x.double() @ w8.t()
     assert ((got8.double() - exact).norm() / exact.norm()).item() < 5e-2
 
 
-@vnni
+@q8
 def test_zero_and_bfloat16_activations():
     codes = torch.randint(0, 16, (16, 128))
     s = torch.rand(16, 2) * 0.1
@@ -156,7 +161,7 @@ def expected_kernel(spec, k):
     """Codes of at most 4 bits on native-int4, else native-int8; 2-3-bit codes on native-int8 where the CPU has
     AVX-512 VNNI (there it keeps them at their width, at native-int4's speed)."""
     qmax = spec.integer_groups(k)[2]
-    if qmax > 15 or (int(qmax).bit_length() in (2, 3) and native.vnni() and k % 64 == 0):
+    if qmax > 15 or (int(qmax).bit_length() in (2, 3) and native.q8() and k % 64 == 0):
         return NATIVE8
     return NATIVE
 
@@ -198,7 +203,7 @@ def test_sixteen_wide_sub_blocks_run_on_int8_activations_where_vnni_exists(base,
     activations, equal to the float math on the rounded activations; a last 32-column step included), the
     reference kernel elsewhere; the stored bytes come back exactly."""
     spec = GGUFSpec(t)
-    if not native.vnni():
+    if not native.q8():
         assert select_kernel(spec, (64, 256)).name == "reference"
         return
     w = base.get_submodule("model.layers.29.mlp.down_proj").weight.detach()
@@ -256,26 +261,43 @@ def test_dense_prefill_path_equals_a_dense_matmul_across_tiles():
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
+def int4pack(codes: torch.Tensor, block: int) -> torch.Tensor:
+    """ATen's CPU int4 packing as int4pack_dense_linear's source documents it, for blocks of `block` rows."""
+    n, k = codes.shape
+    parts = []
+    for r in range(0, n, block):
+        b = codes[r:r + block].t().to(torch.uint8)    # [k, rows]: column-major within a block
+        rows = b.shape[1]
+        lo, hi = (b[:, :rows // 2], b[:, rows // 2:]) if rows == block else (b[:, 0::2], b[:, 1::2])
+        parts.append((lo | (hi << 4)).reshape(-1))
+    return torch.cat(parts).reshape(n, k // 2)
+
+
 @pytest.mark.parametrize("n,k,group", [(80, 128, 32), (112, 576, 64), (5040, 576, 64), (192, 1536, 256)])
 def test_prefill_on_pytorchs_int4_layout_equals_exact_float_math(n, k, group):
-    """lowbit::int4pack_dense_linear reads aten._convert_weight_to_int4pack_for_cpu's layout (blocks of 64
-    rows and a last block of 16/32/48, several tiles for 5040 rows): against float64 math on the same codes,
-    scales and offsets."""
+    """lowbit::int4pack_dense_linear reads aten._convert_weight_to_int4pack_for_cpu's layout (blocks of 64 rows
+    with AVX-512, 32 with AVX2, and a last shorter block; several tiles for 5040 rows): against float64 math on the
+    same codes, scales and offsets, for the layout PyTorch writes on this CPU and for every block size as
+    documented (the packing written here equals PyTorch's where the sizes match)."""
     g = torch.Generator().manual_seed(n + k)
     codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
     sz = (torch.rand(k // group, n, 2, generator=g) * 0.1).to(torch.bfloat16)
     wpack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    here = int4pack_block_rows()
+    assert torch.equal(wpack, int4pack(codes, here))
     s, o = sz[..., 0].double().t().repeat_interleave(group, 1), sz[..., 1].double().t().repeat_interleave(group, 1)
     w = (codes.double() - 8) * s + o
     x = torch.randn(DENSE_FROM_ROWS + 3, k, generator=g)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
-        want = x.to(dtype).double() @ w.t()
-        got = torch.ops.lowbit.int4pack_dense_linear(x, wpack, sz, group, dtype)
-        assert got.dtype == torch.float32 and got.shape == (x.shape[0], n)
-        err = ((got.double() - want).norm() / want.norm()).item()
-        assert err < tol, (dtype, err)
+    for block in (here, *({16, 32, 64} - {here})):
+        packed = int4pack(codes, block)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            want = x.to(dtype).double() @ w.t()
+            got = torch.ops.lowbit.int4pack_dense_linear(x, packed, sz, group, dtype, block)
+            assert got.dtype == torch.float32 and got.shape == (x.shape[0], n)
+            err = ((got.double() - want).norm() / want.norm()).item()
+            assert err < tol, (block, dtype, err)
     with pytest.raises(RuntimeError, match="shapes do not match"):
-        torch.ops.lowbit.int4pack_dense_linear(x, wpack, sz[:, :16], group, torch.float32)
+        torch.ops.lowbit.int4pack_dense_linear(x, wpack, sz[:, :16], group, torch.float32, here)
 
 
 @pytest.mark.parametrize("spec", [IntSpec(4, 64, False), IntSpec(3, 64, False), IntSpec(4, -1, True)],
@@ -396,7 +418,7 @@ def test_fake_kernels_give_the_real_output_shapes(monkeypatch):
     names = {op.name() for op, _, _ in rec.calls}
     want = {"lowbit::int4_gemm", "lowbit::int8_gemm", "lowbit::int4_dense_linear", "lowbit::int8_dense_linear",
             "lowbit::int4pack_dense_linear"}
-    assert names == want | ({"lowbit::int4_gemm_q8", "lowbit::int8_gemm_q8"} if torch.ops.lowbit.cpu_vnni() else set())
+    assert names == want | ({"lowbit::int4_gemm_q8", "lowbit::int8_gemm_q8"} if torch.ops.lowbit.cpu_q8() else set())
     assert {dtype for _, dtype, _ in rec.calls} == {torch.float32, torch.bfloat16}
     assert any(two_level for _, _, two_level in rec.calls)
     for (op, _, _), (args, kwargs) in rec.calls.items():
@@ -412,7 +434,7 @@ def _every_native_op(x, wpack, wq, group):
     for isa in range(native.isa() + 1):
         out[f"int4_gemm isa {isa}"] = lambda s, o, isa=isa: ops.int4_gemm(x, wpack, s, o, group, isa)
         out[f"int8_gemm isa {isa}"] = lambda s, o, isa=isa: ops.int8_gemm(x, wq, s, o, group, isa)
-    if native.vnni():
+    if native.q8():
         out["int4_gemm_q8"] = lambda s, o: ops.int4_gemm_q8(x, wpack, s, o, group)
         out["int8_gemm_q8"] = lambda s, o: ops.int8_gemm_q8(x, wq, s, o, group)
     for dtype in (torch.float32, torch.bfloat16):
@@ -436,7 +458,7 @@ def test_sixteen_bit_scales_give_the_float32_results_bit_for_bit(dtype, m, n, k,
         assert torch.equal(op(s, o), op(s.float(), o.float())), name
 
 
-@vnni
+@q8
 def test_sixteen_bit_scales_of_sixteen_column_groups():
     g = torch.Generator().manual_seed(0)
     s = (torch.rand(50, 32, generator=g) * 0.1).half()
@@ -582,7 +604,7 @@ def test_packed_codes_give_the_byte_codes_results(bits, m, n, k, group):
             for isa in range(native.isa() + 1):
                 op = lambda w: torch.ops.lowbit.int8_gemm(x, w, scales, offsets, group, isa)
                 assert torch.equal(op(packed), op(wq)), isa
-        if native.vnni():
+        if native.q8():
             off = offsets.expand(n, k // group) * scales.float() if offsets.numel() == 1 else offsets
             dense = codes.double() * scales.double().repeat_interleave(group, 1) \
                 - off.double().repeat_interleave(group, 1)
@@ -650,7 +672,7 @@ def _every_op_two_level(x, wpack, wq, group):
     for isa in range(native.isa() + 1):
         out[f"int4_gemm isa {isa}"] = lambda *a, isa=isa: ops.int4_gemm(x, wpack, a[0], a[1], group, isa, *a[2:])
         out[f"int8_gemm isa {isa}"] = lambda *a, isa=isa: ops.int8_gemm(x, wq, a[0], a[1], group, isa, *a[2:])
-    if native.vnni():
+    if native.q8():
         out["int4_gemm_q8"] = lambda *a: ops.int4_gemm_q8(x, wpack, a[0], a[1], group, *a[2:])
         out["int8_gemm_q8"] = lambda *a: ops.int8_gemm_q8(x, wq, a[0], a[1], group, *a[2:])
     for dtype in (torch.float32, torch.bfloat16):
@@ -685,7 +707,7 @@ def test_two_level_scales_give_the_float32_products_bit_for_bit(super_dtype, cod
         assert torch.equal(op(sc, torch.tensor([32.0]), d), op(scale, scale * 32)), name
         assert torch.equal(op(sc, mins, d), op(scale, mins.float() * scale)), name   # zero points
     # Q6_K-like 16-column groups: the int8 ops that take them
-    if native.vnni():
+    if native.q8():
         sc16 = sc.repeat_interleave(2, 1)   # twice the groups under the same super-block scales
         s16 = d.float().repeat_interleave(2 * per_super, 1) * sc16.float()
         for op in (torch.ops.lowbit.int8_gemm_q8, lambda *a: torch.ops.lowbit.int8_dense_linear(*a[:5], torch.float32, *a[5:])):
@@ -717,7 +739,7 @@ def test_k_quants_are_resident_as_stored_and_compute_as_their_float32_scales(bas
     w = base.model.layers[0].mlp.down_proj.weight.detach()   # 1536 inputs: every k-quant fits
     qt = spec.quantize(w)
     layer = QuantLinear(qt, kernel="auto")
-    if t in ("Q2_K", "Q3_K", "Q6_K") and not native.vnni():
+    if t in ("Q2_K", "Q3_K", "Q6_K") and not native.q8():
         pytest.skip("16-column sub-blocks run natively only where the CPU has AVX-512 VNNI")
     b = layer._buffers
     assert "kscales_super" in b and not any(key.startswith("field_") for key in b)   # every field kept once

@@ -92,6 +92,16 @@ def _int4pack_order(n: int, k: int) -> torch.Tensor:
     return order
 
 
+@functools.lru_cache(maxsize=1)
+def int4pack_block_rows() -> int:
+    """The rows per block of ATen's CPU int4 packing in this process (PyTorch picks it by the CPU: 64 with AVX-512,
+    32 with AVX2), read from the packing itself: in a 64-row matrix whose row r holds codes r // 16, the high
+    nibble of the first byte is the code of row B / 2."""
+    codes = (torch.arange(64, dtype=torch.int32) // 16)[:, None].expand(64, 64).contiguous()
+    high = int(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).flatten()[0]) >> 4
+    return {2: 64, 1: 32, 0: 16}[high]
+
+
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)
 
@@ -113,12 +123,15 @@ class CpuInt4Kernel(Kernel):
 
     # Many rows (prefill) run lowbit's native dense path on this same layout where the native library is built
     # (ATen's own matmul for many rows is several times slower than a dense one); decided in prepare, outside
-    # any traced code: bfloat16 where the CPU has native bfloat16 arithmetic, float32 elsewhere.
+    # any traced code: bfloat16 where the CPU has native bfloat16 arithmetic, float32 elsewhere; and the rows per
+    # block of ATen's packing, which depends on the CPU too.
     dense_dtype: torch.dtype | None = None
+    block_rows = 64
 
     def prepare(self, qt):
         if native.available():
             self.dense_dtype = native.dense_dtype()
+            self.block_rows = int4pack_block_rows()
         n, k = qt.shape
         gk = _kernel_group(qt.spec, k)
         codes = qt.codes()
@@ -156,7 +169,8 @@ class CpuInt4Kernel(Kernel):
         gk = packed["wpack"].shape[1] * 2 // packed["scale_zeros"].shape[0]
         if self.dense_dtype is not None and x.numel() >= DENSE_FROM_ROWS * shape[1]:
             y = torch.ops.lowbit.int4pack_dense_linear(x.reshape(-1, shape[1]), packed["wpack"],
-                                                       packed["scale_zeros"], gk, self.dense_dtype)
+                                                       packed["scale_zeros"], gk, self.dense_dtype,
+                                                       self.block_rows)
             y = y.to(x.dtype).reshape(*x.shape[:-1], shape[0])
             return y if bias is None else y + bias
         fn = lambda x2: torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed["wpack"], gk, packed["scale_zeros"])

@@ -133,17 +133,22 @@ def dense_dtype() -> torch.dtype:
     return torch.bfloat16 if isa() == 3 else torch.float32
 
 
-def vnni() -> bool:
+def q8() -> bool:
     """Whether the native kernels decode on int8 activations (int4_gemm_q8 / int8_gemm_q8: activations rounded to
-    int8 per block, integer dot products): where the CPU has AVX-512 VNNI, unless LOWBIT_NATIVE_Q8=0 asks for
-    the float32 path (activations rounded to bfloat16 only). Process-wide: read whenever a native kernel packs
-    weights, and every native layer follows the latest reading, so set it before loading or quantizing."""
-    return os.environ.get("LOWBIT_NATIVE_Q8", "1") != "0" and _cpu_vnni()
+    int8 per block, integer dot products): where the CPU has AVX-512 VNNI or AVX2 (q8_level), unless
+    LOWBIT_NATIVE_Q8=0 asks for the float32 path (activations rounded to bfloat16 only). Process-wide: read
+    whenever a native kernel packs weights, and every native layer follows the latest reading, so set it before
+    loading or quantizing."""
+    return os.environ.get("LOWBIT_NATIVE_Q8", "1") != "0" and q8_level() > 0
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_vnni() -> bool:
-    return bool(torch.ops.lowbit.cpu_vnni())
+def q8_level() -> int:
+    """The int8-activation decode this CPU runs: 2 AVX-512 VNNI (vpdpbusd), 1 AVX2 (vpmaddubsw pairs), 0 none."""
+    return int(torch.ops.lowbit.cpu_q8())
+
+
+Q8_NAMES = {2: "avx512-vnni", 1: "avx2", 0: "none"}
 
 
 ISA_NAMES = {3: "avx512-bf16", 2: "avx512", 1: "avx2", 0: "portable"}
@@ -170,7 +175,7 @@ def _dense_shape(x, wpack, scales, offsets, group_size, dtype, *_supers):
     return x.new_empty((x.shape[0], wpack.shape[0]), dtype=x.dtype if x.dtype == dtype else torch.float32)
 
 
-def _int4pack_dense_shape(x, wpack, scale_zeros, group_size, dtype):
+def _int4pack_dense_shape(x, wpack, scale_zeros, group_size, dtype, block_rows):
     return x.new_empty((x.shape[0], wpack.shape[0]), dtype=x.dtype if x.dtype == dtype else torch.float32)
 
 

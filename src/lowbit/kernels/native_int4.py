@@ -202,7 +202,7 @@ class NativeKernel(Kernel):
         (formats.base.WeightFormat.integer_rest), none of it kept twice."""
         # decided here, outside any traced code: the CPU does not change while the process runs
         self.dense_dtype = native.dense_dtype()
-        self.q8 = native.vnni()
+        self.q8 = native.q8()
         view = qt.spec.integer_view(qt)
         rest = qt.spec.integer_rest(qt)
         own = (two_level_scales(view.scale, view.offset, rest)
@@ -264,7 +264,7 @@ class NativeInt4Kernel(NativeKernel):
         if k % 64:
             return f"needs in_features divisible by 64 (got {k})"
         g, qmin, qmax = spec.integer_groups(k)
-        if packed_width(qmin, qmax, k) in (2, 3) and native.available() and native.vnni():
+        if packed_width(qmin, qmax, k) in (2, 3) and native.available() and native.q8():
             # measured on the default model's shapes: the same speed per call, 25-45% fewer bytes (BENCHMARKS.md)
             return "2-3-bit codes go to native-int8, which keeps them at their width where the CPU has AVX-512 VNNI"
         if g > 32 and g % 64:

@@ -62,7 +62,7 @@ class NativeInt8Kernel(NativeKernel):
     def unsupported(self, spec, shape, device, act=None):
         n, k = shape
         # groups of 16 (GGUF's Q2_K, Q3_K, Q6_K sub-blocks): decode on int8 activations only (VNNI)
-        reason = self.groups_unsupported(spec, k, -128, 127, sixteen=native.available() and native.vnni())
+        reason = self.groups_unsupported(spec, k, -128, 127, sixteen=native.available() and native.q8())
         if reason:
             return reason
         if k % 32:

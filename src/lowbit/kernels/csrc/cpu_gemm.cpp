@@ -27,8 +27,9 @@
 // int8: wq int8 [N, K], K a multiple of 32, groups as above (per channel: one group of K); offsets z · s. Codes of
 // 5 to 7 bits may instead be packed to their width (uint8 wq; see "5- to 7-bit codes, packed" below).
 //
-// int4_gemm_q8 / int8_gemm_q8 (decode where the CPU has AVX-512 VNNI, cpu_vnni tells): the same layouts, with
-// the activations rounded to int8 per block and integer dot products (cpu_gemm_q8.inc documents the math).
+// int4_gemm_q8 / int8_gemm_q8 (decode where the CPU has AVX-512 VNNI or AVX2, cpu_q8 tells which): the same
+// layouts, with the activations rounded to int8 per block and integer dot products (cpu_gemm_q8.inc documents the
+// math, cpu_gemm_q8_avx2.inc how AVX2 does without vpdpbusd; `level` forces one, for tests).
 // int4pack_dense_linear: prefill for PyTorch's own int4 layout (documented where it is defined, below).
 //
 // Paths, chosen at run time by what the CPU has (cpu_isa tells which; `isa` forces one, for tests):
@@ -987,14 +988,16 @@ at::Tensor int8_dense_linear(const at::Tensor& x, const at::Tensor& wq, const at
 // ---- PyTorch's CPU int4 layout (aten._convert_weight_to_int4pack_for_cpu), for its prefill -----------------------
 // PyTorch's own GEMV on this layout is the fastest decode kernel where the CPU has AVX-512 BF16, but its matmul
 // for many rows is several times slower than a dense one; this dequantizes it a tile at a time instead.
-//   wpack       uint8 [N, K/2]: output rows in blocks of 64; for each column k a block holds 32 bytes, byte j
-//               = row j (low nibble) | row j + 32 (high nibble). A last block of T < 64 rows (T % 16 == 0) holds
-//               T/2 bytes per column, byte j = row 2j (low) | row 2j + 1 (high). Blocks follow each other.
+//   wpack       uint8 [N, K/2]: output rows in blocks of B (PyTorch picks B by the CPU it runs on: 64 with
+//               AVX-512, 32 with AVX2; the caller passes it as block_rows); for each column k a block holds B/2
+//               bytes, byte j = row j (low nibble) | row j + B/2 (high nibble). A last block of T < B rows
+//               (T % 16 == 0) holds T/2 bytes per column, byte j = row 2j (low) | row 2j + 1 (high). Blocks follow
+//               each other.
 //   scale_zeros bfloat16 [K / group_size, N, 2]: scale s and offset o per group and row; w = (q − 8) · s + o.
 template <class Out>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void dequant_int4pack_block(const uint8_t* w, const at::BFloat16* sz, Out* out, int64_t rows, int64_t ld,
-                            int64_t N, int64_t K, int64_t gs) {
+void dequant_int4pack_block(const uint8_t* w, const at::BFloat16* sz, Out* out, int64_t rows, int64_t block,
+                            int64_t ld, int64_t N, int64_t K, int64_t gs) {
   // one block of `rows` output rows starting at row n (w and sz already point at it), written k-major:
   // out[k * ld + r] for r < rows
   float s[64], o[64];
@@ -1009,10 +1012,10 @@ void dequant_int4pack_block(const uint8_t* w, const at::BFloat16* sz, Out* out, 
     }
     const uint8_t* b = w + k * bytes;
     Out* d = out + k * ld;
-    if (rows == 64) {
-      for (int j = 0; j < 32; ++j) {
+    if (rows == block) {
+      for (int64_t j = 0; j < bytes; ++j) {
         d[j] = static_cast<Out>(static_cast<float>(b[j] & 15) * s[j] + o[j]);
-        d[j + 32] = static_cast<Out>(static_cast<float>(b[j] >> 4) * s[j + 32] + o[j + 32]);
+        d[j + bytes] = static_cast<Out>(static_cast<float>(b[j] >> 4) * s[j + bytes] + o[j + bytes]);
       }
     } else {
       for (int64_t j = 0; j < bytes; ++j) {
@@ -1024,8 +1027,9 @@ void dequant_int4pack_block(const uint8_t* w, const at::BFloat16* sz, Out* out, 
 }
 
 at::Tensor int4pack_dense_linear(const at::Tensor& x, const at::Tensor& wpack, const at::Tensor& scale_zeros,
-                                 int64_t group_size, at::ScalarType dtype) {
+                                 int64_t group_size, at::ScalarType dtype, int64_t block_rows) {
   TORCH_CHECK(wpack.scalar_type() == at::kByte && wpack.dim() == 2, "int4pack_dense_linear: wpack must be uint8 [N, K/2]");
+  TORCH_CHECK(block_rows == 16 || block_rows == 32 || block_rows == 64, "int4pack_dense_linear: block_rows must be 16, 32 or 64");
   TORCH_CHECK(scale_zeros.scalar_type() == at::kBFloat16 && scale_zeros.dim() == 3 && scale_zeros.size(2) == 2,
               "int4pack_dense_linear: scale_zeros must be bfloat16 [K / group_size, N, 2]");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int4pack_dense_linear: dtype must be float32 or bfloat16");
@@ -1038,37 +1042,50 @@ at::Tensor int4pack_dense_linear(const at::Tensor& x, const at::Tensor& wpack, c
   const at::BFloat16* szp = sz.data_ptr<at::BFloat16>();
   return tiled_linear(x, N, K, dtype, true, [&](int64_t n0, int64_t n1, void* ws) {
     const int64_t cols = n1 - n0;
-    at::parallel_for(0, (cols + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
+    // tiles are whole multiples of 64 rows (tiled_linear), so of every block size: no block straddles two tiles
+    const int64_t B = block_rows;
+    at::parallel_for(0, (cols + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t n = n0 + b * 64, rows = std::min<int64_t>(64, N - n);
-        const uint8_t* wb = wp + n * (K / 2);   // every earlier block holds 32 bytes per row pair
+        const int64_t n = n0 + b * B, rows = std::min<int64_t>(B, N - n);
+        const uint8_t* wb = wp + n * (K / 2);   // every earlier block holds B/2 bytes per column
         if (dtype == at::kFloat)
-          dequant_int4pack_block(wb, szp + n * 2, static_cast<float*>(ws) + b * 64, rows, cols, N, K, group_size);
+          dequant_int4pack_block(wb, szp + n * 2, static_cast<float*>(ws) + b * B, rows, B, cols, N, K, group_size);
         else
-          dequant_int4pack_block(wb, szp + n * 2, static_cast<at::BFloat16*>(ws) + b * 64, rows, cols, N, K,
+          dequant_int4pack_block(wb, szp + n * 2, static_cast<at::BFloat16*>(ws) + b * B, rows, B, cols, N, K,
                                  group_size);
       }
     });
   });
 }
 
-// ---- int8 activations on integer dot products (AVX-512 VNNI): cpu_gemm_q8.inc -------------------------------------
+// ---- int8 activations on integer dot products: cpu_gemm_q8.inc (AVX-512 VNNI), cpu_gemm_q8_avx2.inc (AVX2) ------
 
 #include "cpu_gemm_q8.inc"
+#include "cpu_gemm_q8_avx2.inc"
 
-bool has_vnni() {
+// Which int8-activation decode this CPU runs: 2 AVX-512 VNNI, 1 AVX2 (pairs of byte products, see
+// cpu_gemm_q8_avx2.inc), 0 none
+int q8_level() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+  return 0;
 }
 
 template <bool Int4>
 at::Tensor run_q8(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                  const at::Tensor& offsets, const Super& ss, const Super& os, int64_t group_size, int bits = 0) {
-  TORCH_CHECK(has_vnni(), op, ": this CPU lacks AVX-512 VNNI");
+                  const at::Tensor& offsets, const Super& ss, const Super& os, int64_t group_size, int bits,
+                  int64_t level) {
+  static const int best = q8_level();
+  if (level < 0) level = best;
+  TORCH_CHECK(best > 0, op, ": this CPU has neither AVX-512 VNNI nor AVX2");
+  TORCH_CHECK(level >= 1 && level <= best, op, ": level ", level, " is not available on this CPU (best: ", best, ")");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group_size;
   TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && offsets_match(scales, offsets),
               "scales and offsets must be [N, K / group_size]");
-  const Q8Activations qa = avx512vnni::quantize_activations(x, G, group_size, Int4);
+  const Q8Activations qa = quantize_activations(x, G, group_size, Int4,
+                                                level == 2 ? avx512vnni::round_row : avx2dot::round_row);
   const at::Tensor wc = w.contiguous();
   const ScaleArgs sa(scales, offsets, ss, os);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
@@ -1077,31 +1094,33 @@ at::Tensor run_q8(const char* op, const at::Tensor& x, const at::Tensor& w, cons
                   y.data_ptr<float>(), M, N, K, G, group_size, bits, wc.size(1)};
   const Scales16& h = sa.h;
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    over_rows(p, h, wc.size(1), n0, n1,
-              [&](const Problem& q, int64_t r0, int64_t r1, int64_t) { avx512vnni::rows<Int4>(q, qa, r0, r1); });
+    over_rows(p, h, wc.size(1), n0, n1, [&](const Problem& q, int64_t r0, int64_t r1, int64_t) {
+      if (level == 2) avx512vnni::rows<Int4>(q, qa, r0, r1);
+      else avx2dot::rows<Int4>(q, qa, r0, r1);
+    });
   });
   return y;
 }
 
 at::Tensor int4_gemm_q8(const at::Tensor& x, const at::Tensor& wpack, const at::Tensor& scales,
-                        const at::Tensor& offsets, int64_t group_size, const Super& ss, const Super& os) {
+                        const at::Tensor& offsets, int64_t group_size, const Super& ss, const Super& os, int64_t level) {
   check_common("int4_gemm_q8", x, wpack, scales, offsets, ss, os);
   TORCH_CHECK(wpack.scalar_type() == at::kByte, "int4_gemm_q8: wpack must be uint8");
   const int64_t K = x.size(1);
   TORCH_CHECK(K % kChunk == 0 && wpack.size(1) * 2 == K, "int4_gemm_q8: K must be a multiple of 64 and wpack [N, K/2]");
   TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0,
               "int4_gemm_q8: group_size must be a multiple of 32 dividing K");
-  return run_q8<true>("int4_gemm_q8", x, wpack, scales, offsets, ss, os, group_size);
+  return run_q8<true>("int4_gemm_q8", x, wpack, scales, offsets, ss, os, group_size, 0, level);
 }
 
 at::Tensor int8_gemm_q8(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
-                        const at::Tensor& offsets, int64_t group_size, const Super& ss, const Super& os) {
+                        const at::Tensor& offsets, int64_t group_size, const Super& ss, const Super& os, int64_t level) {
   check_common("int8_gemm_q8", x, wq, scales, offsets, ss, os);
   const int64_t K = x.size(1);
   const int bits = int8_codes("int8_gemm_q8", wq, K);
   TORCH_CHECK((group_size % 32 == 0 || group_size == 16) && K % group_size == 0,
               "int8_gemm_q8: group_size must be 16 or a multiple of 32 dividing K");
-  return run_q8<false>("int8_gemm_q8", x, wq, scales, offsets, ss, os, group_size, bits);
+  return run_q8<false>("int8_gemm_q8", x, wq, scales, offsets, ss, os, group_size, bits, level);
 }
 
 // Packed codes (see "2-, 3- and 5- to 7-bit codes, packed") unpacked to int8 [N, K]: for the dense path and `restore`
@@ -1122,7 +1141,7 @@ at::Tensor int8_unpack(const at::Tensor& wq, int64_t K, int64_t isa) {
 }
 
 int64_t cpu_isa() { return best_isa(); }
-bool cpu_vnni() { return has_vnni(); }
+int64_t cpu_q8() { return q8_level(); }
 
 }  // namespace
 
@@ -1135,17 +1154,17 @@ TORCH_LIBRARY(lowbit, m) {
         ", Tensor? scale_super=None, Tensor? offset_super=None) -> Tensor");
   m.def("int4_dense_linear(Tensor x, Tensor wpack, Tensor scales, Tensor offsets, int group_size, "
         "ScalarType dtype, Tensor? scale_super=None, Tensor? offset_super=None) -> Tensor");
-  m.def("int4pack_dense_linear(Tensor x, Tensor wpack, Tensor scale_zeros, int group_size, ScalarType dtype) "
-        "-> Tensor");
+  m.def("int4pack_dense_linear(Tensor x, Tensor wpack, Tensor scale_zeros, int group_size, ScalarType dtype, "
+        "int block_rows) -> Tensor");
   m.def("int4_gemm_q8(Tensor x, Tensor wpack, Tensor scales, Tensor offsets, int group_size"
-        ", Tensor? scale_super=None, Tensor? offset_super=None) -> Tensor");
+        ", Tensor? scale_super=None, Tensor? offset_super=None, int level=-1) -> Tensor");
   m.def("int8_gemm_q8(Tensor x, Tensor wq, Tensor scales, Tensor offsets, int group_size"
-        ", Tensor? scale_super=None, Tensor? offset_super=None) -> Tensor");
+        ", Tensor? scale_super=None, Tensor? offset_super=None, int level=-1) -> Tensor");
   m.def("int8_unpack(Tensor wq, int K, int isa=-1) -> Tensor");
   m.def("int8_dense_linear(Tensor x, Tensor wq, Tensor scales, Tensor offsets, int group_size, ScalarType dtype"
         ", Tensor? scale_super=None, Tensor? offset_super=None) -> Tensor");
   m.def("cpu_isa() -> int", &cpu_isa);
-  m.def("cpu_vnni() -> bool", &cpu_vnni);
+  m.def("cpu_q8() -> int", &cpu_q8);
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
