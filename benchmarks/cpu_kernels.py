@@ -5,9 +5,9 @@ Shapes are the engine's own matmuls of one SmolLM2-135M block (fused q/k/v 576�
 576→3072, down 1536→576) and the lm_head (576→49152). Every kernel runs the same quantized weights
 (RTN, asymmetric groups of 64; INT8 symmetric per channel) through `QuantLinear`'s kernel call:
 
-  native-int4 — lowbit's own kernel (csrc/cpu_gemm.cpp): with int8 activations on VNNI (the default where the
-                CPU has it), then once per float32 instruction-set path this CPU has;
-  native-int8 — the same for INT8 per channel (int8 activations where VNNI exists, and the float32 path);
+  native-int4 — lowbit's own kernel (csrc/cpu_gemm.cpp): with int8 activations (the default where the CPU
+                has AVX-512 VNNI or AVX2), then once per float32 instruction-set path this CPU has;
+  native-int8 — the same for INT8 per channel (int8 activations where the CPU has them, and the float32 path);
   native-int4 / native-int8 (5- and 6-bit integers, GGUF Q4_0/Q5_0/Q8_0, and Q4_K/Q5_K/Q6_K/Q3_K where
                 in_features is a multiple of 256) — the same kernels on those formats' integer view, and the
                 reference kernel (dequantize every call), which ran them before, for GGUF Q4_0 and Q6_K on the

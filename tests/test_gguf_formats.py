@@ -274,7 +274,7 @@ def test_fallback_type_follows_llama_cpp():
 def test_reference_kernel_and_quant_linear(t):
     """On the reference kernel a GGUF layer is exactly its dequantized weight's Linear; by default it runs on the
     native kernels (codes of at most 4 bits in 32-column sub-blocks on native-int4; 16-column sub-blocks only
-    where the CPU has VNNI), close to it, and either way the layer gives back its stored bytes exactly."""
+    where the CPU has them), close to it, and either way the layer gives back its stored bytes exactly."""
     from lowbit.kernels import native
     spec = GGUFSpec(t)
     w, bias = weights(48, 512), torch.randn(48)
@@ -287,7 +287,7 @@ def test_reference_kernel_and_quant_linear(t):
     auto = QuantLinear(qt, bias)
     sub, _lo, hi = spec.integer_groups(512)
     if not native.available() or sub % 32 and not native.q8():
-        expected = "reference"            # 16-column sub-blocks: native only on int8 activations (VNNI)
+        expected = "reference"            # 16-column sub-blocks: native only on int8 activations
     else:
         expected = "native-int4" if hi <= 15 and sub % 32 == 0 else "native-int8"
     assert auto.kernel.name == expected
@@ -311,5 +311,5 @@ def test_checkpoint_round_trip(base, tokenizer, tmp_path):
         assert torch.equal(before, loaded(ids).logits)
     assert loaded.model.layers[0].mlp.up_proj.spec == GGUFSpec("Q5_0")
     from lowbit.kernels import native
-    on_vnni = native.available() and native.q8()   # Q6_K's 16-column sub-blocks: native on int8 activations
-    assert loaded.model.layers[1].mlp.down_proj.kernel.name == ("native-int8" if on_vnni else "reference")
+    on_q8 = native.available() and native.q8()   # Q6_K's 16-column sub-blocks: native on int8 activations
+    assert loaded.model.layers[1].mlp.down_proj.kernel.name == ("native-int8" if on_q8 else "reference")

@@ -16,7 +16,7 @@ def _rel(a, b):
 NATIVE = native.available() and native.isa() > 0
 INT4_AUTO = "native-int4" if NATIVE else "cpu-int4"
 INT8_AUTO = "native-int8" if NATIVE else "cpu-int8"
-LOW_AUTO = "native-int8" if NATIVE and native.q8() else INT4_AUTO   # 2-3-bit codes, packed to their width
+LOW_AUTO = "native-int8" if NATIVE and native.q8() and native.q8_level() == 2 else INT4_AUTO   # 2-3-bit codes, packed
 
 
 @pytest.mark.parametrize("spec,kernel", [

@@ -26,9 +26,10 @@ and Q4_K; groups of 32 columns or a multiple of 64, in_features a multiple of 64
                       sub-block codes in a byte), packed again with the codes into the same bytes.
 
 Few rows of activations (decode) run the native kernel, no weight ever dequantized to memory: where the CPU
-has AVX-512 VNNI, activations rounded to int8 in blocks of 64 columns and integer dot products (as llama.cpp
-decodes; `lowbit::int4_gemm_q8`, documented in csrc/cpu_gemm_q8.inc), elsewhere activations rounded to
-bfloat16 with float32 products and sums (`lowbit::int4_gemm`). Many rows (prefill) dequantize the weight a tile
+has AVX-512 VNNI or AVX2 (`native.q8_level`), activations rounded to int8 in blocks of 64 columns and integer dot
+products (as llama.cpp decodes; `lowbit::int4_gemm_q8`, documented in csrc/cpu_gemm_q8.inc and, for AVX2,
+cpu_gemm_q8_avx2.inc), elsewhere activations rounded to bfloat16 with float32 products and sums
+(`lowbit::int4_gemm`). Many rows (prefill) dequantize the weight a tile
 of rows at a time into a small per-thread buffer and run ATen's dense matmul on it, in `native.dense_dtype()`
 (bfloat16 where the CPU has native bfloat16 arithmetic, float32 elsewhere).
 """
@@ -168,7 +169,7 @@ class NativeKernel(Kernel):
     """What lowbit's native kernels share: where they run, their scales and offsets, and the switch
     between the native kernel (few rows) and the dense path (many rows)."""
 
-    q8 = False                       # decode on int8 activations (set in prepare: where the CPU has VNNI)
+    q8 = False                       # decode on int8 activations (set in prepare: native.q8())
     dense_dtype = torch.float32      # the dense path's matmul dtype (set in prepare)
 
     def native_unsupported(self, device, act) -> str | None:
@@ -264,8 +265,9 @@ class NativeInt4Kernel(NativeKernel):
         if k % 64:
             return f"needs in_features divisible by 64 (got {k})"
         g, qmin, qmax = spec.integer_groups(k)
-        if packed_width(qmin, qmax, k) in (2, 3) and native.available() and native.q8():
-            # measured on the default model's shapes: the same speed per call, 25-45% fewer bytes (BENCHMARKS.md)
+        if packed_width(qmin, qmax, k) in (2, 3) and native.available() and native.q8() and native.q8_level() == 2:
+            # measured on the default model's shapes: the same speed per call, 25-45% fewer bytes (BENCHMARKS.md);
+            # with AVX2 the bit planes cost several instructions per mask and native-int4 was about twice as fast
             return "2-3-bit codes go to native-int8, which keeps them at their width where the CPU has AVX-512 VNNI"
         if g > 32 and g % 64:
             return f"needs groups of 32 or a multiple of 64 (got {g})"

@@ -19,12 +19,12 @@ integer weights, and the GGUF types Q5_0, Q5_1, Q5_K and Q8_0 (codes that fit 4 
                       their codes and super-block scales (kscales_super, offsets_super; native_int4 documents them),
               for `restore`, exact: an integer format's scales / zeros (its codes come back from wq); a GGUF
                       type's block fields other than the codes (see native_int4), packed again on restore.
-GGUF's 16-column sub-blocks (Q2_K, Q3_K, Q6_K) run here where the CPU has AVX-512 VNNI (their decode kernel is
-the int8-activation one only); elsewhere they run on the reference kernel.
+GGUF's 16-column sub-blocks (Q2_K, Q3_K, Q6_K) run here where the CPU decodes on int8 activations (AVX-512 VNNI or
+AVX2: their decode kernel is the int8-activation one only); elsewhere they run on the reference kernel.
 
-Few rows of activations (decode) run the native kernel (where the CPU has AVX-512 VNNI: activations rounded to
-int8 in blocks of 32 and integer dot products, `lowbit::int8_gemm_q8`; elsewhere activations rounded to bfloat16,
-float32 products and sums); many rows (prefill) dequantize a tile of rows at a time and run ATen's dense matmul on
+Few rows of activations (decode) run the native kernel (where the CPU has AVX-512 VNNI or AVX2: activations
+rounded to int8 in blocks of 32 and integer dot products, `lowbit::int8_gemm_q8`; elsewhere activations rounded to
+bfloat16, float32 products and sums); many rows (prefill) dequantize a tile of rows at a time and run ATen's dense matmul on
 it (`lowbit::int8_dense_linear`), as native-int4 does.
 """
 
@@ -61,7 +61,7 @@ class NativeInt8Kernel(NativeKernel):
 
     def unsupported(self, spec, shape, device, act=None):
         n, k = shape
-        # groups of 16 (GGUF's Q2_K, Q3_K, Q6_K sub-blocks): decode on int8 activations only (VNNI)
+        # groups of 16 (GGUF's Q2_K, Q3_K, Q6_K sub-blocks): decode on int8 activations only (native.q8())
         reason = self.groups_unsupported(spec, k, -128, 127, sixteen=native.available() and native.q8())
         if reason:
             return reason
