@@ -9,11 +9,9 @@ bucket and attention never reads much more cache than it needs.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import itertools
 import os
-import logging
 import threading
 import time
 import types
@@ -26,37 +24,12 @@ from torch import nn
 
 from ..errors import LowbitError
 from .cache import StaticKVCache
+from .aot import AotStep
 from .decoder import Decoder
+from .reduction import aten_reductions
 
 MIN_BUCKET = 256
 KEY_GROUP = 64   # positions per key scale in a 4-bit cache (divides every bucket)
-
-
-@contextlib.contextmanager
-def _aten_reductions():
-    """While inductor compiles, lower mean() to ATen's own kernel instead of a generated reduction.
-
-    The generated reduction sums in another order than ATen's, so an RMSNorm's last bit can differ from the
-    reference's, and now and then that flips a greedy token. Only this lowering changes, only inside the
-    engine's calls (it is swapped back at once), so other compiled code in the process is unaffected.
-    """
-    from torch._inductor import lowering
-    op = torch.ops.aten.mean.dim
-    saved = lowering.lowerings.get(op)
-    lowering.lowerings[op] = lowering.fallback_handler(op, add_to_fallback_set=False)
-    # torch._inductor.ir says, once per graph, that this op has no C shim. A filter, not setLevel: setLevel
-    # clears the level cache of every logger in the process, twice per decoded token (about 100 µs a token)
-    ir_log = logging.getLogger("torch._inductor.ir")
-    ir_log.addFilter(_errors_only)
-    try:
-        yield
-    finally:
-        lowering.lowerings[op] = saved
-        ir_log.removeFilter(_errors_only)
-
-
-def _errors_only(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR
 
 
 _WEIGHT_HOLDERS = ("_modules['blocks']", "_modules['lm_head']", "_modules['embed']", "_modules['norm']")
@@ -105,7 +78,10 @@ class Engine:
 
     compile=True compiles the decode step with torch.compile (inductor); the first request of each cache
     bucket pays the compilation (seconds to a minute on a small CPU). compile=False runs the same code
-    eagerly — the ground truth the compiled graph is tested against. background=True (with compile) decodes
+    eagerly — the ground truth the compiled graph is tested against. compile="aot" compiles it ahead of time
+    with AOTInductor instead (engine.aot: weights held as constants, so no Python work per weight and token;
+    cached on disk by graph, so another model of the same architecture and format only exports), in front,
+    for a KV cache in the model's dtype. background=True (with compile) decodes
     eagerly while a thread compiles, and switches to the compiled step once it is ready: tokens start at once
     and are the same either way (the two paths are bit-equal); a quantized KV cache compiles in front.
     kv_bits=8 or 4 keeps the KV cache quantized (symmetric, per head, position and group of kv_group_size
@@ -118,7 +94,7 @@ class Engine:
     eagerly too, its streamed blocks unfused, each block's weights brought in just before it runs.
     """
 
-    def __init__(self, model: nn.Module, compile: bool = True, max_positions: int | None = None,
+    def __init__(self, model: nn.Module, compile: bool | str = True, max_positions: int | None = None,
                  kv_bits: int | None = None, kv_group_size: int | None = None, kv_offload: bool = False,
                  kv_key_group: int | None | str = "auto", background: bool = False):
         if kv_key_group == "auto":   # measured: +1.3% perplexity at 2048 tokens against +16.7% per token
@@ -127,15 +103,22 @@ class Engine:
         self.limit = max_positions or getattr(model.config, "max_position_embeddings", None) or 2048
         self.decoder = Decoder(model, MIN_BUCKET, kv_bits, kv_group_size, kv_offload, kv_key_group).eval()
         # host-side copies per layer, and blocks whose weights are swapped in per call, stay out of a graph
-        compile = compile and not kv_offload and not self.decoder.streamed
+        if compile == "aot" and (kv_bits is not None or kv_offload):
+            raise LowbitError("the ahead-of-time compiled step runs a KV cache in the model's dtype on the compute "
+                              "device; use the compiled engine for a quantized or host KV cache")
+        compile = compile if not kv_offload and not self.decoder.streamed else False
         self.compile = compile
         self._compiled_once = False
         self._step = self._decode_step
-        if compile:
+        if compile == "aot":   # engine.aot: no Python work per weight and token, compiled in front
+            self._step = AotStep(self.decoder, _inductor_options())
+        elif compile:
             self._step = torch.compile(_own_code(self._decode_step), dynamic=False, options=_inductor_options())
         # background compilation runs the compiled step once on the cache's next-to-last slot, which decoding writes
-        # before it ever reads; a quantized cache keeps per-group state across slots, so it compiles in front
-        self.background = compile and background and kv_bits is None
+        # before it ever reads; a quantized cache keeps per-group state across slots, so it compiles in front.
+        # The ahead-of-time step compiles in front too: export swaps the modules' tensors for traced ones while
+        # it runs, which eager decoding in another thread would then read
+        self.background = compile is True and background and kv_bits is None
         self._compiled_sizes: set[int] = set()
         self._compiler: threading.Thread | None = None
         self._compile_error: BaseException | None = None
@@ -159,7 +142,7 @@ class Engine:
         """Thread body: compile the step for the current bucket by running it once near the cache's end."""
         size, t0 = self.decoder.max_len, time.perf_counter()
         try:
-            with torch.no_grad(), _aten_reductions():
+            with torch.no_grad(), aten_reductions():
                 # not the last slot: a visible length equal to the cache's would be traced as the same size,
                 # and the graph would then be guarded to that length alone (every real step recompiling)
                 last = size - 2
@@ -224,7 +207,7 @@ class Engine:
             return self._step(token, self.decoder.positions[pos:pos + 1], visible)
         torch._dynamo.maybe_mark_dynamic(visible, 0)
         try:
-            with _aten_reductions():
+            with aten_reductions():
                 out = self._step(token, self.decoder.positions[pos:pos + 1], visible)
         except Exception as e:  # noqa: BLE001 - a model the compiler cannot handle still runs, eagerly
             if self._compiled_once:

@@ -22,7 +22,9 @@ before it is used (`aten_width`); where nothing matches (another version), the e
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 
 import torch
 
@@ -108,3 +110,30 @@ def aten_width(n: int) -> int | None:
                                            for x in rows):
             return width
     return None
+
+
+@contextlib.contextmanager
+def aten_reductions():
+    """While inductor compiles, lower mean() to ATen's own kernel instead of a generated reduction.
+
+    The generated reduction sums in another order than ATen's, so an RMSNorm's last bit can differ from the
+    reference's, and now and then that flips a greedy token. Only this lowering changes, only inside the
+    engine's calls (it is swapped back at once), so other compiled code in the process is unaffected.
+    """
+    from torch._inductor import lowering
+    op = torch.ops.aten.mean.dim
+    saved = lowering.lowerings.get(op)
+    lowering.lowerings[op] = lowering.fallback_handler(op, add_to_fallback_set=False)
+    # torch._inductor.ir says, once per graph, that this op has no C shim. A filter, not setLevel: setLevel
+    # clears the level cache of every logger in the process, twice per decoded token (about 100 µs a token)
+    ir_log = logging.getLogger("torch._inductor.ir")
+    ir_log.addFilter(_errors_only)
+    try:
+        yield
+    finally:
+        lowering.lowerings[op] = saved
+        ir_log.removeFilter(_errors_only)
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR

@@ -1,7 +1,8 @@
 """Generation and its speed: prefill and decode tokens per second, greedy.
 
-Three paths (`engine=`): "compiled" (default: lowbit's engine with a compiled decode step), "eager" (the
-same engine, not compiled) and "hf" (transformers' generate: the reference path).
+Four paths (`engine=`): "compiled" (default: lowbit's engine with a decode step compiled by torch.compile),
+"aot" (the same step compiled ahead of time with AOTInductor: engine.aot), "eager" (the same engine, not
+compiled) and "hf" (transformers' generate: the reference path).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from ..errors import LowbitError
 from ..models.arch import has_engine
 
-ENGINES = ("compiled", "eager", "hf")
+ENGINES = ("compiled", "aot", "eager", "hf")
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {kind: Engine}
 
 
@@ -24,7 +25,7 @@ def engine_for(model, engine: str = "compiled", kv_bits: int | None = None, kv_o
                kv_keys: str = "auto"):
     """The model's lowbit engine of that kind, built once per model and kept beside it (compiling is costly)."""
     from ..engine import Engine
-    if engine not in ("compiled", "eager"):
+    if engine not in ("compiled", "aot", "eager"):
         raise LowbitError(f"unknown engine '{engine}'; choose from {', '.join(ENGINES)}")
     # kept beside the model, not on it, so that a deepcopy of the model never inherits another model's engine
     from ..offload.runtime import streaming_of
@@ -32,7 +33,8 @@ def engine_for(model, engine: str = "compiled", kv_bits: int | None = None, kv_o
     # an engine built before the model's blocks were offloaded holds fused copies of them: not reused then
     key = (engine, kv_bits, kv_offload, kv_keys, id(streaming_of(model)))
     if key not in cache:
-        cache[key] = Engine(model, compile=engine == "compiled", kv_bits=kv_bits, kv_offload=kv_offload,
+        compile = {"compiled": True, "aot": "aot"}.get(engine, False)
+        cache[key] = Engine(model, compile=compile, kv_bits=kv_bits, kv_offload=kv_offload,
                             kv_key_group=_key_group(kv_keys, kv_bits, kv_offload))
     return cache[key]
 
@@ -116,7 +118,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
     if engine != "hf":
         e = engine_for(model, engine, kv_bits, kv_offload, kv_keys)
         e.wait_compiled()
-        e.background = bool(background and e.compile and kv_bits is None)
+        e.background = bool(background and e.compile is True and kv_bits is None)   # an AOT step compiles in front
         compile_s = e.warmup() if e.compile and not e.background else 0.0
         t0 = time.perf_counter()
         r = e.generate(ids, max_new_tokens, eos_token_id=_eos_ids(model, tokenizer),

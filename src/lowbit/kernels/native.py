@@ -97,6 +97,16 @@ def load() -> str | None:
     return None
 
 
+def build_tag() -> str:
+    """The loaded build's name (a hash of its sources, this PyTorch and the compiler), or "none" when the kernels
+    are not loaded: compiled code that calls them is valid for that build only."""
+    return _tag(library_path()) if load() is None else "none"
+
+
+def _tag(path: Path) -> str:
+    return f"lowbit-native-{path.parent.name}"
+
+
 def _tag_compile_caches(path: Path) -> None:
     """torch.compile's on-disk graph caches key a compiled graph by its code and settings, not by the schemas of the
     custom ops it calls: a graph compiled against an older build of these kernels would call this one with that
@@ -104,7 +114,7 @@ def _tag_compile_caches(path: Path) -> None:
     the cache key (torch.compiler.config.cache_key_tag, kept with any tag already set). torch keeps such settings
     per thread: they hold in the thread that loads the kernels and in threads run in a copy of its context (the
     engine compiles in the background so)."""
-    tag = f"lowbit-native-{path.parent.name}"
+    tag = _tag(path)
     cfg = torch.compiler.config
     if tag not in cfg.cache_key_tag.split(","):
         cfg.cache_key_tag = ",".join(t for t in (cfg.cache_key_tag, tag) if t)

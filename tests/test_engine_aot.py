@@ -1,0 +1,57 @@
+"""The decode step compiled ahead of time (engine.aot): the eager step's tokens and logits bit for bit, across a
+cache resize, from a package built here and from the same package loaded by a second engine."""
+
+import pytest
+import torch
+
+from lowbit import LowbitError
+from lowbit.engine import Engine
+
+from conftest import quantized
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(3)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture()
+def aot_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_AOT_DIR", str(tmp_path / "aot"))
+    return tmp_path / "aot"
+
+
+def test_aot_step_equals_eager_across_a_resize_and_a_reloaded_package(aot_dir):
+    model = quantized(tiny_llama(), bits=4, group_size=32)
+    ids = torch.randint(0, 256, (1, 5))
+    eager, aot = Engine(model, compile=False), Engine(model, compile="aot")
+    assert torch.equal(aot.generate(ids, 20)["tokens"], eager.generate(ids, 20)["tokens"])
+    assert aot._step.compiled_from_scratch == 1 and len(list(aot_dir.glob("step-*.pt2"))) == 1
+    for e in (eager, aot):
+        e.reserve(40)
+        e.prefill(ids)
+    for i in range(3):   # logits too, not only the greedy tokens
+        la, ta = eager.decode(ids[:, i:i + 1], 5 + i)
+        lb, tb = aot.decode(ids[:, i:i + 1], 5 + i)
+        assert torch.equal(la, lb) and torch.equal(ta, tb)
+    # a longer request: another cache size, so another package; then back to the first size, whose package
+    # must be bound again to the new cache and rotary tensors (a resize replaces them)
+    long = torch.randint(0, 256, (1, 300))
+    assert torch.equal(aot.generate(long, 6)["tokens"], eager.generate(long, 6)["tokens"])
+    assert aot.decoder.max_len == 512
+    assert torch.equal(aot.generate(ids, 12)["tokens"], eager.generate(ids, 12)["tokens"])
+    # a second engine of the same graph (the packages hold no weights) loads them instead of compiling
+    again = Engine(model, compile="aot")
+    assert torch.equal(again.generate(ids, 20)["tokens"], eager.generate(ids, 20)["tokens"])
+    assert again._step.compiled_from_scratch == 0
+    assert not [p for p in aot_dir.iterdir() if not p.name.endswith(".pt2")]   # no temporary left behind
+
+
+def test_aot_refuses_a_quantized_or_host_cache_in_one_line():
+    model = tiny_llama()
+    for options in ({"kv_bits": 8}, {"kv_offload": True}):
+        with pytest.raises(LowbitError, match="ahead-of-time"):
+            Engine(model, compile="aot", **options)
