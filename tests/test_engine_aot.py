@@ -55,3 +55,35 @@ def test_aot_refuses_a_quantized_or_host_cache_in_one_line():
     for options in ({"kv_bits": 8}, {"kv_offload": True}):
         with pytest.raises(LowbitError, match="ahead-of-time"):
             Engine(model, compile="aot", **options)
+
+
+def test_aot_on_sliding_windows_uses_torch_compile(aot_dir):
+    from test_architectures import _tiny_gemma3
+    engine = Engine(_tiny_gemma3(), compile="aot")
+    assert engine.compile is True and not list(aot_dir.glob("*"))
+
+
+@pytest.mark.slow
+def test_aot_step_of_a_quantized_mixture_of_experts_equals_eager(aot_dir):
+    import lowbit
+    from test_architectures import _tiny_qwen3_moe
+    model = lowbit.quantize(_tiny_qwen3_moe(), lowbit.RTN(bits=4, group_size=16), progress=False)
+    x = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    aot = Engine(model, compile="aot")
+    assert torch.equal(aot.generate(x, 40)["tokens"], Engine(model, compile=False).generate(x, 40)["tokens"])
+    assert aot._step.compiled_from_scratch == 1
+
+
+def test_a_failed_aot_compilation_falls_back_to_torch_compile(aot_dir, monkeypatch):
+    from lowbit.engine import aot as aot_module
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("export refused")
+    monkeypatch.setattr(aot_module.torch.export, "export", refuse)
+    monkeypatch.setenv("LOWBIT_STRICT_COMPILE", "0")   # conftest makes compile failures raise
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (1, 5))
+    engine = Engine(model, compile="aot")
+    with pytest.warns(UserWarning, match="ahead of time failed.*export refused.*torch.compile"):
+        got = engine.generate(ids, 8)["tokens"]
+    assert engine.compile is True and torch.equal(got, Engine(model, compile=False).generate(ids, 8)["tokens"])

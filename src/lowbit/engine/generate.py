@@ -81,7 +81,8 @@ class Engine:
     eagerly — the ground truth the compiled graph is tested against. compile="aot" compiles it ahead of time
     with AOTInductor instead (engine.aot: weights held as constants, so no Python work per weight and token;
     cached on disk by graph, so another model of the same architecture and format only exports), in front,
-    for a KV cache in the model's dtype. background=True (with compile) decodes
+    for a KV cache in the model's dtype; a model with sliding-window layers, or one export or AOTInductor fails
+    on (said in a warning), gets torch.compile's step instead. background=True (with compile) decodes
     eagerly while a thread compiles, and switches to the compiled step once it is ready: tokens start at once
     and are the same either way (the two paths are bit-equal); a quantized KV cache compiles in front.
     kv_bits=8 or 4 keeps the KV cache quantized (symmetric, per head, position and group of kv_group_size
@@ -107,6 +108,8 @@ class Engine:
             raise LowbitError("the ahead-of-time compiled step runs a KV cache in the model's dtype on the compute "
                               "device; use the compiled engine for a quantized or host KV cache")
         compile = compile if not kv_offload and not self.decoder.streamed else False
+        if compile == "aot" and any(b.window is not None for b in self.decoder.blocks):
+            compile = True   # sliding windows branch on the visible length, which export cannot keep symbolic
         self.compile = compile
         self._compiled_once = False
         self._step = self._decode_step
@@ -192,8 +195,14 @@ class Engine:
             raise e
         import traceback
         where = traceback.extract_tb(e.__traceback__)[-1]
-        warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {str(e)[:200]} at "
-                      f"{Path(where.filename).name}:{where.lineno}); running eagerly")
+        aot = isinstance(self._step, AotStep)
+        warnings.warn(f"compiling the decode step{' ahead of time' if aot else ''} failed ({type(e).__name__}: "
+                      f"{str(e)[:200]} at {Path(where.filename).name}:{where.lineno}); "
+                      f"{'compiling it with torch.compile' if aot else 'running eagerly'}")
+        if aot:
+            self.compile = True
+            self._step = torch.compile(_own_code(self._decode_step), dynamic=False, options=_inductor_options())
+            return
         self.compile, self._step = False, self._decode_step
 
     @torch.no_grad()
