@@ -87,3 +87,19 @@ def test_a_failed_aot_compilation_falls_back_to_torch_compile(aot_dir, monkeypat
     with pytest.warns(UserWarning, match="ahead of time failed.*export refused.*torch.compile"):
         got = engine.generate(ids, 8)["tokens"]
     assert engine.compile is True and torch.equal(got, Engine(model, compile=False).generate(ids, 8)["tokens"])
+
+
+def test_aot_compiles_in_the_background_while_decoding_eagerly(aot_dir):
+    """Eager steps run while the step is exported and compiled in another thread (strict export leaves the modules
+    alone), then the AOT step takes over; the tokens are the eager engine's either way."""
+    from lowbit.engine.aot import AotStep
+    model = quantized(tiny_llama(), bits=4, group_size=32)
+    ids = torch.randint(0, 256, (1, 5))
+    want = Engine(model, compile=False).generate(ids, 120)["tokens"]
+    engine = Engine(model, compile="aot", background=True)
+    r = engine.generate(ids, 120)
+    engine.wait_compiled()
+    assert torch.equal(r["tokens"], want) and r["eager_tokens"] >= 1
+    again = engine.generate(ids, 120)
+    assert again["eager_tokens"] == 0 and torch.equal(again["tokens"], want)
+    assert isinstance(engine._step, AotStep) and engine._step.compiled_from_scratch == 1

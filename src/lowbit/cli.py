@@ -432,7 +432,7 @@ def _positive(x: str) -> int:
 def _add_engine_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="compiled", choices=["compiled", "aot", "eager", "hf"],
                    help="generation path: lowbit's engine compiled by torch.compile (default), compiled ahead of time "
-                        "with AOTInductor (aot: faster steps, compiled before the first token, cached by graph), "
+                        "with AOTInductor (aot: faster steps, its package cached on disk by graph), "
                         "or eager, or transformers' generate")
 
 

@@ -7,7 +7,8 @@ An AOTInductor package holds them as constants instead, given once (`load_consta
 the engine's own tensors, nothing copied, so cache writes land in the engine's cache and prefill, which runs
 eagerly, and the compiled step share it), and a call passes only the token, its position and the visible range.
 
-The step is exported (`torch.export`, the visible length a dynamic dimension) for the cache's current size and
+The step is exported (`torch.export`, strict, the visible length a dynamic dimension; the engine may do it in a
+background thread while it decodes eagerly) for the cache's current size and
 compiled with the same inductor settings as the torch.compile path (ATen's mean, precision casts emulated): its
 tokens and logits equal the eager step's (tests/test_engine_aot.py). The compiled package does not depend on
 the weights' values, only on the graph, the tensors' shapes and dtypes, torch, the native kernels' build and
@@ -101,7 +102,9 @@ class AotStep:
         # at most size − 1: a length equal to the cache's would be traced as the same symbol and fixed to it
         dims = (None, None, {0: torch.export.Dim("visible", min=MIN_VISIBLE, max=size - 1)})
         with torch.no_grad(), aten_reductions():
-            ep = torch.export.export(self.step, (token, pos, visible), dynamic_shapes=dims, strict=False)
+            # strict: traced by dynamo, which leaves the modules alone (non-strict export swaps their tensors
+            # for fake ones while it traces, which eager decoding beside a background compilation would read)
+            ep = torch.export.export(self.step, (token, pos, visible), dynamic_shapes=dims, strict=True)
             path = aot_dir() / f"step-{package_key(ep, self.options)}.pt2"
             if not path.exists():
                 self._compile(ep, path)

@@ -80,8 +80,8 @@ class Engine:
     bucket pays the compilation (seconds to a minute on a small CPU). compile=False runs the same code
     eagerly — the ground truth the compiled graph is tested against. compile="aot" compiles it ahead of time
     with AOTInductor instead (engine.aot: weights held as constants, so no Python work per weight and token;
-    cached on disk by graph, so another model of the same architecture and format only exports), in front,
-    for a KV cache in the model's dtype; a model with sliding-window layers, or one export or AOTInductor fails
+    cached on disk by graph, so another model of the same architecture and format only exports), for a KV
+    cache in the model's dtype; a model with sliding-window layers, or one export or AOTInductor fails
     on (said in a warning), gets torch.compile's step instead. background=True (with compile) decodes
     eagerly while a thread compiles, and switches to the compiled step once it is ready: tokens start at once
     and are the same either way (the two paths are bit-equal); a quantized KV cache compiles in front.
@@ -113,15 +113,13 @@ class Engine:
         self.compile = compile
         self._compiled_once = False
         self._step = self._decode_step
-        if compile == "aot":   # engine.aot: no Python work per weight and token, compiled in front
+        if compile == "aot":   # engine.aot: no Python work per weight and token
             self._step = AotStep(self.decoder, _inductor_options())
         elif compile:
             self._step = torch.compile(_own_code(self._decode_step), dynamic=False, options=_inductor_options())
         # background compilation runs the compiled step once on the cache's next-to-last slot, which decoding writes
-        # before it ever reads; a quantized cache keeps per-group state across slots, so it compiles in front.
-        # The ahead-of-time step compiles in front too: export swaps the modules' tensors for traced ones while
-        # it runs, which eager decoding in another thread would then read
-        self.background = compile is True and background and kv_bits is None
+        # before it ever reads; a quantized cache keeps per-group state across slots, so it compiles in front
+        self.background = bool(compile) and background and kv_bits is None
         self._compiled_sizes: set[int] = set()
         self._compiler: threading.Thread | None = None
         self._compile_error: BaseException | None = None

@@ -118,7 +118,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
     if engine != "hf":
         e = engine_for(model, engine, kv_bits, kv_offload, kv_keys)
         e.wait_compiled()
-        e.background = bool(background and e.compile is True and kv_bits is None)   # an AOT step compiles in front
+        e.background = bool(background and e.compile and kv_bits is None)
         compile_s = e.warmup() if e.compile and not e.background else 0.0
         t0 = time.perf_counter()
         r = e.generate(ids, max_new_tokens, eos_token_id=_eos_ids(model, tokenizer),
