@@ -143,6 +143,43 @@ def test_background_compilation_decodes_eagerly_then_switches_with_the_same_toke
     assert r["eager_tokens"] >= 1 and torch.equal(r["tokens"], Engine(model, compile=False).generate(longer, 8)["tokens"])
 
 
+def test_eager_steps_wait_out_a_tracer_that_replaced_module_call(monkeypatch):
+    """While the compiler thread traces, torch replaces nn.Module.__call__ process-wide and its tracer rejects
+    other modules' calls: the eager step waits until the replacement is gone, and runs again if one started
+    during it (it rewrites the same cache positions), with the same logits as undisturbed."""
+    import threading
+    import time
+    from torch import nn
+    model = _tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 5))
+    engine = Engine(model, compile=False)
+    engine.reserve(16)
+    want = engine.prefill(ids)
+    busy = threading.Event()
+    engine._compiler = threading.Thread(target=busy.wait)      # a compilation in flight
+    engine._compiler.start()
+    original = nn.Module.__call__
+
+    def tracer_call(mod, *args, **kwargs):
+        raise NameError("module is not installed as a submodule")
+    monkeypatch.setattr(nn.Module, "__call__", tracer_call)
+    threading.Timer(0.3, lambda: setattr(nn.Module, "__call__", original)).start()
+    t0 = time.perf_counter()
+    got = engine.prefill(ids)                                   # waits for the replacement to go
+    assert time.perf_counter() - t0 >= 0.25 and torch.equal(got, want)
+    calls = []
+
+    def interrupted_once(*args):                                # a tracing started during the step
+        calls.append(1)
+        if len(calls) == 1:
+            raise NameError("module is not installed as a submodule")
+        return engine.decoder(*args)
+    assert torch.equal(engine._beside_compiler(interrupted_once, ids, engine.decoder.positions[:5]), want)
+    assert len(calls) == 2
+    busy.set()
+    engine.wait_compiled()
+
+
 def test_a_background_compilation_that_fails_runs_eagerly_or_raises_when_strict(monkeypatch):
     model = _tiny_model("llama")
     ids = torch.randint(0, 256, (1, 5))

@@ -29,6 +29,7 @@ from .decoder import Decoder
 from .reduction import aten_reductions
 
 MIN_BUCKET = 256
+_MODULE_CALL = nn.Module.__call__   # as torch defines it, for noticing when a tracer replaced it (see below)
 KEY_GROUP = 64   # positions per key scale in a 4-bit cache (divides every bucket)
 
 
@@ -184,7 +185,7 @@ class Engine:
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt ids ([1, T]) from position 0; fills the cache, returns the last logits [1, vocab]."""
         t = ids.shape[1]
-        return self.decoder(ids, self.decoder.positions[:t])
+        return self._beside_compiler(self.decoder, ids, self.decoder.positions[:t])
 
     def _run_eagerly_after(self, e: Exception) -> None:
         """Compiling the step failed (here or in the background): say where and run eagerly from now on, unless
@@ -203,13 +204,31 @@ class Engine:
             return
         self.compile, self._step = False, self._decode_step
 
+    def _beside_compiler(self, run, *args):
+        """An eager step or prefill while the compiler thread may run. While torch traces a graph (AOTAutograd,
+        export) it replaces nn.Module.__call__ for the whole process, and its tracer rejects calls of modules
+        outside the traced one ("module is not installed as a submodule": seen on a slow CPU, whose eager steps
+        overlapped the tracing). So wait until the replacement is gone, and run again if a tracing started
+        meanwhile: a step or prefill only writes its own positions' keys and values, the same values again."""
+        if self._compiler is None or not self._compiler.is_alive():
+            return run(*args)
+        for _ in range(10_000):
+            while nn.Module.__call__ is not _MODULE_CALL:
+                time.sleep(0.002)
+            try:
+                return run(*args)
+            except NameError as e:
+                if "not installed as a submodule" not in str(e):
+                    raise
+        raise LowbitError("the decode step could not run beside the background compilation")
+
     @torch.no_grad()
     def decode(self, token: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One token ([1, 1]) at position pos; returns its logits [1, vocab] and the greedy next token [1, 1]."""
         visible = self.decoder.positions[:pos + 1]
         if self.background and self.compile and self._eager_while_compiling():
             self.eager_steps += 1      # bit-equal to the compiled step (tests/test_engine.py)
-            return self._decode_step(token, self.decoder.positions[pos:pos + 1], visible)
+            return self._beside_compiler(self._decode_step, token, self.decoder.positions[pos:pos + 1], visible)
         if not self.compile:
             return self._step(token, self.decoder.positions[pos:pos + 1], visible)
         torch._dynamo.maybe_mark_dynamic(visible, 0)
