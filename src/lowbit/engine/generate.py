@@ -117,7 +117,7 @@ class Engine:
         if compile == "aot":   # engine.aot: no Python work per weight and token
             self._step = AotStep(self.decoder, _inductor_options())
         elif compile:
-            self._step = torch.compile(_own_code(self._decode_step), dynamic=False, options=_inductor_options())
+            self._step = self._torch_compiled_step()
         # background compilation runs the compiled step once on the cache's next-to-last slot, which decoding writes
         # before it ever reads; a quantized cache keeps per-group state across slots, so it compiles in front
         self.background = bool(compile) and background and kv_bits is None
@@ -126,6 +126,9 @@ class Engine:
         self._compile_error: BaseException | None = None
         self.compile_seconds: float | None = None     # how long the last background compilation took
         self.eager_steps = 0                           # decode steps run eagerly while it compiled
+
+    def _torch_compiled_step(self):
+        return torch.compile(_own_code(self._decode_step), dynamic=False, options=_inductor_options())
 
     def _decode_step(self, token, pos, visible):
         logits = self.decoder(token, pos, visible)
@@ -199,8 +202,7 @@ class Engine:
                       f"{str(e)[:200]} at {Path(where.filename).name}:{where.lineno}); "
                       f"{'compiling it with torch.compile' if aot else 'running eagerly'}")
         if aot:
-            self.compile = True
-            self._step = torch.compile(_own_code(self._decode_step), dynamic=False, options=_inductor_options())
+            self.compile, self._step = True, self._torch_compiled_step()
             return
         self.compile, self._step = False, self._decode_step
 
