@@ -17,14 +17,18 @@ os.environ.setdefault("LOWBIT_STRICT_COMPILE", "1")   # a compiled engine that f
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache_dir(tmp_path_factory):
-    """What lowbit keeps between runs (eval.base_cache) goes to a temporary directory, not the user's cache."""
-    before = os.environ.get("LOWBIT_EVAL_CACHE_DIR")
-    os.environ["LOWBIT_EVAL_CACHE_DIR"] = str(tmp_path_factory.mktemp("lowbit-cache"))
+    """What lowbit keeps between runs (eval.base_cache, engine.aot's packages) goes to a temporary directory, not
+    the user's cache."""
+    names = ("LOWBIT_EVAL_CACHE_DIR", "LOWBIT_AOT_DIR")
+    before = {name: os.environ.get(name) for name in names}
+    for name in names:
+        os.environ[name] = str(tmp_path_factory.mktemp(name.lower()))
     yield
-    if before is None:
-        os.environ.pop("LOWBIT_EVAL_CACHE_DIR", None)
-    else:
-        os.environ["LOWBIT_EVAL_CACHE_DIR"] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

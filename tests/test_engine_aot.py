@@ -10,11 +10,11 @@ from lowbit.engine import Engine
 from conftest import quantized
 
 
-def tiny_llama():
+def tiny_llama(vocab_size=256):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(3)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
+                         num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512)
     return LlamaForCausalLM(config).eval()
 
 
@@ -55,6 +55,24 @@ def test_aot_refuses_a_quantized_or_host_cache_in_one_line():
     for options in ({"kv_bits": 8}, {"kv_offload": True}):
         with pytest.raises(LowbitError, match="ahead-of-time"):
             Engine(model, compile="aot", **options)
+
+
+def test_auto_is_aot_on_a_cpu_with_a_plain_cache_and_torch_compile_otherwise():
+    model = tiny_llama()
+    assert Engine(model).kind == "aot" and Engine(model, compile="auto").kind == "aot"
+    assert Engine(model, kv_bits=8).kind == "compiled"
+    assert Engine(model, kv_offload=True).kind == "eager"   # a host cache runs eagerly whatever was asked
+    assert Engine(model, compile=True).kind == "compiled" and Engine(model, compile=False).kind == "eager"
+    with pytest.raises(LowbitError, match="unknown compile mode 'fast'"):
+        Engine(model, compile="fast")
+
+
+def test_generate_reports_the_engine_auto_resolved_to(aot_dir, tokenizer):
+    import lowbit
+    model = tiny_llama(len(tokenizer))
+    r = lowbit.generate(model, tokenizer, "Hello", max_new_tokens=6)
+    eager = lowbit.generate(model, tokenizer, "Hello", max_new_tokens=6, engine="eager")
+    assert r["engine"] == "aot" and eager["engine"] == "eager" and r["tokens"] == eager["tokens"]
 
 
 def test_aot_on_sliding_windows_uses_torch_compile(aot_dir):

@@ -308,7 +308,7 @@ def cmd_eval(args) -> int:
         print(f"file         {size / 1e6:.1f} MB, {r['file_bits_per_weight']:.3f} bits/weight (loaded dequantized to float)")
     if not args.no_speed:
         print(f"speed        decode {r['decode_tokens_per_s']:.1f} tok/s, prefill {r['prefill_tokens_per_s']:.0f} tok/s"
-              f" ({args.engine} engine)")
+              f" ({r['speed_engine']} engine)")
     print(f"memory       RSS {r['rss_bytes'] / 2**20:.0f} MiB, peak {r['peak_rss_bytes'] / 2**20:.0f} MiB")
     print(f"seconds      {r['seconds']:.1f}")
     if args.json:
@@ -388,7 +388,7 @@ def cmd_generate(args) -> int:
               file=sys.stderr)
     if streamed is not None:
         print(streamed.plan.describe(), file=sys.stderr)
-        if streamed.plan.streamed and engine in ("compiled", "aot"):
+        if streamed.plan.streamed and engine in ("auto", "compiled", "aot"):
             print("streaming blocks: the engine runs eagerly (weights are swapped in around each block)",
                   file=sys.stderr)
     def show(piece: str) -> None:
@@ -430,10 +430,11 @@ def _positive(x: str) -> int:
 
 
 def _add_engine_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", default="compiled", choices=["compiled", "aot", "eager", "hf"],
-                   help="generation path: lowbit's engine compiled by torch.compile (default), compiled ahead of time "
-                        "with AOTInductor (aot: faster steps, its package cached on disk by graph), "
-                        "or eager, or transformers' generate")
+    p.add_argument("--engine", default="auto", choices=["auto", "compiled", "aot", "eager", "hf"],
+                   help="generation path: lowbit's engine with its decode step compiled ahead of time by AOTInductor "
+                        "(aot: its package cached on disk by graph) or by torch.compile (compiled), or eager, or "
+                        "transformers' generate; auto (default): aot on a CPU, compiled on a GPU or with --kv-bits "
+                        "or --kv-offload")
 
 
 def _add_format_args(p: argparse.ArgumentParser) -> None:

@@ -43,7 +43,7 @@ def label_of(scheme: QuantConfig, extra: dict | None = None) -> str:
 def compare(source: str, schemes: list[QuantConfig] | dict[str, QuantConfig], out: str | Path, *,
             calib_text: str | None = None, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
             seed: int = 0, text: str | None = None, ctx: int = 512, max_windows: int | None = None,
-            speed: bool = True, progress: bool = True, overwrite: bool = False, engine: str = "compiled") -> dict:
+            speed: bool = True, progress: bool = True, overwrite: bool = False, engine: str = "auto") -> dict:
     """Quantize `source` once per configuration (a list, labelled by `label_of`, or label -> configuration) on
     the same calibration windows and evaluate all of them on the same held-out windows; writes OUT/report.md,
     report.json, tradeoff.png and one checkpoint per label. Returns {"rows": [...], "meta": {...}}."""

@@ -83,7 +83,9 @@ class Engine:
     with AOTInductor instead (engine.aot: weights held as constants, so no Python work per weight and token;
     cached on disk by graph, so another model of the same architecture and format only exports), for a KV
     cache in the model's dtype; a model with sliding-window layers, or one export or AOTInductor fails
-    on (said in a warning), gets torch.compile's step instead. background=True (with compile) decodes
+    on (said in a warning), gets torch.compile's step instead. compile="auto" (default): "aot" on a CPU with a
+    KV cache in the model's dtype (measured 1.11-1.14x torch.compile's step on an AVX2 EPYC and an AVX-512
+    Xeon: BENCHMARKS.md), torch.compile otherwise (the AOT step is not measured on GPUs yet). background=True (with compile) decodes
     eagerly while a thread compiles, and switches to the compiled step once it is ready: tokens start at once
     and are the same either way (the two paths are bit-equal); a quantized KV cache compiles in front.
     kv_bits=8 or 4 keeps the KV cache quantized (symmetric, per head, position and group of kv_group_size
@@ -96,7 +98,7 @@ class Engine:
     eagerly too, its streamed blocks unfused, each block's weights brought in just before it runs.
     """
 
-    def __init__(self, model: nn.Module, compile: bool | str = True, max_positions: int | None = None,
+    def __init__(self, model: nn.Module, compile: bool | str = "auto", max_positions: int | None = None,
                  kv_bits: int | None = None, kv_group_size: int | None = None, kv_offload: bool = False,
                  kv_key_group: int | None | str = "auto", background: bool = False):
         if kv_key_group == "auto":   # measured: +1.3% perplexity at 2048 tokens against +16.7% per token
@@ -104,6 +106,11 @@ class Engine:
         self.model = model
         self.limit = max_positions or getattr(model.config, "max_position_embeddings", None) or 2048
         self.decoder = Decoder(model, MIN_BUCKET, kv_bits, kv_group_size, kv_offload, kv_key_group).eval()
+        if compile == "auto":
+            cpu = self.decoder.positions.device.type == "cpu"
+            compile = "aot" if cpu and kv_bits is None and not kv_offload else True
+        if compile not in (True, False, "aot"):
+            raise LowbitError(f"unknown compile mode {compile!r}; choose from True, False, 'aot', 'auto'")
         # host-side copies per layer, and blocks whose weights are swapped in per call, stay out of a graph
         if compile == "aot" and (kv_bits is not None or kv_offload):
             raise LowbitError("the ahead-of-time compiled step runs a KV cache in the model's dtype on the compute "
@@ -233,10 +240,13 @@ class Engine:
             return self._beside_compiler(self._decode_step, token, self.decoder.positions[pos:pos + 1], visible)
         if not self.compile:
             return self._step(token, self.decoder.positions[pos:pos + 1], visible)
-        torch._dynamo.maybe_mark_dynamic(visible, 0)
         try:
-            with aten_reductions():
+            if isinstance(self._step, AotStep):   # already compiled with aten_reductions, and not by dynamo
                 out = self._step(token, self.decoder.positions[pos:pos + 1], visible)
+            else:
+                torch._dynamo.maybe_mark_dynamic(visible, 0)
+                with aten_reductions():
+                    out = self._step(token, self.decoder.positions[pos:pos + 1], visible)
         except Exception as e:  # noqa: BLE001 - a model the compiler cannot handle still runs, eagerly
             if self._compiled_once:
                 raise
@@ -297,6 +307,13 @@ class Engine:
         self.generate(torch.zeros(1, prompt_len, dtype=torch.long), new_tokens)
         self.wait_compiled()
         return time.perf_counter() - t0
+
+    @property
+    def kind(self) -> str:
+        """How the decode step runs now: "aot", "compiled" (torch.compile) or "eager" (after a fallback too)."""
+        if not self.compile:
+            return "eager"
+        return "aot" if isinstance(self._step, AotStep) else "compiled"
 
     @property
     def cache(self) -> StaticKVCache:

@@ -11,13 +11,13 @@ from ..data import load_text, token_windows
 from .base_cache import BaseCache
 from .quality import evaluate_quality
 from .size import weight_stats
-from .speed import check_vocabulary, decode_speed, generate, prefill_speed
+from .speed import check_vocabulary, decode_speed, engine_kind, generate, prefill_speed
 from .system import environment, peak_rss_bytes, rss_bytes
 
 
 def evaluate(model, tokenizer=None, base="recorded", *, text: str | None = None, ctx: int = 512,
              max_windows: int | None = None, speed: bool = True, progress: bool = True,
-             engine: str = "compiled", arithmetic: str = "torch") -> dict:
+             engine: str = "auto", arithmetic: str = "torch") -> dict:
     """Evaluate one model on held-out text. Keys: ppl, kld, top1 (None without a base), base, bytes,
     bits_per_weight, seconds, base_pass (eval.base_cache: "reused", "kept" or "off"), and more detail (sizes,
     speeds, memory, environment).
@@ -83,7 +83,7 @@ def evaluate(model, tokenizer=None, base="recorded", *, text: str | None = None,
     if speed:
         result["decode_tokens_per_s"] = decode_speed(model, tokenizer, engine=engine)
         result["prefill_tokens_per_s"] = prefill_speed(model, windows[0], engine=engine)
-        result["speed_engine"] = engine
+        result["speed_engine"] = engine_kind(model, engine)   # "auto" resolved; a fallback said
     result["rss_bytes"] = rss_bytes()
     result["peak_rss_bytes"] = peak_rss_bytes()
     result["environment"] = environment()

@@ -1,8 +1,9 @@
 """Generation and its speed: prefill and decode tokens per second, greedy.
 
-Four paths (`engine=`): "compiled" (default: lowbit's engine with a decode step compiled by torch.compile),
-"aot" (the same step compiled ahead of time with AOTInductor: engine.aot), "eager" (the same engine, not
-compiled) and "hf" (transformers' generate: the reference path).
+Paths (`engine=`): "auto" (default: lowbit's engine, its decode step compiled ahead of time on a CPU and by
+torch.compile elsewhere: Engine's compile="auto"), "compiled" (the step compiled by torch.compile), "aot" (the
+step compiled ahead of time with AOTInductor: engine.aot), "eager" (the same engine, not compiled) and "hf"
+(transformers' generate: the reference path).
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ import torch
 from ..errors import LowbitError
 from ..models.arch import has_engine
 
-ENGINES = ("compiled", "aot", "eager", "hf")
+ENGINES = ("auto", "compiled", "aot", "eager", "hf")
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {kind: Engine}
 
 
-def engine_for(model, engine: str = "compiled", kv_bits: int | None = None, kv_offload: bool = False,
+def engine_for(model, engine: str = "auto", kv_bits: int | None = None, kv_offload: bool = False,
                kv_keys: str = "auto"):
     """The model's lowbit engine of that kind, built once per model and kept beside it (compiling is costly)."""
     from ..engine import Engine
-    if engine not in ("compiled", "aot", "eager"):
+    if engine not in ("auto", "compiled", "aot", "eager"):
         raise LowbitError(f"unknown engine '{engine}'; choose from {', '.join(ENGINES)}")
     # kept beside the model, not on it, so that a deepcopy of the model never inherits another model's engine
     from ..offload.runtime import streaming_of
@@ -33,7 +34,7 @@ def engine_for(model, engine: str = "compiled", kv_bits: int | None = None, kv_o
     # an engine built before the model's blocks were offloaded holds fused copies of them: not reused then
     key = (engine, kv_bits, kv_offload, kv_keys, id(streaming_of(model)))
     if key not in cache:
-        compile = {"compiled": True, "aot": "aot"}.get(engine, False)
+        compile = {"auto": "auto", "compiled": True, "aot": "aot"}.get(engine, False)
         cache[key] = Engine(model, compile=compile, kv_bits=kv_bits, kv_offload=kv_offload,
                             kv_key_group=_key_group(kv_keys, kv_bits, kv_offload))
     return cache[key]
@@ -44,6 +45,11 @@ def wait_compiled(model) -> None:
     the next run starts compiled)."""
     for e in _ENGINES.get(model, {}).values():
         e.wait_compiled()
+
+
+def engine_kind(model, engine: str = "auto") -> str:
+    """What `engine` runs as for this model: "hf", or its lowbit engine's kind ("aot", "compiled", "eager")."""
+    return "hf" if engine == "hf" or not has_engine(model.config) else engine_for(model, engine).kind
 
 
 def _key_group(kv_keys: str, kv_bits: int | None, kv_offload: bool):
@@ -82,7 +88,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = False,
-             engine: str = "compiled", kv_bits: int | None = None, kv_offload: bool = False,
+             engine: str = "auto", kv_bits: int | None = None, kv_offload: bool = False,
              kv_keys: str = "auto", stream: Callable[[str], None] | None = None,
              background: bool = False) -> dict:
     """Greedy continuation of `prompt`; returns text, token counts, and timings.
@@ -130,7 +136,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
             "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()),
             "prefill_seconds": r["prefill_seconds"], "seconds": total_s,
             "decode_tokens_per_s": r["decode_tokens_per_s"], "tokens_per_s": new.numel() / total_s,
-            "engine": engine if e.compile or engine == "eager" else "eager", "compile_seconds": compile_s,
+            "engine": e.kind, "compile_seconds": compile_s,
         }
         if e.background:
             out.update(eager_tokens=r["eager_tokens"], compiled_tokens_per_s=r["compiled_tokens_per_s"],
@@ -179,7 +185,7 @@ def _median(xs):
 
 @torch.no_grad()
 def decode_speed(model, tokenizer, prompt: str = "The history of the Python language", new_tokens: int = 64,
-                 repeats: int = 3, engine: str = "compiled") -> float:
+                 repeats: int = 3, engine: str = "auto") -> float:
     """Median decode tokens/s over `repeats` greedy runs that always generate exactly new_tokens
     (the prompt's own forward pass, timed separately, is subtracted; compiling happens before timing)."""
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -200,7 +206,7 @@ def decode_speed(model, tokenizer, prompt: str = "The history of the Python lang
 
 
 @torch.no_grad()
-def prefill_speed(model, window: torch.Tensor, repeats: int = 3, engine: str = "compiled") -> float:
+def prefill_speed(model, window: torch.Tensor, repeats: int = 3, engine: str = "auto") -> float:
     """Median tokens/s of one forward pass over a window (LongTensor [T]). The lowbit engines run the
     prompt pass of generation (filling the KV cache, logits of the last position only); "hf" runs the
     model's forward over the window without a cache."""
