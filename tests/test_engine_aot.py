@@ -50,6 +50,38 @@ def test_aot_step_equals_eager_across_a_resize_and_a_reloaded_package(aot_dir):
     assert not [p for p in aot_dir.iterdir() if not p.name.endswith(".pt2")]   # no temporary left behind
 
 
+def test_the_package_key_is_read_from_the_modules_without_tracing():
+    from lowbit.engine.aot import DecodeStep, package_key
+    from lowbit.engine.decoder import Decoder
+
+    def key(model):
+        return package_key(DecodeStep(Decoder(model, 64)), {"cpp_wrapper": True})
+    a, b = tiny_llama(), tiny_llama()
+    with torch.no_grad():
+        b.model.layers[0].mlp.up_proj.weight.mul_(2)   # other weights, same graph
+    assert key(a) == key(b)
+    c = tiny_llama()
+    c.model.norm.variance_epsilon = 1e-3                # a constant of the graph
+    assert key(c) != key(a)
+    assert key(quantized(tiny_llama(), bits=4, group_size=32)) != key(quantized(tiny_llama(), bits=4, group_size=64))
+
+
+def test_a_package_found_under_the_key_that_differs_from_eager_is_compiled_again(aot_dir, monkeypatch):
+    from lowbit.engine import aot as aot_module
+    monkeypatch.setattr(aot_module, "package_key", lambda step, options: "same-for-all")
+    ids = torch.randint(0, 256, (1, 5))
+    first = Engine(tiny_llama(), compile="aot")
+    first.generate(ids, 4)
+    other = tiny_llama()
+    other.model.norm.variance_epsilon = 0.5             # same shapes, another graph: its logits differ
+    engine = Engine(other, compile="aot")
+    assert torch.equal(engine.generate(ids, 12)["tokens"], Engine(other, compile=False).generate(ids, 12)["tokens"])
+    assert engine._step.rejected == 1 and engine._step.compiled_from_scratch == 1
+    again = Engine(other, compile="aot")                # the package written in its place is trusted
+    again.generate(ids, 4)
+    assert again._step.rejected == 0 and again._step.compiled_from_scratch == 0
+
+
 def test_aot_refuses_a_quantized_or_host_cache_in_one_line():
     model = tiny_llama()
     for options in ({"kv_bits": 8}, {"kv_offload": True}):
@@ -121,3 +153,10 @@ def test_aot_compiles_in_the_background_while_decoding_eagerly(aot_dir):
     again = engine.generate(ids, 120)
     assert again["eager_tokens"] == 0 and torch.equal(again["tokens"], want)
     assert isinstance(engine._step, AotStep) and engine._step.compiled_from_scratch == 1
+    # the next engine loads the package in the background and checks it on its first compiled step (while the
+    # package loads, the eager steps beside it change the cache, so the check cannot happen there)
+    warm = Engine(model, compile="aot", background=True)
+    r = warm.generate(ids, 120)
+    warm.wait_compiled()
+    assert torch.equal(r["tokens"], want) and torch.equal(warm.generate(ids, 120)["tokens"], want)
+    assert warm._step.compiled_from_scratch == 0 and warm._step.rejected == 0 and not warm._step.unchecked

@@ -161,7 +161,10 @@ class Engine:
                 visible = self.decoder.positions[:last + 1]
                 torch._dynamo.maybe_mark_dynamic(visible, 0)
                 token = torch.zeros(1, 1, dtype=torch.long, device=self.decoder.positions.device)
-                self._step(token, self.decoder.positions[last:last + 1], visible)
+                if isinstance(self._step, AotStep):   # loaded or compiled, checked at its first decode step
+                    self._step.prepare(token, self.decoder.positions[last:last + 1], visible)
+                else:
+                    self._step(token, self.decoder.positions[last:last + 1], visible)
             self._compiled_sizes.add(size)
         except Exception as e:  # noqa: BLE001 - reported by the decoding thread, which then stays eager
             self._compile_error = e
