@@ -87,12 +87,12 @@ class Engine:
     bucket pays the compilation (seconds to a minute on a small CPU). compile=False runs the same code
     eagerly — the ground truth the compiled graph is tested against. compile="aot" compiles it ahead of time
     with AOTInductor instead (engine.aot: weights held as constants, so no Python work per weight and token;
-    cached on disk by graph, so another model of the same architecture and format only exports), for a KV
-    cache in the model's dtype; a model with sliding-window layers, or one export or AOTInductor fails
-    on (said in a warning), gets torch.compile's step instead. compile="auto" (default): "aot" on a CPU with a
-    KV cache in the model's dtype (measured 1.11-1.14x torch.compile's step on an AVX2 EPYC and an AVX-512
-    Xeon: BENCHMARKS.md), torch.compile otherwise (the AOT step is not measured on GPUs yet). background=True (with compile) decodes
-    eagerly while a thread compiles, and switches to the compiled step once it is ready: tokens start at once
+    cached on disk under a key read from the modules, so another model of the same architecture and format
+    loads it), for a KV cache in the model's dtype; a model with sliding-window layers, or one export or
+    AOTInductor fails on (said in a warning), gets torch.compile's step instead. compile="auto" (default):
+    "aot" on a CPU with a KV cache in the model's dtype (measured 1.11-1.14x torch.compile's step on an AVX2
+    EPYC and an AVX-512 Xeon: BENCHMARKS.md), torch.compile otherwise (the AOT step is not measured on GPUs
+    yet). background=True (with compile) decodes eagerly while a thread compiles, and switches to the compiled step once it is ready: tokens start at once
     and are the same either way (the two paths are bit-equal); a quantized KV cache compiles in front.
     kv_bits=8 or 4 keeps the KV cache quantized (symmetric, per head, position and group of kv_group_size
     channels, default the head dimension); kv_offload=True keeps it in host memory, each layer brought to the
