@@ -612,8 +612,11 @@ def test_packed_codes_give_the_byte_codes_results(bits, m, n, k, group):
             for name, w in (("packed", packed), ("bytes", wq)):
                 y = torch.ops.lowbit.int8_gemm_q8(x, w, scales, offsets, group, level=level)
                 err[name] = ((y.double() - want).norm() / want.norm()).item()
-            assert err["packed"] < 2e-6 and err["bytes"] < 2e-6, (level, err)
-            if level == 2:   # AVX2 multiplies byte codes unshifted (|q| × a · sign q): no shift to take back there
+            # VNNI (level 2) shifts byte codes by 128 and takes 128 · Σa back in float32: for 2-7-bit codes
+            # (mean 1.5-63) that sum is up to ~80x the result's, so its rounding is too; AVX2 (level 1) multiplies
+            # byte codes unshifted (|q| × a · sign q), nothing to take back there
+            assert err["packed"] < 2e-6 and err["bytes"] < (1e-5 if level == 2 else 2e-6), (level, err)
+            if level == 2:
                 assert err["packed"] <= err["bytes"] * 1.01 + 1e-9, err
 
 
