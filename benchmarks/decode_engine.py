@@ -2,8 +2,9 @@
 
 Same machine, same run, same model and prompt for every row:
   - transformers eager `generate`, float32 and bfloat16 (the reference path);
-  - lowbit's engine (compiled decode step) on float32, bfloat16, INT8 and INT4 models, with the lm_head kept in
-    bfloat16 (lowbit's default recipe) and with the lm_head quantized too (as llama.cpp does); the quantized
+  - lowbit's engine (`--engine`, default auto: the decode step `lowbit generate` runs, compiled ahead of time
+    on a CPU) on float32, bfloat16, INT8 and INT4 models, with the lm_head kept in bfloat16 (lowbit's default
+    recipe) and with the lm_head quantized too (as llama.cpp does); the quantized
     models' other parts in float32, and once in bfloat16 (as `lowbit quantize` writes them by default);
   - llama.cpp with the shipped GGUF requantized to Q8_0, Q4_0 and Q4_K_M: natively with `--llama-bench PATH`
     (its own tg128 / pp512 benchmark, no Python in its loop; benchmarks/build_llama_bench.sh builds it), or
@@ -93,7 +94,7 @@ def lowbit_row(name: str, model, tok, window, args, bw) -> dict:
     ids = tok(PROMPT, return_tensors="pt")["input_ids"]
     engine = engine_for(model, args.engine)
     t0 = time.perf_counter()
-    if args.engine == "compiled":
+    if args.engine != "eager":
         engine.warmup()
     compile_s = time.perf_counter() - t0
     got = engine.generate(ids, 64)["tokens"]
@@ -106,7 +107,7 @@ def lowbit_row(name: str, model, tok, window, args, bw) -> dict:
     dec = decode_speed(model, tok, PROMPT, args.tokens, args.repeats, engine=args.engine)
     pre = prefill_speed(model, window, args.repeats, engine=args.engine)
     nbytes = bytes_per_token(model)
-    kind = args.engine if engine.compile or args.engine == "eager" else "eager: compiling failed"
+    kind = engine.kind if engine.compile or args.engine == "eager" else "eager: compiling failed"
     return {"name": name, "engine": f"lowbit ({kind})", "decode_tokens_per_s": dec,
             "prefill_tokens_per_s": pre, "bytes_per_token": nbytes, "bound_tokens_per_s": bw / nbytes,
             "tokens_equal_reference_64": same, "compile_seconds": compile_s,
@@ -234,7 +235,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="tiny random model, eager and compiled, no llama.cpp")
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per decode measurement")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--engine", default="compiled", choices=["compiled", "eager"])
+    ap.add_argument("--engine", default="auto", choices=["auto", "aot", "compiled", "eager"],
+                    help="lowbit's decode engine (auto: what `lowbit generate` picks here)")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--llama-bench", type=Path, default=None,
                     help="llama.cpp's llama-bench binary (llama-quantize beside it): llama.cpp measured natively")
