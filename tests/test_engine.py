@@ -48,10 +48,22 @@ def test_default_model_tokens_match_reference(fresh, prompt_ids, scheme):
     assert torch.equal(got, want)
 
 
-def test_default_model_compiled_int4_matches_reference(fresh, prompt_ids):
+def test_default_engine_on_real_blocks_matches_reference(base, prompt_ids):
+    """The engine `lowbit generate` runs by default (the step compiled ahead of time on a CPU) on the default
+    model's first two blocks: real weights, shapes and vocabulary, compiled in a fraction of the whole model's
+    time (the whole model: the slow test below)."""
+    model = quantized(truncated(base, 2), bits=4, group_size=64, symmetric=False)
+    engine = Engine(model)
+    assert torch.equal(engine.generate(prompt_ids, 64)["tokens"], reference_tokens(model, prompt_ids, 64))
+    assert engine.kind == "aot"   # a CPU model with a plain cache
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile", ["auto", True])
+def test_default_model_compiled_int4_matches_reference(fresh, prompt_ids, compile):
     model = quantized(fresh, bits=4, group_size=64, symmetric=False)
     want = reference_tokens(model, prompt_ids, 64)
-    engine = Engine(model, compile=True)
+    engine = Engine(model, compile=compile)
     got = engine.generate(prompt_ids, 64)["tokens"]
     assert torch.equal(got, want)
 
