@@ -4,8 +4,9 @@ Same machine, same run, same model and prompt for every row:
   - transformers eager `generate`, float32 and bfloat16 (the reference path);
   - lowbit's engine (`--engine`, default auto: the decode step `lowbit generate` runs, compiled ahead of time
     on a CPU) on float32, bfloat16, INT8 and INT4 models, with the lm_head kept in bfloat16 (lowbit's default
-    recipe) and with the lm_head quantized too (as llama.cpp does); the quantized
-    models' other parts in float32, and once in bfloat16 (as `lowbit quantize` writes them by default);
+    recipe) and with the lm_head quantized too (as llama.cpp does); the quantized models' other parts (norms,
+    embedding) and so their activations and KV cache are bfloat16, which `lowbit quantize` casts them to by
+    default, whether the weights were quantized from the float32 model or from its bfloat16 copy;
   - llama.cpp with the shipped GGUF requantized to Q8_0, Q4_0 and Q4_K_M: natively with `--llama-bench PATH`
     (its own tg128 / pp512 benchmark, no Python in its loop; benchmarks/build_llama_bench.sh builds it), or
     else through llama-cpp-python (Q8_0 and Q4_0, one `eval` per token); with llama-bench, lowbit's engine on
