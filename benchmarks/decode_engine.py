@@ -22,7 +22,7 @@ lm_head). Bytes read per token over the measured memory bandwidth is the fastest
     python benchmarks/decode_engine.py --formats Q4_0,Q8_0,int5 --out benchmarks/results/decode_formats
                                   # formats on their native kernels and on the reference kernel, lowbit rows only
     python benchmarks/decode_engine.py --only auto,bf16 --no-llamacpp --out DIR
-                                  # the quantized rows with float32 and with bfloat16 activations, lowbit only
+                                  # the quantized rows from the float32 model and from its bfloat16 copy
     python benchmarks/decode_engine.py --formats Q5_0,Q5_0:bytes --kernels auto --out DIR
                                   # 5-7-bit codes packed (the default) and a byte each, native kernels only
 """
@@ -301,8 +301,8 @@ def main() -> int:
         rows += [] if args.formats else [lowbit_row("fp32", base, tok, window, args, copy_bw),
                                          lowbit_row("bf16", bf16, tok, window, args, copy_bw)]
         q8 = "native kernels: int8 activations in decode" if native.available() and native.q8() else None
-        # "bf16": the unquantized parts (norms, embeddings) and so the activations in bfloat16, as `lowbit quantize`
-        # writes checkpoints by default; the other rows keep them in float32
+        # "bf16": weights quantized from the bfloat16 copy of the model instead of the float32 one; every quantized
+        # row runs its norms, embedding, activations and cache in bfloat16 (lowbit.quantize's default dtype)
         for name, bits, gs, head, kernels in (("INT8 per channel (lm_head bf16)", 8, -1, False, "auto"),
                                               ("INT8 per channel + INT8 lm_head", 8, -1, True, "auto"),
                                               ("INT8 per channel + INT8 lm_head", 8, -1, True, "bf16"),
@@ -323,7 +323,7 @@ def main() -> int:
             elif kernels in ("auto", "bf16") and q8:
                 name += f" ({q8})"
             if kernels == "bf16":
-                name += ", bfloat16 activations"
+                name += ", quantized from the bfloat16 model"
             print(f"measuring {name}", file=sys.stderr, flush=True)
             os.environ["LOWBIT_NATIVE_Q8"] = "0" if kernels == "float" else "1"   # read when weights are packed
             model = quantized(bf16 if kernels == "bf16" else base, bits, gs, head,

@@ -65,7 +65,7 @@ def test_needs_calibration_comes_from_the_configuration():
 
 
 def test_option_names_are_the_dataclass_fields():
-    assert option_names("gptq") == ["block_size", "damp", "act_order", "true_sequential", "weighted_grid"]
+    assert option_names("gptq") == ["block_size", "damp", "act_order", "true_sequential", "weighted_grid", "matmul"]
     assert option_names("rtn") == ["importance"]
     assert option_names("fp8-e5m2") == ["act"]
     assert lowbit.algorithms.gptq_quantize.__kwdefaults__ == {"block_size": GPTQ.block_size, "damp": GPTQ.damp,

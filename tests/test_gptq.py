@@ -145,7 +145,9 @@ def test_hessian_float32_products_match_float64_and_the_factor_matches_the_paper
 
 
 
-def test_reusing_finished_parts_gives_the_same_gptq_and_runs_attention_half_as_often(base, tokenizer, monkeypatch):
+@pytest.mark.parametrize("matmul", ["float32", "bfloat16"])
+def test_reusing_finished_parts_gives_the_same_gptq_and_runs_attention_half_as_often(base, tokenizer, monkeypatch,
+                                                                                     matmul):
     """GPTQ's passes over a block reuse the attention's output once its Linears are quantized: the codes, scales
     and the next blocks' inputs are those of recomputing everything, and the attention runs 2 times per sample
     and block instead of 4."""
@@ -155,7 +157,7 @@ def test_reusing_finished_parts_gives_the_same_gptq_and_runs_attention_half_as_o
     from lowbit.models.calibration import ReuseFinishedParts
     q = importlib.import_module("lowbit.quantize")
     samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=3, seqlen=64, seed=5)
-    scheme = lowbit.GPTQ(bits=4, group_size=64)
+    scheme = lowbit.GPTQ(bits=4, group_size=64, matmul=matmul)
     runs, calls = [], []
     monkeypatch.setattr(blockwise, "PausedForwards", _NeverPaused)   # passes over the block, as without greenlet
     monkeypatch.setattr(q, "paused_available", lambda: False)
@@ -182,10 +184,11 @@ class _NeverPaused(PausedForwards):
         raise OutOfOrder("passes instead")
 
 
-def test_paused_forwards_give_the_same_gptq_as_passes_and_run_each_linear_once(base, tokenizer, monkeypatch):
+@pytest.mark.parametrize("matmul", ["float32", "bfloat16"])
+def test_paused_forwards_give_the_same_gptq_as_passes_and_run_each_linear_once(base, tokenizer, monkeypatch, matmul):
     """GPTQ's true-sequential groups from one paused forward per sample (models.paused): the codes, scales and
     the next blocks' inputs (the quantized model's logits) are those of passes over the block, and k_proj runs
-    once per sample and block instead of 4 times."""
+    once per sample and block instead of 4 times; in either precision of the calibration's products."""
     samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=3, seqlen=64, seed=5)
     ids = samples[:1]
     runs, calls, logits = [], [], []
@@ -195,8 +198,8 @@ def test_paused_forwards_give_the_same_gptq_as_passes_and_run_each_linear_once(b
         counter = [0]
         for layer in model.model.layers:
             layer.self_attn.k_proj.register_forward_pre_hook(lambda *a: counter.__setitem__(0, counter[0] + 1))
-        m = lowbit.quantize(model, lowbit.Recipe.default(lowbit.GPTQ(bits=4, group_size=64)), calibration=samples,
-                            progress=False)
+        m = lowbit.quantize(model, lowbit.Recipe.default(lowbit.GPTQ(bits=4, group_size=64, matmul=matmul)),
+                            calibration=samples, progress=False)
         runs.append({n: b.clone() for n, b in m.named_buffers() if n.endswith(("wpack", "scales", "zeros"))})
         calls.append(counter[0])
         with torch.no_grad():
@@ -333,3 +336,74 @@ def test_fit_grids_at_once_equal_fit_grid_per_group(spec, weighted):
         assert a.params.keys() == b.params.keys()
         assert all((a.params[k] is None and b.params[k] is None) or torch.equal(torch.as_tensor(a.params[k]), torch.as_tensor(b.params[k]))
                    for k in a.params)
+
+
+@pytest.mark.parametrize("matmul", ["float32", "bfloat16"])
+def test_calibration_products_in_the_chosen_precision_and_gptqs_updates_in_float32(base, tokenizer, monkeypatch,
+                                                                                   matmul):
+    """The calibration forwards (and the Hessians) run in the configuration's matmul precision, GPTQ's own
+    factorization and updates exactly, and the setting is the caller's again afterwards."""
+    flag = torch.backends.mkldnn.matmul
+    seen = {"forward": set(), "update": set()}
+    update = blockwise.gptq_quantize_updated
+
+    def recording(*a, **kw):
+        seen["update"].add(flag.fp32_precision)
+        return update(*a, **kw)
+
+    monkeypatch.setattr(blockwise, "gptq_quantize_updated", recording)
+    model = truncated(base, 2)
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_pre_hook(lambda *a: seen["forward"].add(flag.fp32_precision))
+    samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=2, seqlen=32, seed=1)
+    before = flag.fp32_precision
+    lowbit.quantize(model, lowbit.GPTQ(bits=4, group_size=64, matmul=matmul), calibration=samples, progress=False)
+    assert seen == {"forward": {"bf16" if matmul == "bfloat16" else "ieee"}, "update": {"ieee"}}
+    assert flag.fp32_precision == before
+
+
+def test_auto_products_follow_the_cpu_and_bad_settings_fail_clearly():
+    from lowbit.eval.system import bf16_dot_unit
+    from lowbit.products import resolve_products
+    cpu = torch.device("cpu")
+    assert resolve_products("auto", cpu) == ("bfloat16" if bf16_dot_unit() else "float32")
+    assert resolve_products("auto", torch.device("cuda")) == "float32"
+    assert resolve_products("float32", cpu) == "float32"
+    with pytest.raises(LowbitError, match="CPU setting"):
+        resolve_products("bfloat16", torch.device("cuda"))
+    with pytest.raises(LowbitError, match="GPTQ matmul"):
+        lowbit.GPTQ(matmul="fp16")
+
+
+@pytest.mark.parametrize("index", [0, 29])
+def test_hessian_from_bfloat16_products_stays_close_and_gptq_still_beats_rtn(base, first_last_inputs, index):
+    """The Hessian of bfloat16-rounded inputs (products summed in float32) on real layers is within 1% of the
+    float32 one, and GPTQ from it still beats round-to-nearest on the float64 output error."""
+    from lowbit.products import products
+    block = base.model.layers[index]
+    names = ["self_attn.o_proj", "mlp.down_proj"]
+    calls = capture_calls(block, first_last_inputs[index], names)
+    spec = IntSpec(4, 64, False)
+    for n in names:
+        mod = block.get_submodule(n)
+        X = torch.cat([first_input(mod, a, kw).reshape(-1, mod.in_features) for a, kw in calls[n]]).float()
+        exact, rounded = Hessian(mod.in_features), Hessian(mod.in_features)
+        exact.add(X)
+        with products("bfloat16"):
+            rounded.add(X)
+        assert (rounded.H - exact.H).norm() < 1e-2 * exact.H.norm(), n
+        W = mod.weight.detach()
+        err = lambda qt: (X.double() @ (qt.dequantize(torch.float64) - W.double()).T).norm().item()
+        assert err(gptq_quantize(W, rounded.H, spec)) < err(quantize_rtn(W, spec)), n
+
+
+def test_hessian_add_all_batches_rows_and_sums_what_add_sums():
+    torch.manual_seed(0)
+    xs = [torch.randn(1, n, 40) for n in (700, 700, 900, 5, 3000, 1)]
+    one, batched = Hessian(40), Hessian(40)
+    for x in xs:
+        one.add(x)
+    batched.add_all(xs)
+    assert batched.n == one.n == sum(x.shape[1] for x in xs)
+    assert torch.allclose(batched.H, one.H, rtol=0, atol=1e-5 * one.H.abs().max().item())   # float32 sums in another order
+    assert torch.equal(batched.H, batched.H.T)

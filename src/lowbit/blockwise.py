@@ -33,10 +33,12 @@ from .formats.act import ActSpec, fake_quantize_act
 from .heap import release_freed_memory
 from .eval.system import half_matrix_unit
 from .models.arch import Arch
-from .models.calibration import BlockInputs, InputSummary, capture_calls, first_input, first_output, summarize_inputs
+from .models.calibration import (BlockInputs, InputSummary, capture_calls, first_input, first_output, run_block,
+                                 summarize_inputs)
 from .models.calls import cast_floats
 from .models.discovery import fold_scale
 from .models.paused import OutOfOrder, PausedForwards
+from .products import products, resolve_products
 from .nn.qlinear import INPUT_SCALE, input_scale_of, scale_inputs
 
 Plan = dict  # name inside the block -> its configuration (lowbit.config)
@@ -102,49 +104,66 @@ def gptq_round(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) ->
     """gptq_block's work, also returning each Linear's error-updated weights (what GPTQ rounded to nearest)."""
     groups = list(linear_groups(arch, plan))
     sequential = all(s.true_sequential for s in plan.values())
-    upfront = None if sequential else capture_calls(block, inputs, [g[3] for g in groups])
+    device = block.get_submodule(groups[0][2][0]).weight.device
+    # each group's inputs (the forwards up to it) and Hessian in that group's matmul precision (lowbit.products)
+    precision = [resolve_products(plan[g[2][0]].matmul, device) for g in groups]
+    with products(precision[0]):
+        upfront = None if sequential else capture_calls(block, inputs, [g[3] for g in groups])
     with contextlib.ExitStack() as stack:
         # true-sequential: one forward per sample, paused before each group (models.paused); passes over the
         # block from its start (capture_calls) where the block does not call its groups in order
         paused = stack.enter_context(PausedForwards(block, inputs, [(g[3], g[2]) for g in groups])) if sequential else None
-        out = _gptq_groups(block, inputs, plan, groups, paused, upfront)
-        if paused is not None and inputs.keep_outputs and paused.turn == len(groups):
-            with contextlib.suppress(OutOfOrder):
-                inputs.outputs = paused.outputs()
+        out = _gptq_groups(block, inputs, plan, groups, paused, upfront, precision)
+        if inputs.keep_outputs:   # the next block's inputs, in the precision of this block's last inputs
+            with products(precision[-1]):
+                if paused is not None and paused.turn == len(groups):
+                    with contextlib.suppress(OutOfOrder):
+                        inputs.outputs = paused.outputs()
+                if inputs.outputs is None:
+                    with torch.no_grad():
+                        inputs.outputs = run_block(block, inputs).hidden
     return out
 
 
-def _gptq_groups(block, inputs, plan, groups, paused, upfront) -> dict[str, tuple[torch.Tensor, Quantized]]:
+def _gptq_groups(block, inputs, plan, groups, paused, upfront, precision) -> dict[str, tuple[torch.Tensor, Quantized]]:
     out = {}
     for k, (_producer, _linears, names, inspect) in enumerate(groups):
-        calls = None
-        if paused is not None and not paused.abort:
-            with contextlib.suppress(OutOfOrder):
-                calls = paused.calls(k)
-        if calls is None:
-            calls = upfront[inspect] if upfront is not None else capture_calls(block, inputs, [inspect])[inspect]
-        H = Hessian(block.get_submodule(names[0]).in_features)
-        for x in _inputs(block, inspect, calls):
-            H.add(x)
-        factors = {}   # one factorization per setting serves every Linear reading this input
-        stacks = {}    # Linears with the same setting and format run as one matrix (see below)
-        for n in names:
-            c = plan[n]
-            key = (c.damp, c.act_order)
-            if key not in factors:
-                factors[key] = factor_hessian(H.H, c.damp, c.act_order)
-            stacks.setdefault((key, c.spec, c.block_size, c.weighted_grid), []).append(n)
-        for (key, spec, block_size, weighted_grid), members in stacks.items():
-            # GPTQ treats the rows of W independently given H, so q/k/v (gate/up) stacked into one matrix give
-            # each its own result, in one column loop instead of one per Linear (the loop is Python per column)
-            W = torch.cat([block.get_submodule(n).weight.detach() for n in members])
-            qt, u = gptq_quantize_updated(W, factors[key], spec, block_size=block_size, act_order=key[1],
-                                          weighted_grid=weighted_grid)
-            start = 0
-            for n in members:
-                rows = torch.arange(start, start + block.get_submodule(n).out_features)
-                start += rows.numel()
-                out[n] = (u[rows], _set(block, n, qt.rows(rows), source=u[rows]))
+        with products(precision[k]):
+            calls = None
+            if paused is not None and not paused.abort:
+                with contextlib.suppress(OutOfOrder):
+                    calls = paused.calls(k)
+            if calls is None:
+                calls = upfront[inspect] if upfront is not None else capture_calls(block, inputs, [inspect])[inspect]
+            H = Hessian(block.get_submodule(names[0]).in_features)
+            H.add_all(_inputs(block, inspect, calls))
+        with products("float32"):   # GPTQ's own arithmetic
+            out.update(_gptq_group(block, plan, names, H))
+    return out
+
+
+def _gptq_group(block, plan, names, H) -> dict[str, tuple[torch.Tensor, Quantized]]:
+    """One group's Linears from its Hessian: each setting factored once, Linears stacked per setting."""
+    out = {}
+    factors = {}   # one factorization per setting serves every Linear reading this input
+    stacks = {}    # Linears with the same setting and format run as one matrix (see below)
+    for n in names:
+        c = plan[n]
+        key = (c.damp, c.act_order)
+        if key not in factors:
+            factors[key] = factor_hessian(H.H, c.damp, c.act_order)
+        stacks.setdefault((key, c.spec, c.block_size, c.weighted_grid), []).append(n)
+    for (key, spec, block_size, weighted_grid), members in stacks.items():
+        # GPTQ treats the rows of W independently given H, so q/k/v (gate/up) stacked into one matrix give
+        # each its own result, in one column loop instead of one per Linear (the loop is Python per column)
+        W = torch.cat([block.get_submodule(n).weight.detach() for n in members])
+        qt, u = gptq_quantize_updated(W, factors[key], spec, block_size=block_size, act_order=key[1],
+                                      weighted_grid=weighted_grid)
+        start = 0
+        for n in members:
+            rows = torch.arange(start, start + block.get_submodule(n).out_features)
+            start += rows.numel()
+            out[n] = (u[rows], _set(block, n, qt.rows(rows), source=u[rows]))
     return out
 
 

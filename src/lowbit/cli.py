@@ -232,7 +232,7 @@ def _quantize_streamed(args, scheme) -> int:
 # command-line option -> the configuration field it sets (None: not given, the configuration's default holds)
 _OPTION_ARGS = {
     "gptq": {"act_order": "act_order", "damp": "damp", "block_size": "block_size",
-             "true_sequential": "true_sequential", "weighted_grid": "weighted_grid"},
+             "true_sequential": "true_sequential", "weighted_grid": "weighted_grid", "matmul": "matmul"},
     "awq": {"n_grid": "awq_grid", "search_samples": "awq_search_samples", "search_dtype": "awq_search_dtype",
             "clip": "clip"},
     "learned": {"init": "learned_init", "iters": "learned_iters", "batch": "learned_batch", "lr": "learned_lr",
@@ -464,6 +464,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=_positive, default=None, help=f"columns per lazy update block ({GPTQ.block_size})")
     g.add_argument("--no-true-sequential", dest="true_sequential", action="store_const", const=False, default=None,
                    help="all Hessians from the unquantized block")
+    g.add_argument("--matmul", default=None, choices=["auto", "float32", "bfloat16"],
+                   help=f"the calibration forwards' and Hessians' float32 products ({GPTQ.matmul}: from bfloat16-rounded "
+                        "inputs where the CPU multiplies bfloat16 natively, else exact)")
     a = p.add_argument_group("awq")
     a.add_argument("--awq-grid", type=_positive, default=None,
                    help=f"grid points for the scale and clip searches ({AWQ.n_grid})")

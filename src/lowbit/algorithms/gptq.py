@@ -29,6 +29,9 @@ from ..formats import QuantizedTensor, WeightFormat, round_to_grid
 
 
 GRAM_TILE = 384   # columns per tile of Σ xᵀx (see Hessian)
+# rows (tokens) per product in Hessian.add_all: one product of 4 windows of 512 tokens instead of four is 20% faster
+# for 1536 inputs on 2 cores of an AMD EPYC (fewer, larger calls and float64 additions), and larger ones gain nothing
+GRAM_ROWS = 2048
 
 
 class Hessian:
@@ -59,6 +62,19 @@ class Hessian:
                     raise LowbitError("calibration activations contain NaN or Inf (or overflow float32)")
                 self.sum[a, b].add_(xtx)   # promoted to float64 as it is added
         self.n += x.shape[0]
+
+    def add_all(self, xs) -> None:
+        """add() for every tensor of xs, about GRAM_ROWS rows per product."""
+        batch: list[torch.Tensor] = []
+        rows = 0
+        for x in xs:
+            batch.append(x.reshape(-1, x.shape[-1]))
+            rows += batch[-1].shape[0]
+            if rows >= GRAM_ROWS:
+                self.add(torch.cat(batch) if len(batch) > 1 else batch[0])
+                batch, rows = [], 0
+        if batch:
+            self.add(torch.cat(batch) if len(batch) > 1 else batch[0])
 
     @property
     def H(self) -> torch.Tensor:

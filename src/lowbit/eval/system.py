@@ -76,6 +76,22 @@ def half_matrix_unit() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def bf16_dot_unit() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 dot products or AMX-BF16 tiles), as torch's
+    CPU-feature probes report it: there oneDNN's bfloat16 products run at about 4x the float32 rate (2 cores of
+    an AMD EPYC with AVX512-BF16: 914 against 206 GFLOP/s, measured)."""
+    import torch
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        try:
+            if getattr(cpu, probe, lambda: False)():
+                return True
+        except RuntimeError:
+            pass
+    return False
+
+
 def memory_bandwidth(mib: int = 512, repeats: int = 7) -> dict:
     """Median GB/s of a large tensor copy (bytes read + bytes written) and of a sum (bytes read), with the
     threads torch uses."""

@@ -111,9 +111,10 @@ class ReuseFinishedParts:
     in an earlier pass that ran it to the end gives back that pass's output instead of running again.
 
     Exact by construction: "the same" is checked, not assumed. The inputs are compared value by value
-    (tensors with torch.equal, other arguments with ==, objects by identity), and each parameter must still be
-    the same storage, unmodified, or a new one equal in value (weights are rewritten as new tensors after
-    quantizing). Outputs are stored once, detached, and handed out as clones.
+    (tensors with torch.equal, other arguments with ==, objects by identity), so is the float32 matmul precision
+    in force (lowbit.products), and each parameter must still be the same storage, unmodified, or a new one
+    equal in value (weights are rewritten as new tensors after quantizing). Outputs are stored once, detached,
+    and handed out as clones.
     On GPTQ's default passes this runs the attention of a llama block twice instead of four times.
 
     Use as a context manager around everything done with the block; entries are keyed by the sample (the block's
@@ -155,14 +156,16 @@ class ReuseFinishedParts:
             sample = self.sample.get()
             key = (name, sample)
             entry = self.entries.get(key)
-            if entry is not None and _same(entry[0], (args, kwargs)) and _same_params(entry[1], part):
+            # the same inputs, weights and float32 product precision (lowbit.products)
+            state = (args, kwargs, torch.backends.mkldnn.matmul.fp32_precision)
+            if entry is not None and _same(entry[0], state) and _same_params(entry[1], part):
                 return _clone(entry[2])
             out = forward(*args, **kwargs)   # a part stopped midway (capture_calls) raises and records nothing
             size = _nbytes((args, kwargs, out))
             if sample is not None and (entry is not None or self.bytes + size <= self.max_bytes):
                 params = [(p, p.detach(), p._version) for p in part.parameters()]
                 self.bytes += 0 if entry is not None else size
-                self.entries[key] = (_clone((args, kwargs)), params, _clone(out))
+                self.entries[key] = (_clone(state), params, _clone(out))
             return out
         return run
 

@@ -1,0 +1,45 @@
+"""How float32 matrix products are computed on the CPU while a method calibrates: exactly (IEEE float32), or
+by oneDNN from inputs rounded to bfloat16, each product exact and summed in float32, the result float32.
+
+Why the second exists: on CPUs that multiply bfloat16 natively (AVX512-BF16 dot products, AMX-BF16 tiles) it
+is about 2.2x the float32 rate on a calibration pass's shapes (2 cores of an AMD EPYC with AVX512-BF16: 400-460
+against 180-205 GFLOP/s), and rounding a calibration input to bfloat16 (2^-9 relative) is less than what the
+methods' reference implementations accept: they calibrate models held in float16. What a method computes
+from those inputs (GPTQ's factorization and error updates, AWQ's searches) stays float32: `products("float32")`
+around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import LowbitError
+from .eval.system import bf16_dot_unit
+
+PRODUCTS = ("auto", "float32", "bfloat16")
+
+
+def resolve_products(name: str, device: torch.device) -> str:
+    """"auto": bfloat16 on a CPU with bfloat16 dot products, else float32 (on a GPU the calibration's products
+    are float32: its float32 rate is not what limits it)."""
+    if name not in PRODUCTS:
+        raise LowbitError(f"matmul must be one of {', '.join(PRODUCTS)}, got {name!r}")
+    if name == "auto":
+        return "bfloat16" if device.type == "cpu" and bf16_dot_unit() else "float32"
+    if name == "bfloat16" and device.type != "cpu":
+        raise LowbitError(f"matmul 'bfloat16' is a CPU setting (oneDNN); on {device.type} use 'float32' or 'auto'")
+    return name
+
+
+@contextlib.contextmanager
+def products(name: str):
+    """Within: float32 matmuls on the CPU as `name` says ("float32" or "bfloat16", resolved); restored on exit."""
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16" if name == "bfloat16" else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
