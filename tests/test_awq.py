@@ -13,8 +13,8 @@ LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
-def _plan(spec=IntSpec(4, 64, False)):
-    return {n: config_for("awq", spec) for n in LINEARS}
+def _plan(spec=IntSpec(4, 64, False), **options):
+    return {n: config_for("awq", spec, options=options) for n in LINEARS}
 
 
 @pytest.mark.parametrize("index", [0, 29])
@@ -54,15 +54,18 @@ def test_clip_search_never_worse_than_no_clip(base, first_last_inputs):
     assert (clipped.abs() <= W.abs()).all()
 
 
-def test_next_block_inputs_are_the_float_blocks_outputs_as_the_reference_propagates(base, first_last_inputs):
+@pytest.mark.parametrize("matmul", ["float32", "bfloat16"])
+def test_next_block_inputs_are_the_float_blocks_outputs_as_the_reference_propagates(base, first_last_inputs, matmul):
     # llm-awq and AutoAWQ pass each block's unquantized outputs on; lowbit's AWQ takes them from its capture
-    # pass (the block then runs once per sample, not twice)
+    # pass (the block then runs once per sample, not twice), in the products the configuration chose
     from lowbit.models.calibration import BlockInputs
+    from lowbit.products import products
     inputs = first_last_inputs[0]
-    expected = run_block(base.model.layers[0], inputs).hidden
+    with torch.no_grad(), products(matmul):
+        expected = run_block(base.model.layers[0], inputs).hidden
     block = copy.deepcopy(base.model.layers[0])
     mine = BlockInputs(inputs.hidden, inputs.kwargs, keep_outputs=True)
-    awq_block(block, mine, _plan(), arch_for(base.config))
+    awq_block(block, mine, _plan(matmul=matmul), arch_for(base.config))
     assert len(mine.outputs) == len(expected) and all(torch.equal(a, b) for a, b in zip(mine.outputs, expected))
     quantized = run_block(block, inputs).hidden   # what the quantized block would have given instead
     assert not any(torch.equal(a, b) for a, b in zip(mine.outputs, quantized))
@@ -87,8 +90,10 @@ def test_quantize_passes_the_float_outputs_on_for_awq_blocks(base, tokenizer, mo
     lowbit.quantize(model, lowbit.AWQ(bits=4, group_size=64), tokenizer=tokenizer, calib_samples=4,
                     calib_seqlen=64, progress=False)
     assert len(seen) == 2
-    # block 1 was calibrated on the unquantized block 0's outputs
-    expected = run_block(reference.model.layers[0], seen[0]).hidden
+    # block 1 was calibrated on the unquantized block 0's outputs (in the products AWQ's default chose here)
+    from lowbit.products import products, resolve_products
+    with torch.no_grad(), products(resolve_products(lowbit.AWQ.matmul, torch.device("cpu"))):
+        expected = run_block(reference.model.layers[0], seen[0]).hidden
     assert all(torch.equal(a, b) for a, b in zip(seen[1].hidden, expected))
 
 

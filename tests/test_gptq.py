@@ -338,26 +338,29 @@ def test_fit_grids_at_once_equal_fit_grid_per_group(spec, weighted):
                    for k in a.params)
 
 
+@pytest.mark.parametrize("method,own", [("gptq", "gptq_quantize_updated"), ("awq", "search_clip")])
 @pytest.mark.parametrize("matmul", ["float32", "bfloat16"])
-def test_calibration_products_in_the_chosen_precision_and_gptqs_updates_in_float32(base, tokenizer, monkeypatch,
-                                                                                   matmul):
-    """The calibration forwards (and the Hessians) run in the configuration's matmul precision, GPTQ's own
-    factorization and updates exactly, and the setting is the caller's again afterwards."""
+def test_calibration_products_in_the_chosen_precision_and_the_methods_own_arithmetic_in_float32(
+        base, tokenizer, monkeypatch, matmul, method, own):
+    """The calibration forwards (and GPTQ's Hessians, AWQ's scale search) run in the configuration's matmul
+    precision; GPTQ's factorization and updates and AWQ's clip search exactly; the setting is the caller's
+    again afterwards."""
     flag = torch.backends.mkldnn.matmul
     seen = {"forward": set(), "update": set()}
-    update = blockwise.gptq_quantize_updated
+    update = getattr(blockwise, own)
 
     def recording(*a, **kw):
         seen["update"].add(flag.fp32_precision)
         return update(*a, **kw)
 
-    monkeypatch.setattr(blockwise, "gptq_quantize_updated", recording)
+    monkeypatch.setattr(blockwise, own, recording)
     model = truncated(base, 2)
     for layer in model.model.layers:
         layer.mlp.down_proj.register_forward_pre_hook(lambda *a: seen["forward"].add(flag.fp32_precision))
     samples = calibration_samples(tokenizer, load_text(None, "calibration"), n=2, seqlen=32, seed=1)
     before = flag.fp32_precision
-    lowbit.quantize(model, lowbit.GPTQ(bits=4, group_size=64, matmul=matmul), calibration=samples, progress=False)
+    config = lowbit.config_for(method, IntSpec(4, 64, True), options={"matmul": matmul})
+    lowbit.quantize(model, config, calibration=samples, progress=False)
     assert seen == {"forward": {"bf16" if matmul == "bfloat16" else "ieee"}, "update": {"ieee"}}
     assert flag.fp32_precision == before
 

@@ -244,7 +244,11 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
     keep = max(plan[names[0]].search_samples for _p, _l, names, _i in groups)
     widths = {inspect: block.get_submodule(names[0]).in_features for _p, _l, names, inspect in groups}
     outputs = [] if inputs.keep_outputs else None
-    summaries = summarize_inputs(block, inputs, widths, keep, CLIP_TOKENS, outputs)
+    device = block.get_submodule(groups[0][2][0]).weight.device
+    # the capture pass and each group's search forwards in the configuration's matmul precision (lowbit.products)
+    precision = {inspect: resolve_products(plan[names[0]].matmul, device) for _p, _l, names, inspect in groups}
+    with products(precision[groups[0][3]]):
+        summaries = summarize_inputs(block, inputs, widths, keep, CLIP_TOKENS, outputs)
     if outputs is not None:
         inputs.outputs = outputs
     release_freed_memory(collect=False)   # the pass's last temporaries, before the searches allocate theirs
@@ -259,7 +263,7 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
             calls = S.calls[: cfg.search_samples]
             smod, slins, sample = search_module(mod, inspect, names, lins, calls,
                                                 search_dtype(cfg.search_dtype, lins[0].weight))
-            with torch.no_grad():
+            with torch.no_grad(), products(precision[inspect]):
                 ref = [first_output(smod(*a, **kw)).float() for a, kw in sample]
                 if smod is not mod and not all(r.isfinite().all() for r in ref):   # beyond float16's range
                     smod, slins, sample = mod, lins, calls
@@ -273,7 +277,8 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
                               for (a, kw), r in zip(sample, ref))
                 return err / sum(r.numel() for r in ref)
 
-            _alpha, s, _errors = search_scale(S.abs_mean, originals, cfg.spec, output_error, cfg.n_grid)
+            with products(precision[inspect]):
+                _alpha, s, _errors = search_scale(S.abs_mean, originals, cfg.spec, output_error, cfg.n_grid)
             for lin, w in zip(lins, originals):
                 lin.weight.data = w
             scale_group(block, producer, lins, s, arch)
@@ -293,6 +298,11 @@ def awq_round(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> 
     """AWQ's two phases without writing the result back: per Linear, its scaled float weight and its
     clipped round-to-nearest quantization (the scales are folded into the producers)."""
     summaries = awq_scale_block(block, inputs, plan, arch)
+    with products("float32"):   # the clip search and the rounding: AWQ's own arithmetic
+        return _awq_clip_and_round(block, plan, arch, summaries)
+
+
+def _awq_clip_and_round(block, plan, arch, summaries) -> dict[str, tuple[torch.Tensor, QuantizedTensor]]:
     out = {}
     for (_p, _l, names, _i), S in zip(linear_groups(arch, plan), summaries):
         for n in names:

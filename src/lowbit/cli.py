@@ -234,7 +234,7 @@ _OPTION_ARGS = {
     "gptq": {"act_order": "act_order", "damp": "damp", "block_size": "block_size",
              "true_sequential": "true_sequential", "weighted_grid": "weighted_grid", "matmul": "matmul"},
     "awq": {"n_grid": "awq_grid", "search_samples": "awq_search_samples", "search_dtype": "awq_search_dtype",
-            "clip": "clip"},
+            "clip": "clip", "matmul": "matmul"},
     "learned": {"init": "learned_init", "iters": "learned_iters", "batch": "learned_batch", "lr": "learned_lr",
                 "optimizer": "learned_optimizer"},
     "w8a8-smooth": {"alpha": "alpha", "act_granularity": "act_granularity"},
@@ -453,6 +453,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--calib-seqlen", type=_positive, default=CALIB_SEQLEN,
                    help=f"tokens per calibration window (default {CALIB_SEQLEN})")
     c.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows")
+    c.add_argument("--matmul", default=None, choices=["auto", "float32", "bfloat16"],
+                   help=f"gptq, awq: the calibration forwards' float32 products ({GPTQ.matmul}: from bfloat16-rounded "
+                        "inputs where the CPU multiplies bfloat16 natively, else exact)")
     g = p.add_argument_group("gptq")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help=f"columns by decreasing Hessian diagonal, static groups (default: {GPTQ.act_order})")
@@ -464,9 +467,6 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=_positive, default=None, help=f"columns per lazy update block ({GPTQ.block_size})")
     g.add_argument("--no-true-sequential", dest="true_sequential", action="store_const", const=False, default=None,
                    help="all Hessians from the unquantized block")
-    g.add_argument("--matmul", default=None, choices=["auto", "float32", "bfloat16"],
-                   help=f"the calibration forwards' and Hessians' float32 products ({GPTQ.matmul}: from bfloat16-rounded "
-                        "inputs where the CPU multiplies bfloat16 natively, else exact)")
     a = p.add_argument_group("awq")
     a.add_argument("--awq-grid", type=_positive, default=None,
                    help=f"grid points for the scale and clip searches ({AWQ.n_grid})")

@@ -215,6 +215,9 @@ class AWQ(IntWeightConfig):
     search_dtype: str = "auto"     # the scale search's forwards: auto (float16 where native, else float32), float32,
                                    # float16 or bfloat16 (llm-awq and AutoAWQ search in the model's half precision)
     clip: bool = True              # search a clipping range per group after scaling
+    # the capture pass's and the scale search's float32 products (lowbit.products), as GPTQ.matmul (1.5x faster
+    # AWQ on that AMD EPYC, KLD within 0.1% over three draws: BENCHMARKS.md); the clip search and rounding are exact
+    matmul: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
@@ -222,6 +225,7 @@ class AWQ(IntWeightConfig):
         _number(self.search_samples, "AWQ search_samples", 1, integer=True)
         _choice(self.search_dtype, "AWQ search_dtype", ("auto", "float32", "bfloat16", "float16"))
         _flag(self.clip, "AWQ clip")
+        _choice(self.matmul, "AWQ matmul", ("auto", "float32", "bfloat16"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,10 +3,11 @@ by oneDNN from inputs rounded to bfloat16, each product exact and summed in floa
 
 Why the second exists: on CPUs that multiply bfloat16 natively (AVX512-BF16 dot products, AMX-BF16 tiles) it
 is about 2.2x the float32 rate on a calibration pass's shapes (2 cores of an AMD EPYC with AVX512-BF16: 400-460
-against 180-205 GFLOP/s), and rounding a calibration input to bfloat16 (2^-9 relative) is less than what the
-methods' reference implementations accept: they calibrate models held in float16. What a method computes
-from those inputs (GPTQ's factorization and error updates, AWQ's searches) stays float32: `products("float32")`
-around it.
+against 180-205 GFLOP/s). Rounding the inputs to bfloat16 (2^-9 relative) is of the order of what the methods'
+reference implementations calibrate with (models held in float16, 2^-11), and on the default model it moved
+GPTQ's quality by less than reordering float32's own sums does (BENCHMARKS.md). What a method computes from
+those inputs (GPTQ's factorization and error updates, AWQ's clip search and rounding) stays exact: `products("float32")` around it. Where the
+CPU has no bfloat16 dot products "auto" stays exact: there the rounding would buy no speed.
 """
 
 from __future__ import annotations
