@@ -94,6 +94,13 @@ def rtn_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch,
             for n, s in plan.items()}
 
 
+def group_products(block: nn.Module, plan: Plan, groups: list) -> list[str]:
+    """Each group's calibration products (lowbit.products: "float32" or "bfloat16"), from the configuration of
+    its first planned Linear and the device of the block's weights."""
+    device = block.get_submodule(groups[0][2][0]).weight.device
+    return [resolve_products(plan[names[0]].matmul, device) for _p, _l, names, _i in groups]
+
+
 def gptq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:
     """True-sequential by default: each group's Hessian comes from inputs produced by the groups of this
     block already quantized (attention projections before the MLP)."""
@@ -104,9 +111,7 @@ def gptq_round(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) ->
     """gptq_block's work, also returning each Linear's error-updated weights (what GPTQ rounded to nearest)."""
     groups = list(linear_groups(arch, plan))
     sequential = all(s.true_sequential for s in plan.values())
-    device = block.get_submodule(groups[0][2][0]).weight.device
-    # each group's inputs (the forwards up to it) and Hessian in that group's matmul precision (lowbit.products)
-    precision = [resolve_products(plan[g[2][0]].matmul, device) for g in groups]
+    precision = group_products(block, plan, groups)   # each group's inputs (the forwards up to it) and Hessian
     with products(precision[0]):
         upfront = None if sequential else capture_calls(block, inputs, [g[3] for g in groups])
     with contextlib.ExitStack() as stack:
@@ -244,16 +249,14 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
     keep = max(plan[names[0]].search_samples for _p, _l, names, _i in groups)
     widths = {inspect: block.get_submodule(names[0]).in_features for _p, _l, names, inspect in groups}
     outputs = [] if inputs.keep_outputs else None
-    device = block.get_submodule(groups[0][2][0]).weight.device
-    # the capture pass and each group's search forwards in the configuration's matmul precision (lowbit.products)
-    precision = {inspect: resolve_products(plan[names[0]].matmul, device) for _p, _l, names, inspect in groups}
-    with products(precision[groups[0][3]]):
+    precision = group_products(block, plan, groups)   # the capture pass and each group's search forwards
+    with products(precision[0]):
         summaries = summarize_inputs(block, inputs, widths, keep, CLIP_TOKENS, outputs)
     if outputs is not None:
         inputs.outputs = outputs
     release_freed_memory(collect=False)   # the pass's last temporaries, before the searches allocate theirs
     out = []
-    for producer, linears, names, inspect in groups:
+    for k, (producer, linears, names, inspect) in enumerate(groups):
         cfg = plan[names[0]]
         mod = block.get_submodule(inspect)
         lins = [block.get_submodule(n) for n in names]
@@ -263,7 +266,7 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
             calls = S.calls[: cfg.search_samples]
             smod, slins, sample = search_module(mod, inspect, names, lins, calls,
                                                 search_dtype(cfg.search_dtype, lins[0].weight))
-            with torch.no_grad(), products(precision[inspect]):
+            with torch.no_grad(), products(precision[k]):
                 ref = [first_output(smod(*a, **kw)).float() for a, kw in sample]
                 if smod is not mod and not all(r.isfinite().all() for r in ref):   # beyond float16's range
                     smod, slins, sample = mod, lins, calls
@@ -277,7 +280,7 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
                               for (a, kw), r in zip(sample, ref))
                 return err / sum(r.numel() for r in ref)
 
-            with products(precision[inspect]):
+            with products(precision[k]):
                 _alpha, s, _errors = search_scale(S.abs_mean, originals, cfg.spec, output_error, cfg.n_grid)
             for lin, w in zip(lins, originals):
                 lin.weight.data = w
