@@ -191,7 +191,7 @@ class GPTQ(IntWeightConfig):
     # the calibration forwards' and the Hessians' float32 products (lowbit.products): auto = from bfloat16-rounded
     # inputs on CPUs that multiply bfloat16 natively (GPTQ 1.6x faster on a 2-core AMD EPYC with AVX512-BF16,
     # the same quality over three calibration draws: BENCHMARKS.md), else exact; float32; bfloat16. GPTQ's own
-    # factorization and updates are float32 always.
+    # factorization and updates are exact always.
     matmul: str = "auto"
 
     def __post_init__(self):

@@ -6,8 +6,9 @@ is about 2.2x the float32 rate on a calibration pass's shapes (2 cores of an AMD
 against 180-205 GFLOP/s). Rounding the inputs to bfloat16 (2^-9 relative) is of the order of what the methods'
 reference implementations calibrate with (models held in float16, 2^-11), and on the default model it moved
 GPTQ's quality by less than reordering float32's own sums does (BENCHMARKS.md). What a method computes from
-those inputs (GPTQ's factorization and error updates, AWQ's clip search and rounding) stays exact: `products("float32")` around it. Where the
-CPU has no bfloat16 dot products "auto" stays exact: there the rounding would buy no speed.
+those inputs (GPTQ's factorization and error updates, AWQ's clip search and rounding) stays exact:
+`products("float32")` around it. Where the CPU has no bfloat16 dot products "auto" stays exact: there the
+rounding would buy no speed.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ PRODUCTS = ("auto", "float32", "bfloat16")
 
 
 def resolve_products(name: str, device: torch.device) -> str:
-    """"auto": bfloat16 on a CPU with bfloat16 dot products, else float32 (on a GPU the calibration's products
-    are float32: its float32 rate is not what limits it)."""
+    """"auto": bfloat16 on a CPU with bfloat16 dot products, else float32 (on a GPU too: the switch is
+    oneDNN's, and a GPU's calibration was not measured with it)."""
     if name not in PRODUCTS:
         raise LowbitError(f"matmul must be one of {', '.join(PRODUCTS)}, got {name!r}")
     if name == "auto":
