@@ -263,25 +263,8 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
         S = summaries[inspect]
         if S.tokens and scalable(block, arch, producer, linears, names, lins[0].in_features):
             originals = [lin.weight.data.clone() for lin in lins]
-            calls = S.calls[: cfg.search_samples]
-            smod, slins, sample = search_module(mod, inspect, names, lins, calls,
-                                                search_dtype(cfg.search_dtype, lins[0].weight))
-            with torch.no_grad(), products(precision[k]):
-                ref = [first_output(smod(*a, **kw)).float() for a, kw in sample]
-                if smod is not mod and not all(r.isfinite().all() for r in ref):   # beyond float16's range
-                    smod, slins, sample = mod, lins, calls
-                    ref = [first_output(smod(*a, **kw)).float() for a, kw in sample]
-
-            def output_error(candidates):
-                for lin, c in zip(slins, candidates):
-                    lin.weight.data = c.to(lin.weight.dtype)
-                with torch.no_grad():
-                    err = sum((first_output(smod(*a, **kw)).float() - r).pow(2).sum().item()
-                              for (a, kw), r in zip(sample, ref))
-                return err / sum(r.numel() for r in ref)
-
             with products(precision[k]):
-                _alpha, s, _errors = search_scale(S.abs_mean, originals, cfg.spec, output_error, cfg.n_grid)
+                s = _search_group_scale(mod, inspect, names, lins, S, cfg, originals)
             for lin, w in zip(lins, originals):
                 lin.weight.data = w
             scale_group(block, producer, lins, s, arch)
@@ -289,6 +272,30 @@ def awq_scale_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arc
         out.append(replace(S, calls=[]))
         release_freed_memory(collect=False)
     return out
+
+
+def _search_group_scale(mod, inspect, names, lins, S, cfg, originals) -> torch.Tensor:
+    """AWQ's scale search for one group: candidates scored by the inspected module's output error on the
+    sampled calls, in the configuration's search_dtype. Leaves candidate weights in the Linears (the caller
+    restores `originals`)."""
+    calls = S.calls[: cfg.search_samples]
+    smod, slins, sample = search_module(mod, inspect, names, lins, calls, search_dtype(cfg.search_dtype, lins[0].weight))
+    with torch.no_grad():
+        ref = [first_output(smod(*a, **kw)).float() for a, kw in sample]
+        if smod is not mod and not all(r.isfinite().all() for r in ref):   # beyond float16's range
+            smod, slins, sample = mod, lins, calls
+            ref = [first_output(smod(*a, **kw)).float() for a, kw in sample]
+
+    def output_error(candidates):
+        for lin, c in zip(slins, candidates):
+            lin.weight.data = c.to(lin.weight.dtype)
+        with torch.no_grad():
+            err = sum((first_output(smod(*a, **kw)).float() - r).pow(2).sum().item()
+                      for (a, kw), r in zip(sample, ref))
+        return err / sum(r.numel() for r in ref)
+
+    _alpha, s, _errors = search_scale(S.abs_mean, originals, cfg.spec, output_error, cfg.n_grid)
+    return s
 
 
 def awq_block(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> dict[str, Quantized]:

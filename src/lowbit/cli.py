@@ -11,7 +11,7 @@ import traceback
 
 import torch
 
-from .config import AWQ, GPTQ, METHODS, LLMInt8, SmoothQuant
+from .config import AWQ, GPTQ, MATMUL_CHOICES, METHODS, LLMInt8, SmoothQuant
 from .data import CALIB_SAMPLES, CALIB_SEQLEN
 from .errors import LowbitError
 from .formats.intq import SUPPORTED_BITS
@@ -453,7 +453,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--calib-seqlen", type=_positive, default=CALIB_SEQLEN,
                    help=f"tokens per calibration window (default {CALIB_SEQLEN})")
     c.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows")
-    c.add_argument("--matmul", default=None, choices=["auto", "float32", "bfloat16"],
+    c.add_argument("--matmul", default=None, choices=MATMUL_CHOICES,
                    help=f"gptq, awq: the calibration forwards' float32 products ({GPTQ.matmul}: from bfloat16-rounded "
                         "inputs where the CPU multiplies bfloat16 natively, else exact)")
     g = p.add_argument_group("gptq")

@@ -151,6 +151,9 @@ class IntWeightConfig(QuantConfig):
         return None if fb == "F16" else self.replace(gguf_type=fb)
 
 
+MATMUL_CHOICES = ("auto", "float32", "bfloat16")   # GPTQ.matmul, AWQ.matmul: lowbit.products
+
+
 @dataclass(frozen=True, kw_only=True)
 class RTN(IntWeightConfig):
     """Round-to-nearest with min/max scales per group. importance=True: the format's importance-weighted
@@ -197,7 +200,7 @@ class GPTQ(IntWeightConfig):
     def __post_init__(self):
         super().__post_init__()
         _flag(self.weighted_grid, "GPTQ weighted_grid")
-        _choice(self.matmul, "GPTQ matmul", ("auto", "float32", "bfloat16"))
+        _choice(self.matmul, "GPTQ matmul", MATMUL_CHOICES)
         _number(self.block_size, "GPTQ block_size", 1, integer=True)
         _number(self.damp, "GPTQ damp", 0, 1, hi_open=True)
         _flag(self.act_order, "GPTQ act_order")
@@ -225,7 +228,7 @@ class AWQ(IntWeightConfig):
         _number(self.search_samples, "AWQ search_samples", 1, integer=True)
         _choice(self.search_dtype, "AWQ search_dtype", ("auto", "float32", "bfloat16", "float16"))
         _flag(self.clip, "AWQ clip")
-        _choice(self.matmul, "AWQ matmul", ("auto", "float32", "bfloat16"))
+        _choice(self.matmul, "AWQ matmul", MATMUL_CHOICES)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,17 +17,16 @@ import contextlib
 
 import torch
 
+from .config import MATMUL_CHOICES
 from .errors import LowbitError
 from .eval.system import bf16_dot_unit
-
-PRODUCTS = ("auto", "float32", "bfloat16")
 
 
 def resolve_products(name: str, device: torch.device) -> str:
     """"auto": bfloat16 on a CPU with bfloat16 dot products, else float32 (on a GPU too: the switch is
     oneDNN's, and a GPU's calibration was not measured with it)."""
-    if name not in PRODUCTS:
-        raise LowbitError(f"matmul must be one of {', '.join(PRODUCTS)}, got {name!r}")
+    if name not in MATMUL_CHOICES:
+        raise LowbitError(f"matmul must be one of {', '.join(MATMUL_CHOICES)}, got {name!r}")
     if name == "auto":
         return "bfloat16" if device.type == "cpu" and bf16_dot_unit() else "float32"
     if name == "bfloat16" and device.type != "cpu":
