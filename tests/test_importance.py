@@ -14,6 +14,7 @@ from lowbit.models.calibration import capture_calls, first_input
 from lowbit.models.importance import (Importance, ImportanceHooks, collect_importance, gguf_module_name,
                                      load_importance)
 from lowbit.plan import fisher_diagonal
+from lowbit.products import products
 
 from conftest import truncated
 
@@ -158,22 +159,26 @@ def test_imatrix_round_trip(tmp_path, base, tokenizer):
         load_importance(tmp_path / "missing")
 
 
-def test_importance_counted_during_another_pass_and_without_the_head_is_the_same(base, eval_ids):
+@pytest.mark.parametrize("matmul", ["float32", "bfloat16"])
+def test_importance_counted_during_another_pass_and_without_the_head_is_the_same(base, eval_ids, matmul):
     """Hooks held through a Fisher pass (gradients on) and then a collection that skips the lm_head's product
-    give bit for bit what plain forward passes over all the windows give; the model is left as it was."""
+    give bit for bit what plain forward passes over all the windows give, in the passes' matmul precision;
+    the model and the precision are left as they were."""
     windows = eval_ids[:3, :96]
     plain = ImportanceHooks(base)
-    with plain, torch.no_grad():
+    with plain, torch.no_grad(), products(matmul):
         want_logits = [base(w[None], use_cache=False).logits for w in windows]
     hooks = ImportanceHooks(base)
+    before = torch.backends.mkldnn.matmul.fp32_precision
     with hooks:
-        fisher_diagonal(base, windows[:1], ["model.layers.0.mlp.down_proj"], progress=False)
-    got = collect_importance(base, windows[1:], into=hooks)
+        fisher_diagonal(base, windows[:1], ["model.layers.0.mlp.down_proj"], progress=False, matmul=matmul)
+    got = collect_importance(base, windows[1:], into=hooks, matmul=matmul)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
     want = plain.importance()
     assert got.tokens == want.tokens == windows.numel() and got.values.keys() == want.values.keys()
     assert all(torch.equal(got.values[k], want.values[k]) for k in want.values)
     assert "lm_head" in got.values
-    with torch.no_grad():   # hooks removed, the head computes logits again
+    with torch.no_grad(), products(matmul):   # hooks removed, the head computes logits again
         assert torch.equal(base(windows[0][None], use_cache=False).logits, want_logits[0])
     assert not base.lm_head._forward_pre_hooks and not base.model.layers[0].mlp.down_proj._forward_pre_hooks
 

@@ -205,3 +205,26 @@ def test_cli_target_bpw_writes_a_gguf_within_budget_and_an_editable_plan(tiny_di
                  "--calib-samples", "2", "--calib-seqlen", "32", "--fisher-samples", "1"]) == 2
     assert "below the smallest" in capsys.readouterr().err
     assert not bad.exists() and list(tmp_path.glob(".bad*")) == []
+
+
+@pytest.mark.parametrize("matmul", ["float32", "bfloat16"])
+def test_cli_plan_passes_take_the_matmul_option_whatever_the_method(tiny_dir, tmp_path, capsys, matmul):
+    """--matmul applies to the Fisher and importance passes of --target-bpw even for round-to-nearest (which
+    has no calibration of its own), and the caller's setting is back afterwards; without a plan it is refused."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    from lowbit.cli import main
+    flag = torch.backends.mkldnn.matmul
+    seen = set()
+    handle = register_module_forward_pre_hook(
+        lambda mod, args: seen.add(flag.fp32_precision) if isinstance(mod, torch.nn.Linear) else None)
+    before = flag.fp32_precision
+    try:
+        code = main(["--quiet", "quantize", str(tiny_dir), "--target-bpw", "10", "--out", str(tmp_path / "t.gguf"),
+                     "--calib-samples", "3", "--calib-seqlen", "32", "--fisher-samples", "1", "--matmul", matmul])
+    finally:
+        handle.remove()
+    assert code == 0, capsys.readouterr().err
+    assert seen == {"bf16" if matmul == "bfloat16" else "ieee"} and flag.fp32_precision == before
+    assert main(["--quiet", "quantize", str(tiny_dir), "--out", str(tmp_path / "r"), "--matmul", matmul]) == 2
+    assert "--matmul does not apply to --method rtn" in capsys.readouterr().err

@@ -124,15 +124,17 @@ def _budget_recipe(args, loaded, scheme):
     ids = calibration_ids(args.calib_text, loaded.tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
     names = planned_tensors(model, arch_for(model))
     fisher_ids = ids[: args.fisher_samples]
+    matmul = args.matmul or "auto"
     if args.imatrix and os.path.exists(args.imatrix):
         imp = _imatrix_for(args, loaded)
-        fisher = fisher_diagonal(model, fisher_ids, names, seed=args.seed, progress=not args.quiet)
+        fisher = fisher_diagonal(model, fisher_ids, names, seed=args.seed, progress=not args.quiet, matmul=matmul)
     else:
         # importance over all calibration windows, the Fisher pass's forwards counting for its first ones
         hooks = ImportanceHooks(model)
         with hooks:
-            fisher = fisher_diagonal(model, fisher_ids, names, seed=args.seed, progress=not args.quiet)
-        imp = collect_importance(model, ids[len(fisher_ids):], into=hooks, progress=not args.quiet)
+            fisher = fisher_diagonal(model, fisher_ids, names, seed=args.seed, progress=not args.quiet,
+                                     matmul=matmul)
+        imp = collect_importance(model, ids[len(fisher_ids):], into=hooks, progress=not args.quiet, matmul=matmul)
         if args.imatrix:
             _save_imatrix(args.imatrix, imp)
     overhead, norm_bytes = 0, 2
@@ -163,7 +165,7 @@ def _imatrix_for(args, loaded):
     if os.path.exists(args.imatrix):
         return load_importance(args.imatrix)
     ids = calibration_ids(args.calib_text, loaded.tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
-    imp = collect_importance(loaded.model, ids)
+    imp = collect_importance(loaded.model, ids, matmul=args.matmul or "auto")
     _save_imatrix(args.imatrix, imp)
     return imp
 
@@ -267,11 +269,18 @@ def _method_options(args, method: str) -> dict:
     is an error (config_for names it), never silently dropped."""
     own = _OPTION_ARGS.get(method, {})
     every = {dest for fields in _OPTION_ARGS.values() for dest in fields.values()}
-    stray = sorted(_FLAGS.get(d, "--" + d.replace("_", "-")) for d in every - set(own.values())
+    elsewhere = {"matmul"} if _measures_statistics(args) else set()   # the plan's or imatrix's passes take it
+    stray = sorted(_FLAGS.get(d, "--" + d.replace("_", "-")) for d in every - set(own.values()) - elsewhere
                    if getattr(args, d, None) is not None)
     if stray:
         raise LowbitError(f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply to --method {method}")
     return {field: getattr(args, dest) for field, dest in own.items() if getattr(args, dest, None) is not None}
+
+
+def _measures_statistics(args) -> bool:
+    """Whether the command runs the float model over the calibration text for a plan (--target-bpw) or an
+    imatrix (--imatrix): passes that --matmul applies to whatever the method."""
+    return getattr(args, "target_bpw", None) is not None or bool(getattr(args, "imatrix", None))
 
 
 def _fmt(x, spec):
@@ -454,8 +463,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help=f"tokens per calibration window (default {CALIB_SEQLEN})")
     c.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows")
     c.add_argument("--matmul", default=None, choices=MATMUL_CHOICES,
-                   help=f"gptq, awq: the calibration forwards' float32 products ({GPTQ.matmul}: from bfloat16-rounded "
-                        "inputs where the CPU multiplies bfloat16 natively, else exact)")
+                   help=f"gptq, awq, and the passes of --target-bpw and --imatrix: the calibration forwards' float32 "
+                        f"products ({GPTQ.matmul}: from bfloat16-rounded inputs where the CPU multiplies bfloat16 "
+                        "natively, else exact)")
     g = p.add_argument_group("gptq")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help=f"columns by decreasing Hessian diagonal, static groups (default: {GPTQ.act_order})")

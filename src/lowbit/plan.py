@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .errors import LowbitError
 from .formats import GGUF_TYPES, GGUFSpec, IntSpec, WeightFormat
+from .products import products, resolve_products
 
 KEEP = "F16"          # the option of leaving a tensor unquantized, stored as 16-bit floats
 SAMPLE_ROWS = 256     # rows per tensor on which a format's error is measured
@@ -114,10 +115,12 @@ def fits(spec: WeightFormat, shape: tuple[int, int]) -> bool:
 # 1. how much each weight matters
 
 def fisher_diagonal(model: nn.Module, windows: torch.Tensor, names: list[str], *, seed: int = 0,
-                    progress: bool = True) -> dict[str, torch.Tensor]:
+                    progress: bool = True, matmul: str = "auto") -> dict[str, torch.Tensor]:
     """Per-token Fisher diagonal of the model's next-token distribution for the weights of `names` (modules
     with a `.weight`; tied weights are one parameter and get one entry, under the first name). windows: token
-    ids [n, T]. Returns name -> float32 tensor shaped like the weight."""
+    ids [n, T]. matmul: the passes' float32 products (lowbit.products; "auto": from bfloat16-rounded inputs
+    where the CPU multiplies bfloat16 natively: an estimate from 8 windows does not need float32's last bits,
+    and the plans it gave were as good, BENCHMARKS.md). Returns name -> float32 tensor shaped like the weight."""
     params: dict[str, nn.Parameter] = {}
     for n in names:
         w = model.get_submodule(n).weight
@@ -132,14 +135,15 @@ def fisher_diagonal(model: nn.Module, windows: torch.Tensor, names: list[str], *
     gen = torch.Generator().manual_seed(seed)
     positions = 0
     try:
-        for ids in tqdm(windows, desc="sensitivity", unit="window", disable=not progress):
-            logits = model(ids[None]).logits[0].float()
-            logp = F.log_softmax(logits, dim=-1)
-            y = sample_tokens(logp.detach().exp(), gen)
-            grads = torch.autograd.grad(logp.gather(1, y).sum(), list(params.values()))
-            for n, g in zip(params, grads):
-                acc[n] += g.float().square()
-            positions += ids.numel()
+        with products(resolve_products(matmul, next(model.parameters()).device)):
+            for ids in tqdm(windows, desc="sensitivity", unit="window", disable=not progress):
+                logits = model(ids[None]).logits[0].float()
+                logp = F.log_softmax(logits, dim=-1)
+                y = sample_tokens(logp.detach().exp(), gen)
+                grads = torch.autograd.grad(logp.gather(1, y).sum(), list(params.values()))
+                for n, g in zip(params, grads):
+                    acc[n] += g.float().square()
+                positions += ids.numel()
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(was[n])
@@ -346,14 +350,16 @@ def importance_error(importance: torch.Tensor):
 
 def measure_sensitivity(model: nn.Module, windows: torch.Tensor, *, formats="gguf", overhead_bytes: int = 0,
                         norm_bytes: int = 4, keep: bool = True, error=rtn_error, importance=None, seed: int = 0,
-                        progress: bool = True, fisher: dict[str, torch.Tensor] | None = None) -> Sensitivity:
+                        progress: bool = True, fisher: dict[str, torch.Tensor] | None = None,
+                        matmul: str = "auto") -> Sensitivity:
     """The options of every tensor of `planned_tensors`. windows: calibration token ids [n, T] for the Fisher
     estimate (8 × 512 is plenty: on the default model 16 gave plans of the same measured KLD). overhead_bytes:
     what the output spends besides tensors (a GGUF file's header, metadata and alignment); tensors outside the
     plan are counted at `norm_bytes` per value for vectors (GGUF stores norms as F32) and 2 for matrices.
     importance (lowbit.models.importance.Importance): measure each tensor's error with the importance-weighted
     quantizer (a tied embedding takes the lm_head's).
-    fisher: `fisher_diagonal(model, windows, planned_tensors(...))` when already computed."""
+    fisher: `fisher_diagonal(model, windows, planned_tensors(...))` when already computed. matmul: the Fisher
+    pass's float32 products (see `fisher_diagonal`)."""
     from .models.arch import arch_for
 
     start = time.perf_counter()
@@ -365,7 +371,7 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, *, formats="ggu
                                  for k, p in params.items() if k not in planned_ids)
     candidates = candidate_formats(formats)
     if fisher is None:
-        fisher = fisher_diagonal(model, windows, names, seed=seed, progress=progress)
+        fisher = fisher_diagonal(model, windows, names, seed=seed, progress=progress, matmul=matmul)
     table = {}
     for n in tqdm(fisher, desc="formats", unit="tensor", disable=not progress):
         W = model.get_submodule(n).weight

@@ -185,12 +185,16 @@ def output_layer_skipped(model: nn.Module):
 
 @torch.no_grad()
 def collect_importance(model: nn.Module, samples: torch.Tensor, names: list[str] | None = None,
-                       into: ImportanceHooks | None = None, progress: bool = False) -> Importance:
+                       into: ImportanceHooks | None = None, progress: bool = False, matmul: str = "auto") -> Importance:
     """Run the (float) model on token windows (LongTensor [n, T]) and accumulate, for each Linear (or the
-    named ones), mean x² per input channel. into: add to what these hooks already hold (their `names` apply)."""
+    named ones), mean x² per input channel. into: add to what these hooks already hold (their `names` apply).
+    matmul: the pass's float32 products (lowbit.products; "auto": from bfloat16-rounded inputs where the CPU
+    multiplies bfloat16 natively, which moves a channel's mean x² by about 0.1%: a weighting, not a result)."""
     from tqdm.auto import tqdm
+
+    from ..products import products, resolve_products
     hooks = into or ImportanceHooks(model, names)
-    with hooks, output_layer_skipped(model):
+    with hooks, output_layer_skipped(model), products(resolve_products(matmul, next(model.parameters()).device)):
         for ids in tqdm(samples, desc="importance", unit="window", disable=not progress):
             model(ids.unsqueeze(0), use_cache=False)
     return hooks.importance()
