@@ -1,5 +1,6 @@
-"""How float32 matrix products are computed on the CPU while a method calibrates: exactly (IEEE float32), or
-by oneDNN from inputs rounded to bfloat16, each product exact and summed in float32, the result float32.
+"""How float32 matrix products are computed on the CPU while a method calibrates (or a size-budget plan or an
+imatrix is measured): exactly (IEEE float32), or by oneDNN from inputs rounded to bfloat16, each product exact
+and summed in float32, the result float32.
 
 Why the second exists: on CPUs that multiply bfloat16 natively (AVX512-BF16 dot products, AMX-BF16 tiles) it
 is about 2.2x the float32 rate on a calibration pass's shapes (2 cores of an AMD EPYC with AVX512-BF16: 400-460
