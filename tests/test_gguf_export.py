@@ -284,17 +284,23 @@ def test_a_gguf_file_loads_with_one_parse_and_the_same_result(two_blocks, tmp_pa
     tokenizer are those of a load that builds it every time; gguf-py's own names are restored afterwards."""
     import contextlib
 
+    from lowbit.io import gguf_reader
     from lowbit.models import sources
     path = write_gguf(two_blocks, tmp_path / "m.gguf", source=default_model_path())
     built = []
-    real = gguf.GGUFReader
+    real, init = gguf.GGUFReader, gguf_reader.GGUFReader.__init__
 
-    def counting(*a, **kw):
-        built.append(1)
+    def counting(*a, **kw):   # gguf-py's own reader, as transformers calls it
+        built.append("gguf")
         return real(*a, **kw)
+
+    def counting_init(self, *a, **kw):   # lowbit's
+        built.append("lowbit")
+        init(self, *a, **kw)
     monkeypatch.setattr(gguf, "GGUFReader", counting)
+    monkeypatch.setattr(gguf_reader.GGUFReader, "__init__", counting_init)
     once = lowbit.load_model(path, cache=False)
-    assert len(built) == 1 and gguf.GGUFReader is counting
+    assert built == ["lowbit"] and gguf.GGUFReader is counting
     monkeypatch.setattr(sources, "_gguf_parsed_once", contextlib.nullcontext)
     every = lowbit.load_model(path, cache=False)
     assert len(built) > 2

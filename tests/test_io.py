@@ -92,3 +92,36 @@ def test_leftovers_of_dead_writers_are_removed_by_the_next_write(tmp_path):
     atomic_write_text(tmp_path / "r.json", "{}")
     assert not stale_dir.exists() and not stale_file.exists() and alive.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "ckpt", "r.json"])
+
+
+def test_gguf_reader_reads_what_gguf_py_reads_and_is_shared_only_within_the_context(tmp_path):
+    """lowbit's GGUF reader gives gguf-py's fields (same parts, same dtypes) and tensors on the default model's
+    file; inside shared_readers() one reader serves every request for one version of a file, also through
+    gguf-py's own name, which is restored afterwards; a rewritten file is read again."""
+    import shutil
+
+    import gguf
+    import numpy as np
+
+    from lowbit.io.gguf_reader import GGUFReader, open_reader, shared_readers
+    from lowbit.models.sources import default_model_path
+    path = str(default_model_path())
+    want, got = gguf.GGUFReader(path), GGUFReader(path)
+    assert list(got.fields) == list(want.fields)
+    for key, f in want.fields.items():
+        g = got.fields[key]
+        assert (g.name, g.types, g.data, g.offset) == (f.name, f.types, f.data, f.offset) and len(g.parts) == len(f.parts)
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(g.parts, f.parts))
+    assert [(t.name, t.tensor_type, list(t.shape)) for t in got.tensors] == \
+        [(t.name, t.tensor_type, list(t.shape)) for t in want.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(got.tensors, want.tensors))
+
+    copy = tmp_path / "m.gguf"
+    shutil.copyfile(path, copy)
+    own = gguf.GGUFReader
+    with shared_readers():
+        first = open_reader(copy)
+        assert gguf.GGUFReader(str(copy)) is first and open_reader(str(copy)) is first
+        os.utime(copy, ns=(0, 0))            # another version of the file: read again
+        assert open_reader(copy) is not first
+    assert gguf.GGUFReader is own and open_reader(copy) is not open_reader(copy)

@@ -240,9 +240,9 @@ def _field_value(field):
 def _gguf_metadata(path: str, size: int, mtime_ns: int) -> dict[str, tuple]:
     """A GGUF file's metadata, key -> (value, type, item type), parsed once per file version (gguf's reader
     takes seconds over a tokenizer's 100k strings, and a size-budget search asks for sizes many times)."""
-    import gguf
+    from ..io.gguf_reader import open_reader
     try:
-        reader = gguf.GGUFReader(path)
+        reader = open_reader(path)
     except Exception as e:   # the reader raises many types for a damaged file
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LowbitError(f"corrupt or truncated GGUF file {path}: {why}") from None

@@ -71,9 +71,9 @@ def model_arch(name: str):
 def open_gguf(path: str | Path):
     """gguf-py's reader of the GGUF file at `path` and its architecture name (general.architecture), every
     tensor's data checked to lie within the file; a damaged file is one LowbitError."""
-    import gguf
+    from ..io.gguf_reader import open_reader
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = open_reader(str(path))
         arch = reader.fields["general.architecture"]
         name = bytes(arch.parts[arch.data[0]]).decode()
         for t in reader.tensors:  # touching each tensor's data checks that the file covers it

@@ -108,8 +108,8 @@ def gguf_module_name(name: str) -> str:
 
 
 def _load_gguf(path: Path) -> Importance:
-    from gguf import GGUFReader
-    reader = GGUFReader(str(path))
+    from ..io.gguf_reader import open_reader
+    reader = open_reader(str(path))
     tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
     values, tokens = {}, 0
     for key, sum2 in tensors.items():

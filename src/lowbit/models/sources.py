@@ -159,26 +159,20 @@ def gguf_cache_dir(path: Path) -> Path:
 
 @contextlib.contextmanager
 def _gguf_parsed_once():
-    """While loading one GGUF file: gguf-py's reader built once per file, and its tensor-name map once per
-    architecture and depth. transformers builds the reader three times (config, tokenizer, weights), and
-    parsing the default model's 49k-entry vocabulary takes 3.6 s each time; it builds the name map once per
-    module (4 s). Both are read-only to their users, so sharing them changes nothing but the time."""
+    """While loading one GGUF file: gguf-py's reader built once per file (io.gguf_reader.shared_readers;
+    parsing the default model's 49k-entry vocabulary took 3.6 s each time with gguf's own reader, and
+    transformers asks for it three times), and its tensor-name map once per architecture and depth
+    (transformers builds it once per module, 4 s). Both are read-only to their users."""
     import gguf
-    make_reader, make_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    readers: dict = {}
 
-    def reader(path, mode="r"):
-        st = os.stat(path)
-        key = (os.path.realpath(path), mode, st.st_size, st.st_mtime_ns)
-        if key not in readers:
-            readers[key] = make_reader(path, mode)
-        return readers[key]
-
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(make_map)
+    from ..io.gguf_reader import shared_readers
+    make_map = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(make_map)
     try:
-        yield
+        with shared_readers():
+            yield
     finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = make_reader, make_map
+        gguf.get_tensor_name_map = make_map
 
 
 GGUF_CACHE_BYTES = 8 << 30   # float copies of GGUF files kept in all; the least recently used go first beyond
