@@ -176,3 +176,18 @@ def test_generate_runs_the_blocks(mixed, capsys):
     as_blocks = capsys.readouterr().out
     assert main(args + ["--gguf", "float"]) == 0
     assert capsys.readouterr().out == as_blocks and as_blocks.strip()
+
+
+def test_a_blocks_load_parses_the_file_once(mixed, monkeypatch):
+    """Loading a GGUF file with its blocks kept parses it once: the check, transformers' three requests and
+    keep_blocks' share one reader."""
+    from lowbit.io import gguf_reader
+    _, path = mixed
+    built, init = [], gguf_reader.GGUFReader.__init__
+
+    def counting_init(self, *a, **kw):
+        built.append(a[0])
+        init(self, *a, **kw)
+    monkeypatch.setattr(gguf_reader.GGUFReader, "__init__", counting_init)
+    lowbit.load_model(path, gguf="blocks", cache=False, kernel="reference")
+    assert built == [str(path)]

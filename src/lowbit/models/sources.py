@@ -98,15 +98,17 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = t
             return load_foreign(path, dtype, kernel)
     if path.is_dir():
         loaded = _load_hf_dir(path, dtype)
-    elif _is_gguf(path):
+        check_finite(loaded.model)
+        return loaded
+    if not _is_gguf(path):
+        raise LowbitError(f"not a model: {path} is neither a model directory nor a GGUF file")
+    with _gguf_parsed_once():   # transformers' parses and keep_blocks' share one
         # blocks: checked against the float32 weights they decode to, then the rest cast to dtype
         loaded = _load_gguf(path, torch.float32 if gguf == "blocks" else dtype, cache)
-    else:
-        raise LowbitError(f"not a model: {path} is neither a model directory nor a GGUF file")
-    check_finite(loaded.model)
-    if gguf == "blocks" and not path.is_dir():   # a GGUF file (the other sources returned above)
-        from .gguf_blocks import keep_blocks
-        keep_blocks(loaded, path, kernel).model.to(dtype)
+        check_finite(loaded.model)
+        if gguf == "blocks":
+            from .gguf_blocks import keep_blocks
+            keep_blocks(loaded, path, kernel).model.to(dtype)
     return loaded
 
 
@@ -186,14 +188,14 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache: bool) -> Loaded:
         touch(cached)
         return loaded
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    with _gguf_parsed_once():
-        from .gguf_blocks import open_gguf
-        open_gguf(path)   # the file checked here, its architecture once transformers has built the model
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        except Exception as e:  # transformers' GGUF path raises many types for bad files
-            raise LowbitError(f"cannot load GGUF file {path}: {str(e).splitlines()[0]}") from None
+
+    from .gguf_blocks import open_gguf
+    open_gguf(path)   # the file checked here, its architecture once transformers has built the model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except Exception as e:  # transformers' GGUF path raises many types for bad files
+        raise LowbitError(f"cannot load GGUF file {path}: {str(e).splitlines()[0]}") from None
     arch_for(model)
     # transformers flags a GGUF-loaded model as quantized although its weights are plain float tensors by now;
     # the flag makes .float()/.to(dtype)/save_pretrained refuse, so a first load would behave unlike a cached one
