@@ -118,3 +118,12 @@ def test_resident_bytes_benchmark_quick(tmp_path):
     rows = {r["format"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
     default = rows["int4 g64 (symmetric, the default)"]
     assert default["resident_bits"] < default["float32_scales_bits"] and default["resident_bits"] - default["stored_bits"] < 1e-3
+
+
+@pytest.mark.slow
+def test_gguf_load_benchmark_quick(tmp_path):
+    out = tmp_path / "load"
+    run_quick("gguf_load.py", out, timeout=600)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["same_fields"] and set(data["times"]) == {"gguf-py", "lowbit"}
+    assert all(t["parse_s"][0] > 0 and t["load_s"][0] > 0 for t in data["times"].values())
