@@ -71,7 +71,7 @@ def main() -> None:
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"file": path, "same_fields": same, "times": times,
+    out.with_suffix(".json").write_text(json.dumps({"file": Path(path).name, "source": args.file, "same_fields": same, "times": times,
                                                     "environment": env}, indent=2, default=str))
     out.with_suffix(".md").write_text(table + "\n")
 
