@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .errors import LowbitError
 from .formats import GGUF_TYPES, GGUFSpec, IntSpec, WeightFormat
-from .products import products, resolve_products
+from .products import model_products
 
 KEEP = "F16"          # the option of leaving a tensor unquantized, stored as 16-bit floats
 SAMPLE_ROWS = 256     # rows per tensor on which a format's error is measured
@@ -135,7 +135,7 @@ def fisher_diagonal(model: nn.Module, windows: torch.Tensor, names: list[str], *
     gen = torch.Generator().manual_seed(seed)
     positions = 0
     try:
-        with products(resolve_products(matmul, next(model.parameters()).device)):
+        with model_products(matmul, model):
             for ids in tqdm(windows, desc="sensitivity", unit="window", disable=not progress):
                 logits = model(ids[None]).logits[0].float()
                 logp = F.log_softmax(logits, dim=-1)

@@ -35,6 +35,12 @@ def resolve_products(name: str, device: torch.device) -> str:
     return name
 
 
+def model_products(name: str, model: torch.nn.Module):
+    """`products` with `name` ("auto" included) resolved for the device of the model's weights: the context
+    for a pass of the whole model (a plan's statistics, an imatrix)."""
+    return products(resolve_products(name, next(model.parameters()).device))
+
+
 @contextlib.contextmanager
 def products(name: str):
     """Within: float32 matmuls on the CPU as `name` says ("float32" or "bfloat16", resolved); restored on exit."""

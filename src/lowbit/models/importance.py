@@ -193,9 +193,9 @@ def collect_importance(model: nn.Module, samples: torch.Tensor, names: list[str]
     over 16 windows, BENCHMARKS.md)."""
     from tqdm.auto import tqdm
 
-    from ..products import products, resolve_products
+    from ..products import model_products
     hooks = into or ImportanceHooks(model, names)
-    with hooks, output_layer_skipped(model), products(resolve_products(matmul, next(model.parameters()).device)):
+    with hooks, output_layer_skipped(model), model_products(matmul, model):
         for ids in tqdm(samples, desc="importance", unit="window", disable=not progress):
             model(ids.unsqueeze(0), use_cache=False)
     return hooks.importance()
