@@ -10,7 +10,8 @@ for bit, for a fifth of the pass.
 How it is trusted: window 0 is always run in full. Its last hidden state must equal the kept one bit for bit, and
 the logits rebuilt from it must equal the full pass's; otherwise (another machine, another library build, a model
 whose forward the replay does not reproduce) every window runs in full and the file is rewritten. The file is named
-by a hash of the base's parameters and configuration, the token windows, torch's version and the thread count.
+by a hash of the base's parameters and configuration, the token windows, torch's version, the thread count and the
+library of the float32 products (lowbit.products.float32_gemm).
 
 Where: `cache_dir()` (default ~/.cache/lowbit/eval), one safetensors file per base and text, written
 through a temporary file (a killed run leaves none behind). LOWBIT_EVAL_CACHE=0 turns the cache off; bases whose
@@ -60,7 +61,8 @@ def _key(model: nn.Module, windows: torch.Tensor) -> str:
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().data)
     h.update(windows.contiguous().numpy().tobytes())
-    h.update(f"{torch.__version__}/{torch.get_num_threads()}".encode())
+    from ..products import float32_gemm   # here: lowbit.products reads the CPU's features from this package
+    h.update(f"{torch.__version__}/{torch.get_num_threads()}/{float32_gemm()}".encode())
     return h.hexdigest()
 
 

@@ -5,6 +5,8 @@ is KL(P_base ‖ P_model) per predicted position, averaged, in nats (the directi
 Several models are evaluated in lockstep: the base runs once per window however many models are compared, and each
 compared model runs too. When the base itself is one of them, its row is computed from that same pass (its
 perplexity measured, its KL divergence 0 and agreement 100% by computation, not assumed).
+Every pass runs its float32 products exactly (lowbit.products: IEEE float32, by the library `float32_gemm` names
+for this CPU), whatever precision a caller set for calibration.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ def evaluate_quality(models: dict[str, torch.nn.Module], windows: torch.Tensor, 
     """For each named model: ppl, and (when a base is given) kld and top1 against it. base_cache: the base's
     pass may come from what an earlier run kept (eval.base_cache: the same logits, bit for bit); a BaseCache
     of these windows to read what became of it afterwards."""
+    from ..products import products   # here: lowbit.products reads the CPU's features from this package
+    with products("float32"):
+        return _evaluate(models, windows, base, progress, base_cache)
+
+
+def _evaluate(models, windows, base, progress, base_cache) -> dict[str, dict]:
     sums = {name: {"nll": 0.0, "kld": 0.0, "top1": 0} for name in models}
     count = 0
     cache = base_cache if isinstance(base_cache, BaseCache) else (

@@ -65,6 +65,16 @@ def cpu_features() -> str:
 
 
 @functools.lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """The CPU's vendor as /proc/cpuinfo names it ("GenuineIntel", "AuthenticAMD", ...), else "unknown"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "unknown")
+    except OSError:
+        return "unknown"
+
+
+@functools.lru_cache(maxsize=1)
 def half_matrix_unit() -> bool:
     """Whether this CPU multiplies float16 matrices in a matrix unit (AMX-FP16: about 10x its float32 rate on
     2 cores of an Intel Xeon with AMX, measured), as torch's CPU-feature probe reports it."""

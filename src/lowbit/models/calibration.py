@@ -24,6 +24,7 @@ from torch import nn
 
 from ..heap import release_freed_memory
 from ..kernels import native
+from ..products import state as products_state
 from .arch import arch_for
 from .calls import first_input, first_output  # noqa: F401  (re-exported: drivers import them from here)
 
@@ -157,7 +158,7 @@ class ReuseFinishedParts:
             key = (name, sample)
             entry = self.entries.get(key)
             # the same inputs, weights and float32 product precision (lowbit.products)
-            state = (args, kwargs, torch.backends.mkldnn.matmul.fp32_precision)
+            state = (args, kwargs, products_state())
             if entry is not None and _same(entry[0], state) and _same_params(entry[1], part):
                 return _clone(entry[2])
             out = forward(*args, **kwargs)   # a part stopped midway (capture_calls) raises and records nothing
