@@ -127,3 +127,14 @@ def test_gguf_load_benchmark_quick(tmp_path):
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["same_fields"] and set(data["times"]) == {"gguf-py", "lowbit"}
     assert all(t["parse_s"][0] > 0 and t["load_s"][0] > 0 for t in data["times"].values())
+
+
+@pytest.mark.slow
+def test_float32_gemm_benchmark_quick(tmp_path):
+    out = tmp_path / "gemm"
+    run_quick("float32_gemm.py", out, timeout=600)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["choice"] in ("aten", "onednn")
+    # both libraries are float32: within the bound any order of the sums keeps
+    assert all(0 <= e <= 1 for by in data["error_over_bound"].values() for e in by.values())
+    assert all(v > 0 for by in data["results"].values() for runs in by.values() for v in runs)
