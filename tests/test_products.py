@@ -138,6 +138,11 @@ def test_products_float32_routes_as_chosen_and_restores(choice, library):
         with products("bfloat16"):
             assert state()[0] == "bf16"
     assert state() == before
+    with products("bfloat16"):                   # ATen's own oneDNN path: nothing to route
+        assert state() == ("bf16", False)
+    with products("float32", linears=False):     # a method's own arithmetic: no Linears, no function mode
+        assert state() == ("ieee", False)
+    assert state() == before
 
 
 @needs_onednn

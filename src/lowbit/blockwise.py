@@ -142,7 +142,7 @@ def _gptq_groups(block, inputs, plan, groups, paused, upfront, precision) -> dic
                 calls = upfront[inspect] if upfront is not None else capture_calls(block, inputs, [inspect])[inspect]
             H = Hessian(block.get_submodule(names[0]).in_features)
             H.add_all(_inputs(block, inspect, calls))
-        with products("float32"):   # GPTQ's own arithmetic
+        with products("float32", linears=False):   # GPTQ's own arithmetic
             out.update(_gptq_group(block, plan, names, H))
     return out
 
@@ -308,7 +308,7 @@ def awq_round(block: nn.Module, inputs: BlockInputs, plan: Plan, arch: Arch) -> 
     """AWQ's two phases without writing the result back: per Linear, its scaled float weight and its
     clipped round-to-nearest quantization (the scales are folded into the producers)."""
     summaries = awq_scale_block(block, inputs, plan, arch)
-    with products("float32"):   # the clip search and the rounding: AWQ's own arithmetic
+    with products("float32", linears=False):   # the clip search and the rounding: AWQ's own arithmetic
         return _awq_clip_and_round(block, plan, arch, summaries)
 
 

@@ -140,14 +140,16 @@ def state() -> tuple:
 
 
 @contextlib.contextmanager
-def products(name: str):
+def products(name: str, linears: bool = True):
     """Within: float32 matmuls on the CPU as `name` says ("float32" or "bfloat16", resolved), exact Linears by
-    `float32_gemm()`'s library; restored on exit."""
+    `float32_gemm()`'s library; restored on exit. linears=False: for a method's own arithmetic, which calls no
+    Linear (the function mode that routes them costs about a microsecond on every tensor operation)."""
     matmul = torch.backends.mkldnn.matmul
     before = matmul.fp32_precision
     matmul.fp32_precision = "bf16" if name == "bfloat16" else "ieee"
+    route = linears and name == "float32" and float32_gemm() == "onednn"
     try:
-        with OneDNNLinear() if float32_gemm() == "onednn" else contextlib.nullcontext():
+        with OneDNNLinear() if route else contextlib.nullcontext():
             yield
     finally:
         matmul.fp32_precision = before
