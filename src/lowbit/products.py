@@ -1,6 +1,6 @@
 """How float32 matrix products are computed on the CPU while a method calibrates (or a size-budget plan or an
-imatrix is measured): exactly (IEEE float32), or by oneDNN from inputs rounded to bfloat16, each product exact
-and summed in float32, the result float32.
+imatrix is measured) and while a model is evaluated: exactly (IEEE float32), or, for calibration, by oneDNN from
+inputs rounded to bfloat16, each product exact and summed in float32, the result float32.
 
 Why the second exists: on CPUs that multiply bfloat16 natively (AVX512-BF16 dot products, AMX-BF16 tiles) it
 is about 2.2x the float32 rate on a calibration pass's shapes (2 cores of an AMD EPYC with AVX512-BF16: 400-460
@@ -13,8 +13,8 @@ rounding would buy no speed.
 
 Which library computes the exact products (`float32_gemm`): ATen sends a float32 matmul to MKL, and MKL uses its
 AVX-512 code only on Intel CPUs; on other CPUs with AVX-512 oneDNN's float32 GEMM (JIT-generated for the CPU it
-finds) ran 1.5-2.7x faster on the shapes of the default model (2 cores of an AMD EPYC with AVX-512: 260-400
-against 120-170 GFLOP/s, BENCHMARKS.md). There `products("float32")` sends the Linears' float32 products to
+finds) ran 1.4-2.3x faster on the shapes of the default model (2 cores of an AMD EPYC with AVX-512: 130-380
+against 70-170 GFLOP/s; a whole forward 1.6x, BENCHMARKS.md). There `products("float32")` sends the Linears' float32 products to
 oneDNN. Both are IEEE float32 products summed in float32; only the order of the sums differs, as it does between
 two CPUs or two thread counts (evaluation's numbers move in their sixth digit or later, BENCHMARKS.md).
 """
