@@ -95,7 +95,8 @@ def test_the_route_is_taken_only_where_it_applies(monkeypatch):
     with OneDNNLinear():
         F.linear(x, w)
         F.linear(x, torch.nn.Parameter(w), torch.nn.Parameter(torch.randn(8)))   # a module's parameters
-        assert len(calls) == 2
+        assert torch.equal(F.linear(input=x, weight=w), F.linear(x, w))            # arguments by name
+        assert len(calls) == 4
         F.linear(x.bfloat16(), w.bfloat16())      # not float32
         F.linear(torch.randn(16), w)              # one vector: ATen's
         torch.backends.mkldnn.matmul.fp32_precision = "bf16"
@@ -103,9 +104,9 @@ def test_the_route_is_taken_only_where_it_applies(monkeypatch):
             F.linear(x, w)                        # bfloat16-rounded products: ATen's own oneDNN path
         finally:
             torch.backends.mkldnn.matmul.fp32_precision = "none"
-    assert len(calls) == 2
+    assert len(calls) == 4
     F.linear(x, w)                                # outside
-    assert len(calls) == 2
+    assert len(calls) == 4
 
 
 def test_the_library_is_chosen_by_the_cpu(choice, monkeypatch):

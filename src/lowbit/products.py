@@ -74,8 +74,8 @@ class OneDNNLinear(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            given = {**dict(zip(("input", "weight", "bias"), args)), **kwargs}   # by position or by name
+            x, w, b = given["input"], given["weight"], given.get("bias")
             if _routable(x, w, b):
                 if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
                     return _Linear.apply(x, w, b)
