@@ -676,6 +676,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def command() -> int:
+    """The `lowbit` command: `main` in a process that keeps the memory it frees (heap.keep_freed_memory; a
+    library call, or a test calling `main`, leaves the process's allocator as it is)."""
+    from .heap import keep_freed_memory
+    try:
+        keep_freed_memory()
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every failure a user can meet ends in one line `lowbit: error: ...` and exit status 2:
     lowbit's own errors, and the operating system's (a full disk, a missing permission, an unreadable file).
@@ -714,4 +726,4 @@ def _os_error(e: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())
