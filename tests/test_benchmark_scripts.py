@@ -138,3 +138,14 @@ def test_float32_gemm_benchmark_quick(tmp_path):
     # both libraries are float32: within the bound any order of the sums keeps
     assert all(0 <= e <= 1 for by in data["error_over_bound"].values() for e in by.values())
     assert all(v > 0 for by in data["results"].values() for runs in by.values() for v in runs)
+
+
+@pytest.mark.slow
+def test_main_command_benchmark_quick(tmp_path):
+    # the README's main command as two `lowbit` processes per allocator setting: same file and numbers
+    out = tmp_path / "main"
+    run_quick("main_command.py", out, timeout=900)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["same"] and [row["heap"] for row in data["rows"]] == ["system", "keep"]
+    assert all(row["quantize"]["minor_faults"] > 0 and row["eval"]["peak_rss_mb"] > 100 for row in data["rows"])
+    assert 0 < data["rows"][0]["numbers"]["kld"] < 1
