@@ -27,6 +27,12 @@ def _quiet_transformers():
 
 
 def cmd_quantize(args) -> int:
+    from .io.gguf_reader import shared_readers
+    with shared_readers():   # a GGUF source is read by the load, the plan's byte count and the writer: parsed once
+        return _quantize(args)
+
+
+def _quantize(args) -> int:
     from . import quantize, save_checkpoint
     from .models import arch_for, load_model
     from .models.sources import source_name
