@@ -22,6 +22,7 @@ from .blockwise import Quantized, quantize_block
 from .config import RTN, QuantConfig
 from .data import CALIB_SAMPLES, CALIB_SEQLEN, calibration_ids
 from .errors import LowbitError
+from .finite import all_finite
 from .heap import release_freed_memory
 from .models import Loaded, load_model
 from .models.arch import arch_for
@@ -220,7 +221,7 @@ def recipe_for(config: QuantConfig | Recipe | None, blocks: str = "model.layers"
 
 def _check_finite(model: nn.Module, name: str) -> None:
     w = model.get_submodule(name).weight
-    if not w.is_meta and not torch.isfinite(w).all():   # blocks still on disk are checked when read
+    if not w.is_meta and not all_finite(w.detach()):   # blocks still on disk are checked when read
         raise LowbitError(f"weight {name}.weight contains NaN or Inf")
 
 

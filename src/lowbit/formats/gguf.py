@@ -83,6 +83,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LowbitError
+from ..finite import all_finite
 from .base import Grid, IntegerView, WeightFormat, check_importance, register_format
 from .tensor import QuantizedTensor
 
@@ -922,7 +923,7 @@ class GGUFSpec(WeightFormat):
         n, k = w.shape
         self.check_shape((n, k), name)
         x = w.detach().float()
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise LowbitError(f"{name} contains NaN or Inf")
         bt = self.block
         blocks = x.reshape(-1, bt.block_size)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LowbitError
+from ..finite import all_finite
 from ..io.atomic import atomic_dir
 from ..io.lru import touch, trim
 from ..io.safetensors import check_safetensors, write_safetensors
@@ -114,7 +115,7 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = t
 
 def check_finite(model: torch.nn.Module) -> None:
     for name, p in model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
+        if not all_finite(p.detach()):
             raise LowbitError(f"weight {name} contains NaN or Inf")
 
 
