@@ -72,3 +72,17 @@ def test_a_bad_choice_is_one_line_from_the_command():
                          timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["lowbit: error: LOWBIT_HEAP='never': give keep (the default) or system"]
+
+
+def test_the_command_keeps_freed_memory_unless_given_a_memory_budget(monkeypatch):
+    from lowbit import cli, heap
+    calls = []
+    monkeypatch.setattr(heap, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(cli, "main", lambda argv=None: 0)
+    for argv, kept in ((["lowbit", "eval", "m"], True), (["lowbit", "generate", "m", "--max-memory", "1G"], False),
+                       (["lowbit", "generate", "m", "--max-memory=1G"], False),
+                       (["lowbit", "quantize", "m", "--stream"], False)):
+        calls.clear()
+        monkeypatch.setattr(sys, "argv", argv)
+        assert cli.command() == 0
+        assert bool(calls) == kept, argv

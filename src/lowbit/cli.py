@@ -682,12 +682,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# a command given a memory budget (offloading, streaming) keeps glibc's allocator, which unmaps large blocks as
+# they are freed: a block kept for reuse would count against the budget until the next trim
+_MEMORY_FLAGS = ("--max-memory", "--stream")
+
+
 def command() -> int:
-    """The `lowbit` command: `main` in a process that keeps the memory it frees (heap.keep_freed_memory; a
-    library call, or a test calling `main`, leaves the process's allocator as it is)."""
+    """The `lowbit` command: `main` in a process that keeps the memory it frees (heap.keep_freed_memory), unless
+    the command has a memory budget. A library call, or a test calling `main`, leaves the allocator as it is."""
     from .heap import keep_freed_memory
+    budget = any(a == f or a.startswith(f + "=") for a in sys.argv[1:] for f in _MEMORY_FLAGS)
     try:
-        keep_freed_memory()
+        if not budget:
+            keep_freed_memory()
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2

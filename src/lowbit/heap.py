@@ -8,9 +8,9 @@ nothing. Lowering the mmap threshold instead was measured to double AWQ's time (
 faults its pages in afresh), so the callers trim at a few chosen points instead.
 
 The `lowbit` command goes further (`keep_freed_memory`): its process keeps every freed page until one of those
-points. A page fault is not free, and under some virtual machines it is dear: where the hypervisor takes back
-the pages a guest frees (free page reporting, ballooning), touching a fresh page costs a trip to the host. On
-the 2-core AMD EPYC VM of BENCHMARKS.md, allocating, filling and freeing a 100 MB tensor took 5-7x as long as
+points (a command given a memory budget, `--max-memory` or `--stream`, does not). A page fault is not free, and
+under some virtual machines it is dear (likely where the hypervisor takes back the pages a guest frees): on the
+2-core AMD EPYC VM of BENCHMARKS.md, allocating, filling and freeing a 100 MB tensor took 5-7x as long as
 refilling a kept one. A pass over windows allocates its activations, logits and gradients afresh for each
 window; with its pages kept, each window reuses the last one's."""
 
