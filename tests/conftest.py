@@ -5,14 +5,33 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
+
+# The default run spreads the tests over worker processes (pytest-xdist, `-n auto` in pyproject.toml): most tests
+# are Python-bound or compile small graphs, which one core each runs as fast as two, so two workers on two
+# cores finish the run in about 0.6 of the time. Each worker gets its share of the cores for its matrix
+# products (more threads than cores make OpenMP's waiting threads spin against each other); subprocesses the
+# tests start inherit the same share. A thread count the caller set is kept.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():   # Triton picks compiling or interpreting when lowbit's kernels are decorated
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import lowbit  # noqa: E402
 
 torch.manual_seed(0)
+if WORKERS > 1 and os.environ["OMP_NUM_THREADS"].isdigit():   # in case torch was imported before this file
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 os.environ.setdefault("LOWBIT_STRICT_COMPILE", "1")   # a compiled engine that fails must fail the test, not go eager
+
+
+@pytest.hookimpl(optionalhook=True)   # pytest-xdist's hook: without the plugin (-p no:xdist) it is not called
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker per core, at most 4 (each holds the default model and its copies, 2-3 GB)."""
+    return max(1, min(os.cpu_count() or 1, 4))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -790,3 +790,52 @@ def test_two_level_integer_scales_with_stray_padding_bits_are_kept_as_stored():
     assert torch.equal(layer.quantized_tensor().scales, scales)
     x = torch.randn(2, 576)
     assert torch.equal(layer(x), QuantLinear(qt, kernel="auto")(x))
+
+
+@pytest.mark.parametrize("m", [1, 40])
+def test_every_native_op_gives_the_same_bits_on_any_number_of_threads(m):
+    """The native ops split rows (or column chunks) among threads, each row's sums within one thread, so their
+    results must not depend on the thread count. The test run may give each worker a single thread
+    (tests/conftest.py), so the splits are exercised here explicitly: one thread against three (uneven tasks
+    on rows that are not a multiple of any grain), every op this CPU runs, the searches and GPTQ's column loop
+    included."""
+    from lowbit.algorithms.gptq import Hessian, factor_hessian, gptq_quantize_updated
+    from lowbit.formats import intq
+    g = torch.Generator().manual_seed(m)
+    n, k, group = 203, 576, 64
+    x = torch.randn(m, k, generator=g)
+    wpack = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    s = torch.rand(n, k // group, generator=g) * 0.1 + 1e-3
+    o = torch.randn(n, k // group, generator=g) * 0.01
+    w = torch.randn(300, 512, generator=g) * torch.rand(300, 1, generator=g)
+    imp = torch.rand(512, generator=g)
+    X = torch.randn(600, 512, generator=g)
+    H = Hessian(512)
+    H.add(X)
+    factors = factor_hessian(H.H, 0.01, True)
+    steps = torch.rand(3, 300, 8, generator=g) * 0.01 + 1e-4
+    zeros = torch.randint(0, 16, steps.shape, generator=g).float()
+
+    def every_result():
+        out = {name: op(s, o) for name, op in _every_native_op(x, wpack, wq, group).items()}
+        out["column_moments"] = torch.ops.lowbit.column_moments(torch.randn(64, 1536, generator=torch.Generator().manual_seed(0)))
+        out["grid_errors"] = intq.grid_errors(w.reshape(300, 8, 64), imp.reshape(8, 64), steps, zeros, 0, 15)
+        out["search_qparams"] = intq.search_qparams(w, IntSpec(4, 64, False), imp)
+        for t in ("Q4_K", "Q6_K", "Q3_K", "Q4_0"):
+            out[f"{t} search"] = GGUFSpec(t).quantize(w, imp).tensors()
+        out["gptq columns"] = gptq_quantize_updated(w[:77], factors, IntSpec(4, 64, True), act_order=True)[1]
+        return out
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = every_result()
+        torch.set_num_threads(3)
+        three = every_result()
+    finally:
+        torch.set_num_threads(threads)
+    flat = torch.utils._pytree.tree_leaves
+    for name in one:
+        a, b = flat(one[name]), flat(three[name])
+        assert len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b) if u is not None), name
