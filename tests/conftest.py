@@ -11,9 +11,10 @@ import pytest
 # cores finish the run in about 0.6 of the time. Each worker gets its share of the cores for its matrix
 # products (more threads than cores make OpenMP's waiting threads spin against each other); subprocesses the
 # tests start inherit the same share. A thread count the caller set is kept.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, CORES // WORKERS)))
 
 import torch  # noqa: E402
 
@@ -30,8 +31,9 @@ os.environ.setdefault("LOWBIT_STRICT_COMPILE", "1")   # a compiled engine that f
 
 @pytest.hookimpl(optionalhook=True)   # pytest-xdist's hook: without the plugin (-p no:xdist) it is not called
 def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: a worker per core, at most 4 (each holds the default model and its copies, 2-3 GB)."""
-    return max(1, min(os.cpu_count() or 1, 4))
+    """`-n auto`: a worker per core, at most 4 (each holds the default model and its copies: 1.3-1.7 GB
+    resident on 2 cores)."""
+    return max(1, min(CORES, 4))
 
 
 @pytest.fixture(scope="session", autouse=True)
