@@ -75,6 +75,27 @@ def test_atomic_dir_publishes_only_on_success(tmp_path):
     assert (tmp_path / "t.txt").read_text() == "hello"
 
 
+def test_a_cache_published_by_another_writer_meanwhile_stays(tmp_path):
+    """first_wins: the copy another process published while this one wrote is kept (replacing it would leave a
+    moment with no directory at all, between the two renames, for a third process that opens it); without it
+    the second copy replaces the first; an output that was there before the write is replaced either way."""
+    out = tmp_path / "cache"
+    with atomic_dir(out, overwrite=True, first_wins=True) as tmp:
+        (tmp / "f").write_text("second")
+        with atomic_dir(out, overwrite=True, first_wins=True) as other:   # the other process, faster
+            (other / "f").write_text("first")
+    assert (out / "f").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]          # nothing of the dropped copy left
+    with atomic_dir(out, overwrite=True, first_wins=True) as tmp:              # it existed before: replaced
+        (tmp / "f").write_text("again")
+    assert (out / "f").read_text() == "again"
+    with atomic_dir(tmp_path / "plain", overwrite=True) as tmp:
+        (tmp / "f").write_text("second")
+        with atomic_dir(tmp_path / "plain", overwrite=True) as other:
+            (other / "f").write_text("first")
+    assert (tmp_path / "plain" / "f").read_text() == "second"
+
+
 def test_leftovers_of_dead_writers_are_removed_by_the_next_write(tmp_path):
     import subprocess
     from lowbit.io.atomic import atomic_dir, atomic_write_text

@@ -33,12 +33,17 @@ def check_output(out: str | os.PathLike, overwrite: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False, what: str | None = None):
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False, what: str | None = None, first_wins: bool = False):
     """Yield a temporary directory beside `out`; rename it to `out` only if the block succeeds, replacing an
     existing `out` only if `overwrite`. An OSError (in here or in the block) becomes a LowbitError naming
-    the output (as `what` says, e.g. "the offload directory", if given)."""
+    the output (as `what` says, e.g. "the offload directory", if given).
+
+    first_wins (caches: any complete copy is as good as another): an `out` that another process published
+    while the block ran stays, and this copy is dropped, so that a reader of the first never sees it swapped
+    away; an `out` that existed before the block is replaced as `overwrite` says."""
     out = Path(out)
-    if out.exists() and not overwrite:
+    existed = out.exists()
+    if existed and not overwrite:
         raise LowbitError(f"output {out} already exists (pass --overwrite to replace it)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -50,6 +55,8 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, what: str | None
     try:
         yield tmp
         _publishable(tmp)
+        if first_wins and not existed and out.exists():
+            return   # published by another process meanwhile: theirs stays (the finally removes ours)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=_prefix(out, "old"), dir=out.parent))
             os.replace(out, old / "x")

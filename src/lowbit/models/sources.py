@@ -210,7 +210,9 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache: bool) -> Loaded:
 
 def _write_hf_dir(model, tokenizer, out: Path) -> None:
     try:
-        with atomic_dir(out, overwrite=True) as tmp:
+        # first_wins: two processes loading the same new GGUF file both write a copy; the second must not swap
+        # the first away (for a moment there would be no directory) under a third that is opening it
+        with atomic_dir(out, overwrite=True, first_wins=True) as tmp:
             tensors, _ = unique_state_dict(model)
             write_safetensors(tensors, tmp / "model.safetensors")   # a full disk: an OSError, caught as below
             (tmp / "config.json").write_text(json.dumps(hf_config_dict(model), indent=2, default=str))
