@@ -29,7 +29,7 @@ if WORKERS > 1 and os.environ["OMP_NUM_THREADS"].isdigit():   # in case torch wa
 os.environ.setdefault("LOWBIT_STRICT_COMPILE", "1")   # a compiled engine that fails must fail the test, not go eager
 
 
-@pytest.hookimpl(optionalhook=True)   # pytest-xdist's hook: without the plugin (-p no:xdist) it is not called
+@pytest.hookimpl(optionalhook=True)   # pytest-xdist's hook: pytest without the plugin does not know it
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: a worker per core, at most 4 (each holds the default model and its copies: 1.3-1.7 GB
     resident on 2 cores)."""

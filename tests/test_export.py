@@ -207,6 +207,25 @@ def test_cli_export_tp_warning(tiny_dir, tmp_path, capsys):
     assert main(["export", str(tmp_path / "ckpt"), "--format", "awq", "--out", str(tmp_path / "o")]) == 2
 
 
+def test_cli_writes_the_same_files_whatever_kernel_the_model_ran(tiny_dir, tmp_path):
+    """`lowbit quantize --format X` quantizes with the reference kernel unless told otherwise (nothing runs the
+    model before it is written); the files are the same bytes as from a model packed for a CPU kernel."""
+    from lowbit.cli import main
+    from lowbit.kernels import native
+    packed = ["native-int4"] if native.available() else []
+    for fmt, scheme, kernels in (("gptq", ["--bits", "4", "--group-size", "32"], ["auto", "cpu-int4"] + packed),
+                                 ("gguf", ["--gguf-type", "Q4_0"], ["auto"] + packed)):
+        outs = []
+        for kernel in kernels:
+            out = tmp_path / f"{fmt}-{kernel}"
+            assert main(["--quiet", "quantize", str(tiny_dir), *scheme, "--format", fmt, "--kernel", kernel,
+                         "--out", str(out)]) == 0
+            files = sorted(f for f in out.rglob("*") if f.is_file()) if out.is_dir() else [out]
+            outs.append({str(f.relative_to(out)) if out.is_dir() else "": f.read_bytes() for f in files})
+        assert len(outs) > 1 or not packed and fmt == "gguf"
+        assert all(o == outs[0] for o in outs[1:]), fmt
+
+
 @pytest.mark.slow   # two streamed quantizations and a failing third
 def test_cli_quantize_stream_exports(tiny_dir, tmp_path, capsys):
     """--stream with --format writes the target format (through a lowbit checkpoint that is then removed),

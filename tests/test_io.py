@@ -75,6 +75,36 @@ def test_atomic_dir_publishes_only_on_success(tmp_path):
     assert (tmp_path / "t.txt").read_text() == "hello"
 
 
+def test_write_safetensors_gives_the_same_bytes_in_any_process_and_what_safetensors_reads(tmp_path):
+    """Every dtype of the table, a non-contiguous and an empty tensor: read back by safetensors' own loader
+    equal, each starting at a multiple of its element size, and the same bytes from another process (the
+    safetensors library's writer orders the metadata by a per-process hash)."""
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+    from lowbit.io.safetensors import DTYPES, read_header, write_safetensors
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t.{name}": (torch.randn(3, 5, generator=g) * 4).to(dtype) if dtype.is_floating_point
+               else torch.randint(0, 2 if dtype == torch.bool else 100, (7,), generator=g).to(dtype)
+               for name, dtype in DTYPES.items()}
+    tensors["strided"] = torch.randn(4, 6, generator=g).t()
+    tensors["empty"] = torch.zeros(0, 3)
+    torch.save(tensors, tmp_path / "in.pt")
+    write_safetensors(tensors, tmp_path / "a.safetensors", {"note": "x"})
+    code = ("import sys, torch; from lowbit.io.safetensors import write_safetensors; "
+            "write_safetensors(torch.load(sys.argv[1]), sys.argv[2], {'note': 'x'})")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "b.safetensors")], check=True)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    back = load_file(str(tmp_path / "a.safetensors"))
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape
+        assert torch.equal(back[name].reshape(-1).view(torch.uint8), t.contiguous().reshape(-1).view(torch.uint8)), name
+    assert all(e.offset % e.dtype.itemsize == 0 for e in read_header(tmp_path / "a.safetensors").values())
+    with pytest.raises(LowbitError, match="'c'.*complex64"):
+        write_safetensors({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.safetensors")
+
+
 def test_a_cache_published_by_another_writer_meanwhile_stays(tmp_path):
     """first_wins: the copy another process published while this one wrote is kept (replacing it would leave a
     moment with no directory at all, between the two renames, for a third process that opens it); without it

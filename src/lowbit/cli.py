@@ -39,9 +39,13 @@ def _quantize(args) -> int:
     from .quantize import recipe_for
     from .recipes import Recipe
 
-    scheme = _scheme_from_args(args, args.method)
     if args.format == "lowbit" and str(args.out).endswith(".gguf"):
         args.format = "gguf"
+    if args.format != "lowbit" and args.kernel == "auto":
+        # the model is only written out in another format: the reference kernel keeps each weight as quantized,
+        # where a CPU kernel's layout would be packed here and unpacked again by the writer
+        args.kernel = "reference"
+    scheme = _scheme_from_args(args, args.method)
     check_output(args.out, args.overwrite)
     if args.target_bpw is not None and (args.recipe or args.stream):
         raise LowbitError("--target-bpw chooses the recipe itself and needs the model in memory: drop "

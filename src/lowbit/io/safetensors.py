@@ -28,6 +28,7 @@ DTYPES = {
     "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,31 @@ def read_index(directory: str | os.PathLike) -> dict[str, Path] | None:
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """safetensors' save_file, with its own error type (a full disk, say) turned into an OSError, which the
-    atomic outputs (io.atomic) report as one clean error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt", "producer": "lowbit", **(metadata or {})})
-    except SafetensorError as e:
-        raise OSError(str(e).splitlines()[0] if str(e) else "cannot write safetensors") from None
+    """Write `tensors` as one safetensors file, the same tensors always as the same bytes.
+
+    Why not safetensors' own save_file: it orders the header's metadata by a hash seeded per process (two runs
+    of the same command wrote different bytes), and it copies every tensor into one buffer before writing
+    (here each tensor's memory is written as it is). The order is save_file's: element size, largest first,
+    then name, so that every tensor starts at a multiple of its element size; the header is padded with spaces
+    to a multiple of 8. Little-endian, as torch holds tensors on every platform lowbit runs on. A failed write
+    is an OSError, which the atomic outputs (io.atomic) report as one clean error."""
+    meta = {"format": "pt", "producer": "lowbit", **(metadata or {})}
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header: dict = {"__metadata__": {k: str(v) for k, v in meta.items()}}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in DTYPE_NAMES:
+            raise LowbitError(f"cannot write tensor '{name}' to safetensors: dtype {t.dtype} has no name there")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in order:
+            t = tensors[name].detach().cpu().contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy())   # the tensor's own memory, no copy
