@@ -461,7 +461,8 @@ def _add_format_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="columns per scale: 32, 64, 128, or -1 per channel (default: 64, or -1 for 8-bit)")
     p.add_argument("--asym", action="store_true", help="asymmetric (with zero points); default symmetric")
-    p.add_argument("--kernel", default="auto", help="auto, reference, cpu-int8, cpu-int4")
+    p.add_argument("--kernel", default="auto", help="auto, reference, cpu-int8, cpu-int4, native-int4, native-int8 "
+                   "(auto: the fastest for the device; quantize --format X: reference, nothing runs the model)")
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
