@@ -250,13 +250,13 @@ def test_corrupted_shard_and_bad_directories(base, tmp_path):
 def test_full_disk_and_a_shard_cut_while_streaming(base, tmp_path, monkeypatch):
     import errno
     from pathlib import Path
-    import safetensors.torch
+    from lowbit.offload import store
     model = truncated(base, 4)
     ids = torch.randint(1, 49152, (1, 8))
     want = _logits(model, ids)
     fixed = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if ".layers." not in n)
     per_block = sum(t.numel() * t.element_size() for t in model.model.layers[0].parameters())
-    real_save, calls = safetensors.torch.save_file, []
+    real_save, calls = store.write_safetensors, []
 
     def save_until_full(tensors, path, *a, **k):     # the second shard finds the disk full, half-written
         calls.append(path)
@@ -265,11 +265,11 @@ def test_full_disk_and_a_shard_cut_while_streaming(base, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, path, *a, **k)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", save_until_full)
+    monkeypatch.setattr(store, "write_safetensors", save_until_full)
     with pytest.raises(LowbitError, match="No space left on device"):
         offload_blocks(copy.deepcopy(model), fixed + 2.5 * per_block, tmp_path / "off")
     assert not (tmp_path / "off").exists() and not list(tmp_path.iterdir())   # nothing half-written left
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    monkeypatch.setattr(store, "write_safetensors", real_save)
     sm = offload_blocks(model, fixed + 2.5 * per_block, tmp_path / "off")
     try:
         assert torch.equal(_logits(model, ids), want)     # every shard read (and verified) once
