@@ -75,11 +75,58 @@ def test_sampled_tokens_follow_their_distribution():
     assert torch.all((freq - want).abs() <= 5 * (want * (1 - want) / n).sqrt() + 1e-12)
 
 
+def _fisher_by_autograd(model, windows, names, seed=0):
+    """The Fisher pass written plainly: log_softmax, one draw per position, autograd.grad of Σ log p(y)."""
+    params = {n: model.get_submodule(n).weight for n in names}
+    acc = {n: torch.zeros_like(p) for n, p in params.items()}
+    gen = torch.Generator().manual_seed(seed)
+    for ids in windows:
+        logp = F.log_softmax(model(ids[None]).logits[0].float(), dim=-1)
+        y = sample_tokens(logp.detach().exp(), gen, rows=ids.numel())
+        for n, g in zip(params, torch.autograd.grad(logp.gather(1, y).sum(), list(params.values()))):
+            acc[n] += g.square()
+    return {n: a / windows.numel() for n, a in acc.items()}
+
+
+def test_fisher_equals_the_plain_autograd_pass_and_tied_weights_get_both_gradients():
+    """The pass squares each gradient as backward finishes it and writes the logits' gradient itself (onehot − p):
+    the same Fisher as autograd.grad through log_softmax, to float32 rounding; the tied embedding's entry holds
+    both its uses (the input lookup and the output layer)."""
+    model = _tiny()
+    windows = torch.randint(0, 24, (3, 16), generator=torch.Generator().manual_seed(2))
+    names = ["model.embed_tokens", "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    got = fisher_diagonal(model, windows, names, progress=False, matmul="float32")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    from lowbit.products import products
+    with products("float32"):
+        want = _fisher_by_autograd(model, windows, names)
+    for n in names:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-9 * float(want[n].abs().max()))
+    emb = model.get_submodule("model.embed_tokens").weight
+    used = torch.zeros(emb.shape[0], dtype=torch.bool)
+    used[windows.flatten()] = True
+    assert bool((got["model.embed_tokens"][used].sum(1) > 0).all())
+
+
+def test_sampling_a_few_rows_at_a_time_draws_the_same_tokens():
+    p = torch.rand(300, 1000).pow(4)
+    whole = sample_tokens(p, torch.Generator().manual_seed(3), rows=300)
+    for rows in (1, 7, 64):
+        assert torch.equal(sample_tokens(p, torch.Generator().manual_seed(3), rows=rows), whole)
+
+
 def test_fisher_leaves_gradients_as_they_were():
+    """requires_grad and any gradient a caller had accumulated are as before (the pass's own are dropped)."""
     model = _tiny()
     before = {n: p.requires_grad for n, p in model.named_parameters()}
-    fisher_diagonal(model, torch.zeros(1, 8, dtype=torch.long), ["model.embed_tokens", "lm_head"], progress=False)
+    down = model.get_submodule("model.layers.0.mlp.down_proj").weight
+    down.grad = torch.full_like(down, 7.0)
+    fisher_diagonal(model, torch.zeros(1, 8, dtype=torch.long), ["model.embed_tokens", "lm_head",
+                                                                   "model.layers.0.mlp.down_proj"], progress=False)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert torch.equal(down.grad, torch.full_like(down, 7.0))
+    assert all(p.grad is None for p in model.parameters() if p is not down)
 
 
 def test_tied_weights_are_one_tensor():

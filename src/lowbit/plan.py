@@ -120,43 +120,67 @@ def fisher_diagonal(model: nn.Module, windows: torch.Tensor, names: list[str], *
     with a `.weight`; tied weights are one parameter and get one entry, under the first name). windows: token
     ids [n, T]. matmul: the passes' float32 products (lowbit.products; "auto": from bfloat16-rounded inputs
     where the CPU multiplies bfloat16 natively: an estimate from 8 windows does not need float32's last bits,
-    and the plans it gave were as good, BENCHMARKS.md). Returns name -> float32 tensor shaped like the weight."""
+    and the plans it gave were as good, BENCHMARKS.md). Returns name -> float32 tensor shaped like the weight.
+
+    Memory: each weight's gradient is squared into its sum as soon as backward has finished it, and dropped
+    (not all held until the end), and the gradient at the logits is written from the probabilities the
+    sampling computed anyway (what log_softmax's backward would compute from its saved output): the pass holds
+    about 1 GB less on the default model. That matters beyond the memory: on some virtual machines every page a
+    process touches for the first time costs tens of microseconds (BENCHMARKS.md)."""
     params: dict[str, nn.Parameter] = {}
     for n in names:
         w = model.get_submodule(n).weight
         if all(w is not p for p in params.values()):
             params[n] = w
-    was = {n: p.requires_grad for n, p in model.named_parameters()}
+    was = {n: (p.requires_grad, p.grad) for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
+        p.grad = None
+    acc = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
+
+    def squared_into(a):
+        def hook(p):
+            a.add_(p.grad.float().square())
+            p.grad = None
+        return hook
+
     for p in params.values():
         p.requires_grad_(True)
-    acc = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
+    handles = [p.register_post_accumulate_grad_hook(squared_into(acc[n])) for n, p in params.items()]
     gen = torch.Generator().manual_seed(seed)
     positions = 0
     try:
         with model_products(matmul, model):
             for ids in tqdm(windows, desc="sensitivity", unit="window", disable=not progress):
-                logits = model(ids[None]).logits[0].float()
-                logp = F.log_softmax(logits, dim=-1)
-                y = sample_tokens(logp.detach().exp(), gen)
-                grads = torch.autograd.grad(logp.gather(1, y).sum(), list(params.values()))
-                for n, g in zip(params, grads):
-                    acc[n] += g.float().square()
+                logits = model(ids[None]).logits[0]
+                # d Σ log p(y) / d logits = onehot(y) − p, row by row
+                grad = F.log_softmax(logits.detach().float(), dim=-1).exp_()
+                y = sample_tokens(grad, gen)
+                grad.neg_().scatter_add_(1, y, torch.ones(y.shape, dtype=grad.dtype))
+                logits.backward(grad.to(logits.dtype))
+                del logits, grad
                 positions += ids.numel()
     finally:
+        for h in handles:
+            h.remove()
         for n, p in model.named_parameters():
-            p.requires_grad_(was[n])
+            p.requires_grad_(was[n][0])
+            p.grad = was[n][1]
     return {n: a / positions for n, a in acc.items()}
 
 
-def sample_tokens(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def sample_tokens(p: torch.Tensor, gen: torch.Generator, rows: int = 64) -> torch.Tensor:
     """One token per row of probabilities p [T, V] (rows need not sum exactly to 1), drawn by inverting the
     cumulative distribution: one uniform number per row. torch.multinomial draws an exponential number per
-    vocabulary entry instead, and on a 49k vocabulary that cost a sixth of the whole Fisher pass."""
-    cdf = p.cumsum(dim=-1)
-    u = torch.rand(p.shape[0], 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=p.shape[-1] - 1)
+    vocabulary entry instead, and on a 49k vocabulary that cost a sixth of the whole Fisher pass. The
+    cumulative sums are taken `rows` rows at a time (each row's alone: the same numbers, a fraction of the
+    memory)."""
+    u = torch.rand(p.shape[0], 1, generator=gen, dtype=p.dtype)
+    out = torch.empty(p.shape[0], 1, dtype=torch.long)
+    for r in range(0, p.shape[0], rows):
+        cdf = p[r:r + rows].cumsum(dim=-1)
+        out[r:r + rows] = torch.searchsorted(cdf, u[r:r + rows] * cdf[:, -1:], right=True).clamp_(max=p.shape[-1] - 1)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
