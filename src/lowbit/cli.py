@@ -476,7 +476,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--matmul", default=None, choices=MATMUL_CHOICES,
                    help=f"gptq, awq, and the passes of --target-bpw and --imatrix: the calibration forwards' float32 "
                         f"products ({GPTQ.matmul}: from bfloat16-rounded inputs where the CPU multiplies bfloat16 "
-                        "natively, else exact)")
+                        "natively (without AMX oneDNN computes them exactly, faster than MKL), else exact)")
     g = p.add_argument_group("gptq")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help=f"columns by decreasing Hessian diagonal, static groups (default: {GPTQ.act_order})")

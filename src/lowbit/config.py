@@ -193,7 +193,8 @@ class GPTQ(IntWeightConfig):
     weighted_grid: bool = True     # fit each group's grid weighting its columns by the Hessian's diagonal
     # the calibration forwards' and the Hessians' float32 products (lowbit.products): auto = from bfloat16-rounded
     # inputs on CPUs that multiply bfloat16 natively (GPTQ 1.6x faster on a 2-core AMD EPYC with AVX512-BF16,
-    # the same quality over three calibration draws: BENCHMARKS.md), else exact; float32; bfloat16. GPTQ's own
+    # the same quality over three calibration draws: BENCHMARKS.md; there without AMX oneDNN computes them
+    # exactly in float32, faster than MKL: lowbit.products), else exact; float32; bfloat16. GPTQ's own
     # factorization and updates are exact always.
     matmul: str = "auto"
 

@@ -2,14 +2,18 @@
 imatrix is measured) and while a model is evaluated: exactly (IEEE float32), or, for calibration, by oneDNN from
 inputs rounded to bfloat16, each product exact and summed in float32, the result float32.
 
-Why the second exists: on CPUs that multiply bfloat16 natively (AVX512-BF16 dot products, AMX-BF16 tiles) it
-is about 2.2x the float32 rate on a calibration pass's shapes (2 cores of an AMD EPYC with AVX512-BF16: 400-460
-against 180-205 GFLOP/s). Rounding the inputs to bfloat16 (2^-9 relative) is of the order of what the methods'
-reference implementations calibrate with (models held in float16, 2^-11), and on the default model it moved
-GPTQ's quality by less than reordering float32's own sums does (BENCHMARKS.md). What a method computes from
-those inputs (GPTQ's factorization and error updates, AWQ's clip search and rounding) stays exact:
-`products("float32")` around it. Where the CPU has no bfloat16 dot products "auto" stays exact: there the
-rounding would buy no speed.
+Why the second exists: on CPUs with AMX-BF16 tiles oneDNN multiplies the rounded inputs there, several times the
+float32 rate. Rounding the inputs to bfloat16 (2^-9 relative) is of the order of what the methods' reference
+implementations calibrate with (models held in float16, 2^-11), and on the default model it moved GPTQ's quality
+by less than reordering float32's own sums does (BENCHMARKS.md). What a method computes from those inputs
+(GPTQ's factorization and error updates, AWQ's clip search and rounding) stays exact: `products("float32")`
+around it. Where the CPU has no bfloat16 dot products "auto" stays exact: there the rounding would buy no speed.
+On CPUs with AVX512-BF16 dot products but no AMX (AMD Zen 4 and 5) oneDNN serves the "bf16" math mode with its
+float32 kernel (ONEDNN_VERBOSE: brg_matmul:avx512_core, f32): the products there come out exact (8e-7 relative
+against float64, where rounded inputs give 2.5e-3; measured on a Zen 5 EPYC), and what "auto" gains over
+"float32" on them (400-460 against 180-205 GFLOP/s) is oneDNN against MKL for every matmul of the pass, not
+only the Linears. A bfloat16 kernel of our own for those CPUs (vdpbf16ps) made AWQ 24% faster there but its
+quality worse (KLD 0.221 against 0.197, BENCHMARKS.md): not used.
 
 Which library computes the exact products (`float32_gemm`): ATen sends a float32 matmul to MKL, and MKL uses its
 AVX-512 code only on Intel CPUs; on other CPUs with AVX-512 oneDNN's float32 GEMM (JIT-generated for the CPU it
