@@ -125,7 +125,9 @@ def fisher_diagonal(model: nn.Module, windows: torch.Tensor, names: list[str], *
     Memory: each weight's gradient is squared into its sum as soon as backward has finished it, and dropped
     (not all held until the end), and the gradient at the logits is written from the probabilities the
     sampling computed anyway (what log_softmax's backward would compute from its saved output): the pass holds
-    about 1 GB less on the default model. That matters beyond the memory: on some virtual machines every page a
+    about 1 GB less on the default model. It squares with addcmul_ (no temporary the size of the tied
+    embedding), backward starts from the whole [1, T, V] logits (from logits[0] it would zero-fill a copy of
+    them first) and the sums are divided in place. That matters beyond the memory: on some virtual machines every page a
     process touches for the first time costs tens of microseconds (BENCHMARKS.md)."""
     params: dict[str, nn.Parameter] = {}
     for n in names:
@@ -140,7 +142,8 @@ def fisher_diagonal(model: nn.Module, windows: torch.Tensor, names: list[str], *
 
     def squared_into(a):
         def hook(p):
-            a.add_(p.grad.float().square())
+            g = p.grad.float()
+            a.addcmul_(g, g)   # a += g², with no g² tensor of its own
             p.grad = None
         return hook
 
@@ -152,12 +155,12 @@ def fisher_diagonal(model: nn.Module, windows: torch.Tensor, names: list[str], *
     try:
         with model_products(matmul, model):
             for ids in tqdm(windows, desc="sensitivity", unit="window", disable=not progress):
-                logits = model(ids[None]).logits[0]
+                logits = model(ids[None]).logits   # [1, T, V]: backward from logits[0] would zero-fill a copy
                 # d Σ log p(y) / d logits = onehot(y) − p, row by row
-                grad = F.log_softmax(logits.detach().float(), dim=-1).exp_()
+                grad = F.log_softmax(logits.detach()[0].float(), dim=-1).exp_()
                 y = sample_tokens(grad, gen)
                 grad.neg_().scatter_add_(1, y, torch.ones(y.shape, dtype=grad.dtype))
-                logits.backward(grad.to(logits.dtype))
+                logits.backward(grad.to(logits.dtype)[None])
                 del logits, grad
                 positions += ids.numel()
     finally:
@@ -166,7 +169,7 @@ def fisher_diagonal(model: nn.Module, windows: torch.Tensor, names: list[str], *
         for n, p in model.named_parameters():
             p.requires_grad_(was[n][0])
             p.grad = was[n][1]
-    return {n: a / positions for n, a in acc.items()}
+    return {n: a.div_(positions) for n, a in acc.items()}
 
 
 def sample_tokens(p: torch.Tensor, gen: torch.Generator, rows: int = 64) -> torch.Tensor:
