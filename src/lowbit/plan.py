@@ -127,8 +127,8 @@ def fisher_diagonal(model: nn.Module, windows: torch.Tensor, names: list[str], *
     sampling computed anyway (what log_softmax's backward would compute from its saved output): the pass holds
     about 1 GB less on the default model. It squares with addcmul_ (no temporary the size of the tied
     embedding), backward starts from the whole [1, T, V] logits (from logits[0] it would zero-fill a copy of
-    them first) and the sums are divided in place. That matters beyond the memory: on some virtual machines every page a
-    process touches for the first time costs tens of microseconds (BENCHMARKS.md)."""
+    them first) and the sums are divided in place. That matters beyond the memory: on some virtual machines
+    every page a process touches for the first time costs tens of microseconds (BENCHMARKS.md)."""
     params: dict[str, nn.Parameter] = {}
     for n in names:
         w = model.get_submodule(n).weight
