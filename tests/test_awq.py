@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from lowbit import IntSpec, config_for
+from lowbit import AWQ, IntSpec, config_for
 from lowbit.algorithms import apply_clip, quantize_rtn, search_clip
 from lowbit.blockwise import awq_block, awq_scale_block, rtn_block
 from lowbit.models import arch_for
@@ -109,11 +109,26 @@ def _scaled_weights(base, inputs, index, search_dtype, norm_gain=1.0):
 
 
 @pytest.mark.parametrize("index", [0, 29])
-def test_float16_search_chooses_the_float32_searchs_scales_on_real_blocks(base, first_last_inputs, index):
-    # llm-awq and AutoAWQ search in half precision; float16 keeps 11 bits, enough for every α choice here
+def test_float16_search_chooses_scales_as_good_as_the_float32_searchs_on_real_blocks(base, first_last_inputs, index,
+                                                                                    monkeypatch):
+    # llm-awq and AutoAWQ search in half precision. float16 keeps 11 bits: its output errors differ from
+    # float32's by about 1%, so where two α score within that of each other the choice may differ (it does on
+    # block 0 of the default model on a CPU with AVX512-FP16 and no AMX-FP16, not on others). What must hold:
+    # each α the float16 search picks scores, in float32, within 2% of the float32 search's best.
+    from lowbit import blockwise
+    real, searches = blockwise.search_scale, []
+
+    def spy(*args, **kwargs):
+        searches.append(real(*args, **kwargs))
+        return searches[-1]
+    monkeypatch.setattr(blockwise, "search_scale", spy)
     half = _scaled_weights(base, first_last_inputs[index], index, "float16")
-    full = _scaled_weights(base, first_last_inputs[index], index, "float32")
-    assert half.keys() == full.keys() and all(torch.equal(half[k], full[k]) for k in full)
+    n = len(searches)
+    _scaled_weights(base, first_last_inputs[index], index, "float32")
+    grid = AWQ.n_grid
+    assert n == len(searches) - n >= 3
+    for (alpha_half, _s, _e), (alpha_full, _s2, errors) in zip(searches[:n], searches[n:]):
+        assert errors[round(alpha_half * grid)] <= 1.02 * min(errors) == 1.02 * errors[round(alpha_full * grid)]
     assert half["self_attn.q_proj.weight"].dtype == torch.float32
 
 
