@@ -32,6 +32,7 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..kernels import native
+from .greedy import greedy_token
 from .reduction import aten_reductions
 
 MIN_VISIBLE = 2   # a decoded token sees its prompt's token(s) and itself; 0 and 1 would be specialized by export
@@ -46,7 +47,7 @@ class DecodeStep(nn.Module):
 
     def forward(self, token, pos, visible):
         logits = self.decoder(token, pos, visible)
-        return logits, logits.argmax(-1, keepdim=True)
+        return logits, greedy_token(logits)
 
 
 def aot_dir() -> Path:
