@@ -492,15 +492,15 @@ def _argmax_cases():
             yield x
 
 
-def test_greedy_token_is_argmax_index_for_index():
-    from lowbit.engine.greedy import greedy_token
+def test_last_dim_argmax_is_argmax_index_for_index():
+    from lowbit.argmax import last_dim_argmax
     for x in _argmax_cases():
-        assert torch.equal(greedy_token(x), x.argmax(-1, keepdim=True)), (x.shape, x.dtype)
-        assert torch.equal(greedy_token(x[0, 0]), x[0, 0].argmax(-1, keepdim=True))
+        assert torch.equal(last_dim_argmax(x), x.argmax(-1, keepdim=True)), (x.shape, x.dtype)
+        assert torch.equal(last_dim_argmax(x[0, 0]), x[0, 0].argmax(-1, keepdim=True))
 
 
-def test_greedy_token_compiled_is_argmax():
-    from lowbit.engine.greedy import greedy_token
-    compiled = torch.compile(greedy_token, dynamic=False)
+def test_last_dim_argmax_compiled_is_argmax():
+    from lowbit.argmax import last_dim_argmax
+    compiled = torch.compile(last_dim_argmax, dynamic=False)
     for x in list(_argmax_cases())[-2:]:
         assert torch.equal(compiled(x), x.argmax(-1, keepdim=True))

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..argmax import last_dim_argmax
 from ..errors import LowbitError
 from ..kernels import native
-from .greedy import greedy_token
 from .reduction import aten_reductions
 
 MIN_VISIBLE = 2   # a decoded token sees its prompt's token(s) and itself; 0 and 1 would be specialized by export
@@ -47,7 +47,7 @@ class DecodeStep(nn.Module):
 
     def forward(self, token, pos, visible):
         logits = self.decoder(token, pos, visible)
-        return logits, greedy_token(logits)
+        return logits, last_dim_argmax(logits)
 
 
 def aot_dir() -> Path:

@@ -23,11 +23,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..argmax import last_dim_argmax
 from ..errors import LowbitError
 from .cache import StaticKVCache
 from .aot import AotStep
 from .decoder import Decoder
-from .greedy import greedy_token
 from .reduction import aten_reductions
 
 MIN_BUCKET = 256
@@ -146,7 +146,7 @@ class Engine:
 
     def _decode_step(self, token, pos, visible):
         logits = self.decoder(token, pos, visible)
-        return logits, greedy_token(logits)
+        return logits, last_dim_argmax(logits)
 
     def reserve(self, needed: int) -> None:
         """Make the cache hold `needed` positions (rounded up to a bucket)."""
@@ -286,7 +286,7 @@ class Engine:
         t = ids.shape[1]
         self.reserve(t + max_new_tokens)
         t0 = time.perf_counter()
-        tok = greedy_token(self.prefill(ids))
+        tok = last_dim_argmax(self.prefill(ids))
         prefill_s = time.perf_counter() - t0
         out = [tok]
         if on_token is not None:

@@ -16,6 +16,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..argmax import last_dim_argmax
 from .base_cache import BaseCache
 
 
@@ -66,7 +67,7 @@ def _evaluate(models, windows, base, progress, base_cache) -> dict[str, dict]:
             base_lp = scratch.log_probs("base", cache.logits(i, ids) if cache is not None
                                         else base(ids, use_cache=False).logits)
             base_p = torch.exp(base_lp, out=scratch("p", base_lp.shape))   # once per window, however many models
-            base_top = base_lp.max(dim=-1).indices     # the first largest, as argmax, in half the time
+            base_top = last_dim_argmax(base_lp)        # the first largest, as argmax, in a sixth of its time
         for name, model in models.items():
             # the base as one of the compared models: its pass is the one just run (the same computation)
             lp = base_lp if model is base else scratch.log_probs("model", model(ids, use_cache=False).logits)
@@ -75,7 +76,7 @@ def _evaluate(models, windows, base, progress, base_cache) -> dict[str, dict]:
             if base_lp is not None:
                 terms = torch.sub(base_lp, lp, out=scratch("terms", lp.shape)).mul_(base_p)   # p·(log p − log q)
                 s["kld"] += terms.sum().item()
-                s["top1"] += (base_top == lp.max(dim=-1).indices).sum().item()
+                s["top1"] += (base_top == last_dim_argmax(lp)).sum().item()
         count += target.numel()
     if cache is not None:
         cache.close()
