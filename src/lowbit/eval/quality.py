@@ -67,7 +67,7 @@ def _evaluate(models, windows, base, progress, base_cache) -> dict[str, dict]:
             base_lp = scratch.log_probs("base", cache.logits(i, ids) if cache is not None
                                         else base(ids, use_cache=False).logits)
             base_p = torch.exp(base_lp, out=scratch("p", base_lp.shape))   # once per window, however many models
-            base_top = last_dim_argmax(base_lp)        # the first largest, as argmax, in a sixth of its time
+            base_top = last_dim_argmax(base_lp)        # argmax's first largest, a third of max(dim)'s time
         for name, model in models.items():
             # the base as one of the compared models: its pass is the one just run (the same computation)
             lp = base_lp if model is base else scratch.log_probs("model", model(ids, use_cache=False).logits)
