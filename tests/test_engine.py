@@ -473,4 +473,3 @@ def test_mean_of_squares_in_atens_order_equals_atens_mean_eager_and_compiled(n):
     if n in (60, 576):
         compiled = torch.compile(lambda t: mean_of_squares(t, width), dynamic=False)
         assert torch.equal(compiled(x), ref)
-
