@@ -33,6 +33,9 @@ def environment() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
+    generation = cpu_generation()
+    if generation:
+        cpu = f"{cpu} ({generation})"
     return {
         "lowbit": __version__,
         "torch": torch.__version__,
@@ -65,6 +68,27 @@ def cpu_features() -> str:
 
 
 @functools.lru_cache(maxsize=1)
+def cpu_generation(cpuinfo: str | None = None) -> str:
+    """"family F, model M" as /proc/cpuinfo gives them (decimal), else "". Why: inside a virtual machine the model
+    name is often only "AMD EPYC" or "Intel(R) Xeon(R) Processor", while the family and model still say which
+    generation it is (AMD family 25 model 17 is a Zen 4 EPYC, which reads memory at less than half the rate of the
+    Zen 5 one that carries the same name here: BENCHMARKS.md), and speed figures are only comparable within one."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read(1 << 16)
+        except OSError:
+            return ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break   # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    family, model = fields.get("cpu family", ""), fields.get("model", "")
+    return f"family {family}, model {model}" if family.isdigit() and model.isdigit() else ""
+
+
 def cpu_vendor() -> str:
     """The CPU's vendor as /proc/cpuinfo names it ("GenuineIntel", "AuthenticAMD", ...), else "unknown"."""
     try:
