@@ -67,7 +67,6 @@ def cpu_features() -> str:
     return " ".join(found)
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_generation(cpuinfo: str | None = None) -> str:
     """"family F, model M" as /proc/cpuinfo gives them (decimal), else "". Why: inside a virtual machine the model
     name is often only "AMD EPYC" or "Intel(R) Xeon(R) Processor", while the family and model still say which
@@ -89,6 +88,7 @@ def cpu_generation(cpuinfo: str | None = None) -> str:
     return f"family {family}, model {model}" if family.isdigit() and model.isdigit() else ""
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_vendor() -> str:
     """The CPU's vendor as /proc/cpuinfo names it ("GenuineIntel", "AuthenticAMD", ...), else "unknown"."""
     try:
