@@ -1,6 +1,6 @@
 """The machine facts recorded beside every measurement (lowbit.eval.system)."""
 
-from lowbit.eval.system import cpu_generation, environment
+from lowbit.eval.system import cpu_generation, cpuinfo_fields, environment
 
 ZEN4 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -19,6 +19,13 @@ model\t\t: 2
 def test_generation_is_the_first_processors_family_and_model():
     # decimal, as /proc/cpuinfo writes them; a second processor block (another socket's) does not override it
     assert cpu_generation(ZEN4) == "family 25, model 17"
+
+
+def test_fields_are_each_keys_first_value():
+    fields = cpuinfo_fields(ZEN4 + "a line without a colon\n")
+    assert fields["vendor_id"] == "AuthenticAMD" and fields["model name"] == "AMD EPYC"
+    assert fields["cpu family"] == "25" and fields["model"] == "17"   # "model" is not "model name"
+    assert "a line without a colon" not in fields
 
 
 def test_generation_is_empty_where_cpuinfo_does_not_say():

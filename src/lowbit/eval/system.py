@@ -27,12 +27,7 @@ def environment() -> dict:
     import transformers
 
     from .. import __version__
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = (cpuinfo_fields() or {}).get("model name") or platform.processor() or platform.machine()
     generation = cpu_generation()
     if generation:
         cpu = f"{cpu} ({generation})"
@@ -56,15 +51,37 @@ _FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
 
 
 def cpu_features() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
+    fields = cpuinfo_fields()
+    if fields is None:
         return "unknown"
+    flags = fields.get("flags", "").split()
     found = [f for f in _FEATURES if f in flags]
     if "amx_fp16" not in flags and half_matrix_unit():   # some kernels do not list it; the CPU reports it
         found.append("amx_fp16")
     return " ".join(found)
+
+
+@functools.lru_cache(maxsize=1)
+def _proc_cpuinfo() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def cpuinfo_fields(cpuinfo: str | None = None) -> dict[str, str] | None:
+    """Each key of /proc/cpuinfo (or of the text given) with its first value, the first processor's; None where
+    the file cannot be read."""
+    text = _proc_cpuinfo() if cpuinfo is None else cpuinfo
+    if text is None:
+        return None
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 def cpu_generation(cpuinfo: str | None = None) -> str:
@@ -72,18 +89,7 @@ def cpu_generation(cpuinfo: str | None = None) -> str:
     name is often only "AMD EPYC" or "Intel(R) Xeon(R) Processor", while the family and model still say which
     generation it is (AMD family 25 model 17 is a Zen 4 EPYC, which reads memory at less than half the rate of the
     Zen 5 one that carries the same name here: BENCHMARKS.md), and speed figures are only comparable within one."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read(1 << 16)
-        except OSError:
-            return ""
-    fields = {}
-    for line in cpuinfo.splitlines():
-        if not line.strip():
-            break   # the first processor's block is enough
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
+    fields = cpuinfo_fields(cpuinfo) or {}
     family, model = fields.get("cpu family", ""), fields.get("model", "")
     return f"family {family}, model {model}" if family.isdigit() and model.isdigit() else ""
 
@@ -91,11 +97,7 @@ def cpu_generation(cpuinfo: str | None = None) -> str:
 @functools.lru_cache(maxsize=1)
 def cpu_vendor() -> str:
     """The CPU's vendor as /proc/cpuinfo names it ("GenuineIntel", "AuthenticAMD", ...), else "unknown"."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "unknown")
-    except OSError:
-        return "unknown"
+    return (cpuinfo_fields() or {}).get("vendor_id", "unknown")
 
 
 @functools.lru_cache(maxsize=1)
