@@ -14,13 +14,23 @@ from lowbit.formats import GGUFSpec, QuantizedTensor
 from lowbit.kernels import KERNELS, native, select_kernel
 from lowbit.kernels.base import DENSE_FROM_ROWS
 from lowbit.kernels.cpu import int4pack_block_rows
-from lowbit.kernels.native_int4 import offsets_of, pack_chunks, scales_of, unpack_chunks
+from lowbit.kernels.native_int4 import from_row_blocks, offsets_of, pack_chunks, scales_of, to_row_blocks, unpack_chunks
 from lowbit.nn import QuantLinear
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=str(native.load()))
 REF = KERNELS["reference"]
 NATIVE = KERNELS["native-int4"]
 NATIVE8 = KERNELS["native-int8"]
+
+
+def packed4(codes):
+    """codes [N, K] of 0..15 as native-int4 keeps them resident."""
+    return to_row_blocks(pack_chunks(codes))
+
+
+def blocks8(codes):
+    """int8 codes [N, K] as native-int8 keeps byte codes resident."""
+    return to_row_blocks(codes.to(torch.int8))
 
 
 def test_layout_round_trips_and_puts_columns_where_documented():
@@ -44,12 +54,12 @@ def test_every_path_equals_exact_float_math(m, n, k, group):
     w = ((codes.double().view(n, -1, group) - z.double()[..., None]) * s.double()[..., None]).reshape(n, k)
     want = x.to(torch.bfloat16).double() @ w.t()
     for isa in range(native.isa() + 1):
-        y = torch.ops.lowbit.int4_gemm(x, pack_chunks(codes), s, (z * s).contiguous(), group, isa)
+        y = torch.ops.lowbit.int4_gemm(x, packed4(codes), s, (z * s).contiguous(), group, isa)
         assert y.dtype == torch.float32 and y.shape == (m, n)
         err = ((y.double() - want).abs().max() / want.abs().max()).item()
         assert err < 1e-5, (native.ISA_NAMES[isa], err)
     with pytest.raises(RuntimeError, match="lacks the instructions"):
-        torch.ops.lowbit.int4_gemm(x, pack_chunks(codes), s, (z * s).contiguous(), group, native.isa() + 1)
+        torch.ops.lowbit.int4_gemm(x, packed4(codes), s, (z * s).contiguous(), group, native.isa() + 1)
 
 
 def round_int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -90,13 +100,28 @@ def test_int8_activation_kernels_equal_exact_math_on_the_rounded_activations(m, 
     for level in Q8_LEVELS:   # AVX-512 VNNI and AVX2 where the CPU has both
         if k % 64 == 0:
             want = round_int8_blocks(x, 64) @ w.t()
-            got = torch.ops.lowbit.int4_gemm_q8(x, pack_chunks(codes), s, (z * s).contiguous(), group, level=level)
+            got = torch.ops.lowbit.int4_gemm_q8(x, packed4(codes), s, (z * s).contiguous(), group, level=level)
             assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
-        got8 = torch.ops.lowbit.int8_gemm_q8(x, c8, s, (z8 * s).contiguous(), group, level=level)
+        got8 = torch.ops.lowbit.int8_gemm_q8(x, blocks8(c8), s, (z8 * s).contiguous(), group, level=level)
         assert ((got8.double() - want8).abs().max() / want8.abs().max()).item() < 1e-5
     # and what the rounding costs against the unrounded activations (the outlier's block rounds coarsely)
     exact = x.double() @ w8.t()
     assert ((got8.double() - exact).norm() / exact.norm()).item() < 5e-2
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 6, 9])
+@pytest.mark.parametrize("b", [32, 96, 128])
+def test_rows_in_blocks_of_four_sit_where_documented(n, b):
+    """to_row_blocks: byte j of row r at r0·B + 64c·t + (r − r0)·w + j % 64 (r0 = r rounded down to a multiple of
+    4, t the rows of its block, c = j // 64, w the step's width: 64, or 32 for a last half step), the offset
+    csrc/cpu_gemm.cpp's block_offset computes; from_row_blocks undoes it."""
+    t = torch.arange(n * b).reshape(n, b)
+    stored = to_row_blocks(t)
+    assert stored.shape == t.shape and torch.equal(from_row_blocks(stored), t)
+    r, j = torch.arange(n)[:, None], torch.arange(b)[None, :]
+    r0, c = r - r % 4, j // 64
+    rows, width = (n - r0).clamp(max=4), (b - 64 * c).clamp(max=64)
+    assert torch.equal(stored.reshape(-1)[r0 * b + 64 * c * rows + (r - r0) * width + j % 64], t)
 
 
 @q8
@@ -104,20 +129,20 @@ def test_zero_and_bfloat16_activations():
     codes = torch.randint(0, 16, (16, 128))
     s = torch.rand(16, 2) * 0.1
     zero = torch.zeros(1, 128)
-    assert torch.equal(torch.ops.lowbit.int4_gemm_q8(zero, pack_chunks(codes), s, s, 64), torch.zeros(1, 16))
+    assert torch.equal(torch.ops.lowbit.int4_gemm_q8(zero, packed4(codes), s, s, 64), torch.zeros(1, 16))
     # bfloat16 rows are read as they are (widened in registers): the same bits as their float32 values give,
     # for both ops, a non-contiguous input and a tail of 32 columns (int8: K = 160)
     x = torch.randn(3, 128).to(torch.bfloat16)
-    got = torch.ops.lowbit.int4_gemm_q8(x, pack_chunks(codes), s, s, 64)
-    assert torch.equal(got, torch.ops.lowbit.int4_gemm_q8(x.float(), pack_chunks(codes), s, s, 64))
+    got = torch.ops.lowbit.int4_gemm_q8(x, packed4(codes), s, s, 64)
+    assert torch.equal(got, torch.ops.lowbit.int4_gemm_q8(x.float(), packed4(codes), s, s, 64))
     wide = torch.randn(3, 256).to(torch.bfloat16)[:, ::2]
-    assert torch.equal(torch.ops.lowbit.int4_gemm_q8(wide, pack_chunks(codes), s, s, 64),
-                       torch.ops.lowbit.int4_gemm_q8(wide.float(), pack_chunks(codes), s, s, 64))
+    assert torch.equal(torch.ops.lowbit.int4_gemm_q8(wide, packed4(codes), s, s, 64),
+                       torch.ops.lowbit.int4_gemm_q8(wide.float(), packed4(codes), s, s, 64))
     c8 = torch.randint(-128, 128, (16, 160), dtype=torch.int8)
     s8 = torch.rand(16, 5) * 0.1
     x8 = torch.randn(3, 160).to(torch.bfloat16)
-    assert torch.equal(torch.ops.lowbit.int8_gemm_q8(x8, c8, s8, s8, 32),
-                       torch.ops.lowbit.int8_gemm_q8(x8.float(), c8, s8, s8, 32))
+    assert torch.equal(torch.ops.lowbit.int8_gemm_q8(x8, blocks8(c8), s8, s8, 32),
+                       torch.ops.lowbit.int8_gemm_q8(x8.float(), blocks8(c8), s8, s8, 32))
 
 
 @pytest.mark.parametrize("m,n,k,group", [(1, 1536, 576, 576), (1, 33, 32, 32), (3, 100, 576, 64),
@@ -131,7 +156,7 @@ def test_int8_every_path_equals_exact_float_math(m, n, k, group):
     w = ((codes.double().view(n, -1, group) - z.double()[..., None]) * s.double()[..., None]).reshape(n, k)
     want = x.to(torch.bfloat16).double() @ w.t()
     for isa in range(native.isa() + 1):
-        y = torch.ops.lowbit.int8_gemm(x, codes, s, (z * s).contiguous(), group, isa)
+        y = torch.ops.lowbit.int8_gemm(x, blocks8(codes), s, (z * s).contiguous(), group, isa)
         err = ((y.double() - want).abs().max() / want.abs().max()).item()
         assert err < 1e-5, (native.ISA_NAMES[isa], err)
 
@@ -143,7 +168,8 @@ def test_int8_real_layers_match_reference_and_keep_the_storage(base, spec):
     qt = quantize_rtn(w, spec)
     assert select_kernel(spec, qt.shape).name == "native-int8"
     packed = NATIVE8.prepare(qt)
-    assert packed["wq"].data_ptr() == qt.qweight.data_ptr()      # the codes are not copied
+    assert packed["wq"].shape == qt.qweight.shape and packed["wq"].dtype == torch.int8   # the stored bytes, reordered
+    assert torch.equal(from_row_blocks(packed["wq"]), qt.qweight)
     assert "qweight" not in packed
     back = NATIVE8.restore(packed, spec, qt.shape)
     assert torch.equal(back.qweight, qt.qweight) and torch.equal(back.scales, qt.scales)
@@ -225,7 +251,7 @@ def test_sixteen_wide_sub_blocks_run_on_int8_activations_where_the_cpu_has_them(
     x = torch.randn(2, 96)     # groups of 16 on a last step of 32 columns: 96 = one step of 64 and one of 32
     codes = torch.randint(-128, 128, (5, 96), dtype=torch.int8)
     s, off = torch.rand(5, 6) + 0.5, torch.randn(5, 6)
-    y = torch.ops.lowbit.int8_gemm_q8(x, codes, s, off, 16)
+    y = torch.ops.lowbit.int8_gemm_q8(x, blocks8(codes), s, off, 16)
     wd = codes.float() * s.repeat_interleave(16, 1) - off.repeat_interleave(16, 1)
     want = torch.nn.functional.linear(round_int8_blocks(x, 32).float(), wd)
     assert ((y - want).norm() / want.norm()).item() < 1e-5
@@ -326,11 +352,11 @@ def test_bad_shapes_are_refused_with_a_clear_message():
     codes = torch.randint(0, 16, (4, 64))
     s = torch.ones(4, 2)
     with pytest.raises(RuntimeError, match="multiple of 32 dividing K"):
-        torch.ops.lowbit.int4_gemm(torch.randn(1, 64), pack_chunks(codes), s, s, 48)
+        torch.ops.lowbit.int4_gemm(torch.randn(1, 64), packed4(codes), s, s, 48)
     with pytest.raises(RuntimeError, match="K must be a multiple of 64"):
         torch.ops.lowbit.int4_gemm(torch.randn(1, 32), torch.zeros(4, 16, dtype=torch.uint8), s, s, 32)
     with pytest.raises(RuntimeError, match=r"\[N, K / group_size\]"):
-        torch.ops.lowbit.int4_gemm(torch.randn(1, 64), pack_chunks(codes), s[:, :1], s[:, :1], 32)
+        torch.ops.lowbit.int4_gemm(torch.randn(1, 64), packed4(codes), s[:, :1], s[:, :1], 32)
 
 
 @pytest.mark.parametrize("spec", [IntSpec(4, 64, False), IntSpec(4, 32, True), IntSpec(3, 64, False),
@@ -596,7 +622,7 @@ def test_packed_codes_give_the_byte_codes_results(bits, m, n, k, group):
     from lowbit.kernels.native_int8 import pack_codes
     g = torch.Generator().manual_seed(n + bits)
     codes = torch.randint(0, 2 ** bits, (n, k), dtype=torch.int64, generator=g)
-    wq, packed = codes.to(torch.int8), pack_codes(codes, bits)
+    wq, packed = blocks8(codes), pack_codes(codes, bits)
     x = torch.randn(m, k, generator=g)
     s = (torch.rand(n, k // group, generator=g) * 0.1 + 1e-3).half()
     for scales, offsets in ((s.float(), torch.randn(n, k // group, generator=g)), (s, torch.tensor([16.0]))):
@@ -656,7 +682,7 @@ def test_int8_prefill_equals_a_dense_matmul_of_the_dequantized_weight(bits, n, k
     from lowbit.kernels.native_int8 import pack_codes
     g = torch.Generator().manual_seed(n + bits)
     codes = torch.randint(0, 2 ** (bits or 7), (n, k), dtype=torch.int64, generator=g)
-    wq = pack_codes(codes, bits) if bits else codes.to(torch.int8)
+    wq = pack_codes(codes, bits) if bits else blocks8(codes)
     s = (torch.rand(n, k // group, generator=g) * 0.1 + 1e-3).half()
     off = (s.float() * torch.randint(0, 8, s.shape, generator=g)).half()
     x = torch.randn(DENSE_FROM_ROWS + 5, k, generator=g)

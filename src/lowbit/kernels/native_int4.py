@@ -5,7 +5,10 @@ and Q4_K; groups of 32 columns or a multiple of 64, in_features a multiple of 64
 
     resident: wpack   uint8 [N, K // 2] — each row in chunks of 64 columns: byte j of chunk c holds the code of
                       column 64c + j in its low nibble and of column 64c + 32 + j in its high nibble (one 32-byte
-                      load gives two vectors of 32 consecutive columns; see the C++ source),
+                      load gives two vectors of 32 consecutive columns; see the C++ source); the rows stored in
+                      blocks of four (to_row_blocks: bytes 0-63 of each of the four rows, then bytes 64-127 of
+                      each, ...; a last step of 32 bytes likewise; a last block of N % 4 rows), so that the decode
+                      loop, which reads four rows at once, streams one run of memory instead of four,
               kscales [N, G] — the group scales s (two-level integer scales decoded once, here),
               offsets [N, G] — so that w = q · s − offset (integer formats: z · s; GGUF: Q4_0 8·d,
                       Q4_1 −m, Q4_K dmin·m); scales float16 or bfloat16 where exact in it, offsets then
@@ -53,10 +56,43 @@ def pack_chunks(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_chunks(wpack: torch.Tensor) -> torch.Tensor:
-    """The inverse of pack_chunks: uint8 codes [N, K]."""
+    """The inverse of pack_chunks: uint8 codes [N, K] (of row-major rows: see from_row_blocks)."""
     n, half = wpack.shape
     b = wpack.reshape(n, half // 32, 1, 32)
     return torch.cat([b & 15, b >> 4], dim=2).reshape(n, half * 2)
+
+
+def to_row_blocks(t: torch.Tensor) -> torch.Tensor:
+    """Rows [N, B] of bytes (B a multiple of 32) -> the same shape, stored in blocks of four rows: for each block,
+    bytes 64c .. 64c + 63 of its rows one after the other, step by step, then a last step of 32 bytes of each row
+    where B % 64 == 32; a last block of the N % 4 remaining rows alike. The layout the native decode loops read
+    (csrc/cpu_gemm.cpp, "Rows in blocks of four")."""
+    return _row_blocks(t, forward=True)
+
+
+def from_row_blocks(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_row_blocks: the rows row-major again."""
+    return _row_blocks(t, forward=False)
+
+
+def _row_blocks(t: torch.Tensor, forward: bool) -> torch.Tensor:
+    n, b = t.shape
+    full = b // 64 * 64                     # bytes in whole 64-byte steps; b − full is 0 or 32
+    out = torch.empty_like(t)
+    for r0, r1 in ((0, n - n % 4), (n - n % 4, n)):   # whole blocks, then the last N % 4 rows
+        per = min(4, r1 - r0)
+        if per == 0:
+            continue
+        nb = (r1 - r0) // per
+        if forward:   # row-major [block, row, step, 64] -> [block, step, row, 64], then [block, row, last step]
+            rows = t[r0:r1].reshape(nb, per, b)
+            steps = rows[:, :, :full].reshape(nb, per, full // 64, 64).transpose(1, 2).reshape(nb, per * full)
+            out[r0:r1] = torch.cat([steps, rows[:, :, full:].reshape(nb, per * (b - full))], 1).reshape(-1, b)
+        else:
+            blocks = t[r0:r1].reshape(nb, per * b)
+            steps = blocks[:, :per * full].reshape(nb, full // 64, per, 64).transpose(1, 2).reshape(nb, per, full)
+            out[r0:r1] = torch.cat([steps, blocks[:, per * full:].reshape(nb, per, b - full)], 2).reshape(-1, b)
+    return out
 
 
 def packed_width(qmin: int, qmax: int, k: int) -> int:
@@ -275,10 +311,10 @@ class NativeInt4Kernel(NativeKernel):
 
     def prepare(self, qt):
         codes, tensors = self.scale_tensors(qt)
-        return {"wpack": pack_chunks(codes), **tensors}
+        return {"wpack": to_row_blocks(pack_chunks(codes)), **tensors}
 
     def restore(self, packed, spec, shape):
-        return self.restore_from(packed, spec, shape, unpack_chunks(packed["wpack"]))
+        return self.restore_from(packed, spec, shape, unpack_chunks(from_row_blocks(packed["wpack"])))
 
     def rows(self, x2, packed, group):
         if self.q8:
@@ -296,5 +332,5 @@ class NativeInt4Kernel(NativeKernel):
         """The weight dequantized, float32 [N, K]."""
         n, k = shape
         g = packed["kscales"].shape[1]
-        q = unpack_chunks(packed["wpack"]).reshape(n, g, k // g).float()
+        q = unpack_chunks(from_row_blocks(packed["wpack"])).reshape(n, g, k // g).float()
         return (q * scales_of(packed)[..., None] - offsets_of(packed)[..., None]).reshape(n, k)

@@ -5,8 +5,8 @@ a multiple of 32: 8-bit integer weights (per channel or groups, symmetric or wit
 integer weights, and the GGUF types Q5_0, Q5_1, Q5_K and Q8_0 (codes that fit 4 bits go to native-int4, except
 2-3-bit codes where the CPU has AVX-512 VNNI: here they are kept at their width, at the same speed per call).
 
-    resident: wq      int8 [N, K] — row-major codes; for 8-bit integer weights the storage tensor itself
-                      (nothing repacked); codes of 5 to 7 bits (0 .. 2^b − 1, K a multiple of 64) packed to b bits
+    resident: wq      int8 [N, K] — the codes, rows in blocks of four as native_int4's (to_row_blocks: the decode
+                      loop streams one run of memory instead of four); codes of 5 to 7 bits (0 .. 2^b − 1, K a multiple of 64) packed to b bits
                       instead: uint8 [N, K/2 + (b − 4)·K/8], per row the low nibbles in native_int4's chunked
                       layout, then per chunk of 64 columns b − 4 little-endian 64-bit masks, mask j holding bit
                       4 + j of each column's code; codes of 2 or 3 bits (GGUF's Q2_K and Q3_K) likewise as
@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .native_int4 import NativeKernel, pack_chunks, packed_width
+from .native_int4 import NativeKernel, from_row_blocks, pack_chunks, packed_width, to_row_blocks
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -52,8 +52,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def codes_of(wq: torch.Tensor, k: int) -> torch.Tensor:
-    """The int8 codes [N, K] of a kernel's wq, packed or not."""
-    return torch.ops.lowbit.int8_unpack(wq, k) if wq.dtype == torch.uint8 else wq
+    """The int8 codes [N, K] (row-major) of a kernel's wq, packed or not."""
+    return torch.ops.lowbit.int8_unpack(wq, k) if wq.dtype == torch.uint8 else from_row_blocks(wq)
 
 
 class NativeInt8Kernel(NativeKernel):
@@ -75,10 +75,7 @@ class NativeInt8Kernel(NativeKernel):
         bits = packed_width(qmin, qmax, qt.shape[1])
         if bits:
             return {"wq": pack_codes(codes, bits), **tensors}
-        wq = codes.to(torch.int8)
-        if qt.qweight.dtype == torch.int8 and torch.equal(qt.qweight, wq):   # stored as the kernel reads it
-            wq = qt.qweight                                                    # (8-bit integers): no copy
-        return {"wq": wq.contiguous(), **tensors}
+        return {"wq": to_row_blocks(codes.to(torch.int8)), **tensors}
 
     def restore(self, packed, spec, shape):
         return self.restore_from(packed, spec, shape, codes_of(packed["wq"], shape[1]))

@@ -1,6 +1,6 @@
 // lowbit's native CPU matmuls for integer weights: y = x · Wᵀ with W = (q − z) · s per group.
 //   int4_gemm: codes of 2 to 4 bits, two per byte in the chunked layout below.
-//   int8_gemm: signed 8-bit codes, one per byte, row-major: the storage layout itself, so nothing is repacked.
+//   int8_gemm: signed 8-bit codes, one per byte (5- to 7-bit codes may be packed to their width).
 //
 // Why a kernel of our own: with one row of activations (decode) PyTorch's packed kernels read the weights well
 // below memory speed, and its int4 layout needs out_features % 16 == 0 and a second copy for grouped int8.
@@ -10,7 +10,8 @@
 // int4 layout (written by lowbit.kernels.native_int4, documented there too):
 //   wpack   uint8 [N, K/2]: each row in chunks of 64 columns (32 bytes); byte j of chunk c holds the code of
 //           column 64c + j in its low nibble and of column 64c + 32 + j in its high nibble, so that one
-//           32-byte load yields two vectors of 32 consecutive columns each. K must be a multiple of 64.
+//           32-byte load yields two vectors of 32 consecutive columns each. K must be a multiple of 64. The rows
+//           are stored in blocks of four (see "Rows in blocks of four").
 //   scales  [N, G], G = K / group_size, group_size a multiple of 32 dividing K.
 //   offsets [N, G]: z · s, so that (q − z) · s = q · s − offset.
 //   Scales and offsets are float32, or float16 / bfloat16 where their values are exact in it (the caller
@@ -24,8 +25,9 @@
 // instruction-set paths, so they agree to float32 rounding, not bit for bit; each path is deterministic (and
 // independent of the thread count: every output is summed by one thread in a fixed order).
 //
-// int8: wq int8 [N, K], K a multiple of 32, groups as above (per channel: one group of K); offsets z · s. Codes of
-// 5 to 7 bits may instead be packed to their width (uint8 wq; see "5- to 7-bit codes, packed" below).
+// int8: wq int8 [N, K] (rows in blocks of four, as int4's), K a multiple of 32, groups as above (per channel: one
+// group of K); offsets z · s. Codes of 5 to 7 bits may instead be packed to their width (uint8 wq, rows row-major;
+// see "5- to 7-bit codes, packed" below).
 //
 // int4_gemm_q8 / int8_gemm_q8 (decode where the CPU has AVX-512 VNNI or AVX2, cpu_q8 tells which): the same
 // layouts, with the activations rounded to int8 per block and integer dot products (cpu_gemm_q8.inc documents the
@@ -71,7 +73,44 @@ struct Problem {
   int64_t M, N, K, G, gs;
   int bits = 0;         // int8 decode on int8 activations: 5-7-bit codes read packed from rows of row_bytes
   int64_t row_bytes = 0;
+  int64_t row0 = 0;     // the weight row w starts at (a multiple of 4, see "Rows in blocks of four"): the last
+                        // block's size is read from N − row0
 };
+
+// ---- Rows in blocks of four --------------------------------------------------------------------------------------
+// Byte-wide weights (int4 wpack, int8 codes of a byte each; not the packed 2-3/5-7-bit codes) are resident in blocks
+// of four rows, each block stored step by step: bytes 0-63 of its row 0, of row 1, row 2, row 3, then bytes 64-127
+// of each, and so on; a last step of 32 bytes (int4 with K % 128 == 64, int8 with K % 64 == 32) likewise, 32 bytes
+// of each row. Where N % 4 != 0 the last block holds the N % 4 remaining rows the same way. The tensor keeps its
+// shape [N, row bytes]; within a row nothing moves (the int4 chunks stay as documented above).
+// Why: the decode loops read four rows at once, 64 bytes of each per step; stored so, a thread reads one
+// sequential stream instead of four, 256 bytes apart per step. On an AMD EPYC Zen 4 (30 GB/s) whose hardware
+// prefetchers followed four streams poorly, the same loops read 1.3-2x faster (BENCHMARKS.md). llama.cpp's x86
+// repacking of Q4_0 (rows interleaved by eight) is the same idea.
+// The decode loops on int8 activations read this layout directly (step_at in the .inc files); every other path
+// copies a run of rows back to row-major into the thread's buffer first (over_rows), as packed codes are unpacked.
+
+// The offset of byte j of row r in a weight of `rows` rows of rb bytes each, stored as above.
+inline int64_t block_offset(int64_t rows, int64_t rb, int64_t r, int64_t j) {
+  const int64_t r0 = r & ~int64_t(3), t = std::min<int64_t>(4, rows - r0), c = j / 64;
+  const int64_t width = std::min<int64_t>(64, rb - c * 64);
+  return r0 * rb + c * 64 * t + (r - r0) * width + j % 64;
+}
+
+// Rows r0 .. r0 + count of such a weight, row-major into dst [count, rb].
+void rows_from_blocks(const uint8_t* w, int64_t rows, int64_t rb, int64_t r0, int64_t count, uint8_t* dst) {
+  for (int64_t r = r0; r < r0 + count; ++r)
+    for (int64_t j = 0; j < rb; j += 64)
+      std::memcpy(dst + (r - r0) * rb + j, w + block_offset(rows, rb, r, j), static_cast<size_t>(std::min<int64_t>(64, rb - j)));
+}
+
+// Step c (bytes 64c .. 64c + 63, or the last 32 where !Full) of row n + i, in a tile of NR rows from row n; NR == 4
+// tiles start at a multiple of 4 (the callers' partition), so they are one whole block.
+template <int NR, bool Full>
+inline const uint8_t* step_at(const Problem& p, int64_t rb, int64_t n, int i, int64_t c) {
+  if constexpr (NR == 4) return p.w + n * rb + c * 256 + i * (Full ? 64 : 32);
+  else return p.w + block_offset(p.N - p.row0, rb, n + i, c * 64);
+}
 
 // Output rows n .. n+nr−1 of activation row m: out[i] holds Σ_g s · Σ q·x; the offset term is subtracted here.
 inline void finish(const Problem& p, int64_t n, int64_t m, int nr, const float* out) {
@@ -354,27 +393,33 @@ void unpack_rows(const uint8_t* src, int64_t row_bytes, int8_t* dst, int64_t row
   }
 }
 
-// fn(q, r0, r1, base) over rows n0..n1 of p: with float32 scales and byte codes once, as fn(p, n0, n1, 0); with
-// 16-bit or two-level scales or packed codes (`bits` 2-3, 5-7) per run of kWidenRows rows, as fn(q, 0, rows, a)
-// where q is p restricted to rows a .. a + rows (weights from row a, or unpacked into the thread's buffer; scales
-// and offsets from row a, or widened into the thread's buffer; outputs from column a; `row_bytes` is one weight row).
+// fn(q, r0, r1, base) over rows n0..n1 of p: with float32 scales and the weight read as stored (`row_major` false)
+// once, as fn(p, n0, n1, 0); else per run of kWidenRows rows, as fn(q, 0, rows, a) where q is p restricted to rows
+// a .. a + rows: weights from row a as stored (n0 a multiple of 4, see "Rows in blocks of four"), or with
+// `row_major` copied to row-major (byte-wide codes) or unpacked (packed codes, `bits` 2-3, 5-7) into the thread's
+// buffer; scales and offsets from row a, or widened into the thread's buffer; outputs from column a. `row_bytes`
+// is one weight row.
 template <class Fn>
-void over_rows(const Problem& p, const Scales16& h, int64_t row_bytes, int64_t n0, int64_t n1, Fn fn, int bits = 0) {
-  if (!h.widened() && bits == 0) return fn(p, n0, n1, int64_t(0));
+void over_rows(const Problem& p, const Scales16& h, int64_t row_bytes, int64_t n0, int64_t n1, Fn fn, int bits = 0,
+               bool row_major = false) {
+  if (!h.widened() && !row_major) return fn(p, n0, n1, int64_t(0));
   thread_local std::vector<float> buf;
   thread_local std::vector<int8_t> codes;
   if (h.widened()) buf.resize(static_cast<size_t>(2 * kWidenRows * p.G));
-  if (bits != 0) codes.resize(static_cast<size_t>(kWidenRows * p.K));
+  if (row_major) codes.resize(static_cast<size_t>(kWidenRows * std::max(p.K, row_bytes)));
   float* s = buf.data();
   float* off = s + kWidenRows * p.G;
   for (int64_t a = n0; a < n1; a += kWidenRows) {
     const int64_t rows = std::min(n1, a + kWidenRows) - a;
     Problem q = p;
     q.w = p.w + a * row_bytes;
+    q.row0 = p.row0 + a;
     q.y = p.y == nullptr ? nullptr : p.y + a;
-    if (bits != 0) {
-      unpack_rows(q.w, row_bytes, codes.data(), rows, p.K, bits);
-      q.w = reinterpret_cast<const uint8_t*>(codes.data());
+    if (row_major) {
+      uint8_t* dst = reinterpret_cast<uint8_t*>(codes.data());
+      if (bits != 0) unpack_rows(q.w, row_bytes, codes.data(), rows, p.K, bits);   // packed rows are row-major
+      else rows_from_blocks(p.w, p.N - p.row0, row_bytes, a, rows, dst);
+      q.w = dst;
     }
     if (!h.widened()) {
       q.s = p.s + a * p.G;
@@ -767,7 +812,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale
   // Rows of W are independent: split them across threads in runs long enough to amortize the hand-off.
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     over_rows(p, h, wc.size(1), n0, n1, [&](const Problem& q, int64_t r0, int64_t r1, int64_t) { rows(q, r0, r1); },
-              bits);
+              bits, true);
   });
   return y;
 }
@@ -865,7 +910,7 @@ void dequant_into(const Problem& p, const Scales16& h, int64_t n0, int64_t n1, a
         if (isa == 3) avx512bf16::dequant_bf16(q, o, a, b);
         else dequant_rows(q.w, q.s, q.off, o, a, b, q.K, q.G, q.gs);
       }
-    });
+    }, 0, true);
   });
 }
 
@@ -980,7 +1025,7 @@ at::Tensor int8_dense_linear(const at::Tensor& x, const at::Tensor& wq, const at
           if (isa == 3) avx512bf16::dequant8_bf16(q, o, a, b);
           else dequant8_rows(codes, q.s, q.off, o, a, b, K, G, group_size);
         }
-      }, bits);
+      }, bits, true);
     });
   });
 }
@@ -1093,8 +1138,9 @@ at::Tensor run_q8(const char* op, const at::Tensor& x, const at::Tensor& w, cons
   const Problem p{nullptr, nullptr, nullptr, static_cast<const uint8_t*>(wc.data_ptr()), sa.fs(), sa.foff(),
                   y.data_ptr<float>(), M, N, K, G, group_size, bits, wc.size(1)};
   const Scales16& h = sa.h;
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    over_rows(p, h, wc.size(1), n0, n1, [&](const Problem& q, int64_t r0, int64_t r1, int64_t) {
+  // split in whole blocks of four rows: the loops read the weight as stored (see "Rows in blocks of four")
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+    over_rows(p, h, wc.size(1), 4 * b0, std::min(N, 4 * b1), [&](const Problem& q, int64_t r0, int64_t r1, int64_t) {
       if (level == 2) avx512vnni::rows<Int4>(q, qa, r0, r1);
       else avx2dot::rows<Int4>(q, qa, r0, r1);
     });
