@@ -75,6 +75,7 @@ struct Problem {
   int64_t row_bytes = 0;
   int64_t row0 = 0;     // the weight row w starts at (a multiple of 4, see "Rows in blocks of four"): the last
                         // block's size is read from N − row0
+  bool blocked = true;  // w in blocks of four rows; false: row-major (unpacked or copied by over_rows)
 };
 
 // ---- Rows in blocks of four --------------------------------------------------------------------------------------
@@ -87,8 +88,9 @@ struct Problem {
 // sequential stream instead of four, 256 bytes apart per step. On an AMD EPYC Zen 4 (30 GB/s) whose hardware
 // prefetchers followed four streams poorly, the same loops read 1.3-2x faster (BENCHMARKS.md). llama.cpp's x86
 // repacking of Q4_0 (rows interleaved by eight) is the same idea.
-// The decode loops on int8 activations read this layout directly (step_at in the .inc files); every other path
-// copies a run of rows back to row-major into the thread's buffer first (over_rows), as packed codes are unpacked.
+// The decode loops read this layout directly (step_at in the .inc files, byte_at in cpu_gemm_tiles.inc); the
+// dense paths (dequantizing for prefill) copy a run of rows back to row-major into the thread's buffer first
+// (over_rows), as packed codes are unpacked.
 
 // The offset of byte j of row r in a weight of `rows` rows of rb bytes each, stored as above.
 inline int64_t block_offset(int64_t rows, int64_t rb, int64_t r, int64_t j) {
@@ -97,11 +99,27 @@ inline int64_t block_offset(int64_t rows, int64_t rb, int64_t r, int64_t j) {
   return r0 * rb + c * 64 * t + (r - r0) * width + j % 64;
 }
 
-// Rows r0 .. r0 + count of such a weight, row-major into dst [count, rb].
+// Rows r0 .. r0 + count of such a weight, row-major into dst [count, rb] (rb a multiple of 32).
 void rows_from_blocks(const uint8_t* w, int64_t rows, int64_t rb, int64_t r0, int64_t count, uint8_t* dst) {
-  for (int64_t r = r0; r < r0 + count; ++r)
-    for (int64_t j = 0; j < rb; j += 64)
-      std::memcpy(dst + (r - r0) * rb + j, w + block_offset(rows, rb, r, j), static_cast<size_t>(std::min<int64_t>(64, rb - j)));
+  const int64_t full = rb / 64 * 64;
+  for (int64_t r = r0; r < r0 + count; ++r) {
+    uint8_t* out = dst + (r - r0) * rb;
+    for (int64_t j = 0; j < full; j += 64) std::memcpy(out + j, w + block_offset(rows, rb, r, j), 64);
+    if (full < rb) std::memcpy(out + full, w + block_offset(rows, rb, r, full), 32);
+  }
+}
+
+// Byte j of row n + i, for a tile of NR rows from row n (NR == 4 tiles start at a multiple of 4 and so are one
+// whole block), where p's weight is stored in blocks, or row-major (!p.blocked).
+template <int NR>
+inline const uint8_t* byte_at(const Problem& p, int64_t rb, int64_t n, int i, int64_t j) {
+  if (!p.blocked) return p.w + (n + i) * rb + j;
+  if constexpr (NR == 4) {
+    const int64_t c = j / 64;
+    return p.w + n * rb + c * 256 + i * std::min<int64_t>(64, rb - c * 64) + j % 64;
+  } else {
+    return p.w + block_offset(p.N - p.row0, rb, n + i, j);
+  }
 }
 
 // Step c (bytes 64c .. 64c + 63, or the last 32 where !Full) of row n + i, in a tile of NR rows from row n; NR == 4
@@ -420,6 +438,7 @@ void over_rows(const Problem& p, const Scales16& h, int64_t row_bytes, int64_t n
       if (bits != 0) unpack_rows(q.w, row_bytes, codes.data(), rows, p.K, bits);   // packed rows are row-major
       else rows_from_blocks(p.w, p.N - p.row0, row_bytes, a, rows, dst);
       q.w = dst;
+      q.blocked = false;
     }
     if (!h.widened()) {
       q.s = p.s + a * p.G;
@@ -441,14 +460,13 @@ namespace portable {
 void int4_rows(const Problem& p, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t m = 0; m < p.M; ++m) {
-      const uint8_t* w = p.w + n * (p.K / 2);
       const float* x = p.xf + m * p.K;
       float total = 0.f;
       for (int64_t g = 0; g < p.G; ++g) {
         float dot = 0.f;
         for (int64_t k = g * p.gs; k < (g + 1) * p.gs; ++k) {
           const int64_t j = k % kChunk;
-          const uint8_t b = w[(k / kChunk) * 32 + (j & 31)];
+          const uint8_t b = *byte_at<1>(p, p.K / 2, n, 0, (k / kChunk) * 32 + (j & 31));
           dot += static_cast<float>(j < 32 ? (b & 15) : (b >> 4)) * x[k];
         }
         total += p.s[n * p.G + g] * dot;
@@ -460,12 +478,12 @@ void int4_rows(const Problem& p, int64_t n0, int64_t n1) {
 void int8_rows(const Problem& p, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t m = 0; m < p.M; ++m) {
-      const int8_t* w = reinterpret_cast<const int8_t*>(p.w) + n * p.K;
       const float* x = p.xf + m * p.K;
       float total = 0.f;
       for (int64_t g = 0; g < p.G; ++g) {
         float dot = 0.f;
-        for (int64_t k = g * p.gs; k < (g + 1) * p.gs; ++k) dot += static_cast<float>(w[k]) * x[k];
+        for (int64_t k = g * p.gs; k < (g + 1) * p.gs; ++k)
+          dot += static_cast<float>(static_cast<int8_t>(*byte_at<1>(p, p.K, n, 0, k))) * x[k];
         total += p.s[n * p.G + g] * dot;
       }
       finish(p, n, m, 1, &total);
@@ -809,10 +827,11 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale
   const Problem p{a.xb, a.xf, a.xsum, static_cast<const uint8_t*>(wc.data_ptr()), sa.fs(), sa.foff(),
                   y.data_ptr<float>(), M, N, K, G, group_size};
   const Scales16& h = sa.h;
-  // Rows of W are independent: split them across threads in runs long enough to amortize the hand-off.
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    over_rows(p, h, wc.size(1), n0, n1, [&](const Problem& q, int64_t r0, int64_t r1, int64_t) { rows(q, r0, r1); },
-              bits, true);
+  // Rows of W are independent: split them across threads in runs long enough to amortize the hand-off, in whole
+  // blocks of four rows (the tiles read the weight as stored; packed codes are unpacked to row-major first)
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+    over_rows(p, h, wc.size(1), 4 * b0, std::min(N, 4 * b1),
+              [&](const Problem& q, int64_t r0, int64_t r1, int64_t) { rows(q, r0, r1); }, bits, bits != 0);
   });
   return y;
 }
