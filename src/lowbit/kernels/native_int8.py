@@ -6,13 +6,14 @@ integer weights, and the GGUF types Q5_0, Q5_1, Q5_K and Q8_0 (codes that fit 4 
 2-3-bit codes where the CPU has AVX-512 VNNI: here they are kept at their width, at the same speed per call).
 
     resident: wq      int8 [N, K] — the codes, rows in blocks of four as native_int4's (to_row_blocks: the decode
-                      loop streams one run of memory instead of four); codes of 5 to 7 bits (0 .. 2^b − 1, K a multiple of 64) packed to b bits
-                      instead: uint8 [N, K/2 + (b − 4)·K/8], per row the low nibbles in native_int4's chunked
-                      layout, then per chunk of 64 columns b − 4 little-endian 64-bit masks, mask j holding bit
-                      4 + j of each column's code; codes of 2 or 3 bits (GGUF's Q2_K and Q3_K) likewise as
-                      uint8 [N, b·K/8], the masks alone, mask j holding bit j (`pack_codes`; the decode loop on
-                      int8 activations unpacks them in registers, the other paths 64 rows at a time into a
-                      buffer of the thread's, csrc/cpu_gemm.cpp); other codes widened to a byte,
+                      loop streams one run of memory instead of four); codes of 5 to 7 bits (0 .. 2^b − 1, K a
+                      multiple of 64) packed to b bits instead, rows row-major: uint8 [N, K/2 + (b − 4)·K/8], per
+                      row the low nibbles in native_int4's chunked layout, then per chunk of 64 columns b − 4
+                      little-endian 64-bit masks, mask j holding bit 4 + j of each column's code; codes of 2 or 3
+                      bits (GGUF's Q2_K and Q3_K) likewise as uint8 [N, b·K/8], the masks alone, mask j holding bit
+                      j (`pack_codes`; the decode loop on int8 activations unpacks them in registers, the other
+                      paths 64 rows at a time into a buffer of the thread's, csrc/cpu_gemm.cpp); other codes widened
+                      to a byte,
               kscales [N, G] — the group scales s (GGUF: the sub-block scales),
               offsets [N, G] — so that w = q · s − offset (integer formats: z · s); 16-bit where exact, as
                       native_int4 keeps them (resident_scales), and the k-quants' (Q2_K, Q3_K, Q5_K, Q6_K) as
