@@ -1,6 +1,6 @@
 // lowbit's native CPU matmuls for integer weights: y = x · Wᵀ with W = (q − z) · s per group.
 //   int4_gemm: codes of 2 to 4 bits, two per byte in the chunked layout below.
-//   int8_gemm: signed 8-bit codes, one per byte (5- to 7-bit codes may be packed to their width).
+//   int8_gemm: signed 8-bit codes, one per byte (codes of 2-3 or 5-7 bits may be packed to their width).
 //
 // Why a kernel of our own: with one row of activations (decode) PyTorch's packed kernels read the weights well
 // below memory speed, and its int4 layout needs out_features % 16 == 0 and a second copy for grouped int8.
@@ -26,8 +26,8 @@
 // independent of the thread count: every output is summed by one thread in a fixed order).
 //
 // int8: wq int8 [N, K] (rows in blocks of four, as int4's), K a multiple of 32, groups as above (per channel: one
-// group of K); offsets z · s. Codes of 5 to 7 bits may instead be packed to their width (uint8 wq, rows row-major;
-// see "5- to 7-bit codes, packed" below).
+// group of K); offsets z · s. Codes of 2-3 or 5-7 bits may instead be packed to their width (uint8 wq, rows
+// row-major; see "2-, 3- and 5- to 7-bit codes, packed" below).
 //
 // int4_gemm_q8 / int8_gemm_q8 (decode where the CPU has AVX-512 VNNI or AVX2, cpu_q8 tells which): the same
 // layouts, with the activations rounded to int8 per block and integer dot products (cpu_gemm_q8.inc documents the
