@@ -20,6 +20,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..errors import LowbitError
+from ..kernels import native_attention
 from ..models.arch import arch_for
 from ..models.moe import ExpertList
 from ..nn.fuse import fuse_linears
@@ -138,6 +139,7 @@ class DecoderBlock(nn.Module):
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
+        self.native_attention = False   # a decoded token's attention on lowbit's kernel (Decoder sets it)
 
     def _moe(self, x, one_token: bool):
         if not one_token or self.experts is None:
@@ -186,12 +188,15 @@ class DecoderBlock(nn.Module):
             band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
             a = F.scaled_dot_product_attention(q, cache.roundtrip(k), cache.roundtrip(v), attn_mask=band,
                                                scale=self.scale, enable_gqa=self.heads != self.kv_heads)
-        else:   # the same call as the reference's, over exactly the keys seen so far (no mask: bit-equal)
+        else:
             keys, values = cache.read(layer, visible)
             if self.window is not None and visible > self.window:   # the reference keeps only the window too
                 keys, values = keys[:, :, visible - self.window:], values[:, :, visible - self.window:]
-            a = F.scaled_dot_product_attention(q, keys, values, scale=self.scale,
-                                               enable_gqa=self.heads != self.kv_heads)
+            if self.native_attention:
+                a = native_attention.decode_attention(q, keys, values, self.scale)
+            else:   # the same call as the reference's, over exactly the keys seen so far (no mask: bit-equal)
+                a = F.scaled_dot_product_attention(q, keys, values, scale=self.scale,
+                                                   enable_gqa=self.heads != self.kv_heads)
         a = a.transpose(1, 2).reshape(h.shape[0], h.shape[1], self.heads * self.head_dim)
         h = h + self.attn_out_norm(self.o(a))
         x = self.post_norm(h)
@@ -201,12 +206,24 @@ class DecoderBlock(nn.Module):
         return h + self.mlp_out_norm(self.down(self.act(g) * u))
 
 
+ATTENTION = ("auto", "native", "reference")
+
+
 class Decoder(nn.Module):
-    """The whole model as blocks over a static cache; `forward` returns the logits of the last position."""
+    """The whole model as blocks over a static cache; `forward` returns the logits of the last position.
+
+    attention: how a decoded token attends to the cache. "reference": the model's own call
+    (scaled_dot_product_attention in the cache's dtype), bit-equal to the model's forward. "native": lowbit's CPU
+    kernel (kernels.native_attention: float32 arithmetic from the cache's values, equal to the reference to the
+    dtype's rounding). "auto": native for a 16-bit cache on a CPU where the kernels are built (the reference
+    multiplies bfloat16 through MKL, whose reference code runs on AMD CPUs: 30% of a decode step of the default
+    model on an AMD EPYC), the reference otherwise (float32, GPUs). Prompts always run the reference's call."""
 
     def __init__(self, model: nn.Module, max_len: int, kv_bits: int | None = None, kv_group_size: int | None = None,
-                 kv_offload: bool = False, kv_key_group: int | None = None):
+                 kv_offload: bool = False, kv_key_group: int | None = None, attention: str = "auto"):
         super().__init__()
+        if attention not in ATTENTION:
+            raise LowbitError(f"unknown attention {attention!r}; choose from {', '.join(ATTENTION)}")
         self.kv_bits, self.kv_group_size, self.kv_offload = kv_bits, kv_group_size, kv_offload
         self.kv_key_group = kv_key_group
         config = model.config
@@ -236,13 +253,25 @@ class Decoder(nn.Module):
             streaming.hook(self.blocks[i], i, block=get(arch.blocks)[i])
         self.rotary = get(arch.rotary)
         self.resize(max_len)
+        dtype, device = self._activations()
+        probe = torch.empty(0, dtype=dtype, device=device)
+        reason = native_attention.unavailable(probe)
+        if attention == "native" and reason:
+            raise LowbitError(f"attention='native' is not available here: {reason}")
+        use = reason is None and (attention == "native" or (
+            attention == "auto" and probe.dtype in (torch.bfloat16, torch.float16)))
+        for block in self.blocks:
+            block.native_attention = use
+
+    def _activations(self) -> tuple[torch.dtype, torch.device]:
+        """The hidden states' and the cache's dtype, and the compute device: the embedding's."""
+        if isinstance(self.embed, QuantEmbedding):   # a packed table: lookups dequantize only their rows
+            return self.embed.dtype, self.embed.qweight.device
+        return self.embed.weight.dtype, self.embed.weight.device
 
     def resize(self, max_len: int) -> None:
         """(Re)allocate the cache and the rotary tables for max_len positions."""
-        if isinstance(self.embed, QuantEmbedding):   # a packed table: lookups dequantize only their rows
-            dtype, device = self.embed.dtype, self.embed.qweight.device
-        else:
-            dtype, device = self.embed.weight.dtype, self.embed.weight.device
+        dtype, device = self._activations()
         positions = torch.arange(max_len, device=device)
         # the model's own rotary module gives the exact cos/sin the reference uses (any rope scaling included),
         # one table per layer type where the family has several (Gemma 3: local and global rope bases)

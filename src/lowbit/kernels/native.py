@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("cpu_gemm.cpp", "column_moments.cpp", "gguf_search.cpp", "gptq_columns.cpp", "grid_errors.cpp")   # compiled; every file in csrc/ is part of the cache key
+SOURCES = ("cpu_gemm.cpp", "column_moments.cpp", "decode_attention.cpp", "gguf_search.cpp", "gptq_columns.cpp",
+           "grid_errors.cpp")   # compiled; every file in csrc/ is part of the cache key
 _CSRC = Path(__file__).with_name("csrc")
 
 
@@ -174,6 +175,7 @@ def _register_fake() -> None:
     torch.library.register_fake("lowbit::int8_dense_linear")(_dense_shape)
     torch.library.register_fake("lowbit::int4pack_dense_linear")(_int4pack_dense_shape)
     torch.library.register_fake("lowbit::int8_unpack")(_unpack_shape)
+    torch.library.register_fake("lowbit::decode_attention")(_attention_shape)
 
 
 def _gemm_shape(x, w, *_args):   # the scales, offsets, group size (isa) and super-block scales
@@ -191,6 +193,10 @@ def _int4pack_dense_shape(x, wpack, scale_zeros, group_size, dtype, block_rows):
 
 def _unpack_shape(wq, K, isa=-1):
     return wq.new_empty((wq.shape[0], K), dtype=torch.int8)
+
+
+def _attention_shape(q, keys, values, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def _dequant_shape(wpack, scales, offsets, group_size, dtype, *_supers):
