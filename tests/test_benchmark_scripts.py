@@ -28,7 +28,8 @@ def test_decode_engine_benchmark_quick(tmp_path):
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["meta"]["bandwidth"]["copy_gb_s"] > 0
     lowbit_rows = [row for row in data["rows"] if row["engine"].startswith("lowbit")]
-    assert len(lowbit_rows) == 2 and all(row["tokens_equal_reference_64"] for row in lowbit_rows)
+    assert len(lowbit_rows) == 2 and all(row["tokens_equal_reference_64_reference_attention"] for row in lowbit_rows)
+    assert lowbit_rows[0]["tokens_equal_reference_64"]   # float32: the reference's attention by default too
     assert all(row["decode_tokens_per_s"] > 0 and row["bytes_per_token"] > 0 for row in data["rows"])
     assert "| model | engine |" in out.with_suffix(".md").read_text()
 
