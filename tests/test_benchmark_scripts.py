@@ -150,3 +150,15 @@ def test_main_command_benchmark_quick(tmp_path):
     assert data["same"] and [row["heap"] for row in data["rows"]] == ["system", "keep"]
     assert all(row["quantize"]["minor_faults"] > 0 and row["eval"]["peak_rss_mb"] > 100 for row in data["rows"])
     assert 0 < data["rows"][0]["numbers"]["kld"] < 1
+
+
+def test_decode_attention_benchmark_quick(tmp_path):
+    from lowbit.kernels import native
+    if not native.available():
+        pytest.skip("lowbit's native kernels are not built")
+    out = tmp_path / "decode_attention"
+    run_quick("decode_attention.py", out, timeout=300)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["positions"] for r in rows] == [16, 100]
+    assert all(r["lowbit_bf16_us"] > 0 and r["torch_bf16_us"] > 0 for r in rows)
+    assert all(r["lowbit_max_error"] <= r["torch_bf16_max_error"] * 1.05 + 1e-6 for r in rows)

@@ -417,7 +417,8 @@ def cmd_generate(args) -> int:
     try:   # tokens are printed as they come; the decode step compiles in the background meanwhile
         r = generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
                      engine=engine, kv_bits=args.kv_bits, kv_offload=args.kv_offload, kv_keys=args.kv_keys,
-                     stream=None if engine == "hf" else show, background=args.background)
+                     stream=None if engine == "hf" else show, background=args.background,
+                     attention=args.attention)
     finally:
         if streamed is not None:
             streamed.close(remove_store=not args.keep_offload)
@@ -682,6 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto: per channel for INT4")
     g.add_argument("--kv-offload", action="store_true",
                    help="keep the KV cache in host memory, one layer brought back at a time (runs eagerly)")
+    g.add_argument("--attention", choices=["auto", "native", "reference"], default="auto",
+                   help="a decoded token's attention: lowbit's CPU kernel (native: float32 arithmetic from the "
+                        "cache), or the model's own call (reference: greedy tokens bit-identical to transformers'); "
+                        "auto (default): native for a 16-bit cache on a CPU")
     _add_engine_arg(g)
     g.set_defaults(func=cmd_generate)
     return p
