@@ -5,7 +5,7 @@
 
 The engine runs it for a decode step's attention over a 16-bit cache on a CPU (engine.decoder, `attention`): there
 PyTorch's attention multiplies bfloat16 through MKL, whose bfloat16 GEMM runs its reference code on CPUs it does not
-optimize for (AMD's), 5-7x this kernel's time at 100-300 cached positions on an AMD EPYC Zen 4. It is not PyTorch's
+optimize for (AMD's), 7-12x this kernel's time at 100-2048 cached positions on an AMD EPYC Zen 4. It is not PyTorch's
 arithmetic (that rounds the softmax weights to bfloat16 before weighting the values), so its outputs agree with the
 model's own forward to bfloat16 rounding, not bit for bit; `reference` computes the same in float64, for tests.
 """
