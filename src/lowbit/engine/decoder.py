@@ -254,12 +254,11 @@ class Decoder(nn.Module):
         self.rotary = get(arch.rotary)
         self.resize(max_len)
         dtype, device = self._activations()
-        probe = torch.empty(0, dtype=dtype, device=device)
-        reason = native_attention.unavailable(probe)
+        reason = native_attention.unavailable(dtype, device)
         if attention == "native" and reason:
             raise LowbitError(f"attention='native' is not available here: {reason}")
         use = reason is None and (attention == "native" or (
-            attention == "auto" and probe.dtype in (torch.bfloat16, torch.float16)))
+            attention == "auto" and dtype in (torch.bfloat16, torch.float16)))
         for block in self.blocks:
             block.native_attention = use
 

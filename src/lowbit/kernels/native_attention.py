@@ -19,18 +19,14 @@ from . import native
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def unavailable(q: torch.Tensor) -> str | None:
-    """None where the native kernel takes queries like q (keys and values in q's dtype, on q's device), else why
-    it does not."""
-    if q.device.type != "cpu":
-        return f"the kernel runs on CPUs, not {q.device.type}"
-    if q.dtype not in DTYPES:
-        return f"the kernel runs float32, bfloat16 or float16, not {q.dtype}"
+def unavailable(dtype: torch.dtype, device: torch.device) -> str | None:
+    """None where the native kernel takes queries, keys and values of this dtype on this device, else why it
+    does not."""
+    if device.type != "cpu":
+        return f"the kernel runs on CPUs, not {device.type}"
+    if dtype not in DTYPES:
+        return f"the kernel runs float32, bfloat16 or float16, not {dtype}"
     return native.load()
-
-
-def serves(q: torch.Tensor) -> bool:
-    return unavailable(q) is None
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
