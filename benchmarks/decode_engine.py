@@ -12,7 +12,7 @@ Same machine, same run, same model and prompt for every row:
     else through llama-cpp-python (Q8_0 and Q4_0, one `eval` per token); with llama-bench, lowbit's engine on
     each of those very files as well (their blocks kept as stored: the same bytes on both engines).
 Each lowbit row also checks that its 64 greedy tokens equal transformers' generate on the same model: with the
-engine as timed, and with the reference's attention (`Engine(attention="reference")`, eager): the timed engine
+engine as timed, and with the reference's attention (`Engine(attention="reference", dense="reference")`, eager): the timed engine
 runs a 16-bit cache's decode attention on lowbit's kernel, whose float32 arithmetic agrees with PyTorch's to
 bfloat16 rounding, so where the model is near a tie between two tokens it may pick the other one.
 
@@ -102,7 +102,7 @@ def lowbit_row(name: str, model, tok, window, args, bw) -> dict:
         engine.warmup()
     compile_s = time.perf_counter() - t0
     got = engine.generate(ids, 64)["tokens"]
-    exact = Engine(model, compile=False, attention="reference").generate(ids, 64)["tokens"]
+    exact = Engine(model, compile=False, attention="reference", dense="reference").generate(ids, 64)["tokens"]
     ref = reference_tokens(model, ids, 64)
     # transformers' generate stops at the model's end-of-text token (its generation config supplies one); the
     # engine decodes on: equal means equal up to where the reference ends, and it ends only there

@@ -192,16 +192,16 @@ def test_generate_streams_tokens_while_the_step_compiles(capsys, tiny_dir):
     assert code == 0 and out2 == out and "aot engine" in err   # --engine auto on a CPU
 
 
-def test_generate_attention_reference_is_transformers_on_a_bfloat16_checkpoint(capsys, tiny_dir, tmp_path):
+def test_generate_reference_kernels_are_transformers_on_a_bfloat16_checkpoint(capsys, tiny_dir, tmp_path):
     out = tmp_path / "w4"
     code, _, _ = run(capsys, "quantize", tiny_dir, "--bits", "4", "--group-size", "32", "--out", out)
     assert code == 0   # bfloat16 activations and cache (lowbit quantize's default dtype)
     args = ["generate", out, "--prompt", "Python is", "--max-new-tokens", "8"]
     code, want, _ = run(capsys, *args, "--engine", "hf")
     assert code == 0 and want.strip()
-    code, got, err = run(capsys, *args, "--engine", "eager", "--attention", "reference")
+    code, got, err = run(capsys, *args, "--engine", "eager", "--attention", "reference", "--dense", "reference")
     assert code == 0 and got.strip() == want.strip() and "eager engine" in err
-    code, got, err = run(capsys, *args, "--engine", "eager", "--attention", "native")
+    code, got, err = run(capsys, *args, "--engine", "eager", "--attention", "native", "--dense", "native")
     assert code == 0 and got.strip() and "eager engine" in err
 
 

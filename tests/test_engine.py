@@ -46,7 +46,7 @@ def test_default_model_tokens_match_reference(fresh, prompt_ids, scheme):
     model = fresh if scheme == "fp32" else quantized(fresh, bits=8 if scheme == "int8" else 4,
                                                       group_size=-1 if scheme == "int8" else 64)
     want = reference_tokens(model, prompt_ids, 64)
-    got = Engine(model, compile=False, attention="reference").generate(prompt_ids, 64)["tokens"]
+    got = Engine(model, compile=False, attention="reference", dense="reference").generate(prompt_ids, 64)["tokens"]
     assert torch.equal(got, want)
 
 
@@ -55,7 +55,7 @@ def test_default_engine_on_real_blocks_matches_reference(base, prompt_ids):
     model's first two blocks: real weights, shapes and vocabulary, compiled in a fraction of the whole model's
     time (the whole model: the slow test below)."""
     model = quantized(truncated(base, 2), bits=4, group_size=64, symmetric=False)
-    engine = Engine(model, attention="reference")
+    engine = Engine(model, attention="reference", dense="reference")
     assert torch.equal(engine.generate(prompt_ids, 64)["tokens"], reference_tokens(model, prompt_ids, 64))
     assert engine.kind == "aot"   # a CPU model with a plain cache
 
@@ -65,7 +65,7 @@ def test_default_engine_on_real_blocks_matches_reference(base, prompt_ids):
 def test_default_model_compiled_int4_matches_reference(fresh, prompt_ids, compile):
     model = quantized(fresh, bits=4, group_size=64, symmetric=False)
     want = reference_tokens(model, prompt_ids, 64)
-    engine = Engine(model, compile=compile, attention="reference")
+    engine = Engine(model, compile=compile, attention="reference", dense="reference")
     got = engine.generate(prompt_ids, 64)["tokens"]
     assert torch.equal(got, want)
 
@@ -390,7 +390,7 @@ def test_compiled_engines_of_different_models_do_not_share_graphs():
     q = quantized(_tiny_model("llama"), bits=8, group_size=-1)
     ids = torch.randint(0, 256, (1, 6))
     for model in (plain, q, plain):
-        engine = Engine(model, compile=True, attention="reference")
+        engine = Engine(model, compile=True, attention="reference", dense="reference")
         assert torch.equal(engine.generate(ids, 10)["tokens"], reference_tokens(model, ids, 10))
 
 
@@ -410,7 +410,7 @@ def test_engine_equals_model_forward_for_every_scheme(base, tokenizer, method, o
     calib = calibration_samples(tokenizer, load_text(None, "calibration"), n=2, seqlen=64, seed=0)
     lowbit.quantize(model, lowbit.Recipe.default(scheme), calibration=calib, progress=False)
     ids = torch.randint(0, 49152, (1, 10))
-    engine = Engine(model, compile=False, attention="reference")
+    engine = Engine(model, compile=False, attention="reference", dense="reference")
     engine.reserve(16)
     with torch.no_grad():
         assert torch.equal(engine.prefill(ids[:, :9]), reference_logits(model, ids[:, :9]))

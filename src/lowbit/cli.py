@@ -418,7 +418,7 @@ def cmd_generate(args) -> int:
         r = generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
                      engine=engine, kv_bits=args.kv_bits, kv_offload=args.kv_offload, kv_keys=args.kv_keys,
                      stream=None if engine == "hf" else show, background=args.background,
-                     attention=args.attention)
+                     attention=args.attention, dense=args.dense)
     finally:
         if streamed is not None:
             streamed.close(remove_store=not args.keep_offload)
@@ -687,6 +687,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a decoded token's attention: lowbit's CPU kernel (native: float32 arithmetic from the "
                         "cache), or the model's own call (reference: greedy tokens bit-identical to transformers'); "
                         "auto (default): native for a 16-bit cache on a CPU")
+    g.add_argument("--dense", choices=["auto", "native", "reference"], default="auto",
+                   help="a decoded token's matmuls with unquantized 16-bit weights (a bfloat16 lm_head, a bfloat16 "
+                        "model's Linears): lowbit's CPU kernel (native: float32 sums of exact products), or the "
+                        "model's own Linears (reference; with --attention reference, greedy tokens bit-identical "
+                        "to transformers'); auto (default): native on a CPU")
     _add_engine_arg(g)
     g.set_defaults(func=cmd_generate)
     return p

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..errors import LowbitError
-from ..kernels import native_attention
+from ..kernels import native_attention, native_dense
 from ..models.arch import arch_for
 from ..models.moe import ExpertList
 from ..nn.fuse import fuse_linears
@@ -64,6 +64,19 @@ class OffsetRMSNorm(RMSNorm):
         y = x.float()
         y = y * torch.rsqrt(self.mean_of_squares(y) + self.eps)
         return (y * (1.0 + self.source.weight.float())).type_as(x)
+
+
+class NativeDense(nn.Module):
+    """A plain 16-bit Linear whose calls of a few rows (a decoded token's) run on lowbit's CPU kernel
+    (kernels.native_dense), more rows through PyTorch as the Linear itself would. Its weight is looked up at
+    each call (a streamed block's weight is swapped in only while it runs)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.source = linear
+
+    def forward(self, x):
+        return native_dense.linear(x, self.source.weight, self.source.bias)
 
 
 class _Concat(nn.Module):
@@ -206,7 +219,7 @@ class DecoderBlock(nn.Module):
         return h + self.mlp_out_norm(self.down(self.act(g) * u))
 
 
-ATTENTION = ("auto", "native", "reference")
+ATTENTION = DENSE = ("auto", "native", "reference")
 
 
 class Decoder(nn.Module):
@@ -220,10 +233,13 @@ class Decoder(nn.Module):
     model on an AMD EPYC), the reference otherwise (float32, GPUs). Prompts always run the reference's call."""
 
     def __init__(self, model: nn.Module, max_len: int, kv_bits: int | None = None, kv_group_size: int | None = None,
-                 kv_offload: bool = False, kv_key_group: int | None = None, attention: str = "auto"):
+                 kv_offload: bool = False, kv_key_group: int | None = None, attention: str = "auto",
+                 dense: str = "auto"):
         super().__init__()
         if attention not in ATTENTION:
             raise LowbitError(f"unknown attention {attention!r}; choose from {', '.join(ATTENTION)}")
+        if dense not in DENSE:
+            raise LowbitError(f"unknown dense {dense!r}; choose from {', '.join(DENSE)}")
         self.kv_bits, self.kv_group_size, self.kv_offload = kv_bits, kv_group_size, kv_offload
         self.kv_key_group = kv_key_group
         config = model.config
@@ -261,6 +277,27 @@ class Decoder(nn.Module):
             attention == "auto" and dtype in (torch.bfloat16, torch.float16)))
         for block in self.blocks:
             block.native_attention = use
+        reason = native_dense.unavailable(dtype, device)
+        if dense == "native" and reason:
+            raise LowbitError(f"dense='native' is not available here: {reason}")
+        if dense != "reference" and reason is None:
+            self._native_dense(dtype)
+
+    def _native_dense(self, dtype: torch.dtype) -> None:
+        """The decoder's own references to plain Linears in dtype (the lm_head, o, down, and the unfused parts
+        of q/k/v and gate/up) run through NativeDense; the model's modules are left as they are."""
+        def wrap(m):
+            plain = type(m) is nn.Linear and m.weight.dtype == dtype
+            return NativeDense(m) if plain else m
+        self.lm_head = wrap(self.lm_head)
+        for block in self.blocks:
+            block.o = wrap(block.o)
+            if block.moe is None:
+                block.down = wrap(block.down)
+            for fused in (block.qkv, getattr(block, "gate_up", None)):
+                if isinstance(fused, _Concat):
+                    for i, m in enumerate(fused.parts):
+                        fused.parts[i] = wrap(m)
 
     def _activations(self) -> tuple[torch.dtype, torch.device]:
         """The hidden states' and the cache's dtype, and the compute device: the embedding's."""

@@ -104,18 +104,23 @@ class Engine:
     attention="auto" (default) runs a decoded token's attention over a 16-bit cache on lowbit's CPU kernel
     (float32 arithmetic: equal to the model's forward to bfloat16 rounding, where the rest is bit-equal);
     "reference" keeps the model's own call, "native" asks for the kernel (engine.decoder.Decoder).
+    dense="auto" (default) runs a decoded token's matmuls with unquantized 16-bit weights (a bfloat16 lm_head,
+    a bfloat16 model's Linears) on lowbit's CPU kernel, equal to the model's forward to 16-bit rounding;
+    "reference" keeps the model's own Linears (with attention="reference": tokens bit-identical to its forward).
     A model whose blocks stream from a store (`lowbit.offload.offload_blocks` or `open_streamed`) runs
     eagerly too, its streamed blocks unfused, each block's weights brought in just before it runs.
     """
 
     def __init__(self, model: nn.Module, compile: bool | str = "auto", max_positions: int | None = None,
                  kv_bits: int | None = None, kv_group_size: int | None = None, kv_offload: bool = False,
-                 kv_key_group: int | None | str = "auto", background: bool = False, attention: str = "auto"):
+                 kv_key_group: int | None | str = "auto", background: bool = False, attention: str = "auto",
+                 dense: str = "auto"):
         if kv_key_group == "auto":   # measured: +1.3% perplexity at 2048 tokens against +16.7% per token
             kv_key_group = KEY_GROUP if kv_bits == 4 else None
         self.model = model
         self.limit = max_positions or getattr(model.config, "max_position_embeddings", None) or 2048
-        self.decoder = Decoder(model, MIN_BUCKET, kv_bits, kv_group_size, kv_offload, kv_key_group, attention).eval()
+        self.decoder = Decoder(model, MIN_BUCKET, kv_bits, kv_group_size, kv_offload, kv_key_group, attention,
+                               dense).eval()
         if compile == "auto":
             cpu = self.decoder.positions.device.type == "cpu"
             compile = "aot" if cpu and kv_bits is None and not kv_offload else True

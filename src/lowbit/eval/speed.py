@@ -23,7 +23,7 @@ _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model ->
 
 
 def engine_for(model, engine: str = "auto", kv_bits: int | None = None, kv_offload: bool = False,
-               kv_keys: str = "auto", attention: str = "auto"):
+               kv_keys: str = "auto", attention: str = "auto", dense: str = "auto"):
     """The model's lowbit engine of that kind, built once per model and kept beside it (compiling is costly)."""
     from ..engine import Engine
     if engine not in ("auto", "compiled", "aot", "eager"):
@@ -32,11 +32,12 @@ def engine_for(model, engine: str = "auto", kv_bits: int | None = None, kv_offlo
     from ..offload.runtime import streaming_of
     cache = _ENGINES.setdefault(model, {})
     # an engine built before the model's blocks were offloaded holds fused copies of them: not reused then
-    key = (engine, kv_bits, kv_offload, kv_keys, attention, id(streaming_of(model)))
+    key = (engine, kv_bits, kv_offload, kv_keys, attention, dense, id(streaming_of(model)))
     if key not in cache:
         compile = {"auto": "auto", "compiled": True, "aot": "aot"}.get(engine, False)
         cache[key] = Engine(model, compile=compile, kv_bits=kv_bits, kv_offload=kv_offload,
-                            kv_key_group=_key_group(kv_keys, kv_bits, kv_offload), attention=attention)
+                            kv_key_group=_key_group(kv_keys, kv_bits, kv_offload), attention=attention,
+                            dense=dense)
     return cache[key]
 
 
@@ -90,7 +91,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = False,
              engine: str = "auto", kv_bits: int | None = None, kv_offload: bool = False,
              kv_keys: str = "auto", stream: Callable[[str], None] | None = None,
-             background: bool = False, attention: str = "auto") -> dict:
+             background: bool = False, attention: str = "auto", dense: str = "auto") -> dict:
     """Greedy continuation of `prompt`; returns text, token counts, and timings.
 
     decode_tokens_per_s excludes the prompt's forward pass, which is timed on its own (prefill). With a lowbit
@@ -99,8 +100,8 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
     background=True (compiled engine): no wait for the compiler — tokens are decoded eagerly while it compiles
     in a thread, then by the compiled step (see lowbit.engine.Engine); eager_tokens says how many were eager,
     compiled_tokens_per_s is the rate of the others, and compile_seconds is the compiler's own time.
-    attention: how a decoded token attends to the cache (lowbit.engine.Engine; "reference" for greedy tokens
-    bit-identical to transformers' on a bfloat16 model).
+    attention: how a decoded token attends to the cache; dense: how it multiplies by unquantized 16-bit weights
+    (lowbit.engine.Engine; both "reference" for greedy tokens bit-identical to transformers' on a bfloat16 model).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise LowbitError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -124,7 +125,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
     if (kv_bits is not None or kv_offload) and engine == "hf":
         raise LowbitError("a quantized or host-memory KV cache needs a lowbit engine (--engine compiled or eager)")
     if engine != "hf":
-        e = engine_for(model, engine, kv_bits, kv_offload, kv_keys, attention)
+        e = engine_for(model, engine, kv_bits, kv_offload, kv_keys, attention, dense)
         e.wait_compiled()
         e.background = bool(background and e.compile and kv_bits is None)
         compile_s = e.warmup() if e.compile and not e.background else 0.0

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("cpu_gemm.cpp", "column_moments.cpp", "decode_attention.cpp", "gguf_search.cpp", "gptq_columns.cpp",
-           "grid_errors.cpp")   # compiled; every file in csrc/ is part of the cache key
+SOURCES = ("cpu_gemm.cpp", "column_moments.cpp", "decode_attention.cpp", "dense16.cpp", "gguf_search.cpp",
+           "gptq_columns.cpp", "grid_errors.cpp")   # compiled; every file in csrc/ is part of the cache key
 _CSRC = Path(__file__).with_name("csrc")
 
 
@@ -176,6 +176,7 @@ def _register_fake() -> None:
     torch.library.register_fake("lowbit::int4pack_dense_linear")(_int4pack_dense_shape)
     torch.library.register_fake("lowbit::int8_unpack")(_unpack_shape)
     torch.library.register_fake("lowbit::decode_attention")(_attention_shape)
+    torch.library.register_fake("lowbit::dense16_linear")(_dense16_shape)
 
 
 def _gemm_shape(x, w, *_args):   # the scales, offsets, group size (isa) and super-block scales
@@ -197,6 +198,10 @@ def _unpack_shape(wq, K, isa=-1):
 
 def _attention_shape(q, keys, values, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _dense16_shape(x, weight, bias=None, isa=-1):
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def _dequant_shape(wpack, scales, offsets, group_size, dtype, *_supers):
