@@ -16,7 +16,9 @@ Shapes are the engine's own matmuls of one SmolLM2-135M block (fused q/k/v 576�
                 offsets, as they were resident before; for 5-7-bit codes (packed
                 to their width), the same again with a byte per code, as they were resident before;
   cpu-int4 / cpu-int8 — PyTorch's packed ATen kernels (bfloat16 activations);
-  dense fp32 / bf16 — torch.nn.functional.linear on the dequantized weight.
+  dense fp32 / bf16 — torch.nn.functional.linear on the dequantized weight;
+  native-dense bf16 — lowbit's kernel for a few rows times a bfloat16 weight (csrc/dense16.cpp), which the
+                engine runs for a decoded token's unquantized bfloat16 Linears (PyTorch's matmul beyond 4 rows).
 
 Each figure is the median of --repeats timings of a loop that cycles through enough copies of the weight that
 they do not fit the last-level cache (--cold-mib), so the weights stream from memory as in a real decode step.
@@ -41,7 +43,7 @@ from lowbit.eval import environment
 from lowbit.eval.system import memory_bandwidth
 from lowbit.io.atomic import atomic_write_text
 from lowbit.formats import GGUFSpec
-from lowbit.kernels import KERNELS, native, select_kernel
+from lowbit.kernels import KERNELS, native, native_dense, select_kernel
 from lowbit.kernels.native_int4 import offsets_of, scales_of
 from lowbit.kernels.native_int8 import codes_of
 
@@ -141,6 +143,11 @@ def variants(w: torch.Tensor):
             wd = q4.dequantize(torch.float32).to(dtype)
             return wd.numel() * wd.element_size(), lambda x: torch.nn.functional.linear(x.to(dtype), wd)
         out.append((f"dense {str(dtype).split('.')[-1]}", dense))
+    if native.available():   # what the engine runs for a decoded token's bfloat16 weights (PyTorch's beyond 4 rows)
+        def native_dense_bf16():
+            wd = q4.dequantize(torch.float32).to(torch.bfloat16)
+            return wd.numel() * 2, lambda x: native_dense.linear(x.to(torch.bfloat16), wd)
+        out.append(("native-dense bf16 (lowbit::dense16_linear)", native_dense_bf16))
     return out
 
 

@@ -12,9 +12,11 @@ Same machine, same run, same model and prompt for every row:
     else through llama-cpp-python (Q8_0 and Q4_0, one `eval` per token); with llama-bench, lowbit's engine on
     each of those very files as well (their blocks kept as stored: the same bytes on both engines).
 Each lowbit row also checks that its 64 greedy tokens equal transformers' generate on the same model: with the
-engine as timed, and with the reference's attention (`Engine(attention="reference", dense="reference")`, eager): the timed engine
-runs a 16-bit cache's decode attention on lowbit's kernel, whose float32 arithmetic agrees with PyTorch's to
-bfloat16 rounding, so where the model is near a tie between two tokens it may pick the other one.
+engine as timed, and with the reference's arithmetic (`Engine(attention="reference", dense="reference")`, eager):
+the timed engine runs a 16-bit cache's decode attention and a decoded token's matmuls with bfloat16 weights on
+lowbit's kernels, whose float32 arithmetic agrees with PyTorch's to bfloat16 rounding, so where the model is near
+a tie between two tokens it may pick the other one. `--dense-reference` adds each row that keeps bfloat16
+weights (the bf16 model, the bf16 lm_heads) once more with PyTorch's matmuls for them.
 
 The bound: a decode step must read every weight it multiplies once (the whole tied embedding too, as the
 lm_head). Bytes read per token over the measured memory bandwidth is the fastest any engine can decode.
@@ -58,6 +60,7 @@ from lowbit.eval.system import memory_bandwidth
 from lowbit.kernels import native
 
 PROMPT = "The history of the Python language"
+DENSE_REFERENCE = "bf16 weights through PyTorch's matmul (dense reference)"
 
 
 def loadavg() -> str:
@@ -94,9 +97,9 @@ def reference_tokens(model, ids, n: int) -> torch.Tensor:
         return model.generate(ids, generation_config=gc)[0, ids.shape[1]:]
 
 
-def lowbit_row(name: str, model, tok, window, args, bw) -> dict:
+def lowbit_row(name: str, model, tok, window, args, bw, dense: str = "auto") -> dict:
     ids = tok(PROMPT, return_tensors="pt")["input_ids"]
-    engine = engine_for(model, args.engine)
+    engine = engine_for(model, args.engine, dense=dense)
     t0 = time.perf_counter()
     if args.engine != "eager":
         engine.warmup()
@@ -113,8 +116,8 @@ def lowbit_row(name: str, model, tok, window, args, bw) -> dict:
     differ = (got[:len(ref)] != ref).nonzero()
     same_prefix = int(differ[0]) if len(differ) else len(ref)
     same_exact = bool(torch.equal(exact[:len(ref)], ref) and ended)
-    dec = decode_speed(model, tok, PROMPT, args.tokens, args.repeats, engine=args.engine)
-    pre = prefill_speed(model, window, args.repeats, engine=args.engine)
+    dec = decode_speed(model, tok, PROMPT, args.tokens, args.repeats, engine=args.engine, dense=dense)
+    pre = prefill_speed(model, window, args.repeats, engine=args.engine, dense=dense)
     nbytes = bytes_per_token(model)
     kind = engine.kind if engine.compile or args.engine == "eager" else "eager: compiling failed"
     return {"name": name, "engine": f"lowbit ({kind})", "decode_tokens_per_s": dec,
@@ -264,6 +267,9 @@ def main() -> int:
     ap.add_argument("--formats", default=None,
                     help="only lowbit rows for these formats (e.g. Q4_0,Q5_0,Q8_0,int5,int6), each on its native "
                          "kernel and on the reference kernel")
+    ap.add_argument("--dense-reference", action="store_true",
+                    help="also each lowbit row with bfloat16 weights left (the bf16 model, the bf16 lm_heads) with "
+                         "PyTorch's matmuls for them (Engine(dense='reference')) instead of lowbit's kernel")
     ap.add_argument("--llamacpp-child", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -312,6 +318,8 @@ def main() -> int:
                 hf_row("bf16", bf16, tok, window, args, copy_bw)]
         rows += [] if args.formats else [lowbit_row("fp32", base, tok, window, args, copy_bw),
                                          lowbit_row("bf16", bf16, tok, window, args, copy_bw)]
+        if args.dense_reference and not args.formats:
+            rows.append(lowbit_row(f"bf16, {DENSE_REFERENCE}", bf16, tok, window, args, copy_bw, "reference"))
         q8 = "native kernels: int8 activations in decode" if native.available() and native.q8() else None
         # "bf16": weights quantized from the bfloat16 copy of the model instead of the float32 one; every quantized
         # row runs its norms, embedding, activations and cache in bfloat16 (lowbit.quantize's default dtype)
@@ -341,6 +349,8 @@ def main() -> int:
             model = quantized(bf16 if kernels == "bf16" else base, bits, gs, head,
                               "auto" if kernels in ("float", "bf16") else kernels)
             rows.append(lowbit_row(name, model, tok, window, args, copy_bw))
+            if args.dense_reference and not head:
+                rows.append(lowbit_row(f"{name}, {DENSE_REFERENCE}", model, tok, window, args, copy_bw, "reference"))
             os.environ.pop("LOWBIT_NATIVE_Q8")
         if args.llama_bench is not None:
             rows += llama_bench_rows(args.llama_bench, args, copy_bw, None if args.no_lowbit_files else tok, window)

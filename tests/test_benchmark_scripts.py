@@ -162,3 +162,16 @@ def test_decode_attention_benchmark_quick(tmp_path):
     assert [r["positions"] for r in rows] == [16, 100]
     assert all(r["lowbit_bf16_us"] > 0 and r["torch_bf16_us"] > 0 for r in rows)
     assert all(r["lowbit_max_error"] <= r["torch_bf16_max_error"] * 1.05 + 1e-6 for r in rows)
+
+
+@pytest.mark.slow
+def test_cpu_kernels_benchmark_quick(tmp_path):
+    out = tmp_path / "cpu_kernels"
+    run_quick("cpu_kernels.py", out, timeout=600)
+    data = json.loads(out.with_suffix(".json").read_text())
+    kernels = {r["kernel"] for r in data["rows"]}
+    assert {"dense float32", "dense bfloat16"} <= kernels
+    if data["machine"]["native_path"] in ("avx512-bf16", "avx512", "avx2", "portable"):   # the library is loaded
+        assert "native-dense bf16 (lowbit::dense16_linear)" in kernels
+    assert all(r["us"] > 0 and r["gb_s"] > 0 for r in data["rows"])
+    assert "| shape | kernel |" in out.with_suffix(".md").read_text()

@@ -188,12 +188,13 @@ def _median(xs):
 
 @torch.no_grad()
 def decode_speed(model, tokenizer, prompt: str = "The history of the Python language", new_tokens: int = 64,
-                 repeats: int = 3, engine: str = "auto") -> float:
+                 repeats: int = 3, engine: str = "auto", dense: str = "auto") -> float:
     """Median decode tokens/s over `repeats` greedy runs that always generate exactly new_tokens
-    (the prompt's own forward pass, timed separately, is subtracted; compiling happens before timing)."""
+    (the prompt's own forward pass, timed separately, is subtracted; compiling happens before timing).
+    dense: the lowbit engine's choice for 16-bit weights (lowbit.engine.Engine)."""
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if engine != "hf":
-        e = engine_for(model, engine)
+        e = engine_for(model, engine, dense=dense)
         e.warmup()
         return _median([e.generate(ids, new_tokens)["decode_tokens_per_s"] for _ in range(repeats)])
     speeds = []
@@ -209,13 +210,13 @@ def decode_speed(model, tokenizer, prompt: str = "The history of the Python lang
 
 
 @torch.no_grad()
-def prefill_speed(model, window: torch.Tensor, repeats: int = 3, engine: str = "auto") -> float:
+def prefill_speed(model, window: torch.Tensor, repeats: int = 3, engine: str = "auto", dense: str = "auto") -> float:
     """Median tokens/s of one forward pass over a window (LongTensor [T]). The lowbit engines run the
     prompt pass of generation (filling the KV cache, logits of the last position only); "hf" runs the
     model's forward over the window without a cache."""
     ids = window.unsqueeze(0)
     if engine != "hf":
-        e = engine_for(model, engine)
+        e = engine_for(model, engine, dense=dense)
         e.reserve(ids.shape[1] + 1)
         e.prefill(ids)   # first call allocates; not timed
         speeds = []
