@@ -13,6 +13,7 @@ from lowbit.engine.decoder import NativeDense
 from lowbit.engine.generate import Engine
 from lowbit.errors import LowbitError
 from lowbit.kernels import native, native_dense
+from test_decode_attention import mean_kl, assert_steps_close, float32_truth
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="lowbit's native kernels are not built")
 
@@ -158,32 +159,18 @@ def test_engine_with_the_kernel_stays_within_bfloat16_of_the_reference():
     model = _tiny_bf16()
     ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(1))
     engines = [Engine(model, compile=False, attention="reference", dense=d) for d in ("native", "reference")]
-    with torch.no_grad():
-        for e in engines:
-            e.reserve(40)
-            e.prefill(ids[:, :8])
-        for t in range(8, 40):
-            got, want = (e.decode(ids[:, t:t + 1], t)[0].float() for e in engines)
-            assert (got - want).abs().max() <= 0.05 * want.abs().max() + 0.05, t
+    assert_steps_close(engines, ids, 8)
 
 
 def test_default_recipe_decodes_as_close_to_float32_as_the_reference_head(base, eval_ids):
     """INT4 g64 blocks with the tied lm_head left in bfloat16 (lowbit quantize's default): logits of 120 decoded
     positions of held-out text against the same weights run in float32. The head on the kernel must be as close
     as PyTorch's bfloat16 matmul (it skips no rounding of its own: both round the output once)."""
-    from lowbit.nn.qlinear import QuantLinear
-    from test_decode_attention import _mean_kl
     ids = eval_ids[0][:128].unsqueeze(0)
     model = quantized(copy.deepcopy(base), bits=4, group_size=64)
     assert model.lm_head.weight.dtype == torch.bfloat16
-    exact = copy.deepcopy(base)
-    layers = dict(model.named_modules())
-    for name, m in exact.named_modules():
-        if isinstance(layers.get(name), QuantLinear):
-            m.weight.data = layers[name].dequantized_weight(torch.float32)
-    with torch.no_grad():
-        truth = exact(ids).logits[0].float().log_softmax(-1)
-    kl = {d: _mean_kl(Engine(model, compile=False, attention="reference", dense=d), ids, truth, 8)
+    truth = float32_truth(model, base, ids)
+    kl = {d: mean_kl(Engine(model, compile=False, attention="reference", dense=d), ids, truth, 8)
           for d in ("native", "reference")}
     print(f"mean KL against float32: {kl}")
     assert 0 < kl["native"] < 0.01 and kl["native"] <= kl["reference"] * 1.2, kl

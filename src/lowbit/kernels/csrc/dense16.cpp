@@ -47,6 +47,14 @@ inline uint16_t float_to_bf16(float f) {   // round to nearest even, NaN kept qu
   return c10::BFloat16(f).x;
 }
 
+// The n halves at w[k..] with the row's end (K) zero-filled: a step past the last whole one reads this copy.
+inline const uint16_t* padded(const uint16_t* w, int64_t k, int64_t K, int64_t n, uint16_t* buf) {
+  if (k + n <= K) return w + k;
+  std::memset(buf, 0, n * 2);
+  std::memcpy(buf, w + k, (K - k) * 2);
+  return buf;
+}
+
 // --- bfloat16 --------------------------------------------------------------------------------------------------
 
 float dot_bf16_portable(const uint16_t* w, const float* xe, const float* xo, int64_t K) {
@@ -67,7 +75,7 @@ inline float sum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 16 weights (32 bytes) per step; a tail of fewer is copied into a zeroed buffer first
+// 16 weights (32 bytes) per step; a tail of fewer is read from a zero-filled copy
 float dot_bf16_avx2(const uint16_t* w, const float* xe, const float* xo, int64_t K) {
   const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
@@ -83,13 +91,7 @@ float dot_bf16_avx2(const uint16_t* w, const float* xe, const float* xo, int64_t
   }
   alignas(32) uint16_t tail[16];
   for (; k < K; k += 16) {
-    const uint16_t* src = w + k;
-    if (k + 16 > K) {
-      std::memset(tail, 0, sizeof(tail));
-      std::memcpy(tail, w + k, (K - k) * 2);
-      src = tail;
-    }
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(padded(w, k, K, 16, tail)));
     a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(xe + k / 2), a0);
     a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hi)), _mm256_loadu_ps(xo + k / 2), a1);
   }
@@ -107,13 +109,8 @@ float dot_f16_avx2(const uint16_t* w, const float* x, int64_t K) {
   }
   alignas(16) uint16_t tail[8];
   for (; k < K; k += 8) {
-    const uint16_t* src = w + k;
-    if (k + 8 > K) {
-      std::memset(tail, 0, sizeof(tail));
-      std::memcpy(tail, w + k, (K - k) * 2);
-      src = tail;
-    }
-    a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))),
+    const auto* src = reinterpret_cast<const __m128i*>(padded(w, k, K, 8, tail));
+    a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(src)),
                          _mm256_loadu_ps(x + k), a0);
   }
   return sum8(_mm256_add_ps(a0, a1));
