@@ -174,3 +174,27 @@ def test_default_recipe_decodes_as_close_to_float32_as_the_reference_head(base, 
           for d in ("native", "reference")}
     print(f"mean KL against float32: {kl}")
     assert 0 < kl["native"] < 0.01 and kl["native"] <= kl["reference"] * 1.2, kl
+
+
+def test_a_bfloat16_mixture_runs_its_experts_on_the_kernel():
+    """A bfloat16 Qwen3-MoE whose experts are Linears of their own (models.moe.unstack_experts, as quantizing
+    leaves experts a recipe keeps): a decoded token runs every expert (ExpertList.dense's shapes); their gate/up
+    and down go to the kernel, and each step's logits stay within bfloat16 rounding of the model's own Linears."""
+    from lowbit.models.moe import unstack_experts
+    from test_architectures import _tiny_qwen3_moe
+    model = _tiny_qwen3_moe().bfloat16()
+    assert unstack_experts(model)
+    ids = torch.randint(3, 256, (1, 32), generator=torch.Generator().manual_seed(2))
+    engines = [Engine(model, compile=False, attention="reference", dense=d) for d in ("native", "reference")]
+    moe = [b for b in engines[0].decoder.blocks if b.experts_gate_up is not None]
+    assert moe, "no block runs its experts in the decoder"
+    for b in moe:
+        assert all(isinstance(m, NativeDense) for m in (*b.experts_gate_up.parts, *b.experts_down))
+    assert all(b.experts_down is None for b in engines[1].decoder.blocks)
+    # the mixture's own output for one token, each expert's part counted: within bfloat16 rounding of the reference
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    for native_block, block in zip(moe, [b for b in engines[1].decoder.blocks if b.experts_gate_up is not None]):
+        with torch.no_grad():
+            got, want = (b._moe(x, one_token=True).float() for b in (native_block, block))
+        assert (got - want).norm() <= 0.02 * want.norm(), ((got - want).norm(), want.norm())
+    assert_steps_close(engines, ids, 8)

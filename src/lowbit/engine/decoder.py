@@ -135,6 +135,7 @@ class DecoderBlock(nn.Module):
         self.experts = experts if isinstance(experts, ExpertList) else None
         self.router = None if self.experts is None else getattr(self.moe, names.moe_router)
         self.experts_gate_up = None
+        self.experts_down = None   # the experts' down projections as the decoder calls them (Decoder.dense)
         if self.experts is not None:
             # every expert's gate and up in one packed matmul ([n, E·2I]: g0 u0 g1 u1 ...): the decode step
             # runs all experts anyway, and one call instead of 2E removes most of the per-layer cost beyond
@@ -172,8 +173,9 @@ class DecoderBlock(nn.Module):
         gu = self.experts_gate_up(flat).view(n, E, 2, -1)
         mid = self.experts[0].act_fn(gu[:, :, 0]) * gu[:, :, 1]          # [n, E, I]
         out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            out = out + (expert.down_proj(mid[:, e]) * w[:, e, None]).to(out.dtype)
+        downs = self.experts_down or [expert.down_proj for expert in self.experts]
+        for e, down in enumerate(downs):
+            out = out + (down(mid[:, e]) * w[:, e, None]).to(out.dtype)
         return out
 
     def _heads(self, t, n):
@@ -284,8 +286,9 @@ class Decoder(nn.Module):
             self._native_dense(dtype)
 
     def _native_dense(self, dtype: torch.dtype) -> None:
-        """The decoder's own references to plain Linears in dtype (the lm_head, o, down, and the unfused parts
-        of q/k/v and gate/up) run through NativeDense; the model's modules are left as they are."""
+        """The decoder's own references to plain Linears in dtype (the lm_head, o, down, the unfused parts of q/k/v
+        and gate/up, and a mixture's experts where the decoder runs them itself) run through NativeDense; the
+        model's modules are left as they are."""
         def wrap(m):
             plain = type(m) is nn.Linear and m.weight.dtype == dtype
             return NativeDense(m) if plain else m
@@ -294,10 +297,12 @@ class Decoder(nn.Module):
             block.o = wrap(block.o)
             if block.moe is None:
                 block.down = wrap(block.down)
-            for fused in (block.qkv, getattr(block, "gate_up", None)):
+            for fused in (block.qkv, getattr(block, "gate_up", None), block.experts_gate_up):
                 if isinstance(fused, _Concat):
                     for i, m in enumerate(fused.parts):
                         fused.parts[i] = wrap(m)
+            if block.experts_gate_up is not None:   # the experts run by _experts_dense: their downs too
+                block.experts_down = nn.ModuleList(wrap(e.down_proj) for e in block.experts)
 
     def _activations(self) -> tuple[torch.dtype, torch.device]:
         """The hidden states' and the cache's dtype, and the compute device: the embedding's."""

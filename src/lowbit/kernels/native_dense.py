@@ -12,6 +12,8 @@ summation order, so results agree with the model's own forward to 16-bit roundin
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +37,7 @@ def unavailable(dtype: torch.dtype, device: torch.device) -> str | None:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) on the kernel where x has at most MAX_ROWS rows, through PyTorch beyond."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    rows = math.prod(x.shape[:-1])
     if rows > MAX_ROWS or weight.stride(-1) != 1:
         return F.linear(x, weight, bias)
     y = torch.ops.lowbit.dense16_linear(x.reshape(rows, x.shape[-1]), weight, bias)
