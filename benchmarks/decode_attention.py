@@ -16,13 +16,12 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from lowbit.eval import environment
-from lowbit.io.atomic import atomic_write_text
+from lowbit.eval.report import write_results
 from lowbit.kernels import native, native_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
@@ -75,19 +74,13 @@ def main() -> int:
                "torch_bf16_max_error": (theirs.double() - exact).abs().max().item()}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    lines = [f"{env['cpu']} ({env['cpu_features']}), {env['torch_threads']} threads, torch {env['torch']}", "",
-             "| cached positions | lowbit, bf16 cache (µs) | torch SDPA, bf16 (µs) | torch SDPA, fp32 copies (µs) | "
-             "bf16 / lowbit | max error: lowbit / torch bf16 |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['positions']} | {r['lowbit_bf16_us']:.1f} | {r['torch_bf16_us']:.1f} | "
-                     f"{r['torch_fp32_us']:.1f} | {r['torch_bf16_us'] / r['lowbit_bf16_us']:.1f}x | "
-                     f"{r['lowbit_max_error']:.1e} / {r['torch_bf16_max_error']:.1e} |")
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".md"), table + "\n")
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"machine": env, "rows": rows}, indent=2, default=str))
+    caption = f"{env['cpu']} ({env['cpu_features']}), {env['torch_threads']} threads, torch {env['torch']}"
+    headers = ["cached positions", "lowbit, bf16 cache (µs)", "torch SDPA, bf16 (µs)", "torch SDPA, fp32 copies (µs)",
+               "bf16 / lowbit", "max error: lowbit / torch bf16"]
+    cells = [[str(r["positions"]), f"{r['lowbit_bf16_us']:.1f}", f"{r['torch_bf16_us']:.1f}",
+              f"{r['torch_fp32_us']:.1f}", f"{r['torch_bf16_us'] / r['lowbit_bf16_us']:.1f}x",
+              f"{r['lowbit_max_error']:.1e} / {r['torch_bf16_max_error']:.1e}"] for r in rows]
+    print(write_results(args.out, rows, env, caption, headers, cells))
     return 0
 
 
