@@ -37,10 +37,11 @@ namespace {
 constexpr int64_t kMaxRows = 16;   // activation rows per call: a decode step's, not a prompt's
 
 inline float bf16_to_float(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &wide, 4);
-  return f;
+  return static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()));
+}
+
+inline float f16_to_float(uint16_t bits) {
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
 }
 
 inline uint16_t float_to_bf16(float f) {   // round to nearest even, NaN kept quiet (as c10::BFloat16 does)
@@ -162,9 +163,7 @@ float dot_f16_avx512(const uint16_t* w, const float* x, int64_t K) {
 float dot_f16_portable(const uint16_t* w, const float* x, int64_t K) {
   float s = 0.0f;
   for (int64_t k = 0; k < K; ++k) {
-    at::Half h;
-    std::memcpy(&h, w + k, 2);
-    s += static_cast<float>(h) * x[k];
+    s += f16_to_float(w[k]) * x[k];
   }
   return s;
 }
@@ -210,17 +209,13 @@ at::Tensor dense16_linear(const at::Tensor& x, const at::Tensor& weight, const s
       if (bf16) {
         (k % 2 ? xo : xe)[m * P / 2 + k / 2] = bf16_to_float(b);
       } else {
-        at::Half h;
-        std::memcpy(&h, &b, 2);
-        xp[m * P + k] = static_cast<float>(h);
+        xp[m * P + k] = f16_to_float(b);
       }
     }
   }
-  std::vector<float> bf(N, 0.0f);
-  if (bias.has_value()) {
-    const auto b = bias->to(at::kFloat).contiguous();
-    std::memcpy(bf.data(), b.const_data_ptr<float>(), N * 4);
-  }
+  // the bias widened once, where there is one (an lm_head has none: nothing to fill or add per call)
+  const auto bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* pb = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
   const auto* pw = reinterpret_cast<const uint16_t*>(weight.const_data_ptr());
   const int64_t ldw = weight.stride(0);
   auto* po = reinterpret_cast<uint16_t*>(out.data_ptr());
@@ -240,7 +235,7 @@ at::Tensor dense16_linear(const at::Tensor& x, const at::Tensor& weight, const s
           const float* xr = xp.data() + m * P;
           s = path == 2 ? dot_f16_avx512(w, xr, K) : path == 1 ? dot_f16_avx2(w, xr, K) : dot_f16_portable(w, xr, K);
         }
-        s += bf[n];
+        if (pb) s += pb[n];
         if (bf16) {
           po[m * N + n] = float_to_bf16(s);
         } else {
