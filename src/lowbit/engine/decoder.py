@@ -224,6 +224,19 @@ class DecoderBlock(nn.Module):
 ATTENTION = DENSE = ("auto", "native", "reference")
 
 
+def _check_choice(option: str, choice: str) -> None:
+    if choice not in ATTENTION:
+        raise LowbitError(f"unknown {option} {choice!r}; choose from {', '.join(ATTENTION)}")
+
+
+def _native_asked(option: str, choice: str, unavailable: str | None) -> bool:
+    """Whether a native kernel may run for `option` ("auto" or "native" where it is available); asking for
+    "native" where it is not is an error that says why."""
+    if choice == "native" and unavailable:
+        raise LowbitError(f"{option}='native' is not available here: {unavailable}")
+    return unavailable is None and choice != "reference"
+
+
 class Decoder(nn.Module):
     """The whole model as blocks over a static cache; `forward` returns the logits of the last position.
 
@@ -238,10 +251,8 @@ class Decoder(nn.Module):
                  kv_offload: bool = False, kv_key_group: int | None = None, attention: str = "auto",
                  dense: str = "auto"):
         super().__init__()
-        if attention not in ATTENTION:
-            raise LowbitError(f"unknown attention {attention!r}; choose from {', '.join(ATTENTION)}")
-        if dense not in DENSE:
-            raise LowbitError(f"unknown dense {dense!r}; choose from {', '.join(DENSE)}")
+        _check_choice("attention", attention)
+        _check_choice("dense", dense)
         self.kv_bits, self.kv_group_size, self.kv_offload = kv_bits, kv_group_size, kv_offload
         self.kv_key_group = kv_key_group
         config = model.config
@@ -272,17 +283,12 @@ class Decoder(nn.Module):
         self.rotary = get(arch.rotary)
         self.resize(max_len)
         dtype, device = self._activations()
-        reason = native_attention.unavailable(dtype, device)
-        if attention == "native" and reason:
-            raise LowbitError(f"attention='native' is not available here: {reason}")
-        use = reason is None and (attention == "native" or (
-            attention == "auto" and dtype in (torch.bfloat16, torch.float16)))
+        # the attention kernel takes float32 too, but auto leaves float32 caches to PyTorch's call (fast there)
+        use = _native_asked("attention", attention, native_attention.unavailable(dtype, device)) and (
+            attention == "native" or dtype in (torch.bfloat16, torch.float16))
         for block in self.blocks:
             block.native_attention = use
-        reason = native_dense.unavailable(dtype, device)
-        if dense == "native" and reason:
-            raise LowbitError(f"dense='native' is not available here: {reason}")
-        if dense != "reference" and reason is None:
+        if _native_asked("dense", dense, native_dense.unavailable(dtype, device)):
             self._native_dense(dtype)
 
     def _native_dense(self, dtype: torch.dtype) -> None:
