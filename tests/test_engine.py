@@ -38,8 +38,9 @@ def prompt_ids(tokenizer):
 
 
 # --- the default model: 64 greedy tokens identical to the reference, fp32, INT8 and INT4 -------------------
-# (bit-equal tests ask for the reference's attention: the default runs a 16-bit cache's decode attention on lowbit's
-# kernel, whose float32 arithmetic agrees to bfloat16 rounding; tests/test_decode_attention.py checks that one)
+# (bit-equal tests ask for the reference's attention and matmuls: by default a decoded token's attention over a
+# 16-bit cache and its 16-bit Linears run on lowbit's kernels, whose float32 arithmetic agrees to bfloat16 rounding;
+# tests/test_decode_attention.py and tests/test_native_dense.py check those)
 
 @pytest.mark.parametrize("scheme", ["fp32", "int8", "int4"])
 def test_default_model_tokens_match_reference(fresh, prompt_ids, scheme):
