@@ -598,18 +598,24 @@ def test_packed_codes_round_trip_and_sit_where_documented(bits):
     assert wq.dtype == torch.uint8 and wq.shape == (9, bits * 24)   # b bits per weight
     assert torch.equal(codes_of(wq, 192), codes.to(torch.int8))
     assert torch.equal(torch.ops.lowbit.int8_unpack(wq, 192, 0), codes.to(torch.int8))   # the portable loop
-    # row 4, column 64·2 + 37: (5-7 bits) its low nibble in byte 32·2 + 5's high half, bit 4 + j in mask j of
-    # chunk 2 after the K/2 nibble bytes; (2-3 bits) bit j in mask j of chunk 2 from the row's start
-    n, c, i = 4, 2, 37
+    # row 5, column 64·2 + 37: rows 4-7 are the second block of four, each row a step of S bytes per chunk of 64
+    # columns, so chunk 2 of row 5 starts at 4·R + (2·4 + 1)·S (R: the row's bytes); in it (5-7 bits) the low nibble
+    # in byte 5's high half, then bit 4 + j in mask j after the 32 nibble bytes; (2-3 bits) bit j in mask j
+    n, c, i = 5, 2, 37
     code = int(codes[n, 64 * c + i])
-    start, low = (96, 4) if bits > 4 else (0, 0)
-    if bits > 4:
-        assert (int(wq[n, 32 * c + i - 32]) >> 4) == code & 15
+    nibbles, low = (32, 4) if bits > 4 else (0, 0)
     count = bits - low
+    step = nibbles + 8 * count
+    at0 = 4 * wq.shape[1] + (c * 4 + 1) * step
+    flat = wq.reshape(-1)
+    if bits > 4:
+        assert (int(flat[at0 + i - 32]) >> 4) == code & 15
     for j in range(count):
-        at = start + (c * count + j) * 8
-        mask = int.from_bytes(bytes(wq[n, at: at + 8].tolist()), "little")
+        at = at0 + nibbles + j * 8
+        mask = int.from_bytes(bytes(flat[at: at + 8].tolist()), "little")
         assert (mask >> i) & 1 == (code >> (low + j)) & 1
+    # the last block holds the 9 % 4 = 1 remaining row, its chunks one after the other
+    assert torch.equal(codes_of(wq[8:].contiguous(), 192), codes[8:].to(torch.int8))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 5, 6, 7])

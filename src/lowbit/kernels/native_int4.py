@@ -62,35 +62,36 @@ def unpack_chunks(wpack: torch.Tensor) -> torch.Tensor:
     return torch.cat([b & 15, b >> 4], dim=2).reshape(n, half * 2)
 
 
-def to_row_blocks(t: torch.Tensor) -> torch.Tensor:
+def to_row_blocks(t: torch.Tensor, step: int = 64) -> torch.Tensor:
     """Rows [N, B] of bytes (B a multiple of 32) -> the same shape, stored in blocks of four rows: for each block,
     bytes 64c .. 64c + 63 of its rows one after the other, step by step, then a last step of 32 bytes of each row
     where B % 64 == 32; a last block of the N % 4 remaining rows alike. The layout the native decode loops read
-    (csrc/cpu_gemm.cpp, "Rows in blocks of four")."""
-    return _row_blocks(t, forward=True)
+    (csrc/cpu_gemm.cpp, "Rows in blocks of four"). `step`: steps of that many bytes instead of 64 (B a multiple
+    of it; native_int8's packed codes, a step per chunk of 64 columns)."""
+    return _row_blocks(t, step, forward=True)
 
 
-def from_row_blocks(t: torch.Tensor) -> torch.Tensor:
+def from_row_blocks(t: torch.Tensor, step: int = 64) -> torch.Tensor:
     """The inverse of to_row_blocks: the rows row-major again."""
-    return _row_blocks(t, forward=False)
+    return _row_blocks(t, step, forward=False)
 
 
-def _row_blocks(t: torch.Tensor, forward: bool) -> torch.Tensor:
+def _row_blocks(t: torch.Tensor, step: int, forward: bool) -> torch.Tensor:
     n, b = t.shape
-    full = b // 64 * 64                     # bytes in whole 64-byte steps; b − full is 0 or 32
+    full = b // step * step                 # bytes in whole steps; b − full is 0 or (steps of 64) 32
     out = torch.empty_like(t)
     for r0, r1 in ((0, n - n % 4), (n - n % 4, n)):   # whole blocks, then the last N % 4 rows
         per = min(4, r1 - r0)
         if per == 0:
             continue
         nb = (r1 - r0) // per
-        if forward:   # row-major [block, row, step, 64] -> [block, step, row, 64], then [block, row, last step]
+        if forward:   # row-major [block, row, step, S] -> [block, step, row, S], then [block, row, last step]
             rows = t[r0:r1].reshape(nb, per, b)
-            steps = rows[:, :, :full].reshape(nb, per, full // 64, 64).transpose(1, 2).reshape(nb, per * full)
+            steps = rows[:, :, :full].reshape(nb, per, full // step, step).transpose(1, 2).reshape(nb, per * full)
             out[r0:r1] = torch.cat([steps, rows[:, :, full:].reshape(nb, per * (b - full))], 1).reshape(-1, b)
         else:
             blocks = t[r0:r1].reshape(nb, per * b)
-            steps = blocks[:, :per * full].reshape(nb, full // 64, per, 64).transpose(1, 2).reshape(nb, per, full)
+            steps = blocks[:, :per * full].reshape(nb, full // step, per, step).transpose(1, 2).reshape(nb, per, full)
             out[r0:r1] = torch.cat([steps, blocks[:, per * full:].reshape(nb, per, b - full)], 2).reshape(-1, b)
     return out
 

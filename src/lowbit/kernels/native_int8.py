@@ -7,13 +7,14 @@ integer weights, and the GGUF types Q5_0, Q5_1, Q5_K and Q8_0 (codes that fit 4 
 
     resident: wq      int8 [N, K] — the codes, rows in blocks of four as native_int4's (to_row_blocks: the decode
                       loop streams one run of memory instead of four); codes of 5 to 7 bits (0 .. 2^b − 1, K a
-                      multiple of 64) packed to b bits instead, rows row-major: uint8 [N, K/2 + (b − 4)·K/8], per
-                      row the low nibbles in native_int4's chunked layout, then per chunk of 64 columns b − 4
-                      little-endian 64-bit masks, mask j holding bit 4 + j of each column's code; codes of 2 or 3
-                      bits (GGUF's Q2_K and Q3_K) likewise as uint8 [N, b·K/8], the masks alone, mask j holding bit
-                      j (`pack_codes`; the decode loop on int8 activations unpacks them in registers, the other
-                      paths 64 rows at a time into a buffer of the thread's, csrc/cpu_gemm.cpp); other codes widened
-                      to a byte,
+                      multiple of 64) packed to b bits instead: uint8 [N, K/2 + (b − 4)·K/8], each row a step of
+                      S = 32 + 8·(b − 4) bytes per chunk of 64 columns: the chunk's low nibbles in native_int4's
+                      chunked layout, then b − 4 little-endian 64-bit masks, mask j holding bit 4 + j of each
+                      column's code; codes of 2 or 3 bits (GGUF's Q2_K and Q3_K) likewise as uint8 [N, b·K/8],
+                      steps of S = 8·b bytes, the masks alone, mask j holding bit j; the rows of packed codes in
+                      blocks of four too, by steps of S (`pack_codes`; the decode loop on int8 activations unpacks
+                      them in registers, the other paths 64 rows at a time into a buffer of the thread's,
+                      csrc/cpu_gemm.cpp); other codes widened to a byte,
               kscales [N, G] — the group scales s (GGUF: the sub-block scales),
               offsets [N, G] — so that w = q · s − offset (integer formats: z · s); 16-bit where exact, as
                       native_int4 keeps them (resident_scales), and the k-quants' (Q2_K, Q3_K, Q5_K, Q6_K) as
@@ -46,10 +47,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     weights = (1 << torch.arange(64, dtype=torch.int64))                        # bit i <- column 64c + i
     planes = [((c.reshape(n, k // 64, 64) >> (low + j)) & 1) for j in range(bits - low)]
     masks = torch.stack([(p * weights).sum(-1) for p in planes], dim=2)         # [N, K/64, masks] int64
-    as_bytes = masks.reshape(n, -1).contiguous().view(torch.uint8).reshape(n, -1)   # little-endian 8 bytes each
-    if bits < 4:
-        return as_bytes.contiguous()
-    return torch.cat([pack_chunks(c & 15), as_bytes], dim=1).contiguous()
+    chunks = masks.contiguous().view(torch.uint8).reshape(n, k // 64, -1)       # little-endian 8 bytes each
+    if bits > 4:
+        chunks = torch.cat([pack_chunks(c & 15).reshape(n, k // 64, 32), chunks], dim=2)
+    return to_row_blocks(chunks.reshape(n, -1).contiguous(), step=chunks.shape[2])
 
 
 def codes_of(wq: torch.Tensor, k: int) -> torch.Tensor:

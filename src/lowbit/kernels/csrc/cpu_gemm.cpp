@@ -26,8 +26,8 @@
 // independent of the thread count: every output is summed by one thread in a fixed order).
 //
 // int8: wq int8 [N, K] (rows in blocks of four, as int4's), K a multiple of 32, groups as above (per channel: one
-// group of K); offsets z · s. Codes of 2-3 or 5-7 bits may instead be packed to their width (uint8 wq, rows
-// row-major; see "2-, 3- and 5- to 7-bit codes, packed" below).
+// group of K); offsets z · s. Codes of 2-3 or 5-7 bits may instead be packed to their width (uint8 wq, rows in
+// blocks of four by steps of one packed chunk; see "2-, 3- and 5- to 7-bit codes, packed" below).
 //
 // int4_gemm_q8 / int8_gemm_q8 (decode where the CPU has AVX-512 VNNI or AVX2, cpu_q8 tells which): the same
 // layouts, with the activations rounded to int8 per block and integer dot products (cpu_gemm_q8.inc documents the
@@ -71,7 +71,7 @@ struct Problem {
   const float* off;     // [N, G]
   float* y;             // [M, N]
   int64_t M, N, K, G, gs;
-  int bits = 0;         // int8 decode on int8 activations: 5-7-bit codes read packed from rows of row_bytes
+  int bits = 0;         // int8 decode on int8 activations: 2-3/5-7-bit codes read packed (rows of row_bytes)
   int64_t row_bytes = 0;
   int64_t row0 = 0;     // the weight row w starts at (a multiple of 4, see "Rows in blocks of four"): the last
                         // block's size is read from N − row0
@@ -79,11 +79,12 @@ struct Problem {
 };
 
 // ---- Rows in blocks of four --------------------------------------------------------------------------------------
-// Byte-wide weights (int4 wpack, int8 codes of a byte each; not the packed 2-3/5-7-bit codes) are resident in blocks
-// of four rows, each block stored step by step: bytes 0-63 of its row 0, of row 1, row 2, row 3, then bytes 64-127
-// of each, and so on; a last step of 32 bytes (int4 with K % 128 == 64, int8 with K % 64 == 32) likewise, 32 bytes
-// of each row. Where N % 4 != 0 the last block holds the N % 4 remaining rows the same way. The tensor keeps its
-// shape [N, row bytes]; within a row nothing moves (the int4 chunks stay as documented above).
+// Byte-wide weights (int4 wpack, int8 codes of a byte each) are resident in blocks of four rows, each block stored
+// step by step: bytes 0-63 of its row 0, of row 1, row 2, row 3, then bytes 64-127 of each, and so on; a last step
+// of 32 bytes (int4 with K % 128 == 64, int8 with K % 64 == 32) likewise, 32 bytes of each row. Where N % 4 != 0
+// the last block holds the N % 4 remaining rows the same way. The tensor keeps its shape [N, row bytes]; within a
+// row nothing moves (the int4 chunks stay as documented above). Packed 2-3/5-7-bit codes are stored the same way by
+// steps of their own width (see "2-, 3- and 5- to 7-bit codes, packed").
 // Why: the decode loops read four rows at once, 64 bytes of each per step; stored so, a thread reads one
 // sequential stream instead of four, 256 bytes apart per step. On an AMD EPYC Zen 4 (30 GB/s) whose hardware
 // prefetchers followed four streams poorly, the same loops read 1.3-2x faster (BENCHMARKS.md). llama.cpp's x86
@@ -320,12 +321,18 @@ void prefetch_scales(const Scales16& h, int64_t from, int64_t rows, int64_t G) {
 
 // ---- 2-, 3- and 5- to 7-bit codes, packed ------------------------------------------------------------------------
 // int8_gemm / int8_gemm_q8 also take codes of b = 2, 3, 5, 6 or 7 bits (values 0 .. 2^b − 1) packed to b bits each,
-// as a uint8 wq (lowbit.kernels.native_int8 writes it), K a multiple of 64:
-//   b = 5-7: [N, K/2 + (b − 4) · K/8]: each row holds its low nibbles in the int4 layout (K/2 bytes, chunks of 64
-//            columns; see above), then for each chunk c of 64 columns b − 4 masks of 8 bytes (little-endian
-//            64-bit): bit i of mask j is bit 4 + j of the code of column 64c + i;
-//   b = 2-3: [N, b · K/8]: no nibbles, only the masks: for each chunk c, b masks, bit i of mask j being bit j of
-//            the code of column 64c + i (GGUF's Q2_K and Q3_K, whose 16-column sub-blocks run here).
+// as a uint8 wq (lowbit.kernels.native_int8 writes it), K a multiple of 64. A row is K/64 steps of S bytes, one per
+// chunk c of 64 columns:
+//   b = 5-7: S = 32 + 8 · (b − 4): the chunk's low nibbles as the int4 layout holds them (byte j: column 64c + j in
+//            the low nibble, 64c + 32 + j in the high one), then b − 4 masks of 8 bytes (little-endian 64-bit):
+//            bit i of mask j is bit 4 + j of the code of column 64c + i;
+//   b = 2-3: S = 8 · b: the masks alone, bit i of mask j being bit j of the code of column 64c + i (GGUF's Q2_K
+//            and Q3_K, whose 16-column sub-blocks run here).
+// So wq is [N, S · K/64] = [N, K/2 + (b − 4) · K/8] or [N, b · K/8], and the rows are stored in blocks of four as
+// byte-wide codes are (see "Rows in blocks of four"), with steps of S bytes instead of 64: the S bytes of chunk 0
+// of each of the block's rows, then chunk 1 of each, and so on (packed_offset). Why: the decode loop reads four
+// rows' chunk c at once; laid out so, that is one run of 4 · S bytes, the same single stream as the byte-wide
+// layouts (where each row held its nibbles and then its masks, a four-row tile read eight streams).
 // The decode loop on int8 activations (cpu_gemm_q8.inc) rebuilds each step's 64 code bytes in registers
 // (packed_chunk); the other row loops and the dense path read bytes, each run of kWidenRows rows unpacked into a
 // buffer of the thread's (L2-resident: 64 rows of K bytes) just before it is computed, as 16-bit scales are
@@ -334,9 +341,16 @@ void prefetch_scales(const Scales16& h, int64_t from, int64_t rows, int64_t G) {
 // unsigned bytes they are, where byte codes are shifted by 128 and the shift taken back afterwards, so its float32
 // sums cancel less), while the resident bytes are the stored ones (b bits per weight, not 8).
 
-constexpr int plane_bit(int bits) { return bits > 4 ? 4 : 0; }          // the code bit held by a row's first mask
+constexpr int plane_bit(int bits) { return bits > 4 ? 4 : 0; }          // the code bit held by a chunk's first mask
 constexpr int plane_count(int bits) { return bits - plane_bit(bits); }  // masks per chunk of 64 columns
-constexpr int64_t planes_at(int64_t K, int bits) { return bits > 4 ? K / 2 : 0; }   // where a row's masks start
+constexpr int nibble_bytes(int bits) { return bits > 4 ? 32 : 0; }      // where a chunk's masks start
+constexpr int64_t packed_step(int bits) { return nibble_bytes(bits) + 8 * plane_count(bits); }   // S
+
+// The offset of chunk c of row r in a packed weight of `rows` rows of rb bytes, in blocks of four with steps of S.
+inline int64_t packed_offset(int64_t rows, int64_t rb, int64_t S, int64_t r, int64_t c) {
+  const int64_t r0 = r & ~int64_t(3), t = std::min<int64_t>(4, rows - r0);
+  return r0 * rb + (c * t + (r - r0)) * S;
+}
 
 inline int packed_bits(int64_t row_bytes, int64_t K) {   // b for a packed row of row_bytes, 0 where it is not one
   if (K % kChunk) return 0;
@@ -347,42 +361,38 @@ inline int packed_bits(int64_t row_bytes, int64_t K) {   // b for a packed row o
   return b >= 5 && b <= 7 ? static_cast<int>(b) : 0;
 }
 
-void unpack_row_portable(const uint8_t* src, int8_t* dst, int64_t K, int bits) {
-  const uint8_t* planes = src + planes_at(K, bits);
-  const int count = plane_count(bits), low = plane_bit(bits);
+// The 64 codes of one chunk (its S bytes at `chunk`) into dst, one byte each.
+void unpack_chunk_portable(const uint8_t* chunk, int8_t* dst, int bits) {
   if (bits > 4)
-    for (int64_t c = 0; c < K / kChunk; ++c)
-      for (int j = 0; j < 32; ++j) {
-        const uint8_t b = src[c * 32 + j];
-        dst[c * kChunk + j] = static_cast<int8_t>(b & 15);
-        dst[c * kChunk + 32 + j] = static_cast<int8_t>(b >> 4);
-      }
-  else
-    std::memset(dst, 0, static_cast<size_t>(K));
-  for (int64_t c = 0; c < K / kChunk; ++c)
-    for (int j = 0; j < count; ++j) {
-      uint64_t m;
-      std::memcpy(&m, planes + (c * count + j) * 8, 8);
-      for (int i = 0; i < 64; ++i)
-        dst[c * kChunk + i] = static_cast<int8_t>(dst[c * kChunk + i] | (((m >> i) & 1) << (low + j)));
+    for (int j = 0; j < 32; ++j) {
+      dst[j] = static_cast<int8_t>(chunk[j] & 15);
+      dst[32 + j] = static_cast<int8_t>(chunk[j] >> 4);
     }
+  else
+    std::memset(dst, 0, kChunk);
+  const int count = plane_count(bits), low = plane_bit(bits);
+  for (int j = 0; j < count; ++j) {
+    uint64_t m;
+    std::memcpy(&m, chunk + nibble_bytes(bits) + j * 8, 8);
+    for (int i = 0; i < 64; ++i) dst[i] = static_cast<int8_t>(dst[i] | (((m >> i) & 1) << (low + j)));
+  }
 }
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw")
-// The 64 code bytes of columns 64c .. 64c + 63 of a packed row: for 5-7 bits one 32-byte load gives the low
-// nibbles of both halves (for 2-3 bits they start at 0), then each mask adds its bit's value to its columns (those
-// bits are clear, so + is |).
-inline __m512i packed_chunk(const uint8_t* row, int64_t K, int64_t c, int bits) {
+// The 64 code bytes of one chunk (its S bytes at `chunk`): for 5-7 bits one 32-byte load gives the low nibbles of
+// both halves (for 2-3 bits they start at 0), then each mask adds its bit's value to its columns (those bits are
+// clear, so + is |).
+inline __m512i packed_chunk(const uint8_t* chunk, int bits) {
   __m512i v = _mm512_setzero_si512();
   if (bits > 4) {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 32));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk));
     const __m256i low = _mm256_set1_epi8(15);
     v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low)),
                            _mm256_and_si256(_mm256_srli_epi16(b, 4), low), 1);
   }
   const int count = plane_count(bits), low_bit = plane_bit(bits);
-  const uint8_t* planes = row + planes_at(K, bits) + c * count * 8;
+  const uint8_t* planes = chunk + nibble_bytes(bits);
   for (int j = 0; j < count; ++j) {
     uint64_t m;
     std::memcpy(&m, planes + j * 8, 8);
@@ -392,23 +402,37 @@ inline __m512i packed_chunk(const uint8_t* row, int64_t K, int64_t c, int bits) 
   return v;
 }
 
-void unpack_row_avx512(const uint8_t* src, int8_t* dst, int64_t K, int bits) {
-  for (int64_t c = 0; c < K / kChunk; ++c) _mm512_storeu_si512(dst + c * kChunk, packed_chunk(src, K, c, bits));
+void unpack_chunk_avx512(const uint8_t* chunk, int8_t* dst, int bits) {
+  _mm512_storeu_si512(dst, packed_chunk(chunk, bits));
 }
 #pragma GCC pop_options
 
-// `portable` forces the plain loop (for tests: the AVX-512 one is taken wherever the CPU has it)
-void unpack_rows(const uint8_t* src, int64_t row_bytes, int8_t* dst, int64_t rows, int64_t K, int bits,
-                 bool portable = false) {
+// Rows r0 .. r0 + count of a packed weight w of `rows` rows of rb bytes (as stored: blocks of four) unpacked to
+// row-major int8 [count, K] at dst; `portable` forces the plain loop (for tests: the AVX-512 one is taken wherever
+// the CPU has it).
+void unpack_rows(const uint8_t* w, int64_t rows, int64_t rb, int64_t r0, int64_t count, int8_t* dst, int64_t K,
+                 int bits, bool portable = false) {
   static const bool has_avx512 = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   }();
   const bool avx512 = has_avx512 && !portable;
-  for (int64_t r = 0; r < rows; ++r) {
-    if (avx512) unpack_row_avx512(src + r * row_bytes, dst + r * K, K, bits);
-    else unpack_row_portable(src + r * row_bytes, dst + r * K, K, bits);
-  }
+  const int64_t S = packed_step(bits);
+  for (int64_t r = r0; r < r0 + count; ++r)
+    for (int64_t c = 0; c < K / kChunk; ++c) {
+      const uint8_t* chunk = w + packed_offset(rows, rb, S, r, c);
+      int8_t* out = dst + (r - r0) * K + c * kChunk;
+      if (avx512) unpack_chunk_avx512(chunk, out, bits);
+      else unpack_chunk_portable(chunk, out, bits);
+    }
+}
+
+// Chunk c of row n + i of p's packed weight, in a tile of NR rows from row n (NR == 4 tiles are one whole block).
+template <int NR, int Bits>
+inline const uint8_t* packed_at(const Problem& p, int64_t n, int i, int64_t c) {
+  constexpr int64_t S = packed_step(Bits);
+  if constexpr (NR == 4) return p.w + n * p.row_bytes + (c * 4 + i) * S;
+  else return p.w + packed_offset(p.N - p.row0, p.row_bytes, S, n + i, c);
 }
 
 // fn(q, r0, r1, base) over rows n0..n1 of p: with float32 scales and the weight read as stored (`row_major` false)
@@ -435,7 +459,7 @@ void over_rows(const Problem& p, const Scales16& h, int64_t row_bytes, int64_t n
     q.y = p.y == nullptr ? nullptr : p.y + a;
     if (row_major) {
       uint8_t* dst = reinterpret_cast<uint8_t*>(codes.data());
-      if (bits != 0) unpack_rows(q.w, row_bytes, codes.data(), rows, p.K, bits);   // packed rows are row-major
+      if (bits != 0) unpack_rows(p.w, p.N - p.row0, row_bytes, a, rows, codes.data(), p.K, bits);
       else rows_from_blocks(p.w, p.N - p.row0, row_bytes, a, rows, dst);
       q.w = dst;
       q.blocked = false;
@@ -1200,7 +1224,7 @@ at::Tensor int8_unpack(const at::Tensor& wq, int64_t K, int64_t isa) {
   const uint8_t* src = w.data_ptr<uint8_t>();
   int8_t* dst = out.data_ptr<int8_t>();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    unpack_rows(src + n0 * row_bytes, row_bytes, dst + n0 * K, n1 - n0, K, bits, isa >= 0 && isa < 2);
+    unpack_rows(src, N, row_bytes, n0, n1 - n0, dst + n0 * K, K, bits, isa >= 0 && isa < 2);
   });
   return out;
 }
