@@ -1,10 +1,10 @@
 """A decode step's attention on the default model's shapes: lowbit's kernel against PyTorch's, per layer.
 
 One query per head (9 heads, 3 key/value heads, head dimension 64: SmolLM2-135M) over T cached positions, keys
-and values sliced from a cache as the engine reads them. Rows: lowbit's kernel (`lowbit::decode_attention`,
-kernels/native_attention.py) on a bfloat16 cache; PyTorch's scaled_dot_product_attention on the same bfloat16
-tensors (the reference's call, the engine's attention='reference'); and on float32 copies of them. Also the
-kernel's largest error against float64 math beside PyTorch's bfloat16 one.
+and values sliced from a cache as the engine reads them. Columns: lowbit's kernel (`lowbit::decode_attention`,
+kernels/native_attention.py) and PyTorch's scaled_dot_product_attention (the reference's call, the engine's
+attention='reference') on a bfloat16 cache, then both on a float32 cache of the same values (a model whose
+unquantized parts are float32, as a GGUF file loads). Also each one's largest error against float64 math.
 
     python benchmarks/decode_attention.py --out benchmarks/results/decode_attention   # about a minute
     python benchmarks/decode_attention.py --quick --out DIR                           # seconds
@@ -59,27 +59,36 @@ def main() -> int:
         cache_v = torch.randn(1, KV_HEADS, T + 64, HEAD_DIM).bfloat16()
         q = torch.randn(1, 1, HEADS, HEAD_DIM).bfloat16().transpose(1, 2)
         k, v = cache_k[:, :, :T], cache_v[:, :, :T]
-        kf, vf, qf = k.float(), v.float(), q.float()
+        cache_kf, cache_vf = cache_k.float(), cache_v.float()
+        kf, vf, qf = cache_kf[:, :, :T], cache_vf[:, :, :T], q.float()
         exact = native_attention.reference(q, k, v, scale)
         ours = native_attention.decode_attention(q, k, v, scale)
         theirs = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
-        ours_fn = lambda: native_attention.decode_attention(q, k, v, scale)   # noqa: E731
+        ours32 = native_attention.decode_attention(qf, kf, vf, scale)
+        theirs32 = F.scaled_dot_product_attention(qf, kf, vf, scale=scale, enable_gqa=True)
         row = {"positions": T,
-               "lowbit_bf16_us": time_us(ours_fn, calls, args.repeats),
+               "lowbit_bf16_us": time_us(lambda: native_attention.decode_attention(q, k, v, scale), calls, args.repeats),
                "torch_bf16_us": time_us(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True),
                                         calls, args.repeats),
+               "lowbit_fp32_us": time_us(lambda: native_attention.decode_attention(qf, kf, vf, scale), calls,
+                                         args.repeats),
                "torch_fp32_us": time_us(lambda: F.scaled_dot_product_attention(qf, kf, vf, scale=scale,
                                                                                 enable_gqa=True), calls, args.repeats),
                "lowbit_max_error": (ours.double() - exact).abs().max().item(),
-               "torch_bf16_max_error": (theirs.double() - exact).abs().max().item()}
+               "torch_bf16_max_error": (theirs.double() - exact).abs().max().item(),
+               "lowbit_fp32_max_error": (ours32.double() - exact).abs().max().item(),
+               "torch_fp32_max_error": (theirs32.double() - exact).abs().max().item()}
         rows.append(row)
         print(json.dumps(row), flush=True)
     caption = f"{env['cpu']} ({env['cpu_features']}), {env['torch_threads']} threads, torch {env['torch']}"
-    headers = ["cached positions", "lowbit, bf16 cache (µs)", "torch SDPA, bf16 (µs)", "torch SDPA, fp32 copies (µs)",
-               "bf16 / lowbit", "max error: lowbit / torch bf16"]
+    headers = ["cached positions", "lowbit, bf16 cache (µs)", "torch SDPA, bf16 (µs)", "bf16: torch / lowbit",
+               "lowbit, fp32 cache (µs)", "torch SDPA, fp32 (µs)", "fp32: torch / lowbit",
+               "max error, bf16: lowbit / torch", "max error, fp32: lowbit / torch"]
     cells = [[str(r["positions"]), f"{r['lowbit_bf16_us']:.1f}", f"{r['torch_bf16_us']:.1f}",
-              f"{r['torch_fp32_us']:.1f}", f"{r['torch_bf16_us'] / r['lowbit_bf16_us']:.1f}x",
-              f"{r['lowbit_max_error']:.1e} / {r['torch_bf16_max_error']:.1e}"] for r in rows]
+              f"{r['torch_bf16_us'] / r['lowbit_bf16_us']:.1f}x", f"{r['lowbit_fp32_us']:.1f}",
+              f"{r['torch_fp32_us']:.1f}", f"{r['torch_fp32_us'] / r['lowbit_fp32_us']:.1f}x",
+              f"{r['lowbit_max_error']:.1e} / {r['torch_bf16_max_error']:.1e}",
+              f"{r['lowbit_fp32_max_error']:.1e} / {r['torch_fp32_max_error']:.1e}"] for r in rows]
     print(write_results(args.out, rows, env, caption, headers, cells))
     return 0
 

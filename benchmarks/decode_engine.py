@@ -13,8 +13,8 @@ Same machine, same run, same model and prompt for every row:
     each of those very files as well (their blocks kept as stored: the same bytes on both engines).
 Each lowbit row also checks that its 64 greedy tokens equal transformers' generate on the same model: with the
 engine as timed, and with the reference's arithmetic (`Engine(attention="reference", dense="reference")`, eager):
-the timed engine runs a 16-bit cache's decode attention and a decoded token's matmuls with bfloat16 weights on
-lowbit's kernels, whose float32 arithmetic agrees with PyTorch's to bfloat16 rounding, so where the model is near
+the timed engine runs a decoded token's attention and its matmuls with bfloat16 weights on lowbit's kernels,
+whose float32 arithmetic agrees with PyTorch's to the model dtype's rounding, so where the model is near
 a tie between two tokens it may pick the other one. `--dense-reference` adds each row that keeps bfloat16
 weights (the bf16 model, the bf16 lm_heads) once more with PyTorch's matmuls for them.
 

@@ -14,9 +14,10 @@ from lowbit.kernels import native, native_attention
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="lowbit's native kernels are not built")
 
-SHAPES = [   # heads, key/value heads, cached positions, head dim
+SHAPES = [   # heads, key/value heads, cached positions, head dim (the kernel works in spans of 128 positions and
+    # sums 4 heads x 64 dimensions at a time: a span's edge, 129, 2049, more than 4 heads a group, 80 and 128 dims)
     (9, 3, 1, 64), (9, 3, 37, 64), (9, 3, 300, 64), (4, 4, 200, 96), (8, 1, 5, 250), (2, 1, 1000, 16),
-    (6, 2, 33, 72),
+    (6, 2, 33, 72), (9, 3, 128, 64), (9, 3, 129, 64), (9, 3, 2049, 64), (12, 1, 140, 80), (8, 2, 256, 128),
 ]
 
 
@@ -45,17 +46,18 @@ def test_kernel_matches_float64_attention_to_one_rounding(dtype, H, G, T, D):
     assert err.max() <= (theirs - want).abs().max() * 1.05 + 1e-6
 
 
-def test_kernel_result_does_not_depend_on_the_thread_count():
-    q, k, v = _case(9, 3, 400, 64, torch.bfloat16)
+@pytest.mark.parametrize("T,dtype", [(400, torch.bfloat16), (2000, torch.float32)])
+def test_kernel_result_does_not_depend_on_the_thread_count(T, dtype):
+    q, k, v = _case(9, 3, T, 64, dtype)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = native_attention.decode_attention(q, k, v, 0.125)
-        torch.set_num_threads(2)
-        two = native_attention.decode_attention(q, k, v, 0.125)
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(native_attention.decode_attention(q, k, v, 0.125))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, two)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
 def test_a_peaked_softmax_returns_the_winning_value_row():
@@ -83,11 +85,13 @@ def test_engine_attention_choice(base):
         Engine(_tiny_model("llama"), compile=False, attention="fast")
     with pytest.raises(LowbitError, match="not available here"):
         Engine(_tiny_model("llama").double(), compile=False, attention="native")
-    # auto: the kernel for a 16-bit cache; a float32 model keeps the reference's call (bit-equal to its forward)
+    # auto: the kernel for a 16-bit or float32 cache; float64 (which it does not take) and "reference" keep the
+    # model's own call, bit-equal to its forward
     assert all(b.native_attention for b in Engine(_tiny_model("llama").bfloat16(), compile=False).decoder.blocks)
-    assert not any(b.native_attention for b in Engine(_tiny_model("llama"), compile=False).decoder.blocks)
-    assert all(b.native_attention for b in Engine(_tiny_model("llama"), compile=False,
-                                                  attention="native").decoder.blocks)
+    assert all(b.native_attention for b in Engine(_tiny_model("llama"), compile=False).decoder.blocks)
+    assert not any(b.native_attention for b in Engine(_tiny_model("llama").double(), compile=False).decoder.blocks)
+    assert not any(b.native_attention for b in Engine(_tiny_model("llama"), compile=False,
+                                                      attention="reference").decoder.blocks)
 
 
 def mean_kl(engine, ids, truth, start):
@@ -137,6 +141,25 @@ def test_default_model_decodes_as_close_to_float32_as_the_reference_attention(ba
     reference_kl = mean_kl(Engine(model, compile=False, attention="reference", dense="reference"), ids, truth, 8)
     print(f"mean KL against float32: native {native_kl:.5f}, reference {reference_kl:.5f}")
     assert 0 < native_kl < 0.01 and native_kl <= reference_kl * 1.2, (native_kl, reference_kl)
+
+
+def test_a_float32_model_decodes_within_float32_rounding_of_the_reference_attention():
+    """auto takes the kernel for a float32 cache too: every teacher-forced step's logits within float32 sums of the
+    reference attention's (PyTorch's call), past two spans of 128 positions."""
+    from test_engine import _tiny_model
+    model = _tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 300), generator=torch.Generator().manual_seed(1))
+    engines = [Engine(model, compile=False), Engine(model, compile=False, attention="reference")]
+    assert engines[0].decoder.blocks[0].native_attention and not engines[1].decoder.blocks[0].native_attention
+    with torch.no_grad():
+        for e in engines:
+            e.reserve(ids.shape[1])
+            e.prefill(ids[:, :4])
+        worst = 0.0
+        for t in range(4, ids.shape[1]):
+            got, want = (e.decode(ids[:, t:t + 1], t)[0] for e in engines)
+            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+    assert 0 < worst < 1e-5, worst
 
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen3_moe"])

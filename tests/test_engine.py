@@ -38,8 +38,8 @@ def prompt_ids(tokenizer):
 
 
 # --- the default model: 64 greedy tokens identical to the reference, fp32, INT8 and INT4 -------------------
-# (bit-equal tests ask for the reference's attention and matmuls: by default a decoded token's attention over a
-# 16-bit cache and its 16-bit Linears run on lowbit's kernels, whose float32 arithmetic agrees to bfloat16 rounding;
+# (bit-equal tests ask for the reference's attention and matmuls: by default a decoded token's attention and its
+# 16-bit Linears run on lowbit's kernels, whose float32 arithmetic agrees to the model dtype's rounding;
 # tests/test_decode_attention.py and tests/test_native_dense.py check those)
 
 @pytest.mark.parametrize("scheme", ["fp32", "int8", "int4"])

@@ -103,7 +103,10 @@ def test_evaluate_reports_the_documented_keys(fresh, tokenizer, base):
 
 def test_generate_returns_text(fresh, tokenizer):
     q = quantized(fresh, 8, -1, True)
-    r = lowbit.generate(q, tokenizer, "The capital of France is", max_new_tokens=8, engine="eager")
+    # bit-equal to transformers' only with the reference's arithmetic: by default the attention runs lowbit's
+    # kernel, and this prompt's sixth token is a near-tie (two logits one bfloat16 step apart)
+    r = lowbit.generate(q, tokenizer, "The capital of France is", max_new_tokens=8, engine="eager",
+                        attention="reference", dense="reference")
     assert r["new_tokens"] >= 1 and isinstance(r["text"], str)
     ref = lowbit.generate(q, tokenizer, "The capital of France is", max_new_tokens=8, engine="hf")
     assert ref["engine"] == "hf" and ref["tokens"] == r["tokens"] and ref["text"] == r["text"]

@@ -686,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention", choices=["auto", "native", "reference"], default="auto",
                    help="a decoded token's attention: lowbit's CPU kernel (native: float32 arithmetic from the "
                         "cache), or the model's own call (reference: greedy tokens bit-identical to transformers'); "
-                        "auto (default): native for a 16-bit cache on a CPU")
+                        "auto (default): native on a CPU")
     g.add_argument("--dense", choices=["auto", "native", "reference"], default="auto",
                    help="a decoded token's matmuls with unquantized 16-bit weights (a bfloat16 lm_head, a bfloat16 "
                         "model's Linears): lowbit's CPU kernel (native: float32 sums of exact products), or the "

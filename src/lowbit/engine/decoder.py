@@ -243,9 +243,10 @@ class Decoder(nn.Module):
     attention: how a decoded token attends to the cache. "reference": the model's own call
     (scaled_dot_product_attention in the cache's dtype), bit-equal to the model's forward. "native": lowbit's CPU
     kernel (kernels.native_attention: float32 arithmetic from the cache's values, equal to the reference to the
-    dtype's rounding). "auto": native for a 16-bit cache on a CPU where the kernels are built (the reference
+    dtype's rounding). "auto": native on a CPU where the kernels are built (for a 16-bit cache the reference
     multiplies bfloat16 through MKL, whose reference code runs on AMD CPUs: 30% of a decode step of the default
-    model on an AMD EPYC), the reference otherwise (float32, GPUs). Prompts always run the reference's call."""
+    model on an AMD EPYC; for a float32 one it calls MKL's GEMV per head, 1.5-2x the kernel's time), the reference
+    otherwise (GPUs, float64). Prompts always run the reference's call."""
 
     def __init__(self, model: nn.Module, max_len: int, kv_bits: int | None = None, kv_group_size: int | None = None,
                  kv_offload: bool = False, kv_key_group: int | None = None, attention: str = "auto",
@@ -283,9 +284,7 @@ class Decoder(nn.Module):
         self.rotary = get(arch.rotary)
         self.resize(max_len)
         dtype, device = self._activations()
-        # the attention kernel takes float32 too, but auto leaves float32 caches to PyTorch's call (fast there)
-        use = _native_asked("attention", attention, native_attention.unavailable(dtype, device)) and (
-            attention == "native" or dtype in (torch.bfloat16, torch.float16))
+        use = _native_asked("attention", attention, native_attention.unavailable(dtype, device))
         for block in self.blocks:
             block.native_attention = use
         if _native_asked("dense", dense, native_dense.unavailable(dtype, device)):

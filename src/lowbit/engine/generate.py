@@ -101,8 +101,8 @@ class Engine:
     kv_key_group=G quantizes keys per channel over groups of G positions instead (KIVI; values stay per token),
     the newest incomplete group kept exact: engine.cache.ChannelKeyKVCache. "auto" (default): groups of
     KEY_GROUP positions for a 4-bit cache, per token otherwise; None: always per token.
-    attention="auto" (default) runs a decoded token's attention over a 16-bit cache on lowbit's CPU kernel
-    (float32 arithmetic: equal to the model's forward to bfloat16 rounding, where the rest is bit-equal);
+    attention="auto" (default) runs a decoded token's attention on lowbit's CPU kernel (float32 arithmetic from
+    the cache as stored: equal to the model's forward to the cache dtype's rounding, where the rest is bit-equal);
     "reference" keeps the model's own call, "native" asks for the kernel (engine.decoder.Decoder).
     dense="auto" (default) runs a decoded token's matmuls with unquantized 16-bit weights (a bfloat16 lm_head,
     a bfloat16 model's Linears) on lowbit's CPU kernel, equal to the model's forward to 16-bit rounding;

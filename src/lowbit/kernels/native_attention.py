@@ -3,11 +3,13 @@
     q [1, H, 1, D], keys / values [1, G, T, D] (H % G == 0, unit stride along D: a slice of the cache)
     -> [1, H, 1, D] in q's dtype; arithmetic in float32 from the stored values, rounded once at the end.
 
-The engine runs it for a decode step's attention over a 16-bit cache on a CPU (engine.decoder, `attention`): there
-PyTorch's attention multiplies bfloat16 through MKL, whose bfloat16 GEMM runs its reference code on CPUs it does not
-optimize for (AMD's), 7-12x this kernel's time at 100-2048 cached positions on an AMD EPYC Zen 4. It is not PyTorch's
-arithmetic (that rounds the softmax weights to bfloat16 before weighting the values), so its outputs agree with the
-model's own forward to bfloat16 rounding, not bit for bit; `reference` computes the same in float64, for tests.
+The engine runs it for a decode step's attention on a CPU (engine.decoder, `attention`): over a bfloat16 cache
+PyTorch's attention multiplies through MKL, whose bfloat16 GEMM runs its reference code on CPUs it does not optimize
+for (AMD's), 7-15x this kernel's time at 100-2048 cached positions on an AMD EPYC Zen 4; over a float32 cache it
+calls MKL's GEMV per head, 1.5-2x this kernel's time there. It is not PyTorch's arithmetic (that rounds the softmax
+weights to bfloat16 before weighting the values of a bfloat16 cache, and sums in another order), so its outputs
+agree with the model's own forward to the cache dtype's rounding, not bit for bit; `reference` computes the same in
+float64, for tests.
 """
 
 from __future__ import annotations

@@ -15,9 +15,11 @@
 // Arithmetic: float32 from the stored values (widening a 16-bit value is exact), the scores, their exponentials and
 // both sums in float32, the output rounded once to its dtype. PyTorch's bfloat16 kernel rounds the exponentials to
 // bfloat16 before the weighted sum of the values; this one does not, so it is the more exact of the two, and they
-// agree to bfloat16 rounding, not bit for bit. Each output is summed by one thread in a fixed order: the result
-// does not depend on the thread count. The scores run 16 keys at a time on AVX-512 (head dimensions a multiple of
-// 16), as plain loops elsewhere; the two add in different orders, so they agree to float32 rounding.
+// agree to bfloat16 rounding, not bit for bit. The positions are taken in spans of 128, each span's softmax sums
+// kept apart and then merged in order of position (see kSpan): every sum has a fixed order, so the result does not
+// depend on the thread count. The scores run 16 keys at a time and the weighted sums 4 heads x 64 dimensions at a
+// time on AVX-512 (head dimensions a multiple of 16), as plain loops elsewhere; the two add in different orders, so
+// they agree to float32 rounding.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -161,20 +163,102 @@ int64_t scores_avx512(const float* q, const T* keys, int64_t key_stride, int64_t
 }
 #pragma GCC pop_options
 
+// o[r][d] = Σ_t p[r][t] · v_td for the R heads of a group (p rows `ps` apart), in order of t, on AVX-512 (head
+// dimensions a multiple of 16): up to 4 heads x 64 dimensions at a time in 16 registers, each value row read once
+// for all of them (the portable weighted_sum reads it once per head and keeps o in memory).
+#pragma GCC push_options
+#pragma GCC target("avx512f,f16c")
 template <class T>
-void one_head(const T* q, const T* keys, int64_t key_stride, const T* values, int64_t value_stride, int64_t T_,
-              int64_t D, float scale, float* s, T* out) {
-  float qf[kMaxDim], o[kMaxDim];
-  for (int64_t d = 0; d < D; ++d) qf[d] = widen(q[d]);
+void weighted_sums_avx512(const float* p, int64_t ps, int64_t R, const T* values, int64_t value_stride, int64_t n,
+                          int64_t D, float* o) {
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    const int64_t nr = std::min<int64_t>(4, R - r0);
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      const int64_t nv = std::min<int64_t>(64, D - d0) / 16;
+      __m512 acc[4][4];
+      for (int r = 0; r < 4; ++r)
+        for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+      for (int64_t t = 0; t < n; ++t) {
+        const T* v = values + t * value_stride + d0;
+        __m512 vv[4];
+        for (int j = 0; j < 4; ++j) vv[j] = j < nv ? widen16(v + 16 * j) : _mm512_setzero_ps();
+        for (int r = 0; r < 4; ++r) {
+          if (r >= nr) break;
+          const __m512 w = _mm512_set1_ps(p[(r0 + r) * ps + t]);
+          for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(w, vv[j], acc[r][j]);
+        }
+      }
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t j = 0; j < nv; ++j) _mm512_storeu_ps(o + (r0 + r) * D + d0 + 16 * j, acc[r][j]);
+    }
+  }
+}
+#pragma GCC pop_options
+
+// Work is split into items of one key/value group and up to kSpan cached positions (the last item of a group may
+// hold fewer). An item computes, for each query head r of its group, over its positions only: m_r = the largest
+// score, l_r = Σ exp(s − m_r), o_r = Σ exp(s − m_r) · v; decode_attention then merges a head's items in order of
+// position (flash-decoding's split): M = max m, out = Σ exp(m − M) · o / Σ exp(m − M) · l.
+// Why: the query heads of a group (3 per key/value head in the default model) read the same keys and values, which
+// per head re-read the group's cache from memory (a 2048-position float32 cache of 3 MB outgrows the L2 caches);
+// per item they are read from memory once, the other heads finding them in cache, and long caches spread over the
+// threads even with fewer groups than threads. kSpan is fixed, never derived from the thread count, so the result
+// does not depend on it.
+constexpr int64_t kSpan = 128;
+
+struct Partials {   // per item (group g, span c, item = g · spans + c) and head r of the group: m, l, o[D]
+  float* base;
+  int64_t R, D;
+  float* m(int64_t item, int64_t r) const { return base + (item * R + r) * (D + 2); }
+  float* l(int64_t item, int64_t r) const { return m(item, r) + 1; }
+  float* o(int64_t item, int64_t r) const { return m(item, r) + 2; }
+};
+
+template <class T>
+void one_item(const float* qf, int64_t R, const T* keys, int64_t key_stride, const T* values, int64_t value_stride,
+              int64_t n, int64_t D, float scale, float* s, const Partials& out, int64_t item) {
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
-  const int64_t done = avx512 && D % 16 == 0 ? scores_avx512(qf, keys, key_stride, T_, D, scale, s) : 0;
-  scores(qf, keys + done * key_stride, key_stride, T_ - done, D, scale, s + done);
-  const float top = *std::max_element(s, s + T_);
-  for (int64_t t = 0; t < T_; ++t) s[t] -= top;
-  exp_nonpositive(s, T_);
+  const bool vec = avx512 && D % 16 == 0;
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = s + r * kSpan;
+    const int64_t done = vec ? scores_avx512(qf + r * D, keys, key_stride, n, D, scale, sr) : 0;
+    scores(qf + r * D, keys + done * key_stride, key_stride, n - done, D, scale, sr + done);
+    const float top = *std::max_element(sr, sr + n);
+    for (int64_t t = 0; t < n; ++t) sr[t] -= top;
+    exp_nonpositive(sr, n);
+    float total = 0.0f;
+    for (int64_t t = 0; t < n; ++t) total += sr[t];
+    *out.m(item, r) = top;
+    *out.l(item, r) = total;
+    if (!vec) weighted_sum(sr, values, value_stride, n, D, out.o(item, r));
+  }
+  if (vec) {   // the R heads' sums in one pass over the values, into o (consecutive per head: stride D + 2)
+    thread_local std::vector<float> o;
+    o.resize(static_cast<size_t>(R * D));
+    weighted_sums_avx512(s, kSpan, R, values, value_stride, n, D, o.data());
+    for (int64_t r = 0; r < R; ++r) std::copy(o.data() + r * D, o.data() + (r + 1) * D, out.o(item, r));
+  }
+}
+
+// Head r of group g from its items' partials, in order of position.
+template <class T>
+void merge_head(const Partials& part, int64_t g, int64_t spans, int64_t r, int64_t D, T* out) {
+  float w[kMaxDim], o[kMaxDim];
+  float top = -INFINITY;
+  for (int64_t c = 0; c < spans; ++c) top = std::max(top, *part.m(g * spans + c, r));
+  std::fill(o, o + D, 0.0f);
   float total = 0.0f;
-  for (int64_t t = 0; t < T_; ++t) total += s[t];
-  weighted_sum(s, values, value_stride, T_, D, o);
+  for (int64_t c0 = 0; c0 < spans; c0 += kMaxDim) {   // the items' weights exp(m − M), kMaxDim at a time
+    const int64_t nc = std::min<int64_t>(kMaxDim, spans - c0);
+    for (int64_t c = 0; c < nc; ++c) w[c] = *part.m(g * spans + c0 + c, r) - top;
+    exp_nonpositive(w, nc);
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t item = g * spans + c0 + c;
+      total += w[c] * *part.l(item, r);
+      const float* oc = part.o(item, r);
+      for (int64_t d = 0; d < D; ++d) o[d] += w[c] * oc[d];
+    }
+  }
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(o[d] / total);
 }
 
@@ -196,22 +280,34 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   TORCH_CHECK(q.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1,
               "decode_attention: the head dimension must be contiguous");
   auto out = at::empty({1, H, 1, D}, q.options());
-  const int64_t per_group = H / G;
-  // a chunk of heads per thread holds at least ~16K multiply-adds: fewer are not worth a thread's hand-off
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, T_ * D));
+  const int64_t R = H / G, spans = (T_ + kSpan - 1) / kSpan, items = G * spans;
+  std::vector<float> partials(static_cast<size_t>(items * R * (D + 2)));
+  const Partials part{partials.data(), R, D};
+  // a run of items per thread holds at least ~16K multiply-adds: fewer are not worth a thread's hand-off
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, R * std::min(T_, kSpan) * D));
   const auto run = [&](auto zero) {
     using T = decltype(zero);
     const T* pq = reinterpret_cast<const T*>(q.const_data_ptr());
     const T* pk = reinterpret_cast<const T*>(keys.const_data_ptr());
     const T* pv = reinterpret_cast<const T*>(values.const_data_ptr());
     T* po = reinterpret_cast<T*>(out.data_ptr());
-    at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
-      std::vector<float> s(T_);
-      for (int64_t h = h0; h < h1; ++h) {
-        const int64_t g = h / per_group;
-        one_head(pq + h * q.stride(1), pk + g * keys.stride(1), keys.stride(2), pv + g * values.stride(1),
-                 values.stride(2), T_, D, static_cast<float>(scale), s.data(), po + h * D);
+    at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+      std::vector<float> s(static_cast<size_t>(R * kSpan)), qf(static_cast<size_t>(R * D));
+      int64_t widened = -1;   // the group whose queries qf holds
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t g = item / spans, t0 = (item % spans) * kSpan, n = std::min(kSpan, T_ - t0);
+        if (g != widened) {
+          for (int64_t r = 0; r < R; ++r)
+            for (int64_t d = 0; d < D; ++d) qf[r * D + d] = widen(pq[(g * R + r) * q.stride(1) + d]);
+          widened = g;
+        }
+        one_item(qf.data(), R, pk + g * keys.stride(1) + t0 * keys.stride(2), keys.stride(2),
+                 pv + g * values.stride(1) + t0 * values.stride(2), values.stride(2), n, D,
+                 static_cast<float>(scale), s.data(), part, item);
       }
+    });
+    at::parallel_for(0, H, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, spans * D)), [&](int64_t h0, int64_t h1) {
+      for (int64_t h = h0; h < h1; ++h) merge_head(part, h / R, spans, h % R, D, po + h * D);
     });
   };
   switch (q.scalar_type()) {
