@@ -156,7 +156,13 @@ def test_search_dtype_auto(monkeypatch):
     assert blockwise.search_dtype("auto", torch.zeros(1, dtype=torch.bfloat16)) == torch.bfloat16  # the model's own
     assert blockwise.search_dtype("float32", torch.zeros(1)) == torch.float32
     monkeypatch.setattr(blockwise, "half_matrix_unit", lambda: False)   # float16 emulated: several times slower
+    monkeypatch.setattr(blockwise, "bf16_matrix_unit", lambda: False)
     assert blockwise.search_dtype("auto", torch.zeros(1)) == torch.float32
+    assert blockwise.search_dtype("auto", torch.zeros(1), "bfloat16") == torch.float32   # AVX512-BF16: exact there
+    monkeypatch.setattr(blockwise, "bf16_matrix_unit", lambda: True)   # AMX-BF16: the products round already
+    assert blockwise.search_dtype("auto", torch.zeros(1), "bfloat16") == torch.bfloat16
+    assert blockwise.search_dtype("auto", torch.zeros(1), "float32") == torch.float32      # matmul=float32 asked
+    assert blockwise.search_dtype("float32", torch.zeros(1), "bfloat16") == torch.float32
 
 
 def test_awq_search_dtype_is_validated():

@@ -496,7 +496,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help=f"calibration windows used in the scale search ({AWQ.search_samples})")
     a.add_argument("--awq-search-dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
                    help=f"precision of the scale search's forwards ({AWQ.search_dtype}: float16 where the CPU "
-                        "multiplies it natively, else float32)")
+                        "multiplies it natively, else bfloat16 where its products are bfloat16 on AMX, else "
+                        "float32)")
     a.add_argument("--no-clip", dest="clip", action="store_const", const=False, default=None,
                    help="skip the clipping search")
     r = p.add_argument_group("learned (learned rounding per block)")

@@ -216,7 +216,8 @@ class AWQ(IntWeightConfig):
     calibrates: ClassVar[bool] = True
     n_grid: int = 20               # grid points of the scale search and of the clip search
     search_samples: int = 4        # calibration windows used to score the scale search
-    search_dtype: str = "auto"     # the scale search's forwards: auto (float16 where native, else float32), float32,
+    search_dtype: str = "auto"     # the scale search's forwards: auto (float16 where native, else bfloat16 where
+                                   # the products are bfloat16 on AMX, else float32: blockwise.search_dtype), float32,
                                    # float16 or bfloat16 (llm-awq and AutoAWQ search in the model's half precision)
     clip: bool = True              # search a clipping range per group after scaling
     # the capture pass's and the scale search's float32 products (lowbit.products), as GPTQ.matmul (1.5x faster

@@ -128,6 +128,19 @@ def bf16_dot_unit() -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=1)
+def bf16_matrix_unit() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in a matrix unit (AMX-BF16 tiles), as torch's CPU-feature
+    probe reports it. There oneDNN's "bfloat16 products" of float32 matrices round their inputs to bfloat16; with
+    AVX512-BF16 alone it serves them with its float32 kernel (BENCHMARKS.md)."""
+    import torch
+    probe = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
 def memory_bandwidth(mib: int = 512, repeats: int = 7) -> dict:
     """Median GB/s of a large tensor copy (bytes read + bytes written) and of a sum (bytes read), with the
     threads torch uses."""
