@@ -118,16 +118,24 @@ def float32_truth(model, base, ids) -> torch.Tensor:
         return exact(ids).logits[0].float().log_softmax(-1)
 
 
-def assert_steps_close(engines, ids, start: int) -> None:
-    """Teacher-forced from position `start`: each decoded token's logits of the first engine within bfloat16
-    rounding of the second's (5% of the largest logit)."""
+def teacher_forced_steps(engines, ids, start: int):
+    """Both engines prefilled with ids[:start], then fed ids one position at a time: yields (t, first engine's
+    logits, second's) for each decoded position t."""
     with torch.no_grad():
         for e in engines:
             e.reserve(ids.shape[1])
             e.prefill(ids[:, :start])
         for t in range(start, ids.shape[1]):
-            got, want = (e.decode(ids[:, t:t + 1], t)[0].float() for e in engines)
-            assert (got - want).abs().max() <= 0.05 * want.abs().max() + 0.05, t
+            got, want = (e.decode(ids[:, t:t + 1], t)[0] for e in engines)
+            yield t, got, want
+
+
+def assert_steps_close(engines, ids, start: int) -> None:
+    """Teacher-forced from position `start`: each decoded token's logits of the first engine within bfloat16
+    rounding of the second's (5% of the largest logit)."""
+    for t, got, want in teacher_forced_steps(engines, ids, start):
+        got, want = got.float(), want.float()
+        assert (got - want).abs().max() <= 0.05 * want.abs().max() + 0.05, t
 
 
 def test_default_model_decodes_as_close_to_float32_as_the_reference_attention(base, eval_ids):
@@ -151,14 +159,8 @@ def test_a_float32_model_decodes_within_float32_rounding_of_the_reference_attent
     ids = torch.randint(3, 256, (1, 300), generator=torch.Generator().manual_seed(1))
     engines = [Engine(model, compile=False), Engine(model, compile=False, attention="reference")]
     assert engines[0].decoder.blocks[0].native_attention and not engines[1].decoder.blocks[0].native_attention
-    with torch.no_grad():
-        for e in engines:
-            e.reserve(ids.shape[1])
-            e.prefill(ids[:, :4])
-        worst = 0.0
-        for t in range(4, ids.shape[1]):
-            got, want = (e.decode(ids[:, t:t + 1], t)[0] for e in engines)
-            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+    worst = max(((got - want).abs().max() / want.abs().max()).item()
+                for _t, got, want in teacher_forced_steps(engines, ids, 4))
     assert 0 < worst < 1e-5, worst
 
 

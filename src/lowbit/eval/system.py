@@ -104,12 +104,7 @@ def cpu_vendor() -> str:
 def half_matrix_unit() -> bool:
     """Whether this CPU multiplies float16 matrices in a matrix unit (AMX-FP16: about 10x its float32 rate on
     2 cores of an Intel Xeon with AMX, measured), as torch's CPU-feature probe reports it."""
-    import torch
-    probe = getattr(getattr(torch, "cpu", None), "_is_amx_fp16_supported", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
-        return False
+    return _torch_cpu_reports("_is_amx_fp16_supported")
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,15 +112,7 @@ def bf16_dot_unit() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 dot products or AMX-BF16 tiles), as torch's
     CPU-feature probes report it: there oneDNN's bfloat16 products run at about 4x the float32 rate (2 cores of
     an AMD EPYC with AVX512-BF16: 914 against 206 GFLOP/s, measured)."""
-    import torch
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        try:
-            if getattr(cpu, probe, lambda: False)():
-                return True
-        except RuntimeError:
-            pass
-    return False
+    return _torch_cpu_reports("_is_avx512_bf16_supported") or bf16_matrix_unit()
 
 
 @functools.lru_cache(maxsize=1)
@@ -133,10 +120,16 @@ def bf16_matrix_unit() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in a matrix unit (AMX-BF16 tiles), as torch's CPU-feature
     probe reports it. There oneDNN's "bfloat16 products" of float32 matrices round their inputs to bfloat16; with
     AVX512-BF16 alone it serves them with its float32 kernel (BENCHMARKS.md)."""
+    return _torch_cpu_reports("_is_amx_tile_supported")
+
+
+def _torch_cpu_reports(probe: str) -> bool:
+    """What torch's CPU-feature probe `probe` (torch.cpu._is_..._supported) says; False where this torch has no
+    such probe or it fails."""
     import torch
-    probe = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
+    fn = getattr(getattr(torch, "cpu", None), probe, None)
     try:
-        return bool(probe()) if probe is not None else False
+        return bool(fn()) if fn is not None else False
     except RuntimeError:
         return False
 

@@ -163,14 +163,14 @@ int64_t scores_avx512(const float* q, const T* keys, int64_t key_stride, int64_t
 }
 #pragma GCC pop_options
 
-// o[r][d] = Σ_t p[r][t] · v_td for the R heads of a group (p rows `ps` apart), in order of t, on AVX-512 (head
-// dimensions a multiple of 16): up to 4 heads x 64 dimensions at a time in 16 registers, each value row read once
+// o[r][d] = Σ_t p[r][t] · v_td for the R heads of a group (p rows `ps` apart, o rows `os` apart), in order of t,
+// on AVX-512 (head dimensions a multiple of 16): up to 4 heads x 64 dimensions at a time in 16 registers, each value row read once
 // for all of them (the portable weighted_sum reads it once per head and keeps o in memory).
 #pragma GCC push_options
 #pragma GCC target("avx512f,f16c")
 template <class T>
 void weighted_sums_avx512(const float* p, int64_t ps, int64_t R, const T* values, int64_t value_stride, int64_t n,
-                          int64_t D, float* o) {
+                          int64_t D, float* o, int64_t os) {
   for (int64_t r0 = 0; r0 < R; r0 += 4) {
     const int64_t nr = std::min<int64_t>(4, R - r0);
     for (int64_t d0 = 0; d0 < D; d0 += 64) {
@@ -189,7 +189,7 @@ void weighted_sums_avx512(const float* p, int64_t ps, int64_t R, const T* values
         }
       }
       for (int64_t r = 0; r < nr; ++r)
-        for (int64_t j = 0; j < nv; ++j) _mm512_storeu_ps(o + (r0 + r) * D + d0 + 16 * j, acc[r][j]);
+        for (int64_t j = 0; j < nv; ++j) _mm512_storeu_ps(o + (r0 + r) * os + d0 + 16 * j, acc[r][j]);
     }
   }
 }
@@ -232,12 +232,8 @@ void one_item(const float* qf, int64_t R, const T* keys, int64_t key_stride, con
     *out.l(item, r) = total;
     if (!vec) weighted_sum(sr, values, value_stride, n, D, out.o(item, r));
   }
-  if (vec) {   // the R heads' sums in one pass over the values, into o (consecutive per head: stride D + 2)
-    thread_local std::vector<float> o;
-    o.resize(static_cast<size_t>(R * D));
-    weighted_sums_avx512(s, kSpan, R, values, value_stride, n, D, o.data());
-    for (int64_t r = 0; r < R; ++r) std::copy(o.data() + r * D, o.data() + (r + 1) * D, out.o(item, r));
-  }
+  if (vec)   // the R heads' sums in one pass over the values, straight into their o (D + 2 floats apart)
+    weighted_sums_avx512(s, kSpan, R, values, value_stride, n, D, out.o(item, 0), D + 2);
 }
 
 // Head r of group g from its items' partials, in order of position.

@@ -7,7 +7,8 @@
 //
 // Why a kernel of our own: at M = 1 the matmul only streams the weight, and PyTorch's 16-bit CPU matmuls do not
 // stream it at memory speed on every CPU (the default model's bfloat16 lm_head, 57 MB: 5.5-6.5 ms per token on an
-// AMD EPYC Zen 4 whose memory reads 27-30 GB/s, 1.9 ms here; BENCHMARKS.md, "A decoded token's bfloat16 matmuls").
+// AMD EPYC Zen 4 whose memory reads 27-30 GB/s, 1.9 ms with this kernel; BENCHMARKS.md, "A decoded token's
+// bfloat16 matmuls").
 //
 // Arithmetic: each product of two 16-bit values is exact in float32 (8 or 11 significant bits each); the sums are
 // float32, the bias added in float32, the output rounded once. So the result equals PyTorch's to 16-bit rounding,
