@@ -274,6 +274,30 @@ def test_dequantize_equals_the_python_formula_bit_for_bit():
         assert torch.allclose(want, qt.dequantize(torch.float32), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("n,k,group", [(42, 192, 32), (133, 576, 64), (7, 192, 96), (66, 384, 128), (5, 128, 32)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_by_table_equals_the_formula_bit_for_bit(n, k, group, scale_dtype):
+    """The dense path's dequantization (a group's 16 values made once, each code looking its value up) against
+    q · s − offset in float32 rounded once: rows past a multiple of four (the stored layout's last block), a last
+    half step (K % 128 == 64), groups of 32, of 96 (chunks straddling two groups) and of whole chunks, 16-bit
+    scales widened per run of 64 rows; a NaN scale gives NaN where the formula does."""
+    g = torch.Generator().manual_seed(n * k + group)
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    s = (torch.rand(n, k // group, generator=g) * 0.1 + 1e-3).to(scale_dtype)
+    off = (torch.randn(n, k // group, generator=g) * 0.05).to(scale_dtype)
+    wpack = packed4(codes)
+    for nan in (False, True):
+        if nan:
+            s[n // 2, -1] = float("nan")
+        want = codes.float() * s.float().repeat_interleave(group, 1) - off.float().repeat_interleave(group, 1)
+        for dtype, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
+            got = torch.ops.lowbit.int4_dequant(wpack, s, off, group, dtype)
+            if nan:
+                torch.testing.assert_close(got, want.to(dtype), rtol=0, atol=0, equal_nan=True)
+            else:
+                assert torch.equal(got.view(bits), want.to(dtype).view(bits)), dtype
+
+
 def test_dense_prefill_path_equals_a_dense_matmul_across_tiles():
     """Many rows: the weight is dequantized a tile of rows at a time (here 5000 rows of 576: two tiles)."""
     qt = quantize_rtn(torch.randn(5000, 576), IntSpec(4, 64, False))

@@ -89,9 +89,10 @@ struct Problem {
 // sequential stream instead of four, 256 bytes apart per step. On an AMD EPYC Zen 4 (30 GB/s) whose hardware
 // prefetchers followed four streams poorly, the same loops read 1.3-2x faster (BENCHMARKS.md). llama.cpp's x86
 // repacking of Q4_0 (rows interleaved by eight) is the same idea.
-// The decode loops read this layout directly (step_at in the .inc files, byte_at in cpu_gemm_tiles.inc); the
-// dense paths (dequantizing for prefill) copy a run of rows back to row-major into the thread's buffer first
-// (over_rows), as packed codes are unpacked.
+// The decode loops read this layout directly (step_at in the .inc files, byte_at in cpu_gemm_tiles.inc), and so
+// does the AVX-512 int4 dequantization of the dense path (RowChunks); the other dense paths (dequantizing for
+// prefill) copy a run of rows back to row-major into the thread's buffer first (over_rows), as packed codes are
+// unpacked.
 
 // The offset of byte j of row r in a weight of `rows` rows of rb bytes each, stored as above.
 inline int64_t block_offset(int64_t rows, int64_t rb, int64_t r, int64_t j) {
@@ -594,31 +595,98 @@ namespace avx512 {
 #undef XROW
 #undef CODE_BIAS
 
-// 16 columns of a 32-byte int4 chunk as float32 values q · s − offset (high: the high nibbles).
-inline __m512 dequant16(const uint8_t* bytes, bool high, float s, float off) {
-  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-  const __m512i q = high ? _mm512_srli_epi32(v, 4) : _mm512_and_si512(v, _mm512_set1_epi32(15));
-  return _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(s)), _mm512_set1_ps(off));
+// The dense path's int4 dequantization, by table: a group's 16 values q · s − offset (q = 0..15) are computed
+// once per group in float32, a product then a difference as the scalar formula computes them, and each code picks
+// its value with one permute (16 lanes of float32, or 32 of bfloat16), so the result is the formula's bit
+// for bit. The weight is read as stored (blocks of four rows, or row-major where !p.blocked), not copied first.
+// Measured (Intel Xeon with AMX, 2 threads, BENCHMARKS.md): the prefill op on a 1536x576 weight at one row of
+// activations (the dequantization, mostly) 167-171 µs computing every value (conversion, product, difference, a
+// call per 16 values to round them) from codes first copied to row-major, 112-119 µs so.
+inline __m512 group_values(float s, float off) {
+  const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_sub_ps(_mm512_mul_ps(q, _mm512_set1_ps(s)), _mm512_set1_ps(off));
 }
 
-// Rows n0..n1 of the dequantized weight; Store(out + k, values) writes 16 columns.
-template <class Store>
-inline void dequant_rows(const Problem& p, int64_t n0, int64_t n1, Store store) {
+// The 32-byte chunks of one row of an int4 weight as stored, without a division per chunk (see "Rows in blocks of
+// four"): chunk c is in step c / 2, at lane · 64 + (c % 2) · 32 within it, or at lane · 32 in a last 32-byte step.
+struct RowChunks {
+  const uint8_t* base;
+  int64_t step, lane, full;   // full: the chunks in whole 64-byte steps
+  const uint8_t* at(int64_t c) const { return base + (c >> 1) * step + (c < full ? lane * 64 + (c & 1) * 32 : lane * 32); }
+};
+
+inline RowChunks row_chunks(const Problem& p, int64_t n) {
+  const int64_t rb = p.K / 2;
+  if (!p.blocked) return {p.w + n * rb, 64, 0, rb / 64 * 2};
+  const int64_t r0 = n & ~int64_t(3);
+  return {p.w + r0 * rb, 64 * std::min<int64_t>(4, p.N - p.row0 - r0), n - r0, rb / 64 * 2};
+}
+
+// Rows n0..n1: for each 32-byte chunk c of row n, emit(n · K + 64c, chunk, low table, high table), the tables
+// make(group_values(...)) of the groups of the chunk's low and high halves (different only for groups of 32, or
+// of an odd multiple of 32), made once per group where groups are whole chunks.
+template <class Table, class Make, class Emit>
+inline void dequant_rows(const Problem& p, int64_t n0, int64_t n1, Make make, Emit emit) {
+  const int64_t chunks = p.K / kChunk, per = p.gs / kChunk;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* w = p.w + n * (p.K / 2);
+    const RowChunks rc = row_chunks(p, n);
     const float *s = p.s + n * p.G, *off = p.off + n * p.G;
-    for (int64_t c = 0; c < p.K / kChunk; ++c) {
-      const int64_t glo = (c * kChunk) / p.gs, ghi = (c * kChunk + 32) / p.gs;
-      for (int j = 0; j < 32; j += 16) {
-        store(n * p.K + c * kChunk + j, dequant16(w + c * 32 + j, false, s[glo], off[glo]));
-        store(n * p.K + c * kChunk + 32 + j, dequant16(w + c * 32 + j, true, s[ghi], off[ghi]));
+    if (p.gs % kChunk == 0) {
+      for (int64_t g = 0, c = 0; g < p.G; ++g) {
+        const Table t = make(group_values(s[g], off[g]));
+        for (const int64_t end = c + per; c < end; ++c) emit(n * p.K + c * kChunk, rc.at(c), t, t);
+      }
+    } else if (p.gs == 32) {
+      for (int64_t c = 0; c < chunks; ++c)
+        emit(n * p.K + c * kChunk, rc.at(c), make(group_values(s[2 * c], off[2 * c])),
+             make(group_values(s[2 * c + 1], off[2 * c + 1])));
+    } else {
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t glo = (c * kChunk) / p.gs, ghi = (c * kChunk + 32) / p.gs;
+        emit(n * p.K + c * kChunk, rc.at(c), make(group_values(s[glo], off[glo])),
+             make(group_values(s[ghi], off[ghi])));
       }
     }
   }
 }
 
+// vpermps reads the low 4 bits of each lane: a byte's low nibble indexes the table as it is
 void dequant_f32(const Problem& p, float* out, int64_t n0, int64_t n1) {
-  dequant_rows(p, n0, n1, [out](int64_t i, __m512 v) { _mm512_storeu_ps(out + i, v); });
+  dequant_rows<__m512>(p, n0, n1, [](__m512 v) { return v; },
+                       [out](int64_t i, const uint8_t* bytes, __m512 lo, __m512 hi) {
+    for (int j = 0; j < 32; j += 16) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + j)));
+      _mm512_storeu_ps(out + i + j, _mm512_permutexvar_ps(v, lo));
+      _mm512_storeu_ps(out + i + 32 + j, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), hi));
+    }
+  });
+}
+
+// 16 float32 values rounded to bfloat16 as a cast rounds them (c10::BFloat16: to nearest even, NaN to 0x7FC0),
+// in integer arithmetic: no AVX-512 BF16 needed, so the loops that call it inline it (a function of a wider
+// target is not inlined into them: with vcvtneps2bf16 the conversion was a call per 16 values).
+inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                                     _mm512_set1_epi32(1)));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// The bfloat16 table doubled into 32 lanes: vpermw reads the low 5 bits of each 16-bit lane, so a byte's low
+// nibble indexes it without a mask (the high nibble's lowest bit picks the copy).
+inline __m512i bf16_table(__m512 v) {
+  const __m256i h = to_bf16(v);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+}
+
+void dequant_bf16(const Problem& p, at::BFloat16* out, int64_t n0, int64_t n1) {
+  dequant_rows<__m512i>(p, n0, n1, bf16_table, [out](int64_t i, const uint8_t* bytes, __m512i lo, __m512i hi) {
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+    _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(v, lo));
+    _mm512_storeu_si512(out + i + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), hi));
+  });
 }
 
 // The same for int8 codes (row-major [·, K]; groups of a multiple of 16 columns): q · s − offset, 16 at a time.
@@ -672,17 +740,21 @@ namespace avx512bf16 {
 #undef INT8_STEP
 #undef CODE_BIAS
 
-void dequant_bf16(const Problem& p, at::BFloat16* out, int64_t n0, int64_t n1) {
-  // the float32 values rounded to nearest even, 16 at a time, as a cast to bfloat16 rounds them
-  avx512::dequant_rows(p, n0, n1, [out](int64_t i, __m512 v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(v));
-  });
-}
-
+// avx512::dequant8_rows rounding to bfloat16 with vcvtneps2bf16, written out here: given to that loop as a lambda
+// of this wider target, the conversion was not inlined (a call per 16 values); avx512::to_bf16 inline instead
+// was slower still for int8 codes, which round every value rather than a table's 16 per group (BENCHMARKS.md).
 void dequant8_bf16(const Problem& p, at::BFloat16* out, int64_t n0, int64_t n1) {
-  avx512::dequant8_rows(p, n0, n1, [out](int64_t i, __m512 v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(v));
-  });
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = reinterpret_cast<const int8_t*>(p.w) + n * p.K;
+    for (int64_t g = 0; g < p.G; ++g) {
+      const __m512 s = _mm512_set1_ps(p.s[n * p.G + g]), off = _mm512_set1_ps(p.off[n * p.G + g]);
+      for (int64_t k = g * p.gs; k < (g + 1) * p.gs; k += 16) {
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + n * p.K + k),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(_mm512_mul_ps(q, s), off)));
+      }
+    }
+  }
 }
 }  // namespace avx512bf16
 #pragma GCC pop_options
@@ -942,18 +1014,21 @@ void check_dequant(const at::Tensor& wpack, const at::Tensor& scales, const at::
 // Rows n0..n1 of the dequantized weight into out (row n0 first), across threads.
 void dequant_into(const Problem& p, const Scales16& h, int64_t n0, int64_t n1, at::ScalarType dtype, void* out) {
   const int64_t isa = best_isa();
-  at::parallel_for(n0, n1, 16, [&](int64_t a0, int64_t b0) {
-    over_rows(p, h, p.K / 2, a0, b0, [&](const Problem& q, int64_t a, int64_t b, int64_t base) {
+  // runs of 64 rows per thread: the AVX-512 loops read the weight as stored, from a row that starts a block of
+  // four (n0 does: tiles start at multiples of 64); the plain loops read codes copied to row-major
+  at::parallel_for(0, (n1 - n0 + 63) / 64, 1, [&](int64_t r0, int64_t r1) {
+    over_rows(p, h, p.K / 2, n0 + r0 * 64, std::min(n1, n0 + r1 * 64), [&](const Problem& q, int64_t a, int64_t b,
+                                                                             int64_t base) {
       if (dtype == at::kFloat) {
         float* o = static_cast<float*>(out) + (base - n0) * p.K;
         if (isa >= 2) avx512::dequant_f32(q, o, a, b);
         else dequant_rows(q.w, q.s, q.off, o, a, b, q.K, q.G, q.gs);
       } else {
         at::BFloat16* o = static_cast<at::BFloat16*>(out) + (base - n0) * p.K;
-        if (isa == 3) avx512bf16::dequant_bf16(q, o, a, b);
+        if (isa >= 2) avx512::dequant_bf16(q, o, a, b);
         else dequant_rows(q.w, q.s, q.off, o, a, b, q.K, q.G, q.gs);
       }
-    }, 0, true);
+    }, 0, isa < 2);
   });
 }
 
