@@ -725,6 +725,26 @@ def test_int8_prefill_equals_a_dense_matmul_of_the_dequantized_weight(bits, n, k
     assert ((got16 - want16).norm() / want16.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("bits,n,k,group", [(0, 42, 96, 32), (0, 133, 576, 576), (0, 7, 160, 16), (5, 42, 192, 32),
+                                            (5, 133, 576, 576), (6, 7, 128, 16)])
+def test_int8_prefill_dequantizes_as_the_formula_bit_for_bit(bits, n, k, group):
+    """The int8 dense path's values, read through an identity matrix of activations (each output one product by
+    1, so exact): q · s − offset in float32, rounded once, for codes read as stored (rows past a multiple of four,
+    a last half step where K % 64 == 32) or unpacked, groups of 16 to a whole row, 16-bit scales widened."""
+    from lowbit.kernels.native_int8 import pack_codes
+    g = torch.Generator().manual_seed(n + k + bits)
+    codes = torch.randint(0, 2 ** bits, (n, k), generator=g) if bits else torch.randint(-128, 128, (n, k), generator=g)
+    wq = pack_codes(codes, bits) if bits else blocks8(codes)
+    for scale_dtype in (torch.float32, torch.float16):
+        s = (torch.rand(n, k // group, generator=g) * 0.1 + 1e-3).to(scale_dtype)
+        off = (torch.randn(n, k // group, generator=g) * 0.05).to(scale_dtype)
+        want = codes.float() * s.float().repeat_interleave(group, 1) - off.float().repeat_interleave(group, 1)
+        for dtype, bits_view in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
+            eye = torch.eye(k, dtype=dtype)
+            got = torch.ops.lowbit.int8_dense_linear(eye, wq, s, off, group, dtype).t()
+            assert torch.equal(got.contiguous().view(bits_view), want.to(dtype).view(bits_view)), (scale_dtype, dtype)
+
+
 def _every_op_two_level(x, wpack, wq, group):
     """Each native op (int8_dense_linear too) as a function of (scales, offsets, scale_super, offset_super)."""
     ops = torch.ops.lowbit
