@@ -612,7 +612,9 @@ inline __m512 group_values(float s, float off) {
 struct RowChunks {
   const uint8_t* base;
   int64_t step, lane, full;   // full: the chunks in whole 64-byte steps
-  const uint8_t* at(int64_t c) const { return base + (c >> 1) * step + (c < full ? lane * 64 + (c & 1) * 32 : lane * 32); }
+  const uint8_t* at(int64_t c) const {
+    return base + (c >> 1) * step + (c < full ? lane * 64 + (c & 1) * 32 : lane * 32);
+  }
 };
 
 inline RowChunks row_chunks(const Problem& p, int64_t n) {
@@ -749,7 +751,8 @@ void dequant8_bf16(const Problem& p, at::BFloat16* out, int64_t n0, int64_t n1) 
     for (int64_t g = 0; g < p.G; ++g) {
       const __m512 s = _mm512_set1_ps(p.s[n * p.G + g]), off = _mm512_set1_ps(p.off[n * p.G + g]);
       for (int64_t k = g * p.gs; k < (g + 1) * p.gs; k += 16) {
-        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))));
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + n * p.K + k),
                             (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(_mm512_mul_ps(q, s), off)));
       }
