@@ -90,7 +90,7 @@ struct Problem {
 // prefetchers followed four streams poorly, the same loops read 1.3-2x faster (BENCHMARKS.md). llama.cpp's x86
 // repacking of Q4_0 (rows interleaved by eight) is the same idea.
 // The decode loops read this layout directly (step_at in the .inc files, byte_at in cpu_gemm_tiles.inc), and so
-// does the AVX-512 int4 dequantization of the dense path (RowChunks); the other dense paths (dequantizing for
+// does the AVX-512 int4 dequantization of the dense path (byte_at); the other dense paths (dequantizing for
 // prefill) copy a run of rows back to row-major into the thread's buffer first (over_rows), as packed codes are
 // unpacked.
 
@@ -607,23 +607,6 @@ inline __m512 group_values(float s, float off) {
   return _mm512_sub_ps(_mm512_mul_ps(q, _mm512_set1_ps(s)), _mm512_set1_ps(off));
 }
 
-// The 32-byte chunks of one row of an int4 weight as stored, without a division per chunk (see "Rows in blocks of
-// four"): chunk c is in step c / 2, at lane · 64 + (c % 2) · 32 within it, or at lane · 32 in a last 32-byte step.
-struct RowChunks {
-  const uint8_t* base;
-  int64_t step, lane, full;   // full: the chunks in whole 64-byte steps
-  const uint8_t* at(int64_t c) const {
-    return base + (c >> 1) * step + (c < full ? lane * 64 + (c & 1) * 32 : lane * 32);
-  }
-};
-
-inline RowChunks row_chunks(const Problem& p, int64_t n) {
-  const int64_t rb = p.K / 2;
-  if (!p.blocked) return {p.w + n * rb, 64, 0, rb / 64 * 2};
-  const int64_t r0 = n & ~int64_t(3);
-  return {p.w + r0 * rb, 64 * std::min<int64_t>(4, p.N - p.row0 - r0), n - r0, rb / 64 * 2};
-}
-
 // Rows n0..n1: for each 32-byte chunk c of row n, emit(n · K + 64c, chunk, low table, high table), the tables
 // make(group_values(...)) of the groups of the chunk's low and high halves (different only for groups of 32, or
 // of an odd multiple of 32), made once per group where groups are whole chunks.
@@ -631,21 +614,21 @@ template <class Table, class Make, class Emit>
 inline void dequant_rows(const Problem& p, int64_t n0, int64_t n1, Make make, Emit emit) {
   const int64_t chunks = p.K / kChunk, per = p.gs / kChunk;
   for (int64_t n = n0; n < n1; ++n) {
-    const RowChunks rc = row_chunks(p, n);
     const float *s = p.s + n * p.G, *off = p.off + n * p.G;
+    const auto chunk = [&](int64_t c) { return byte_at<1>(p, p.K / 2, n, 0, c * 32); };   // as stored
     if (p.gs % kChunk == 0) {
       for (int64_t g = 0, c = 0; g < p.G; ++g) {
         const Table t = make(group_values(s[g], off[g]));
-        for (const int64_t end = c + per; c < end; ++c) emit(n * p.K + c * kChunk, rc.at(c), t, t);
+        for (const int64_t end = c + per; c < end; ++c) emit(n * p.K + c * kChunk, chunk(c), t, t);
       }
     } else if (p.gs == 32) {
       for (int64_t c = 0; c < chunks; ++c)
-        emit(n * p.K + c * kChunk, rc.at(c), make(group_values(s[2 * c], off[2 * c])),
+        emit(n * p.K + c * kChunk, chunk(c), make(group_values(s[2 * c], off[2 * c])),
              make(group_values(s[2 * c + 1], off[2 * c + 1])));
     } else {
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t glo = (c * kChunk) / p.gs, ghi = (c * kChunk + 32) / p.gs;
-        emit(n * p.K + c * kChunk, rc.at(c), make(group_values(s[glo], off[glo])),
+        emit(n * p.K + c * kChunk, chunk(c), make(group_values(s[glo], off[glo])),
              make(group_values(s[ghi], off[ghi])));
       }
     }
