@@ -159,6 +159,14 @@ def q8_level() -> int:
     return int(torch.ops.lowbit.cpu_q8())
 
 
+@functools.lru_cache(maxsize=1)
+def amx() -> bool:
+    """Whether the dense paths multiply bfloat16 activations on AMX tiles of their own (csrc/cpu_gemm_amx.inc):
+    the CPU has AMX-BF16, the operating system grants the tiles, and LOWBIT_NATIVE_AMX is not 0 (read once per
+    process, when the library first multiplies or is asked)."""
+    return bool(torch.ops.lowbit.cpu_amx())
+
+
 Q8_NAMES = {2: "avx512-vnni", 1: "avx2", 0: "none"}
 
 
@@ -218,5 +226,6 @@ def main() -> int:
     if reason:
         print(f"lowbit: {reason}", file=sys.stderr)
         return 1
-    print(f"lowbit native kernels: {path.name} built; this CPU offers the {ISA_NAMES[isa()]} path")
+    tiles = ", with AMX tiles for many rows" if amx() else ""
+    print(f"lowbit native kernels: {path.name} built; this CPU offers the {ISA_NAMES[isa()]} path{tiles}")
     return 0

@@ -33,6 +33,9 @@
 // layouts, with the activations rounded to int8 per block and integer dot products (cpu_gemm_q8.inc documents the
 // math, cpu_gemm_q8_avx2.inc how AVX2 does without vpdpbusd; `level` forces one, for tests).
 // int4pack_dense_linear: prefill for PyTorch's own int4 layout (documented where it is defined, below).
+// int4_dense_linear / int8_dense_linear (prefill): the weight dequantized a tile at a time and multiplied by ATen;
+// for bfloat16 activations on CPUs with AMX-BF16, dequantized into AMX tiles instead and multiplied there
+// (cpu_gemm_amx.inc; cpu_amx tells whether, LOWBIT_NATIVE_AMX=0 turns it off).
 //
 // Paths, chosen at run time by what the CPU has (cpu_isa tells which; `isa` forces one, for tests):
 //   3  AVX-512 BF16: int4 codes → bfloat16 (128 + q, by one OR), 32 products per vdpbf16ps; only when asked for
@@ -53,6 +56,11 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -997,24 +1005,30 @@ void check_dequant(const at::Tensor& wpack, const at::Tensor& scales, const at::
               "int4_dequant: scales and offsets must be [N, K / group_size]");
 }
 
-// Rows n0..n1 of the dequantized weight into out (row n0 first), across threads.
+// Rows n0..n1 of the dequantized weight into out (row n0 first, n0 the first row of a block of four), on the
+// calling thread: the AVX-512 loops read the weight as stored; the plain loops read codes copied to row-major.
+void dequant_run(const Problem& p, const Scales16& h, int64_t n0, int64_t n1, at::ScalarType dtype, void* out,
+                 int64_t isa) {
+  over_rows(p, h, p.K / 2, n0, n1, [&](const Problem& q, int64_t a, int64_t b, int64_t base) {
+    if (dtype == at::kFloat) {
+      float* o = static_cast<float*>(out) + (base - n0) * p.K;
+      if (isa >= 2) avx512::dequant_f32(q, o, a, b);
+      else dequant_rows(q.w, q.s, q.off, o, a, b, q.K, q.G, q.gs);
+    } else {
+      at::BFloat16* o = static_cast<at::BFloat16*>(out) + (base - n0) * p.K;
+      if (isa >= 2) avx512::dequant_bf16(q, o, a, b);
+      else dequant_rows(q.w, q.s, q.off, o, a, b, q.K, q.G, q.gs);
+    }
+  }, 0, isa < 2);
+}
+
+// The same across threads, in runs of 64 rows (n0 a multiple of 64: tiles start there).
 void dequant_into(const Problem& p, const Scales16& h, int64_t n0, int64_t n1, at::ScalarType dtype, void* out) {
   const int64_t isa = best_isa();
-  // runs of 64 rows per thread: the AVX-512 loops read the weight as stored, from a row that starts a block of
-  // four (n0 does: tiles start at multiples of 64); the plain loops read codes copied to row-major
+  const int64_t elem = dtype == at::kFloat ? 4 : 2;
   at::parallel_for(0, (n1 - n0 + 63) / 64, 1, [&](int64_t r0, int64_t r1) {
-    over_rows(p, h, p.K / 2, n0 + r0 * 64, std::min(n1, n0 + r1 * 64), [&](const Problem& q, int64_t a, int64_t b,
-                                                                             int64_t base) {
-      if (dtype == at::kFloat) {
-        float* o = static_cast<float*>(out) + (base - n0) * p.K;
-        if (isa >= 2) avx512::dequant_f32(q, o, a, b);
-        else dequant_rows(q.w, q.s, q.off, o, a, b, q.K, q.G, q.gs);
-      } else {
-        at::BFloat16* o = static_cast<at::BFloat16*>(out) + (base - n0) * p.K;
-        if (isa >= 2) avx512::dequant_bf16(q, o, a, b);
-        else dequant_rows(q.w, q.s, q.off, o, a, b, q.K, q.G, q.gs);
-      }
-    }, 0, isa < 2);
+    dequant_run(p, h, n0 + r0 * 64, std::min(n1, n0 + r1 * 64), dtype,
+                static_cast<uint8_t*>(out) + r0 * 64 * p.K * elem, isa);
   });
 }
 
@@ -1035,11 +1049,13 @@ at::Tensor int4_dequant(const at::Tensor& wpack, const at::Tensor& scales, const
   return out;
 }
 
-// y = x · Wᵀ [M, N] for many rows of x: the weight is dequantized a tile of rows at a time into a buffer kept by
-// the thread (at most about 4 MB, so it stays in cache for its matmul and a call neither page-faults a fresh
-// allocation nor holds a whole dequantized matrix) and multiplied in `dtype` by ATen. y is in `dtype` where x
-// is (bfloat16 activations, as `lowbit quantize` writes models by default: no conversion either way, and a
-// weight of one tile is one matmul straight into y), else float32.
+#include "cpu_gemm_amx.inc"
+
+// y = x · Wᵀ [M, N] for many rows of x (where amx::linear does not take them): the weight is dequantized a tile
+// of rows at a time into a buffer kept by the thread (at most about 4 MB, so it stays in cache for its matmul and
+// a call neither page-faults a fresh allocation nor holds a whole dequantized matrix) and multiplied in `dtype`
+// by ATen. y is in `dtype` where x is (bfloat16 activations, as `lowbit quantize` writes models by default: no
+// conversion either way, and a weight of one tile is one matmul straight into y), else float32.
 // Measured (Intel Xeon with AMX, 512 rows of bfloat16 activations, 3072x576): float32 output then converted back
 // cost about 300 µs of a 1270 µs call; tiles of 1 MB or less instead of 4 were 1.5-2x slower (more, smaller
 // matmuls), so the block shapes of the default model are one tile each.
@@ -1077,6 +1093,12 @@ at::Tensor int4_dense_linear(const at::Tensor& x, const at::Tensor& wpack, const
   const ScaleArgs sa(scales, offsets, ss, os);
   const Problem p = weight_problem(w, sa, group_size);
   const Scales16& h = sa.h;
+  if (amx::takes(x, p.K, dtype)) {
+    const int64_t isa = best_isa();
+    return amx::linear(x, p.N, p.K, [&](int64_t n0, int64_t n1, at::BFloat16* out) {
+      dequant_run(p, h, n0, n1, dtype, out, isa);
+    });
+  }
   return tiled_linear(x, p.N, p.K, dtype, false, [&](int64_t n0, int64_t n1, void* ws) {
     dequant_into(p, h, n0, n1, dtype, ws);
   });
@@ -1116,20 +1138,27 @@ at::Tensor int8_dense_linear(const at::Tensor& x, const at::Tensor& wq, const at
                   N, K, G, group_size};
   const Scales16& h = sa.h;
   const int64_t isa = group_size % 16 == 0 ? best_isa() : 0;
+  // rows n0..n1 (n0 a multiple of 4) into out, row-major, on the calling thread
+  const auto run = [&](int64_t n0, int64_t n1, void* out) {
+    over_rows(p, h, w.size(1), n0, n1, [&](const Problem& q, int64_t a, int64_t b, int64_t base) {
+      const int8_t* codes = reinterpret_cast<const int8_t*>(q.w);
+      if (dtype == at::kFloat) {
+        float* o = static_cast<float*>(out) + (base - n0) * K;
+        if (isa >= 2) avx512::dequant8_f32(q, o, a, b);
+        else dequant8_rows(codes, q.s, q.off, o, a, b, K, G, group_size);
+      } else {
+        at::BFloat16* o = static_cast<at::BFloat16*>(out) + (base - n0) * K;
+        if (isa == 3) avx512bf16::dequant8_bf16(q, o, a, b);
+        else dequant8_rows(codes, q.s, q.off, o, a, b, K, G, group_size);
+      }
+    }, bits, true);
+  };
+  if (amx::takes(x, K, dtype))
+    return amx::linear(x, N, K, [&](int64_t n0, int64_t n1, at::BFloat16* out) { run(n0, n1, out); });
+  const int64_t elem = dtype == at::kFloat ? 4 : 2;
   return tiled_linear(x, N, K, dtype, false, [&](int64_t n0, int64_t n1, void* ws) {
     at::parallel_for(n0, n1, 16, [&](int64_t a0, int64_t b0) {
-      over_rows(p, h, w.size(1), a0, b0, [&](const Problem& q, int64_t a, int64_t b, int64_t base) {
-        const int8_t* codes = reinterpret_cast<const int8_t*>(q.w);
-        if (dtype == at::kFloat) {
-          float* o = static_cast<float*>(ws) + (base - n0) * K;
-          if (isa >= 2) avx512::dequant8_f32(q, o, a, b);
-          else dequant8_rows(codes, q.s, q.off, o, a, b, K, G, group_size);
-        } else {
-          at::BFloat16* o = static_cast<at::BFloat16*>(ws) + (base - n0) * K;
-          if (isa == 3) avx512bf16::dequant8_bf16(q, o, a, b);
-          else dequant8_rows(codes, q.s, q.off, o, a, b, K, G, group_size);
-        }
-      }, bits, true);
+      run(a0, b0, static_cast<uint8_t*>(ws) + (a0 - n0) * K * elem);
     });
   });
 }
@@ -1292,6 +1321,7 @@ at::Tensor int8_unpack(const at::Tensor& wq, int64_t K, int64_t isa) {
 
 int64_t cpu_isa() { return best_isa(); }
 int64_t cpu_q8() { return q8_level(); }
+bool cpu_amx() { return amx::ready(); }
 
 }  // namespace
 
@@ -1315,6 +1345,7 @@ TORCH_LIBRARY(lowbit, m) {
         ", Tensor? scale_super=None, Tensor? offset_super=None) -> Tensor");
   m.def("cpu_isa() -> int", &cpu_isa);
   m.def("cpu_q8() -> int", &cpu_q8);
+  m.def("cpu_amx() -> bool", &cpu_amx);
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
