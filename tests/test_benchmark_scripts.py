@@ -165,6 +165,16 @@ def test_decode_attention_benchmark_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_dense_prefill_benchmark_quick(tmp_path):
+    # both settings ran, each in its own process, and every op and setting has a time
+    out = tmp_path / "dense_prefill"
+    run_quick("dense_prefill.py", out, timeout=600)
+    runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert set(runs) == {"amx", "tiles"} and not any(r["amx"] for r in runs["tiles"])
+    assert all(v > 0 for rs in runs.values() for r in rs for by in r["ops"].values() for v in by.values())
+
+
+@pytest.mark.slow
 def test_cpu_kernels_benchmark_quick(tmp_path):
     out = tmp_path / "cpu_kernels"
     run_quick("cpu_kernels.py", out, timeout=600)
