@@ -760,30 +760,35 @@ def _dense_bf16_case(kind, n, k, group, seed):
     return w, lambda x: torch.ops.lowbit.int8_dense_linear(x, wq, s, off, group, torch.bfloat16)
 
 
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 @pytest.mark.parametrize("n,k,group,m", [(100, 576, 64, 571), (133, 192, 32, 192), (64, 128, 128, 40)])
-def test_bfloat16_prefill_values_bit_for_bit(kind, n, k, group, m):
-    """bfloat16 activations through the dense path (on AMX tiles where native.amx(): weights dequantized into the
-    tile layout, 32 rows and 32 columns at a time): through rows of an identity matrix each output is one weight
-    value times 1, so it must be the formula's value exactly, for a last block of fewer than 32 weight rows
-    (n = 100, 133) and of fewer than 32 activation rows (m = 571, 40)."""
+def test_bfloat16_prefill_values_bit_for_bit(kind, n, k, group, m, act):
+    """The dense path's bfloat16 products (on AMX tiles where native.amx(): weights dequantized into the tile
+    layout, 32 rows and 32 columns at a time), output in the activations' dtype: through rows of an identity
+    matrix each output is one weight value times 1, so it must be the formula's value rounded to bfloat16 exactly,
+    for a last block of fewer than 32 weight rows (n = 100, 133) and of fewer than 32 activation rows (m = 571,
+    40)."""
     w, op = _dense_bf16_case(kind, n, k, group, n + k)
-    got = op(torch.eye(k, dtype=torch.bfloat16)[:m])
-    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
-    assert torch.equal(got.view(torch.int16), w.t()[:m].bfloat16().view(torch.int16))
+    got = op(torch.eye(k, dtype=act)[:m])
+    assert got.dtype == act and got.shape == (m, n)
+    assert torch.equal(got, w.t()[:m].bfloat16().to(act))
 
 
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 @pytest.mark.parametrize("m,n,k", [(32, 96, 64), (37, 576, 576), (512, 200, 1536)])
-def test_bfloat16_prefill_equals_exact_products(kind, m, n, k):
-    """Random bfloat16 activations: each output within float32 summation and one bfloat16 rounding of the exact
-    (float64) product of the same bfloat16 values, for whole and partial blocks of rows and columns."""
+def test_bfloat16_prefill_equals_exact_products(kind, m, n, k, act):
+    """Random activations (float32 ones rounded to bfloat16 by the op): each output within float32 summation and
+    one bfloat16 rounding of the exact (float64) product of the same bfloat16 values, for whole and partial blocks
+    of rows and columns."""
     w, op = _dense_bf16_case(kind, n, k, 64, m + n)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).bfloat16()
-    wb = w.bfloat16().double()
-    want = x.double() @ wb.t()
-    bound = 2.0 ** -8 * want.abs() + 2.0 ** -22 * (x.double().abs() @ wb.abs().t())
-    assert ((op(x).double() - want).abs() <= bound).all()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(act)
+    xb, wb = x.bfloat16().double(), w.bfloat16().double()
+    want = xb @ wb.t()
+    bound = 2.0 ** -8 * want.abs() + 2.0 ** -22 * (xb.abs() @ wb.abs().t())
+    got = op(x)
+    assert got.dtype == act and ((got.double() - want).abs() <= bound).all()
 
 
 def _every_op_two_level(x, wpack, wq, group):

@@ -34,7 +34,8 @@ products (as llama.cpp decodes; `lowbit::int4_gemm_q8`, documented in csrc/cpu_g
 cpu_gemm_q8_avx2.inc), elsewhere activations rounded to bfloat16 with float32 products and sums
 (`lowbit::int4_gemm`). Many rows (prefill) dequantize the weight a tile
 of rows at a time into a small per-thread buffer and run ATen's dense matmul on it, in `native.dense_dtype()`
-(bfloat16 where the CPU has native bfloat16 arithmetic, float32 elsewhere).
+(bfloat16 where the CPU has native bfloat16 arithmetic, float32 elsewhere); where the CPU has AMX-BF16
+(`native.amx()`), 32 rows at a time straight into AMX tiles, multiplied there (csrc/cpu_gemm_amx.inc).
 """
 
 from __future__ import annotations
