@@ -102,6 +102,12 @@ struct Problem {
 // prefill) copy a run of rows back to row-major into the thread's buffer first (over_rows), as packed codes are
 // unpacked.
 
+// `bytes` of a buffer kept by the caller (thread_local: no fresh pages per call), from its first 64-byte boundary.
+inline void* aligned64(std::vector<uint8_t>& buf, size_t bytes) {
+  buf.resize(bytes + 64);
+  return reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+}
+
 // The offset of byte j of row r in a weight of `rows` rows of rb bytes each, stored as above.
 inline int64_t block_offset(int64_t rows, int64_t rb, int64_t r, int64_t j) {
   const int64_t r0 = r & ~int64_t(3), t = std::min<int64_t>(4, rows - r0), c = j / 64;
@@ -1067,8 +1073,7 @@ at::Tensor tiled_linear(const at::Tensor& x, int64_t N, int64_t K, at::ScalarTyp
   const int64_t elem = dtype == at::kFloat ? 4 : 2;
   const int64_t tile = std::max<int64_t>(64, ((int64_t(4) << 20) / (K * elem)) / 64 * 64);
   thread_local std::vector<uint8_t> buf;
-  buf.resize(static_cast<size_t>(std::min(tile, N) * K * elem + 64));
-  void* ws = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+  void* ws = aligned64(buf, static_cast<size_t>(std::min(tile, N) * K * elem));
   const at::Tensor xd = x.to(dtype).contiguous();
   const at::ScalarType out = x.scalar_type() == dtype ? dtype : at::kFloat;
   at::Tensor y;
