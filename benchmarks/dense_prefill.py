@@ -22,7 +22,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from results_files import write_results
 
 SHAPES = {"q/k/v (fused)": (960, 576), "o_proj": (576, 576), "gate/up (fused)": (3072, 576), "down_proj": (576, 1536)}
 SETTINGS = {"amx": "1", "tiles": "0"}
@@ -68,8 +69,8 @@ def worker(rows: int, seconds: float, engine: bool) -> dict:
     prefill = {}
     if engine:
         import copy
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from decode_engine import quantized
+
+        from decode_engine import quantized   # a sibling script: this script's folder is on the import path
 
         from lowbit.eval.speed import engine_for
         base = lowbit.load_model("default").model
@@ -131,13 +132,7 @@ def main() -> None:
             b = [run["prefill"]["bfloat16 model"] for run in runs["amx"]]
             lines.append(f"| {name} | {' '.join(f'{v:.0f}' for v in a)} | {' '.join(f'{v:.0f}' for v in t)} | "
                          f"{med(a) / med(t):.2f}x | {med(a) / med(b):.2f}x |")
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "runs": runs, "environment": env}, indent=2,
-                                                   default=str))
-    out.with_suffix(".md").write_text(table + "\n")
+    write_results(args.out, "\n".join(lines), {"rows": rows, "runs": runs, "environment": env})
 
 
 if __name__ == "__main__":

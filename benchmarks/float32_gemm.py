@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from results_files import write_results
 
 
 def rate(f, flops: float, seconds: float = 0.5) -> float:
@@ -89,13 +89,8 @@ def main() -> None:
         lines.append(f"| {name} ({w.shape[0]} x {w.shape[1]}) | {' '.join(f'{v:.0f}' for v in a)} | "
                      f"{' '.join(f'{v:.0f}' for v in o)} | {statistics.median(o) / statistics.median(a):.2f}x | "
                      f"{errors[name]['aten']:.3f}, {errors[name]['onednn']:.3f} |")
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows_m, "results": results, "error_over_bound": errors,
-                                                    "choice": float32_gemm(), "environment": env}, indent=2, default=str))
-    out.with_suffix(".md").write_text(table + "\n")
+    write_results(args.out, "\n".join(lines), {"rows": rows_m, "results": results, "error_over_bound": errors,
+                                               "choice": float32_gemm(), "environment": env})
 
 
 if __name__ == "__main__":

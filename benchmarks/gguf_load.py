@@ -12,10 +12,11 @@ and weights, with no float copy from an earlier load). The fields of both reader
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
+
+from results_files import write_results
 
 
 def same_fields(a, b) -> bool:
@@ -67,13 +68,8 @@ def main() -> None:
     for name, t in times.items():
         lines.append(f"| {name} | {' '.join(f'{x:.2f}' for x in t['parse_s'])} | {statistics.median(t['parse_s']):.2f} "
                      f"| {' '.join(f'{x:.2f}' for x in t['load_s'])} | {statistics.median(t['load_s']):.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"file": Path(path).name, "source": args.file, "same_fields": same, "times": times,
-                                                    "environment": env}, indent=2, default=str))
-    out.with_suffix(".md").write_text(table + "\n")
+    write_results(args.out, "\n".join(lines), {"file": Path(path).name, "source": args.file, "same_fields": same,
+                                               "times": times, "environment": env})
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_files import write_results
+
 FORMATS = "Q2_K,Q3_K,Q4_0,Q4_K,Q5_0,Q5_K,Q6_K,Q8_0"
 
 
@@ -90,13 +92,7 @@ def main() -> None:
     n = rows[0]["numbers"]
     lines += ["", f"Same GGUF file and numbers in every row: {'yes' if same else 'NO'} (PPL {n['ppl']!r}, "
               f"KLD {n['kld']!r}, top-1 {n['top1']!r})"]
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "same": same, "environment": env}, indent=2,
-                                                   default=str))
-    out.with_suffix(".md").write_text(table + "\n")
+    write_results(args.out, "\n".join(lines), {"rows": rows, "same": same, "environment": env})
     if not same:
         raise SystemExit("the settings gave different files or numbers")
 
